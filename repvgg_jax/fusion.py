@@ -1,0 +1,245 @@
+"""Structural re-parameterization: training-time variables -> deploy variables.
+
+`fuse_params` is a pure function on pytrees. It reads the architecture off the
+tree's keys and shapes, fuses every block in float64 with the rule of each of
+its branch kinds (`repvgg_jax.branches`), and casts once to the parameters'
+dtype, so the fused model agrees with the training-time model in inference
+mode up to float32 rounding. It is jittable: all checks are on static shapes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from repvgg_jax import branches as branches_lib
+from repvgg_jax import variants
+
+Tree = Mapping[str, Any]
+_BLOCK_KEY = re.compile(r'^stage(\d+)_block(\d+)$')
+FUSED_KEY = 'reparam'
+
+
+class FusionError(ValueError):
+  """The variables cannot be fused (already fused, incomplete or inconsistent)."""
+
+
+def _kernel_leaves(tree: Tree):
+  """All 4-D ``kernel`` arrays in a (branch) subtree."""
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      yield from _kernel_leaves(value)
+    elif key == 'kernel' and len(value.shape) == 4:
+      yield value
+
+
+def fuse_block(block_params: Tree, block_stats: Tree, *, name: str = 'block') -> dict:
+  """Fuses one training-time block into its deploy parameters.
+
+  Args:
+    block_params: the block's params subtree, one entry per branch kind.
+    block_stats: the block's batch_stats subtree.
+    name: the block's name, for error messages.
+
+  Returns:
+    ``{'reparam': {'kernel': (3, 3, in/groups, out), 'bias': (out,)}}`` in the
+    dtype of the block's parameters.
+
+  Raises:
+    FusionError: the block is already fused, has an unknown branch, lacks
+      statistics, or its branches disagree in shape.
+  """
+  _check_block(block_params, block_stats, name)
+  return {FUSED_KEY: _fuse_branches(block_params, block_stats)}
+
+
+@jax.jit
+def _fuse_branches(block_params: Tree, block_stats: Tree) -> dict:
+  """Sums the fused kernels and biases of all branches, in float64.
+
+  Compiled once per block shape: float64 arithmetic op by op is slow.
+  """
+  kernel0 = next(_kernel_leaves(block_params))
+  in_per_group, dtype = kernel0.shape[2], kernel0.dtype
+  with jax.enable_x64(True):
+    as64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+    fused = [
+      branches_lib.get_branch(branch).fuse(as64(params), as64(block_stats[branch]), in_per_group)
+      for branch, params in block_params.items()
+    ]
+    kernel = sum(k for k, _ in fused)
+    bias = sum(b for _, b in fused)
+    return {'kernel': kernel.astype(dtype), 'bias': bias.astype(dtype)}
+
+
+def _check_block(block_params: Tree, block_stats: Tree, name: str) -> None:
+  """Raises a FusionError unless the block can be fused as it is."""
+  if FUSED_KEY in block_params:
+    raise FusionError(
+      f'{name} is already fused (it holds {FUSED_KEY!r}): pass the variables of a '
+      'training-time model (deploy=False), with their batch_stats.'
+    )
+  kernels = list(_kernel_leaves(block_params))
+  if not kernels:
+    raise FusionError(f'{name} has no convolution kernel to fuse into: {sorted(block_params)}.')
+  in_per_group, out_channels = kernels[0].shape[2:]
+  for branch, params in block_params.items():
+    where = f'{name}/{branch}'
+    if branch not in branches_lib.BRANCH_KINDS:
+      known = ', '.join(sorted(branches_lib.BRANCH_KINDS))
+      raise FusionError(f'{where} is an unknown branch; known branch kinds: {known}.')
+    if branch not in block_stats:
+      raise FusionError(
+        f'{where} has no batch_stats: fuse_params needs the BatchNorm statistics of the '
+        "trained model (variables['batch_stats'])."
+      )
+    for kernel in _kernel_leaves(params):
+      if kernel.shape[2:] != (in_per_group, out_channels):
+        raise FusionError(
+          f'{where} has a kernel of shape {kernel.shape}, but the block maps '
+          f'{in_per_group} channels per group to {out_channels}: the tree mixes layers '
+          'of different models.'
+        )
+    _check_stats_shapes(params, block_stats[branch], where, out_channels)
+
+
+def _check_stats_shapes(params: Tree, stats: Tree, where: str, channels: int) -> None:
+  """Every BatchNorm must have ``channels`` entries in scale, bias, mean and var."""
+  if 'scale' in params:
+    if params['scale'].shape != (channels,):
+      raise FusionError(
+        f'{where}: BatchNorm scale has shape {params["scale"].shape}, but the block has '
+        f'{channels} output channels: the tree mixes layers of different models.'
+      )
+    for stat in ('mean', 'var'):
+      if stat not in stats:
+        raise FusionError(f'{where}: batch_stats lacks {stat!r}.')
+      if stats[stat].shape != params['scale'].shape:
+        raise FusionError(
+          f'{where}: batch_stats {stat!r} has shape {stats[stat].shape} but the BatchNorm '
+          f'scale has {params["scale"].shape}: params and batch_stats come from '
+          'different models.'
+        )
+  for key, value in params.items():
+    if isinstance(value, Mapping):
+      if key not in stats and 'scale' in value:
+        raise FusionError(f'{where}/{key}: batch_stats lacks this BatchNorm.')
+      _check_stats_shapes(value, stats.get(key, {}), f'{where}/{key}', channels)
+
+
+def block_keys(params: Tree) -> list[str]:
+  """Block names of a parameter tree in network order."""
+  keys = [k for k in params if _BLOCK_KEY.match(k)]
+  return sorted(keys, key=lambda k: tuple(int(g) for g in _BLOCK_KEY.match(k).groups()))
+
+
+def architecture(params: Tree) -> list[tuple[int, int, int, int]]:
+  """``(stage, out_channels, in_per_group, groups)`` of each block, from shapes.
+
+  Works for training-time and deploy trees alike. ``groups`` follows from the
+  previous block's width (the input channels are not stored in grouped kernels).
+
+  Raises:
+    FusionError: consecutive blocks do not chain.
+  """
+  result = []
+  in_channels = None
+  for key in block_keys(params):
+    stage = int(_BLOCK_KEY.match(key).group(1))
+    kernels = list(_kernel_leaves(params[key]))
+    if not kernels:
+      raise FusionError(f'{key} has no convolution kernel: {sorted(params[key])}.')
+    out_channels, in_per_group = kernels[0].shape[3], kernels[0].shape[2]
+    for kernel in kernels[1:]:
+      if (kernel.shape[2], kernel.shape[3]) != (in_per_group, out_channels):
+        raise FusionError(
+          f'{key}: its kernels disagree in channels ({kernels[0].shape} vs {kernel.shape}); '
+          'the tree mixes layers of different models.'
+        )
+    if in_channels is None:
+      in_channels = in_per_group
+    if in_channels % in_per_group:
+      raise FusionError(
+        f'{key} reads {in_per_group} channels per group, which does not divide the '
+        f'{in_channels} channels of the previous block: the tree mixes different models.'
+      )
+    result.append((stage, out_channels, in_per_group, in_channels // in_per_group))
+    in_channels = out_channels
+  return result
+
+
+def _variant_signature(variant: variants.Variant):
+  return [
+    (stage, out, in_ch // groups, groups) for stage, _, in_ch, out, _, groups in variant.blocks()
+  ]
+
+
+def identify_variant(params: Tree) -> str | None:
+  """The name of the variant whose shapes ``params`` has, or None.
+
+  Reads the blocks of a training-time or deploy tree; the classifier size does
+  not matter.
+  """
+  try:
+    signature = architecture(params)
+  except FusionError:
+    return None
+  for name, variant in variants.VARIANTS.items():
+    if _variant_signature(variant) == signature:
+      return name
+  return None
+
+
+def fuse_params(variables: Tree, *, model: str | None = None) -> dict:
+  """Fuses training-time variables into the variables of the deploy model.
+
+  Args:
+    variables: ``{'params': ..., 'batch_stats': ...}`` of a training-time
+      RepVGG (any variant, branch set, stride and group count).
+    model: optional variant name; when given, the tree must have its shapes.
+
+  Returns:
+    ``{'params': ...}`` for ``create_model(name, deploy=True)``: every block
+    becomes ``{'reparam': {'kernel', 'bias'}}``; other entries (the classifier)
+    are copied.
+
+  Raises:
+    FusionError: the tree is already fused, lacks batch_stats, mixes shapes of
+      different models, or (with ``model``) belongs to another variant.
+  """
+  if not isinstance(variables, Mapping) or 'params' not in variables:
+    got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
+    raise FusionError(f"fuse_params takes {{'params', 'batch_stats'}} variables, got {got}.")
+  params = variables['params']
+  keys = block_keys(params)
+  if not keys:
+    raise FusionError(f'No RepVGG blocks (stage<s>_block<i>) in params: {sorted(params)}.')
+  if any(FUSED_KEY in params[key] for key in keys):
+    raise FusionError(
+      'These variables are already fused (blocks hold a single reparam conv): use them '
+      'with the deploy model as they are.'
+    )
+  if 'batch_stats' not in variables:
+    raise FusionError(
+      "fuse_params needs variables['batch_stats'] (the BatchNorm running statistics) "
+      "besides variables['params']."
+    )
+  architecture(params)  # Raises when blocks do not chain.
+  if model is not None:
+    expected = variants.get_variant(model)
+    found = identify_variant(params)
+    if _variant_signature(expected) != architecture(params):
+      raise FusionError(
+        f'The variables have the shapes of {found or "no known variant"}, not of {expected.name}.'
+      )
+  stats = variables['batch_stats']
+  fused = dict(params)
+  for key in keys:
+    if key not in stats:
+      raise FusionError(f'batch_stats has no entry for {key}: it comes from another model.')
+    fused[key] = fuse_block(params[key], stats[key], name=key)
+  return {'params': fused}

@@ -1,0 +1,116 @@
+"""The RepVGG variants (A0 ... B3g4) as data, and lookup by name.
+
+Paper Table 2 and 3: five stages, stage widths
+``min(64, int(64a)), int(64a), int(128a), int(256a), int(512b)``; the grouped
+variants use ``groups`` in the blocks whose running index (counting the blocks
+after stage 0 from 1) is even.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+# Blocks per stage for stages 1-4; stage 0 always has one block.
+A_BLOCKS = (2, 4, 14, 1)
+B_BLOCKS = (4, 6, 16, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One RepVGG architecture.
+
+  Attributes:
+    name: canonical name, e.g. ``'RepVGG-B1g4'``.
+    num_blocks: blocks in stages 1-4 (stage 0 has a single block).
+    width_multipliers: ``(a, b)`` of the paper: ``a`` scales stages 1-3 (and
+      stage 0, capped at 64 channels), ``b`` scales stage 4.
+    groups: group count of the grouped blocks (1: no grouped block).
+  """
+
+  name: str
+  num_blocks: tuple[int, int, int, int]
+  width_multipliers: tuple[float, float]
+  groups: int = 1
+
+  @property
+  def stage_widths(self) -> tuple[int, int, int, int, int]:
+    """Output channels of stages 0-4."""
+    a, b = self.width_multipliers
+    return (min(64, int(64 * a)), int(64 * a), int(128 * a), int(256 * a), int(512 * b))
+
+  @property
+  def stage_depths(self) -> tuple[int, int, int, int, int]:
+    """Blocks in stages 0-4."""
+    return (1, *self.num_blocks)
+
+  def block_groups(self, stage: int, index: int) -> int:
+    """Group count of block ``index`` (0-based) of ``stage``.
+
+    The reference counts the blocks after stage 0 from 1 and groups those whose
+    running number is even (2, 4, ..., 26).
+    """
+    if stage == 0 or self.groups == 1:
+      return 1
+    running = sum(self.num_blocks[: stage - 1]) + index + 1
+    return self.groups if running % 2 == 0 else 1
+
+  def blocks(self):
+    """Yields ``(stage, index, in_channels, out_channels, stride, groups)``."""
+    in_channels = 3
+    for stage, (depth, width) in enumerate(zip(self.stage_depths, self.stage_widths, strict=True)):
+      for index in range(depth):
+        stride = 2 if index == 0 else 1
+        yield stage, index, in_channels, width, stride, self.block_groups(stage, index)
+        in_channels = width
+
+
+def _family(prefix, num_blocks, multipliers, groups=(1,)):
+  return [
+    Variant(f'RepVGG-{prefix}' + (f'g{g}' if g > 1 else ''), num_blocks, multipliers, g)
+    for g in groups
+  ]
+
+
+VARIANTS: dict[str, Variant] = {
+  v.name: v
+  for v in [
+    *_family('A0', A_BLOCKS, (0.75, 2.5)),
+    *_family('A1', A_BLOCKS, (1.0, 2.5)),
+    *_family('A2', A_BLOCKS, (1.5, 2.75)),
+    *_family('B0', B_BLOCKS, (1.0, 2.5)),
+    *_family('B1', B_BLOCKS, (2.0, 4.0), groups=(1, 2, 4)),
+    *_family('B2', B_BLOCKS, (2.5, 5.0), groups=(1, 2, 4)),
+    *_family('B3', B_BLOCKS, (3.0, 5.0), groups=(1, 2, 4)),
+  ]
+}
+
+
+def _normalize(name: str) -> str:
+  """'RepVGG-B1g4', 'repvgg_b1g4', 'b1g4' and 'B1G4' all map to 'b1g4'."""
+  return re.sub(r'^repvgg[-_ ]?', '', name.strip().lower())
+
+
+_BY_KEY = {_normalize(name): variant for name, variant in VARIANTS.items()}
+
+
+def list_models() -> list[str]:
+  """Canonical names of all variants, in the paper's order."""
+  return list(VARIANTS)
+
+
+def get_variant(name: str | Variant) -> Variant:
+  """Looks a variant up by name (case and the 'RepVGG-' prefix optional).
+
+  Raises:
+    ValueError: the name is unknown; the message lists the known names.
+  """
+  if isinstance(name, Variant):
+    return name
+  if not isinstance(name, str):
+    raise TypeError(f'A model name must be a string, got {type(name).__name__}: {name!r}.')
+  variant = _BY_KEY.get(_normalize(name))
+  if variant is None:
+    known = ', '.join(list_models())
+    raise ValueError(f'Unknown model name {name!r}. Known models: {known}.')
+  return variant

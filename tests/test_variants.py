@@ -1,0 +1,94 @@
+"""The variant table: exact parameter counts, names, grouped layers."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import repvgg_jax
+from repvgg_jax import variants
+
+# ../shared/SPEC.md section 5: (deploy, training-time trainable) with 1000 classes.
+PARAM_COUNTS = {
+  'RepVGG-A0': (8_309_384, 9_108_968),
+  'RepVGG-A1': (12_789_864, 14_092_264),
+  'RepVGG-A2': (25_499_944, 28_210_600),
+  'RepVGG-B0': (14_339_048, 15_817_960),
+  'RepVGG-B1': (51_829_480, 57_415_016),
+  'RepVGG-B1g2': (41_360_104, 45_782_376),
+  'RepVGG-B1g4': (36_125_416, 39_966_056),
+  'RepVGG-B2': (80_315_112, 89_022_376),
+  'RepVGG-B2g2': (63_956_712, 70_846_376),
+  'RepVGG-B2g4': (55_777_512, 61_758_376),
+  'RepVGG-B3': (110_960_872, 123_085_288),
+  'RepVGG-B3g2': (87_404_776, 96_911_848),
+  'RepVGG-B3g4': (75_626_728, 83_825_128),
+}
+
+
+def count_params(model):
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+  return sum(leaf.size for leaf in jax.tree.leaves(shapes['params']))
+
+
+def test_all_variants_listed_in_paper_order():
+  assert repvgg_jax.list_models() == list(PARAM_COUNTS)
+
+
+@pytest.mark.parametrize('name', list(PARAM_COUNTS))
+def test_parameter_counts_are_exact(name):
+  deploy, train = PARAM_COUNTS[name]
+  assert count_params(repvgg_jax.create_model(name, deploy=True)) == deploy
+  assert count_params(repvgg_jax.create_model(name)) == train
+
+
+@pytest.mark.parametrize('name', list(PARAM_COUNTS))
+def test_fused_tree_has_the_deploy_model_shapes(name):
+  model = repvgg_jax.create_model(name)
+  deploy = repvgg_jax.create_model(name, deploy=True)
+  shapes = lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  fused = jax.eval_shape(repvgg_jax.fuse_params, shapes(model))
+  expected = shapes(deploy)
+  assert jax.tree.map(lambda s: (s.shape, s.dtype), fused) == jax.tree.map(
+    lambda s: (s.shape, s.dtype), expected
+  )
+  assert repvgg_jax.identify_variant(fused['params']) == name
+
+
+@pytest.mark.parametrize('alias', ['RepVGG-B1g4', 'b1g4', 'B1G4', 'repvgg_b1g4', ' RepVGG-b1g4 '])
+def test_names_are_case_and_prefix_insensitive(alias):
+  assert variants.get_variant(alias).name == 'RepVGG-B1g4'
+
+
+def test_stage_widths_follow_table_2():
+  assert variants.get_variant('A0').stage_widths == (48, 48, 96, 192, 1280)
+  assert variants.get_variant('B1').stage_widths == (64, 128, 256, 512, 2048)
+  assert variants.get_variant('A2').stage_widths == (64, 96, 192, 384, 1408)
+
+
+def test_grouped_blocks_are_the_even_running_indices():
+  variant = variants.get_variant('B2g4')
+  grouped = []
+  running = 0
+  for stage, _, _, _, _, groups in variant.blocks():
+    if stage == 0:
+      assert groups == 1
+      continue
+    running += 1
+    if groups > 1:
+      assert groups == 4
+      grouped.append(running)
+  assert grouped == list(range(2, 27, 2))
+
+
+def test_strides_and_resolution():
+  model = repvgg_jax.create_model('A0', num_classes=0)
+  outputs = jax.eval_shape(
+    lambda: model.init_with_output(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))[0]
+  )
+  assert [o.shape for o in outputs] == [
+    (1, 112, 112, 48),
+    (1, 56, 56, 48),
+    (1, 28, 28, 96),
+    (1, 14, 14, 192),
+    (1, 7, 7, 1280),
+  ]
