@@ -45,3 +45,38 @@ def relative_error(actual, expected):
   actual = np.asarray(actual, np.float64)
   expected = np.asarray(expected, np.float64)
   return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def calibrated_variables(model, images, seed=0):
+  """Random variables whose BatchNorm statistics fit ``images``, then perturbed.
+
+  Purely random statistics let a deep network's output collapse to a constant
+  set by the biases, which would make an equivalence test blind to most
+  errors. Here one train-mode pass measures each BatchNorm's batch statistics
+  (Flax stores ``0.9 * old + 0.1 * batch``; from mean 0 and var 1 the batch
+  values follow), then every mean is shifted and every variance scaled at
+  random, so the statistics are realistic yet no BatchNorm is exact.
+  """
+  rng = np.random.default_rng(seed + 1)
+  variables = random_variables(model, images.shape, seed)
+  start = {
+    path: jnp.zeros_like(v) if path[-1] == 'mean' else jnp.ones_like(v)
+    for path, v in traverse_util.flatten_dict(variables['batch_stats']).items()
+  }
+  variables = {**variables, 'batch_stats': traverse_util.unflatten_dict(start)}
+  _, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
+    variables, images
+  )
+  flat = traverse_util.flatten_dict(updates['batch_stats'])
+  stats = {}
+  for path, value in flat.items():
+    value = np.asarray(value, np.float64)
+    if path[-1] == 'mean':
+      batch_mean = value / 0.1
+      batch_var = (np.asarray(flat[path[:-1] + ('var',)], np.float64) - 0.9) / 0.1
+      shift = rng.normal(0, 0.3, value.shape) * np.sqrt(np.maximum(batch_var, 1e-6))
+      stats[path] = batch_mean + shift
+    else:
+      stats[path] = np.maximum((value - 0.9) / 0.1, 1e-4) * rng.uniform(0.5, 2.0, value.shape)
+  stats = {path: jnp.asarray(v, jnp.float32) for path, v in stats.items()}
+  return {**variables, 'batch_stats': traverse_util.unflatten_dict(stats)}

@@ -1,0 +1,113 @@
+"""Bad inputs fail with messages that name the problem and the fix."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from helpers import random_variables
+
+import repvgg_jax
+from repvgg_jax import FusionError
+
+
+@pytest.fixture(scope='module')
+def a0():
+  model = repvgg_jax.create_model('A0')
+  return model, random_variables(model, (1, 32, 32, 3))
+
+
+def test_unknown_model_name_lists_the_known_ones():
+  with pytest.raises(ValueError, match='Unknown model name .RepVGG-C9.') as info:
+    repvgg_jax.create_model('RepVGG-C9')
+  for name in repvgg_jax.list_models():
+    assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+  'shape,message',
+  [
+    ((32, 32, 3), r'got shape \(32, 32, 3\).*add a batch axis'),
+    ((2, 3, 32, 32), r'got shape \(2, 3, 32, 32\).*NCHW'),
+    ((2, 32, 32, 1), r'shape \(batch, height, width, 3\), got shape \(2, 32, 32, 1\)'),
+    ((2, 32, 32), r'got shape \(2, 32, 32\)'),
+  ],
+)
+def test_wrong_image_shape(a0, shape, message):
+  model, variables = a0
+  with pytest.raises(ValueError, match=message):
+    model.apply(variables, jnp.zeros(shape))
+
+
+def test_integer_images_are_rejected(a0):
+  model, variables = a0
+  with pytest.raises(TypeError, match='expects float images, got dtype uint8'):
+    model.apply(variables, jnp.zeros((1, 32, 32, 3), jnp.uint8))
+
+
+def test_fusing_a_fused_tree(a0):
+  _, variables = a0
+  fused = repvgg_jax.fuse_params(variables)
+  with pytest.raises(FusionError, match='already fused'):
+    repvgg_jax.fuse_params(fused)
+  with pytest.raises(FusionError, match='already fused'):
+    repvgg_jax.fuse_params({**fused, 'batch_stats': variables['batch_stats']})
+
+
+def test_fusing_without_batch_stats(a0):
+  _, variables = a0
+  with pytest.raises(FusionError, match=r"needs variables\['batch_stats'\]"):
+    repvgg_jax.fuse_params({'params': variables['params']})
+
+
+def test_batch_stats_of_another_variant(a0):
+  _, variables = a0
+  a1 = repvgg_jax.create_model('A1')
+  other = jax.eval_shape(lambda: a1.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  mixed = {'params': variables['params'], 'batch_stats': other['batch_stats']}
+  with pytest.raises(FusionError, match='different models'):
+    repvgg_jax.fuse_params(mixed)
+
+
+def test_block_of_another_variant(a0):
+  _, variables = a0
+  b0 = repvgg_jax.create_model('B0')
+  other = jax.eval_shape(lambda: b0.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  params = dict(variables['params'])
+  params['stage2_block0'] = other['params']['stage2_block0']
+  with pytest.raises(FusionError, match='mixes'):
+    repvgg_jax.fuse_params({**variables, 'params': params})
+
+
+def test_expected_variant_is_checked(a0):
+  _, variables = a0
+  with pytest.raises(FusionError, match='shapes of RepVGG-A0, not of RepVGG-B0'):
+    repvgg_jax.fuse_params(variables, model='B0')
+  assert (
+    repvgg_jax.fuse_params(variables, model='a0')['params'].keys() == variables['params'].keys()
+  )
+
+
+def test_not_variables():
+  with pytest.raises(FusionError, match="takes {'params', 'batch_stats'}"):
+    repvgg_jax.fuse_params({'weights': {}})
+
+
+@pytest.mark.parametrize(
+  'branches,message',
+  [
+    (('conv3x3', 'conv5x5'), "Unknown branch kind 'conv5x5'"),
+    (('identity',), 'none of which can change the resolution'),
+    (('conv3x3', 'conv3x3'), 'repeats a branch kind'),
+    ([('conv3x3',)] * 4, 'one set per stage'),
+    ('conv3x3', 'must be a sequence of branch names'),
+  ],
+)
+def test_bad_branch_sets(branches, message):
+  with pytest.raises(ValueError, match=message):
+    repvgg_jax.create_model('A0', branches=branches)
+
+
+def test_bad_options():
+  with pytest.raises(ValueError, match='num_classes must be an int >= 0'):
+    repvgg_jax.create_model('A0', num_classes=-1)
+  with pytest.raises(ValueError, match='dtype must be float32 or bfloat16, got float16'):
+    repvgg_jax.create_model('A0', dtype=jnp.float16)
