@@ -44,6 +44,7 @@ def benchmark(
   warmup: int = 2,
   dtype: str = 'float32',
   seed: int = 0,
+  conv_impl: str = 'auto',
 ) -> dict:
   """Measures images/s of the training-time (inference mode) and fused models.
 
@@ -53,8 +54,8 @@ def benchmark(
     ``speedup`` (deploy over train images/s) and the set-up.
   """
   variant = variants.get_variant(name)
-  model = create_model(variant, dtype=jnp.dtype(dtype))
-  deploy = create_model(variant, deploy=True, dtype=jnp.dtype(dtype))
+  model = create_model(variant, dtype=jnp.dtype(dtype), conv_impl=conv_impl)
+  deploy = create_model(variant, deploy=True, dtype=jnp.dtype(dtype), conv_impl=conv_impl)
   images = jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
   variables = jax.jit(model.init)(jax.random.key(seed), images[:1])
   fused = jax.jit(fusion.fuse_params)(variables)
@@ -75,6 +76,7 @@ def benchmark(
     'batch': batch,
     'size': size,
     'dtype': dtype,
+    'conv_impl': model.conv_impl,
     'backend': jax.default_backend(),
     'device': jax.devices()[0].device_kind,
     'runs': runs,
@@ -121,6 +123,12 @@ def main(argv=None) -> int:
   parser.add_argument('--runs', type=int, default=5, help='timed runs of each model')
   parser.add_argument('--warmup', type=int, default=2, help='untimed runs after compiling')
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument(
+    '--conv-impl',
+    default='auto',
+    choices=['auto', 'xla', 'im2col'],
+    help='convolution implementation (auto: im2col on CPU, XLA elsewhere)',
+  )
   parser.add_argument('--json', help='append the result as one JSON line to this file')
   parser.add_argument('--list', action='store_true', help='list the variants and exit')
   args = parser.parse_args(argv)
@@ -133,7 +141,9 @@ def main(argv=None) -> int:
     parser.error(str(error))
   if args.batch < 1 or args.size < 1 or args.runs < 1:
     parser.error('--batch, --size and --runs must be positive.')
-  result = benchmark(args.model, args.batch, args.size, args.runs, args.warmup, args.dtype)
+  result = benchmark(
+    args.model, args.batch, args.size, args.runs, args.warmup, args.dtype, conv_impl=args.conv_impl
+  )
   print(format_result(result))
   if args.json:
     with open(args.json, 'a') as f:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repvgg_jax import branches as branches_lib
+from repvgg_jax import conv as conv_lib
 from repvgg_jax import variants
 
 Array = Any
@@ -98,14 +99,18 @@ class DeployBlock(nn.Module):
     return nn.relu(x)
 
 
-def layer_partials(train: bool, dtype: Any = jnp.float32, precision: Any = None):
+def layer_partials(
+  train: bool, dtype: Any = jnp.float32, precision: Any = None, conv_impl: str = 'auto'
+):
   """The conv and BatchNorm partials every block is built from.
 
   Parameters and BatchNorm statistics are float32 whatever the compute dtype;
-  BatchNorm is the reference's (PyTorch's eps 1e-5, momentum 0.1).
+  BatchNorm is the reference's (PyTorch's eps 1e-5, momentum 0.1). The conv is
+  XLA's or the im2col formulation (`repvgg_jax.conv`), with one parameter layout.
   """
+  conv_cls = nn.Conv if conv_lib.resolve_conv_impl(conv_impl) == 'xla' else conv_lib.Im2colConv
   conv = functools.partial(
-    nn.Conv,
+    conv_cls,
     dtype=dtype,
     param_dtype=jnp.float32,
     precision=precision,
@@ -146,6 +151,8 @@ class RepVGG(nn.Module):
     precision: `jax.lax.Precision` of convs and the classifier (``'highest'``
       gives true float32 on accelerators that default to TF32).
     in_channels: channels of the input images.
+    conv_impl: 'xla', 'im2col' or 'auto' (im2col on CPU, XLA elsewhere); see
+      `repvgg_jax.conv`. Parameters are the same whichever computes.
   """
 
   variant: variants.Variant
@@ -155,11 +162,12 @@ class RepVGG(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   in_channels: int = 3
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False):
     self._check_images(images)
-    conv, norm = layer_partials(train, self.dtype, self.precision)
+    conv, norm = layer_partials(train, self.dtype, self.precision, self.conv_impl)
     x = images.astype(self.dtype)
     stage_outputs = []
     for stage, index, _, features, strides, groups in self.variant.blocks():
@@ -246,6 +254,7 @@ def create_model(
   dtype: Any = jnp.float32,
   precision: Any = None,
   in_channels: int = 3,
+  conv_impl: str = 'auto',
 ) -> RepVGG:
   """Builds a RepVGG model by variant name.
 
@@ -259,6 +268,8 @@ def create_model(
     dtype: compute dtype, ``jnp.float32`` or ``jnp.bfloat16``.
     precision: convolution and classifier precision, e.g. ``'highest'``.
     in_channels: image channels.
+    conv_impl: 'auto' (im2col on CPU, XLA's convolution elsewhere), 'xla' or
+      'im2col'; numerically equivalent, with the same parameters.
 
   Returns:
     A `RepVGG` Linen module.
@@ -276,4 +287,5 @@ def create_model(
     dtype=jnp.dtype(dtype),
     precision=precision,
     in_channels=in_channels,
+    conv_impl=conv_lib.resolve_conv_impl(conv_impl),
   )

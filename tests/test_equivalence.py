@@ -2,7 +2,8 @@
 
 Every variant, with random non-trivial BatchNorm statistics, scales and offsets
 (`helpers.calibrated_variables`), jitted; relative error of the logits
-``||deploy - train|| / ||train||``.
+``||deploy - train|| / ||train||``. The models use XLA's convolution, which
+compiles several times faster than im2col; `test_conv.py` shows the two agree.
 """
 
 import jax
@@ -26,10 +27,12 @@ BFLOAT16_MAX_ERROR = 0.1
 
 def logits_of(name, size, batch=2, dtype=jnp.float32, seed=0):
   """Training-time and fused logits of ``name`` on a random batch."""
-  model = repvgg_jax.create_model(name, dtype=dtype, precision='highest')
-  deploy = repvgg_jax.create_model(name, deploy=True, dtype=dtype, precision='highest')
+  model = repvgg_jax.create_model(name, dtype=dtype, precision='highest', conv_impl='xla')
+  deploy = repvgg_jax.create_model(
+    name, deploy=True, dtype=dtype, precision='highest', conv_impl='xla'
+  )
   images = jax.random.normal(jax.random.key(seed), (batch, size, size, 3))
-  calibration = repvgg_jax.create_model(name, precision='highest')
+  calibration = repvgg_jax.create_model(name, precision='highest', conv_impl='xla')
   variables = calibrated_variables(calibration, images, seed=seed)
   fused = jax.jit(repvgg_jax.fuse_params)(variables)
   train_logits = jax.jit(model.apply)(variables, images)
@@ -79,7 +82,7 @@ def test_fused_float32_model_is_as_accurate_as_the_training_model():
   name = 'RepVGG-B0'
   train, deploy = logits_of(name, size=64, batch=8)
   images = jax.random.normal(jax.random.key(0), (8, 64, 64, 3))
-  calibration = repvgg_jax.create_model(name, precision='highest')
+  calibration = repvgg_jax.create_model(name, precision='highest', conv_impl='xla')
   variables = calibrated_variables(calibration, images)
   with jax.enable_x64(True):
     exact_model = calibration.clone(dtype=jnp.float64)
@@ -96,8 +99,10 @@ def test_bfloat16_keeps_float32_parameters_and_statistics():
 
 
 def test_backbone_returns_the_five_stage_outputs():
-  model = repvgg_jax.create_model('B1g2', num_classes=0, precision='highest')
-  deploy = repvgg_jax.create_model('B1g2', num_classes=0, deploy=True, precision='highest')
+  model = repvgg_jax.create_model('B1g2', num_classes=0, precision='highest', conv_impl='xla')
+  deploy = repvgg_jax.create_model(
+    'B1g2', num_classes=0, deploy=True, precision='highest', conv_impl='xla'
+  )
   variables = random_variables(model, (1, 64, 64, 3))
   assert 'linear' not in variables['params']
   images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
@@ -120,8 +125,8 @@ def test_backbone_returns_the_five_stage_outputs():
   ids='+'.join,
 )
 def test_ablation_branch_sets_fuse_to_the_same_deploy_model(branches):
-  model = repvgg_jax.create_model('A0', branches=branches, precision='highest')
-  deploy = repvgg_jax.create_model('A0', deploy=True, precision='highest')
+  model = repvgg_jax.create_model('A0', branches=branches, precision='highest', conv_impl='xla')
+  deploy = repvgg_jax.create_model('A0', deploy=True, precision='highest', conv_impl='xla')
   variables = random_variables(model, (1, 32, 32, 3))
   for block in variables['params'].values():
     assert set(block) <= set(branches) | {'kernel', 'bias'}
@@ -133,8 +138,8 @@ def test_ablation_branch_sets_fuse_to_the_same_deploy_model(branches):
 
 def test_per_stage_branch_sets():
   per_stage = [('conv3x3',), ('conv3x3', 'conv1x1')] + [repvgg_jax.PAPER_BRANCHES] * 3
-  model = repvgg_jax.create_model('A0', branches=per_stage, precision='highest')
-  deploy = repvgg_jax.create_model('A0', deploy=True, precision='highest')
+  model = repvgg_jax.create_model('A0', branches=per_stage, precision='highest', conv_impl='xla')
+  deploy = repvgg_jax.create_model('A0', deploy=True, precision='highest', conv_impl='xla')
   variables = random_variables(model, (1, 32, 32, 3))
   assert set(variables['params']['stage0_block0']) == {'conv3x3'}
   assert set(variables['params']['stage1_block1']) == {'conv3x3', 'conv1x1'}

@@ -1,0 +1,69 @@
+"""The im2col convolution equals XLA's, values and gradients, for every shape used."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import calibrated_variables, relative_error
+
+import repvgg_jax
+from repvgg_jax import conv
+
+
+@pytest.mark.parametrize('kernel_size', [(1, 1), (3, 3), (1, 3), (3, 1)])
+@pytest.mark.parametrize('strides', [1, 2])
+@pytest.mark.parametrize('groups', [1, 2, 4])
+def test_im2col_matches_xla(kernel_size, strides, groups):
+  padding = ((kernel_size[0] // 2,) * 2, (kernel_size[1] // 2,) * 2)
+  kwargs = dict(
+    features=8,
+    kernel_size=kernel_size,
+    strides=strides,
+    padding=padding,
+    feature_group_count=groups,
+    precision='highest',
+  )
+  xla, im2col = nn.Conv(**kwargs), conv.Im2colConv(**kwargs)
+  x = jax.random.normal(jax.random.key(0), (2, 7, 8, 16))  # Odd and even sides.
+  variables = xla.init(jax.random.key(1), x)
+  variables = jax.tree.map(lambda a: a + 0.1, variables)  # A non-zero bias too.
+  assert jax.tree.map(jnp.shape, im2col.init(jax.random.key(1), x)) == jax.tree.map(
+    jnp.shape, variables
+  )
+  expected, actual = xla.apply(variables, x), im2col.apply(variables, x)
+  assert actual.shape == expected.shape
+  assert relative_error(actual, expected) <= 1e-6
+
+  def loss(module, v, inputs):
+    return jnp.sum(jnp.sin(module.apply(v, inputs)))
+
+  grads_xla = jax.grad(lambda v, i: loss(xla, v, i), argnums=(0, 1))(variables, x)
+  grads_im2col = jax.grad(lambda v, i: loss(im2col, v, i), argnums=(0, 1))(variables, x)
+  for a, b in zip(jax.tree.leaves(grads_im2col), jax.tree.leaves(grads_xla), strict=True):
+    assert relative_error(a, b) <= 1e-5
+
+
+def test_auto_picks_im2col_on_cpu():
+  assert jax.default_backend() == 'cpu'
+  assert conv.resolve_conv_impl('auto') == 'im2col'
+  assert repvgg_jax.create_model('A0').conv_impl == 'im2col'
+  with pytest.raises(ValueError, match="conv_impl must be one of .* got 'cudnn'"):
+    repvgg_jax.create_model('A0', conv_impl='cudnn')
+
+
+def test_models_agree_across_conv_impls():
+  """Same parameters, same logits; and a model fused from one runs in the other."""
+  name = 'RepVGG-A0'  # Grouped convs are compared layer by layer above.
+  images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  make = lambda impl, deploy=False: repvgg_jax.create_model(
+    name, deploy=deploy, conv_impl=impl, precision='highest'
+  )
+  variables = calibrated_variables(make('im2col'), images)
+  train_xla = jax.jit(make('xla').apply)(variables, images)
+  train_im2col = jax.jit(make('im2col').apply)(variables, images)
+  assert relative_error(train_im2col, train_xla) <= 1e-5
+  fused = repvgg_jax.fuse_params(variables)
+  deploy_im2col = jax.jit(make('im2col', deploy=True).apply)(fused, images)
+  assert relative_error(deploy_im2col, train_xla) <= 1e-5
+  assert np.all(np.isfinite(np.asarray(deploy_im2col)))
