@@ -2,7 +2,13 @@
 
 Evaluation: resize the shorter side to ``image_size * 256 / 224`` (bilinear,
 antialiased, like PIL), crop the centre ``image_size`` square, scale to [0, 1]
-and normalize with the ImageNet mean and standard deviation.
+and normalize with the ImageNet mean and standard deviation. Small datasets
+(CIFAR, digits) are instead resized straight to the square (a no-op at 32x32).
+
+Training: a random crop (ImageNet's random-resized "inception" crop, or CIFAR's
+pad-and-crop), an optional horizontal flip, then the same normalization. All
+randomness is stateless and keyed by a per-example seed, so a batch is a pure
+function of its seeds and a resumed run sees the same pixels.
 """
 
 from __future__ import annotations
@@ -13,6 +19,11 @@ MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
 # ImageNet evaluation crops 224 out of 256: the resize is image_size / 0.875.
 CROP_FRACTION = 224 / 256
+EVAL_PREPROCESSING = ('resize_crop', 'resize')
+TRAIN_AUGMENTATIONS = ('inception_crop', 'pad_crop', 'none')
+# torchvision's RandomResizedCrop defaults: crop area as a fraction of the image; width / height.
+INCEPTION_AREA_RANGE = (0.08, 1.0)
+INCEPTION_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 
 
 def normalize_image(image: tf.Tensor) -> tf.Tensor:
@@ -39,18 +50,105 @@ def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   return image[top : top + size, left : left + size]
 
 
-def preprocess_for_eval(image: tf.Tensor, image_size: int = 224) -> tf.Tensor:
+def resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Resizes to ``size`` x ``size`` as float32, ignoring the aspect ratio.
+
+  Antialiased bilinear like PIL; at the image's own size it returns the pixels unchanged.
+  """
+  image = tf.cast(image, tf.float32)
+  return tf.image.resize(image, (size, size), method='bilinear', antialias=True)
+
+
+def preprocess_for_eval(
+  image: tf.Tensor, image_size: int = 224, method: str = 'resize_crop'
+) -> tf.Tensor:
   """Resize (shorter side to image_size / 0.875), centre crop, normalize.
+
+  The centre crop keeps ImageNet's object-centred framing at the model's input size; stored
+  at that size already, small datasets take ``method='resize'``, which leaves them whole.
 
   Args:
     image: an ``(H, W, 3)`` uint8 RGB image of any size.
     image_size: side of the square output.
+    method: ``'resize_crop'`` for ImageNet's resize then centre crop; ``'resize'`` to resize
+      the whole image to the square, for datasets stored at the model's input size.
 
   Returns:
     An ``(image_size, image_size, 3)`` float32 image.
   """
-  resize_size = int(round(image_size / CROP_FRACTION))
-  image = resize_shorter_side(tf.cast(image, tf.float32), resize_size)
-  image = center_crop(image, image_size)
+  if method == 'resize_crop':
+    resize_size = int(round(image_size / CROP_FRACTION))
+    image = resize_shorter_side(tf.cast(image, tf.float32), resize_size)
+    image = center_crop(image, image_size)
+  elif method == 'resize':
+    image = resize_square(image, image_size)
+  else:
+    raise ValueError(f'Unknown eval preprocessing {method!r}; known: {EVAL_PREPROCESSING}.')
   image = tf.ensure_shape(image, (image_size, image_size, 3))
+  return normalize_image(image)
+
+
+def inception_crop(image: tf.Tensor, seed: tf.Tensor, image_size: int) -> tf.Tensor:
+  """A random crop of 8% to 100% of the area and 3/4 to 4/3 aspect, resized to the square.
+
+  After 10 failed attempts at a crop that fits, the whole image is used (torchvision
+  falls back to a centre crop instead; it happens for very elongated images only).
+
+  Args:
+    image: an ``(H, W, 3)`` image.
+    seed: shape ``(2,)`` integer seed of the stateless sampler.
+    image_size: side of the square output.
+
+  Returns:
+    An ``(image_size, image_size, 3)`` float32 image with values in [0, 255].
+  """
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+    tf.shape(image),
+    bounding_boxes=tf.zeros((1, 0, 4)),
+    seed=seed,
+    min_object_covered=0.0,  # The area range alone bounds the crop.
+    aspect_ratio_range=INCEPTION_ASPECT_RATIO_RANGE,
+    area_range=INCEPTION_AREA_RANGE,
+    max_attempts=10,
+    use_image_if_no_bounding_boxes=True,
+  )
+  return resize_square(tf.slice(image, begin, size), image_size)
+
+
+def pad_and_random_crop(image: tf.Tensor, seed: tf.Tensor, pad_pixels: int) -> tf.Tensor:
+  """Zero-pads each side by ``pad_pixels`` and crops a random window of the original size.
+
+  Zeros, not reflection, as torchvision's ``RandomCrop(32, padding=4)`` in the CIFAR recipes.
+  """
+  padding = [[pad_pixels, pad_pixels], [pad_pixels, pad_pixels], [0, 0]]
+  return tf.image.stateless_random_crop(tf.pad(image, padding), tf.shape(image), seed=seed)
+
+
+def preprocess_for_train(image: tf.Tensor, seed: tf.Tensor, config) -> tf.Tensor:
+  """Random crop and flip as ``config`` asks, then normalize.
+
+  Args:
+    image: an ``(H, W, 3)`` uint8 RGB image.
+    seed: shape ``(2,)`` integer seed; the output is a pure function of it and ``image``.
+    config: the dataset config; reads ``train_augment``, ``image_size``, ``pad_pixels``
+      (for ``'pad_crop'``) and ``flip``.
+
+  Returns:
+    An ``(image_size, image_size, 3)`` float32 image.
+  """
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+  size = config.image_size
+  if config.train_augment == 'inception_crop':
+    image = inception_crop(image, crop_seed, size)
+  elif config.train_augment == 'pad_crop':
+    image = pad_and_random_crop(resize_square(image, size), crop_seed, config.pad_pixels)
+  elif config.train_augment == 'none':
+    image = resize_square(image, size)
+  else:
+    raise ValueError(
+      f'Unknown train_augment {config.train_augment!r}; known: {TRAIN_AUGMENTATIONS}.'
+    )
+  if config.flip:
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  image = tf.ensure_shape(image, (size, size, 3))
   return normalize_image(image)

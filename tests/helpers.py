@@ -80,3 +80,38 @@ def calibrated_variables(model, images, seed=0):
       stats[path] = np.maximum((value - 0.9) / 0.1, 1e-4) * rng.uniform(0.5, 2.0, value.shape)
   stats = {path: jnp.asarray(v, jnp.float32) for path, v in stats.items()}
   return {**variables, 'batch_stats': traverse_util.unflatten_dict(stats)}
+
+
+def tiny_config(data_dir=None, **overrides):
+  """The digits config shrunk to seconds: 5 one-block stages of 16-128 channels."""
+  from configs import digits
+
+  config = digits.get_config()
+  config.model.num_blocks = (1, 1, 1, 1)
+  config.model.width_multipliers = (0.25, 0.25)
+  config.model.conv_impl = 'xla'  # Compiles fastest; the steps are tiny.
+  config.dataset.data_dir = data_dir
+  config.batch_size = 16
+  config.eval_batch_size = 40
+  config.num_train_steps = 6
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.eval_every_epochs = 0.0  # At the end only.
+  config.progress_bar = False
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def checkpoint_params(workdir, step=None):
+  """The params of a run's checkpoint (default: latest), as numpy arrays."""
+  from repvgg_jax import checkpointing
+
+  ckpt = checkpointing.Checkpoints(f'{workdir}/checkpoints', read_only=True)
+  state, meta = ckpt.restore(step=step)
+  ckpt.close()
+  return jax.tree.map(np.asarray, state['params']), meta

@@ -25,15 +25,23 @@ BFLOAT16_DRIFT_FACTOR = 2 * np.sqrt(2)
 BFLOAT16_MAX_ERROR = 0.1
 
 
-def logits_of(name, size, batch=2, dtype=jnp.float32, seed=0):
-  """Training-time and fused logits of ``name`` on a random batch."""
+def logits_of(name, size, batch=2, dtype=jnp.float32, seed=0, calibrate=True):
+  """Training-time and fused logits of ``name`` on a random batch.
+
+  With ``calibrate=False`` the statistics are random rather than fitted to the
+  batch (cheaper: no train-mode compile); enough at small sizes, where the
+  logits still depend on the input (checked by `assert_non_trivial`).
+  """
   model = repvgg_jax.create_model(name, dtype=dtype, precision='highest', conv_impl='xla')
   deploy = repvgg_jax.create_model(
     name, deploy=True, dtype=dtype, precision='highest', conv_impl='xla'
   )
   images = jax.random.normal(jax.random.key(seed), (batch, size, size, 3))
-  calibration = repvgg_jax.create_model(name, precision='highest', conv_impl='xla')
-  variables = calibrated_variables(calibration, images, seed=seed)
+  if calibrate:
+    calibration = repvgg_jax.create_model(name, precision='highest', conv_impl='xla')
+    variables = calibrated_variables(calibration, images, seed=seed)
+  else:
+    variables = random_variables(model, images.shape, seed=seed)
   fused = jax.jit(repvgg_jax.fuse_params)(variables)
   train_logits = jax.jit(model.apply)(variables, images)
   deploy_logits = jax.jit(deploy.apply)(fused, images)
@@ -49,8 +57,7 @@ def assert_non_trivial(logits):
 
 @pytest.mark.parametrize('name', repvgg_jax.list_models())
 def test_every_variant_small_resolution(name):
-  # Batch 8: the last stage is 1x1 at this size, and its statistics need samples.
-  train, deploy = logits_of(name, size=32, batch=8)
+  train, deploy = logits_of(name, size=32, batch=4, calibrate=False)
   assert_non_trivial(train)
   assert relative_error(deploy, train) <= FLOAT32_TOLERANCE
 
@@ -64,8 +71,8 @@ def test_full_resolution_and_odd_size(name, size):
   assert relative_error(deploy, train) <= FLOAT32_TOLERANCE
 
 
-@pytest.mark.parametrize('name', ['RepVGG-A0', 'RepVGG-B1g4'])
-def test_bfloat16_compute(name):
+def test_bfloat16_compute():
+  name = 'RepVGG-A0'
   reference, _ = logits_of(name, size=64, batch=8)
   train, deploy = logits_of(name, size=64, batch=8, dtype=jnp.bfloat16)
   assert train.dtype == deploy.dtype == jnp.float32

@@ -1,0 +1,1 @@
+"""Training configs: `default.py` and one file per variant or dataset."""

@@ -1,0 +1,17 @@
+"""RepVGG-B1g4 on ImageNet: 120 epochs, the paper's recipe in default.py.
+
+  python train.py --config configs/b1g4.py --workdir /path/to/workdir
+
+Hardware: 8 GPUs with the global batch of 256 (32 per GPU), as in the paper.
+1, 2 or 4 devices give the same result: BatchNorm statistics are per group of
+32 images whatever the device count.
+Paper ImageNet top-1: 77.58.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model.name = 'RepVGG-B1g4'
+  return config

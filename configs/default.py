@@ -1,0 +1,79 @@
+"""Defaults: RepVGG-B0 on ImageNet with the paper's recipe.
+
+The per-variant files (a0.py ... b3g4.py) override only the model and, for
+the heavy models, the longer recipe. Run one with
+
+  python train.py --config configs/b0.py --workdir /path/to/workdir
+
+The recipe (paper and the reference trainer): SGD momentum 0.9, learning rate
+0.1 per 256 images with per-step cosine decay and no warm-up, weight decay
+1e-4 except on biases and the BatchNorms of the conv branches, 120 epochs,
+random-resized crop + flip at 224, evaluation at resize 256 / centre crop 224,
+BatchNorm statistics per 32 images (the reference's per-GPU BatchNorm).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from repvgg_jax.branches import PAPER_BRANCHES
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds initialisation, data order, augmentation and mixup.
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'RepVGG-B0'  # Variant, see repvgg_jax.list_models().
+  config.model.branches = PAPER_BRANCHES  # Branch kinds of every block (or one set per stage).
+  config.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
+  config.model.bn_group_size = 32  # Images per BatchNorm statistics group; 0: the global batch.
+  config.model.conv_impl = 'auto'  # 'xla', 'im2col' or 'auto' (im2col on CPU, XLA on GPU/TPU).
+  config.model.num_blocks = config_dict.placeholder(tuple)  # Stage 1-4 blocks (None: variant's).
+  config.model.width_multipliers = config_dict.placeholder(tuple)  # (a, b) (None: variant's).
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = 'imagenet2012'  # A tfds dataset name.
+  config.dataset.data_dir = config_dict.placeholder(str)  # tfds data dir (None: tfds default).
+  config.dataset.manual_dir = config_dict.placeholder(str)  # ImageNet .tar dir (None: default).
+  config.dataset.download = False  # Let tfds download the dataset if it is missing.
+  config.dataset.num_classes = 1000  # Classifier outputs.
+  config.dataset.image_size = 224  # Model input side in pixels.
+  config.dataset.train_split = 'train'  # tfds split to train on.
+  config.dataset.eval_split = 'validation'  # tfds split to evaluate on.
+  config.dataset.train_augment = 'inception_crop'  # 'inception_crop', 'pad_crop' or 'none'.
+  config.dataset.pad_pixels = 4  # Padding of 'pad_crop', in pixels.
+  config.dataset.flip = True  # Random horizontal flips in training.
+  config.dataset.eval_preprocess = 'resize_crop'  # 'resize_crop' (256 -> 224 centre) or 'resize'.
+  config.dataset.shuffle_buffer = 16_384  # Examples in the shuffle buffer.
+
+  config.batch_size = 256  # Global training batch, over all devices and hosts.
+  config.eval_batch_size = 256  # Global evaluation batch.
+  config.num_epochs = 120.0  # Training length in epochs.
+  config.num_train_steps = -1  # If > 0, the training length in steps instead of epochs.
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 0.1  # Peak learning rate per 256 images (scaled linearly).
+  config.optimizer.warmup_epochs = 0.0  # Linear warm-up before the cosine decay, in epochs.
+  config.optimizer.momentum = 0.9  # SGD momentum.
+  config.optimizer.nesterov = False  # Nesterov momentum.
+  config.optimizer.weight_decay = 1e-4  # L2 on kernels and the identity BN scale (see optim.py).
+  config.optimizer.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
+  config.optimizer.mixup_alpha = 0.0  # Mixup Beta(alpha, alpha); 0: no mixup.
+
+  config.log_every_steps = 100  # Steps between training-metric logs.
+  config.eval_every_epochs = 1.0  # Epochs between evaluations (and at the end).
+  config.checkpoint_every_steps = 1000  # Steps between checkpoints (also at the end, on SIGTERM).
+  config.keep_checkpoints = 3  # Training checkpoints kept.
+  config.progress_bar = True  # Show a progress bar on the first process.
+  return config
+
+
+def long_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The heavy models' recipe (paper Table 5): 200 epochs, label smoothing, mixup.
+
+  The paper also used AutoAugment, which this codebase does not implement yet.
+  """
+  config.num_epochs = 200.0
+  config.optimizer.label_smoothing = 0.1
+  config.optimizer.mixup_alpha = 0.2
+  return config

@@ -1,0 +1,35 @@
+"""The embedded default: RepVGG-A0 on scikit-learn's handwritten digits, offline.
+
+  python train.py --config configs/digits.py
+
+1,797 real 8x8 digit images ship with scikit-learn; they are prepared once
+into the tfds data dir as 32x32 RGB (1,437 train, 360 test). Hardware: any
+CPU; see README.md for the time and accuracy measured on 2 cores.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model.name = 'RepVGG-A0'
+  config.model.bn_group_size = 0  # Small batches: statistics over the whole batch.
+
+  config.dataset.name = 'sklearn_digits'
+  config.dataset.num_classes = 10
+  config.dataset.image_size = 32
+  config.dataset.train_split = 'train'
+  config.dataset.eval_split = 'test'
+  config.dataset.train_augment = 'pad_crop'
+  config.dataset.pad_pixels = 2
+  config.dataset.flip = False  # A mirrored digit is another glyph.
+  config.dataset.eval_preprocess = 'resize'
+  config.dataset.shuffle_buffer = 2048
+
+  config.batch_size = 64
+  config.eval_batch_size = 120
+  config.num_epochs = 15.0
+  config.log_every_steps = 20
+  config.eval_every_epochs = 5.0
+  config.checkpoint_every_steps = 100
+  return config

@@ -1,0 +1,320 @@
+"""Training and evaluation batches from tfds: per process, deterministic and resumable.
+
+A training batch is a pure function of ``(seed, step)``: epoch ``e`` is shuffled with a seed
+derived from ``(seed, e)``, every example is augmented with stateless randomness keyed by
+``(seed, e, process, its index in the epoch)``, and a run resumed at ``step`` skips the
+records of the batches before it without decoding them. Evaluation makes one padded pass in
+which every process yields the same number of batches, so jitted multi-host steps stay in step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from repvgg_jax import digits_dataset, input_pipeline
+
+# Built offline from scikit-learn on first use; importing the module registered it with tfds.
+OFFLINE_DATASETS = (digits_dataset.SklearnDigits.name,)
+IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+
+Batch = dict[str, np.ndarray]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """The dataset is not prepared and cannot be prepared without the user's help."""
+
+
+def _tfds_is_mocked() -> bool:
+  """Whether ``tfds.testing.mock_data`` is active.
+
+  It fakes ``as_dataset`` and makes ``download_and_prepare`` a no-op, so an unprepared dataset
+  is no error there. It leaves ``is_prepared`` alone, hence this check on what it patches.
+  """
+  prepare = tfds.core.DatasetBuilder.download_and_prepare
+  return getattr(prepare, '__module__', '') == 'tensorflow_datasets.testing.mocking'
+
+
+def _prepare_imagenet(builder: tfds.core.DatasetBuilder, manual_dir: str | None) -> None:
+  """Converts the ImageNet archives into tfds records, or says where to put them.
+
+  tfds cannot download ImageNet (its licence needs a sign-up), so this fails at once, before
+  any network access, when the archives are missing.
+  """
+  manual_dir = manual_dir or os.path.join(builder.data_dir_root, 'downloads', 'manual')
+  manual_dir = os.path.expanduser(manual_dir)
+  missing = [
+    name for name in IMAGENET_ARCHIVES if not os.path.isfile(os.path.join(manual_dir, name))
+  ]
+  if missing:
+    raise DatasetNotFoundError(
+      f'ImageNet (imagenet2012) is not prepared in {builder.data_dir_root} and cannot be '
+      f'downloaded automatically. Download {" and ".join(IMAGENET_ARCHIVES)} from '
+      f'https://image-net.org/download-images (free sign-up) and put them in {manual_dir} '
+      f'(missing now: {", ".join(missing)}), or point --config.dataset.manual_dir at the '
+      'folder that holds them. The next run then converts them once into tfds records under '
+      f'{builder.data_dir} (a few hours, about 150 GB); later runs read those records.'
+    )
+  logging.info('Preparing imagenet2012 from %s; this takes a few hours, once.', manual_dir)
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+  )
+
+
+def get_builder(config) -> tfds.core.DatasetBuilder:
+  """The tfds builder of ``config.name``, prepared, or a clear error when it cannot be.
+
+  Args:
+    config: the dataset config; reads ``name``, ``data_dir``, ``download`` and, for
+      imagenet2012, ``manual_dir``.
+
+  Returns:
+    A builder whose ``as_dataset`` reads prepared records (or fakes them under
+    ``tfds.testing.mock_data``).
+
+  Raises:
+    DatasetNotFoundError: the dataset is not prepared, and either downloads are off or, for
+      ImageNet, the manually downloaded archives are missing.
+  """
+  data_dir = os.path.expanduser(config.data_dir) if config.data_dir else None
+  builder = tfds.builder(config.name, data_dir=data_dir)
+  if builder.is_prepared() or _tfds_is_mocked():
+    return builder
+  if builder.name in OFFLINE_DATASETS:
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+  elif builder.name == 'imagenet2012':
+    _prepare_imagenet(builder, config.manual_dir)
+  elif config.download:
+    builder.download_and_prepare()
+  else:
+    raise DatasetNotFoundError(
+      f'Dataset {config.name!r} is not prepared in {builder.data_dir_root} and downloads are '
+      'off. Let this run download and prepare it with --config.dataset.download=True, or '
+      f'prepare it beforehand with `tfds build {config.name} --data_dir={builder.data_dir_root}`.'
+    )
+  return builder
+
+
+def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
+  """The size of ``split`` (tfds split syntax such as ``'train[:10%]'`` included)."""
+  if builder.info.splits:
+    return builder.info.splits[split].num_examples
+  # No split metadata: tfds.testing.mock_data without metadata files. Its fake datasets
+  # declare their cardinality.
+  cardinality = int(builder.as_dataset(split=split).cardinality())
+  if cardinality < 0:
+    raise ValueError(f'The size of split {split!r} of {builder.name} is unknown.')
+  return cardinality
+
+
+def num_examples(config, split: str) -> int:
+  """The number of examples in ``split`` of ``config.name``, over all processes."""
+  return _num_examples(get_builder(config), split)
+
+
+def _steps_per_epoch(builder: tfds.core.DatasetBuilder, config, global_batch_size: int) -> int:
+  total = _num_examples(builder, config.train_split)
+  if total < global_batch_size:
+    raise ValueError(
+      f'The global batch of {global_batch_size} is larger than the {total} examples of '
+      f'{config.train_split!r}.'
+    )
+  return total // global_batch_size
+
+
+def steps_per_epoch(config, global_batch_size: int) -> int:
+  """Full global batches per pass over the training split; the remainder is dropped.
+
+  Computed from the global example count so that every process agrees. Each process's share
+  (``tfds.split_for_jax_process`` with ``drop_remainder=True``) holds at least this many
+  local batches, and each epoch reads exactly this many from a fresh shuffle of it.
+  """
+  return _steps_per_epoch(get_builder(config), config, global_batch_size)
+
+
+def _process_and_local_batch(
+  global_batch_size: int, process_index: int | None, process_count: int | None
+) -> tuple[int, int, int]:
+  """``(process_index, process_count, local_batch_size)``, defaulting to JAX's processes."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+      f'The global batch size {global_batch_size} must be a positive multiple of the '
+      f'{process_count} processes, each of which loads an equal part of it.'
+    )
+  return process_index, process_count, global_batch_size // process_count
+
+
+def _deterministic_read_config(shuffle_seed: int | None = None) -> tfds.ReadConfig:
+  options = tf.data.Options()
+  options.deterministic = True  # Parallel map and interleave keep the input order.
+  return tfds.ReadConfig(options=options, shuffle_seed=shuffle_seed)
+
+
+def _derived_seed(*entropy: int, words: int = 1) -> np.ndarray:
+  """Well-mixed uint32 words from integers, so that nearby seeds give unrelated streams."""
+  return np.random.SeedSequence(list(entropy)).generate_state(words)
+
+
+def _epoch_batches(
+  builder: tfds.core.DatasetBuilder,
+  config,
+  split,
+  *,
+  seed: int,
+  epoch: int,
+  first_batch: int,
+  steps: int,
+  local_batch: int,
+  process_index: int,
+) -> Iterator[Batch]:
+  """Batches ``first_batch`` to ``steps - 1`` of one epoch of this process's share."""
+  shuffle_seed = int(_derived_seed(seed, epoch)[0])
+  read_config = _deterministic_read_config(shuffle_seed)
+  dataset = builder.as_dataset(
+    split=split,
+    shuffle_files=True,
+    decoders={'image': tfds.decode.SkipDecoding()},  # Decode after skipping: cheap resumes.
+    read_config=read_config,
+  )
+  dataset = dataset.shuffle(
+    config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False
+  )
+  dataset = dataset.take(steps * local_batch).enumerate().skip(first_batch * local_batch)
+  epoch_key = tf.constant(_derived_seed(seed, epoch, process_index, words=2).astype(np.int64))
+  decode_image = builder.info.features['image'].decode_example
+
+  def preprocess(index, example):
+    example_seed = tf.random.experimental.stateless_fold_in(epoch_key, index)
+    image = input_pipeline.preprocess_for_train(
+      decode_image(example['image']), example_seed, config
+    )
+    return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
+
+  dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  dataset = dataset.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  yield from tfds.as_numpy(dataset.with_options(read_config.options))
+
+
+def train_batches(
+  config,
+  *,
+  global_batch_size: int,
+  seed: int,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[Batch]:
+  """This process's part of every global training batch from ``start_step`` on, forever.
+
+  Args:
+    config: the dataset config; reads the fields of ``get_builder`` and of
+      ``input_pipeline.preprocess_for_train``, ``train_split`` and ``shuffle_buffer``.
+    global_batch_size: examples per step over all processes.
+    seed: a non-negative integer; with the step it determines the batch bit for bit.
+    start_step: the first step to yield, e.g. the step of a restored checkpoint.
+    process_index: this process; defaults to ``jax.process_index()``.
+    process_count: the number of processes; defaults to ``jax.process_count()``.
+
+  Returns:
+    An iterator of ``{'image': float32 (B, S, S, 3), 'label': int32 (B,)}`` with
+    ``B = global_batch_size // process_count`` and ``S = config.image_size``.
+  """
+  process_index, process_count, local_batch = _process_and_local_batch(
+    global_batch_size, process_index, process_count
+  )
+  if config.train_augment not in input_pipeline.TRAIN_AUGMENTATIONS:  # Fail before any I/O.
+    raise ValueError(
+      f'Unknown train_augment {config.train_augment!r}; '
+      f'known: {input_pipeline.TRAIN_AUGMENTATIONS}.'
+    )
+  builder = get_builder(config)
+  steps = _steps_per_epoch(builder, config, global_batch_size)
+  split = tfds.split_for_jax_process(
+    config.train_split,
+    process_index=process_index,
+    process_count=process_count,
+    drop_remainder=True,
+  )
+
+  def batches() -> Iterator[Batch]:
+    first_epoch, first_batch = divmod(start_step, steps)
+    for epoch in itertools.count(first_epoch):
+      yield from _epoch_batches(
+        builder,
+        config,
+        split,
+        seed=seed,
+        epoch=epoch,
+        first_batch=first_batch if epoch == first_epoch else 0,
+        steps=steps,
+        local_batch=local_batch,
+        process_index=process_index,
+      )
+
+  return batches()
+
+
+def eval_batches(
+  config,
+  *,
+  global_batch_size: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[Batch]:
+  """One pass over this process's share of the eval split, padded to equal batch counts.
+
+  Every process yields ``ceil(ceil(num_eval_examples / process_count) / local_batch)``
+  batches, the missing examples being zeros with ``mask`` False, so that a jitted eval step
+  that spans processes is entered equally often everywhere.
+
+  Args:
+    config: the dataset config; reads the fields of ``get_builder``, ``eval_split``,
+      ``eval_preprocess`` and ``image_size``.
+    global_batch_size: examples per eval step over all processes.
+    process_index: this process; defaults to ``jax.process_index()``.
+    process_count: the number of processes; defaults to ``jax.process_count()``.
+
+  Returns:
+    An iterator of ``{'image': float32 (B, S, S, 3), 'label': int32 (B,), 'mask': bool (B,)}``.
+  """
+  process_index, process_count, local_batch = _process_and_local_batch(
+    global_batch_size, process_index, process_count
+  )
+  builder = get_builder(config)
+  share = math.ceil(_num_examples(builder, config.eval_split) / process_count)
+  num_batches = math.ceil(share / local_batch)
+  split = tfds.split_for_jax_process(
+    config.eval_split,
+    process_index=process_index,
+    process_count=process_count,
+    drop_remainder=False,
+  )
+  read_config = _deterministic_read_config()
+  dataset = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
+  size, method = config.image_size, config.eval_preprocess
+
+  def preprocess(example):
+    image = input_pipeline.preprocess_for_eval(example['image'], size, method=method)
+    return {'image': image, 'label': tf.cast(example['label'], tf.int32), 'mask': True}
+
+  dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  padding = tf.data.Dataset.from_tensors(
+    {'image': tf.zeros((size, size, 3)), 'label': tf.constant(0), 'mask': False}
+  ).repeat()
+  # take() also caps the share at its expected size under tfds.testing.mock_data, whose fake
+  # splits ignore the process slicing.
+  dataset = dataset.concatenate(padding).take(num_batches * local_batch)
+  dataset = dataset.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return iter(tfds.as_numpy(dataset.with_options(read_config.options)))

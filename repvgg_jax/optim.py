@@ -1,0 +1,61 @@
+"""The paper's optimizer: SGD with momentum, cosine learning rate, selective weight decay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from flax import traverse_util
+
+# The paper's learning rate is 0.1 for a batch of 256; it scales linearly.
+REFERENCE_BATCH_SIZE = 256
+
+
+def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """Per-step cosine decay to 0, after an optional linear warm-up.
+
+  Args:
+    config: the run's config (``optimizer.learning_rate`` per 256 images,
+      ``optimizer.warmup_epochs``, ``batch_size``).
+    steps_per_epoch: optimizer steps in one epoch.
+    total_steps: steps of the whole run; the cosine ends there.
+  """
+  peak = config.optimizer.learning_rate * config.batch_size / REFERENCE_BATCH_SIZE
+  warmup_steps = int(config.optimizer.warmup_epochs * steps_per_epoch)
+  cosine = optax.cosine_decay_schedule(peak, decay_steps=max(1, total_steps - warmup_steps))
+  if warmup_steps == 0:
+    return cosine
+  warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+  return optax.join_schedules([warmup, cosine], [warmup_steps])
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True where the reference applies weight decay.
+
+  The reference trainer decays every parameter whose name contains neither
+  'bias' nor 'bn': conv and classifier kernels, and the scale of the identity
+  BatchNorm (a bare ``rbr_identity`` BatchNorm in PyTorch); it skips all
+  biases and the BatchNorms inside the conv branches.
+  """
+  flat = traverse_util.flatten_dict(params)
+  mask = {path: path[-1] == 'kernel' or (path[-1] == 'scale' and 'bn' not in path) for path in flat}
+  return traverse_util.unflatten_dict(mask)
+
+
+def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
+  """SGD with momentum and coupled L2 weight decay, as PyTorch's ``SGD(weight_decay=...)``.
+
+  The decay is added to the gradient before momentum, like PyTorch, not
+  decoupled as in AdamW.
+  """
+  schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
+  return optax.chain(
+    optax.add_decayed_weights(config.optimizer.weight_decay, mask=weight_decay_mask),
+    optax.sgd(schedule, momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov),
+  )
+
+
+def current_learning_rate(config, steps_per_epoch: int, total_steps: int, step: int) -> float:
+  """The learning rate used at ``step`` (for logging)."""
+  return float(jax.device_get(learning_rate_schedule(config, steps_per_epoch, total_steps)(step)))

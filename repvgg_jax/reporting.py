@@ -1,0 +1,167 @@
+"""What a training run tells a person: a progress bar, JSON-lines metrics, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+
+class MetricsWriter:
+  """Appends ``{'step': ..., name: value}`` lines to ``metrics.jsonl`` and TensorBoard.
+
+  Only the first process writes; the others accept and drop the calls.
+  """
+
+  def __init__(self, workdir: pathlib.Path, enabled: bool = True):
+    self.enabled = enabled
+    if enabled:
+      self._jsonl = open(workdir / 'metrics.jsonl', 'a')  # noqa: SIM115 (closed in close())
+      self._tensorboard = tf.summary.create_file_writer(str(workdir / 'tensorboard'))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+    with self._tensorboard.as_default(step=int(step)):
+      for name, value in metrics.items():
+        tf.summary.scalar(name, float(value))
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tensorboard.close()
+
+
+class ProgressBar:
+  """A bar with step, loss, learning rate, images/s and ETA (on the first process)."""
+
+  def __init__(self, total: int, initial: int, enabled: bool = True):
+    self._bar = tqdm.tqdm(
+      total=total,
+      initial=initial,
+      unit='step',
+      disable=not enabled,
+      dynamic_ncols=True,
+      mininterval=1.0 if sys.stderr.isatty() else 30.0,
+      file=sys.stderr,
+    )
+
+  def update(self, step: int, metrics: dict[str, float] | None = None) -> None:
+    self._bar.update(step - self._bar.n)
+    if metrics:
+      shown = {
+        'loss': f'{metrics["train/loss"]:.4f}',
+        'lr': f'{metrics["train/learning_rate"]:.4g}',
+        'img/s': f'{metrics["train/images_per_sec"]:,.0f}',
+      }
+      self._bar.set_postfix(shown, refresh=False)
+
+  def write(self, message: str) -> None:
+    """A line above the bar (or on stderr when the bar is off)."""
+    self._bar.write(message, file=sys.stderr)
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+class Throughput:
+  """Images per second between calls to `lap`."""
+
+  def __init__(self):
+    self._time = time.perf_counter()
+
+  def lap(self, images: int) -> float:
+    now = time.perf_counter()
+    rate = images / max(now - self._time, 1e-9)
+    self._time = now
+    return rate
+
+
+class TrainingDivergedError(FloatingPointError):
+  """The loss became NaN or infinite."""
+
+
+class RunLog:
+  """The mutable parts of one training run, and what it reports."""
+
+  def __init__(self, config, workdir: pathlib.Path, schedule, start_step: int, lr_fn):
+    self.config, self.workdir, self.schedule, self.lr_fn = config, workdir, schedule, lr_fn
+    chief = jax.process_index() == 0
+    self.writer = MetricsWriter(workdir, enabled=chief)
+    self.bar = ProgressBar(schedule.total_steps, start_step, chief and config.progress_bar)
+    self.pending = []  # Device metrics of the steps since the last log.
+    self.throughput = Throughput()
+    self.train_seconds, self.train_images, self.first_interval = 0.0, 0, True
+    self.eval_metrics: dict[str, float] = {}
+
+  def log_train(self, step: int, last_good: int | None) -> None:
+    """Fetches the pending metrics, stops on a non-finite loss, writes the means."""
+    fetched = jax.device_get(self.pending)
+    images = len(self.pending) * self.config.batch_size
+    rate = self.throughput.lap(images)
+    if not self.first_interval:  # The first interval includes compilation.
+      self.train_seconds += images / rate
+      self.train_images += images
+    self.first_interval = False
+    self.pending = []
+    metrics = {
+      'train/loss': float(np.mean([m['loss'] for m in fetched])),
+      'train/top1': float(np.mean([m['top1'] for m in fetched])),
+      'train/learning_rate': float(self.lr_fn(step - 1)),
+      'train/images_per_sec': rate,
+    }
+    if not math.isfinite(metrics['train/loss']):
+      where = (
+        f'the last good checkpoint (step {last_good}) is kept in {self.workdir / "checkpoints"}'
+        if last_good is not None
+        else 'no checkpoint was saved yet'
+      )
+      raise TrainingDivergedError(
+        f'The training loss is {metrics["train/loss"]} at step {step}: {where}. Lower '
+        'optimizer.learning_rate (or check the data) and run again to resume from it.'
+      )
+    self.writer.write(step, metrics)
+    self.bar.update(step, metrics)
+
+  def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+    self.eval_metrics = m = metrics
+    self.writer.write(step, m)
+    self.bar.write(
+      f'step {step}: eval top-1 {m["eval/top1"]:.2%} (fused {m["eval/top1_fused"]:.2%}), '
+      f'top-5 {m["eval/top5"]:.2%}, loss {m["eval/loss"]:.4f}'
+    )
+    self.throughput.lap(0)  # Evaluation time is not training time.
+
+  def summary(self, step: int) -> dict:
+    m = self.eval_metrics
+    return {
+      'model': self.config.model.name,
+      'dataset': self.config.dataset.name,
+      'steps': step,
+      'epochs': step / self.schedule.steps_per_epoch,
+      'eval_top1': m.get('eval/top1'),
+      'eval_top5': m.get('eval/top5'),
+      'eval_loss': m.get('eval/loss'),
+      'eval_top1_fused': m.get('eval/top1_fused'),
+      'eval_top5_fused': m.get('eval/top5_fused'),
+      'train_images_per_sec': self.train_images / self.train_seconds
+      if self.train_seconds
+      else None,
+      'num_devices': jax.device_count(),
+      'num_processes': jax.process_count(),
+    }
+
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()

@@ -1,0 +1,104 @@
+"""Train and eval steps: pure functions of a `TrainState` and a batch.
+
+They are jitted by the trainer over a device mesh; here they only see global
+arrays. BatchNorm statistics are computed over the whole (global) batch, or,
+with ``bn_group_size``, over fixed groups of examples as the reference's
+per-GPU BatchNorm did, which keeps results independent of the device count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+
+class TrainState(train_state.TrainState):
+  """Optimizer state plus the BatchNorm running statistics."""
+
+  batch_stats: Any
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+  """Mean softmax cross-entropy against (possibly soft) labels."""
+  targets = labels if labels.ndim == 2 else jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def mixup(rng, images, labels, num_classes: int, alpha: float):
+  """Mixes each example with the batch reversed, weight ~ Beta(alpha, alpha)."""
+  weight = jax.random.beta(rng, alpha, alpha)
+  targets = jax.nn.one_hot(labels, num_classes)
+  mixed = weight * images + (1 - weight) * images[::-1]
+  return mixed, weight * targets + (1 - weight) * targets[::-1]
+
+
+def apply_in_groups(model: nn.Module, variables, images, group_size: int):
+  """Train-mode forward with BatchNorm statistics per group of ``group_size`` examples.
+
+  Returns the logits and the running statistics averaged over the groups
+  (each group's update is linear in its batch statistics, so the average is
+  the update of the mean statistics).
+  """
+  batch = images.shape[0]
+  if group_size <= 0 or group_size >= batch:
+    return model.apply(variables, images, train=True, mutable=['batch_stats'])
+  if batch % group_size:
+    raise ValueError(f'The batch of {batch} does not split into BatchNorm groups of {group_size}.')
+  grouped = images.reshape(batch // group_size, group_size, *images.shape[1:])
+  forward = lambda x: model.apply(variables, x, train=True, mutable=['batch_stats'])
+  logits, updates = jax.vmap(forward)(grouped)
+  updates = jax.tree.map(lambda s: s.mean(axis=0), updates)
+  return logits.reshape(batch, -1), updates
+
+
+def train_step(state: TrainState, batch, rng, *, model, config):
+  """One SGD step. Returns the new state and metrics (loss, top-1)."""
+  images, labels = batch['image'], batch['label']
+  num_classes = config.dataset.num_classes
+  targets = labels
+  if config.optimizer.mixup_alpha > 0:
+    images, targets = mixup(rng, images, labels, num_classes, config.optimizer.mixup_alpha)
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    logits, updates = apply_in_groups(model, variables, images, config.model.bn_group_size)
+    loss = cross_entropy(logits, targets, num_classes, config.optimizer.label_smoothing)
+    return loss, (logits, updates['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
+  return state, {'loss': loss, 'top1': top1}
+
+
+def _correct_counts(logits, labels, mask):
+  """Masked counts of top-1 and top-5 hits, and the masked loss sum."""
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  hit1 = (top5[:, 0] == labels) & mask
+  hit5 = jnp.any(top5 == labels[:, None], axis=-1) & mask
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return hit1.sum(), hit5.sum(), jnp.where(mask, losses, 0).sum()
+
+
+def eval_step(variables, deploy_variables, batch, *, model, deploy_model):
+  """Hit counts of the training-time model and of its fused deploy model on one batch."""
+  images, labels, mask = batch['image'], batch['label'], batch['mask']
+  logits = model.apply(variables, images, train=False)
+  fused_logits = deploy_model.apply(deploy_variables, images)
+  top1, top5, loss = _correct_counts(logits, labels, mask)
+  fused_top1, fused_top5, _ = _correct_counts(fused_logits, labels, mask)
+  return {
+    'count': mask.sum(),
+    'top1': top1,
+    'top5': top5,
+    'loss': loss,
+    'top1_fused': fused_top1,
+    'top5_fused': fused_top5,
+  }

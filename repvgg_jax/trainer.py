@@ -1,0 +1,338 @@
+"""Data-parallel training and evaluation: `train_and_evaluate(config, workdir)`.
+
+The state is replicated and the batch sharded over a one-axis ``Mesh`` of all
+devices (all hosts); one jitted step runs on global arrays, so BatchNorm sees
+the global batch unless ``config.model.bn_group_size`` asks for fixed groups.
+Checkpoints go to ``workdir/checkpoints`` and a run resumes from the latest
+one; at the end the fused deploy model is saved to ``workdir/deploy``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from repvgg_jax import checkpointing, data, fusion, optim, reporting, steps, variants
+from repvgg_jax.model import create_model
+from repvgg_jax.reporting import TrainingDivergedError
+
+
+class ConfigError(ValueError):
+  """A config that cannot work, or a workdir holding another model's checkpoints."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Every duration of a run in steps, and the one test of 'is it time?'."""
+
+  total_steps: int
+  steps_per_epoch: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+
+  @classmethod
+  def from_config(cls, config, steps_per_epoch: int) -> Schedule:
+    total = config.num_train_steps if config.num_train_steps > 0 else None
+    total = total or int(round(config.num_epochs * steps_per_epoch))
+    eval_every = int(round(config.eval_every_epochs * steps_per_epoch)) or total
+    return cls(
+      total, steps_per_epoch, config.log_every_steps, eval_every, config.checkpoint_every_steps
+    )
+
+  def due(self, step: int, every: int) -> bool:
+    """True every ``every`` steps and at the last step (``every`` <= 0: only at the end)."""
+    return step == self.total_steps or (every > 0 and step % every == 0)
+
+
+def build_model(config, deploy: bool = False):
+  """The configured RepVGG (``config.model``), training-time or deploy."""
+  variant = variants.get_variant(config.model.name)
+  overrides = {
+    key: tuple(config.model.get(key))
+    for key in ('num_blocks', 'width_multipliers')
+    if config.model.get(key) is not None
+  }
+  if overrides:  # A scaled variant, e.g. for quick experiments and tests.
+    variant = dataclasses.replace(variant, name=f'{variant.name}-custom', **overrides)
+  return create_model(
+    variant,
+    num_classes=config.dataset.num_classes,
+    deploy=deploy,
+    branches=config.model.branches,
+    dtype=jnp.dtype(config.model.dtype),
+    conv_impl=config.model.conv_impl,
+  )
+
+
+def check_config(config) -> None:
+  """Fails early, with the fix, on settings that cannot work."""
+  devices = jax.device_count()
+  if config.batch_size % devices:
+    raise ConfigError(
+      f'batch_size {config.batch_size} is not divisible by the {devices} devices: '
+      f'use a multiple of {devices} (--config.batch_size=...).'
+    )
+  if config.eval_batch_size % devices:
+    raise ConfigError(
+      f'eval_batch_size {config.eval_batch_size} is not divisible by the {devices} devices.'
+    )
+  group = config.model.bn_group_size
+  if group > 0 and config.batch_size % group:
+    raise ConfigError(
+      f'batch_size {config.batch_size} does not split into BatchNorm groups of '
+      f'model.bn_group_size={group}: use a multiple of it, or 0 for whole-batch statistics.'
+    )
+  if group > 0 and (config.batch_size // group) % devices:
+    raise ConfigError(
+      f'{config.batch_size // group} BatchNorm groups of {group} cannot be spread evenly '
+      f'over {devices} devices: make batch_size / bn_group_size a multiple of {devices}.'
+    )
+  try:
+    variants.get_variant(config.model.name)
+  except ValueError as error:
+    raise ConfigError(f'model.name: {error}') from None
+  if config.model.dtype not in ('float32', 'bfloat16'):
+    raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}.")
+
+
+def create_state(config, model, tx, mesh, sample_shape) -> steps.TrainState:
+  """A freshly initialised, replicated train state (jitted init: no host copy)."""
+
+  def init(rng):
+    variables = model.init(rng, jnp.zeros(sample_shape, jnp.float32))
+    return steps.TrainState.create(
+      apply_fn=model.apply, params=variables['params'], tx=tx, batch_stats=variables['batch_stats']
+    )
+
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
+
+
+def _state_tree(state: steps.TrainState) -> dict:
+  return {
+    'step': state.step,
+    'params': state.params,
+    'batch_stats': state.batch_stats,
+    'opt_state': state.opt_state,
+  }
+
+
+def _restore(ckpt: checkpointing.Checkpoints, state: steps.TrainState, config):
+  """The latest checkpoint loaded into ``state``'s structure, or ``state`` itself."""
+  if ckpt.latest_step() is None:
+    return state
+  abstract = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), _state_tree(state)
+  )
+  meta = ckpt.restore_meta()
+  saved_model = meta.get('model')
+  if saved_model and saved_model != config.model.name:
+    raise ConfigError(
+      f'The checkpoint in {ckpt.directory} is of {saved_model}, but the config trains '
+      f'{config.model.name}: use another --workdir, or the config it was trained with.'
+    )
+  try:
+    tree, _ = ckpt.restore(abstract)
+  except (ValueError, KeyError) as error:
+    raise ConfigError(
+      f'The checkpoint in {ckpt.directory} does not fit the configured model '
+      f'({config.model.name}, {config.dataset.num_classes} classes, branches '
+      f'{config.model.branches}): {error}'
+    ) from error
+  return state.replace(
+    step=tree['step'],
+    params=tree['params'],
+    batch_stats=tree['batch_stats'],
+    opt_state=tree['opt_state'],
+  )
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag that the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop (all processes must stop together)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.array(self.requested))
+    return bool(np.any(flags))
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def evaluate(config, eval_fn, fuse_fn, state, sharding) -> dict[str, float]:
+  """Top-1 and top-5 of the training-time and fused models over the eval split."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  deploy_variables = fuse_fn(variables)
+  totals = None
+  for batch in data.eval_batches(config.dataset, global_batch_size=config.eval_batch_size):
+    counts = eval_fn(variables, deploy_variables, _global_batch(batch, sharding))
+    totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+  totals = jax.device_get(totals)
+  count = max(int(totals['count']), 1)
+  names = ('top1', 'top5', 'loss', 'top1_fused', 'top5_fused')
+  return {f'eval/{name}': float(totals[name]) / count for name in names}
+
+
+def _compile_steps(config, model, deploy_model, mesh):
+  """The jitted train step, eval step and fusion, with their shardings."""
+  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  train_fn = jax.jit(
+    functools.partial(steps.train_step, model=model, config=config),
+    in_shardings=(replicated, sharded, replicated),
+    out_shardings=(replicated, replicated),
+    donate_argnums=0,
+  )
+  eval_fn = jax.jit(
+    functools.partial(steps.eval_step, model=model, deploy_model=deploy_model),
+    in_shardings=(replicated, replicated, sharded),
+    out_shardings=replicated,
+  )
+  fuse_fn = jax.jit(fusion.fuse_params, out_shardings=replicated)
+  return train_fn, eval_fn, fuse_fn, sharded
+
+
+def _write_json(path: pathlib.Path, value) -> None:
+  """Writes JSON atomically (a temporary file renamed into place)."""
+  tmp = path.with_suffix(path.suffix + '.tmp')
+  tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + '\n')
+  tmp.replace(path)
+
+
+def _finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
+  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint.
+
+  Returns:
+    The summary written to ``workdir/summary.json`` (with ``'preempted': True``
+    and no summary file when a SIGTERM stopped the run after a checkpoint).
+
+  Raises:
+    data.DatasetNotFoundError: the dataset is not available (says where to put it).
+    TrainingDivergedError: the loss became NaN or infinite.
+    ConfigError: a config that cannot work, or a checkpoint of another model.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  check_config(config)
+  data.get_builder(config.dataset)  # Fails at once when the dataset is missing.
+  steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
+  if steps_per_epoch < 1:
+    raise ConfigError(f'batch_size {config.batch_size} exceeds the training split.')
+  schedule = Schedule.from_config(config, steps_per_epoch)
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  model, deploy_model = build_model(config), build_model(config, deploy=True)
+  tx = optim.make_optimizer(config, steps_per_epoch, schedule.total_steps)
+  size = config.dataset.image_size
+  state = create_state(config, model, tx, mesh, (1, size, size, 3))
+  ckpt = checkpointing.Checkpoints(workdir / 'checkpoints', keep=config.keep_checkpoints)
+  state = _restore(ckpt, state, config)
+  start_step = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    _write_json(workdir / 'config.json', config.to_dict())
+  train_fn, eval_fn, fuse_fn, sharded = _compile_steps(config, model, deploy_model, mesh)
+  lr_fn = optim.learning_rate_schedule(config, steps_per_epoch, schedule.total_steps)
+  run = reporting.RunLog(config, workdir, schedule, start_step, lr_fn)
+  preemption = _Preemption()
+  try:
+    state, step, preempted = _loop(
+      config,
+      schedule,
+      run,
+      ckpt,
+      state,
+      start_step,
+      preemption,
+      (train_fn, eval_fn, fuse_fn, sharded),
+    )
+  finally:
+    preemption.restore()
+    ckpt.wait()
+    run.close()
+  summary = run.summary(step)
+  if preempted:
+    return {**summary, 'preempted': True}
+  _save_deploy(config, workdir, fuse_fn, state, step)
+  if jax.process_index() == 0:
+    _write_json(workdir / 'summary.json', summary)
+  return summary
+
+
+def _loop(config, schedule, run, ckpt, state, step, preemption, compiled):
+  """Steps until the end or a SIGTERM; evaluates and checkpoints when due."""
+  train_fn, eval_fn, fuse_fn, sharded = compiled
+  batches = data.train_batches(
+    config.dataset, global_batch_size=config.batch_size, seed=config.seed, start_step=step
+  )
+  mixup_rng = jax.random.key(config.seed + 1)
+  finite_fn = jax.jit(_finite)
+  while step < schedule.total_steps:
+    batch = _global_batch(next(batches), sharded)
+    state, metrics = train_fn(state, batch, jax.random.fold_in(mixup_rng, step))
+    step += 1
+    run.pending.append(metrics)
+    save = schedule.due(step, schedule.checkpoint_every)
+    evaluate_now = schedule.due(step, schedule.eval_every)
+    if save or evaluate_now or schedule.due(step, schedule.log_every):
+      run.log_train(step, ckpt.latest_step())
+    if evaluate_now:
+      run.log_eval(step, evaluate(config, eval_fn, fuse_fn, state, sharded))
+    # All processes must stop together: they agree at log steps when there are several.
+    check_stop = jax.process_count() == 1 or schedule.due(step, schedule.log_every)
+    stop = check_stop and preemption.agreed()
+    if save or stop:
+      if not bool(finite_fn(state.params)):
+        raise TrainingDivergedError(
+          f'The parameters are not finite after step {step}: not checkpointed; the last good '
+          f'checkpoint (step {ckpt.latest_step()}) is kept. Lower optimizer.learning_rate.'
+        )
+      ckpt.save(step, _state_tree(state), {'model': config.model.name, 'step': step})
+      run.throughput.lap(0)
+    if stop:
+      run.bar.write(f'SIGTERM: saved the checkpoint of step {step} in {ckpt.directory}; stopping.')
+      return state, step, True
+  return state, step, False
+
+
+def _save_deploy(config, workdir: pathlib.Path, fuse_fn, state, step: int) -> None:
+  """Saves the fused deploy variables next to the training checkpoints."""
+  deploy = fuse_fn({'params': state.params, 'batch_stats': state.batch_stats})
+  ckpt = checkpointing.Checkpoints(workdir / 'deploy', keep=1)
+  meta = {
+    'model': config.model.name,
+    'deploy': True,
+    'num_classes': config.dataset.num_classes,
+    'image_size': config.dataset.image_size,
+    'step': step,
+  }
+  ckpt.save(step, deploy, meta)
+  ckpt.wait()
+  ckpt.close()

@@ -1,0 +1,260 @@
+"""Datasets: the offline digits builder, resumable training batches, padded multi-process eval."""
+
+import itertools
+import os
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from repvgg_jax import data, digits_dataset, input_pipeline
+
+GLOBAL_BATCH = 64  # 1,437 digits // 64 = 22 steps per epoch.
+STEPS_PER_EPOCH = 22
+MEAN = np.array(input_pipeline.MEAN_RGB, np.float32)
+STD = np.array(input_pipeline.STDDEV_RGB, np.float32)
+
+
+def _config(**overrides) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(
+    {
+      'name': 'sklearn_digits',
+      'data_dir': None,
+      'manual_dir': None,
+      'download': False,
+      'image_size': 32,
+      'train_split': 'train',
+      'eval_split': 'test',
+      'num_classes': 10,
+      'train_augment': 'pad_crop',
+      'pad_pixels': 4,
+      'flip': True,
+      'eval_preprocess': 'resize',
+      'shuffle_buffer': 2048,
+    }
+  )
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def digits(tmp_path_factory) -> ml_collections.ConfigDict:
+  """A digits config whose data dir is prepared once, offline, for the whole module."""
+  config = _config(data_dir=str(tmp_path_factory.mktemp('tfds')))
+  data.get_builder(config)
+  return config
+
+
+def _take(iterator, count):
+  return list(itertools.islice(iterator, count))
+
+
+def _image_keys(batches) -> list[bytes]:
+  return [image.tobytes() for batch in batches for image in batch['image']]
+
+
+def test_digits_builder_prepares_offline_with_fixed_splits(digits):
+  builder = data.get_builder(digits)
+  assert builder.is_prepared()
+  assert builder.info.splits['train'].num_examples == 1437
+  assert builder.info.splits['test'].num_examples == 360
+  assert builder.info.features['label'].num_classes == 10
+  examples = list(tfds.as_numpy(builder.as_dataset(split='test')))
+  images = np.stack([example['image'] for example in examples])
+  assert images.shape == (360, 32, 32, 3) and images.dtype == np.uint8
+  assert images.min() == 0 and images.max() == 255  # Scaled from 0..16, not left at 0..16.
+  assert (images.reshape(360, -1).std(axis=1) > 20).all()  # No blank image.
+  np.testing.assert_array_equal(images[..., 0], images[..., 2])  # Grey replicated to RGB.
+  assert np.bincount([example['label'] for example in examples], minlength=10).min() >= 25
+  indices = digits_dataset.split_indices(1797)
+  assert not set(indices['train']) & set(indices['test'])
+  assert len(set(indices['train']) | set(indices['test'])) == 1797
+
+
+def test_train_batches_are_normalized_model_inputs(digits):
+  assert data.steps_per_epoch(digits, GLOBAL_BATCH) == STEPS_PER_EPOCH
+  batch = next(data.train_batches(digits, global_batch_size=GLOBAL_BATCH, seed=0))
+  assert set(batch) == {'image', 'label'}
+  assert batch['image'].shape == (64, 32, 32, 3) and batch['image'].dtype == np.float32
+  assert batch['label'].shape == (64,) and batch['label'].dtype == np.int32
+  assert 0 <= batch['label'].min() and batch['label'].max() < 10
+  # Background (and zero padding) is black: exactly -mean / std; ink reaches at most white.
+  np.testing.assert_allclose(batch['image'].min(axis=(0, 1, 2)), -MEAN / STD, rtol=1e-6)
+  assert (batch['image'].max(axis=(0, 1, 2)) <= (1 - MEAN) / STD + 1e-5).all()
+
+
+def test_train_batches_depend_only_on_the_seed(digits):
+  first = _take(data.train_batches(digits, global_batch_size=GLOBAL_BATCH, seed=0), 3)
+  again = _take(data.train_batches(digits, global_batch_size=GLOBAL_BATCH, seed=0), 3)
+  other = _take(data.train_batches(digits, global_batch_size=GLOBAL_BATCH, seed=1), 3)
+  for a, b, c in zip(first, again, other, strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+    assert not np.array_equal(a['label'], c['label'])
+
+
+def test_resuming_yields_the_same_batches_across_an_epoch_boundary(digits):
+  reference = _take(data.train_batches(digits, global_batch_size=GLOBAL_BATCH, seed=3), 25)
+  start = STEPS_PER_EPOCH - 2
+  resumed = _take(
+    data.train_batches(digits, global_batch_size=GLOBAL_BATCH, seed=3, start_step=start), 5
+  )
+  for step, batch in enumerate(resumed, start):
+    np.testing.assert_array_equal(batch['image'], reference[step]['image'], err_msg=f'{step=}')
+    np.testing.assert_array_equal(batch['label'], reference[step]['label'], err_msg=f'{step=}')
+  # The next epoch is a different shuffle, not a replay.
+  assert not np.array_equal(reference[0]['label'], reference[STEPS_PER_EPOCH]['label'])
+
+
+def test_each_example_draws_its_own_augmentation(digits):
+  plain = _config(data_dir=digits.data_dir, train_augment='none', flip=False)
+  flipped = _config(data_dir=digits.data_dir, train_augment='none', flip=True)
+  reference = next(data.train_batches(plain, global_batch_size=GLOBAL_BATCH, seed=0))
+  batch = next(data.train_batches(flipped, global_batch_size=GLOBAL_BATCH, seed=0))
+  flips = 0
+  for image, original in zip(batch['image'], reference['image'], strict=True):
+    flipped_here = np.array_equal(image, original[:, ::-1]) and not np.array_equal(image, original)
+    assert flipped_here or np.array_equal(image, original)  # Flipped or untouched, nothing else.
+    flips += flipped_here
+  assert 16 <= flips <= 48  # About half: a coin per example, not one for the whole batch.
+
+
+def test_an_epoch_reads_distinct_examples_and_processes_disjoint_halves(digits):
+  plain = _config(data_dir=digits.data_dir, train_augment='none', flip=False)
+  epoch = {}
+  for process in range(2):
+    batches = data.train_batches(
+      plain, global_batch_size=GLOBAL_BATCH, seed=0, process_index=process, process_count=2
+    )
+    epoch[process] = _take(batches, STEPS_PER_EPOCH)
+    assert epoch[process][0]['image'].shape == (32, 32, 32, 3)
+    assert epoch[process][0]['label'].shape == (32,)
+  keys = [_image_keys(epoch[process]) for process in range(2)]
+  assert all(len(set(k)) == len(k) == STEPS_PER_EPOCH * 32 for k in keys)
+  assert not set(keys[0]) & set(keys[1])
+  assert not np.array_equal(epoch[0][0]['image'], epoch[1][0]['image'])
+  with pytest.raises(ValueError, match='multiple of the 2 processes'):
+    data.train_batches(plain, global_batch_size=63, seed=0, process_index=0, process_count=2)
+
+
+def test_eval_batches_cover_every_example_once_over_processes(digits):
+  config = _config(data_dir=digits.data_dir, eval_split='test[:355]')  # Uneven shares.
+  builder = data.get_builder(config)
+  expected = [
+    input_pipeline.normalize_image(example['image']).numpy().tobytes()
+    for example in builder.as_dataset(split='test[:355]')
+  ]
+  batches = [
+    list(data.eval_batches(config, global_batch_size=50, process_index=p, process_count=2))
+    for p in range(2)
+  ]
+  assert len(batches[0]) == len(batches[1]) == 8  # ceil(ceil(355 / 2) / 25).
+  seen = []
+  for batch in batches[0] + batches[1]:
+    assert batch['image'].shape == (25, 32, 32, 3) and batch['mask'].dtype == bool
+    assert not batch['image'][~batch['mask']].any()  # Padding is zeros.
+    seen += [image.tobytes() for image in batch['image'][batch['mask']]]
+  assert sum(int(batch['mask'].sum()) for batch in batches[0] + batches[1]) == 355
+  assert sorted(seen) == sorted(expected)
+
+
+def test_eval_resize_leaves_images_at_the_input_size_alone():
+  image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  resized = input_pipeline.preprocess_for_eval(image, 32, method='resize')
+  np.testing.assert_allclose(resized, input_pipeline.normalize_image(image), atol=1e-6)
+  with pytest.raises(ValueError, match='resize_crop'):
+    input_pipeline.preprocess_for_eval(image, 32, method='crop')
+
+
+def test_pad_crop_shifts_the_zero_padded_image():
+  image = np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8)
+  padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+  windows = [padded[y : y + 32, x : x + 32] for y in range(9) for x in range(9)]
+  offsets = set()
+  for seed in range(20):
+    crop = input_pipeline.pad_and_random_crop(image, np.array([seed, 0]), 4).numpy()
+    matches = [i for i, window in enumerate(windows) if np.array_equal(crop, window)]
+    assert len(matches) == 1
+    offsets.add(matches[0])
+  assert len(offsets) > 5  # The offset is random, not fixed.
+
+
+@pytest.mark.parametrize(
+  'augment, flip, image_size',
+  [('pad_crop', True, 32), ('inception_crop', True, 24), ('none', False, 16)],
+)
+def test_train_augmentations_produce_model_inputs(digits, augment, flip, image_size):
+  config = _config(
+    data_dir=digits.data_dir, train_augment=augment, flip=flip, image_size=image_size
+  )
+  batch = next(data.train_batches(config, global_batch_size=16, seed=0))
+  assert batch['image'].shape == (16, image_size, image_size, 3)
+  assert np.isfinite(batch['image']).all() and batch['image'].std() > 0.1
+  plain = _config(data_dir=digits.data_dir, train_augment='none', flip=False, image_size=image_size)
+  unaugmented = next(data.train_batches(plain, global_batch_size=16, seed=0))
+  np.testing.assert_array_equal(batch['label'], unaugmented['label'])  # Same examples, ...
+  if augment != 'none':
+    assert not np.array_equal(batch['image'], unaugmented['image'])  # ... other pixels.
+
+
+def test_missing_cifar_fails_fast_with_the_fix(tmp_path):
+  config = _config(name='cifar10', data_dir=str(tmp_path))
+  start = time.monotonic()
+  with pytest.raises(data.DatasetNotFoundError) as error:
+    data.get_builder(config)
+  assert time.monotonic() - start < 5
+  message = str(error.value)
+  assert 'cifar10' in message and str(tmp_path) in message
+  assert '--config.dataset.download=True' in message
+  assert f'tfds build cifar10 --data_dir={tmp_path}' in message
+  assert isinstance(error.value, FileNotFoundError)
+
+
+def test_missing_imagenet_fails_fast_naming_the_archives_and_where_they_go(tmp_path):
+  config = _config(name='imagenet2012', data_dir=str(tmp_path), download=True)
+  start = time.monotonic()
+  with pytest.raises(data.DatasetNotFoundError) as error:
+    data.get_builder(config)
+  assert time.monotonic() - start < 5
+  message = str(error.value)
+  assert os.path.join(str(tmp_path), 'downloads', 'manual') in message
+  assert 'ILSVRC2012_img_train.tar' in message and 'ILSVRC2012_img_val.tar' in message
+  # With only one archive in a custom manual dir, the error names the one still missing.
+  manual = tmp_path / 'archives'
+  manual.mkdir()
+  (manual / 'ILSVRC2012_img_train.tar').touch()
+  config.manual_dir = str(manual)
+  with pytest.raises(data.DatasetNotFoundError, match=r'missing now: ILSVRC2012_img_val\.tar\)'):
+    data.get_builder(config)
+
+
+@pytest.mark.parametrize(
+  'name, augment, eval_preprocess, eval_split',
+  [
+    ('imagenet2012', 'inception_crop', 'resize_crop', 'validation'),
+    ('cifar10', 'pad_crop', 'resize', 'test'),
+  ],
+)
+def test_mock_data_datasets_train_and_evaluate(
+  tmp_path, name, augment, eval_preprocess, eval_split
+):
+  config = _config(
+    name=name,
+    data_dir=str(tmp_path),
+    train_augment=augment,
+    eval_preprocess=eval_preprocess,
+    eval_split=eval_split,
+    num_classes=1000 if name == 'imagenet2012' else 10,
+  )
+  with tfds.testing.mock_data(num_examples=12):
+    assert data.num_examples(config, 'train') == 12
+    train = _take(data.train_batches(config, global_batch_size=4, seed=0), 4)  # 3 per epoch.
+    evaluation = list(data.eval_batches(config, global_batch_size=8))
+  for batch in train:
+    assert batch['image'].shape == (4, 32, 32, 3) and batch['image'].dtype == np.float32
+    assert batch['label'].dtype == np.int32 and batch['label'].max() < config.num_classes
+  assert len(evaluation) == 2
+  assert sum(int(batch['mask'].sum()) for batch in evaluation) == 12
+  assert evaluation[0]['image'].shape == (8, 32, 32, 3)

@@ -1,0 +1,37 @@
+"""Trains `helpers.tiny_config` in a fresh process, for tests that need one.
+
+    python tests/train_runner.py WORKDIR DATA_DIR OVERRIDES_JSON [PROCESS_ID NUM_PROCESSES PORT]
+
+The device count comes from the caller's XLA_FLAGS. With the last three
+arguments the process joins a multi-process run on loopback (gloo collectives).
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+
+def main(argv):
+  workdir, data_dir, overrides = argv[1], argv[2], json.loads(argv[3])
+  if len(argv) > 4:
+    process_id, num_processes, port = (int(a) for a in argv[4:7])
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(f'127.0.0.1:{port}', num_processes, process_id)
+  import helpers
+
+  from repvgg_jax import trainer
+
+  config = helpers.tiny_config(data_dir, **overrides)
+  summary = trainer.train_and_evaluate(config, workdir)
+  print(json.dumps(summary))
+
+
+if __name__ == '__main__':
+  main(sys.argv)

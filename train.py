@@ -1,0 +1,84 @@
+"""Trains RepVGG: python train.py --config configs/digits.py [--workdir DIR].
+
+A thin entry point: flags, device set-up, then
+`repvgg_jax.trainer.train_and_evaluate`.
+"""
+
+import glob
+import logging as python_logging
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow only feeds data here.
+if not glob.glob('/dev/nvidia[0-9]*'):
+  # Without an NVIDIA driver the CUDA plugin of jax[cuda12] cannot start; JAX
+  # then uses the CPU after logging a long traceback that helps nobody.
+  python_logging.getLogger('jax._src.xla_bridge').addFilter(
+    lambda record: 'xla_cuda12' not in record.getMessage()
+  )
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+  'config', None, 'Training config file, e.g. configs/b0.py.', lock_config=True
+)
+flags.DEFINE_string(
+  'workdir', None, 'Directory for checkpoints and logs (default: workdirs/<config name>).'
+)
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host runs).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (default: auto-detect).')
+flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run (default: auto-detect).')
+flags.DEFINE_integer('process_id', None, 'This process, 0 ... num_processes - 1.')
+flags.mark_flags_as_required(['config'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  import jax
+  import tensorflow as tf
+
+  # TensorFlow must not take GPU memory that JAX needs.
+  tf.config.set_visible_devices([], 'GPU')
+  if FLAGS.distributed:
+    # Slurm, Open MPI, Kubernetes and Cloud TPU are detected; elsewhere pass the flags.
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  from repvgg_jax import data, trainer
+
+  workdir = FLAGS.workdir or os.path.join(
+    'workdirs',
+    os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS['config'])))[0],
+  )
+  logging.info(
+    'JAX %s: process %d of %d, devices %s',
+    jax.__version__,
+    jax.process_index(),
+    jax.process_count(),
+    jax.devices(),
+  )
+  print(
+    f'Training {FLAGS.config.model.name} on {FLAGS.config.dataset.name} with '
+    f'{jax.device_count()} {jax.default_backend()} device(s); workdir {workdir}',
+    flush=True,
+  )
+  try:
+    summary = trainer.train_and_evaluate(FLAGS.config, workdir)
+  except (data.DatasetNotFoundError, trainer.ConfigError, trainer.TrainingDivergedError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 1
+  if summary.get('preempted'):
+    return 143  # Stopped by SIGTERM after saving; run the same command to resume.
+  print(
+    f'Done after {summary["steps"]} steps: eval top-1 {summary["eval_top1"]:.2%}, '
+    f'fused {summary["eval_top1_fused"]:.2%}, top-5 {summary["eval_top5"]:.2%}; '
+    f'{summary["train_images_per_sec"] or 0:,.0f} images/s. Summary: {workdir}/summary.json'
+  )
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(lambda argv: sys.exit(main(argv)))
