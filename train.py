@@ -9,7 +9,8 @@ import logging as python_logging
 import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow only feeds data here.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow only feeds data here,
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # and its oneDNN kernels do no math we use.
 if not glob.glob('/dev/nvidia[0-9]*'):
   # Without an NVIDIA driver the CUDA plugin of jax[cuda12] cannot start; JAX
   # then uses the CPU after logging a long traceback that helps nobody.

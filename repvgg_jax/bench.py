@@ -101,7 +101,7 @@ def format_result(result: dict) -> str:
   """A small table a person can read."""
   lines = [
     f'{result["model"]}, batch {result["batch"]}, {result["size"]}x{result["size"]}, '
-    f'{result["dtype"]}, {result["backend"]} ({result["device"]}), '
+    f'{result["dtype"]}, {result["conv_impl"]} conv, {result["backend"]} ({result["device"]}), '
     f'median of {result["runs"]} runs',
     f'{"model":<15}{"images/s":>12}{"ms/batch":>12}{"temp memory":>16}',
   ]
