@@ -319,13 +319,18 @@ def _loop(config, schedule, run, ckpt, state, step, preemption, compiled):
     if stop:
       run.bar.write(f'SIGTERM: saved the checkpoint of step {step} in {ckpt.directory}; stopping.')
       return state, step, True
+  if not run.eval_metrics:  # Restarted after the last step: evaluate for the summary.
+    run.log_eval(step, evaluate(config, eval_fn, fuse_fn, state, sharded))
   return state, step, False
 
 
 def _save_deploy(config, workdir: pathlib.Path, fuse_fn, state, step: int) -> None:
-  """Saves the fused deploy variables next to the training checkpoints."""
-  deploy = fuse_fn({'params': state.params, 'batch_stats': state.batch_stats})
+  """Saves the fused deploy variables next to the training checkpoints (once per step)."""
   ckpt = checkpointing.Checkpoints(workdir / 'deploy', keep=1)
+  if ckpt.latest_step() == step:
+    ckpt.close()
+    return
+  deploy = fuse_fn({'params': state.params, 'batch_stats': state.batch_stats})
   meta = {
     'model': config.model.name,
     'deploy': True,

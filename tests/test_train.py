@@ -252,7 +252,10 @@ def test_bad_config_values(tmp_path, digits_dir, overrides, message):
 
 
 def test_workdir_of_another_model_is_refused(tmp_path, digits_dir):
-  trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=2), tmp_path)
+  first = trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=2), tmp_path)
+  # Running a finished run again trains nothing and evaluates the last checkpoint.
+  again = trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=2), tmp_path)
+  assert again['steps'] == 2 and again['eval_top1'] == first['eval_top1']
   other = tiny_config(digits_dir, num_train_steps=4, **{'model.name': 'RepVGG-B0'})
   with pytest.raises(trainer.ConfigError, match='checkpoint .* is of RepVGG-A0'):
     trainer.train_and_evaluate(other, tmp_path)
