@@ -23,17 +23,16 @@ def random_variables(model, input_shape, seed=0):
   out = {}
   for path, leaf in flat.items():
     shape, name = leaf.shape, path[-1]
+    f32 = np.float32
     if name == 'kernel':
       fan_in = int(np.prod(shape[:-1]))
-      value = rng.normal(0, np.sqrt(1.0 / fan_in), shape)
+      value = rng.standard_normal(shape, f32) * f32(np.sqrt(1.0 / fan_in))
     elif name == 'scale':
-      value = rng.uniform(0.4, 1.2, shape)
-    elif name == 'bias':
-      value = rng.normal(0, 0.2, shape)
-    elif name == 'mean':
-      value = rng.normal(0, 0.2, shape)
+      value = rng.uniform(0.4, 1.2, shape).astype(f32)
+    elif name in ('bias', 'mean'):
+      value = rng.standard_normal(shape, f32) * f32(0.2)
     elif name == 'var':
-      value = rng.uniform(0.5, 2.0, shape)
+      value = rng.uniform(0.5, 2.0, shape).astype(f32)
     else:
       raise AssertionError(f'unexpected leaf {path}')
     out[path] = jnp.asarray(value, jnp.float32)

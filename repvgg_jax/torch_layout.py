@@ -1,0 +1,200 @@
+"""PyTorch reference checkpoints <-> Flax variables: key names and array layouts.
+
+The reference implementation names blocks ``stage0`` and ``stage{s}.{i}``, their
+branches ``rbr_dense`` (3x3 conv-BN), ``rbr_1x1`` (1x1 conv-BN), ``rbr_identity``
+(a BatchNorm) or, once fused, ``rbr_reparam``, and the classifier ``linear``.
+PyTorch stores convolution kernels OIHW (grouped: ``(out, in / groups, kh,
+kw)``) and dense kernels ``(out, in)``; Flax stores HWIO and ``(in, out)``.
+Every layout conversion of the project happens here.
+
+Conversion is strict: every key of the file is consumed and every parameter of
+the model is filled, or a `ConversionError` lists what is missing, unexpected
+or of the wrong shape, and which variant the file looks like.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from repvgg_jax import fusion
+from repvgg_jax.model import create_model
+
+BRANCH_NAMES = {  # Reference branch -> this project's branch.
+  'rbr_dense': 'conv3x3',
+  'rbr_1x1': 'conv1x1',
+  'rbr_identity': 'identity',
+  'rbr_reparam': 'reparam',
+}
+BN_NAMES = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}
+_BLOCK = re.compile(r'^stage(\d+)(?:\.(\d+))?\.(\w+)\.(.+)$')
+
+
+class ConversionError(ValueError):
+  """A checkpoint that does not convert exactly into the expected model."""
+
+
+def conv_kernel_to_flax(weight: np.ndarray) -> np.ndarray:
+  """OIHW (grouped: ``(out, in/groups, kh, kw)``) -> HWIO (``(kh, kw, in/groups, out)``)."""
+  return np.transpose(weight, (2, 3, 1, 0))
+
+
+def conv_kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
+  """HWIO -> OIHW, the inverse of `conv_kernel_to_flax`."""
+  return np.transpose(kernel, (3, 2, 0, 1))
+
+
+def _flax_path(key: str) -> tuple[str, tuple[str, ...]] | None:
+  """(collection, path) of a reference key, or None when it has no counterpart."""
+  if key in ('linear.weight', 'linear.bias'):
+    return 'params', ('linear', 'kernel' if key.endswith('weight') else 'bias')
+  match = _BLOCK.match(key)
+  if not match or match.group(3) not in BRANCH_NAMES:
+    return None
+  stage, index, branch, rest = match.groups()
+  block = f'stage{stage}_block{index or 0}'
+  branch = BRANCH_NAMES[branch]
+  parts = rest.split('.')
+  if branch == 'reparam' and rest in ('weight', 'bias'):
+    return 'params', (block, branch, 'kernel' if rest == 'weight' else 'bias')
+  if parts == ['conv', 'weight'] and branch in ('conv3x3', 'conv1x1'):
+    return 'params', (block, branch, 'conv', 'kernel')
+  prefix = (block, branch, 'bn') if branch != 'identity' else (block, branch)
+  if parts[0] == 'bn' and branch != 'identity':
+    parts = parts[1:]
+  if len(parts) == 1 and parts[0] in BN_NAMES:
+    name = BN_NAMES[parts[0]]
+    return ('batch_stats' if name in ('mean', 'var') else 'params'), (*prefix, name)
+  return None
+
+
+def _to_flax_array(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  if path[-1] == 'kernel' and value.ndim == 4:
+    return conv_kernel_to_flax(value)
+  if path[-1] == 'kernel' and value.ndim == 2:
+    return value.T
+  return value
+
+
+def _ignored(key: str) -> bool:
+  """Keys the reference saves that hold no parameter (BatchNorm's update counter)."""
+  return key.endswith('num_batches_tracked')
+
+
+def from_torch(state_dict: Mapping[str, Any], model: str | None = None) -> tuple[dict, dict]:
+  """Converts a reference state dict (training-time or deploy keys) to Flax variables.
+
+  Args:
+    state_dict: key -> array (numpy, or anything ``np.asarray`` takes).
+    model: the variant; when None it is recognised from the shapes.
+
+  Returns:
+    ``(variables, info)``: ``{'params'[, 'batch_stats']}`` for
+    ``create_model(info['model'], num_classes=info['num_classes'],
+    deploy=info['deploy'])``, and that info.
+
+  Raises:
+    ConversionError: unknown, missing or mis-shaped keys; the message lists
+      them and names the variant the file looks like.
+  """
+  flat: dict[str, dict[tuple[str, ...], np.ndarray]] = {'params': {}, 'batch_stats': {}}
+  unexpected = []
+  for key, value in state_dict.items():
+    target = _flax_path(key)
+    if target is None:
+      if not _ignored(key):
+        unexpected.append(key)
+      continue
+    collection, path = target
+    flat[collection][path] = _to_flax_array(path, np.asarray(value, np.float32))
+  variables = {name: traverse_util.unflatten_dict(tree) for name, tree in flat.items() if tree}
+  if 'params' not in variables:
+    raise ConversionError(
+      f'No RepVGG parameters found among {len(state_dict)} keys (e.g. '
+      f'{sorted(state_dict)[:5]}): this is not a checkpoint of the reference implementation.'
+    )
+  looks_like = fusion.identify_variant(variables['params'])
+  name = model or looks_like
+  if name is None:
+    raise ConversionError(
+      'The checkpoint matches no known variant (blocks per stage, widths and groups); '
+      f'unexpected keys: {unexpected[:10]}.'
+    )
+  deploy = any('reparam' in block for block in variables['params'].values())
+  linear = variables['params'].get('linear', {}).get('kernel')
+  num_classes = 0 if linear is None else int(linear.shape[1])
+  info = {'model': name, 'deploy': deploy, 'num_classes': num_classes, 'looks_like': looks_like}
+  _check_against_model(variables, info, unexpected)
+  return variables, info
+
+
+def _expected_shapes(info: dict) -> dict:
+  model = create_model(info['model'], num_classes=info['num_classes'], deploy=info['deploy'])
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  return {
+    (collection, *path): leaf.shape
+    for collection, tree in shapes.items()
+    for path, leaf in traverse_util.flatten_dict(tree).items()
+  }
+
+
+def _check_against_model(variables: dict, info: dict, unexpected: list[str]) -> None:
+  expected = _expected_shapes(info)
+  found = {
+    (collection, *path): value.shape
+    for collection, tree in variables.items()
+    for path, value in traverse_util.flatten_dict(tree).items()
+  }
+  missing = sorted('/'.join(k) for k in expected.keys() - found.keys())
+  extra = sorted('/'.join(k) for k in found.keys() - expected.keys())
+  wrong = sorted(
+    f'{"/".join(k)}: {found[k]} instead of {expected[k]}'
+    for k in expected.keys() & found.keys()
+    if found[k] != expected[k]
+  )
+  if missing or extra or wrong or unexpected:
+    problems = [
+      f'{label} ({len(items)}): {", ".join(items[:8])}{" ..." if len(items) > 8 else ""}'
+      for label, items in (
+        ('missing', missing),
+        ('unexpected', extra + unexpected),
+        ('wrong shape', wrong),
+      )
+      if items
+    ]
+    kind = 'deploy' if info['deploy'] else 'training-time'
+    raise ConversionError(
+      f'The checkpoint does not fit the {kind} {info["model"]} with {info["num_classes"]} '
+      f'classes; it looks like {info["looks_like"] or "no known variant"}. ' + '; '.join(problems)
+    )
+
+
+def to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Flax variables (training-time or deploy) -> a reference state dict of numpy arrays."""
+  reverse = {flax: torch for torch, flax in BRANCH_NAMES.items()}
+  bn_reverse = {flax: torch for torch, flax in BN_NAMES.items()}
+  out = {}
+  for tree in variables.values():
+    for path, value in traverse_util.flatten_dict(dict(tree)).items():
+      value = np.asarray(value)
+      if path[0] == 'linear':
+        out[f'linear.{"weight" if path[1] == "kernel" else "bias"}'] = (
+          value.T if path[1] == 'kernel' else value
+        )
+        continue
+      stage, index = re.match(r'stage(\d+)_block(\d+)', path[0]).groups()
+      block = 'stage0' if stage == '0' else f'stage{stage}.{index}'
+      branch, rest = reverse[path[1]], list(path[2:])
+      if rest[-1] == 'kernel':
+        value = conv_kernel_to_torch(value)
+        rest[-1] = 'weight'
+      elif rest[-1] in bn_reverse:
+        rest[-1] = bn_reverse[rest[-1]]
+      out['.'.join([block, branch, *rest])] = value
+  return out

@@ -1,0 +1,140 @@
+"""Reference PyTorch state dicts <-> Flax variables: exact, strict, layout-correct."""
+
+import jax
+import numpy as np
+import pytest
+from helpers import random_variables, relative_error
+
+import repvgg_jax
+from repvgg_jax import torch_layout
+from repvgg_jax.torch_layout import ConversionError
+
+
+def reference_state_dict(name, deploy=False, num_classes=1000, seed=0):
+  model = repvgg_jax.create_model(name, deploy=deploy, num_classes=num_classes)
+  variables = random_variables(model, (1, 32, 32, 3), seed=seed)
+  state_dict = torch_layout.to_torch(variables)
+  return variables, state_dict
+
+
+@pytest.mark.parametrize('deploy', [False, True], ids=['train', 'deploy'])
+@pytest.mark.parametrize('name', repvgg_jax.list_models())
+def test_round_trip_every_variant(name, deploy):
+  variables, state_dict = reference_state_dict(name, deploy)
+  if not deploy:
+    assert 'stage1.0.rbr_dense.conv.weight' in state_dict
+    assert 'stage1.1.rbr_identity.running_var' in state_dict
+    assert 'stage0.rbr_1x1.bn.running_mean' in state_dict
+  else:
+    assert 'stage4.0.rbr_reparam.bias' in state_dict
+  state_dict['stage0.rbr_dense.bn.num_batches_tracked'] = np.array(7)  # Saved by PyTorch.
+  restored, info = torch_layout.from_torch(state_dict)
+  assert info == {'model': name, 'deploy': deploy, 'num_classes': 1000, 'looks_like': name}
+  assert jax.tree.structure(restored) == jax.tree.structure(variables)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(variables), strict=True):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def reference_forward(state_dict, images_nchw):
+  """The reference model's inference forward, in PyTorch's layouts (NCHW, OIHW)."""
+
+  def conv(x, weight, bias=None):
+    pad = weight.shape[-1] // 2
+    groups = x.shape[1] // weight.shape[1]
+    y = jax.lax.conv_general_dilated(
+      x,
+      weight,
+      (stride, stride),
+      ((pad, pad), (pad, pad)),
+      dimension_numbers=('NCHW', 'OIHW', 'NCHW'),
+      feature_group_count=groups,
+      precision='highest',
+    )
+    return y if bias is None else y + bias[None, :, None, None]
+
+  def bn(x, prefix):
+    p = {
+      k: state_dict[f'{prefix}.{k}'][None, :, None, None]
+      for k in ('weight', 'bias', 'running_mean', 'running_var')
+    }
+    return (x - p['running_mean']) / np.sqrt(p['running_var'] + 1e-5) * p['weight'] + p['bias']
+
+  blocks = sorted(
+    {k.rsplit('.rbr_', 1)[0] for k in state_dict if '.rbr_' in k},
+    key=lambda b: tuple(int(n) for n in b.replace('stage', '').split('.')),
+  )
+  x = images_nchw
+  for block in blocks:
+    stride = 2 if block.endswith(('stage0', '.0')) else 1
+    if f'{block}.rbr_reparam.weight' in state_dict:
+      y = conv(
+        x, state_dict[f'{block}.rbr_reparam.weight'], state_dict[f'{block}.rbr_reparam.bias']
+      )
+    else:
+      y = bn(conv(x, state_dict[f'{block}.rbr_dense.conv.weight']), f'{block}.rbr_dense.bn')
+      y += bn(conv(x, state_dict[f'{block}.rbr_1x1.conv.weight']), f'{block}.rbr_1x1.bn')
+      if f'{block}.rbr_identity.weight' in state_dict:
+        y += bn(x, f'{block}.rbr_identity')
+    x = np.maximum(y, 0)
+  pooled = x.mean(axis=(2, 3))
+  return pooled @ state_dict['linear.weight'].T + state_dict['linear.bias']
+
+
+@pytest.mark.parametrize('deploy', [False, True], ids=['train', 'deploy'])
+@pytest.mark.parametrize('name', ['RepVGG-A0', 'RepVGG-B1g4'])
+def test_imported_model_computes_what_the_reference_computes(name, deploy):
+  _, state_dict = reference_state_dict(name, deploy, num_classes=10, seed=1)
+  images = np.asarray(jax.random.normal(jax.random.key(0), (2, 32, 32, 3)))
+  expected = reference_forward(state_dict, images.transpose(0, 3, 1, 2))
+  variables, info = torch_layout.from_torch(state_dict)
+  model = repvgg_jax.create_model(
+    info['model'], num_classes=10, deploy=deploy, conv_impl='xla', precision='highest'
+  )
+  actual = jax.jit(model.apply)(variables, images)
+  assert relative_error(actual, expected) <= 1e-5
+  if not deploy:  # And fused after import.
+    fused = repvgg_jax.fuse_params(variables)
+    deploy_model = repvgg_jax.create_model(
+      info['model'], num_classes=10, deploy=True, conv_impl='xla', precision='highest'
+    )
+    assert relative_error(jax.jit(deploy_model.apply)(fused, images), expected) <= 1e-5
+
+
+@pytest.fixture(scope='module')
+def a0_state_dict():
+  return reference_state_dict('A0', num_classes=10)[1]
+
+
+def test_missing_key(a0_state_dict):
+  broken = dict(a0_state_dict)
+  del broken['stage2.3.rbr_1x1.bn.running_var']
+  with pytest.raises(ConversionError, match=r'missing \(1\): batch_stats/stage2_block3/conv1x1'):
+    torch_layout.from_torch(broken)
+
+
+def test_unexpected_key(a0_state_dict):
+  broken = {**a0_state_dict, 'stage1.0.se.down.weight': np.zeros((4, 48, 1, 1))}
+  with pytest.raises(ConversionError, match=r'unexpected \(1\): stage1.0.se.down.weight'):
+    torch_layout.from_torch(broken)
+
+
+def test_wrong_shape(a0_state_dict):
+  broken = {**a0_state_dict, 'stage3.5.rbr_dense.bn.weight': np.zeros(7, np.float32)}
+  with pytest.raises(ConversionError, match=r'wrong shape \(1\).*\(7,\) instead of \(192,\)'):
+    torch_layout.from_torch(broken, model='A0')
+
+
+def test_another_variant_is_named(a0_state_dict):
+  with pytest.raises(ConversionError, match='RepVGG-B0 .* looks like RepVGG-A0'):
+    torch_layout.from_torch(a0_state_dict, model='RepVGG-B0')
+
+
+def test_not_a_repvgg_checkpoint():
+  with pytest.raises(ConversionError, match='not a checkpoint of the reference'):
+    torch_layout.from_torch({'conv1.weight': np.zeros((64, 3, 7, 7)), 'fc.bias': np.zeros(10)})
+
+
+def test_truncated_checkpoint(a0_state_dict):
+  half = dict(list(a0_state_dict.items())[: len(a0_state_dict) // 2])
+  with pytest.raises(ConversionError, match='missing|no known variant'):
+    torch_layout.from_torch(half, model='A0')
