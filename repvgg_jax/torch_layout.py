@@ -198,3 +198,54 @@ def to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
         rest[-1] = bn_reverse[rest[-1]]
       out['.'.join([block, branch, *rest])] = value
   return out
+
+
+def reference_forward(state_dict: Mapping[str, np.ndarray], images_nchw) -> np.ndarray:
+  """The reference model's inference forward, run on its own state dict.
+
+  Written from the reference's PyTorch code in PyTorch's layouts (NCHW images,
+  OIHW kernels, ``(out, in)`` classifier) with ``lax`` convolutions: a path
+  independent of the Flax model and of this module's conversions, to verify
+  them. Training-time (BatchNorm with running statistics) and deploy keys.
+  """
+
+  def conv(x, weight, bias=None):
+    pad = weight.shape[-1] // 2
+    groups = x.shape[1] // weight.shape[1]
+    y = jax.lax.conv_general_dilated(
+      x,
+      weight,
+      (stride, stride),
+      ((pad, pad), (pad, pad)),
+      dimension_numbers=('NCHW', 'OIHW', 'NCHW'),
+      feature_group_count=groups,
+      precision='highest',
+    )
+    return y if bias is None else y + bias[None, :, None, None]
+
+  def bn(x, prefix):
+    p = {
+      k: state_dict[f'{prefix}.{k}'][None, :, None, None]
+      for k in ('weight', 'bias', 'running_mean', 'running_var')
+    }
+    return (x - p['running_mean']) / np.sqrt(p['running_var'] + 1e-5) * p['weight'] + p['bias']
+
+  blocks = sorted(
+    {k.rsplit('.rbr_', 1)[0] for k in state_dict if '.rbr_' in k},
+    key=lambda b: tuple(int(n) for n in b.replace('stage', '').split('.')),
+  )
+  x = images_nchw
+  for block in blocks:
+    stride = 2 if block.endswith(('stage0', '.0')) else 1
+    if f'{block}.rbr_reparam.weight' in state_dict:
+      y = conv(
+        x, state_dict[f'{block}.rbr_reparam.weight'], state_dict[f'{block}.rbr_reparam.bias']
+      )
+    else:
+      y = bn(conv(x, state_dict[f'{block}.rbr_dense.conv.weight']), f'{block}.rbr_dense.bn')
+      y += bn(conv(x, state_dict[f'{block}.rbr_1x1.conv.weight']), f'{block}.rbr_1x1.bn')
+      if f'{block}.rbr_identity.weight' in state_dict:
+        y += bn(x, f'{block}.rbr_identity')
+    x = np.maximum(y, 0)
+  pooled = x.mean(axis=(2, 3))
+  return pooled @ state_dict['linear.weight'].T + state_dict['linear.bias']

@@ -35,57 +35,12 @@ def test_round_trip_every_variant(name, deploy):
     np.testing.assert_array_equal(a, np.asarray(b))
 
 
-def reference_forward(state_dict, images_nchw):
-  """The reference model's inference forward, in PyTorch's layouts (NCHW, OIHW)."""
-
-  def conv(x, weight, bias=None):
-    pad = weight.shape[-1] // 2
-    groups = x.shape[1] // weight.shape[1]
-    y = jax.lax.conv_general_dilated(
-      x,
-      weight,
-      (stride, stride),
-      ((pad, pad), (pad, pad)),
-      dimension_numbers=('NCHW', 'OIHW', 'NCHW'),
-      feature_group_count=groups,
-      precision='highest',
-    )
-    return y if bias is None else y + bias[None, :, None, None]
-
-  def bn(x, prefix):
-    p = {
-      k: state_dict[f'{prefix}.{k}'][None, :, None, None]
-      for k in ('weight', 'bias', 'running_mean', 'running_var')
-    }
-    return (x - p['running_mean']) / np.sqrt(p['running_var'] + 1e-5) * p['weight'] + p['bias']
-
-  blocks = sorted(
-    {k.rsplit('.rbr_', 1)[0] for k in state_dict if '.rbr_' in k},
-    key=lambda b: tuple(int(n) for n in b.replace('stage', '').split('.')),
-  )
-  x = images_nchw
-  for block in blocks:
-    stride = 2 if block.endswith(('stage0', '.0')) else 1
-    if f'{block}.rbr_reparam.weight' in state_dict:
-      y = conv(
-        x, state_dict[f'{block}.rbr_reparam.weight'], state_dict[f'{block}.rbr_reparam.bias']
-      )
-    else:
-      y = bn(conv(x, state_dict[f'{block}.rbr_dense.conv.weight']), f'{block}.rbr_dense.bn')
-      y += bn(conv(x, state_dict[f'{block}.rbr_1x1.conv.weight']), f'{block}.rbr_1x1.bn')
-      if f'{block}.rbr_identity.weight' in state_dict:
-        y += bn(x, f'{block}.rbr_identity')
-    x = np.maximum(y, 0)
-  pooled = x.mean(axis=(2, 3))
-  return pooled @ state_dict['linear.weight'].T + state_dict['linear.bias']
-
-
 @pytest.mark.parametrize('deploy', [False, True], ids=['train', 'deploy'])
 @pytest.mark.parametrize('name', ['RepVGG-A0', 'RepVGG-B1g4'])
 def test_imported_model_computes_what_the_reference_computes(name, deploy):
   _, state_dict = reference_state_dict(name, deploy, num_classes=10, seed=1)
   images = np.asarray(jax.random.normal(jax.random.key(0), (2, 32, 32, 3)))
-  expected = reference_forward(state_dict, images.transpose(0, 3, 1, 2))
+  expected = torch_layout.reference_forward(state_dict, images.transpose(0, 3, 1, 2))
   variables, info = torch_layout.from_torch(state_dict)
   model = repvgg_jax.create_model(
     info['model'], num_classes=10, deploy=deploy, conv_impl='xla', precision='highest'

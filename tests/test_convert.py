@@ -1,0 +1,95 @@
+"""python -m repvgg_jax.convert: import reference weights, fuse trained checkpoints."""
+
+import importlib.util
+
+import jax
+import numpy as np
+import pytest
+from helpers import random_variables, tiny_config
+
+import repvgg_jax
+from repvgg_jax import checkpointing, convert, torch_layout, trainer
+
+
+@pytest.fixture(scope='module')
+def a0_state_dict():
+  model = repvgg_jax.create_model('A0', num_classes=10)
+  return torch_layout.to_torch(random_variables(model, (1, 32, 32, 3), seed=2))
+
+
+def restore(directory):
+  return checkpointing.Checkpoints(directory, read_only=True).restore()
+
+
+def assert_same_tree(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize('suffix', ['.npz', '.safetensors'])
+def test_import_writes_a_verified_checkpoint(tmp_path, a0_state_dict, suffix, capsys):
+  path = tmp_path / f'weights{suffix}'
+  if suffix == '.npz':
+    np.savez(path, **a0_state_dict)
+  else:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in a0_state_dict.items()}, str(path))
+  assert convert.main(['import', str(path), str(tmp_path / 'out')]) == 0
+  assert 'Wrote the training-time RepVGG-A0 (10 classes)' in capsys.readouterr().out
+  variables, meta = restore(tmp_path / 'out')
+  assert meta['model'] == 'RepVGG-A0' and not meta['deploy'] and meta['num_classes'] == 10
+  assert meta['verify']['max_relative_logit_difference'] <= 1e-5
+  assert_same_tree(variables, torch_layout.from_torch(a0_state_dict)[0])
+
+
+def test_containers_and_module_prefixes_are_unwrapped(a0_state_dict):
+  wrapped = {'epoch': 3, 'state_dict': {f'module.{k}': v for k, v in a0_state_dict.items()}}
+  assert convert._unwrap(wrapped).keys() == a0_state_dict.keys()
+
+
+def test_truncated_file(tmp_path, a0_state_dict):
+  path = tmp_path / 'weights.npz'
+  np.savez(path, **a0_state_dict)
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  with pytest.raises(torch_layout.ConversionError, match='Cannot read .* complete'):
+    convert.load_state_dict(path)
+  assert convert.main(['import', str(path), str(tmp_path / 'out')]) == 1
+  assert not (tmp_path / 'out').exists()
+
+
+def test_bad_paths(tmp_path, a0_state_dict):
+  with pytest.raises(FileNotFoundError, match='No weight file'):
+    convert.load_state_dict(tmp_path / 'missing.pth')
+  (tmp_path / 'weights.txt').write_text('hello')
+  with pytest.raises(torch_layout.ConversionError, match='Unknown weight file type'):
+    convert.load_state_dict(tmp_path / 'weights.txt')
+  np.savez(tmp_path / 'w.npz', **a0_state_dict)
+  (tmp_path / 'full').mkdir()
+  (tmp_path / 'full' / 'keep.txt').write_text('mine')
+  with pytest.raises(torch_layout.ConversionError, match='not empty'):
+    convert.import_weights(tmp_path / 'w.npz', tmp_path / 'full')
+  assert (tmp_path / 'full' / 'keep.txt').read_text() == 'mine'
+
+
+@pytest.mark.skipif(importlib.util.find_spec('torch') is not None, reason='torch is installed')
+def test_pth_without_torch_says_what_to_do(tmp_path):
+  (tmp_path / 'w.pth').write_bytes(b'not read')
+  with pytest.raises(torch_layout.ConversionError, match='needs PyTorch'):
+    convert.load_state_dict(tmp_path / 'w.pth')
+
+
+def test_fuse_a_trained_checkpoint(tmp_path):
+  config = tiny_config(str(tmp_path / 'tfds'), num_train_steps=2)
+  trainer.train_and_evaluate(config, tmp_path / 'work')
+  assert convert.main(['fuse', str(tmp_path / 'work'), str(tmp_path / 'fused')]) == 0
+  fused, meta = restore(tmp_path / 'fused')
+  assert meta['deploy'] and meta['step'] == 2 and meta['num_classes'] == 10
+  assert meta['verify']['max_relative_logit_difference'] <= 1e-5
+  own, _ = restore(tmp_path / 'work' / 'deploy')  # What the trainer exported itself.
+  assert_same_tree(fused, own)
+  # A step directory works too, and fusing a deploy checkpoint is refused.
+  step_dir = tmp_path / 'work' / 'checkpoints' / '2'
+  assert convert.main(['fuse', str(step_dir), str(tmp_path / 'fused2')]) == 0
+  assert convert.main(['fuse', str(tmp_path / 'fused'), str(tmp_path / 'fused3')]) == 1
