@@ -194,7 +194,7 @@ def _models_of(workdir: pathlib.Path, variables, name: str | None):
 def _branches_per_stage(params) -> list[tuple[str, ...]]:
   stages: dict[int, set[str]] = {}
   for key in fusion.block_keys(params):
-    stage = int(key.split('_')[0].removeprefix('stage'))
+    stage, _ = fusion.block_position(key)
     stages.setdefault(stage, set()).update(params[key])
   return [tuple(sorted(stages[s])) for s in sorted(stages)]
 

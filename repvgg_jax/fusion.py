@@ -131,10 +131,18 @@ def _check_stats_shapes(params: Tree, stats: Tree, where: str, channels: int) ->
       _check_stats_shapes(value, stats.get(key, {}), f'{where}/{key}', channels)
 
 
+def block_position(key: str) -> tuple[int, int] | None:
+  """``(stage, index)`` of a block key ``stage{s}_block{i}``, or None for other keys.
+
+  The inverse of `repvgg_jax.model.block_name`.
+  """
+  match = _BLOCK_KEY.match(key)
+  return None if match is None else (int(match.group(1)), int(match.group(2)))
+
+
 def block_keys(params: Tree) -> list[str]:
   """Block names of a parameter tree in network order."""
-  keys = [k for k in params if _BLOCK_KEY.match(k)]
-  return sorted(keys, key=lambda k: tuple(int(g) for g in _BLOCK_KEY.match(k).groups()))
+  return sorted((k for k in params if block_position(k)), key=block_position)
 
 
 def architecture(params: Tree) -> list[tuple[int, int, int, int]]:
@@ -149,7 +157,7 @@ def architecture(params: Tree) -> list[tuple[int, int, int, int]]:
   result = []
   in_channels = None
   for key in block_keys(params):
-    stage = int(_BLOCK_KEY.match(key).group(1))
+    stage, _ = block_position(key)
     kernels = list(_kernel_leaves(params[key]))
     if not kernels:
       raise FusionError(f'{key} has no convolution kernel: {sorted(params[key])}.')

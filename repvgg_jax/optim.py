@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import optax
 from flax import traverse_util
 
@@ -54,8 +53,3 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.Grad
     optax.add_decayed_weights(config.optimizer.weight_decay, mask=weight_decay_mask),
     optax.sgd(schedule, momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov),
   )
-
-
-def current_learning_rate(config, steps_per_epoch: int, total_steps: int, step: int) -> float:
-  """The learning rate used at ``step`` (for logging)."""
-  return float(jax.device_get(learning_rate_schedule(config, steps_per_epoch, total_steps)(step)))

@@ -188,8 +188,8 @@ def to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
           value.T if path[1] == 'kernel' else value
         )
         continue
-      stage, index = re.match(r'stage(\d+)_block(\d+)', path[0]).groups()
-      block = 'stage0' if stage == '0' else f'stage{stage}.{index}'
+      stage, index = fusion.block_position(path[0])
+      block = 'stage0' if stage == 0 else f'stage{stage}.{index}'
       branch, rest = reverse[path[1]], list(path[2:])
       if rest[-1] == 'kernel':
         value = conv_kernel_to_torch(value)
