@@ -10,12 +10,15 @@ checkpoint intact.
 from __future__ import annotations
 
 import pathlib
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 STATE, META = 'state', 'meta'
+# Orbax names a save in progress `<step>.orbax-checkpoint-tmp-<timestamp>`.
+_UNFINISHED = '.orbax-checkpoint-tmp'
 
 
 class Checkpoints:
@@ -23,10 +26,24 @@ class Checkpoints:
 
   def __init__(self, directory: str | pathlib.Path, keep: int | None = None, read_only=False):
     self.directory = pathlib.Path(directory).absolute()
+    if not read_only:
+      self._remove_unfinished_saves()
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only, cleanup_tmp_directories=True
+      max_to_keep=keep, create=not read_only, read_only=read_only
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, META))
+
+  def _remove_unfinished_saves(self) -> None:
+    """Deletes what a save interrupted by a crash left behind (never a finished step).
+
+    Done here, before any save, rather than by orbax's background cleanup thread, so
+    that nothing else touches the directory while it runs.
+    """
+    if jax.process_index() != 0 or not self.directory.is_dir():
+      return
+    for path in self.directory.iterdir():
+      if _UNFINISHED in path.name:
+        shutil.rmtree(path, ignore_errors=True)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

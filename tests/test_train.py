@@ -148,6 +148,23 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, digits_dir):
   assert_trees_close(actual, expected, rtol=1e-6)
 
 
+def test_an_interrupted_save_is_removed_and_finished_steps_are_kept(tmp_path):
+  ckpt = checkpointing.Checkpoints(tmp_path)
+  ckpt.save(1, {'w': np.arange(3.0)}, {'step': 1})
+  ckpt.close()
+  # What a SIGKILL during the save of step 2 leaves behind.
+  unfinished = tmp_path / '2.orbax-checkpoint-tmp-1763900000000000'
+  (unfinished / 'state').mkdir(parents=True)
+  (unfinished / 'state' / 'partial').write_bytes(b'\0' * 16)
+  ckpt = checkpointing.Checkpoints(tmp_path)
+  assert not unfinished.exists()
+  assert ckpt.latest_step() == 1
+  state, meta = ckpt.restore()
+  np.testing.assert_array_equal(state['w'], np.arange(3.0))
+  assert meta == {'step': 1}
+  ckpt.close()
+
+
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, digits_dir):
   proc = start_runner(tmp_path, digits_dir, {**RESUME, 'checkpoint_every_steps': 1000})
   # The first log (step 5) means training is under way.
