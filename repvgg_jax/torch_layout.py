@@ -1,8 +1,16 @@
-"""PyTorch reference checkpoints <-> Flax variables: key names and array layouts.
+"""PyTorch checkpoints <-> Flax variables: key names and array layouts.
 
-The reference implementation names blocks ``stage0`` and ``stage{s}.{i}``, their
-branches ``rbr_dense`` (3x3 conv-BN), ``rbr_1x1`` (1x1 conv-BN), ``rbr_identity``
-(a BatchNorm) or, once fused, ``rbr_reparam``, and the classifier ``linear``.
+Two key styles are read and written:
+
+- ``'reference'`` (github.com/DingXiaoH/RepVGG): blocks ``stage0`` and
+  ``stage{s}.{i}``, branches ``rbr_dense`` (3x3 conv-BN), ``rbr_1x1`` (1x1
+  conv-BN), ``rbr_identity`` (a BatchNorm) or, once fused, ``rbr_reparam``, and
+  the classifier ``linear``.
+- ``'timm'`` (timm's ``byobnet.py``): the first block is ``stem``, the others
+  ``stages.{s-1}.{i}``, branches ``conv_kxk``, ``conv_1x1``, ``identity`` or
+  ``reparam_conv``, the classifier ``head.fc``. timm groups the odd blocks of
+  each stage, which are the reference's even running indices.
+
 PyTorch stores convolution kernels OIHW (grouped: ``(out, in / groups, kh,
 kw)``) and dense kernels ``(out, in)``; Flax stores HWIO and ``(in, out)``.
 Every layout conversion of the project happens here.
@@ -35,6 +43,15 @@ BRANCH_NAMES = {  # Reference branch -> this project's branch.
 BN_NAMES = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}
 _BLOCK = re.compile(r'^stage(\d+)(?:\.(\d+))?\.(\w+)\.(.+)$')
 
+KEY_STYLES = ('reference', 'timm')
+TIMM_BRANCHES = {  # timm branch -> reference branch.
+  'conv_kxk': 'rbr_dense',
+  'conv_1x1': 'rbr_1x1',
+  'identity': 'rbr_identity',
+  'reparam_conv': 'rbr_reparam',
+}
+_TIMM_BLOCK = re.compile(r'^(?:stem|stages\.(\d+)\.(\d+))\.(\w+)\.(.+)$')
+
 
 class ConversionError(ValueError):
   """A checkpoint that does not convert exactly into the expected model."""
@@ -48,6 +65,45 @@ def conv_kernel_to_flax(weight: np.ndarray) -> np.ndarray:
 def conv_kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
   """HWIO -> OIHW, the inverse of `conv_kernel_to_flax`."""
   return np.transpose(kernel, (3, 2, 0, 1))
+
+
+def key_style(keys) -> str:
+  """``'timm'`` for timm's keys (``stem.``, ``stages.``, ``head.fc.``), else ``'reference'``.
+
+  Raises:
+    ConversionError: a file mixing both styles.
+  """
+  keys = list(keys)
+  timm = [k for k in keys if k.startswith(('stem.', 'stages.', 'head.fc.'))]
+  reference = [k for k in keys if k.startswith(('stage0.', 'linear.')) or _BLOCK.match(k)]
+  if timm and reference:
+    raise ConversionError(
+      f'The checkpoint mixes timm keys (e.g. {timm[0]}) and reference keys (e.g. '
+      f'{reference[0]}): it was edited by hand or merged from two files.'
+    )
+  return 'timm' if timm else 'reference'
+
+
+def timm_to_reference_key(key: str) -> str | None:
+  """The reference name of a timm key, or None when it has no counterpart."""
+  if key in ('head.fc.weight', 'head.fc.bias'):
+    return 'linear.' + key.rsplit('.', 1)[1]
+  match = _TIMM_BLOCK.match(key)
+  if not match or match.group(3) not in TIMM_BRANCHES:
+    return None
+  stage, index, branch, rest = match.groups()
+  block = 'stage0' if stage is None else f'stage{int(stage) + 1}.{index}'
+  return f'{block}.{TIMM_BRANCHES[branch]}.{rest}'
+
+
+def reference_to_timm_key(key: str) -> str:
+  """The timm name of a reference key (the inverse of `timm_to_reference_key`)."""
+  if key.startswith('linear.'):
+    return 'head.fc.' + key.split('.', 1)[1]
+  stage, index, branch, rest = _BLOCK.match(key).groups()
+  block = 'stem' if stage == '0' else f'stages.{int(stage) - 1}.{index}'
+  timm_branch = {ref: timm for timm, ref in TIMM_BRANCHES.items()}[branch]
+  return f'{block}.{timm_branch}.{rest}'
 
 
 def _flax_path(key: str) -> tuple[str, tuple[str, ...]] | None:
@@ -88,16 +144,17 @@ def _ignored(key: str) -> bool:
 
 
 def from_torch(state_dict: Mapping[str, Any], model: str | None = None) -> tuple[dict, dict]:
-  """Converts a reference state dict (training-time or deploy keys) to Flax variables.
+  """Converts a PyTorch state dict (training-time or deploy, either key style) to Flax variables.
 
   Args:
-    state_dict: key -> array (numpy, or anything ``np.asarray`` takes).
+    state_dict: key -> array (numpy, or anything ``np.asarray`` takes), in the
+      reference's or timm's key style (told apart by the keys).
     model: the variant; when None it is recognised from the shapes.
 
   Returns:
     ``(variables, info)``: ``{'params'[, 'batch_stats']}`` for
     ``create_model(info['model'], num_classes=info['num_classes'],
-    deploy=info['deploy'])``, and that info.
+    deploy=info['deploy'])``, and that info (also ``key_style``).
 
   Raises:
     ConversionError: unknown, missing or mis-shaped keys; the message lists
@@ -105,8 +162,10 @@ def from_torch(state_dict: Mapping[str, Any], model: str | None = None) -> tuple
   """
   flat: dict[str, dict[tuple[str, ...], np.ndarray]] = {'params': {}, 'batch_stats': {}}
   unexpected = []
+  style = key_style(state_dict)
   for key, value in state_dict.items():
-    target = _flax_path(key)
+    reference_key = timm_to_reference_key(key) if style == 'timm' else key
+    target = None if reference_key is None else _flax_path(reference_key)
     if target is None:
       if not _ignored(key):
         unexpected.append(key)
@@ -117,7 +176,8 @@ def from_torch(state_dict: Mapping[str, Any], model: str | None = None) -> tuple
   if 'params' not in variables:
     raise ConversionError(
       f'No RepVGG parameters found among {len(state_dict)} keys (e.g. '
-      f'{sorted(state_dict)[:5]}): this is not a checkpoint of the reference implementation.'
+      f'{sorted(state_dict)[:5]}): this is not a RepVGG checkpoint of the reference '
+      'implementation or of timm.'
     )
   looks_like = fusion.identify_variant(variables['params'])
   name = model or looks_like
@@ -129,7 +189,13 @@ def from_torch(state_dict: Mapping[str, Any], model: str | None = None) -> tuple
   deploy = any('reparam' in block for block in variables['params'].values())
   linear = variables['params'].get('linear', {}).get('kernel')
   num_classes = 0 if linear is None else int(linear.shape[1])
-  info = {'model': name, 'deploy': deploy, 'num_classes': num_classes, 'looks_like': looks_like}
+  info = {
+    'model': name,
+    'deploy': deploy,
+    'num_classes': num_classes,
+    'looks_like': looks_like,
+    'key_style': style,
+  }
   _check_against_model(variables, info, unexpected)
   return variables, info
 
@@ -175,8 +241,13 @@ def _check_against_model(variables: dict, info: dict, unexpected: list[str]) -> 
     )
 
 
-def to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Flax variables (training-time or deploy) -> a reference state dict of numpy arrays."""
+def to_torch(variables: Mapping[str, Any], style: str = 'reference') -> dict[str, np.ndarray]:
+  """Flax variables (training-time or deploy) -> a PyTorch state dict of numpy arrays.
+
+  ``style`` is ``'reference'`` or ``'timm'`` (see the module docstring).
+  """
+  if style not in KEY_STYLES:
+    raise ValueError(f'Unknown key style {style!r}; known: {", ".join(KEY_STYLES)}.')
   reverse = {flax: torch for torch, flax in BRANCH_NAMES.items()}
   bn_reverse = {flax: torch for torch, flax in BN_NAMES.items()}
   out = {}
@@ -197,7 +268,17 @@ def to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
       elif rest[-1] in bn_reverse:
         rest[-1] = bn_reverse[rest[-1]]
       out['.'.join([block, branch, *rest])] = value
+  if style == 'timm':
+    out = {reference_to_timm_key(key): value for key, value in out.items()}
   return out
+
+
+def to_reference_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """The state dict in the reference's key style (timm keys without a counterpart dropped)."""
+  if key_style(state_dict) == 'reference':
+    return dict(state_dict)
+  renamed = {timm_to_reference_key(key): value for key, value in state_dict.items()}
+  return {key: value for key, value in renamed.items() if key is not None}
 
 
 def reference_forward(state_dict: Mapping[str, np.ndarray], images_nchw) -> np.ndarray:

@@ -80,6 +80,21 @@ def test_pth_without_torch_says_what_to_do(tmp_path):
     convert.load_state_dict(tmp_path / 'w.pth')
 
 
+@pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='torch is not installed')
+@pytest.mark.parametrize('damage', ['truncated', 'garbage'])
+def test_damaged_pth_is_reported(tmp_path, a0_state_dict, damage):
+  import torch
+
+  path = tmp_path / 'w.pth'
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in a0_state_dict.items()}, path)
+  if damage == 'truncated':
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  else:
+    path.write_bytes(b'\x80\x02not a pickle at all' * 10)
+  with pytest.raises(torch_layout.ConversionError, match='Cannot read .*w.pth'):
+    convert.load_state_dict(path)
+
+
 def test_fuse_a_trained_checkpoint(tmp_path):
   config = tiny_config(str(tmp_path / 'tfds'), num_train_steps=2)
   trainer.train_and_evaluate(config, tmp_path / 'work')

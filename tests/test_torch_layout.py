@@ -1,4 +1,5 @@
-"""Reference PyTorch state dicts <-> Flax variables: exact, strict, layout-correct."""
+"""PyTorch state dicts (reference and timm keys) <-> Flax variables: exact, strict,
+layout-correct."""
 
 import jax
 import numpy as np
@@ -10,10 +11,10 @@ from repvgg_jax import torch_layout
 from repvgg_jax.torch_layout import ConversionError
 
 
-def reference_state_dict(name, deploy=False, num_classes=1000, seed=0):
+def reference_state_dict(name, deploy=False, num_classes=1000, seed=0, style='reference'):
   model = repvgg_jax.create_model(name, deploy=deploy, num_classes=num_classes)
   variables = random_variables(model, (1, 32, 32, 3), seed=seed)
-  state_dict = torch_layout.to_torch(variables)
+  state_dict = torch_layout.to_torch(variables, style)
   return variables, state_dict
 
 
@@ -29,10 +30,66 @@ def test_round_trip_every_variant(name, deploy):
     assert 'stage4.0.rbr_reparam.bias' in state_dict
   state_dict['stage0.rbr_dense.bn.num_batches_tracked'] = np.array(7)  # Saved by PyTorch.
   restored, info = torch_layout.from_torch(state_dict)
-  assert info == {'model': name, 'deploy': deploy, 'num_classes': 1000, 'looks_like': name}
-  assert jax.tree.structure(restored) == jax.tree.structure(variables)
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(variables), strict=True):
+  assert info == {
+    'model': name,
+    'deploy': deploy,
+    'num_classes': 1000,
+    'looks_like': name,
+    'key_style': 'reference',
+  }
+  assert_same_variables(restored, variables)
+
+
+def assert_same_variables(actual, expected):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(a, np.asarray(b))
+
+
+@pytest.mark.parametrize('deploy', [False, True], ids=['train', 'deploy'])
+@pytest.mark.parametrize('name', repvgg_jax.list_models())
+def test_timm_round_trip_every_variant(name, deploy):
+  variables, state_dict = reference_state_dict(name, deploy, style='timm')
+  if not deploy:
+    assert 'stem.conv_kxk.conv.weight' in state_dict
+    assert 'stages.0.1.identity.running_var' in state_dict
+    assert 'stages.2.3.conv_1x1.bn.bias' in state_dict
+  else:
+    assert 'stages.3.0.reparam_conv.bias' in state_dict
+  assert 'head.fc.weight' in state_dict
+  state_dict['stem.conv_kxk.bn.num_batches_tracked'] = np.array(7)
+  restored, info = torch_layout.from_torch(state_dict)
+  assert info['model'] == name and info['key_style'] == 'timm' and info['deploy'] == deploy
+  assert_same_variables(restored, variables)
+
+
+def test_timm_and_reference_keys_name_the_same_tensors():
+  _, reference = reference_state_dict('B1g4', num_classes=10)
+  _, timm = reference_state_dict('B1g4', num_classes=10, style='timm')
+  assert len(timm) == len(reference)
+  for key, value in timm.items():
+    np.testing.assert_array_equal(reference[torch_layout.timm_to_reference_key(key)], value)
+  assert torch_layout.timm_to_reference_key('stages.3.0.conv_kxk.conv.weight') == (
+    'stage4.0.rbr_dense.conv.weight'
+  )
+  assert torch_layout.timm_to_reference_key('stem.identity.weight') == 'stage0.rbr_identity.weight'
+  # Grouped blocks: timm's odd block indices are the reference's even running numbers.
+  assert timm['stages.0.1.conv_kxk.conv.weight'].shape[1] == 128 // 4
+  assert timm['stages.1.0.conv_kxk.conv.weight'].shape[1] == 128
+  assert timm['stages.1.1.conv_kxk.conv.weight'].shape[1] == 256 // 4
+
+
+def test_mixed_key_styles_are_refused(a0_state_dict):
+  mixed = {**a0_state_dict, 'head.fc.bias': np.zeros(10, np.float32)}
+  with pytest.raises(ConversionError, match='mixes timm keys'):
+    torch_layout.from_torch(mixed)
+
+
+def test_unknown_timm_key_is_listed():
+  _, timm = reference_state_dict('A0', num_classes=10, style='timm')
+  broken = {**timm, 'stages.1.0.attn.fc1.weight': np.zeros((4, 96, 1, 1))}
+  with pytest.raises(ConversionError, match=r'unexpected \(1\): stages.1.0.attn.fc1.weight'):
+    torch_layout.from_torch(broken)
 
 
 @pytest.mark.parametrize('deploy', [False, True], ids=['train', 'deploy'])
@@ -85,7 +142,7 @@ def test_another_variant_is_named(a0_state_dict):
 
 
 def test_not_a_repvgg_checkpoint():
-  with pytest.raises(ConversionError, match='not a checkpoint of the reference'):
+  with pytest.raises(ConversionError, match='not a RepVGG checkpoint of the reference'):
     torch_layout.from_torch({'conv1.weight': np.zeros((64, 3, 7, 7)), 'fc.bias': np.zeros(10)})
 
 

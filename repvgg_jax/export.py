@@ -1,0 +1,162 @@
+"""The deploy model for serving outside this codebase: `jax.export` and TF SavedModel.
+
+Both artifacts hold the weights and take a batch of any size of float32 NHWC
+images, normalized as in training (see ``export.json`` for the mean and std),
+and return float32 logits:
+
+- ``model.jax_export``: `jax.export.Exported`, serialized. Load it with
+  `load_jax_export` (or ``jax.export.deserialize``) and call it; no Flax, no
+  repvgg_jax, only jax.
+- ``saved_model/``: a TensorFlow SavedModel made with ``jax2tf``; signature
+  ``serving_default`` with input ``images``; loads with
+  ``tf.saved_model.load`` in TF Serving, TF Lite converters and the like. The
+  weights are TF variables, not constants, so large variants stay far from
+  protobuf's 2 GB limit.
+
+The image size is fixed (the stride-2 arithmetic is compiled in); the batch
+size is symbolic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+JAX_FILE = 'model.jax_export'
+SAVED_MODEL_DIR = 'saved_model'
+META_FILE = 'export.json'
+FORMATS = ('jax', 'tf')
+
+
+def _image_spec(image_size: int, in_channels: int = 3) -> str:
+  return f'b, {image_size}, {image_size}, {in_channels}'
+
+
+def export_jax(model, variables, image_size: int, platforms: Sequence[str] | None = None) -> bytes:
+  """The serialized `jax.export` artifact of ``model.apply(variables, images)``.
+
+  Args:
+    model: a deploy (or training-time, in inference mode) RepVGG.
+    variables: its variables, embedded in the artifact.
+    image_size: height and width of the images it takes.
+    platforms: e.g. ``('cpu', 'cuda')``; default: the current backend.
+  """
+  spec = jax.ShapeDtypeStruct(
+    jax.export.symbolic_shape(_image_spec(image_size, model.in_channels)), jnp.float32
+  )
+  serve = jax.jit(lambda images: model.apply(variables, images))
+  exported = jax.export.export(serve, platforms=platforms)(spec)
+  return bytes(exported.serialize())
+
+
+def load_jax_export(path: str | os.PathLike) -> Callable[[Any], jax.Array]:
+  """The function stored by `export_jax` (a file, or an export directory)."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    path = path / JAX_FILE
+  return jax.export.deserialize(bytearray(path.read_bytes())).call
+
+
+def export_saved_model(
+  model, variables, image_size: int, directory, platforms: Sequence[str] | None = None
+) -> None:
+  """Writes ``model.apply(variables, images)`` as a TF SavedModel through ``jax2tf``."""
+  import tensorflow as tf
+  from jax.experimental import jax2tf
+
+  tf.config.set_visible_devices([], 'GPU')  # TF must not take the GPU memory from JAX.
+  module = tf.Module()
+  module.params = tf.nest.map_structure(
+    lambda a: tf.Variable(np.asarray(a), trainable=False), variables
+  )
+  converted = jax2tf.convert(
+    model.apply,
+    polymorphic_shapes=[None, f'({_image_spec(image_size, model.in_channels)})'],
+    with_gradient=False,
+    native_serialization_platforms=tuple(platforms) if platforms else None,
+  )
+  signature = tf.TensorSpec([None, image_size, image_size, model.in_channels], tf.float32)
+
+  @tf.function(autograph=False, input_signature=[signature])
+  def serve(images):
+    return converted(module.params, images)
+
+  module.serve = serve
+  tf.saved_model.save(module, str(directory), signatures={'serving_default': serve})
+
+
+def load_saved_model(directory) -> Callable[[Any], np.ndarray]:
+  """The ``serving_default`` function of a SavedModel written by `export_saved_model`."""
+  import tensorflow as tf
+
+  tf.config.set_visible_devices([], 'GPU')
+  directory = pathlib.Path(directory)
+  if (directory / SAVED_MODEL_DIR).is_dir():
+    directory = directory / SAVED_MODEL_DIR
+  loaded = tf.saved_model.load(str(directory))
+  serve = loaded.signatures['serving_default']
+
+  def call(images):
+    outputs = serve(images=tf.constant(np.asarray(images, np.float32)))
+    return next(iter(outputs.values())).numpy()
+
+  call.loaded = loaded  # Keeps the variables alive as long as the function.
+  return call
+
+
+def write_export(
+  output_dir,
+  model,
+  variables,
+  image_size: int,
+  meta: dict,
+  formats: Sequence[str] = FORMATS,
+  platforms: Sequence[str] | None = None,
+) -> pathlib.Path:
+  """Writes the chosen artifacts and ``export.json`` into the new directory ``output_dir``.
+
+  Everything is written into a temporary sibling directory that is renamed
+  when complete, so an interrupted export leaves no half-written artifact.
+
+  Raises:
+    ValueError: an unknown format, or ``output_dir`` exists and is not empty.
+  """
+  unknown = set(formats) - set(FORMATS)
+  if unknown or not formats:
+    raise ValueError(f'Unknown export formats {sorted(unknown)}; choose from {FORMATS}.')
+  output = pathlib.Path(output_dir).absolute()
+  if output.exists() and any(output.iterdir()):
+    raise ValueError(f'{output} is not empty: choose a new output directory.')
+  output.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{output.name}-', dir=output.parent))
+  staging.chmod(0o755)  # mkdtemp's 0o700 would hide the artifacts from a serving user.
+  try:
+    if 'jax' in formats:
+      (staging / JAX_FILE).write_bytes(export_jax(model, variables, image_size, platforms))
+    if 'tf' in formats:
+      export_saved_model(model, variables, image_size, staging / SAVED_MODEL_DIR, platforms)
+    files = {'jax': JAX_FILE, 'tf': SAVED_MODEL_DIR}
+    meta = {
+      **meta,
+      'image_size': image_size,
+      'input': f'float32 NHWC [batch, {image_size}, {image_size}, {model.in_channels}]',
+      'artifacts': {fmt: files[fmt] for fmt in formats},
+      'platforms': list(platforms) if platforms else [jax.default_backend()],
+    }
+    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
+    if output.exists():
+      output.rmdir()
+    staging.rename(output)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return output

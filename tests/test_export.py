@@ -1,0 +1,73 @@
+"""python -m repvgg_jax.convert export: jax.export and TF SavedModel artifacts that
+reload and compute what the trained model computes."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from helpers import random_variables, relative_error
+
+import repvgg_jax
+from repvgg_jax import convert, export
+
+
+@pytest.fixture(scope='module')
+def training_checkpoint(tmp_path_factory):
+  """A training-time A0 checkpoint (10 classes, 32x32), random non-trivial BN state."""
+  model = repvgg_jax.create_model('A0', num_classes=10, conv_impl='xla')
+  variables = random_variables(model, (1, 32, 32, 3), seed=3)
+  path = tmp_path_factory.mktemp('ckpt') / 'a0'
+  convert._save(
+    path, variables, {'model': 'RepVGG-A0', 'deploy': False, 'num_classes': 10, 'image_size': 32}
+  )
+  return path, model, variables
+
+
+def test_export_reloads_in_jax_and_tensorflow(tmp_path, training_checkpoint, capsys):
+  path, model, variables = training_checkpoint
+  out = tmp_path / 'serving'
+  assert convert.main(['export', str(path), str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert 'model.jax_export, saved_model of the deploy RepVGG-A0 (10 classes, 32x32' in printed
+  meta = json.loads((out / 'export.json').read_text())
+  assert meta['model'] == 'RepVGG-A0' and meta['image_size'] == 32
+  assert meta['fused_from_training_checkpoint']
+  assert max(meta['verify'].values()) <= 1e-5
+
+  # Reloaded independently of the converter, at batch sizes other than the verification's.
+  serve_jax = export.load_jax_export(out / 'model.jax_export')
+  serve_tf = export.load_saved_model(out / 'saved_model')
+  for batch in (1, 5):
+    images = jax.random.normal(jax.random.key(batch), (batch, 32, 32, 3))
+    expected = model.apply(variables, images)
+    assert relative_error(serve_jax(images), expected) <= 1e-5
+    assert relative_error(serve_tf(np.asarray(images)), expected) <= 1e-5
+
+
+def test_export_refuses_bad_requests(tmp_path, training_checkpoint, capsys):
+  path, _, _ = training_checkpoint
+  (tmp_path / 'full').mkdir()
+  (tmp_path / 'full' / 'keep.txt').write_text('user data')
+  assert convert.main(['export', str(path), str(tmp_path / 'full')]) == 1
+  assert 'is not empty' in capsys.readouterr().err
+  assert (tmp_path / 'full' / 'keep.txt').read_text() == 'user data'
+
+  assert convert.main(['export', str(path), str(tmp_path / 'a'), '--formats', 'onnx']) == 1
+  assert "Unknown export formats ['onnx']" in capsys.readouterr().err
+
+  assert convert.main(['export', str(path), str(tmp_path / 'b'), '--model', 'B0']) == 1
+  assert 'RepVGG-B0' in capsys.readouterr().err
+
+  assert convert.main(['export', str(tmp_path / 'nothing'), str(tmp_path / 'c')]) == 1
+  assert 'No checkpoint at' in capsys.readouterr().err
+  assert not any((tmp_path / name).exists() for name in 'abc')
+
+
+def test_an_artifact_for_another_image_size_says_so(tmp_path, training_checkpoint):
+  path, _, _ = training_checkpoint
+  meta = convert.export_checkpoint(path, tmp_path / 'out', formats=('jax',), verify=False)
+  assert meta['artifacts'] == {'jax': 'model.jax_export'}
+  serve = export.load_jax_export(tmp_path / 'out')
+  with pytest.raises(ValueError, match='32'):
+    serve(np.zeros((2, 64, 64, 3), np.float32))
