@@ -346,9 +346,12 @@ def _save(output_dir, variables, meta) -> None:
 
 
 def main(argv=None) -> int:
+  from absl import logging
+
+  logging.set_verbosity(logging.ERROR)  # Orbax's notes on read-only checkpoints are noise here.
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   commands = parser.add_subparsers(dest='command', required=True)
-  imp = commands.add_parser('import', help='reference PyTorch weights -> orbax checkpoint')
+  imp = commands.add_parser('import', help='PyTorch weights (reference or timm) -> orbax')
   imp.add_argument('weights', help='.pth, .pt, .safetensors or .npz state dict')
   imp.add_argument('output', help='new directory for the orbax checkpoint')
   imp.add_argument('--model', help='variant (default: recognised from the shapes)')
