@@ -46,8 +46,11 @@ def assert_same_variables(actual, expected):
     np.testing.assert_array_equal(a, np.asarray(b))
 
 
-@pytest.mark.parametrize('deploy', [False, True], ids=['train', 'deploy'])
-@pytest.mark.parametrize('name', repvgg_jax.list_models())
+@pytest.mark.parametrize(
+  'name, deploy',
+  [(name, False) for name in repvgg_jax.list_models()]
+  + [('RepVGG-A0', True), ('RepVGG-B1g4', True)],  # Deploy keys differ only in the branch.
+)
 def test_timm_round_trip_every_variant(name, deploy):
   variables, state_dict = reference_state_dict(name, deploy, style='timm')
   if not deploy:
@@ -92,8 +95,10 @@ def test_unknown_timm_key_is_listed():
     torch_layout.from_torch(broken)
 
 
-@pytest.mark.parametrize('deploy', [False, True], ids=['train', 'deploy'])
-@pytest.mark.parametrize('name', ['RepVGG-A0', 'RepVGG-B1g4'])
+# Grouped training-time weights are checked against torch in test_torch_cross.py.
+@pytest.mark.parametrize(
+  'name, deploy', [('RepVGG-A0', False), ('RepVGG-A0', True), ('RepVGG-B1g4', True)]
+)
 def test_imported_model_computes_what_the_reference_computes(name, deploy):
   _, state_dict = reference_state_dict(name, deploy, num_classes=10, seed=1)
   images = np.asarray(jax.random.normal(jax.random.key(0), (2, 32, 32, 3)))
