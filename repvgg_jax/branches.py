@@ -5,14 +5,18 @@ here is linear at inference time, so it has an exact rule turning its
 parameters and BatchNorm statistics into a 3x3 kernel (HWIO, grouped like the
 block) and a bias; the block's fused kernel is the sum over its branches.
 
-Adding a branch kind (ACNet's 1x3, DBB's average pooling, ...) is one new
-`BranchKind` passed to `register_branch`: a module that computes it and a
-function that fuses it. Nothing else changes.
+Adding a branch kind is one new `BranchKind` passed to `register_branch`: a
+module that computes it and a function that fuses it. Nothing else changes.
+A parametrized family of kinds (``parallel3x3_k{K}``) is a `BranchFamily`: a
+name pattern and a factory, resolved by `get_branch`. The paper's three kinds
+live here; ACNet's, the Diverse Branch Block's and MobileOne's are in
+`repvgg_jax.reparam_family`, registered when this module is imported.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,6 +29,49 @@ KERNEL_SIZE = 3  # The deploy kernel every branch fuses into.
 
 Array = Any
 Tree = Mapping[str, Any]
+
+
+def _layer_leaves(tree: Tree, leaf: str, ndim: int):
+  """All arrays named ``leaf`` with ``ndim`` dimensions in a subtree, depth first."""
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      yield from _layer_leaves(value, leaf, ndim)
+    elif key == leaf and len(value.shape) == ndim:
+      yield value
+
+
+def uniform_channels(params: Tree) -> tuple[int | None, int]:
+  """Block channels of a branch whose every conv maps the block's input to its output.
+
+  Every HWIO kernel must read ``in_per_group`` channels and write
+  ``out_channels``, and every BatchNorm must have ``out_channels`` entries
+  (a conv-BN, parallel conv-BNs, a lone BN).
+
+  Returns:
+    ``(in_per_group, out_channels)``; ``in_per_group`` is None when the branch
+    has no kernel (a lone BatchNorm says nothing about the groups).
+
+  Raises:
+    ValueError: the branch's layers disagree in channels.
+  """
+  kernels = list(_layer_leaves(params, 'kernel', 4))
+  scales = list(_layer_leaves(params, 'scale', 1))
+  if not kernels and not scales:
+    raise ValueError(f'has neither a kernel nor a BatchNorm: {sorted(params)}')
+  in_per_group, out_channels = kernels[0].shape[2:] if kernels else (None, scales[0].shape[0])
+  for kernel in kernels:
+    if kernel.shape[2:] != (in_per_group, out_channels):
+      raise ValueError(
+        f'has a kernel of shape {kernel.shape}, but the block maps {in_per_group} channels '
+        f'per group to {out_channels}'
+      )
+  for scale in scales:
+    if scale.shape != (out_channels,):
+      raise ValueError(
+        f'has a BatchNorm scale of shape {scale.shape}, but the block has {out_channels} '
+        'output channels'
+      )
+  return in_per_group, out_channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,32 +89,94 @@ class BranchKind:
       Called with float64 arrays.
     applies: ``applies(in_channels, features, stride)`` says whether a block of
       that shape has this branch (the identity needs equal channels, stride 1).
+    channels: ``channels(params)`` reads ``(in_per_group, features)`` of the
+      block off the branch's parameter shapes (``in_per_group`` None when they
+      do not tell), raising ValueError when the branch's own layers disagree;
+      `repvgg_jax.fusion` checks a block's branches against each other with
+      it. The default, `uniform_channels`, suits branches whose kernels all
+      map the block's input to its output; a branch with a different inner
+      width (DBB's 1x1 -> 3x3) brings its own.
   """
 
   name: str
   build: Callable[..., nn.Module]
   fuse: Callable[[Tree, Tree, int], tuple[Array, Array]]
   applies: Callable[[int, int, int], bool] = lambda in_channels, features, stride: True
+  channels: Callable[[Tree], tuple[int | None, int]] = uniform_channels
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchFamily:
+  """A parametrized family of branch kinds, such as ``parallel3x3_k{K}``.
+
+  Attributes:
+    template: the names' form, for messages, e.g. ``'parallel3x3_k{K} (K >= 1)'``.
+    pattern: a regular expression; the names it matches in full are members.
+    make: ``make(match)`` returns the `BranchKind` of a matching name (named
+      exactly that name, which is also its parameter-tree key).
+  """
+
+  template: str
+  pattern: re.Pattern
+  make: Callable[[re.Match], BranchKind]
 
 
 BRANCH_KINDS: dict[str, BranchKind] = {}
+BRANCH_FAMILIES: dict[str, BranchFamily] = {}
+_FAMILY_MEMBERS: dict[str, BranchKind] = {}  # Resolved once, so each name has one kind.
+
+
+def _family_of(name: str) -> tuple[BranchFamily, re.Match] | None:
+  for family in BRANCH_FAMILIES.values():
+    match = family.pattern.fullmatch(name)
+    if match:
+      return family, match
+  return None
 
 
 def register_branch(kind: BranchKind) -> BranchKind:
   """Adds a branch kind to the registry that blocks and `fuse_params` use."""
   if kind.name in BRANCH_KINDS:
     raise ValueError(f'A branch kind named {kind.name!r} is already registered.')
+  family = _family_of(kind.name)
+  if family:
+    raise ValueError(f'{kind.name!r} is a name of the branch family {family[0].template!r}.')
   BRANCH_KINDS[kind.name] = kind
   return kind
 
 
+def register_branch_family(family: BranchFamily) -> BranchFamily:
+  """Adds a parametrized family of branch kinds, resolved by name in `get_branch`."""
+  if family.template in BRANCH_FAMILIES:
+    raise ValueError(f'A branch family {family.template!r} is already registered.')
+  claimed = [name for name in BRANCH_KINDS if family.pattern.fullmatch(name)]
+  if claimed:
+    raise ValueError(f'Family {family.template!r} matches registered kinds {claimed}.')
+  BRANCH_FAMILIES[family.template] = family
+  return family
+
+
+def known_branches() -> str:
+  """The registered kinds and families, for error messages."""
+  families = '; families: ' + ', '.join(BRANCH_FAMILIES) if BRANCH_FAMILIES else ''
+  return ', '.join(sorted(BRANCH_KINDS)) + families
+
+
 def get_branch(name: str) -> BranchKind:
-  """The registered branch kind called ``name``, or a ValueError listing them."""
-  try:
-    return BRANCH_KINDS[name]
-  except KeyError:
-    known = ', '.join(sorted(BRANCH_KINDS))
-    raise ValueError(f'Unknown branch kind {name!r}. Known kinds: {known}.') from None
+  """The branch kind called ``name`` (registered, or a family member), or a ValueError."""
+  if not isinstance(name, str):
+    raise ValueError(f'A branch kind is named by a string, got {name!r}.')
+  kind = BRANCH_KINDS.get(name) or _FAMILY_MEMBERS.get(name)
+  if kind is not None:
+    return kind
+  found = _family_of(name)
+  if found is None:
+    raise ValueError(f'Unknown branch kind {name!r}. Known kinds: {known_branches()}.')
+  kind = found[0].make(found[1])
+  if kind.name != name:
+    raise ValueError(f'Family {found[0].template} made a kind named {kind.name!r} for {name!r}.')
+  _FAMILY_MEMBERS[name] = kind
+  return kind
 
 
 # ----------------------------------------------------------------------------
@@ -115,7 +224,8 @@ class ConvBN(nn.Module):
 
   Padding is ``k // 2`` on each side (never 'SAME', which pads asymmetrically
   at stride 2 on even sizes), so every odd kernel samples the same centre
-  pixels as the 3x3 branch and fuses into it.
+  pixels as the 3x3 branch and fuses into it. ``padding`` overrides it (0 for
+  a conv whose input is already padded).
   """
 
   features: int
@@ -124,6 +234,7 @@ class ConvBN(nn.Module):
   groups: int
   conv: Callable[..., nn.Module]
   norm: Callable[..., nn.Module]
+  padding: tuple[tuple[int, int], tuple[int, int]] | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -132,7 +243,7 @@ class ConvBN(nn.Module):
       self.features,
       self.kernel_size,
       strides=self.strides,
-      padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+      padding=self.padding or ((kh // 2, kh // 2), (kw // 2, kw // 2)),
       feature_group_count=self.groups,
       use_bias=False,
       name='conv',
@@ -140,7 +251,9 @@ class ConvBN(nn.Module):
     return self.norm(name='bn')(x)
 
 
-def _conv_bn_kind(name: str, kernel_size: tuple[int, int]) -> BranchKind:
+def conv_bn_kind(name: str, kernel_size: tuple[int, int]) -> BranchKind:
+  """A conv-BN branch with an odd kernel of at most 3x3, fused zero-padded to 3x3."""
+
   def build(features, strides, groups, conv, norm, name=name):
     return ConvBN(features, kernel_size, strides, groups, conv, norm, name=name)
 
@@ -163,8 +276,8 @@ def _identity_fuse(params, batch_stats, in_per_group):
   return identity_kernel(channels, in_per_group, scale.dtype) * scale, shift
 
 
-CONV3X3 = register_branch(_conv_bn_kind('conv3x3', (3, 3)))
-CONV1X1 = register_branch(_conv_bn_kind('conv1x1', (1, 1)))
+CONV3X3 = register_branch(conv_bn_kind('conv3x3', (3, 3)))
+CONV1X1 = register_branch(conv_bn_kind('conv1x1', (1, 1)))
 IDENTITY = register_branch(
   BranchKind(
     'identity',
@@ -176,3 +289,7 @@ IDENTITY = register_branch(
 
 # The paper's block: 3x3 conv-BN + 1x1 conv-BN + identity BN.
 PAPER_BRANCHES = ('conv3x3', 'conv1x1', 'identity')
+
+# The wider family (ACNet, DBB, MobileOne) registers itself on import; it builds
+# on the primitives above, so it comes last.
+from repvgg_jax import reparam_family  # noqa: E402, F401, I001

@@ -63,8 +63,8 @@ def _fuse_branches(block_params: Tree, block_stats: Tree) -> dict:
 
   Compiled once per block shape: float64 arithmetic op by op is slow.
   """
-  kernel0 = next(_kernel_leaves(block_params))
-  in_per_group, dtype = kernel0.shape[2], kernel0.dtype
+  in_per_group, _ = block_channels(block_params)
+  dtype = next(_kernel_leaves(block_params)).dtype
   with jax.enable_x64(True):
     as64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
     fused = [
@@ -76,6 +76,56 @@ def _fuse_branches(block_params: Tree, block_stats: Tree) -> dict:
     return {'kernel': kernel.astype(dtype), 'bias': bias.astype(dtype)}
 
 
+def _branch_kind(branch: str, where: str) -> branches_lib.BranchKind:
+  try:
+    return branches_lib.get_branch(branch)
+  except ValueError:
+    known = branches_lib.known_branches()
+    raise FusionError(f'{where} is an unknown branch; known branch kinds: {known}.') from None
+
+
+def block_channels(block_params: Tree, name: str = 'block') -> tuple[int, int]:
+  """``(in_per_group, out_channels)`` of a training-time or fused block, from shapes.
+
+  Each branch kind reads them off its own parameters (`BranchKind.channels`:
+  a branch's inner layers may have other widths, as DBB's 1x1 -> 3x3); all
+  branches must agree.
+
+  Raises:
+    FusionError: an unknown branch, branches that disagree, or no branch that
+      tells the channels per group (no convolution).
+  """
+  if FUSED_KEY in block_params:
+    return tuple(block_params[FUSED_KEY]['kernel'].shape[2:])
+  found = None  # (where, in_per_group, out_channels) of the first branch with a kernel.
+  out_channels = None
+  for branch, params in block_params.items():
+    where = f'{name}/{branch}'
+    kind = _branch_kind(branch, where)
+    try:
+      in_per_group, out = kind.channels(params)
+    except (ValueError, KeyError, AttributeError) as error:
+      problem = f'lacks {error}' if isinstance(error, KeyError) else str(error)
+      raise FusionError(f'{where} {problem}: the tree mixes layers of different models.') from None
+    if out_channels is not None and out != out_channels:
+      raise FusionError(
+        f'{where} has {out} output channels, but the block has {out_channels}: the tree '
+        'mixes layers of different models.'
+      )
+    out_channels = out
+    if in_per_group is None:
+      continue
+    if found is not None and in_per_group != found[1]:
+      raise FusionError(
+        f'{where} reads {in_per_group} channels per group, but {found[0]} reads '
+        f'{found[1]}: the tree mixes layers of different models.'
+      )
+    found = found or (where, in_per_group, out)
+  if found is None:
+    raise FusionError(f'{name} has no convolution kernel to fuse into: {sorted(block_params)}.')
+  return found[1], out_channels
+
+
 def _check_block(block_params: Tree, block_stats: Tree, name: str) -> None:
   """Raises a FusionError unless the block can be fused as it is."""
   if FUSED_KEY in block_params:
@@ -83,38 +133,25 @@ def _check_block(block_params: Tree, block_stats: Tree, name: str) -> None:
       f'{name} is already fused (it holds {FUSED_KEY!r}): pass the variables of a '
       'training-time model (deploy=False), with their batch_stats.'
     )
-  kernels = list(_kernel_leaves(block_params))
-  if not kernels:
-    raise FusionError(f'{name} has no convolution kernel to fuse into: {sorted(block_params)}.')
-  in_per_group, out_channels = kernels[0].shape[2:]
   for branch, params in block_params.items():
     where = f'{name}/{branch}'
-    if branch not in branches_lib.BRANCH_KINDS:
-      known = ', '.join(sorted(branches_lib.BRANCH_KINDS))
-      raise FusionError(f'{where} is an unknown branch; known branch kinds: {known}.')
+    _branch_kind(branch, where)
     if branch not in block_stats:
       raise FusionError(
         f'{where} has no batch_stats: fuse_params needs the BatchNorm statistics of the '
         "trained model (variables['batch_stats'])."
       )
-    for kernel in _kernel_leaves(params):
-      if kernel.shape[2:] != (in_per_group, out_channels):
-        raise FusionError(
-          f'{where} has a kernel of shape {kernel.shape}, but the block maps '
-          f'{in_per_group} channels per group to {out_channels}: the tree mixes layers '
-          'of different models.'
-        )
-    _check_stats_shapes(params, block_stats[branch], where, out_channels)
+    _check_stats_shapes(params, block_stats[branch], where)
+  block_channels(block_params, name)
 
 
-def _check_stats_shapes(params: Tree, stats: Tree, where: str, channels: int) -> None:
-  """Every BatchNorm must have ``channels`` entries in scale, bias, mean and var."""
+def _check_stats_shapes(params: Tree, stats: Tree, where: str) -> None:
+  """Every BatchNorm must have statistics of its scale's shape.
+
+  Whether the scale fits the conv before it is the branch kind's check
+  (`BranchKind.channels`, in `block_channels`).
+  """
   if 'scale' in params:
-    if params['scale'].shape != (channels,):
-      raise FusionError(
-        f'{where}: BatchNorm scale has shape {params["scale"].shape}, but the block has '
-        f'{channels} output channels: the tree mixes layers of different models.'
-      )
     for stat in ('mean', 'var'):
       if stat not in stats:
         raise FusionError(f'{where}: batch_stats lacks {stat!r}.')
@@ -128,7 +165,7 @@ def _check_stats_shapes(params: Tree, stats: Tree, where: str, channels: int) ->
     if isinstance(value, Mapping):
       if key not in stats and 'scale' in value:
         raise FusionError(f'{where}/{key}: batch_stats lacks this BatchNorm.')
-      _check_stats_shapes(value, stats.get(key, {}), f'{where}/{key}', channels)
+      _check_stats_shapes(value, stats.get(key, {}), f'{where}/{key}')
 
 
 def block_position(key: str) -> tuple[int, int] | None:
@@ -148,26 +185,19 @@ def block_keys(params: Tree) -> list[str]:
 def architecture(params: Tree) -> list[tuple[int, int, int, int]]:
   """``(stage, out_channels, in_per_group, groups)`` of each block, from shapes.
 
-  Works for training-time and deploy trees alike. ``groups`` follows from the
-  previous block's width (the input channels are not stored in grouped kernels).
+  Works for training-time trees of any branch set and for deploy trees alike.
+  ``groups`` follows from the previous block's width (the input channels are
+  not stored in grouped kernels).
 
   Raises:
-    FusionError: consecutive blocks do not chain.
+    FusionError: consecutive blocks do not chain, or a block's branches
+      disagree (`block_channels`).
   """
   result = []
   in_channels = None
   for key in block_keys(params):
     stage, _ = block_position(key)
-    kernels = list(_kernel_leaves(params[key]))
-    if not kernels:
-      raise FusionError(f'{key} has no convolution kernel: {sorted(params[key])}.')
-    out_channels, in_per_group = kernels[0].shape[3], kernels[0].shape[2]
-    for kernel in kernels[1:]:
-      if (kernel.shape[2], kernel.shape[3]) != (in_per_group, out_channels):
-        raise FusionError(
-          f'{key}: its kernels disagree in channels ({kernels[0].shape} vs {kernel.shape}); '
-          'the tree mixes layers of different models.'
-        )
+    in_per_group, out_channels = block_channels(params[key], key)
     if in_channels is None:
       in_channels = in_per_group
     if in_channels % in_per_group:
