@@ -73,3 +73,23 @@ def test_models_agree_across_conv_impls():
   deploy_im2col = jax.jit(make('im2col', deploy=True).apply)(fused, images)
   assert relative_error(deploy_im2col, train_xla) <= 1e-5
   assert np.all(np.isfinite(np.asarray(deploy_im2col)))
+
+
+@pytest.mark.parametrize(
+  'branches', [repvgg_jax.PAPER_BRANCHES, ('conv3x3', 'dbb_1x1_3x3', 'conv1x3')]
+)
+def test_both_implementations_initialise_the_same_variables(branches):
+  """The trainer initialises through XLA's conv, whatever the model computes with."""
+  variant = dataclasses.replace(
+    repvgg_jax.get_variant('A0'), num_blocks=(1, 2, 1, 1), width_multipliers=(0.25, 0.25)
+  )
+  images = jnp.zeros((1, 16, 16, 3))
+  init = {
+    impl: repvgg_jax.create_model(variant, num_classes=4, conv_impl=impl, branches=branches).init(
+      jax.random.key(7), images
+    )
+    for impl in ('xla', 'im2col')
+  }
+  assert jax.tree.structure(init['xla']) == jax.tree.structure(init['im2col'])
+  for a, b in zip(jax.tree.leaves(init['xla']), jax.tree.leaves(init['im2col']), strict=True):
+    np.testing.assert_array_equal(a, b)
