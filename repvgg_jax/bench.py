@@ -59,6 +59,25 @@ def benchmark(
   images = jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
   variables = jax.jit(model.init)(jax.random.key(seed), images[:1])
   fused = jax.jit(fusion.fuse_params)(variables)
+  result, _ = benchmark_models(model, deploy, variables, fused, images, runs, warmup)
+  return result
+
+
+def benchmark_models(model, deploy, variables, fused, images, runs: int = 5, warmup: int = 2):
+  """Times ``model`` on ``variables`` against ``deploy`` on ``fused``, alternating runs.
+
+  Args:
+    model: the training-time `RepVGG`; ``deploy``: its fused counterpart.
+    variables: ``model``'s variables; ``fused``: ``deploy``'s.
+    images: the timed batch, NHWC float32.
+    runs: timed runs of each model.
+    warmup: untimed runs of each model after compiling.
+
+  Returns:
+    ``(result, compiled)``: the result as `benchmark` returns it, and the compiled
+    inference functions ``{'train': fn, 'deploy': fn}``, called as
+    ``fn(variables, images)`` with any values of the timed shapes.
+  """
   forward = {
     'train': _compiled_forward(model, variables, images),
     'deploy': _compiled_forward(deploy, fused, images),
@@ -71,11 +90,12 @@ def benchmark(
   for _ in range(runs):
     for key, (fn, _) in forward.items():
       times[key].append(_time_once(fn, inputs[key], images))
+  batch, size = images.shape[0], images.shape[1]
   result = {
-    'model': variant.name,
+    'model': model.variant.name,
     'batch': batch,
     'size': size,
-    'dtype': dtype,
+    'dtype': jnp.dtype(model.dtype).name,
     'conv_impl': model.conv_impl,
     'backend': jax.default_backend(),
     'device': jax.devices()[0].device_kind,
@@ -90,7 +110,8 @@ def benchmark(
       'temp_bytes': temp_bytes,
     }
   result['speedup'] = result['deploy']['images_per_sec'] / result['train']['images_per_sec']
-  return result
+  compiled = {key: fn for key, (fn, _) in forward.items()}
+  return result, compiled
 
 
 def _mib(num_bytes) -> str:

@@ -1,0 +1,52 @@
+"""Branch-set ablation of RepVGG-B0 on ImageNet, the paper's protocol (Table 6 and more).
+
+  python -m repvgg_jax.ablate --config configs/ablation_b0_imagenet.py --workdir /ckpt/ablation_b0
+
+Each row of ablation.branch_sets (those of configs/ablation_digits.py) trains B0
+for 120 epochs with the recipe of configs/b0.py (SGD 0.9, batch 256, lr 0.1
+cosine, weight decay 1e-4, BatchNorm per 32 images), in DIR/<row>. It prints one
+progress line per row and the table at the end, and writes DIR/ablation.md,
+DIR/ablation.csv and DIR/ablation.png (DIR: the --workdir); speed is inference
+on one device at batch 128, 224x224, in the model's dtype (float32 by default,
+as the paper's Table 6). The rows run one after the other; a rerun skips
+finished rows and resumes an interrupted one from its checkpoint. To spread the
+rows over machines, give each one some rows (--config.ablation.only=none,paper),
+then gather the row directories into one workdir and run without `only`: it
+reuses them and writes the full table.
+
+Hardware: 8 GPUs (global batch 256 = 8 x 32, as the paper); pass
+--config.model.dtype=bfloat16 on recent GPUs. The paper reports (B0, top-1):
+none 72.39, identity 74.79, 1x1 73.15, both 75.14.
+
+Expected cost, estimated, not measured: 120 epochs are 153.7M training images
+per row. Training costs about three forward passes of the training-time
+structure, so a row trains at about a third of that structure's unfused
+inference speed: from the paper's 1080Ti figures (none 1810/s, identity 1569/s,
+1x1 1230/s, both 1061/s) that is 71, 82, 104 and 121 1080Ti-hours for the four
+Table 6 rows. For acnet, dbb and mobileone we scaled the paper row by the ratio
+of unfused speeds measured in docs/ablation_digits.md (CPU, 32x32: 810/721,
+810/436 and 810/195 images/s; a GPU at 224x224 will differ), giving about 136,
+225 and 500 1080Ti-hours. All seven: about 1,250 1080Ti-hours, i.e. roughly
+150-250 GPU-hours on A100/H100-class GPUs in bfloat16 (assuming 5-8x a 1080Ti),
+or about 20-30 hours on 8 such GPUs, plus the one-off ImageNet preparation (hours).
+"""
+
+import ml_collections
+
+from configs import ablation_digits, b0
+
+
+def get_config():
+  config = b0.get_config()
+
+  config.ablation = ml_collections.ConfigDict()
+  # Row name (a directory name) -> branch kinds of every block; rows run in this order.
+  config.ablation.branch_sets = ml_collections.ConfigDict(
+    ablation_digits.branch_sets(), sort_keys=False
+  )
+  config.ablation.only = ''  # Comma-separated row names to run and report; '': all rows.
+  config.ablation.bench_batch_size = 128  # Images per timed inference batch (the paper's).
+  config.ablation.bench_image_size = 224  # Timed image side in pixels.
+  config.ablation.bench_runs = 20  # Timed runs of each model (the median is reported).
+  config.ablation.bench_warmup = 5  # Untimed runs of each model after compiling.
+  return config

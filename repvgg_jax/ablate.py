@@ -1,0 +1,421 @@
+"""Branch-set ablation: one model per branch set, trained, fused, evaluated and timed.
+
+  python -m repvgg_jax.ablate --config configs/ablation_digits.py [--workdir DIR]
+
+The config is a training config plus ``config.ablation``: ``branch_sets``, an
+ordered mapping of row name -> branch set (it replaces ``config.model.branches``),
+and the benchmark settings. Every row trains with the same seed and schedule in
+``<workdir>/<row>`` (`trainer.train_and_evaluate`), then is measured: top-1 of the
+training-time and fused models over the eval split, trainable parameters of both,
+the largest logit difference between the trained model and its saved fused model
+over the eval split, and the inference speed of both (`bench.benchmark_models`:
+the trained variables on random images, timed side by side). The results go to
+``<workdir>/ablation.md``, ``ablation.csv`` and ``ablation.png``.
+
+Resuming: a finished row's results are kept in ``<workdir>/<row>/ablation_row.json``
+and a rerun skips the row; an unfinished row continues from its last checkpoint.
+A row whose saved training config differs from the current one in anything that
+changes the result (its branch set, the schedule, the seed, ...) is refused with
+an error that names the differences, before anything trains: delete the row's
+directory to rerun it, or use another workdir. Changed benchmark settings re-time
+the finished rows without retraining them.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging as python_logging
+import os
+import sys
+
+# As in train.py: quiet TensorFlow (it only feeds data) and the CUDA plugin's probe.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+if not glob.glob('/dev/nvidia[0-9]*'):
+  python_logging.getLogger('jax._src.xla_bridge').addFilter(
+    lambda record: 'xla_cuda12' not in record.getMessage()
+  )
+
+import json  # noqa: E402
+import math  # noqa: E402
+import pathlib  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from repvgg_jax import ablation_report, bench, checkpointing, data, trainer  # noqa: E402
+from repvgg_jax.model import normalize_branches  # noqa: E402
+
+ROW_FILE = 'ablation_row.json'
+# Row names become directory names.
+_ROW_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.+-]*')
+# Config fields that change neither what a row trains nor what it measures.
+_IRRELEVANT_FIELDS = frozenset(
+  {
+    'progress_bar',
+    'log_every_steps',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+    'dataset.data_dir',
+    'dataset.manual_dir',
+    'dataset.download',
+  }
+)
+
+
+class AblationError(trainer.ConfigError):
+  """An ablation config that cannot run, or a workdir of another ablation."""
+
+
+class Preempted(RuntimeError):
+  """A SIGTERM stopped a row after it saved a checkpoint."""
+
+
+def branch_sets(config) -> dict[str, tuple]:
+  """The rows of ``config.ablation.branch_sets`` in order, validated.
+
+  ``config.ablation.only`` (comma-separated row names) keeps some of them.
+
+  Raises:
+    AblationError: no ablation section, no rows, a bad row name, a branch set
+      that is empty or names an unknown branch kind (the error lists the known
+      ones), or ``only`` naming an unknown row.
+  """
+  if 'ablation' not in config or 'branch_sets' not in config.ablation:
+    raise AblationError(
+      'The config has no ablation.branch_sets: use an ablation config such as '
+      'configs/ablation_digits.py, which maps row names to branch sets.'
+    )
+  sets = config.ablation.branch_sets
+  rows = dict(sets.items() if hasattr(sets, 'items') else sets or ())
+  if not rows:
+    raise AblationError('ablation.branch_sets is empty: give at least one row name -> branch set.')
+  for name, branches in rows.items():
+    if not _ROW_NAME.fullmatch(name):
+      raise AblationError(
+        f'Row name {name!r} cannot name a directory: use letters, digits and _ . + - only.'
+      )
+    if not branches:
+      raise AblationError(f'ablation.branch_sets.{name} is empty: name at least one branch kind.')
+    try:
+      normalize_branches(branches)
+    except ValueError as error:
+      raise AblationError(f'ablation.branch_sets.{name}: {error}') from None
+  only = [name.strip() for name in config.ablation.get('only', '').split(',') if name.strip()]
+  unknown = [name for name in only if name not in rows]
+  if unknown:
+    raise AblationError(f'ablation.only names unknown rows {unknown}; the rows are {list(rows)}.')
+  return {name: branches for name, branches in rows.items() if not only or name in only}
+
+
+def row_config(config, branches):
+  """The training config of one row: ``config`` with these branches and no ablation part."""
+  row = config.copy_and_resolve_references()
+  with row.unlocked():
+    del row['ablation']
+    row.model.branches = tuple(branches)
+  return row
+
+
+def bench_settings(config) -> dict[str, int]:
+  """The benchmark set-up (image size 0 means the dataset's)."""
+  ablation = config.ablation
+  settings = {
+    'batch': ablation.bench_batch_size,
+    'size': ablation.bench_image_size or config.dataset.image_size,
+    'runs': ablation.bench_runs,
+    'warmup': ablation.bench_warmup,
+  }
+  if min(settings['batch'], settings['size'], settings['runs']) < 1 or settings['warmup'] < 0:
+    raise AblationError(f'The benchmark settings must be positive, got {settings}.')
+  return settings
+
+
+def _as_json(value):
+  return json.loads(json.dumps(value))
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+  """``'field: saved -> current'`` for every field that changes a row's result."""
+  saved, current = _flatten(saved), _flatten(current)
+  keys = sorted((saved.keys() | current.keys()) - _IRRELEVANT_FIELDS)
+  return [
+    f'{key}: {saved.get(key, "(absent)")} -> {current.get(key, "(absent)")}'
+    for key in keys
+    if saved.get(key) != current.get(key)
+  ]
+
+
+def _has_checkpoint(row_dir: pathlib.Path) -> bool:
+  directory = row_dir / 'checkpoints'
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def load_row(row_dir: pathlib.Path) -> dict | None:
+  """The saved results of a finished row, or None."""
+  path = row_dir / ROW_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _check_unchanged(name: str, row_dir: pathlib.Path, current: dict) -> None:
+  """Refuses to reuse a row's results or checkpoints made with another config."""
+  record = load_row(row_dir)
+  if record is not None:
+    saved, source = record['config'], row_dir / ROW_FILE
+  elif _has_checkpoint(row_dir) and (row_dir / 'config.json').exists():
+    saved, source = json.loads((row_dir / 'config.json').read_text()), row_dir / 'config.json'
+  else:
+    return
+  changes = config_changes(saved, current)
+  if changes:
+    raise AblationError(
+      f'Row {name!r} was run with another config ({source}); it differs in\n  '
+      + '\n  '.join(changes)
+      + f'\nDelete {row_dir} to rerun this row with the new config, restore the old '
+      'setting, or use another --workdir.'
+    )
+
+
+def check_ablation(config, workdir: pathlib.Path) -> dict:
+  """Validates everything before anything trains; returns row name -> row config."""
+  rows = {name: row_config(config, branches) for name, branches in branch_sets(config).items()}
+  bench_settings(config)
+  for name, row in rows.items():
+    try:
+      trainer.check_config(row)
+    except trainer.ConfigError as error:
+      raise AblationError(f'Row {name!r}: {error}') from None
+    _check_unchanged(name, workdir / name, _as_json(row.to_dict()))
+  data.get_builder(config.dataset)  # Fails at once when the dataset is missing.
+  return rows
+
+
+def count_params(model, image_size: int) -> int:
+  """Trainable parameters of ``model`` (BatchNorm statistics are not parameters)."""
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), images)
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes['params']))
+
+
+def _restore_latest(directory: pathlib.Path):
+  ckpt = checkpointing.Checkpoints(directory)
+  try:
+    return ckpt.restore()[0]
+  finally:
+    ckpt.close()
+
+
+def _max_logit_error(config, forward: dict, variables, fused, batch_size: int) -> float:
+  """``max |fused - unfused| / max |unfused|`` over the logits of the whole eval split."""
+  error, scale = 0.0, 0.0
+  for batch in data.eval_batches(config.dataset, global_batch_size=batch_size):
+    mask = batch['mask']
+    unfused = np.asarray(forward['train'](variables, batch['image']), np.float64)[mask]
+    deploy = np.asarray(forward['deploy'](fused, batch['image']), np.float64)[mask]
+    error = max(error, float(np.abs(deploy - unfused).max(initial=0.0)))
+    scale = max(scale, float(np.abs(unfused).max(initial=0.0)))
+  return error / scale
+
+
+def measure(config, row_dir: pathlib.Path, settings: dict) -> dict:
+  """Speed of the row's unfused and fused models, and how far apart their logits are.
+
+  Both are the trained ones: the last training checkpoint and the saved deploy
+  checkpoint (`trainer.train_and_evaluate` writes both). They are timed side by
+  side on random images (`bench.benchmark_models`); the logits are compared on the
+  eval split in inference mode, with the same compiled functions when the timed
+  image size is the dataset's.
+  """
+  state = _restore_latest(row_dir / 'checkpoints')
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  fused = _restore_latest(row_dir / 'deploy')
+  model, deploy = trainer.build_model(config), trainer.build_model(config, deploy=True)
+  shape = (settings['batch'], settings['size'], settings['size'], 3)
+  images = jax.random.normal(jax.random.key(config.seed), shape, jnp.float32)
+  result, forward = bench.benchmark_models(
+    model, deploy, variables, fused, images, settings['runs'], settings['warmup']
+  )
+  batch_size = settings['batch']
+  if settings['size'] != config.dataset.image_size:
+    forward = {'train': jax.jit(model.apply), 'deploy': jax.jit(deploy.apply)}
+    batch_size = config.eval_batch_size
+  return {
+    'bench_settings': settings,
+    'bench': result,
+    'unfused_images_per_sec': result['train']['images_per_sec'],
+    'fused_images_per_sec': result['deploy']['images_per_sec'],
+    'speedup': result['speedup'],
+    'logit_rel_error': _max_logit_error(config, forward, variables, fused, batch_size),
+  }
+
+
+def run_row(name: str, config, row_dir: pathlib.Path, settings: dict) -> dict:
+  """Trains (or resumes) one row and measures it; returns its record.
+
+  Raises:
+    Preempted: a SIGTERM stopped the training after a checkpoint.
+  """
+  start = time.perf_counter()
+  try:
+    summary = trainer.train_and_evaluate(config, row_dir)
+  except trainer.TrainingDivergedError as error:
+    raise trainer.TrainingDivergedError(f'Row {name!r}: {error}') from error
+  if summary.get('preempted'):
+    raise Preempted(
+      f'SIGTERM: row {name!r} saved its checkpoint at step {summary["steps"]} in {row_dir}; '
+      'run the same command to continue.'
+    )
+  train_seconds = time.perf_counter() - start
+  size = config.dataset.image_size
+  return {
+    'row': name,
+    'branches': _as_json(config.model.branches),
+    'config': _as_json(config.to_dict()),
+    'summary': summary,
+    'top1': summary['eval_top1'],
+    'top1_fused': summary['eval_top1_fused'],
+    'train_params': count_params(trainer.build_model(config), size),
+    'deploy_params': count_params(trainer.build_model(config, deploy=True), size),
+    'train_seconds': train_seconds,
+    **measure(config, row_dir, settings),
+  }
+
+
+def _write_json(path: pathlib.Path, value) -> None:
+  """Writes JSON atomically (a temporary file renamed into place)."""
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(json.dumps(value, indent=2) + '\n')
+  os.replace(tmp, path)
+
+
+def _done_line(record: dict) -> str:
+  return (
+    f'top-1 {record["top1"]:.2%} (fused {record["top1_fused"]:.2%}), '
+    f'logit rel. error {record["logit_rel_error"]:.1e}, '
+    f'{record["unfused_images_per_sec"]:,.0f} -> {record["fused_images_per_sec"]:,.0f} img/s '
+    f'({record["speedup"]:.2f}x)'
+  )
+
+
+def _ablate_row(index, count, name, config, row_dir, settings, log) -> dict:
+  """Reuses, re-times or runs one row, saving its record; logs one line or two."""
+  tag = f'[{index}/{count}] {name}'
+  record = load_row(row_dir)
+  if record is not None and record['bench_settings'] == settings:
+    log(f'{tag}: done before, skipped ({row_dir / ROW_FILE}): {_done_line(record)}')
+    return record
+  if record is not None:
+    log(f'{tag}: trained before; timing it again with the new benchmark settings {settings}')
+    record.update(measure(config, row_dir, settings))
+  else:
+    resume = ' (continuing from its checkpoint)' if _has_checkpoint(row_dir) else ''
+    label = ablation_report.branches_label(_as_json(config.model.branches))
+    log(f'{tag}: {label}: training in {row_dir}{resume}')
+    start = time.perf_counter()
+    record = run_row(name, config, row_dir, settings)
+    log(f'{tag}: {_done_line(record)}; {time.perf_counter() - start:,.0f} s')
+  _write_json(row_dir / ROW_FILE, record)
+  return record
+
+
+def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None] = print) -> str:
+  """Runs (or finishes) every row of the ablation and writes the reports.
+
+  Args:
+    config: a training config with ``config.ablation`` (see configs/ablation_digits.py).
+    workdir: holds one directory per row and the reports.
+    log: receives one progress line per row (two when the row runs).
+
+  Returns:
+    The markdown of ``<workdir>/ablation.md`` (written with ``ablation.csv`` and
+    ``ablation.png``).
+
+  Raises:
+    AblationError: a bad ablation config, or rows run with another config
+      (checked for all rows before anything trains).
+    trainer.ConfigError, data.DatasetNotFoundError: as `trainer.train_and_evaluate`.
+    trainer.TrainingDivergedError: a row diverged (earlier rows are kept).
+    Preempted: a SIGTERM stopped a row after its checkpoint.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  rows = check_ablation(config, workdir)
+  settings = bench_settings(config)
+  workdir.mkdir(parents=True, exist_ok=True)
+  records = [
+    _ablate_row(index, len(rows), name, row, workdir / name, settings, log)
+    for index, (name, row) in enumerate(rows.items(), 1)
+  ]
+  return ablation_report.write_reports(workdir, records)
+
+
+def main(argv) -> int:
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  import tensorflow as tf
+
+  tf.config.set_visible_devices([], 'GPU')  # TensorFlow must not take GPU memory that JAX needs.
+  config = flags.FLAGS.config
+  config_file = config_flags.get_config_filename(flags.FLAGS['config'])
+  workdir = flags.FLAGS.workdir or os.path.join(
+    'workdirs', os.path.splitext(os.path.basename(config_file))[0]
+  )
+  print(
+    f'Ablation of {config.model.name} on {config.dataset.name} with {jax.device_count()} '
+    f'{jax.default_backend()} device(s); workdir {workdir}',
+    flush=True,
+  )
+  start = time.perf_counter()
+  try:
+    table = run_ablation(config, workdir, log=lambda line: print(line, flush=True))
+  except (data.DatasetNotFoundError, trainer.ConfigError, trainer.TrainingDivergedError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 1
+  except Preempted as error:
+    print(error, file=sys.stderr)
+    return 143
+  print(f'\n{table}')
+  print(
+    f'Done in {time.perf_counter() - start:,.0f} s. Wrote {workdir}/ablation.md, '
+    f'ablation.csv and ablation.png; each row is in {workdir}/<row>.'
+  )
+  return 0
+
+
+def _define_flags() -> None:
+  """The command-line flags (defined only when run as a program, not on import)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file(
+    'config', None, 'Ablation config file, e.g. configs/ablation_digits.py.', lock_config=True
+  )
+  flags.DEFINE_string(
+    'workdir', None, 'Directory of the rows and the reports (default: workdirs/<config name>).'
+  )
+  flags.mark_flags_as_required(['config'])
+
+
+if __name__ == '__main__':
+  from absl import app
+
+  _define_flags()
+  app.run(lambda argv: sys.exit(main(argv)))
