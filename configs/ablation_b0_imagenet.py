@@ -42,7 +42,7 @@ def get_config():
   config.ablation = ml_collections.ConfigDict()
   # Row name (a directory name) -> branch kinds of every block; rows run in this order.
   config.ablation.branch_sets = ml_collections.ConfigDict(
-    ablation_digits.branch_sets(), sort_keys=False
+    ablation_digits.branch_sets(mobileone_k=4), sort_keys=False
   )
   config.ablation.only = ''  # Comma-separated row names to run and report; '': all rows.
   config.ablation.bench_batch_size = 128  # Images per timed inference batch (the paper's).

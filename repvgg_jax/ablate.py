@@ -359,7 +359,32 @@ def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None]
     _ablate_row(index, len(rows), name, row, workdir / name, settings, log)
     for index, (name, row) in enumerate(rows.items(), 1)
   ]
+  speeds = time_fused_rows_together(next(iter(rows.values())), workdir, list(rows), settings)
+  for record, speed in zip(records, speeds, strict=True):
+    record['fused_images_per_sec_interleaved'] = speed
   return ablation_report.write_reports(workdir, records)
+
+
+def time_fused_rows_together(config, workdir: pathlib.Path, names, settings: dict) -> list[float]:
+  """Images/s of every row's fused model, timed in one round-robin loop.
+
+  All rows fuse to the same deploy network, so one compiled function runs them
+  all. Timed run by run across the rows, the figures see the same machine
+  load, unlike the per-row measurements taken minutes apart: they show whether
+  the fused models really run at one speed.
+  """
+  deploy = trainer.build_model(config, deploy=True)
+  shape = (settings['batch'], settings['size'], settings['size'], 3)
+  images = jax.random.normal(jax.random.key(config.seed), shape, jnp.float32)
+  fused = [_restore_latest(workdir / name / 'deploy') for name in names]
+  forward, _ = bench._compiled_forward(deploy, fused[0], images)
+  times = [[] for _ in names]
+  for run in range(settings['warmup'] + settings['runs']):
+    for row_times, variables in zip(times, fused, strict=True):
+      seconds = bench._time_once(forward, variables, images)
+      if run >= settings['warmup']:
+        row_times.append(seconds)
+  return [settings['batch'] / float(np.median(row_times)) for row_times in times]
 
 
 def main(argv) -> int:

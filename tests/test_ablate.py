@@ -125,8 +125,11 @@ def test_reports_have_one_row_per_branch_set(finished):
   assert '| paper | conv3x3+conv1x1+identity |' in text
   with open(workdir / 'ablation.csv') as f:
     rows = list(csv.reader(f))
-  assert tuple(rows[0]) == ablation_report.COLUMNS
+  columns = ablation_report.COLUMNS
+  assert tuple(rows[0]) == columns
   assert [row[0] for row in rows[1:]] == list(SETS)
+  interleaved = [float(row[columns.index('fused img/s, rows interleaved')]) for row in rows[1:]]
+  assert min(interleaved) > 0
   png = (workdir / 'ablation.png').read_bytes()
   assert png.startswith(b'\x89PNG') and len(png) > 10_000
 
@@ -164,6 +167,10 @@ def test_interrupted_ablation_continues_where_it_stopped(finished):
   assert [json.loads(line)['step'] for line in metrics if 'train/loss' in line] == [2, 3]
 
 
+def without_last_column(markdown):
+  return [line.rsplit(' | ', 1)[0] for line in markdown.splitlines()]
+
+
 def test_rerun_skips_finished_rows(finished, digits_dir, no_training):
   workdir = finished.workdir
   paths = [workdir / name / ablate.ROW_FILE for name in SETS]
@@ -176,7 +183,9 @@ def test_rerun_skips_finished_rows(finished, digits_dir, no_training):
     checkpoint_every_steps=1,
     **{'ablation.bench_runs': 2},
   )
-  assert ablate.run_ablation(config, workdir, log=lines.append) == finished.markdown
+  markdown = ablate.run_ablation(config, workdir, log=lines.append)
+  # Only the fused models' round-robin timing, redone on every run, may differ.
+  assert without_last_column(markdown) == without_last_column(finished.markdown)
   assert [p.stat().st_mtime_ns for p in paths] == before
   assert len(lines) == len(SETS) and all('done before, skipped' in line for line in lines)
 
