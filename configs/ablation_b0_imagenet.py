@@ -23,9 +23,9 @@ per row. Training costs about three forward passes of the training-time
 structure, so a row trains at about a third of that structure's unfused
 inference speed: from the paper's 1080Ti figures (none 1810/s, identity 1569/s,
 1x1 1230/s, both 1061/s) that is 71, 82, 104 and 121 1080Ti-hours for the four
-Table 6 rows. For acnet, dbb and mobileone we scaled the paper row by the ratio
-of unfused speeds measured in docs/ablation_digits.md (CPU, 32x32: 810/721,
-810/436 and 810/195 images/s; a GPU at 224x224 will differ), giving about 136,
+Table 6 rows. For acnet, dbb and mobileone (K=4) we scaled the paper row by the
+ratio of unfused speeds measured in a digits ablation run with K=4 (CPU, 32x32:
+810/721, 810/436 and 810/195 images/s; a GPU at 224x224 will differ), giving about 136,
 225 and 500 1080Ti-hours. All seven: about 1,250 1080Ti-hours, i.e. roughly
 150-250 GPU-hours on A100/H100-class GPUs in bfloat16 (assuming 5-8x a 1080Ti),
 or about 20-30 hours on 8 such GPUs, plus the one-off ImageNet preparation (hours).

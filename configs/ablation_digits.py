@@ -9,12 +9,10 @@ progress line per row (top-1 unfused and fused, logit error, img/s) and the tabl
 at the end, and writes DIR/ablation.md, DIR/ablation.csv and DIR/ablation.png.
 A rerun skips finished rows and continues an interrupted one from its checkpoint.
 
-Hardware: any CPU. Measured on the shared 2-core development CPU (2026-11-23,
-1-minute load 1.5-4.4 from other work): 19 min 40 s end to end, 82-375 s a row,
-mobileone the slowest (4 parallel 3x3 convs train at 46 images/s); about half of
-each row is compilation. Every row reaches 95.8-98.9% top-1, the paper's set
-98.9%; see docs/ablation_digits.md. The four Table 6 rows alone
-(--config.ablation.only=none,identity,1x1,paper) took 8 min 15 s of that.
+Hardware: any CPU. Measured from a clean clone on the 2-core development CPU
+(2026-11-23): 13 min 24 s end to end, 49-213 s a row (about half of each is
+compilation). Every row reaches 95.8-98.9% top-1, the paper's set 98.9%; see
+docs/ablation_digits.md.
 """
 
 import ml_collections

@@ -97,6 +97,11 @@ def tiny_config(data_dir=None, **overrides):
   config.checkpoint_every_steps = 2
   config.eval_every_epochs = 0.0  # At the end only.
   config.progress_bar = False
+  return apply_overrides(config, overrides)
+
+
+def apply_overrides(config, overrides: dict):
+  """Sets ``{'dataset.name': value, ...}`` (dotted paths) in ``config``; returns it."""
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split('.')

@@ -11,7 +11,7 @@ import sys
 
 import ml_collections
 import pytest
-from helpers import tiny_config
+from helpers import apply_overrides, tiny_config
 
 from repvgg_jax import ablate, ablation_report, branches, checkpointing, data, trainer
 
@@ -40,13 +40,7 @@ def ablation_config(data_dir, sets=None, **overrides):
   config.ablation.bench_image_size = 0
   config.ablation.bench_runs = 1
   config.ablation.bench_warmup = 0
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
+  return apply_overrides(config, overrides)
 
 
 @pytest.fixture(scope='module')
