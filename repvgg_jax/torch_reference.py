@@ -150,11 +150,14 @@ def load(state_dict, name, num_classes, deploy, style) -> RepVGG:
   only BatchNorm's ``num_batches_tracked`` counters may be absent.
 
   Raises:
-    ValueError: keys missing from or unexpected in ``state_dict``.
+    ValueError: keys missing from, unexpected in or mis-shaped in ``state_dict``.
   """
   model = RepVGG(name, num_classes=num_classes, deploy=deploy, style=style)
   tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
-  result = model.load_state_dict(tensors, strict=False)
+  try:
+    result = model.load_state_dict(tensors, strict=False)
+  except RuntimeError as error:  # torch raises on mis-shaped tensors even when not strict.
+    raise ValueError(f'The state dict does not fit the PyTorch {name}: {error}') from None
   missing = [k for k in result.missing_keys if not k.endswith('num_batches_tracked')]
   if missing or result.unexpected_keys:
     raise ValueError(
