@@ -108,9 +108,10 @@ def layer_partials(
   BatchNorm is the reference's (PyTorch's eps 1e-5, momentum 0.1). The conv is
   XLA's or the im2col formulation (`repvgg_jax.conv`), with one parameter layout.
   """
-  conv_cls = nn.Conv if conv_lib.resolve_conv_impl(conv_impl) == 'xla' else conv_lib.Im2colConv
   conv = functools.partial(
-    conv_cls,
+    conv_lib.Conv,
+    conv_impl=conv_impl,
+    train=train,
     dtype=dtype,
     param_dtype=jnp.float32,
     precision=precision,
@@ -151,8 +152,8 @@ class RepVGG(nn.Module):
     precision: `jax.lax.Precision` of convs and the classifier (``'highest'``
       gives true float32 on accelerators that default to TF32).
     in_channels: channels of the input images.
-    conv_impl: 'xla', 'im2col' or 'auto' (im2col on CPU, XLA elsewhere); see
-      `repvgg_jax.conv`. Parameters are the same whichever computes.
+    conv_impl: 'xla', 'im2col' or 'auto' (per layer, by backend and map size);
+      see `repvgg_jax.conv`. Parameters are the same whichever computes.
   """
 
   variant: variants.Variant
@@ -268,8 +269,9 @@ def create_model(
     dtype: compute dtype, ``jnp.float32`` or ``jnp.bfloat16``.
     precision: convolution and classifier precision, e.g. ``'highest'``.
     in_channels: image channels.
-    conv_impl: 'auto' (im2col on CPU, XLA's convolution elsewhere), 'xla' or
-      'im2col'; numerically equivalent, with the same parameters.
+    conv_impl: 'auto' (chosen per layer by backend and feature-map size, see
+      `repvgg_jax.conv.choose_conv_impl`), 'xla' or 'im2col'; numerically
+      equivalent, with the same parameters.
 
   Returns:
     A `RepVGG` Linen module.
@@ -287,5 +289,5 @@ def create_model(
     dtype=jnp.dtype(dtype),
     precision=precision,
     in_channels=in_channels,
-    conv_impl=conv_lib.resolve_conv_impl(conv_impl),
+    conv_impl=conv_lib.check_conv_impl(conv_impl),
   )

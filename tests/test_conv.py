@@ -1,4 +1,5 @@
-"""The im2col convolution equals XLA's, values and gradients, for every shape used."""
+"""The im2col convolution equals XLA's, values and gradients, for every shape used;
+'auto' picks per layer by backend and feature-map size."""
 
 import dataclasses
 
@@ -26,7 +27,7 @@ def test_im2col_matches_xla(kernel_size, strides, groups):
     feature_group_count=groups,
     precision='highest',
   )
-  xla, im2col = nn.Conv(**kwargs), conv.Im2colConv(**kwargs)
+  xla, im2col = nn.Conv(**kwargs), conv.Conv(**kwargs, conv_impl='im2col')
   x = jax.random.normal(jax.random.key(0), (2, 7, 8, 16))  # Odd and even sides.
   variables = xla.init(jax.random.key(1), x)
   variables = jax.tree.map(lambda a: a + 0.1, variables)  # A non-zero bias too.
@@ -46,10 +47,40 @@ def test_im2col_matches_xla(kernel_size, strides, groups):
     assert relative_error(a, b) <= 1e-5
 
 
-def test_auto_picks_im2col_on_cpu():
-  assert jax.default_backend() == 'cpu'
-  assert conv.resolve_conv_impl('auto') == 'im2col'
-  assert repvgg_jax.create_model('A0').conv_impl == 'im2col'
+@pytest.mark.parametrize(
+  'out_pixels, strides, in_channels, train, expected',
+  [
+    (2 * 2, (1, 1), 192, False, 'im2col'),  # XLA's collapses on small maps.
+    (8 * 8, (1, 1), 192, True, 'im2col'),
+    (14 * 14, (1, 1), 192, False, 'xla'),
+    (14 * 14, (1, 1), 192, True, 'xla'),
+    (56 * 56, (2, 2), 48, False, 'xla'),
+    (56 * 56, (2, 2), 192, True, 'im2col'),  # XLA's backward is slow at stride 2...
+    (56 * 56, (1, 1), 48, True, 'im2col'),  # ...and on narrow layers.
+  ],
+)
+def test_auto_choice_on_cpu(out_pixels, strides, in_channels, train, expected):
+  choose = lambda impl, backend='cpu': conv.choose_conv_impl(
+    impl,
+    out_pixels=out_pixels,
+    strides=strides,
+    in_channels=in_channels,
+    train=train,
+    backend=backend,
+  )
+  assert choose('auto') == expected
+  assert choose('auto', backend='gpu') == 'xla'
+  assert choose('xla') == 'xla' and choose('im2col') == 'im2col'
+
+
+def test_auto_mixes_implementations_in_one_model():
+  """At 32x32 A0 computes its 16x16 stem with XLA's conv, its 2x2 stage with im2col."""
+  model = repvgg_jax.create_model('A0', deploy=True, conv_impl='auto')
+  assert model.conv_impl == 'auto'
+  images = jnp.zeros((1, 32, 32, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  hlo = jax.jit(model.apply).lower(variables, images).as_text()
+  assert hlo.count('convolution') == 1  # The stem; A0's other stages run at 8x8 and below.
   with pytest.raises(ValueError, match="conv_impl must be one of .* got 'cudnn'"):
     repvgg_jax.create_model('A0', conv_impl='cudnn')
 

@@ -1,0 +1,210 @@
+"""Benchmark results as terminal tables, markdown and the paper's Figure 1.
+
+Rows are the dicts `repvgg_jax.bench` returns (``kind`` 'roofline', 'infer',
+'train' or 'layer'), read back from JSON lines with `read_jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+
+def read_jsonl(path) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def append_jsonl(path, row: dict) -> None:
+  with open(path, 'a') as f:
+    f.write(json.dumps(row) + '\n')
+
+
+def _mib(num_bytes) -> str:
+  return 'n/a' if num_bytes is None else f'{num_bytes / 2**20:,.1f} MiB'
+
+
+def _share(value) -> str:
+  return 'n/a' if value is None else f'{value:.0%}'
+
+
+def _best_torch(row: dict, model: str | None = None) -> dict | None:
+  entries = [r for r in row.get('torch', {}).values() if model is None or r.get('model') == model]
+  return max(entries, key=lambda r: r['images_per_sec']) if entries else None
+
+
+def _setup(row: dict) -> str:
+  return (
+    f'{row["model"]}, batch {row["batch"]}, {row["size"]}x{row["size"]}, {row["dtype"]}, '
+    f'{row["conv_impl"]} conv, {row["backend"]} ({row["device"]}) x{row["num_devices"]}, '
+    f'median of {row["runs"]} runs'
+  )
+
+
+def format_infer(row: dict) -> str:
+  lines = [
+    _setup(row),
+    f'{"model":<36}{"images/s":>10}{"ms/batch":>10}{"GFLOP/s":>9}{"roofline":>9}'
+    f'{"temp memory":>13}',
+  ]
+  for key, label in (('train', 'JAX training-time'), ('deploy', 'JAX fused')):
+    r = row[key]
+    lines.append(
+      f'{label:<36}{r["images_per_sec"]:>10,.1f}{r["seconds_per_batch"] * 1e3:>10,.1f}'
+      f'{r["gflops_per_sec"]:>9,.1f}{_share(r["roofline_share"]):>9}{_mib(r["temp_bytes"]):>13}'
+    )
+  for r in row.get('torch', {}).values():
+    label = f'PyTorch {"fused" if r["model"] == "deploy" else "training-time"} {r["layout"]}'
+    lines.append(
+      f'{label:<36}{r["images_per_sec"]:>10,.1f}{row["batch"] / r["images_per_sec"] * 1e3:>10,.1f}'
+    )
+  lines.append(f'fused / training-time speed: {row["speedup"]:.2f}x')
+  for key, ratio in row.get('jax_over_torch', {}).items():
+    label = 'fused' if key == 'deploy' else 'training-time'
+    lines.append(f'JAX / PyTorch, {label}: {ratio:.2f}x (against the faster PyTorch layout)')
+  return '\n'.join(lines)
+
+
+def format_train(row: dict) -> str:
+  r = row['jax']
+  lines = [
+    _setup(row) + f', {row["num_classes"]} classes, training step',
+    f'{"step":<36}{"images/s":>10}{"ms/step":>10}{"GFLOP/s":>9}{"roofline":>9}{"temp memory":>13}',
+    f'{"JAX":<36}{r["images_per_sec"]:>10,.1f}{r["seconds_per_batch"] * 1e3:>10,.1f}'
+    f'{r["gflops_per_sec"]:>9,.1f}{_share(r["roofline_share"]):>9}{_mib(r["temp_bytes"]):>13}',
+  ]
+  for t in row.get('torch', {}).values():
+    label = f'PyTorch eager {t["layout"]}'
+    lines.append(
+      f'{label:<36}{t["images_per_sec"]:>10,.1f}{row["batch"] / t["images_per_sec"] * 1e3:>10,.1f}'
+    )
+  if 'jax_over_torch' in row:
+    lines.append(f'JAX / PyTorch, training step: {row["jax_over_torch"]["train_step"]:.2f}x')
+  return '\n'.join(lines)
+
+
+def format_roofline(row: dict) -> str:
+  sizes = ', '.join(f'{n}: {g:,.0f}' for n, g in row['matmul_by_size'].items())
+  return (
+    f'{row["backend"]} ({row["device"]}), {row["dtype"]}: '
+    f'matmul {row["matmul_gflops_per_sec"]:,.1f} '
+    f'GFLOP/s (square sides {sizes}); 3x3 conv {row["conv_gflops_per_sec"]:,.1f} GFLOP/s '
+    f'(NHWC {row["conv_shape"]})'
+  )
+
+
+def format_layers(rows: list[dict]) -> str:
+  lines = [
+    f'{"map":>11}{"channels":>12}{"groups":>7}{"stride":>7}{"XLA ms":>9}{"im2col ms":>10}'
+    f'{"faster":>8}{"auto":>8}'
+  ]
+  for r in rows:
+    channels = f'{r["in_channels"]}->{r["features"]}'
+    lines.append(
+      f'{r["side"]:>5}->{r["out_side"]:<5}{channels:>12}{r["groups"]:>7}{r["stride"]:>7}'
+      f'{r["xla_ms"]:>9.2f}{r["im2col_ms"]:>10.2f}{r["faster"]:>8}{r["auto"]:>8}'
+    )
+  return '\n'.join(lines)
+
+
+def markdown(rows: list[dict]) -> str:
+  """Markdown tables of every kind of row present, one section each."""
+  out = []
+  roof = [r for r in rows if r['kind'] == 'roofline']
+  if roof:
+    out += ['| machine | dtype | matmul GFLOP/s | 3x3 conv GFLOP/s |', '|---|---|---:|---:|']
+    for r in roof:
+      out.append(
+        f'| {r["device"]} | {r["dtype"]} | {r["matmul_gflops_per_sec"]:,.0f} '
+        f'| {r["conv_gflops_per_sec"]:,.0f} |'
+      )
+    out.append('')
+  infer = [r for r in rows if r['kind'] == 'infer']
+  if infer:
+    out += [
+      '| model | batch | size | unfused img/s | fused img/s | fused/unfused '
+      '| temp MiB unfused / fused | fused GFLOP/s | roofline | PyTorch fused img/s '
+      '| JAX/PyTorch fused |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+    ]
+    for r in infer:
+      torch = _best_torch(r, 'deploy')
+      ratio = r.get('jax_over_torch', {}).get('deploy')
+      temps = f'{_mib(r["train"]["temp_bytes"])[:-4]} / {_mib(r["deploy"]["temp_bytes"])[:-4]}'
+      out.append(
+        f'| {r["model"]} | {r["batch"]} | {r["size"]} | {r["train"]["images_per_sec"]:,.1f} '
+        f'| {r["deploy"]["images_per_sec"]:,.1f} | {r["speedup"]:.2f}x | {temps} '
+        f'| {r["deploy"]["gflops_per_sec"]:,.0f} | {_share(r["deploy"]["roofline_share"])} '
+        f'| {torch["images_per_sec"]:,.1f} ({torch["layout"]}) | {ratio:.2f}x |'
+        if torch
+        else f'| {r["model"]} | {r["batch"]} | {r["size"]} | {r["train"]["images_per_sec"]:,.1f} '
+        f'| {r["deploy"]["images_per_sec"]:,.1f} | {r["speedup"]:.2f}x | {temps} '
+        f'| {r["deploy"]["gflops_per_sec"]:,.0f} | {_share(r["deploy"]["roofline_share"])} | | |'
+      )
+    out.append('')
+  train = [r for r in rows if r['kind'] == 'train']
+  if train:
+    out += [
+      '| model | batch | size | devices | JAX img/s | GFLOP/s | roofline | PyTorch eager img/s '
+      '| JAX/PyTorch |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
+    ]
+    for r in train:
+      torch = _best_torch(r)
+      torch_cells = (
+        f'{torch["images_per_sec"]:,.1f} ({torch["layout"]}) | '
+        f'{r["jax_over_torch"]["train_step"]:.2f}x'
+        if torch
+        else ' | '
+      )
+      out.append(
+        f'| {r["model"]} | {r["batch"]} | {r["size"]} | {r["num_devices"]} '
+        f'| {r["jax"]["images_per_sec"]:,.1f} | {r["jax"]["gflops_per_sec"]:,.0f} '
+        f'| {_share(r["jax"]["roofline_share"])} | {torch_cells} |'
+      )
+    out.append('')
+  return '\n'.join(out)
+
+
+def plot_figure1(rows: list[dict], path) -> pathlib.Path:
+  """Images/s against parameters for each variant, fused and unfused (the paper's Figure 1)."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  infer = [r for r in rows if r['kind'] == 'infer']
+  if not infer:
+    raise ValueError('No inference rows to plot.')
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for key, label, marker in (
+    ('deploy', 'fused (deploy)', 'o'),
+    ('train', 'unfused (training-time)', 's'),
+  ):
+    xs = [r['deploy']['params'] / 1e6 for r in infer]
+    ys = [r[key]['images_per_sec'] for r in infer]
+    ax.plot(xs, ys, marker, label=label, alpha=0.8)
+  for r in infer:
+    ax.annotate(
+      r['model'].replace('RepVGG-', ''),
+      (r['deploy']['params'] / 1e6, r['deploy']['images_per_sec']),
+      fontsize=7,
+      xytext=(3, 3),
+      textcoords='offset points',
+    )
+  first = infer[0]
+  ax.set_xlabel('parameters of the deployed model (millions)')
+  ax.set_ylabel('images / s')
+  ax.set_yscale('log')
+  ax.set_title(
+    f'RepVGG inference, batch {first["batch"]}, {first["size"]}x{first["size"]}, '
+    f'{first["dtype"]}, {first["device"]}',
+    fontsize=9,
+  )
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

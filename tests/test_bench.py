@@ -1,0 +1,176 @@
+"""The benchmark suite measures what it says: FLOP counts, PyTorch parity, tables and plot.
+
+Timings are never asserted (this machine is shared and noisy); what is checked
+is that the figures are computed from the right quantities.
+"""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import repvgg_jax
+from repvgg_jax import bench, bench_report
+
+# A0 with one block per stage at quarter width: compiles in seconds.
+TINY = dataclasses.replace(
+  repvgg_jax.get_variant('A0'), num_blocks=(1, 1, 2, 1), width_multipliers=(0.25, 0.25)
+)
+
+
+@pytest.mark.parametrize('name, deploy_macs', [('A0', 1_361_451_008), ('B0', 3_057_600_512)])
+def test_macs_match_the_paper(name, deploy_macs):
+  """SPEC: A0 1.36 G and B0 3.06 G multiply-adds at 224; training-time about 11% more."""
+  images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  macs = {}
+  for deploy in (False, True):
+    for impl in ('xla', 'im2col'):
+      model = repvgg_jax.create_model(name, deploy=deploy, conv_impl=impl)
+      variables = jax.eval_shape(model.init, jax.random.key(0), images)
+      macs[deploy, impl] = bench.count_macs(
+        lambda v, x, m=model: m.apply(v, x, train=False), variables, images
+      )
+  assert macs[True, 'xla'] == macs[True, 'im2col'] == deploy_macs
+  assert macs[False, 'xla'] == macs[False, 'im2col']
+  assert 1.10 < macs[False, 'xla'] / deploy_macs < 1.12
+
+
+def test_interleaved_medians_alternate_the_functions():
+  calls = []
+  medians = bench.interleaved_medians(
+    {'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, runs=3, warmup=1
+  )
+  assert calls == ['a', 'b'] * 4
+  assert set(medians) == {'a', 'b'} and all(len(times) == 3 for _, times in medians.values())
+
+
+def test_randomized_statistics_are_not_fresh():
+  model = repvgg_jax.create_model(TINY, num_classes=10)
+  variables = bench.randomized_variables(model, jnp.zeros((1, 16, 16, 3)))
+  stats = jax.tree_util.tree_flatten_with_path(variables['batch_stats'])[0]
+  for path, leaf in stats:
+    if path[-1].key == 'var':
+      assert 0.5 <= float(leaf.min()) and float(leaf.max()) <= 2.0 and float(leaf.std()) > 0.1
+    else:
+      assert float(jnp.abs(leaf).max()) > 0.01
+
+
+def test_inference_bench_checks_pytorch_then_times_both(tmp_path):
+  pytest.importorskip('torch')
+  out = tmp_path / 'rows.jsonl'
+  row = bench.benchmark(TINY, batch=2, size=16, runs=1, warmup=0, with_torch=True)
+  assert row['kind'] == 'infer' and row['conv_impl'] == 'auto'
+  for key, deploy in (('train', False), ('deploy', True)):
+    model = repvgg_jax.create_model(TINY, deploy=deploy)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    assert row[key]['params'] == sum(leaf.size for leaf in jax.tree.leaves(shapes['params']))
+  layouts = {(r['model'], r['layout']) for r in row['torch'].values()}
+  assert layouts == {(m, lay) for m in ('train', 'deploy') for lay in ('nchw', 'channels_last')}
+  assert all(r['logit_rel_error'] <= 1e-5 for r in row['torch'].values())
+  assert row['jax_over_torch']['deploy'] == pytest.approx(
+    row['deploy']['images_per_sec']
+    / max(r['images_per_sec'] for r in row['torch'].values() if r['model'] == 'deploy')
+  )
+  seconds = row['deploy']['seconds_per_batch']
+  macs = row['deploy']['macs_per_image']
+  assert row['deploy']['gflops_per_sec'] == pytest.approx(2 * macs * 2 / seconds / 1e9)
+  assert 'JAX / PyTorch, fused' in bench_report.format_infer(row)
+  bench_report.append_jsonl(out, row)
+  assert bench_report.read_jsonl(out) == [json.loads(json.dumps(row))]
+
+
+def test_pytorch_that_disagrees_is_refused():
+  pytest.importorskip('torch')
+  from repvgg_jax import bench_torch
+
+  model = repvgg_jax.create_model('A0', num_classes=10, deploy=True, conv_impl='xla')
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(1), images)
+  torch_model = bench_torch.torch_model('A0', variables, 10, deploy=True)
+  logits = np.asarray(model.apply(variables, images))
+  assert bench_torch.check_logits(torch_model, images, logits) <= 1e-5
+  with pytest.raises(bench_torch.LogitMismatchError, match='not the same'):
+    bench_torch.check_logits(torch_model, images, logits * 1.01)
+
+
+def test_train_step_bench_over_devices_and_pytorch():
+  pytest.importorskip('torch')
+  row = bench.benchmark_train_step(
+    TINY, batch=4, size=16, runs=1, warmup=0, num_classes=10, with_torch=True, peak_gflops=100.0
+  )
+  assert row['kind'] == 'train' and row['num_devices'] == jax.device_count()
+  assert row['jax']['images_per_sec'] > 0 and row['jax']['roofline_share'] > 0
+  assert set(row['torch']) == {'torch_nchw', 'torch_channels_last'}
+  assert all(r['logit_rel_error'] <= 1e-5 for r in row['torch'].values())
+  assert 'training step' in bench_report.format_train(row)
+
+
+def test_roofline_and_layers_report_positive_figures(tmp_path):
+  assert bench.main(['roofline', '--json', str(tmp_path / 'roof.jsonl')]) == 0
+  (roof,) = bench_report.read_jsonl(tmp_path / 'roof.jsonl')
+  assert roof['matmul_gflops_per_sec'] > 0 and roof['conv_gflops_per_sec'] > 0
+  assert bench.peak_of(roof) == roof['matmul_gflops_per_sec']  # On CPU.
+  rows = bench.benchmark_layers(TINY, batch=1, size=16, train=True, runs=1, warmup=0)
+  # Stride-2 blocks 16->8->4->2->1->1 and stage 3's second block at 1x1.
+  assert [(r['side'], r['stride']) for r in rows] == [
+    (16, 2),
+    (8, 2),
+    (4, 2),
+    (2, 2),
+    (1, 1),
+    (1, 2),
+  ]
+  assert all(r['auto'] == 'im2col' for r in rows)  # Every map is 8x8 or smaller.
+  assert 'auto' in bench_report.format_layers(rows)
+
+
+def _infer_row(name, params, fused, unfused):
+  timing = lambda ips: {
+    'images_per_sec': ips,
+    'seconds_per_batch': 8 / ips,
+    'gflops_per_sec': 1.0,
+    'roofline_share': 0.5,
+    'temp_bytes': 2**20,
+    'params': params,
+  }
+  return {
+    'kind': 'infer',
+    'model': name,
+    'batch': 8,
+    'size': 224,
+    'dtype': 'float32',
+    'conv_impl': 'auto',
+    'backend': 'cpu',
+    'device': 'cpu',
+    'num_devices': 1,
+    'runs': 3,
+    'train': timing(unfused),
+    'deploy': timing(fused),
+    'speedup': fused / unfused,
+  }
+
+
+def test_markdown_and_figure1(tmp_path):
+  rows = [_infer_row('RepVGG-A0', 8.3e6, 100.0, 50.0), _infer_row('RepVGG-B0', 14.3e6, 40.0, 20.0)]
+  table = bench_report.markdown(rows)
+  assert '| RepVGG-A0 | 8 | 224 | 50.0 | 100.0 | 2.00x |' in table
+  path = bench_report.plot_figure1(rows, tmp_path / 'figure1.png')
+  assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  with pytest.raises(ValueError, match='No inference rows'):
+    bench_report.plot_figure1([], tmp_path / 'empty.png')
+  jsonl = tmp_path / 'rows.jsonl'
+  for row in rows:
+    bench_report.append_jsonl(jsonl, row)
+  assert bench_report.read_jsonl(jsonl) == json.loads(json.dumps(rows))
+
+
+def test_unknown_model_and_bad_sizes_are_refused(capsys):
+  with pytest.raises(SystemExit):
+    bench.main(['train', '--model', 'C9'])
+  assert 'C9' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    bench.main(['--batch', '0'])
+  assert 'must be positive' in capsys.readouterr().err
