@@ -8,7 +8,7 @@ and the benchmark settings. Every row trains with the same seed and schedule in
 ``<workdir>/<row>`` (`trainer.train_and_evaluate`), then is measured: top-1 of the
 training-time and fused models over the eval split, trainable parameters of both,
 the largest logit difference between the trained model and its saved fused model
-over the eval split, and the inference speed of both (`bench.benchmark_models`:
+over the eval split, and the inference speed of both (`bench_models.benchmark_models`:
 the trained variables on random images, timed side by side). The results go to
 ``<workdir>/ablation.md``, ``ablation.csv`` and ``ablation.png``.
 
@@ -47,7 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from repvgg_jax import ablation_report, bench, checkpointing, data, trainer  # noqa: E402
+from repvgg_jax import ablation_report, bench_models, bench_timing, checkpointing, data, trainer  # noqa: E402
 from repvgg_jax.model import normalize_branches  # noqa: E402
 
 ROW_FILE = 'ablation_row.json'
@@ -236,7 +236,7 @@ def measure(config, row_dir: pathlib.Path, settings: dict) -> dict:
 
   Both are the trained ones: the last training checkpoint and the saved deploy
   checkpoint (`trainer.train_and_evaluate` writes both). They are timed side by
-  side on random images (`bench.benchmark_models`); the logits are compared on the
+  side on random images (`bench_models.benchmark_models`); the logits are compared on the
   eval split in inference mode, with the same compiled functions when the timed
   image size is the dataset's.
   """
@@ -246,7 +246,7 @@ def measure(config, row_dir: pathlib.Path, settings: dict) -> dict:
   model, deploy = trainer.build_model(config), trainer.build_model(config, deploy=True)
   shape = (settings['batch'], settings['size'], settings['size'], 3)
   images = jax.random.normal(jax.random.key(config.seed), shape, jnp.float32)
-  result, forward = bench.benchmark_models(
+  result, forward = bench_models.benchmark_models(
     model, deploy, variables, fused, images, settings['runs'], settings['warmup']
   )
   batch_size = settings['batch']
@@ -377,11 +377,11 @@ def time_fused_rows_together(config, workdir: pathlib.Path, names, settings: dic
   shape = (settings['batch'], settings['size'], settings['size'], 3)
   images = jax.random.normal(jax.random.key(config.seed), shape, jnp.float32)
   fused = [_restore_latest(workdir / name / 'deploy') for name in names]
-  forward, _ = bench._compiled_forward(deploy, fused[0], images)
+  forward, _ = bench_timing.compiled_forward(deploy, fused[0], images)
   times = [[] for _ in names]
   for run in range(settings['warmup'] + settings['runs']):
     for row_times, variables in zip(times, fused, strict=True):
-      seconds = bench._time_once(forward, variables, images)
+      seconds = bench_timing.time_once(forward, variables, images)
       if run >= settings['warmup']:
         row_times.append(seconds)
   return [settings['batch'] / float(np.median(row_times)) for row_times in times]

@@ -59,7 +59,7 @@ def inference_fns(name, variables, fused, images) -> dict[str, tuple[Callable, d
   Both models are checked against the JAX models' logits on ``images`` first.
 
   Returns:
-    ``{'torch_train_nchw': (fn, info), ...}`` as `bench.benchmark_models` takes
+    ``{'torch_train_nchw': (fn, info), ...}`` as `bench_models.benchmark_models` takes
     as ``extra``; ``info`` names the model, the layout and the logit error.
   """
   from repvgg_jax.model import create_model

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import repvgg_jax
-from repvgg_jax import bench, bench_report
+from repvgg_jax import bench, bench_models, bench_report, bench_timing
 
 # A0 with one block per stage at quarter width: compiles in seconds.
 TINY = dataclasses.replace(
@@ -30,7 +30,7 @@ def test_macs_match_the_paper(name, deploy_macs):
     for impl in ('xla', 'im2col'):
       model = repvgg_jax.create_model(name, deploy=deploy, conv_impl=impl)
       variables = jax.eval_shape(model.init, jax.random.key(0), images)
-      macs[deploy, impl] = bench.count_macs(
+      macs[deploy, impl] = bench_timing.count_macs(
         lambda v, x, m=model: m.apply(v, x, train=False), variables, images
       )
   assert macs[True, 'xla'] == macs[True, 'im2col'] == deploy_macs
@@ -40,7 +40,7 @@ def test_macs_match_the_paper(name, deploy_macs):
 
 def test_interleaved_medians_alternate_the_functions():
   calls = []
-  medians = bench.interleaved_medians(
+  medians = bench_timing.interleaved_medians(
     {'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, runs=3, warmup=1
   )
   assert calls == ['a', 'b'] * 4
@@ -49,7 +49,7 @@ def test_interleaved_medians_alternate_the_functions():
 
 def test_randomized_statistics_are_not_fresh():
   model = repvgg_jax.create_model(TINY, num_classes=10)
-  variables = bench.randomized_variables(model, jnp.zeros((1, 16, 16, 3)))
+  variables = bench_models.randomized_variables(model, jnp.zeros((1, 16, 16, 3)))
   stats = jax.tree_util.tree_flatten_with_path(variables['batch_stats'])[0]
   for path, leaf in stats:
     if path[-1].key == 'var':
@@ -61,7 +61,7 @@ def test_randomized_statistics_are_not_fresh():
 def test_inference_bench_checks_pytorch_then_times_both(tmp_path):
   pytest.importorskip('torch')
   out = tmp_path / 'rows.jsonl'
-  row = bench.benchmark(TINY, batch=2, size=16, runs=1, warmup=0, with_torch=True)
+  row = bench_models.benchmark(TINY, batch=2, size=16, runs=1, warmup=0, with_torch=True)
   assert row['kind'] == 'infer' and row['conv_impl'] == 'auto'
   for key, deploy in (('train', False), ('deploy', True)):
     model = repvgg_jax.create_model(TINY, deploy=deploy)
@@ -98,7 +98,7 @@ def test_pytorch_that_disagrees_is_refused():
 
 def test_train_step_bench_over_devices_and_pytorch():
   pytest.importorskip('torch')
-  row = bench.benchmark_train_step(
+  row = bench_models.benchmark_train_step(
     TINY, batch=4, size=16, runs=1, warmup=0, num_classes=10, with_torch=True, peak_gflops=100.0
   )
   assert row['kind'] == 'train' and row['num_devices'] == jax.device_count()
@@ -112,8 +112,8 @@ def test_roofline_and_layers_report_positive_figures(tmp_path):
   assert bench.main(['roofline', '--json', str(tmp_path / 'roof.jsonl')]) == 0
   (roof,) = bench_report.read_jsonl(tmp_path / 'roof.jsonl')
   assert roof['matmul_gflops_per_sec'] > 0 and roof['conv_gflops_per_sec'] > 0
-  assert bench.peak_of(roof) == roof['matmul_gflops_per_sec']  # On CPU.
-  rows = bench.benchmark_layers(TINY, batch=1, size=16, train=True, runs=1, warmup=0)
+  assert bench_timing.peak_of(roof) == roof['matmul_gflops_per_sec']  # On CPU.
+  rows = bench_timing.benchmark_layers(TINY, batch=1, size=16, train=True, runs=1, warmup=0)
   # Stride-2 blocks 16->8->4->2->1->1 and stage 3's second block at 1x1.
   assert [(r['side'], r['stride']) for r in rows] == [
     (16, 2),

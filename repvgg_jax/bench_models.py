@@ -1,0 +1,306 @@
+"""Model benchmarks: inference of the training-time and fused models, training steps.
+
+Each compares its functions side by side in one run (`bench_timing.interleaved_medians`),
+with the same network in PyTorch beside them when asked (`bench_torch`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from ml_collections import ConfigDict
+
+from repvgg_jax import fusion, optim, variants
+from repvgg_jax.bench_timing import compiled_forward, count_macs, interleaved_medians, temp_bytes
+from repvgg_jax.model import create_model
+
+
+def randomized_variables(model, images, seed: int = 0):
+  """Initialised variables with random BatchNorm statistics, as a trained model has.
+
+  Fresh statistics (mean 0, variance 1) would make the PyTorch logit check
+  blind to a misplaced statistic.
+  """
+  variables = jax.jit(model.init)(jax.random.key(seed), images[:1])
+  if 'batch_stats' not in variables:
+    return variables
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(variables['batch_stats'])
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  stats = []
+  for key, (path, leaf) in zip(keys, leaves, strict=True):
+    if path[-1].key == 'var':
+      stats.append(jax.random.uniform(key, leaf.shape, leaf.dtype, 0.5, 2.0))
+    else:
+      stats.append(0.1 * jax.random.normal(key, leaf.shape, leaf.dtype))
+  return {**variables, 'batch_stats': jax.tree.unflatten(treedef, stats)}
+
+
+def _rates(batch: int, seconds: float, all_seconds, macs: int, peak: float | None) -> dict:
+  """Images/s and achieved GFLOP/s (2 per multiply-add) of one timed function."""
+  gflops = 2 * macs * batch / seconds / 1e9
+  return {
+    'seconds_per_batch': seconds,
+    'images_per_sec': batch / seconds,
+    'all_seconds': all_seconds,
+    'gflops_per_sec': gflops,
+    'roofline_share': gflops / peak if peak else None,
+  }
+
+
+def benchmark(
+  name: str,
+  batch: int = 32,
+  size: int = 224,
+  runs: int = 5,
+  warmup: int = 2,
+  dtype: str = 'float32',
+  seed: int = 0,
+  conv_impl: str = 'auto',
+  with_torch: bool = False,
+  peak_gflops: float | None = None,
+) -> dict:
+  """Inference images/s of the training-time and the fused model, side by side.
+
+  Args:
+    name: the variant.
+    batch, size: images per batch and their side.
+    runs, warmup: timed and untimed runs of each model.
+    dtype: compute dtype.
+    seed: of the weights, BatchNorm statistics and images.
+    conv_impl: see `repvgg_jax.conv`.
+    with_torch: also time the same two networks in PyTorch (`bench_torch`).
+    peak_gflops: the machine's measured roofline, for ``roofline_share``.
+
+  Returns:
+    A dict with, for ``train`` and ``deploy``: median seconds per batch,
+    images/s, every timed run, GFLOP/s and compiled temporary memory in bytes;
+    ``speedup`` (deploy over train images/s); with torch, ``torch`` timings
+    and ``jax_over_torch`` ratios; and the set-up.
+  """
+  variant = variants.get_variant(name)
+  model = create_model(variant, dtype=jnp.dtype(dtype), conv_impl=conv_impl)
+  deploy = create_model(variant, deploy=True, dtype=jnp.dtype(dtype), conv_impl=conv_impl)
+  images = jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
+  variables = randomized_variables(model, images, seed)
+  fused = jax.jit(fusion.fuse_params)(variables)
+  extra = {}
+  if with_torch:
+    from repvgg_jax import bench_torch
+
+    extra = bench_torch.inference_fns(variant, variables, fused, images)
+  result, _ = benchmark_models(
+    model, deploy, variables, fused, images, runs, warmup, extra=extra, peak_gflops=peak_gflops
+  )
+  return result
+
+
+def benchmark_models(
+  model,
+  deploy,
+  variables,
+  fused,
+  images,
+  runs: int = 5,
+  warmup: int = 2,
+  extra: dict | None = None,
+  peak_gflops: float | None = None,
+):
+  """Times ``model`` on ``variables`` against ``deploy`` on ``fused``, alternating runs.
+
+  Args:
+    model: the training-time `RepVGG`; ``deploy``: its fused counterpart.
+    variables: ``model``'s variables; ``fused``: ``deploy``'s.
+    images: the timed batch, NHWC float32.
+    runs: timed runs of each model.
+    warmup: untimed runs of each model after compiling.
+    extra: more functions to time in the same rounds, e.g. PyTorch's
+      (`bench_torch.inference_fns`): ``{name: (fn, info)}`` with ``fn()``
+      blocking and ``info`` a dict stored under ``result['torch'][name]``.
+    peak_gflops: the machine's measured roofline, for ``roofline_share``.
+
+  Returns:
+    ``(result, compiled)``: the result as `benchmark` returns it, and the compiled
+    inference functions ``{'train': fn, 'deploy': fn}``, called as
+    ``fn(variables, images)`` with any values of the timed shapes.
+  """
+  forward = {
+    'train': compiled_forward(model, variables, images),
+    'deploy': compiled_forward(deploy, fused, images),
+  }
+  inputs = {'train': variables, 'deploy': fused}
+  fns = {
+    key: (lambda fn=fn, v=inputs[key]: jax.block_until_ready(fn(v, images)))
+    for key, (fn, _) in forward.items()
+  }
+  extra = extra or {}
+  fns.update({name: fn for name, (fn, _) in extra.items()})
+  medians = interleaved_medians(fns, runs, warmup)
+  batch, size = images.shape[0], images.shape[1]
+  result = {
+    'kind': 'infer',
+    'model': model.variant.name,
+    'batch': batch,
+    'size': size,
+    'dtype': jnp.dtype(model.dtype).name,
+    'conv_impl': model.conv_impl,
+    'backend': jax.default_backend(),
+    'device': jax.devices()[0].device_kind,
+    'num_devices': 1,
+    'runs': runs,
+  }
+  for key, (_, temp) in forward.items():
+    chosen = model if key == 'train' else deploy
+    macs = count_macs(lambda v, x, m=chosen: m.apply(v, x, train=False), inputs[key], images[:1])
+    result[key] = {
+      **_rates(batch, *medians[key], macs, peak_gflops),
+      'temp_bytes': temp,
+      'macs_per_image': macs,
+      'params': sum(leaf.size for leaf in jax.tree.leaves(inputs[key]['params'])),
+    }
+  result['speedup'] = result['deploy']['images_per_sec'] / result['train']['images_per_sec']
+  if extra:
+    result['torch'] = {
+      name: {**info, 'images_per_sec': batch / medians[name][0], 'all_seconds': medians[name][1]}
+      for name, (_, info) in extra.items()
+    }
+    result['jax_over_torch'] = _ratios_to_torch(result, ('train', 'deploy'))
+  compiled = {key: fn for key, (fn, _) in forward.items()}
+  return result, compiled
+
+
+def _ratios_to_torch(result: dict, keys) -> dict:
+  """JAX images/s over the fastest PyTorch layout of the same model, per key."""
+  ratios = {}
+  for key in keys:
+    torch_rates = [r['images_per_sec'] for r in result['torch'].values() if r['model'] == key]
+    if torch_rates:
+      ratios[key] = result[key]['images_per_sec'] / max(torch_rates)
+  return ratios
+
+
+def _train_config(num_classes: int, bn_group_size: int) -> ConfigDict:
+  """The fields `steps.train_step` reads."""
+  return ConfigDict(
+    {
+      'dataset': {'num_classes': num_classes},
+      'model': {'bn_group_size': bn_group_size},
+      'optimizer': {'mixup_alpha': 0.0, 'label_smoothing': 0.0},
+    }
+  )
+
+
+def benchmark_train_step(
+  name: str,
+  batch: int = 128,
+  size: int = 32,
+  runs: int = 5,
+  warmup: int = 2,
+  dtype: str = 'float32',
+  conv_impl: str = 'auto',
+  num_classes: int = 1000,
+  bn_group_size: int = 0,
+  with_torch: bool = False,
+  peak_gflops: float | None = None,
+) -> dict:
+  """Images/s of the trainer's SGD step, data parallel over every device.
+
+  The step is `steps.train_step` jitted as the trainer jits it (batch sharded
+  over a ``data`` mesh axis, state replicated and donated), with the paper's
+  optimizer (SGD, momentum 0.9, weight decay 1e-4 on kernels) at a constant
+  learning rate. ``bn_group_size`` 0 computes BatchNorm statistics over the
+  whole batch, as single-process PyTorch does.
+
+  Returns:
+    A dict with ``jax`` timings (images/s, GFLOP/s counting the backward pass
+    as twice the forward, temporary memory), with torch the ``torch`` timings
+    and ``jax_over_torch``, and the set-up.
+  """
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from repvgg_jax import steps
+
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  if batch % mesh.size:
+    raise ValueError(f'--batch {batch} must be a multiple of the {mesh.size} devices.')
+  variant = variants.get_variant(name)
+  model = create_model(
+    variant, num_classes=num_classes, dtype=jnp.dtype(dtype), conv_impl=conv_impl
+  )
+  config = _train_config(num_classes, bn_group_size)
+  tx = optax.chain(
+    optax.add_decayed_weights(1e-4, mask=optim.weight_decay_mask), optax.sgd(0.1, momentum=0.9)
+  )
+  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  variables = model.clone(conv_impl='xla').init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  state = jax.device_put(
+    steps.TrainState.create(
+      apply_fn=model.apply,
+      params=variables['params'],
+      tx=tx,
+      batch_stats=variables['batch_stats'],
+    ),
+    replicated,
+  )
+  step = jax.jit(
+    lambda state, batch, rng: steps.train_step(state, batch, rng, model=model, config=config),
+    in_shardings=(replicated, sharded, replicated),
+    out_shardings=(replicated, replicated),
+    donate_argnums=0,
+  )
+  rng = jax.random.key(1)
+  data = {
+    'image': jax.device_put(
+      jax.random.normal(jax.random.key(2), (batch, size, size, 3), jnp.float32), sharded
+    ),
+    'label': jax.device_put(jax.random.randint(rng, (batch,), 0, num_classes), sharded),
+  }
+  compiled = step.lower(state, data, rng).compile()
+  holder = {'state': state}
+
+  def run_step():
+    holder['state'], metrics = compiled(holder['state'], data, rng)
+    jax.block_until_ready(metrics)
+
+  fns = {'jax': run_step}
+  torch_info = {}
+  if with_torch:
+    from repvgg_jax import bench_torch
+
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    torch_info = bench_torch.train_step_fns(variant, variables, data, num_classes)
+    fns.update({key: fn for key, (fn, _) in torch_info.items()})
+  medians = interleaved_medians(fns, runs, warmup)
+  macs = count_macs(
+    lambda v, x: model.apply(v, x, train=False),
+    {'params': state.params, 'batch_stats': state.batch_stats},
+    data['image'][:1],
+  )
+  result = {
+    'kind': 'train',
+    'model': variant.name,
+    'batch': batch,
+    'size': size,
+    'dtype': jnp.dtype(dtype).name,
+    'conv_impl': conv_impl,
+    'num_classes': num_classes,
+    'bn_group_size': bn_group_size,
+    'backend': jax.default_backend(),
+    'device': jax.devices()[0].device_kind,
+    'num_devices': mesh.size,
+    'runs': runs,
+    'jax': {
+      **_rates(batch, *medians['jax'], 3 * macs, peak_gflops),
+      'temp_bytes': temp_bytes(compiled),
+    },
+  }
+  if torch_info:
+    result['torch'] = {
+      key: {**info, 'images_per_sec': batch / medians[key][0], 'all_seconds': medians[key][1]}
+      for key, (_, info) in torch_info.items()
+    }
+    best = max(r['images_per_sec'] for r in result['torch'].values())
+    result['jax_over_torch'] = {'train_step': result['jax']['images_per_sec'] / best}
+  return result
