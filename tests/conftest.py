@@ -1,10 +1,36 @@
-"""Test set-up: the CPU backend, and the test helpers importable."""
+"""Test set-up: the CPU backend, a compilation cache per session, the helpers importable."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 # Tests run on the CPU; this also keeps the CUDA plugin from probing for a GPU.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
+
+def pytest_configure(config):
+  """One persistent compilation cache for the session, new each time.
+
+  On the CPU compiling dominates the tests, and many compile the same programs:
+  the interrupted and uninterrupted runs, the two xdist workers, the trainer's
+  subprocesses. A cached executable is the one XLA would compile, so no check
+  changes; a new directory per session reuses nothing from an earlier run. It is
+  set before JAX is imported; xdist workers and subprocesses inherit it.
+  """
+  if 'JAX_COMPILATION_CACHE_DIR' in os.environ:  # The user's, or (xdist worker) the session's.
+    return
+  directory = tempfile.mkdtemp(prefix='repvgg-jax-test-compilation-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = directory
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+  config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
+
+
+def pytest_collection_modifyitems(items):
+  # The end-to-end training tests are the longest (subprocesses, several runs): started
+  # first, they leave the short tests to fill both xdist workers at the end. Their order,
+  # and every other test's, is kept (module fixtures stay shared).
+  items.sort(key=lambda item: item.path.name != 'test_train.py')

@@ -14,7 +14,8 @@ def random_variables(model, input_shape, seed=0):
   Freshly initialised BatchNorm (scale 1, bias 0, mean 0, var 1) hides fusion
   errors, so every scale, bias, running mean and running variance is random.
   Kernels are drawn with variance 1/fan_in to keep activations in range
-  through the deep networks. Built with numpy from `jax.eval_shape`: no
+  through the deep networks, uniformly (several times faster to draw than
+  normal values; B3 has 123 M). Built with numpy from `jax.eval_shape`: no
   compiled init, so even B3 is cheap.
   """
   rng = np.random.default_rng(seed)
@@ -26,7 +27,9 @@ def random_variables(model, input_shape, seed=0):
     f32 = np.float32
     if name == 'kernel':
       fan_in = int(np.prod(shape[:-1]))
-      value = rng.standard_normal(shape, f32) * f32(np.sqrt(1.0 / fan_in))
+      value = rng.random(shape, f32)  # In place from here: no temporary copies.
+      value -= f32(0.5)
+      value *= f32(2 * np.sqrt(3.0 / fan_in))  # Uniform on +-sqrt(3 / fan_in).
     elif name == 'scale':
       value = rng.uniform(0.4, 1.2, shape).astype(f32)
     elif name in ('bias', 'mean'):

@@ -25,27 +25,33 @@ BFLOAT16_DRIFT_FACTOR = 2 * np.sqrt(2)
 BFLOAT16_MAX_ERROR = 0.1
 
 
-def logits_of(name, size, batch=2, dtype=jnp.float32, seed=0, calibrate=True):
-  """Training-time and fused logits of ``name`` on a random batch.
+def normal(shape, seed):
+  """Random float32 inputs from numpy: jax.random compiles anew for every shape."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def prepare(name, size, batch=2, seed=0, calibrate=True):
+  """A random batch, variables of ``name`` for it and their jitted fusion.
 
   With ``calibrate=False`` the statistics are random rather than fitted to the
   batch (cheaper: no train-mode compile); enough at small sizes, where the
   logits still depend on the input (checked by `assert_non_trivial`).
   """
-  model = repvgg_jax.create_model(name, dtype=dtype, precision='highest', conv_impl='xla')
-  deploy = repvgg_jax.create_model(
-    name, deploy=True, dtype=dtype, precision='highest', conv_impl='xla'
-  )
-  images = jax.random.normal(jax.random.key(seed), (batch, size, size, 3))
+  images = normal((batch, size, size, 3), seed)
+  model = repvgg_jax.create_model(name, precision='highest', conv_impl='xla')
   if calibrate:
-    calibration = repvgg_jax.create_model(name, precision='highest', conv_impl='xla')
-    variables = calibrated_variables(calibration, images, seed=seed)
+    variables = calibrated_variables(model, images, seed=seed)
   else:
     variables = random_variables(model, images.shape, seed=seed)
-  fused = jax.jit(repvgg_jax.fuse_params)(variables)
-  train_logits = jax.jit(model.apply)(variables, images)
-  deploy_logits = jax.jit(deploy.apply)(fused, images)
-  return train_logits, deploy_logits
+  return images, variables, jax.jit(repvgg_jax.fuse_params)(variables)
+
+
+def logits_of(name, variables, images, deploy=False, dtype=jnp.float32):
+  """The jitted logits of the training-time (or, with ``deploy``, the fused) model."""
+  model = repvgg_jax.create_model(
+    name, deploy=deploy, dtype=dtype, precision='highest', conv_impl='xla'
+  )
+  return jax.jit(model.apply)(variables, images)
 
 
 def assert_non_trivial(logits):
@@ -57,24 +63,33 @@ def assert_non_trivial(logits):
 
 @pytest.mark.parametrize('name', repvgg_jax.list_models())
 def test_every_variant_small_resolution(name):
-  train, deploy = logits_of(name, size=32, batch=4, calibrate=False)
+  # Two images suffice for `assert_non_trivial`; at 32x32 stages 1-3 run at 8x8 to 2x2.
+  images, variables, fused = prepare(name, size=32, calibrate=False)
+  train = logits_of(name, variables, images)
   assert_non_trivial(train)
-  assert relative_error(deploy, train) <= FLOAT32_TOLERANCE
+  assert relative_error(logits_of(name, fused, images, deploy=True), train) <= FLOAT32_TOLERANCE
 
 
-@pytest.mark.parametrize('size', [224, 225])
 @pytest.mark.parametrize('name', ['RepVGG-A0', 'RepVGG-B1g4'])
-def test_full_resolution_and_odd_size(name, size):
-  # 225 stays odd through four stride-2 stages (225, 113, 57, 29, 15, 8).
-  train, deploy = logits_of(name, size=size)
-  assert_non_trivial(train)
-  assert relative_error(deploy, train) <= FLOAT32_TOLERANCE
+def test_full_resolution_and_odd_size(name):
+  # Calibrated at 224; the same variables serve at 225, which stays odd through
+  # four stride-2 stages (225, 113, 57, 29, 15, 8).
+  images, variables, fused = prepare(name, size=224)
+  odd = normal((2, 225, 225, 3), seed=1)
+  for size, batch in ((224, images), (225, odd)):
+    train = logits_of(name, variables, batch)
+    assert train.shape == (2, 1000)
+    assert_non_trivial(train)
+    error = relative_error(logits_of(name, fused, batch, deploy=True), train)
+    assert error <= FLOAT32_TOLERANCE, f'{size}x{size}: {error}'
 
 
 def test_bfloat16_compute():
   name = 'RepVGG-A0'
-  reference, _ = logits_of(name, size=64, batch=8)
-  train, deploy = logits_of(name, size=64, batch=8, dtype=jnp.bfloat16)
+  images, variables, fused = prepare(name, size=64, batch=8)
+  reference = logits_of(name, variables, images)
+  train = logits_of(name, variables, images, dtype=jnp.bfloat16)
+  deploy = logits_of(name, fused, images, deploy=True, dtype=jnp.bfloat16)
   assert train.dtype == deploy.dtype == jnp.float32
   # Fusion adds no error of its own: the fused bf16 model is no further from the
   # float32 result than the training-time bf16 model is (up to a factor 2).
@@ -85,14 +100,16 @@ def test_bfloat16_compute():
 
 def test_fused_float32_model_is_as_accurate_as_the_training_model():
   """Against the float64 result, fusion costs no accuracy: the remaining
-  difference between the float32 models is each one's own rounding."""
-  name = 'RepVGG-B0'
-  train, deploy = logits_of(name, size=64, batch=8)
-  images = jax.random.normal(jax.random.key(0), (8, 64, 64, 3))
-  calibration = repvgg_jax.create_model(name, precision='highest', conv_impl='xla')
-  variables = calibrated_variables(calibration, images)
+  difference between the float32 models is each one's own rounding. (A0 at
+  64x64: the float32 programs are those of the bfloat16 test's reference.)"""
+  name = 'RepVGG-A0'
+  images, variables, fused = prepare(name, size=64, batch=8)
+  train = logits_of(name, variables, images)
+  deploy = logits_of(name, fused, images, deploy=True)
   with jax.enable_x64(True):
-    exact_model = calibration.clone(dtype=jnp.float64)
+    exact_model = repvgg_jax.create_model(name, precision='highest', conv_impl='xla').clone(
+      dtype=jnp.float64
+    )
     as64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
     exact = np.asarray(jax.jit(exact_model.apply)(as64(variables), as64(images)))
   train_error = relative_error(train, exact)
@@ -112,7 +129,7 @@ def test_backbone_returns_the_five_stage_outputs():
   )
   variables = random_variables(model, (1, 64, 64, 3))
   assert 'linear' not in variables['params']
-  images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+  images = normal((2, 64, 64, 3), seed=0)
   train = jax.jit(model.apply)(variables, images)
   fused = jax.jit(deploy.apply)(repvgg_jax.fuse_params(variables), images)
   assert [t.shape for t in train] == [
@@ -137,7 +154,7 @@ def test_ablation_branch_sets_fuse_to_the_same_deploy_model(branches):
   variables = random_variables(model, (1, 32, 32, 3))
   for block in variables['params'].values():
     assert set(block) <= set(branches) | {'kernel', 'bias'}
-  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  images = normal((2, 32, 32, 3), seed=0)
   train = jax.jit(model.apply)(variables, images)
   fused = jax.jit(deploy.apply)(repvgg_jax.fuse_params(variables), images)
   assert relative_error(fused, train) <= FLOAT32_TOLERANCE
@@ -151,7 +168,7 @@ def test_per_stage_branch_sets():
   assert set(variables['params']['stage0_block0']) == {'conv3x3'}
   assert set(variables['params']['stage1_block1']) == {'conv3x3', 'conv1x1'}
   assert set(variables['params']['stage2_block1']) == set(repvgg_jax.PAPER_BRANCHES)
-  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  images = normal((2, 32, 32, 3), seed=0)
   train = jax.jit(model.apply)(variables, images)
   fused = jax.jit(deploy.apply)(repvgg_jax.fuse_params(variables), images)
   assert relative_error(fused, train) <= FLOAT32_TOLERANCE

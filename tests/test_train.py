@@ -1,9 +1,11 @@
 """Training end to end: mock ImageNet and CIFAR-10, digits, device counts,
 resumption after SIGKILL and SIGTERM, several processes, and clear errors."""
 
+import functools
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from helpers import checkpoint_params, tiny_config
+from helpers import checkpoint_params, random_variables, tiny_config
 
 from repvgg_jax import checkpointing, data, steps, trainer
 
@@ -30,8 +32,45 @@ def digits_dir(tmp_path_factory):
   return data_dir
 
 
-def start_runner(workdir, data_dir, overrides, devices=1, process=None):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+# A 40-step digits run: long enough to learn and to be interrupted. The tests that
+# train it share its compiled programs (the session's compilation cache, conftest.py).
+RESUME = {'num_train_steps': 40, 'checkpoint_every_steps': 5, 'log_every_steps': 5}
+
+
+def train_in_process(data_dir, workdir, overrides):
+  """`tiny_config` trained in this process, on its one CPU device; returns the summary."""
+  summary = trainer.train_and_evaluate(tiny_config(data_dir, **overrides), workdir)
+  assert summary['num_devices'] == 1  # The tests compare it with runs of a known device count.
+  return summary
+
+
+def intercept_batches(monkeypatch, change):
+  """Passes the trainer's every batch through ``change(step, batch)`` (steps count from 1)."""
+  batches = data.train_batches
+
+  def intercepted(*args, start_step=0, **kwargs):
+    for step, batch in enumerate(batches(*args, start_step=start_step, **kwargs), start_step + 1):
+      yield change(step, batch)
+
+  monkeypatch.setattr(data, 'train_batches', intercepted)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, digits_dir):
+  """The RESUME run trained without interruption: ``(workdir, summary)``."""
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  return workdir, train_in_process(digits_dir, workdir, RESUME)
+
+
+@pytest.fixture(scope='module')
+def two_steps(tmp_path_factory, digits_dir):
+  """A finished two-step run on one device: ``(workdir, summary)``. Do not write to it."""
+  workdir = tmp_path_factory.mktemp('two_steps')
+  return workdir, train_in_process(digits_dir, workdir, {'num_train_steps': 2})
+
+
+def start_runner(workdir, data_dir, overrides, devices=1, process=None, seconds_per_batch=0):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', REPVGG_TEST_SECONDS_PER_BATCH=str(seconds_per_batch))
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   args = [sys.executable, str(RUNNER), str(workdir), data_dir, json.dumps(overrides)]
   args += [str(a) for a in process or ()]
@@ -71,7 +110,7 @@ def test_one_step_train_and_evaluate_under_mock_data(tmp_path, name):
   config = tiny_config(
     str(tmp_path / 'tfds'),
     **MOCK_DATASETS[name],
-    **{'dataset.name': name, 'num_train_steps': 1, 'batch_size': 8, 'eval_batch_size': 8},
+    **{'dataset.name': name, 'num_train_steps': 1},  # tiny_config's batch of 16.
   )
   workdir = tmp_path / 'work'
   with tfds.testing.mock_data(num_examples=16):
@@ -88,16 +127,17 @@ def test_one_step_train_and_evaluate_under_mock_data(tmp_path, name):
   assert list((workdir / 'tensorboard').iterdir())
 
 
-def test_short_digits_run_learns_and_deploy_checkpoint_matches(tmp_path, digits_dir):
-  config = tiny_config(digits_dir, num_train_steps=60, batch_size=32)
-  summary = trainer.train_and_evaluate(config, tmp_path)
-  assert summary['eval_top1'] >= 0.5  # Chance is 0.1.
+def test_short_digits_run_learns_and_deploy_checkpoint_matches(uninterrupted, digits_dir):
+  workdir, summary = uninterrupted
+  config = tiny_config(digits_dir, **RESUME)
+  assert summary['steps'] == RESUME['num_train_steps']
+  assert summary['eval_top1'] >= 0.5  # Chance is 0.1; 640 training images give about 0.74.
   assert abs(summary['eval_top1'] - summary['eval_top1_fused']) <= 1 / 360
 
   # The deploy checkpoint gives the training-time model's predictions.
   model, deploy = trainer.build_model(config), trainer.build_model(config, deploy=True)
-  state, _ = checkpointing.Checkpoints(tmp_path / 'checkpoints', read_only=True).restore()
-  fused, meta = checkpointing.Checkpoints(tmp_path / 'deploy', read_only=True).restore()
+  state, _ = checkpointing.Checkpoints(workdir / 'checkpoints', read_only=True).restore()
+  fused, meta = checkpointing.Checkpoints(workdir / 'deploy', read_only=True).restore()
   assert meta['deploy'] and meta['model'] == 'RepVGG-A0' and meta['num_classes'] == 10
   batch = next(data.eval_batches(config.dataset, global_batch_size=40))
   train_logits = model.apply(
@@ -107,13 +147,13 @@ def test_short_digits_run_learns_and_deploy_checkpoint_matches(tmp_path, digits_
   np.testing.assert_allclose(deploy_logits, train_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_one_and_eight_devices_agree(tmp_path, digits_dir):
-  overrides = {'num_train_steps': 4, 'batch_size': 16}
-  one = run_runner(tmp_path / 'one', digits_dir, overrides, devices=1)
-  eight = run_runner(tmp_path / 'eight', digits_dir, overrides, devices=8)
+def test_one_and_eight_devices_agree(tmp_path, digits_dir, two_steps):
+  one_dir, one = two_steps  # Trained in this process, on one device.
+  eight = run_runner(tmp_path, digits_dir, {'num_train_steps': 2}, devices=8)
   assert (one['num_devices'], eight['num_devices']) == (1, 8)
-  params_one, _ = checkpoint_params(tmp_path / 'one')
-  params_eight, _ = checkpoint_params(tmp_path / 'eight')
+  assert one['steps'] == eight['steps'] == 2
+  params_one, _ = checkpoint_params(one_dir)
+  params_eight, _ = checkpoint_params(tmp_path)
   assert_trees_close(params_eight, params_one, rtol=1e-4)
 
 
@@ -129,20 +169,18 @@ def _wait_for_checkpoint(workdir, proc, minimum):
   raise AssertionError(f'no checkpoint >= {minimum}; runner exited with {proc.poll()}')
 
 
-RESUME = {'num_train_steps': 40, 'checkpoint_every_steps': 5, 'log_every_steps': 5}
-
-
-def test_killed_run_resumes_to_the_same_parameters(tmp_path, digits_dir):
-  run_runner(tmp_path / 'straight', digits_dir, RESUME)
-  proc = start_runner(tmp_path / 'killed', digits_dir, RESUME)
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, digits_dir, uninterrupted):
+  # A tenth of a second per batch: the kill lands seconds before the run could finish.
+  proc = start_runner(tmp_path / 'killed', digits_dir, RESUME, seconds_per_batch=0.1)
   saved = _wait_for_checkpoint(tmp_path / 'killed', proc, 10)
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
   assert proc.returncode == -signal.SIGKILL
   assert saved < RESUME['num_train_steps']
-  summary = run_runner(tmp_path / 'killed', digits_dir, RESUME)
+  # Resumed here (the checkpoint, not the process, carries the run).
+  summary = train_in_process(digits_dir, tmp_path / 'killed', RESUME)
   assert summary['steps'] == RESUME['num_train_steps']
-  expected, _ = checkpoint_params(tmp_path / 'straight')
+  expected, _ = checkpoint_params(uninterrupted[0])
   actual, meta = checkpoint_params(tmp_path / 'killed')
   assert meta['step'] == RESUME['num_train_steps']
   assert_trees_close(actual, expected, rtol=1e-6)
@@ -165,21 +203,21 @@ def test_an_interrupted_save_is_removed_and_finished_steps_are_kept(tmp_path):
   ckpt.close()
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, digits_dir):
-  proc = start_runner(tmp_path, digits_dir, {**RESUME, 'checkpoint_every_steps': 1000})
-  # The first log (step 5) means training is under way.
-  deadline = time.time() + 300
-  metrics = tmp_path / 'metrics.jsonl'
-  while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
-  summary = json.loads(out.strip().splitlines()[-1])
-  assert summary['preempted'] and summary['steps'] < RESUME['num_train_steps']
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, digits_dir, monkeypatch):
+  # The signal arrives while the batch of step 6 is read: that step finishes, then the run stops.
+  def sigterm_at_step_6(step, batch):
+    if step == 6:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch
+
+  intercept_batches(monkeypatch, sigterm_at_step_6)
+  previous_handler = signal.getsignal(signal.SIGTERM)
+  summary = train_in_process(digits_dir, tmp_path, {**RESUME, 'checkpoint_every_steps': 1000})
+  assert summary['preempted'] and summary['steps'] == 6
   _, meta = checkpoint_params(tmp_path)
-  assert meta['step'] == summary['steps']
+  assert meta['step'] == 6
   assert not (tmp_path / 'summary.json').exists()
+  assert signal.getsignal(signal.SIGTERM) == previous_handler  # The trainer's is removed.
 
 
 def _free_port():
@@ -206,19 +244,17 @@ def test_two_processes(tmp_path, digits_dir):
 def test_bn_groups_compute_statistics_per_group():
   config = tiny_config()
   model = trainer.build_model(config)
-  images = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
-  variables = model.init(jax.random.key(1), images)
-  logits, updates = steps.apply_in_groups(model, variables, images, group_size=4)
-  for half in (slice(0, 4), slice(4, 8)):
-    alone, _ = model.apply(variables, images[half], train=True, mutable=['batch_stats'])
-    np.testing.assert_allclose(alone, logits[half], rtol=1e-5, atol=1e-5)
-  whole, whole_updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
+  images = np.random.default_rng(0).standard_normal((8, 32, 32, 3), np.float32)
+  variables = random_variables(model, images.shape, seed=1)  # No compiled init: seconds less.
+  train_mode = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))
+  in_groups = jax.jit(functools.partial(steps.apply_in_groups, model, group_size=4))
+  logits, updates = in_groups(variables, images)
+  halves = [train_mode(variables, images[:4]), train_mode(variables, images[4:])]
+  for part, (alone, _) in zip((slice(0, 4), slice(4, 8)), halves, strict=True):
+    np.testing.assert_allclose(alone, logits[part], rtol=1e-5, atol=1e-5)
+  whole, whole_updates = train_mode(variables, images)
   assert not np.allclose(whole, logits, atol=1e-3)  # Grouping changes the statistics.
-  firsts = [
-    model.apply(variables, half, train=True, mutable=['batch_stats'])[1]
-    for half in (images[:4], images[4:])
-  ]
-  expected = jax.tree.map(lambda a, b: (a + b) / 2, *firsts)
+  expected = jax.tree.map(lambda a, b: (a + b) / 2, *(half_updates for _, half_updates in halves))
   for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert jax.tree.structure(updates) == jax.tree.structure(whole_updates)
@@ -268,21 +304,38 @@ def test_bad_config_values(tmp_path, digits_dir, overrides, message):
     trainer.train_and_evaluate(tiny_config(digits_dir, **overrides), tmp_path)
 
 
-def test_workdir_of_another_model_is_refused(tmp_path, digits_dir):
-  first = trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=2), tmp_path)
+def checkpoint_files(workdir):
+  """``{path: modification time}`` of every file under ``workdir/checkpoints``."""
+  files = (workdir / 'checkpoints').rglob('*')
+  return {path: path.stat().st_mtime_ns for path in files if path.is_file()}
+
+
+def test_workdir_of_another_model_is_refused(tmp_path, digits_dir, two_steps):
+  finished, first = two_steps
+  shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+  before = checkpoint_files(tmp_path)
   # Running a finished run again trains nothing and evaluates the last checkpoint.
   again = trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=2), tmp_path)
   assert again['steps'] == 2 and again['eval_top1'] == first['eval_top1']
+  assert checkpoint_files(tmp_path) == before  # Nothing trained, nothing saved.
   other = tiny_config(digits_dir, num_train_steps=4, **{'model.name': 'RepVGG-B0'})
   with pytest.raises(trainer.ConfigError, match='checkpoint .* is of RepVGG-A0'):
     trainer.train_and_evaluate(other, tmp_path)
 
 
-def test_nan_loss_stops_with_a_clear_message(tmp_path, digits_dir):
-  config = tiny_config(digits_dir, **{'optimizer.learning_rate': 1e30})
+def test_nan_loss_stops_with_a_clear_message(tmp_path, digits_dir, monkeypatch):
+  """From step 8 on the batches are NaN, as a diverging run's activations would be.
+
+  The RESUME config (whose compiled programs the runs above share) checkpoints
+  at step 5, then at step 10 finds the loss or the parameters not finite.
+  """
+  nan_from_step_8 = lambda step, batch: (
+    {**batch, 'image': np.full_like(batch['image'], np.nan)} if step >= 8 else batch
+  )
+  intercept_batches(monkeypatch, nan_from_step_8)
   with pytest.raises(trainer.TrainingDivergedError, match='not finite|loss is nan|loss is inf'):
-    trainer.train_and_evaluate(config, tmp_path)
+    trainer.train_and_evaluate(tiny_config(digits_dir, **RESUME), tmp_path)
   ckpt = checkpointing.Checkpoints(tmp_path / 'checkpoints', read_only=True)
-  for step in ckpt.manager.all_steps():
-    state, _ = ckpt.restore(step=step)
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
+  assert list(ckpt.manager.all_steps()) == [5]  # Step 10, not finite, was not saved.
+  state, _ = ckpt.restore(step=5)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))

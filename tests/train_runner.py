@@ -4,11 +4,14 @@
 
 The device count comes from the caller's XLA_FLAGS. With the last three
 arguments the process joins a multi-process run on loopback (gloo collectives).
+With REPVGG_TEST_SECONDS_PER_BATCH set, each training batch is read that much
+later, which gives a test that kills the run a wide window between two steps.
 """
 
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -26,7 +29,18 @@ def main(argv):
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes, process_id)
   import helpers
 
-  from repvgg_jax import trainer
+  from repvgg_jax import data, trainer
+
+  delay = float(os.environ.get('REPVGG_TEST_SECONDS_PER_BATCH', 0))
+  if delay:
+    batches = data.train_batches
+
+    def slow_batches(*args, **kwargs):
+      for batch in batches(*args, **kwargs):
+        time.sleep(delay)
+        yield batch
+
+    data.train_batches = slow_batches
 
   config = helpers.tiny_config(data_dir, **overrides)
   summary = trainer.train_and_evaluate(config, workdir)
