@@ -4,19 +4,12 @@ A thin entry point: flags, device set-up, then
 `repvgg_jax.trainer.train_and_evaluate`.
 """
 
-import glob
-import logging as python_logging
 import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow only feeds data here,
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # and its oneDNN kernels do no math we use.
-if not glob.glob('/dev/nvidia[0-9]*'):
-  # Without an NVIDIA driver the CUDA plugin of jax[cuda12] cannot start; JAX
-  # then uses the CPU after logging a long traceback that helps nobody.
-  python_logging.getLogger('jax._src.xla_bridge').addFilter(
-    lambda record: 'xla_cuda12' not in record.getMessage()
-  )
+from repvgg_jax.quiet import quiet_startup
+
+quiet_startup()  # Before JAX picks its backend and TensorFlow loads.
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -32,6 +25,12 @@ flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (mult
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (default: auto-detect).')
 flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run (default: auto-detect).')
 flags.DEFINE_integer('process_id', None, 'This process, 0 ... num_processes - 1.')
+flags.DEFINE_string(
+  'compilation_cache',
+  os.path.join('~', '.cache', 'repvgg_jax', 'xla'),
+  "JAX's persistent compilation cache: a rerun or resumed run skips compiling its programs "
+  "again ('' turns it off; the JAX_COMPILATION_CACHE_DIR environment variable wins).",
+)
 flags.mark_flags_as_required(['config'])
 
 
@@ -45,6 +44,8 @@ def main(argv):
 
   # TensorFlow must not take GPU memory that JAX needs.
   tf.config.set_visible_devices([], 'GPU')
+  if FLAGS.compilation_cache and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(FLAGS.compilation_cache))
   if FLAGS.distributed:
     # Slurm, Open MPI, Kubernetes and Cloud TPU are detected; elsewhere pass the flags.
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

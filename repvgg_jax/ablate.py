@@ -23,18 +23,12 @@ the finished rows without retraining them.
 
 from __future__ import annotations
 
-import glob
-import logging as python_logging
 import os
 import sys
 
-# As in train.py: quiet TensorFlow (it only feeds data) and the CUDA plugin's probe.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-if not glob.glob('/dev/nvidia[0-9]*'):
-  python_logging.getLogger('jax._src.xla_bridge').addFilter(
-    lambda record: 'xla_cuda12' not in record.getMessage()
-  )
+from repvgg_jax.quiet import quiet_startup
+
+quiet_startup()  # As in train.py.
 
 import json  # noqa: E402
 import math  # noqa: E402

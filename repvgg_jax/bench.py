@@ -28,6 +28,7 @@ from repvgg_jax import bench_report, variants
 from repvgg_jax.bench_models import benchmark, benchmark_train_step
 from repvgg_jax.bench_timing import benchmark_layers, machine, peak_of, roofline
 from repvgg_jax.conv import CONV_IMPLS
+from repvgg_jax.quiet import quiet_startup
 
 
 def _torch_available() -> bool:
@@ -149,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  quiet_startup()  # Before JAX picks its backend (at the first device query).
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] != ['--list'] and (not argv or argv[0].startswith('-')):
     argv = ['infer', *argv]  # The inference pair is the default command.
