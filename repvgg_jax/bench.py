@@ -67,20 +67,28 @@ def run_suite(out_dir, runs: int, warmup: int, figure_batch: int, figure_size: i
   common = dict(runs=runs, warmup=warmup, peak_gflops=peak)
   if jax.default_backend() == 'cpu':
     infers = [('A0', 32, 224), ('B0', 32, 224), ('A0', 128, 32)]
-    trains = [
-      ('A0', 128, 32, 1000, 'float32'),
-      ('A0', 32, 224, 1000, 'float32'),
-      ('A0', 64, 32, 10, 'float32'),
+    both = ('nchw', 'channels_last')
+    trains = [  # PyTorch's channels-last training aborts at 224 (`bench_torch.train_step_fns`).
+      ('A0', 128, 32, 1000, 'float32', both),
+      ('A0', 32, 224, 1000, 'float32', ('nchw',)),
+      ('A0', 64, 32, 10, 'float32', both),
     ]
   else:
     infers = [('A0', 256, 224), ('B0', 256, 224)]
-    trains = [('B0', 256, 224, 1000, 'bfloat16')]
+    trains = [('B0', 256, 224, 1000, 'bfloat16', ())]
   for name, batch, size in infers:
     row = benchmark(name, batch, size, with_torch=with_torch, **common)
     _emit(row, bench_report.format_infer(row), results)
-  for name, batch, size, classes, dtype in trains:
+  for name, batch, size, classes, dtype, layouts in trains:
     row = benchmark_train_step(
-      name, batch, size, num_classes=classes, dtype=dtype, with_torch=with_torch, **common
+      name,
+      batch,
+      size,
+      num_classes=classes,
+      dtype=dtype,
+      with_torch=with_torch and bool(layouts),
+      torch_layouts=layouts,
+      **common,
     )
     _emit(row, bench_report.format_train(row), results)
   figure_rows = []
@@ -98,6 +106,16 @@ def run_suite(out_dir, runs: int, warmup: int, figure_batch: int, figure_size: i
     + bench_report.markdown(figure_rows)
   )
   print(f'Wrote {results}, {out / "results.md"}, {out / "figure1.png"}.')
+
+
+def _layouts(text: str) -> tuple[str, ...]:
+  layouts = tuple(part.strip() for part in text.split(',') if part.strip())
+  unknown = sorted(set(layouts) - {'nchw', 'channels_last'})
+  if not layouts or unknown:
+    raise argparse.ArgumentTypeError(
+      f'unknown layout(s) {unknown or text!r}: use nchw and/or channels_last, comma-separated'
+    )
+  return layouts
 
 
 def _add_common(parser, batch: int, size: int) -> None:
@@ -133,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
   _add_common(train, 128, 32)
   train.add_argument('--num-classes', type=int, default=1000, help='classifier outputs')
   train.add_argument('--bn-group-size', type=int, default=0, help='0: BatchNorm over the batch')
+  train.add_argument(
+    '--torch-layouts',
+    default='nchw,channels_last',
+    type=_layouts,
+    help="PyTorch memory layouts to time, comma-separated ('nchw', 'channels_last')",
+  )
   roof = sub.add_parser('roofline', help='measured matmul and convolution peaks')
   roof.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   roof.add_argument('--json', help='append the result as JSON lines to this file')
@@ -190,6 +214,7 @@ def main(argv=None) -> int:
       num_classes=args.num_classes,
       bn_group_size=args.bn_group_size,
       with_torch=with_torch,
+      torch_layouts=args.torch_layouts,
       **common,
     )
     _emit(row, bench_report.format_train(row), args.json)

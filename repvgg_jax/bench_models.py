@@ -202,6 +202,7 @@ def benchmark_train_step(
   num_classes: int = 1000,
   bn_group_size: int = 0,
   with_torch: bool = False,
+  torch_layouts: tuple[str, ...] = ('nchw', 'channels_last'),
   peak_gflops: float | None = None,
 ) -> dict:
   """Images/s of the trainer's SGD step, data parallel over every device.
@@ -270,7 +271,9 @@ def benchmark_train_step(
     from repvgg_jax import bench_torch
 
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    torch_info = bench_torch.train_step_fns(variant, variables, data, num_classes)
+    torch_info = bench_torch.train_step_fns(
+      variant, variables, data, num_classes, layouts=torch_layouts
+    )
     fns.update({key: fn for key, (fn, _) in torch_info.items()})
   medians = interleaved_medians(fns, runs, warmup)
   macs = count_macs(

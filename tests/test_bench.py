@@ -174,3 +174,6 @@ def test_unknown_model_and_bad_sizes_are_refused(capsys):
   with pytest.raises(SystemExit):
     bench.main(['--batch', '0'])
   assert 'must be positive' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    bench.main(['train', '--torch-layouts', 'nhwc'])
+  assert "unknown layout(s) ['nhwc']" in capsys.readouterr().err
