@@ -189,7 +189,7 @@ def test_rerun_skips_finished_rows(finished, digits_dir, no_training):
   [
     ({'ablation.branch_sets.identity': ('conv3x3', 'conv1x1')}, r"(?s)Row 'identity'.*branches"),
     ({'num_train_steps': 4}, r"(?s)Row 'none'.*num_train_steps: 3 -> 4"),
-    ({'optimizer.learning_rate': 0.05}, r'optimizer\.learning_rate: 0\.1 -> 0\.05'),
+    ({'optimizer.learning_rate': 0.02}, r'optimizer\.learning_rate: 0\.05 -> 0\.02'),
   ],
 )
 def test_a_row_run_with_another_config_is_refused(
