@@ -74,10 +74,12 @@ def main(argv):
     return 1
   if summary.get('preempted'):
     return 143  # Stopped by SIGTERM after saving; run the same command to resume.
+  rate = summary['train_images_per_sec']  # None when no step was timed (a short run).
   print(
     f'Done after {summary["steps"]} steps: eval top-1 {summary["eval_top1"]:.2%}, '
-    f'fused {summary["eval_top1_fused"]:.2%}, top-5 {summary["eval_top5"]:.2%}; '
-    f'{summary["train_images_per_sec"] or 0:,.0f} images/s. Summary: {workdir}/summary.json'
+    f'fused {summary["eval_top1_fused"]:.2%}, top-5 {summary["eval_top5"]:.2%}'
+    + (f'; {rate:,.0f} images/s' if rate else '')
+    + f'. Summary: {workdir}/summary.json'
   )
   return 0
 
