@@ -122,3 +122,20 @@ def checkpoint_params(workdir, step=None):
   state, meta = ckpt.restore(step=step)
   ckpt.close()
   return jax.tree.map(np.asarray, state['params']), meta
+
+
+def intercepted_train_batches(change):
+  """`data.train_batches`, each batch passed through ``change(step, batch)``.
+
+  Steps count from 1, as the trainer's do. Install it in place of
+  ``data.train_batches`` (which the trainer looks up at each run).
+  """
+  from repvgg_jax import data
+
+  batches = data.train_batches
+
+  def intercepted(*args, start_step=0, **kwargs):
+    for step, batch in enumerate(batches(*args, start_step=start_step, **kwargs), start_step + 1):
+      yield change(step, batch)
+
+  return intercepted

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from helpers import checkpoint_params, random_variables, tiny_config
+from helpers import checkpoint_params, intercepted_train_batches, random_variables, tiny_config
 
 from repvgg_jax import checkpointing, data, steps, trainer
 
@@ -46,13 +46,7 @@ def train_in_process(data_dir, workdir, overrides):
 
 def intercept_batches(monkeypatch, change):
   """Passes the trainer's every batch through ``change(step, batch)`` (steps count from 1)."""
-  batches = data.train_batches
-
-  def intercepted(*args, start_step=0, **kwargs):
-    for step, batch in enumerate(batches(*args, start_step=start_step, **kwargs), start_step + 1):
-      yield change(step, batch)
-
-  monkeypatch.setattr(data, 'train_batches', intercepted)
+  monkeypatch.setattr(data, 'train_batches', intercepted_train_batches(change))
 
 
 @pytest.fixture(scope='module')

@@ -33,14 +33,12 @@ def main(argv):
 
   delay = float(os.environ.get('REPVGG_TEST_SECONDS_PER_BATCH', 0))
   if delay:
-    batches = data.train_batches
 
-    def slow_batches(*args, **kwargs):
-      for batch in batches(*args, **kwargs):
-        time.sleep(delay)
-        yield batch
+    def read_later(step, batch):
+      time.sleep(delay)
+      return batch
 
-    data.train_batches = slow_batches
+    data.train_batches = helpers.intercepted_train_batches(read_later)
 
   config = helpers.tiny_config(data_dir, **overrides)
   summary = trainer.train_and_evaluate(config, workdir)
