@@ -25,7 +25,7 @@ import sys
 import jax
 
 from repvgg_jax import bench_report, variants
-from repvgg_jax.bench_models import benchmark, benchmark_train_step
+from repvgg_jax.bench_models import TORCH_LAYOUTS, benchmark, benchmark_train_step
 from repvgg_jax.bench_timing import benchmark_layers, machine, peak_of, roofline
 from repvgg_jax.conv import CONV_IMPLS
 from repvgg_jax.quiet import quiet_startup
@@ -67,11 +67,10 @@ def run_suite(out_dir, runs: int, warmup: int, figure_batch: int, figure_size: i
   common = dict(runs=runs, warmup=warmup, peak_gflops=peak)
   if jax.default_backend() == 'cpu':
     infers = [('A0', 32, 224), ('B0', 32, 224), ('A0', 128, 32)]
-    both = ('nchw', 'channels_last')
     trains = [  # PyTorch's channels-last training aborts at 224 (`bench_torch.train_step_fns`).
-      ('A0', 128, 32, 1000, 'float32', both),
+      ('A0', 128, 32, 1000, 'float32', TORCH_LAYOUTS),
       ('A0', 32, 224, 1000, 'float32', ('nchw',)),
-      ('A0', 64, 32, 10, 'float32', both),
+      ('A0', 64, 32, 10, 'float32', TORCH_LAYOUTS),
     ]
   else:
     infers = [('A0', 256, 224), ('B0', 256, 224)]
@@ -110,10 +109,11 @@ def run_suite(out_dir, runs: int, warmup: int, figure_batch: int, figure_size: i
 
 def _layouts(text: str) -> tuple[str, ...]:
   layouts = tuple(part.strip() for part in text.split(',') if part.strip())
-  unknown = sorted(set(layouts) - {'nchw', 'channels_last'})
+  unknown = sorted(set(layouts) - set(TORCH_LAYOUTS))
   if not layouts or unknown:
     raise argparse.ArgumentTypeError(
-      f'unknown layout(s) {unknown or text!r}: use nchw and/or channels_last, comma-separated'
+      f'unknown layout(s) {unknown or text!r}: use {" and/or ".join(TORCH_LAYOUTS)}, '
+      'comma-separated'
     )
   return layouts
 
@@ -153,9 +153,9 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument('--bn-group-size', type=int, default=0, help='0: BatchNorm over the batch')
   train.add_argument(
     '--torch-layouts',
-    default='nchw,channels_last',
+    default=','.join(TORCH_LAYOUTS),
     type=_layouts,
-    help="PyTorch memory layouts to time, comma-separated ('nchw', 'channels_last')",
+    help=f'PyTorch memory layouts to time, comma-separated (of {", ".join(TORCH_LAYOUTS)})',
   )
   roof = sub.add_parser('roofline', help='measured matmul and convolution peaks')
   roof.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])

@@ -16,6 +16,9 @@ from repvgg_jax import fusion, optim, variants
 from repvgg_jax.bench_timing import compiled_forward, count_macs, interleaved_medians, temp_bytes
 from repvgg_jax.model import create_model
 
+# The memory layouts PyTorch is timed in (`bench_torch.LAYOUTS` maps them to torch's).
+TORCH_LAYOUTS = ('nchw', 'channels_last')
+
 
 def randomized_variables(model, images, seed: int = 0):
   """Initialised variables with random BatchNorm statistics, as a trained model has.
@@ -202,7 +205,7 @@ def benchmark_train_step(
   num_classes: int = 1000,
   bn_group_size: int = 0,
   with_torch: bool = False,
-  torch_layouts: tuple[str, ...] = ('nchw', 'channels_last'),
+  torch_layouts: tuple[str, ...] = TORCH_LAYOUTS,
   peak_gflops: float | None = None,
 ) -> dict:
   """Images/s of the trainer's SGD step, data parallel over every device.
