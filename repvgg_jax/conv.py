@@ -77,13 +77,14 @@ def im2col_conv(x, kernel, strides, padding, groups: int, precision=None):
     for i in range(kh)
     for j in range(kw)
   ]
+  # Tap-major columns (batch, out_h, out_w, tap, channel) match the HWIO kernel's
+  # row order. Stacking, not concatenating: XLA:CPU compiled the concatenation
+  # of RepVGG's residual chains 1.5-3x slower and ran it up to 1.4x slower.
+  columns = jnp.stack(taps, axis=3)
   if groups == 1:
-    # Tap-major columns match the row order of the HWIO kernel flattened.
-    columns = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    columns = columns.reshape(batch, out_h, out_w, kh * kw * in_channels)
     return jnp.dot(columns, kernel.reshape(-1, features), precision=precision)
-  columns = jnp.stack(taps, axis=3).reshape(
-    batch, out_h, out_w, kh * kw, groups, in_channels // groups
-  )
+  columns = columns.reshape(batch, out_h, out_w, kh * kw, groups, in_channels // groups)
   grouped = kernel.reshape(kh * kw, in_channels // groups, groups, features // groups)
   y = jnp.einsum('nhwtgc,tcgo->nhwgo', columns, grouped, precision=precision)
   return y.reshape(batch, out_h, out_w, features)
