@@ -41,7 +41,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from repvgg_jax import ablation_report, bench_models, bench_timing, checkpointing, data, trainer  # noqa: E402
+from repvgg_jax import (  # noqa: E402
+  ablation_report,
+  bench_models,
+  bench_timing,
+  checkpointing,
+  compile_options,
+  data,
+  trainer,
+)
 from repvgg_jax.model import normalize_branches  # noqa: E402
 
 ROW_FILE = 'ablation_row.json'
@@ -245,7 +253,8 @@ def measure(config, row_dir: pathlib.Path, settings: dict) -> dict:
   )
   batch_size = settings['batch']
   if settings['size'] != config.dataset.image_size:
-    forward = {'train': jax.jit(model.apply), 'deploy': jax.jit(deploy.apply)}
+    jit = compile_options.jit
+    forward = {'train': jit(model.apply), 'deploy': jit(deploy.apply)}
     batch_size = config.eval_batch_size
   return {
     'bench_settings': settings,

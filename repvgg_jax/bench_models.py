@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from repvgg_jax import fusion, optim, variants
+from repvgg_jax import compile_options, fusion, optim, variants
 from repvgg_jax.bench_timing import compiled_forward, count_macs, interleaved_medians, temp_bytes
 from repvgg_jax.model import create_model
 
@@ -26,7 +26,7 @@ def randomized_variables(model, images, seed: int = 0):
   Fresh statistics (mean 0, variance 1) would make the PyTorch logit check
   blind to a misplaced statistic.
   """
-  variables = jax.jit(model.init)(jax.random.key(seed), images[:1])
+  variables = compile_options.jit(model.init)(jax.random.key(seed), images[:1])
   if 'batch_stats' not in variables:
     return variables
   leaves, treedef = jax.tree_util.tree_flatten_with_path(variables['batch_stats'])
@@ -87,7 +87,7 @@ def benchmark(
   deploy = create_model(variant, deploy=True, dtype=jnp.dtype(dtype), conv_impl=conv_impl)
   images = jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
   variables = randomized_variables(model, images, seed)
-  fused = jax.jit(fusion.fuse_params)(variables)
+  fused = compile_options.jit(fusion.fuse_params)(variables)
   extra = {}
   if with_torch:
     from repvgg_jax import bench_torch
@@ -248,7 +248,7 @@ def benchmark_train_step(
     ),
     replicated,
   )
-  step = jax.jit(
+  step = compile_options.jit(
     lambda state, batch, rng: steps.train_step(state, batch, rng, model=model, config=config),
     in_shardings=(replicated, sharded, replicated),
     out_shardings=(replicated, replicated),

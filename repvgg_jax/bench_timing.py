@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
 
-from repvgg_jax import fusion
+from repvgg_jax import compile_options, fusion
 from repvgg_jax.conv import Conv, choose_conv_impl
 from repvgg_jax.model import create_model
 
@@ -72,7 +72,8 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup:
 
 def compiled_forward(model, variables, images):
   """The jitted, compiled inference function of ``model`` and its temp memory."""
-  compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, images).compile()
+  forward = compile_options.jit(lambda v, x: model.apply(v, x, train=False))
+  compiled = forward.lower(variables, images).compile()
   return compiled, temp_bytes(compiled)
 
 
@@ -118,7 +119,7 @@ def roofline(dtype: str = 'float32', runs: int = 5) -> dict:
   matmul = {}
   for n in (1024, 2048) if on_cpu else (4096, 8192):
     a = jax.random.normal(jax.random.key(0), (n, n), dt)
-    fn = jax.jit(jnp.dot).lower(a, a).compile()
+    fn = compile_options.jit(jnp.dot).lower(a, a).compile()
     timed = {n: lambda fn=fn, a=a: fn(a, a).block_until_ready()}
     seconds, _ = interleaved_medians(timed, runs, 2)[n]
     matmul[n] = 2 * n**3 / seconds / 1e9
@@ -126,7 +127,7 @@ def roofline(dtype: str = 'float32', runs: int = 5) -> dict:
   x = jax.random.normal(jax.random.key(0), (batch, side, side, channels), dt)
   conv = Conv(channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dt, conv_impl='xla')
   params = conv.init(jax.random.key(1), x[:1])
-  fn = jax.jit(conv.apply).lower(params, x).compile()
+  fn = compile_options.jit(conv.apply).lower(params, x).compile()
   seconds, _ = interleaved_medians({0: lambda: fn(params, x).block_until_ready()}, runs, 2)[0]
   conv_gflops = 2 * batch * side * side * 9 * channels * channels / seconds / 1e9
   return {
@@ -175,9 +176,10 @@ def _time_layer(side, in_channels, features, groups, stride, *, batch, train, ru
     conv = Conv(features, (3, 3), stride, ((1, 1), (1, 1)), groups, conv_impl=impl, train=train)
     params = conv.init(jax.random.key(1), x[:1])
     if train:
-      fn = jax.jit(jax.grad(lambda p, x, c=conv: jnp.sum(c.apply(p, x) ** 2), argnums=(0, 1)))
+      loss = lambda p, x, c=conv: jnp.sum(c.apply(p, x) ** 2)
+      fn = compile_options.jit(jax.grad(loss, argnums=(0, 1)))
     else:
-      fn = jax.jit(conv.apply)
+      fn = compile_options.jit(conv.apply)
     compiled = fn.lower(params, x).compile()
     fns[impl] = lambda c=compiled, p=params: jax.block_until_ready(c(p, x))
   medians = interleaved_medians(fns, runs, warmup)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from repvgg_jax import checkpointing, export, fusion, torch_layout
+from repvgg_jax import checkpointing, compile_options, export, fusion, torch_layout
 from repvgg_jax.model import create_model
 from repvgg_jax.torch_layout import ConversionError
 
@@ -101,7 +101,7 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def _logits(model, variables, images):
-  return np.asarray(jax.jit(model.apply)(variables, images), np.float64)
+  return np.asarray(compile_options.jit(model.apply)(variables, images), np.float64)
 
 
 def max_relative_difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -147,7 +147,7 @@ def _verify_import(state_dict, variables, info) -> dict:
       precision='highest',
       conv_impl='xla',  # Compiles several times faster than im2col on CPU.
     )
-    actual = jax.jit(flax_model.apply)(tree, images)
+    actual = compile_options.jit(flax_model.apply)(tree, images)
     if info['num_classes'] == 0:  # The last stage, NHWC -> NCHW, one row per example.
       actual = jnp.transpose(actual[-1], (0, 3, 1, 2))
     actual = np.asarray(actual, np.float64).reshape(len(images), -1)
@@ -312,8 +312,8 @@ def export_checkpoint(
       )
       images = _random_images(image_size, batch=3)
       meta['verify']['fused_vs_training'] = max_relative_difference(
-        _flat(jax.jit(deploy_model.apply)(variables, images)),
-        _flat(jax.jit(training_model.apply)(training, images)),
+        _flat(compile_options.jit(deploy_model.apply)(variables, images)),
+        _flat(compile_options.jit(training_model.apply)(training, images)),
       )
     (output / export.META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
   return meta
@@ -322,7 +322,7 @@ def export_checkpoint(
 def _verify_export(output, deploy_model, variables, image_size, formats) -> dict:
   """Reloads each artifact and compares it with the deploy model on a batch of 3."""
   images = _random_images(image_size, batch=3)
-  expected = _flat(jax.jit(deploy_model.apply)(variables, images))
+  expected = _flat(compile_options.jit(deploy_model.apply)(variables, images))
   loaders = {'jax': export.load_jax_export, 'tf': export.load_saved_model}
   return {
     fmt: max_relative_difference(_flat(loaders[fmt](output)(images)), expected) for fmt in formats

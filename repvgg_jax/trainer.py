@@ -21,7 +21,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from repvgg_jax import checkpointing, data, fusion, optim, reporting, steps, variants
+from repvgg_jax import (
+  checkpointing,
+  compile_options,
+  data,
+  fusion,
+  optim,
+  reporting,
+  steps,
+  variants,
+)
 from repvgg_jax.model import create_model
 from repvgg_jax.reporting import TrainingDivergedError
 
@@ -121,7 +130,7 @@ def create_state(config, model, tx, mesh, sample_shape) -> steps.TrainState:
     )
 
   replicated = NamedSharding(mesh, P())
-  return jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
+  return compile_options.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
 
 
 def _state_tree(state: steps.TrainState) -> dict:
@@ -208,18 +217,18 @@ def evaluate(config, eval_fn, fuse_fn, state, sharding) -> dict[str, float]:
 def _compile_steps(config, model, deploy_model, mesh):
   """The jitted train step, eval step and fusion, with their shardings."""
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  train_fn = jax.jit(
+  train_fn = compile_options.jit(
     functools.partial(steps.train_step, model=model, config=config),
     in_shardings=(replicated, sharded, replicated),
     out_shardings=(replicated, replicated),
     donate_argnums=0,
   )
-  eval_fn = jax.jit(
+  eval_fn = compile_options.jit(
     functools.partial(steps.eval_step, model=model, deploy_model=deploy_model),
     in_shardings=(replicated, replicated, sharded),
     out_shardings=replicated,
   )
-  fuse_fn = jax.jit(fusion.fuse_params, out_shardings=replicated)
+  fuse_fn = compile_options.jit(fusion.fuse_params, out_shardings=replicated)
   return train_fn, eval_fn, fuse_fn, sharded
 
 
@@ -299,7 +308,7 @@ def _loop(config, schedule, run, ckpt, state, step, preemption, compiled):
     config.dataset, global_batch_size=config.batch_size, seed=config.seed, start_step=step
   )
   mixup_rng = jax.random.key(config.seed + 1)
-  finite_fn = jax.jit(_finite)
+  finite_fn = compile_options.jit(_finite)
   while step < schedule.total_steps:
     batch = _global_batch(next(batches), sharded)
     state, metrics = train_fn(state, batch, jax.random.fold_in(mixup_rng, step))

@@ -1,0 +1,47 @@
+"""The CPU compiler preset: when it applies, and that programs compiled with it agree."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from helpers import calibrated_variables, relative_error
+
+import repvgg_jax
+from repvgg_jax import compile_options
+
+
+def test_fast_compile_preset_on_one_cpu_device_only():
+  assert compile_options.compiler_options('cpu', 1) == {
+    'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_COMPILE'
+  }
+  assert compile_options.compiler_options('cpu', 8) is None  # See test_train's 1 vs 8 devices.
+  assert compile_options.compiler_options('gpu', 1) is None
+  assert compile_options.compiler_options('tpu', 1) is None
+
+
+def test_a_preset_in_xla_flags_wins(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME')
+  assert compile_options.compiler_options('cpu', 1) is None
+
+
+def test_programs_with_the_preset_match_the_default():
+  """Logits and a training gradient, with and without the preset, agree to float rounding."""
+  variant = dataclasses.replace(
+    repvgg_jax.get_variant('A0'), num_blocks=(1, 2, 1, 1), width_multipliers=(0.25, 0.25)
+  )
+  model = repvgg_jax.create_model(variant, num_classes=10)
+  images = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+  variables = calibrated_variables(model, images)
+  forward = lambda v: model.apply(v, images)
+
+  def loss(params):
+    logits, _ = model.apply(
+      {**variables, 'params': params}, images, train=True, mutable=['batch_stats']
+    )
+    return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+
+  for fn, args in ((forward, variables), (jax.grad(loss), variables['params'])):
+    fast, default = compile_options.jit(fn)(args), jax.jit(fn)(args)
+    flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+    assert relative_error(flat(fast), flat(default)) <= 1e-5
