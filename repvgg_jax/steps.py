@@ -59,12 +59,17 @@ def apply_in_groups(model: nn.Module, variables, images, group_size: int):
 
 
 def train_step(state: TrainState, batch, rng, *, model, config):
-  """One SGD step. Returns the new state and metrics (loss, top-1)."""
+  """One SGD step. Returns the new state and metrics (loss, top-1).
+
+  ``rng`` is the run's mixup key; each step folds in its step number, here on
+  the device, so that the host's loop never waits for a random key.
+  """
   images, labels = batch['image'], batch['label']
   num_classes = config.dataset.num_classes
   targets = labels
   if config.optimizer.mixup_alpha > 0:
-    images, targets = mixup(rng, images, labels, num_classes, config.optimizer.mixup_alpha)
+    step_rng = jax.random.fold_in(rng, state.step)
+    images, targets = mixup(step_rng, images, labels, num_classes, config.optimizer.mixup_alpha)
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}

@@ -311,7 +311,7 @@ def _loop(config, schedule, run, ckpt, state, step, preemption, compiled):
   finite_fn = compile_options.jit(_finite)
   while step < schedule.total_steps:
     batch = _global_batch(next(batches), sharded)
-    state, metrics = train_fn(state, batch, jax.random.fold_in(mixup_rng, step))
+    state, metrics = train_fn(state, batch, mixup_rng)
     step += 1
     run.pending.append(metrics)
     save = schedule.due(step, schedule.checkpoint_every)
