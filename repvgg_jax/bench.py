@@ -54,13 +54,17 @@ def run_suite(out_dir, runs: int, warmup: int, figure_batch: int, figure_size: i
   224x224 and as the digits config runs it (batch 64, 10 classes), each
   beside PyTorch when torch is installed; then Figure 1 over ``models``. On a
   GPU: A0 and B0 fused inference at batch 256, B0 training in bfloat16 at
-  batch 256, 224x224, then Figure 1.
+  batch 256, 224x224, then Figure 1. The files in ``out_dir`` are rewritten:
+  they describe this one run.
   """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   results = out / 'results.jsonl'
+  for path in (results, out / 'figure1.jsonl'):
+    path.unlink(missing_ok=True)
   with_torch = _torch_available()
-  roof = _emit(roofline(), bench_report.format_roofline(roofline()), results)
+  roof = roofline()
+  _emit(roof, bench_report.format_roofline(roof), results)
   for dtype in ('bfloat16',) if jax.default_backend() != 'cpu' else ():
     _emit(r := roofline(dtype), bench_report.format_roofline(r), results)
   peak = peak_of(roof)
