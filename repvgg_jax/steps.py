@@ -61,8 +61,8 @@ def apply_in_groups(model: nn.Module, variables, images, group_size: int):
 def train_step(state: TrainState, batch, rng, *, model, config):
   """One SGD step. Returns the new state and metrics (loss, top-1).
 
-  ``rng`` is the run's mixup key; each step folds in its step number, here on
-  the device, so that the host's loop never waits for a random key.
+  ``rng`` is the run's mixup key; each step folds in its step number here, on
+  the device, so the loop passes the same key every step.
   """
   images, labels = batch['image'], batch['label']
   num_classes = config.dataset.num_classes
