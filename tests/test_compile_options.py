@@ -41,7 +41,7 @@ def test_programs_with_the_preset_match_the_default():
     )
     return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
 
+  flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
   for fn, args in ((forward, variables), (jax.grad(loss), variables['params'])):
     fast, default = compile_options.jit(fn)(args), jax.jit(fn)(args)
-    flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
     assert relative_error(flat(fast), flat(default)) <= 1e-5
