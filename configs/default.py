@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.flip = True  # Random horizontal flips in training.
   config.dataset.eval_preprocess = 'resize_crop'  # 'resize_crop' (256 -> 224 centre) or 'resize'.
   config.dataset.shuffle_buffer = 16_384  # Examples in the shuffle buffer.
+  config.dataset.in_memory = False  # Train split decoded once, cropped in NumPy (small, pad_crop).
 
   config.batch_size = 256  # Global training batch, over all devices and hosts.
   config.eval_batch_size = 256  # Global evaluation batch.

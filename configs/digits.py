@@ -24,7 +24,7 @@ def get_config():
   config.dataset.pad_pixels = 2
   config.dataset.flip = False  # A mirrored digit is another glyph.
   config.dataset.eval_preprocess = 'resize'
-  config.dataset.shuffle_buffer = 2048
+  config.dataset.in_memory = True  # 4.4 MB of images: tf.data per epoch cost a fifth of the run.
 
   config.batch_size = 64
   # Half the paper's rate (0.0125 at batch 64): over seeds 0, 1, 2 it reached 98.9%,

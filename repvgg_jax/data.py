@@ -20,7 +20,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from repvgg_jax import digits_dataset, input_pipeline
+from repvgg_jax import digits_dataset, in_memory, input_pipeline
 
 # Built offline from scikit-learn on first use; importing the module registered it with tfds.
 OFFLINE_DATASETS = (digits_dataset.SklearnDigits.name,)
@@ -220,7 +220,9 @@ def train_batches(
 
   Args:
     config: the dataset config; reads the fields of ``get_builder`` and of
-      ``input_pipeline.preprocess_for_train``, ``train_split`` and ``shuffle_buffer``.
+      ``input_pipeline.preprocess_for_train``, ``train_split``, ``shuffle_buffer`` and
+      ``in_memory`` (True: the split decoded once and augmented with NumPy, see
+      ``repvgg_jax.in_memory``).
     global_batch_size: examples per step over all processes.
     seed: a non-negative integer; with the step it determines the batch bit for bit.
     start_step: the first step to yield, e.g. the step of a restored checkpoint.
@@ -247,6 +249,19 @@ def train_batches(
     process_count=process_count,
     drop_remainder=True,
   )
+  if config.get('in_memory', False):
+    in_memory.check_supported(builder, config)
+    images, labels = in_memory.load_split(builder, split)
+    return in_memory.train_batches(
+      images,
+      labels,
+      config,
+      seed=seed,
+      start_step=start_step,
+      steps_per_epoch=steps,
+      local_batch=local_batch,
+      process_index=process_index,
+    )
 
   def batches() -> Iterator[Batch]:
     first_epoch, first_batch = divmod(start_step, steps)

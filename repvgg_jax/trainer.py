@@ -26,6 +26,7 @@ from repvgg_jax import (
   compile_options,
   data,
   fusion,
+  in_memory,
   optim,
   reporting,
   steps,
@@ -258,7 +259,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   check_config(config)
-  data.get_builder(config.dataset)  # Fails at once when the dataset is missing.
+  builder = data.get_builder(config.dataset)  # Fails at once when the dataset is missing.
+  if config.dataset.in_memory:
+    try:
+      in_memory.check_supported(builder, config.dataset)
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
   steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
   if steps_per_epoch < 1:
     raise ConfigError(f'batch_size {config.batch_size} exceeds the training split.')

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from repvgg_jax import data, digits_dataset, input_pipeline
+from repvgg_jax import data, digits_dataset, in_memory, input_pipeline
 
 GLOBAL_BATCH = 64  # 1,437 digits // 64 = 22 steps per epoch.
 STEPS_PER_EPOCH = 22
@@ -33,6 +33,7 @@ def _config(**overrides) -> ml_collections.ConfigDict:
       'flip': True,
       'eval_preprocess': 'resize',
       'shuffle_buffer': 2048,
+      'in_memory': False,
     }
   )
   config.update(overrides)
@@ -199,6 +200,91 @@ def test_train_augmentations_produce_model_inputs(digits, augment, flip, image_s
     assert not np.array_equal(batch['image'], unaugmented['image'])  # ... other pixels.
 
 
+def test_in_memory_batches_depend_only_on_the_seed_and_resume_across_epochs(digits):
+  config = _config(data_dir=digits.data_dir, in_memory=True)
+  reference = _take(data.train_batches(config, global_batch_size=GLOBAL_BATCH, seed=3), 25)
+  again = _take(data.train_batches(config, global_batch_size=GLOBAL_BATCH, seed=3), 2)
+  other = _take(data.train_batches(config, global_batch_size=GLOBAL_BATCH, seed=4), 1)
+  np.testing.assert_array_equal(again[1]['image'], reference[1]['image'])
+  assert not np.array_equal(other[0]['label'], reference[0]['label'])
+  start = STEPS_PER_EPOCH - 2
+  resumed = _take(
+    data.train_batches(config, global_batch_size=GLOBAL_BATCH, seed=3, start_step=start), 5
+  )
+  for step, batch in enumerate(resumed, start):
+    np.testing.assert_array_equal(batch['image'], reference[step]['image'], err_msg=f'{step=}')
+    np.testing.assert_array_equal(batch['label'], reference[step]['label'], err_msg=f'{step=}')
+  assert not np.array_equal(reference[0]['label'], reference[STEPS_PER_EPOCH]['label'])
+  assert reference[0]['image'].dtype == np.float32 and reference[0]['label'].dtype == np.int32
+
+
+def test_in_memory_epochs_hold_the_normalized_split_once_and_processes_disjoint_halves(digits):
+  plain = _config(data_dir=digits.data_dir, train_augment='none', flip=False, in_memory=True)
+  builder = data.get_builder(plain)
+  split = {  # Normalized by tf.data's function: both paths must give the same pixels.
+    input_pipeline.normalize_image(example['image']).numpy().tobytes()
+    for example in builder.as_dataset(split='train')
+  }
+  keys = []
+  for process in range(2):
+    batches = data.train_batches(
+      plain, global_batch_size=GLOBAL_BATCH, seed=0, process_index=process, process_count=2
+    )
+    keys.append(_image_keys(_take(batches, STEPS_PER_EPOCH)))
+    assert len(set(keys[-1])) == len(keys[-1]) == STEPS_PER_EPOCH * 32
+  assert not set(keys[0]) & set(keys[1])
+  assert set(keys[0]) | set(keys[1]) <= split
+
+
+def test_in_memory_crops_and_flips_are_drawn_per_image(digits):
+  plain = _config(data_dir=digits.data_dir, train_augment='none', flip=False, in_memory=True)
+  augmented = _config(data_dir=digits.data_dir, pad_pixels=2, in_memory=True)
+  reference = next(data.train_batches(plain, global_batch_size=GLOBAL_BATCH, seed=0))
+  batch = next(data.train_batches(augmented, global_batch_size=GLOBAL_BATCH, seed=0))
+  np.testing.assert_array_equal(batch['label'], reference['label'])  # Same examples.
+  black = -MEAN / STD  # What the zero padding becomes.
+  padded = np.pad(reference['image'], ((0, 0), (2, 2), (2, 2), (0, 0)))
+  padded[:, :2], padded[:, -2:], padded[:, :, :2], padded[:, :, -2:] = black, black, black, black
+  draws = set()
+  for image, source in zip(batch['image'], padded, strict=True):
+    windows = {
+      (y, x, flip): source[y : y + 32, x : x + 32][:, ::-1]
+      if flip
+      else source[y : y + 32, x : x + 32]
+      for y in range(5)
+      for x in range(5)
+      for flip in (False, True)
+    }
+    matches = [key for key, window in windows.items() if np.allclose(image, window, atol=1e-6)]
+    assert matches, 'not a padded crop, flipped or not, of its own example'
+    draws.add(matches[0])
+  assert len(draws) > 10  # Offsets and flips vary from image to image.
+
+
+def test_pad_and_crop_takes_each_image_at_its_own_offset():
+  images = np.random.default_rng(0).integers(1, 256, (3, 8, 8, 2), dtype=np.uint8)
+  offsets = np.array([[3, 3], [0, 6], [5, 1]])
+  crops = in_memory.pad_and_crop(images, offsets, 3)
+  padded = np.pad(images, ((0, 0), (3, 3), (3, 3), (0, 0)))
+  np.testing.assert_array_equal(crops[0], images[0])  # (pad, pad) is the image itself.
+  for crop, source, (y, x) in zip(crops, padded, offsets, strict=True):
+    np.testing.assert_array_equal(crop, source[y : y + 8, x : x + 8])
+
+
+@pytest.mark.parametrize(
+  'overrides, message',
+  [
+    ({'train_augment': 'inception_crop'}, "not 'inception_crop'"),
+    ({'image_size': 24}, r'stored at the input size \(24, 24, 3\)'),
+  ],
+)
+def test_in_memory_refuses_what_it_cannot_do_with_the_fix(digits, overrides, message):
+  config = _config(data_dir=digits.data_dir, in_memory=True, **overrides)
+  with pytest.raises(ValueError, match=message) as error:
+    data.train_batches(config, global_batch_size=GLOBAL_BATCH, seed=0)
+  assert 'in_memory=False' in str(error.value)
+
+
 def test_missing_cifar_fails_fast_with_the_fix(tmp_path):
   config = _config(name='cifar10', data_dir=str(tmp_path))
   start = time.monotonic()
@@ -231,17 +317,19 @@ def test_missing_imagenet_fails_fast_naming_the_archives_and_where_they_go(tmp_p
 
 
 @pytest.mark.parametrize(
-  'name, augment, eval_preprocess, eval_split',
+  'name, augment, eval_preprocess, eval_split, in_memory',
   [
-    ('imagenet2012', 'inception_crop', 'resize_crop', 'validation'),
-    ('cifar10', 'pad_crop', 'resize', 'test'),
+    ('imagenet2012', 'inception_crop', 'resize_crop', 'validation', False),
+    ('cifar10', 'pad_crop', 'resize', 'test', False),
+    ('cifar10', 'pad_crop', 'resize', 'test', True),
   ],
 )
 def test_mock_data_datasets_train_and_evaluate(
-  tmp_path, name, augment, eval_preprocess, eval_split
+  tmp_path, name, augment, eval_preprocess, eval_split, in_memory
 ):
   config = _config(
     name=name,
+    in_memory=in_memory,
     data_dir=str(tmp_path),
     train_augment=augment,
     eval_preprocess=eval_preprocess,
