@@ -74,9 +74,11 @@ def test_digits_builder_prepares_offline_with_fixed_splits(digits):
   assert len(set(indices['train']) | set(indices['test'])) == 1797
 
 
-def test_train_batches_are_normalized_model_inputs(digits):
-  assert data.steps_per_epoch(digits, GLOBAL_BATCH) == STEPS_PER_EPOCH
-  batch = next(data.train_batches(digits, global_batch_size=GLOBAL_BATCH, seed=0))
+@pytest.mark.parametrize('in_memory', [False, True])
+def test_train_batches_are_normalized_model_inputs(digits, in_memory):
+  config = _config(data_dir=digits.data_dir, in_memory=in_memory)
+  assert data.steps_per_epoch(config, GLOBAL_BATCH) == STEPS_PER_EPOCH
+  batch = next(data.train_batches(config, global_batch_size=GLOBAL_BATCH, seed=0))
   assert set(batch) == {'image', 'label'}
   assert batch['image'].shape == (64, 32, 32, 3) and batch['image'].dtype == np.float32
   assert batch['label'].shape == (64,) and batch['label'].dtype == np.int32
@@ -86,21 +88,25 @@ def test_train_batches_are_normalized_model_inputs(digits):
   assert (batch['image'].max(axis=(0, 1, 2)) <= (1 - MEAN) / STD + 1e-5).all()
 
 
-def test_train_batches_depend_only_on_the_seed(digits):
-  first = _take(data.train_batches(digits, global_batch_size=GLOBAL_BATCH, seed=0), 3)
-  again = _take(data.train_batches(digits, global_batch_size=GLOBAL_BATCH, seed=0), 3)
-  other = _take(data.train_batches(digits, global_batch_size=GLOBAL_BATCH, seed=1), 3)
+@pytest.mark.parametrize('in_memory', [False, True])
+def test_train_batches_depend_only_on_the_seed(digits, in_memory):
+  config = _config(data_dir=digits.data_dir, in_memory=in_memory)
+  first = _take(data.train_batches(config, global_batch_size=GLOBAL_BATCH, seed=0), 3)
+  again = _take(data.train_batches(config, global_batch_size=GLOBAL_BATCH, seed=0), 3)
+  other = _take(data.train_batches(config, global_batch_size=GLOBAL_BATCH, seed=1), 3)
   for a, b, c in zip(first, again, other, strict=True):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
     assert not np.array_equal(a['label'], c['label'])
 
 
-def test_resuming_yields_the_same_batches_across_an_epoch_boundary(digits):
-  reference = _take(data.train_batches(digits, global_batch_size=GLOBAL_BATCH, seed=3), 25)
+@pytest.mark.parametrize('in_memory', [False, True])
+def test_resuming_yields_the_same_batches_across_an_epoch_boundary(digits, in_memory):
+  config = _config(data_dir=digits.data_dir, in_memory=in_memory)
+  reference = _take(data.train_batches(config, global_batch_size=GLOBAL_BATCH, seed=3), 25)
   start = STEPS_PER_EPOCH - 2
   resumed = _take(
-    data.train_batches(digits, global_batch_size=GLOBAL_BATCH, seed=3, start_step=start), 5
+    data.train_batches(config, global_batch_size=GLOBAL_BATCH, seed=3, start_step=start), 5
   )
   for step, batch in enumerate(resumed, start):
     np.testing.assert_array_equal(batch['image'], reference[step]['image'], err_msg=f'{step=}')
@@ -122,8 +128,13 @@ def test_each_example_draws_its_own_augmentation(digits):
   assert 16 <= flips <= 48  # About half: a coin per example, not one for the whole batch.
 
 
-def test_an_epoch_reads_distinct_examples_and_processes_disjoint_halves(digits):
-  plain = _config(data_dir=digits.data_dir, train_augment='none', flip=False)
+@pytest.mark.parametrize('in_memory', [False, True])
+def test_an_epoch_reads_distinct_examples_and_processes_disjoint_halves(digits, in_memory):
+  plain = _config(data_dir=digits.data_dir, train_augment='none', flip=False, in_memory=in_memory)
+  split = {  # Normalized by tf.data's function: both paths must give the same pixels.
+    input_pipeline.normalize_image(example['image']).numpy().tobytes()
+    for example in data.get_builder(plain).as_dataset(split='train')
+  }
   epoch = {}
   for process in range(2):
     batches = data.train_batches(
@@ -135,6 +146,7 @@ def test_an_epoch_reads_distinct_examples_and_processes_disjoint_halves(digits):
   keys = [_image_keys(epoch[process]) for process in range(2)]
   assert all(len(set(k)) == len(k) == STEPS_PER_EPOCH * 32 for k in keys)
   assert not set(keys[0]) & set(keys[1])
+  assert set(keys[0]) | set(keys[1]) <= split
   assert not np.array_equal(epoch[0][0]['image'], epoch[1][0]['image'])
   with pytest.raises(ValueError, match='multiple of the 2 processes'):
     data.train_batches(plain, global_batch_size=63, seed=0, process_index=0, process_count=2)
@@ -198,42 +210,6 @@ def test_train_augmentations_produce_model_inputs(digits, augment, flip, image_s
   np.testing.assert_array_equal(batch['label'], unaugmented['label'])  # Same examples, ...
   if augment != 'none':
     assert not np.array_equal(batch['image'], unaugmented['image'])  # ... other pixels.
-
-
-def test_in_memory_batches_depend_only_on_the_seed_and_resume_across_epochs(digits):
-  config = _config(data_dir=digits.data_dir, in_memory=True)
-  reference = _take(data.train_batches(config, global_batch_size=GLOBAL_BATCH, seed=3), 25)
-  again = _take(data.train_batches(config, global_batch_size=GLOBAL_BATCH, seed=3), 2)
-  other = _take(data.train_batches(config, global_batch_size=GLOBAL_BATCH, seed=4), 1)
-  np.testing.assert_array_equal(again[1]['image'], reference[1]['image'])
-  assert not np.array_equal(other[0]['label'], reference[0]['label'])
-  start = STEPS_PER_EPOCH - 2
-  resumed = _take(
-    data.train_batches(config, global_batch_size=GLOBAL_BATCH, seed=3, start_step=start), 5
-  )
-  for step, batch in enumerate(resumed, start):
-    np.testing.assert_array_equal(batch['image'], reference[step]['image'], err_msg=f'{step=}')
-    np.testing.assert_array_equal(batch['label'], reference[step]['label'], err_msg=f'{step=}')
-  assert not np.array_equal(reference[0]['label'], reference[STEPS_PER_EPOCH]['label'])
-  assert reference[0]['image'].dtype == np.float32 and reference[0]['label'].dtype == np.int32
-
-
-def test_in_memory_epochs_hold_the_normalized_split_once_and_processes_disjoint_halves(digits):
-  plain = _config(data_dir=digits.data_dir, train_augment='none', flip=False, in_memory=True)
-  builder = data.get_builder(plain)
-  split = {  # Normalized by tf.data's function: both paths must give the same pixels.
-    input_pipeline.normalize_image(example['image']).numpy().tobytes()
-    for example in builder.as_dataset(split='train')
-  }
-  keys = []
-  for process in range(2):
-    batches = data.train_batches(
-      plain, global_batch_size=GLOBAL_BATCH, seed=0, process_index=process, process_count=2
-    )
-    keys.append(_image_keys(_take(batches, STEPS_PER_EPOCH)))
-    assert len(set(keys[-1])) == len(keys[-1]) == STEPS_PER_EPOCH * 32
-  assert not set(keys[0]) & set(keys[1])
-  assert set(keys[0]) | set(keys[1]) <= split
 
 
 def test_in_memory_crops_and_flips_are_drawn_per_image(digits):
