@@ -55,7 +55,14 @@ def load_split(builder: tfds.core.DatasetBuilder, split) -> tuple[np.ndarray, np
 
 def normalize(images: np.ndarray) -> np.ndarray:
   """uint8 RGB to float32 normalized per channel, as ``input_pipeline.normalize_image``."""
-  return (images.astype(np.float32) / np.float32(255.0) - _MEAN) / _STDDEV
+  out = images.astype(np.float32)
+  out /= np.float32(255.0)  # In place: the same float32 operations, without temporaries.
+  # Rows of whole image rows: NumPy's broadcast over a last axis of 3 runs 10x slower.
+  rows = out.reshape(-1, out.shape[-2] * out.shape[-1])
+  width = out.shape[-2]
+  rows -= np.tile(_MEAN, width)
+  rows /= np.tile(_STDDEV, width)
+  return out
 
 
 def pad_and_crop(images: np.ndarray, offsets: np.ndarray, pad_pixels: int) -> np.ndarray:
@@ -69,12 +76,13 @@ def pad_and_crop(images: np.ndarray, offsets: np.ndarray, pad_pixels: int) -> np
   Returns:
     ``(B, H, W, C)`` crops of the padded images.
   """
-  count, height, width, _ = images.shape
+  _, height, width, _ = images.shape
   padding = ((0, 0), (pad_pixels, pad_pixels), (pad_pixels, pad_pixels), (0, 0))
   padded = np.pad(images, padding)
-  rows = offsets[:, 0, None] + np.arange(height)  # (B, H)
-  cols = offsets[:, 1, None] + np.arange(width)  # (B, W)
-  return padded[np.arange(count)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  # One slice per image: several times faster than one gather with (B, H, W) index arrays.
+  return np.stack(
+    [padded[i, top : top + height, left : left + width] for i, (top, left) in enumerate(offsets)]
+  )
 
 
 def augment(images: np.ndarray, rng: np.random.Generator, config) -> np.ndarray:
@@ -85,7 +93,8 @@ def augment(images: np.ndarray, rng: np.random.Generator, config) -> np.ndarray:
     images = pad_and_crop(images, offsets, config.pad_pixels)
   if config.flip:
     flips = rng.random(count) < 0.5
-    images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+    images = images.copy()
+    images[flips] = images[flips][:, :, ::-1]
   return normalize(images)
 
 
