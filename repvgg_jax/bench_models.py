@@ -211,7 +211,7 @@ def benchmark_train_step(
   """Images/s of the trainer's SGD step, data parallel over every device.
 
   The step is `steps.train_step` jitted as the trainer jits it (batch sharded
-  over a ``data`` mesh axis, state replicated and donated), with the paper's
+  over a ``data`` mesh axis, state replicated and, off CPUs, donated), with the paper's
   optimizer (SGD, momentum 0.9, weight decay 1e-4 on kernels) at a constant
   learning rate. ``bn_group_size`` 0 computes BatchNorm statistics over the
   whole batch, as single-process PyTorch does.
@@ -252,7 +252,7 @@ def benchmark_train_step(
     lambda state, batch, rng: steps.train_step(state, batch, rng, model=model, config=config),
     in_shardings=(replicated, sharded, replicated),
     out_shardings=(replicated, replicated),
-    donate_argnums=0,
+    donate_argnums=compile_options.state_donation(),
   )
   rng = jax.random.key(1)
   data = {

@@ -44,3 +44,16 @@ def compiler_options(
 def jit(fun, **kwargs):
   """`jax.jit` with this module's `compiler_options`."""
   return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+
+
+def state_donation(backend: str | None = None) -> tuple[int, ...]:
+  """``donate_argnums`` for a training step whose first argument is the state.
+
+  Donated everywhere but on CPUs. Donating lets the new state overwrite the old
+  one; XLA:CPU then copies each kernel that the backward pass still reads after
+  the optimizer has updated it in place, and the digits training step (A0, batch
+  64, 32x32, 2 cores, jax 0.10.2) ran 4-5% slower with donation than without
+  (162-163 against 155-157 ms, medians side by side). On a CPU the second copy of
+  the state costs host memory only.
+  """
+  return () if (backend or jax.default_backend()) == 'cpu' else (0,)

@@ -222,7 +222,7 @@ def _compile_steps(config, model, deploy_model, mesh):
     functools.partial(steps.train_step, model=model, config=config),
     in_shardings=(replicated, sharded, replicated),
     out_shardings=(replicated, replicated),
-    donate_argnums=0,
+    donate_argnums=compile_options.state_donation(),
   )
   eval_fn = compile_options.jit(
     functools.partial(steps.eval_step, model=model, deploy_model=deploy_model),

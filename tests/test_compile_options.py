@@ -20,6 +20,11 @@ def test_fast_compile_preset_on_one_cpu_device_only():
   assert compile_options.compiler_options('tpu', 1) is None
 
 
+def test_the_state_is_donated_off_cpus_only():
+  assert compile_options.state_donation('cpu') == ()
+  assert compile_options.state_donation('gpu') == compile_options.state_donation('tpu') == (0,)
+
+
 def test_a_preset_in_xla_flags_wins(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME')
   assert compile_options.compiler_options('cpu', 1) is None
