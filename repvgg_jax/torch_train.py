@@ -7,7 +7,8 @@ same batches (`repvgg_jax.data.train_batches`: with ``dataset.in_memory`` the Nu
 crops that ``train.py`` trains on), the same optimizer (SGD with momentum, the
 reference's weight-decay rule, the per-step cosine learning rate) and the same
 cadence of evaluations and checkpoints (``torch.save``). It prints the time of the
-loop and of the whole command; the README's performance section sets them beside
+loop and the time since this module was imported (the package's imports of JAX and
+Flax come before it); the README's performance section sets them beside
 ``train.py``'s. Needs torch (``pip install -r requirements-test.txt``).
 """
 
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
     f'PyTorch eager {config.model.name} ({result["layout"]}) on {config.dataset.name}: '
     f'{result["steps"]} steps in {result["loop_seconds"]:.1f} s '
     f'({result["images_per_sec"]:,.0f} images/s, evaluations and checkpoints included), '
-    f'{time.perf_counter() - START:.1f} s since the start of the command; '
+    f'{time.perf_counter() - START:.1f} s since this module was imported; '
     f'eval top-1 {result["eval_top1"]:.2%}'
   )
   return 0
