@@ -49,6 +49,11 @@ def relative_error(actual, expected):
   return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
+def flat_leaves(tree) -> np.ndarray:
+  """Every leaf of ``tree``, raveled and concatenated in leaf order."""
+  return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+
+
 def calibrated_variables(model, images, seed=0):
   """Random variables whose BatchNorm statistics fit ``images``, then perturbed.
 

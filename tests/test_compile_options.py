@@ -4,8 +4,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from helpers import calibrated_variables, relative_error
+from helpers import calibrated_variables, flat_leaves, relative_error
 
 import repvgg_jax
 from repvgg_jax import compile_options
@@ -46,7 +45,6 @@ def test_programs_with_the_preset_match_the_default():
     )
     return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
 
-  flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
   for fn, args in ((forward, variables), (jax.grad(loss), variables['params'])):
     fast, default = compile_options.jit(fn)(args), jax.jit(fn)(args)
-    assert relative_error(flat(fast), flat(default)) <= 1e-5
+    assert relative_error(flat_leaves(fast), flat_leaves(default)) <= 1e-5

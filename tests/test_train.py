@@ -18,6 +18,7 @@ import pytest
 import tensorflow_datasets as tfds
 from helpers import (
   checkpoint_params,
+  flat_leaves,
   intercepted_train_batches,
   random_variables,
   relative_error,
@@ -94,8 +95,7 @@ def assert_trees_close(actual, expected, rtol, leaf_rtol=None):
   them. A wrong step moves whole leaves; the per-leaf bound (default ``rtol``) catches that.
   """
   leaf_rtol = rtol if leaf_rtol is None else leaf_rtol
-  flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
-  assert relative_error(flat(actual), flat(expected)) <= rtol
+  assert relative_error(flat_leaves(actual), flat_leaves(expected)) <= rtol
   for (path, x), y in zip(
     jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves(expected), strict=True
   ):
