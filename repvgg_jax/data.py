@@ -251,7 +251,9 @@ def train_batches(
   )
   if config.get('in_memory', False):
     in_memory.check_supported(builder, config)
-    images, labels = in_memory.load_split(builder, split)
+    images, labels = in_memory.load_split(
+      builder.as_dataset(split=split, shuffle_files=False, read_config=_deterministic_read_config())
+    )
     return in_memory.train_batches(
       images,
       labels,
