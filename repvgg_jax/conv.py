@@ -1,10 +1,12 @@
-"""One convolution module, two ways to compute it, chosen per layer.
+"""One convolution module, three ways to compute it, chosen per layer.
 
-XLA's convolution (cuDNN on GPUs, YNNPACK on CPUs) and the same convolution as
-shifted slices and one matrix multiply (im2col) share `nn.Conv`'s parameters
-(HWIO ``kernel``, ``bias``), so checkpoints and `fuse_params` do not care which
-one computed. On GPUs and TPUs XLA's is the right choice. On CPUs neither wins
-everywhere; measured per layer of A0 on a 2-core AVX-512 VM (jax 0.10.2):
+XLA's convolution (cuDNN on GPUs, YNNPACK on CPUs), the same convolution as
+shifted slices and one matrix multiply (im2col), and, for stride-1 3x3 layers,
+Winograd's F(2x2, 3x3) (16 matrix multiplies with 4/9 of the multiply-adds)
+share `nn.Conv`'s parameters (HWIO ``kernel``, ``bias``), so checkpoints and
+`fuse_params` do not care which one computed. On GPUs and TPUs XLA's is the
+right choice. On CPUs none wins everywhere; measured on a 2-core AVX-512 VM
+(jax 0.10.2), per layer of A0 and, for the rules, on whole models:
 
 - On maps of 8x8 and below XLA's collapses: it rewrites the convolution into
   forms that run at a few GFLOP/s, 10-15x slower than im2col on 2x2 maps.
@@ -12,9 +14,15 @@ everywhere; measured per layer of A0 on a 2-core AVX-512 VM (jax 0.10.2):
   (<= 64) input channels: 2.6x slower than im2col at 112->56, 48 channels.
 - Elsewhere (inference on large maps; training with wide layers) XLA's is up
   to 4x faster than im2col, whose nine shifted copies cost memory traffic.
+- Winograd made the fused A0 and B0 1.2-1.3x faster at 224x224 when it took
+  the 14x14 layers (XLA's reached 120 GFLOP/s there), and the training step at
+  32x32 4-7% faster when it took the 8x8 and 4x4 layers. It lost elsewhere in
+  whole models, though some single layers (training at 14x14 and 28x28)
+  timed faster alone: its 16 transformed copies, 4x the input, cost memory
+  traffic that a lone layer keeps in cache and a model does not.
 
 `choose_conv_impl` encodes these rules for ``'auto'``; `python -m
-repvgg_jax.bench layers` re-measures them on your machine.
+repvgg_jax.bench layers` re-measures single layers on your machine.
 """
 
 from __future__ import annotations
@@ -25,19 +33,29 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-CONV_IMPLS = ('auto', 'xla', 'im2col')
+CONV_IMPLS = ('auto', 'xla', 'im2col', 'winograd')
 
 # 'auto' on CPU: im2col at or below this many output pixels (8x8)...
 SMALL_MAP_PIXELS = 64
 # ...and, for training, at a stride > 1 or at most this many input channels.
 NARROW_CHANNELS = 64
+# Winograd for stride-1 3x3 layers with output maps in these ranges of pixels
+# (lower bound exclusive): inference, and training (forward and backward).
+WINOGRAD_INFER_PIXELS = (8 * 8, 14 * 14)
+WINOGRAD_TRAIN_PIXELS = (2 * 2, 8 * 8)
 
 
 def check_conv_impl(conv_impl: str) -> str:
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.')
   return conv_impl
+
+
+def winograd_applies(kernel_size: Sequence[int], strides: Sequence[int]) -> bool:
+  """Whether `winograd_conv` can compute a layer: 3x3 kernel, stride 1."""
+  return tuple(kernel_size) == (3, 3) and tuple(strides) == (1, 1)
 
 
 def choose_conv_impl(
@@ -47,18 +65,41 @@ def choose_conv_impl(
   strides: tuple[int, int],
   in_channels: int,
   train: bool,
+  kernel_size: tuple[int, int] = (3, 3),
   backend: str | None = None,
 ) -> str:
-  """'xla' or 'im2col' for one convolution; ``conv_impl`` other than 'auto' wins."""
-  if check_conv_impl(conv_impl) != 'auto':
+  """'xla', 'im2col' or 'winograd' for one convolution.
+
+  ``conv_impl`` 'xla' or 'im2col' is used as given; 'winograd' wherever it
+  applies (`winograd_applies`), with 'auto's choice between the other two
+  elsewhere; 'auto' follows the rules measured on CPUs (module docstring)
+  and is XLA's convolution on every other backend.
+  """
+  if check_conv_impl(conv_impl) in ('xla', 'im2col'):
     return conv_impl
+  winograd = winograd_applies(kernel_size, strides)
+  if conv_impl == 'winograd' and winograd:
+    return 'winograd'
   if (backend or jax.default_backend()) != 'cpu':
     return 'xla'
+  low, high = WINOGRAD_TRAIN_PIXELS if train else WINOGRAD_INFER_PIXELS
+  if conv_impl == 'auto' and winograd and low < out_pixels <= high:
+    return 'winograd'
   if out_pixels <= SMALL_MAP_PIXELS:
     return 'im2col'
   if train and (max(strides) > 1 or in_channels <= NARROW_CHANNELS):
     return 'im2col'
   return 'xla'
+
+
+# Winograd F(2x2, 3x3) (Lavin and Gray, 2016): each 2x2 output tile is
+# A^T [(G g G^T) * (B^T d B)] A for the 4x4 input tile d and the 3x3 kernel g,
+# 16 products per tile and channel pair where direct convolution has 36. The
+# entries are 0, +-1 and 1/2, so the transforms are exact in binary floating
+# point up to the rounding of their sums.
+_WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
+_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+_WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])
 
 
 def _pair(value) -> tuple[int, int]:
@@ -91,6 +132,74 @@ def im2col_conv(x, kernel, strides, padding, groups: int, precision=None):
   return y.reshape(batch, out_h, out_w, features)
 
 
+def _combine(coefficients, arrays):
+  """sum(c * a) over non-zero coefficients, without multiplying by +-1."""
+  total = None
+  for c, a in zip(coefficients, arrays, strict=True):
+    if c == 0:
+      continue
+    term = a if c == 1 else -a if c == -1 else a * jnp.asarray(c, a.dtype)
+    total = term if total is None else total + term
+  return total
+
+
+def winograd_conv(x, kernel, padding, groups: int, precision=None):
+  """A stride-1 3x3 ``lax.conv_general_dilated`` (NHWC, HWIO) by Winograd F(2x2, 3x3).
+
+  The padded input is cut into 4x4 tiles overlapping by two pixels, each
+  transformed by B^T d B: 16 arrays of (tiles, channels), one per position
+  in the transformed tile, computed from strided slices without materializing
+  the tiles. Each meets the transformed kernel in one matrix multiply, and
+  A^T m A turns the 16 products back into 2x2 output tiles. The 16 arrays are
+  kept apart, not stacked for one batched matmul: with the stack, A0's 14x14
+  layer (batch 32, 192 channels) took 62 ms instead of 35 on XLA:CPU.
+  """
+  if kernel.shape[:2] != (3, 3):
+    raise ValueError(f'Winograd F(2x2, 3x3) needs a 3x3 kernel, got {kernel.shape[:2]}.')
+  (top, bottom), (left, right) = padding
+  batch, height, width, in_channels = x.shape
+  features = kernel.shape[-1]
+  out_h, out_w = height + top + bottom - 2, width + left + right - 2
+  tiles_h, tiles_w = -(-out_h // 2), -(-out_w // 2)
+  # Zero rows and columns up to whole tiles; their outputs are cropped below.
+  pad_bottom, pad_right = 2 * tiles_h + 2 - height - top, 2 * tiles_w + 2 - width - left
+  x = jnp.pad(x, ((0, 0), (top, pad_bottom), (left, pad_right), (0, 0)))
+  transformed_kernel = jnp.dot(
+    jnp.asarray(np.kron(_WINOGRAD_G, _WINOGRAD_G), kernel.dtype),
+    kernel.reshape(9, -1),
+    precision=precision,
+  ).reshape(16, in_channels // groups, features)
+  # B^T d B as rows then columns: row k of every tile is one strided slice.
+  rows = [x[:, k : k + 2 * tiles_h - 1 : 2] for k in range(4)]
+  rows = [_combine(coefficients, rows) for coefficients in _WINOGRAD_BT]
+  products = []
+  for row in rows:
+    columns = [row[:, :, k : k + 2 * tiles_w - 1 : 2] for k in range(4)]
+    for coefficients in _WINOGRAD_BT:
+      tile = _combine(coefficients, columns)
+      products.append(_matmul(tile, transformed_kernel[len(products)], groups, precision))
+  products = [products[4 * p : 4 * p + 4] for p in range(4)]
+  outputs = []
+  for a_row in _WINOGRAD_AT:
+    partial = [_combine(a_row, [products[p][q] for p in range(4)]) for q in range(4)]
+    outputs.append(jnp.stack([_combine(a_col, partial) for a_col in _WINOGRAD_AT]))
+  # (i, j, batch, tile row, tile column, features) -> (batch, 2 * tile row + i, ...).
+  y = jnp.stack(outputs).transpose(2, 3, 0, 4, 1, 5)
+  y = y.reshape(batch, 2 * tiles_h, 2 * tiles_w, features)
+  return y[:, :out_h, :out_w]
+
+
+def _matmul(x, kernel, groups: int, precision):
+  """(..., in_channels) @ (in_channels / groups, features), grouped."""
+  if groups == 1:
+    return jnp.dot(x, kernel, precision=precision)
+  in_per_group, features = kernel.shape
+  x = x.reshape(*x.shape[:-1], groups, in_per_group)
+  kernel = kernel.reshape(in_per_group, groups, features // groups)
+  y = jnp.einsum('...gc,cgo->...go', x, kernel, precision=precision)
+  return y.reshape(*y.shape[:-2], features)
+
+
 class Conv(nn.Module):
   """`nn.Conv` with explicit padding, computed by XLA's convolution or im2col.
 
@@ -99,7 +208,7 @@ class Conv(nn.Module):
   with the same initialisation, so either implementation loads the other's.
 
   Attributes:
-    conv_impl: 'xla', 'im2col' or 'auto' (`choose_conv_impl`, per layer).
+    conv_impl: 'xla', 'im2col', 'winograd' or 'auto' (`choose_conv_impl`, per layer).
     train: whether this layer is trained (the backward pass enters the choice).
   """
 
@@ -144,6 +253,7 @@ class Conv(nn.Module):
       strides=strides,
       in_channels=in_channels,
       train=self.train,
+      kernel_size=(kh, kw),
     )
     if impl == 'xla':
       y = jax.lax.conv_general_dilated(
@@ -155,6 +265,8 @@ class Conv(nn.Module):
         feature_group_count=groups,
         precision=self.precision,
       )
+    elif impl == 'winograd':
+      y = winograd_conv(x, kernel, padding, groups, self.precision)
     else:
       y = im2col_conv(x, kernel, strides, padding, groups, self.precision)
     return y if bias is None else y + bias

@@ -375,7 +375,12 @@ def main(argv=None) -> int:
   exp.add_argument('--image-size', type=int, help='default: the training size, else 224')
   exp.add_argument('--formats', default='jax,tf', help='jax, tf or both (default: jax,tf)')
   exp.add_argument('--platforms', help='e.g. cpu,cuda (default: the current backend)')
-  exp.add_argument('--conv-impl', default='xla', choices=('xla', 'im2col'))
+  exp.add_argument(
+    '--conv-impl',
+    default='xla',
+    choices=('xla', 'im2col', 'winograd'),
+    help='how the artifact computes its convolutions (repvgg_jax.conv)',
+  )
   exp.add_argument('--verify', action=argparse.BooleanOptionalAction, default=True)
   args = parser.parse_args(argv)
   try:

@@ -33,13 +33,14 @@ ABLATION_SETS = [
 BLOCK_SETS = [('conv3x3', kind) for kind in NEW_KINDS] + ABLATION_SETS
 # (strides, in_channels, out_channels, groups, conv_impl, sizes): the identity
 # joins at stride 1 with equal widths; 16 -> 8 makes DBB's inner width (the
-# input's) differ from the output's. Every set runs on both conv
-# implementations, at odd and even sizes: at stride 2 both, where the border
-# pixels sampled differ.
+# input's) differ from the output's. Every set runs on every conv
+# implementation (Winograd at stride 1 only, the only stride it computes), at
+# odd and even sizes: at stride 2 both, where the border pixels sampled differ.
 BLOCK_SHAPES = [
   (1, 8, 8, 1, 'xla', (9,)),
   (1, 8, 8, 2, 'im2col', (8,)),
   (1, 16, 8, 4, 'xla', (7,)),
+  (1, 16, 8, 2, 'winograd', (7,)),
   (2, 8, 16, 1, 'im2col', (9, 8)),
   (2, 8, 16, 2, 'xla', (9, 8)),
 ]

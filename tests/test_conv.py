@@ -1,5 +1,5 @@
-"""The im2col convolution equals XLA's, values and gradients, for every shape used;
-'auto' picks per layer by backend and feature-map size."""
+"""The im2col and Winograd convolutions equal XLA's, values and gradients, for
+every shape used; 'auto' picks per layer by backend, layer and feature-map size."""
 
 import dataclasses
 
@@ -48,29 +48,79 @@ def test_im2col_matches_xla(kernel_size, strides, groups):
 
 
 @pytest.mark.parametrize(
+  'shape, padding, groups',
+  [
+    ((2, 7, 8, 16), ((1, 1), (1, 1)), 1),  # Odd and even sides: partial tiles.
+    ((2, 7, 8, 16), ((1, 1), (1, 1)), 4),
+    ((2, 6, 5, 16), ((0, 0), (0, 0)), 2),  # 'VALID', as in the DBB 1x1-3x3 branch.
+    ((2, 6, 6, 16), ((2, 0), (0, 1)), 1),  # Uneven padding.
+    ((3, 2, 2, 16), ((1, 1), (1, 1)), 1),  # A 2x2 map is one tile...
+    ((3, 1, 1, 16), ((1, 1), (1, 1)), 1),  # ...and a 1x1 map a cropped one.
+  ],
+)
+def test_winograd_matches_xla(shape, padding, groups):
+  kwargs = dict(
+    features=8, kernel_size=(3, 3), padding=padding, feature_group_count=groups, precision='highest'
+  )
+  xla, winograd = nn.Conv(**kwargs), conv.Conv(**kwargs, conv_impl='winograd')
+  x = jax.random.normal(jax.random.key(0), shape)
+  variables = jax.tree.map(lambda a: a + 0.1, xla.init(jax.random.key(1), x))
+  expected, actual = xla.apply(variables, x), winograd.apply(variables, x)
+  assert actual.shape == expected.shape
+  assert relative_error(actual, expected) <= 1e-6
+
+  def loss(module, v, inputs):
+    return jnp.sum(jnp.sin(module.apply(v, inputs)))
+
+  grads_xla = jax.grad(lambda v, i: loss(xla, v, i), argnums=(0, 1))(variables, x)
+  grads_winograd = jax.grad(lambda v, i: loss(winograd, v, i), argnums=(0, 1))(variables, x)
+  for a, b in zip(jax.tree.leaves(grads_winograd), jax.tree.leaves(grads_xla), strict=True):
+    assert relative_error(a, b) <= 1e-5
+
+
+def test_winograd_refuses_other_kernels():
+  with pytest.raises(ValueError, match='needs a 3x3 kernel, got \\(1, 3\\)'):
+    conv.winograd_conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 3, 2, 2)), ((0, 0), (1, 1)), 1)
+
+
+@pytest.mark.parametrize(
   'out_pixels, strides, in_channels, train, expected',
   [
     (2 * 2, (1, 1), 192, False, 'im2col'),  # XLA's collapses on small maps.
-    (8 * 8, (1, 1), 192, True, 'im2col'),
-    (14 * 14, (1, 1), 192, False, 'xla'),
+    (2 * 2, (1, 1), 192, True, 'im2col'),
+    (8 * 8, (1, 1), 48, False, 'im2col'),
+    # Winograd for 3x3 kernels in training on 8x8 and 4x4 and inference on 14x14;
+    # after the bar, the choice for a 1x1 kernel there.
+    (8 * 8, (1, 1), 48, True, 'winograd|im2col'),
+    (4 * 4, (1, 1), 96, True, 'winograd|im2col'),
+    (14 * 14, (1, 1), 192, False, 'winograd|xla'),
     (14 * 14, (1, 1), 192, True, 'xla'),
+    (4 * 4, (2, 2), 96, True, 'im2col'),  # Winograd is for stride 1 only.
+    (28 * 28, (1, 1), 96, False, 'xla'),
     (56 * 56, (2, 2), 48, False, 'xla'),
     (56 * 56, (2, 2), 192, True, 'im2col'),  # XLA's backward is slow at stride 2...
     (56 * 56, (1, 1), 48, True, 'im2col'),  # ...and on narrow layers.
   ],
 )
 def test_auto_choice_on_cpu(out_pixels, strides, in_channels, train, expected):
-  choose = lambda impl, backend='cpu': conv.choose_conv_impl(
+  choose = lambda impl, backend='cpu', kernel_size=(3, 3): conv.choose_conv_impl(
     impl,
     out_pixels=out_pixels,
     strides=strides,
     in_channels=in_channels,
     train=train,
+    kernel_size=kernel_size,
     backend=backend,
   )
+  expected, _, other_kernels = expected.partition('|')
   assert choose('auto') == expected
+  assert choose('auto', kernel_size=(1, 1)) == (other_kernels or expected)
   assert choose('auto', backend='gpu') == 'xla'
   assert choose('xla') == 'xla' and choose('im2col') == 'im2col'
+  if strides == (1, 1):  # Explicit 'winograd' wherever it applies, on any backend.
+    assert choose('winograd') == choose('winograd', backend='gpu') == 'winograd'
+  else:
+    assert choose('winograd') == expected and choose('winograd', backend='gpu') == 'xla'
 
 
 def test_auto_mixes_implementations_in_one_model():
@@ -81,6 +131,11 @@ def test_auto_mixes_implementations_in_one_model():
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
   hlo = jax.jit(model.apply).lower(variables, images).as_text()
   assert hlo.count('convolution') == 1  # The stem; A0's other stages run at 8x8 and below.
+  # At 224 the thirteen stride-1 14x14 layers run by Winograd, 16 matmuls each.
+  images = jnp.zeros((1, 224, 224, 3))
+  hlo = jax.jit(model.apply).lower(variables, images).as_text()
+  assert hlo.count('convolution(') == 8  # The 4 stride-2 layers above 7x7, 1 at 56x56, 3 at 28x28.
+  assert hlo.count('dot_general') == 13 * 17 + 2  # And a kernel transform each; 14->7, head.
   with pytest.raises(ValueError, match="conv_impl must be one of .* got 'cudnn'"):
     repvgg_jax.create_model('A0', conv_impl='cudnn')
 
@@ -98,12 +153,13 @@ def test_models_agree_across_conv_impls():
   )
   variables = calibrated_variables(make('im2col'), images)
   train_xla = jax.jit(make('xla').apply)(variables, images)
-  train_im2col = jax.jit(make('im2col').apply)(variables, images)
-  assert relative_error(train_im2col, train_xla) <= 1e-5
   fused = repvgg_jax.fuse_params(variables)
-  deploy_im2col = jax.jit(make('im2col', deploy=True).apply)(fused, images)
-  assert relative_error(deploy_im2col, train_xla) <= 1e-5
-  assert np.all(np.isfinite(np.asarray(deploy_im2col)))
+  for impl in ('im2col', 'winograd'):
+    train_other = jax.jit(make(impl).apply)(variables, images)
+    assert relative_error(train_other, train_xla) <= 1e-5
+    deploy_other = jax.jit(make(impl, deploy=True).apply)(fused, images)
+    assert relative_error(deploy_other, train_xla) <= 1e-5
+    assert np.all(np.isfinite(np.asarray(deploy_other)))
 
 
 @pytest.mark.parametrize(
@@ -119,8 +175,9 @@ def test_both_implementations_initialise_the_same_variables(branches):
     impl: repvgg_jax.create_model(variant, num_classes=4, conv_impl=impl, branches=branches).init(
       jax.random.key(7), images
     )
-    for impl in ('xla', 'im2col')
+    for impl in ('xla', 'im2col', 'winograd')
   }
-  assert jax.tree.structure(init['xla']) == jax.tree.structure(init['im2col'])
-  for a, b in zip(jax.tree.leaves(init['xla']), jax.tree.leaves(init['im2col']), strict=True):
-    np.testing.assert_array_equal(a, b)
+  for impl in ('im2col', 'winograd'):
+    assert jax.tree.structure(init['xla']) == jax.tree.structure(init[impl])
+    for a, b in zip(jax.tree.leaves(init['xla']), jax.tree.leaves(init[impl]), strict=True):
+      np.testing.assert_array_equal(a, b)
