@@ -164,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
   roof = sub.add_parser('roofline', help='measured matmul and convolution peaks')
   roof.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   roof.add_argument('--json', help='append the result as JSON lines to this file')
-  layers = sub.add_parser('layers', help="per-layer XLA vs im2col, and 'auto's choice")
+  layers = sub.add_parser('layers', help="per-layer XLA, im2col and Winograd, and 'auto's choice")
   _add_common(layers, 32, 224)
   layers.add_argument('--train', action='store_true', help='time forward and backward')
   suite = sub.add_parser('suite', help='everything, as JSON lines, markdown and Figure 1')

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.extend import core as jax_core
 
 from repvgg_jax import compile_options, fusion
-from repvgg_jax.conv import Conv, choose_conv_impl
+from repvgg_jax.conv import Conv, choose_conv_impl, winograd_applies
 from repvgg_jax.model import create_model
 
 
@@ -151,7 +151,9 @@ def peak_of(roofline_row: dict) -> float:
 def benchmark_layers(
   name: str, batch: int, size: int, train: bool, runs: int = 5, warmup: int = 2
 ) -> list[dict]:
-  """Each distinct 3x3 convolution of the fused ``name``: XLA's vs im2col, and 'auto's pick.
+  """Each distinct 3x3 convolution of the fused ``name``: XLA's, im2col, Winograd, 'auto's pick.
+
+  Winograd is timed on the stride-1 layers, the only ones it computes.
 
   With ``train``, times the forward and backward pass (gradients of input
   and kernel), which is what a training step pays per layer.
@@ -172,7 +174,10 @@ def benchmark_layers(
 def _time_layer(side, in_channels, features, groups, stride, *, batch, train, runs, warmup):
   x = jax.random.normal(jax.random.key(0), (batch, side, side, in_channels))
   fns, out_pixels = {}, ((side - 1) // stride + 1) ** 2
-  for impl in ('xla', 'im2col'):
+  impls = ['xla', 'im2col']
+  if winograd_applies((3, 3), (stride, stride)):
+    impls.append('winograd')
+  for impl in impls:
     conv = Conv(features, (3, 3), stride, ((1, 1), (1, 1)), groups, conv_impl=impl, train=train)
     params = conv.init(jax.random.key(1), x[:1])
     if train:
@@ -182,7 +187,7 @@ def _time_layer(side, in_channels, features, groups, stride, *, batch, train, ru
       fn = compile_options.jit(conv.apply)
     compiled = fn.lower(params, x).compile()
     fns[impl] = lambda c=compiled, p=params: jax.block_until_ready(c(p, x))
-  medians = interleaved_medians(fns, runs, warmup)
+  medians = {impl: seconds for impl, (seconds, _) in interleaved_medians(fns, runs, warmup).items()}
   auto = choose_conv_impl(
     'auto', out_pixels=out_pixels, strides=(stride, stride), in_channels=in_channels, train=train
   )
@@ -196,8 +201,9 @@ def _time_layer(side, in_channels, features, groups, stride, *, batch, train, ru
     'stride': stride,
     'batch': batch,
     'train': train,
-    'xla_ms': medians['xla'][0] * 1e3,
-    'im2col_ms': medians['im2col'][0] * 1e3,
+    'xla_ms': medians['xla'] * 1e3,
+    'im2col_ms': medians['im2col'] * 1e3,
+    'winograd_ms': medians['winograd'] * 1e3 if 'winograd' in medians else None,
     'auto': auto,
-    'faster': 'xla' if medians['xla'][0] < medians['im2col'][0] else 'im2col',
+    'faster': min(medians, key=medians.get),
   }

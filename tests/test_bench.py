@@ -124,6 +124,9 @@ def test_roofline_and_layers_report_positive_figures(tmp_path):
     (1, 2),
   ]
   assert all(r['auto'] == 'im2col' for r in rows)  # Every map is 8x8 or smaller.
+  # Winograd computes, and is timed on, the stride-1 layer only.
+  assert [r['winograd_ms'] is not None for r in rows] == [r['stride'] == 1 for r in rows]
+  assert all(r['faster'] in ('xla', 'im2col', 'winograd') for r in rows)
   assert 'auto' in bench_report.format_layers(rows)
 
 
