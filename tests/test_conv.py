@@ -27,14 +27,19 @@ def test_im2col_matches_xla(kernel_size, strides, groups):
     feature_group_count=groups,
     precision='highest',
   )
-  xla, im2col = nn.Conv(**kwargs), conv.Conv(**kwargs, conv_impl='im2col')
-  x = jax.random.normal(jax.random.key(0), (2, 7, 8, 16))  # Odd and even sides.
+  assert_matches_xla(kwargs, 'im2col', (2, 7, 8, 16))  # Odd and even sides.
+
+
+def assert_matches_xla(kwargs, conv_impl, shape):
+  """``conv.Conv`` with ``conv_impl`` gives `nn.Conv`'s variables, values and gradients."""
+  xla, other = nn.Conv(**kwargs), conv.Conv(**kwargs, conv_impl=conv_impl)
+  x = jax.random.normal(jax.random.key(0), shape)
   variables = xla.init(jax.random.key(1), x)
   variables = jax.tree.map(lambda a: a + 0.1, variables)  # A non-zero bias too.
-  assert jax.tree.map(jnp.shape, im2col.init(jax.random.key(1), x)) == jax.tree.map(
+  assert jax.tree.map(jnp.shape, other.init(jax.random.key(1), x)) == jax.tree.map(
     jnp.shape, variables
   )
-  expected, actual = xla.apply(variables, x), im2col.apply(variables, x)
+  expected, actual = xla.apply(variables, x), other.apply(variables, x)
   assert actual.shape == expected.shape
   assert relative_error(actual, expected) <= 1e-6
 
@@ -42,8 +47,8 @@ def test_im2col_matches_xla(kernel_size, strides, groups):
     return jnp.sum(jnp.sin(module.apply(v, inputs)))
 
   grads_xla = jax.grad(lambda v, i: loss(xla, v, i), argnums=(0, 1))(variables, x)
-  grads_im2col = jax.grad(lambda v, i: loss(im2col, v, i), argnums=(0, 1))(variables, x)
-  for a, b in zip(jax.tree.leaves(grads_im2col), jax.tree.leaves(grads_xla), strict=True):
+  grads_other = jax.grad(lambda v, i: loss(other, v, i), argnums=(0, 1))(variables, x)
+  for a, b in zip(jax.tree.leaves(grads_other), jax.tree.leaves(grads_xla), strict=True):
     assert relative_error(a, b) <= 1e-5
 
 
@@ -62,20 +67,7 @@ def test_winograd_matches_xla(shape, padding, groups):
   kwargs = dict(
     features=8, kernel_size=(3, 3), padding=padding, feature_group_count=groups, precision='highest'
   )
-  xla, winograd = nn.Conv(**kwargs), conv.Conv(**kwargs, conv_impl='winograd')
-  x = jax.random.normal(jax.random.key(0), shape)
-  variables = jax.tree.map(lambda a: a + 0.1, xla.init(jax.random.key(1), x))
-  expected, actual = xla.apply(variables, x), winograd.apply(variables, x)
-  assert actual.shape == expected.shape
-  assert relative_error(actual, expected) <= 1e-6
-
-  def loss(module, v, inputs):
-    return jnp.sum(jnp.sin(module.apply(v, inputs)))
-
-  grads_xla = jax.grad(lambda v, i: loss(xla, v, i), argnums=(0, 1))(variables, x)
-  grads_winograd = jax.grad(lambda v, i: loss(winograd, v, i), argnums=(0, 1))(variables, x)
-  for a, b in zip(jax.tree.leaves(grads_winograd), jax.tree.leaves(grads_xla), strict=True):
-    assert relative_error(a, b) <= 1e-5
+  assert_matches_xla(kwargs, 'winograd', shape)
 
 
 def test_winograd_refuses_other_kernels():
