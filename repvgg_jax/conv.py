@@ -201,11 +201,11 @@ def _matmul(x, kernel, groups: int, precision):
 
 
 class Conv(nn.Module):
-  """`nn.Conv` with explicit padding, computed by XLA's convolution or im2col.
+  """`nn.Conv` with explicit padding, computed by XLA's convolution, im2col or Winograd.
 
   Takes the subset of `nn.Conv` arguments this codebase uses and creates the
   same ``kernel`` (HWIO, input channels per group) and ``bias`` parameters
-  with the same initialisation, so either implementation loads the other's.
+  with the same initialisation, so each implementation loads the others'.
 
   Attributes:
     conv_impl: 'xla', 'im2col', 'winograd' or 'auto' (`choose_conv_impl`, per layer).
