@@ -14,7 +14,7 @@ right choice. On CPUs none wins everywhere; measured on a 2-core AVX-512 VM
   (<= 64) input channels: 2.6x slower than im2col at 112->56, 48 channels.
 - Elsewhere (inference on large maps; training with wide layers) XLA's is up
   to 4x faster than im2col, whose nine shifted copies cost memory traffic.
-- Winograd made the fused A0 and B0 1.2-1.3x faster at 224x224 when it took
+- Winograd made the fused A0 and B0 1.2-1.4x faster at 224x224 when it took
   the 14x14 layers (XLA's reached 120 GFLOP/s there), and the training step at
   32x32 4-7% faster when it took the 8x8 and 4x4 layers. It lost elsewhere in
   whole models, though some single layers (training at 14x14 and 28x28)
