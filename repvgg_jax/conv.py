@@ -172,13 +172,15 @@ def winograd_conv(x, kernel, padding, groups: int, precision=None):
   # B^T d B as rows then columns: row k of every tile is one strided slice.
   rows = [x[:, k : k + 2 * tiles_h - 1 : 2] for k in range(4)]
   rows = [_combine(coefficients, rows) for coefficients in _WINOGRAD_BT]
-  products = []
-  for row in rows:
+  products = []  # products[p][q]: position (p, q) of every transformed tile, times the kernel's.
+  for p, row in enumerate(rows):
     columns = [row[:, :, k : k + 2 * tiles_w - 1 : 2] for k in range(4)]
-    for coefficients in _WINOGRAD_BT:
-      tile = _combine(coefficients, columns)
-      products.append(_matmul(tile, transformed_kernel[len(products)], groups, precision))
-  products = [products[4 * p : 4 * p + 4] for p in range(4)]
+    products.append(
+      [
+        _matmul(_combine(coefficients, columns), transformed_kernel[4 * p + q], groups, precision)
+        for q, coefficients in enumerate(_WINOGRAD_BT)
+      ]
+    )
   outputs = []
   for a_row in _WINOGRAD_AT:
     partial = [_combine(a_row, [products[p][q] for p in range(4)]) for q in range(4)]

@@ -116,7 +116,8 @@ def test_auto_choice_on_cpu(out_pixels, strides, in_channels, train, expected):
 
 
 def test_auto_mixes_implementations_in_one_model():
-  """At 32x32 A0 computes its 16x16 stem with XLA's conv, its 2x2 stage with im2col."""
+  """At 32x32 A0 computes its 16x16 stem with XLA's conv, its 2x2 stage with im2col;
+  at 224x224 its 14x14 stage with Winograd."""
   model = repvgg_jax.create_model('A0', deploy=True, conv_impl='auto')
   assert model.conv_impl == 'auto'
   images = jnp.zeros((1, 32, 32, 3))
