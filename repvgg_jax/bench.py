@@ -122,6 +122,14 @@ def _layouts(text: str) -> tuple[str, ...]:
   return layouts
 
 
+def _chunk_images(text: str) -> int | str:
+  if text == 'auto':
+    return text
+  if not text.isdigit():
+    raise argparse.ArgumentTypeError(f"use 'auto' or an int >= 0 (0: no chunks), got {text!r}")
+  return int(text)
+
+
 def _add_common(parser, batch: int, size: int) -> None:
   parser.add_argument('--model', default='A0', help='variant name (see --list)')
   parser.add_argument('--batch', type=int, default=batch, help='images per batch')
@@ -150,7 +158,14 @@ def _parser() -> argparse.ArgumentParser:
   )
   parser.add_argument('--list', action='store_true', help='list the variants and exit')
   sub = parser.add_subparsers(dest='command')
-  _add_common(sub.add_parser('infer', help='training-time vs fused inference (default)'), 32, 224)
+  infer = sub.add_parser('infer', help='training-time vs fused inference (default)')
+  _add_common(infer, 32, 224)
+  infer.add_argument(
+    '--chunk-images',
+    default='auto',
+    type=_chunk_images,
+    help='images per chunk through the large-map blocks (0: none; auto: 4 on CPUs)',
+  )
   train = sub.add_parser('train', help="the trainer's SGD step, over all devices")
   _add_common(train, 128, 32)
   train.add_argument('--num-classes', type=int, default=1000, help='classifier outputs')
@@ -223,7 +238,14 @@ def main(argv=None) -> int:
     )
     _emit(row, bench_report.format_train(row), args.json)
   else:
-    row = benchmark(args.model, args.batch, args.size, with_torch=with_torch, **common)
+    row = benchmark(
+      args.model,
+      args.batch,
+      args.size,
+      chunk_images=args.chunk_images,
+      with_torch=with_torch,
+      **common,
+    )
     _emit(row, bench_report.format_infer(row), args.json)
   return 0
 

@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 
 from repvgg_jax import compile_options, fusion, optim, variants
 from repvgg_jax.bench_timing import compiled_forward, count_macs, interleaved_medians, temp_bytes
-from repvgg_jax.model import create_model
+from repvgg_jax.model import chunking_of, create_model
 
 # The memory layouts PyTorch is timed in (`bench_torch.LAYOUTS` maps them to torch's).
 TORCH_LAYOUTS = ('nchw', 'channels_last')
@@ -61,6 +61,7 @@ def benchmark(
   dtype: str = 'float32',
   seed: int = 0,
   conv_impl: str = 'auto',
+  chunk_images: int | str = 'auto',
   with_torch: bool = False,
   peak_gflops: float | None = None,
 ) -> dict:
@@ -73,6 +74,8 @@ def benchmark(
     dtype: compute dtype.
     seed: of the weights, BatchNorm statistics and images.
     conv_impl: see `repvgg_jax.conv`.
+    chunk_images: images per chunk of the large-map blocks, both models
+      (`repvgg_jax.model.chunking`).
     with_torch: also time the same two networks in PyTorch (`bench_torch`).
     peak_gflops: the machine's measured roofline, for ``roofline_share``.
 
@@ -83,8 +86,9 @@ def benchmark(
     and ``jax_over_torch`` ratios; and the set-up.
   """
   variant = variants.get_variant(name)
-  model = create_model(variant, dtype=jnp.dtype(dtype), conv_impl=conv_impl)
-  deploy = create_model(variant, deploy=True, dtype=jnp.dtype(dtype), conv_impl=conv_impl)
+  kwargs = dict(dtype=jnp.dtype(dtype), conv_impl=conv_impl, chunk_images=chunk_images)
+  model = create_model(variant, **kwargs)
+  deploy = create_model(variant, deploy=True, **kwargs)
   images = jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
   variables = randomized_variables(model, images, seed)
   fused = compile_options.jit(fusion.fuse_params)(variables)
@@ -148,6 +152,10 @@ def benchmark_models(
     'size': size,
     'dtype': jnp.dtype(model.dtype).name,
     'conv_impl': model.conv_impl,
+    'chunk_images': model.chunk_images,
+    'chunks': dict(
+      zip(('blocks', 'images'), chunking_of(model, images.shape, train=False), strict=True)
+    ),
     'backend': jax.default_backend(),
     'device': jax.devices()[0].device_kind,
     'num_devices': 1,

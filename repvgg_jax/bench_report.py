@@ -34,10 +34,16 @@ def _best_torch(row: dict, model: str | None = None) -> dict | None:
 
 
 def _setup(row: dict) -> str:
+  chunks = row.get('chunks') or {}
+  chunked = (
+    f', {chunks["images"]} images at a time through {chunks["blocks"]} blocks'
+    if chunks.get('blocks')
+    else ''
+  )
   return (
     f'{row["model"]}, batch {row["batch"]}, {row["size"]}x{row["size"]}, {row["dtype"]}, '
-    f'{row["conv_impl"]} conv, {row["backend"]} ({row["device"]}) x{row["num_devices"]}, '
-    f'median of {row["runs"]} runs'
+    f'{row["conv_impl"]} conv{chunked}, {row["backend"]} ({row["device"]}) '
+    f'x{row["num_devices"]}, median of {row["runs"]} runs'
   )
 
 
