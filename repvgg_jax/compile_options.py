@@ -1,11 +1,15 @@
 """XLA compiler options for this codebase's jitted programs.
 
 On CPUs XLA's ``CPU_OPT_PRESET_FAST_COMPILE`` compiles RepVGG's programs about
-twice as fast as the default preset, and they run as fast. Measured for the
-digits config's programs (RepVGG-A0, 32x32, 2-core AVX-512, jax 0.10.2):
-training step 17-21 s -> 7-10 s to compile, evaluation 8-9 s -> 3-5 s, with
-step times within run-to-run noise (172-182 against 139-186 ms), as for A0's
-inference at 224 and its training step at batch 128, 32x32.
+twice as fast as the default preset. Measured for the digits config's
+programs (RepVGG-A0, 32x32, 2-core AVX-512, jax 0.10.2): training step
+17-21 s -> 7-10 s to compile, evaluation 8-9 s -> 3-5 s, with step times
+within run-to-run noise (172-182 against 139-186 ms), as for A0's inference
+at 224 and its training step at batch 128, 32x32. Winograd's layers have
+since raised the step's compile to 10-12 s and the evaluation's to 4 s, and
+the preset no longer runs every program as fast: side by side, A0's fused
+model at batch 32, 224x224 ran about 8% slower with it, its training-time
+model up to 27% faster (README).
 
 Only single-device programs get it. It was withheld from multi-device ones
 when two data-parallel steps of the test model with it ended 4% (largest
