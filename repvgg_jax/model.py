@@ -195,7 +195,7 @@ class RepVGG(nn.Module):
       return carry, (x, stage_outputs)
 
     x = images.astype(self.dtype)
-    chunked, images_per_chunk = chunking_of(self, x.shape, train)
+    chunked, images_per_chunk = (0, 0) if self._records() else chunking_of(self, x.shape, train)
     stage_outputs = []
     if chunked:
       scan = nn.scan(
@@ -220,6 +220,16 @@ class RepVGG(nn.Module):
       name='linear',
     )(x)
     return x.astype(jnp.float32)
+
+  def _records(self) -> bool:
+    """Whether this call creates or records variables, which run unchunked.
+
+    Inside the chunk loop every collection is read-only: initialisation,
+    ``capture_intermediates``, ``sow`` and ``perturb`` go through the whole batch.
+    """
+    return self.is_initializing() or any(
+      self.is_mutable_collection(name) for name in ('intermediates', 'perturbations')
+    )
 
   def _check_images(self, images: Array) -> None:
     shape = tuple(np.shape(images))
@@ -289,7 +299,8 @@ def chunking(
   Returns:
     (blocks, images): (0, 0) when nothing is chunked. The chunk is the largest
     divisor of the batch up to ``chunk_images``; a batch of symbolic size (an
-    export) or of at most one chunk is not chunked.
+    export) or of at most one chunk is not chunked. (`RepVGG` also runs
+    unchunked when it initialises or records variables.)
   """
   if chunk_images == 'auto':
     chunk_images = CHUNK_IMAGES if (backend or jax.default_backend()) == 'cpu' else 0
