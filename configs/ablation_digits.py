@@ -10,9 +10,10 @@ at the end, and writes DIR/ablation.md, DIR/ablation.csv and DIR/ablation.png.
 A rerun skips finished rows and continues an interrupted one from its checkpoint.
 
 Hardware: any CPU. Measured from a clean clone on the 2-core development CPU
-(2026-11-23): 13 min 24 s end to end, 49-213 s a row (about half of each is
-compilation). Every row reaches 95.8-98.9% top-1, the paper's set 98.9%; see
-docs/ablation_digits.md.
+(2026-12-02): 9 min 18 s end to end, 50-135 s a row (about half of each is
+compilation). Every row reaches 93.6-98.6% top-1, the paper's set 96.7%; see
+docs/ablation_digits.md (on 2026-11-23, before Winograd in training: 13 min 24 s,
+95.8-98.9%, the paper's set 98.9%).
 """
 
 import ml_collections
