@@ -195,7 +195,9 @@ class RepVGG(nn.Module):
       return carry, (x, stage_outputs)
 
     x = images.astype(self.dtype)
-    chunked, images_per_chunk = (0, 0) if self._records() else chunking_of(self, x.shape, train)
+    chunked, images_per_chunk = (
+      (0, 0) if self._records() else chunking(self.chunk_images, specs, x.shape, train)
+    )
     stage_outputs = []
     if chunked:
       scan = nn.scan(
@@ -280,10 +282,11 @@ def chunking(
 
   In inference the images are independent, so the leading blocks, those with
   large maps, can run on a few images at a time in a loop (`nn.scan`) and give
-  the same outputs bit for bit. On a CPU this keeps a chunk's activations in
-  cache between blocks: A0's fused model at batch 32, 224x224 ran 1.2-1.3x
-  faster with chunks of 4 images through its 28x28 and larger maps, B0's
-  1.15x, the training-time models 1.1-1.2x (2-core AVX-512 VM, jax 0.10.2,
+  the same outputs (bit for bit where measured; the tests allow rounding). On
+  a CPU this keeps a chunk's activations in cache between blocks: A0's fused
+  model at batch 32, 224x224 ran 1.2-1.3x faster with chunks of 4 images
+  through its 28x28 and larger maps, B0's 1.15x, the training-time models
+  1.07-1.08x (1.02-1.18x with chunks of 2) (2-core AVX-512 VM, jax 0.10.2,
   medians side by side). Chunking each convolution alone gained nothing, nor
   did carrying the chunks on into the 14x14 stage.
 
