@@ -102,14 +102,15 @@ def format_roofline(row: dict) -> str:
 def format_layers(rows: list[dict]) -> str:
   lines = [
     f'{"map":>11}{"channels":>12}{"groups":>7}{"stride":>7}{"XLA ms":>9}{"im2col ms":>10}'
-    f'{"Winograd ms":>12}{"faster":>10}{"auto":>10}'
+    f'{"Winograd ms":>12}{"dense ms":>9}{"faster":>10}{"auto":>10}'
   ]
+  optional = lambda r, key: '-' if r.get(key) is None else f'{r[key]:.2f}'
   for r in rows:
     channels = f'{r["in_channels"]}->{r["features"]}'
-    winograd = '-' if r.get('winograd_ms') is None else f'{r["winograd_ms"]:.2f}'
     lines.append(
       f'{r["side"]:>5}->{r["out_side"]:<5}{channels:>12}{r["groups"]:>7}{r["stride"]:>7}'
-      f'{r["xla_ms"]:>9.2f}{r["im2col_ms"]:>10.2f}{winograd:>12}{r["faster"]:>10}{r["auto"]:>10}'
+      f'{r["xla_ms"]:>9.2f}{r["im2col_ms"]:>10.2f}{optional(r, "winograd_ms"):>12}'
+      f'{optional(r, "dense_ms"):>9}{r["faster"]:>10}{r["auto"]:>10}'
     )
   return '\n'.join(lines)
 

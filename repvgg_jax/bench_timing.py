@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.extend import core as jax_core
 
 from repvgg_jax import compile_options, fusion
-from repvgg_jax.conv import Conv, choose_conv_impl, winograd_applies
+from repvgg_jax.conv import Conv, choose_conv_impl, dense_applies, winograd_applies
 from repvgg_jax.model import create_model
 
 
@@ -151,9 +151,10 @@ def peak_of(roofline_row: dict) -> float:
 def benchmark_layers(
   name: str, batch: int, size: int, train: bool, runs: int = 5, warmup: int = 2
 ) -> list[dict]:
-  """Each distinct 3x3 convolution of the fused ``name``: XLA's, im2col, Winograd, 'auto's pick.
+  """Each distinct 3x3 convolution of the fused ``name`` by each implementation; 'auto's pick.
 
-  Winograd is timed on the stride-1 layers, the only ones it computes.
+  Winograd is timed on the stride-1 layers, the only ones it computes, and
+  dense on input maps of 2x2 and below, the only ones it is meant for.
 
   With ``train``, times the forward and backward pass (gradients of input
   and kernel), which is what a training step pays per layer.
@@ -177,6 +178,8 @@ def _time_layer(side, in_channels, features, groups, stride, *, batch, train, ru
   impls = ['xla', 'im2col']
   if winograd_applies((3, 3), (stride, stride)):
     impls.append('winograd')
+  if dense_applies((3, 3), side * side):
+    impls.append('dense')
   for impl in impls:
     conv = Conv(features, (3, 3), stride, ((1, 1), (1, 1)), groups, conv_impl=impl, train=train)
     params = conv.init(jax.random.key(1), x[:1])
@@ -189,7 +192,12 @@ def _time_layer(side, in_channels, features, groups, stride, *, batch, train, ru
     fns[impl] = lambda c=compiled, p=params: jax.block_until_ready(c(p, x))
   medians = {impl: seconds for impl, (seconds, _) in interleaved_medians(fns, runs, warmup).items()}
   auto = choose_conv_impl(
-    'auto', out_pixels=out_pixels, strides=(stride, stride), in_channels=in_channels, train=train
+    'auto',
+    in_pixels=side * side,
+    out_pixels=out_pixels,
+    strides=(stride, stride),
+    in_channels=in_channels,
+    train=train,
   )
   return {
     'kind': 'layer',
@@ -204,6 +212,7 @@ def _time_layer(side, in_channels, features, groups, stride, *, batch, train, ru
     'xla_ms': medians['xla'] * 1e3,
     'im2col_ms': medians['im2col'] * 1e3,
     'winograd_ms': medians['winograd'] * 1e3 if 'winograd' in medians else None,
+    'dense_ms': medians['dense'] * 1e3 if 'dense' in medians else None,
     'auto': auto,
     'faster': min(medians, key=medians.get),
   }

@@ -378,7 +378,7 @@ def main(argv=None) -> int:
   exp.add_argument(
     '--conv-impl',
     default='xla',
-    choices=('xla', 'im2col', 'winograd'),
+    choices=('xla', 'im2col', 'winograd', 'dense'),
     help='how the artifact computes its convolutions (repvgg_jax.conv)',
   )
   exp.add_argument('--verify', action=argparse.BooleanOptionalAction, default=True)

@@ -106,7 +106,7 @@ def layer_partials(
 
   Parameters and BatchNorm statistics are float32 whatever the compute dtype;
   BatchNorm is the reference's (PyTorch's eps 1e-5, momentum 0.1). The conv is
-  XLA's, im2col or Winograd (`repvgg_jax.conv`), with one parameter layout.
+  XLA's, im2col, Winograd or dense (`repvgg_jax.conv`), with one parameter layout.
   """
   conv = functools.partial(
     conv_lib.Conv,
@@ -152,8 +152,8 @@ class RepVGG(nn.Module):
     precision: `jax.lax.Precision` of convs and the classifier (``'highest'``
       gives true float32 on accelerators that default to TF32).
     in_channels: channels of the input images.
-    conv_impl: 'xla', 'im2col', 'winograd' or 'auto' (per layer, by backend,
-      stride and map size);
+    conv_impl: 'xla', 'im2col', 'winograd', 'dense' or 'auto' (per layer, by
+      backend, stride and map size);
       see `repvgg_jax.conv`. Parameters are the same whichever computes.
     chunk_images: in inference, run the blocks with large maps on this many
       images at a time (0: the whole batch; 'auto': 4 on CPUs, 0 elsewhere);
@@ -385,8 +385,9 @@ def create_model(
     precision: convolution and classifier precision, e.g. ``'highest'``.
     in_channels: image channels.
     conv_impl: 'auto' (chosen per layer by backend and feature-map size, see
-      `repvgg_jax.conv.choose_conv_impl`), 'xla', 'im2col' or 'winograd'
-      (stride-1 3x3 convolutions; the others as 'auto'); numerically
+      `repvgg_jax.conv.choose_conv_impl`), 'xla', 'im2col', 'winograd'
+      (stride-1 3x3 convolutions; the others as 'auto') or 'dense' (input
+      maps with fewer pixels than kernel taps; the others as 'auto'); numerically
       equivalent, with the same parameters.
     chunk_images: images per chunk for the large-map blocks in inference
       (`chunking`): 'auto' (4 on CPUs, none elsewhere), or an int, 0 for none.

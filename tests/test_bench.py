@@ -123,11 +123,13 @@ def test_roofline_and_layers_report_positive_figures(tmp_path):
     (1, 1),
     (1, 2),
   ]
-  assert all(r['auto'] == 'im2col' for r in rows)  # Every map is 8x8 or smaller.
-  # Winograd computes, and is timed on, the stride-1 layer only.
+  # Every map is 8x8 or smaller; in training, dense takes the 2x2 and 1x1 inputs.
+  assert [r['auto'] for r in rows] == ['im2col'] * 3 + ['dense'] * 3
+  # Winograd computes, and is timed on, the stride-1 layer only; dense the small inputs.
   assert [r['winograd_ms'] is not None for r in rows] == [r['stride'] == 1 for r in rows]
-  assert all(r['faster'] in ('xla', 'im2col', 'winograd') for r in rows)
-  assert 'auto' in bench_report.format_layers(rows)
+  assert [r['dense_ms'] is not None for r in rows] == [r['side'] <= 2 for r in rows]
+  assert all(r['faster'] in ('xla', 'im2col', 'winograd', 'dense') for r in rows)
+  assert 'dense ms' in bench_report.format_layers(rows)
 
 
 def _infer_row(name, params, fused, unfused):

@@ -1,5 +1,5 @@
-"""The im2col and Winograd convolutions equal XLA's, values and gradients, for
-every shape used; 'auto' picks per layer by backend, layer and feature-map size."""
+"""The im2col, Winograd and dense convolutions equal XLA's, values and gradients,
+for every shape used; 'auto' picks per layer by backend, layer and feature-map size."""
 
 import dataclasses
 
@@ -70,6 +70,29 @@ def test_winograd_matches_xla(shape, padding, groups):
   assert_matches_xla(kwargs, 'winograd', shape)
 
 
+@pytest.mark.parametrize(
+  'shape, kernel_size, strides, padding, groups',
+  [
+    ((3, 2, 2, 16), (3, 3), 1, ((1, 1), (1, 1)), 1),  # A0's 2x2 stage at 32x32...
+    ((3, 2, 2, 16), (3, 3), 2, ((1, 1), (1, 1)), 1),  # ...and its last, 2x2 -> 1x1.
+    ((3, 1, 1, 16), (3, 3), 1, ((1, 1), (1, 1)), 4),  # One pixel, grouped.
+    ((2, 2, 2, 16), (3, 3), 1, ((2, 0), (1, 2)), 2),  # Uneven padding: some pairs join by no tap.
+    ((2, 2, 1, 16), (3, 3), 2, ((2, 0), (1, 1)), 2),
+    ((2, 1, 2, 16), (1, 3), 1, ((0, 0), (1, 1)), 1),  # A 1x3 kernel.
+  ],
+)
+def test_dense_matches_xla(shape, kernel_size, strides, padding, groups):
+  kwargs = dict(
+    features=8,
+    kernel_size=kernel_size,
+    strides=strides,
+    padding=padding,
+    feature_group_count=groups,
+    precision='highest',
+  )
+  assert_matches_xla(kwargs, 'dense', shape)
+
+
 def test_winograd_refuses_other_kernels():
   with pytest.raises(ValueError, match='needs a 3x3 kernel, got \\(1, 3\\)'):
     conv.winograd_conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 3, 2, 2)), ((0, 0), (1, 1)), 1)
@@ -79,7 +102,11 @@ def test_winograd_refuses_other_kernels():
   'out_pixels, strides, in_channels, train, expected',
   [
     (2 * 2, (1, 1), 192, False, 'im2col'),  # XLA's collapses on small maps.
-    (2 * 2, (1, 1), 192, True, 'im2col'),
+    # Dense for 3x3 kernels on 2x2 and 1x1 inputs in training; 1x1 kernels never.
+    (2 * 2, (1, 1), 192, True, 'dense|im2col'),
+    (1 * 1, (2, 2), 192, True, 'dense|im2col'),
+    (1 * 1, (2, 2), 192, False, 'im2col'),
+    (2 * 2, (2, 2), 96, True, 'im2col'),  # A 4x4 input: dense would multiply more.
     (8 * 8, (1, 1), 48, False, 'im2col'),
     # Winograd for 3x3 kernels in training on 8x8 and 4x4 and inference on 14x14;
     # after the bar, the choice for a 1x1 kernel there.
@@ -95,8 +122,10 @@ def test_winograd_refuses_other_kernels():
   ],
 )
 def test_auto_choice_on_cpu(out_pixels, strides, in_channels, train, expected):
+  in_pixels = out_pixels * strides[0] * strides[1]
   choose = lambda impl, backend='cpu', kernel_size=(3, 3): conv.choose_conv_impl(
     impl,
+    in_pixels=in_pixels,
     out_pixels=out_pixels,
     strides=strides,
     in_channels=in_channels,
@@ -105,14 +134,18 @@ def test_auto_choice_on_cpu(out_pixels, strides, in_channels, train, expected):
     backend=backend,
   )
   expected, _, other_kernels = expected.partition('|')
+  between_xla_and_im2col = other_kernels or expected
   assert choose('auto') == expected
-  assert choose('auto', kernel_size=(1, 1)) == (other_kernels or expected)
+  assert choose('auto', kernel_size=(1, 1)) == between_xla_and_im2col
   assert choose('auto', backend='gpu') == 'xla'
   assert choose('xla') == 'xla' and choose('im2col') == 'im2col'
-  if strides == (1, 1):  # Explicit 'winograd' wherever it applies, on any backend.
-    assert choose('winograd') == choose('winograd', backend='gpu') == 'winograd'
-  else:
-    assert choose('winograd') == expected and choose('winograd', backend='gpu') == 'xla'
+  # Explicit 'winograd' and 'dense' wherever they apply, on any backend; elsewhere
+  # 'auto's choice between XLA's convolution and im2col.
+  for impl, applies in (('winograd', strides == (1, 1)), ('dense', in_pixels < 9)):
+    if applies:
+      assert choose(impl) == choose(impl, backend='gpu') == impl
+    else:
+      assert choose(impl) == between_xla_and_im2col and choose(impl, backend='gpu') == 'xla'
 
 
 def test_auto_mixes_implementations_in_one_model():
@@ -147,7 +180,7 @@ def test_models_agree_across_conv_impls():
   variables = calibrated_variables(make('im2col'), images)
   train_xla = jax.jit(make('xla').apply)(variables, images)
   fused = repvgg_jax.fuse_params(variables)
-  for impl in ('im2col', 'winograd'):
+  for impl in ('im2col', 'winograd', 'dense'):
     train_other = jax.jit(make(impl).apply)(variables, images)
     assert relative_error(train_other, train_xla) <= 1e-5
     deploy_other = jax.jit(make(impl, deploy=True).apply)(fused, images)
@@ -168,9 +201,9 @@ def test_both_implementations_initialise_the_same_variables(branches):
     impl: repvgg_jax.create_model(variant, num_classes=4, conv_impl=impl, branches=branches).init(
       jax.random.key(7), images
     )
-    for impl in ('xla', 'im2col', 'winograd')
+    for impl in ('xla', 'im2col', 'winograd', 'dense')
   }
-  for impl in ('im2col', 'winograd'):
+  for impl in ('im2col', 'winograd', 'dense'):
     assert jax.tree.structure(init['xla']) == jax.tree.structure(init[impl])
     for a, b in zip(jax.tree.leaves(init['xla']), jax.tree.leaves(init[impl]), strict=True):
       np.testing.assert_array_equal(a, b)
