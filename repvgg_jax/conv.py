@@ -25,9 +25,10 @@ right choice. On CPUs none wins everywhere; measured on a 2-core AVX-512 VM
   3x3 kernels), im2col multiplies mostly zero padding. The dense form, one
   matrix multiply over the whole map with a kernel unrolled to every pair of
   input and output pixels, does 4/9 of its multiply-adds on a 2x2 map and
-  made A0's training step at batch 128, 32x32 1.29x faster (401 -> 516 img/s,
-  side by side). In inference it lost (1,888 -> 1,754 img/s): the kernel is
-  unrolled again on every call, which a training step pays once per batch anyway.
+  made A0's training step at batch 128, 32x32 1.27x faster (395 -> 503 img/s,
+  side by side). In inference the whole model gained nothing certain (-9% to
+  +6% over four runs): the kernel is unrolled again on every call, which a
+  training step pays once per batch either way.
 
 `choose_conv_impl` encodes these rules for ``'auto'``; `python -m
 repvgg_jax.bench layers` re-measures single layers on your machine.
