@@ -19,7 +19,13 @@ from repvgg_jax import conv
 @pytest.mark.parametrize('groups', [1, 2, 4])
 def test_im2col_matches_xla(kernel_size, strides, groups):
   padding = ((kernel_size[0] // 2,) * 2, (kernel_size[1] // 2,) * 2)
-  kwargs = dict(
+  kwargs = conv_kwargs(kernel_size, strides, padding, groups)
+  assert_matches_xla(kwargs, 'im2col', (2, 7, 8, 16))  # Odd and even sides.
+
+
+def conv_kwargs(kernel_size, strides, padding, groups) -> dict:
+  """The arguments of a `nn.Conv` with 8 features at true float32 precision."""
+  return dict(
     features=8,
     kernel_size=kernel_size,
     strides=strides,
@@ -27,7 +33,6 @@ def test_im2col_matches_xla(kernel_size, strides, groups):
     feature_group_count=groups,
     precision='highest',
   )
-  assert_matches_xla(kwargs, 'im2col', (2, 7, 8, 16))  # Odd and even sides.
 
 
 def assert_matches_xla(kwargs, conv_impl, shape):
@@ -64,10 +69,7 @@ def assert_matches_xla(kwargs, conv_impl, shape):
   ],
 )
 def test_winograd_matches_xla(shape, padding, groups):
-  kwargs = dict(
-    features=8, kernel_size=(3, 3), padding=padding, feature_group_count=groups, precision='highest'
-  )
-  assert_matches_xla(kwargs, 'winograd', shape)
+  assert_matches_xla(conv_kwargs((3, 3), 1, padding, groups), 'winograd', shape)
 
 
 @pytest.mark.parametrize(
@@ -82,15 +84,7 @@ def test_winograd_matches_xla(shape, padding, groups):
   ],
 )
 def test_dense_matches_xla(shape, kernel_size, strides, padding, groups):
-  kwargs = dict(
-    features=8,
-    kernel_size=kernel_size,
-    strides=strides,
-    padding=padding,
-    feature_group_count=groups,
-    precision='highest',
-  )
-  assert_matches_xla(kwargs, 'dense', shape)
+  assert_matches_xla(conv_kwargs(kernel_size, strides, padding, groups), 'dense', shape)
 
 
 def test_winograd_refuses_other_kernels():
