@@ -95,12 +95,14 @@ def test_winograd_refuses_other_kernels():
 @pytest.mark.parametrize(
   'out_pixels, strides, in_channels, train, expected',
   [
-    (2 * 2, (1, 1), 192, False, 'im2col'),  # XLA's collapses on small maps.
-    # Dense for 3x3 kernels on 2x2 and 1x1 inputs in training; 1x1 kernels never.
+    # Dense for 3x3 kernels on 2x2 and 1x1 inputs; after the bar, the choice for
+    # a 1x1 kernel there: im2col, since XLA's collapses on small maps.
+    (2 * 2, (1, 1), 192, False, 'dense|im2col'),
     (2 * 2, (1, 1), 192, True, 'dense|im2col'),
     (1 * 1, (2, 2), 192, True, 'dense|im2col'),
-    (1 * 1, (2, 2), 192, False, 'im2col'),
+    (1 * 1, (2, 2), 192, False, 'dense|im2col'),
     (2 * 2, (2, 2), 96, True, 'im2col'),  # A 4x4 input: dense would multiply more.
+    (2 * 2, (2, 2), 96, False, 'im2col'),
     (8 * 8, (1, 1), 48, False, 'im2col'),
     # Winograd for 3x3 kernels in training on 8x8 and 4x4 and inference on 14x14;
     # after the bar, the choice for a 1x1 kernel there.
