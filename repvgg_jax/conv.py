@@ -29,7 +29,7 @@ right choice. On CPUs none wins everywhere; measured on a 2-core AVX-512 VM
   side by side). The unrolled kernel is built from window slices of the
   zero-padded kernel, copies only; built by a gather and a transposing copy
   instead, it cost the fused A0 at 32x32 as much as its matmuls saved, and
-  with slices the fused model ran 1.15x faster than with im2col there (3,374
+  with slices the fused model ran 1.16x faster than with im2col there (3,374
   against 2,912 img/s, batch 128, side by side).
 
 `choose_conv_impl` encodes these rules for ``'auto'``; `python -m
