@@ -103,10 +103,11 @@ def test_winograd_refuses_other_kernels():
     (1 * 1, (2, 2), 192, False, 'dense|im2col'),
     (2 * 2, (2, 2), 96, True, 'im2col'),  # A 4x4 input: dense would multiply more.
     (2 * 2, (2, 2), 96, False, 'im2col'),
-    (8 * 8, (1, 1), 48, False, 'im2col'),
-    # Winograd for 3x3 kernels in training on 8x8 and 4x4 and inference on 14x14;
+    # Winograd for 3x3 kernels on 8x8 and 4x4, and in inference on 14x14 too;
     # after the bar, the choice for a 1x1 kernel there.
+    (8 * 8, (1, 1), 48, False, 'winograd|im2col'),
     (8 * 8, (1, 1), 48, True, 'winograd|im2col'),
+    (4 * 4, (1, 1), 96, False, 'winograd|im2col'),
     (4 * 4, (1, 1), 96, True, 'winograd|im2col'),
     (14 * 14, (1, 1), 192, False, 'winograd|xla'),
     (14 * 14, (1, 1), 192, True, 'xla'),
