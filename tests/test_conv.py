@@ -102,7 +102,9 @@ def test_winograd_refuses_other_kernels():
     (1 * 1, (2, 2), 192, True, 'dense|im2col'),
     (1 * 1, (2, 2), 192, False, 'dense|im2col'),
     (2 * 2, (2, 2), 96, True, 'im2col'),  # A 4x4 input: dense would multiply more.
-    (2 * 2, (2, 2), 96, False, 'im2col'),
+    (2 * 2, (2, 2), 96, False, 'xla'),  # Inference: XLA's for strided layers...
+    (8 * 8, (2, 2), 48, False, 'xla'),
+    (8 * 8, (2, 2), 48, True, 'im2col'),  # ...not in training (below).
     # Winograd for 3x3 kernels on 8x8 and 4x4, and in inference on 14x14 too;
     # after the bar, the choice for a 1x1 kernel there.
     (8 * 8, (1, 1), 48, False, 'winograd|im2col'),
@@ -146,19 +148,23 @@ def test_auto_choice_on_cpu(out_pixels, strides, in_channels, train, expected):
 
 
 def test_auto_mixes_implementations_in_one_model():
-  """At 32x32 A0 computes its 16x16 stem with XLA's conv, its 2x2 stage with im2col;
-  at 224x224 its 14x14 stage with Winograd."""
+  """At 32x32 A0 computes its 16x16 stem and stride-2 layers with XLA's conv, its
+  4x4 stage with Winograd and its 2x2 stage dense; at 224x224 its 14x14 stage with
+  Winograd."""
   model = repvgg_jax.create_model('A0', deploy=True, conv_impl='auto')
   assert model.conv_impl == 'auto'
   images = jnp.zeros((1, 32, 32, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
   hlo = jax.jit(model.apply).lower(variables, images).as_text()
-  assert hlo.count('convolution') == 1  # The stem; A0's other stages run at 8x8 and below.
+  assert hlo.count('convolution') == 4  # The stem, 16->8, 8->4 and 4->2; 2->1 is dense.
+  # Three 4x4 layers by Winograd (16 matmuls and a kernel transform), 14 dense ones
+  # (13 at 2x2, 2->1), 8->8 by Winograd too, and the head.
+  assert hlo.count('dot_general') == 4 * 17 + 14 + 1
   # At 224 the thirteen stride-1 14x14 layers run by Winograd, 16 matmuls each.
   images = jnp.zeros((1, 224, 224, 3))
   hlo = jax.jit(model.apply).lower(variables, images).as_text()
-  assert hlo.count('convolution(') == 8  # The 4 stride-2 layers above 7x7, 1 at 56x56, 3 at 28x28.
-  assert hlo.count('dot_general') == 13 * 17 + 2  # And a kernel transform each; 14->7, head.
+  assert hlo.count('convolution(') == 9  # The 5 stride-2 layers, 1 at 56x56, 3 at 28x28.
+  assert hlo.count('dot_general') == 13 * 17 + 1  # And a kernel transform each; the head.
   with pytest.raises(ValueError, match="conv_impl must be one of .* got 'cudnn'"):
     repvgg_jax.create_model('A0', conv_impl='cudnn')
 
