@@ -22,10 +22,15 @@ right choice. On CPUs none wins everywhere; measured on a 2-core AVX-512 VM
 - Winograd made the fused A0 and B0 1.2-1.4x faster at 224x224 when it took
   the 14x14 layers (XLA's reached 120 GFLOP/s there); at 32x32, taking the
   8x8 and 4x4 layers, it made the training step 4-7% faster and the fused A0
-  and B0 1.05x and 1.12x (batch 128, side by side). It lost elsewhere in
-  whole models, though some single layers (training at 14x14 and 28x28)
-  timed faster alone: its 16 transformed copies, 4x the input, cost memory
-  traffic that a lone layer keeps in cache and a model does not.
+  and B0 1.05x and 1.12x (batch 128, side by side). In inference at 224x224
+  it also lost at 28x28 and 56x56 on the first VM, before chunked inference
+  (`repvgg_jax.model.chunking`); with chunks of 4 images, on a newer VM (AMX,
+  480 MB of L3 cache), taking those layers too made the fused A0 1.06-1.07x
+  and B0 1.18x faster (batch 32; B0 1.24x at batch 8), the unfused models
+  1.00-1.03x and 1.11-1.15x. In training it lost elsewhere, though some
+  single layers (14x14 and 28x28) timed faster alone: its 16 transformed
+  copies, 4x the input, cost memory traffic that a lone layer keeps in cache
+  and a model does not.
 - On input maps with fewer pixels than the kernel has taps (2x2 and 1x1 for
   3x3 kernels), im2col multiplies mostly zero padding. The dense form, one
   matrix multiply over the whole map with a kernel unrolled to every pair of
@@ -61,7 +66,7 @@ NARROW_CHANNELS = 64
 STRIDED_XLA_PIXELS = 2 * 2
 # Winograd for stride-1 3x3 layers with output maps in these ranges of pixels
 # (lower bound exclusive): inference, and training (forward and backward).
-WINOGRAD_INFER_PIXELS = (2 * 2, 14 * 14)
+WINOGRAD_INFER_PIXELS = (2 * 2, 56 * 56)
 WINOGRAD_TRAIN_PIXELS = (2 * 2, 8 * 8)
 
 

@@ -105,7 +105,7 @@ def test_winograd_refuses_other_kernels():
     (2 * 2, (2, 2), 96, False, 'xla'),  # Inference: XLA's for strided layers...
     (8 * 8, (2, 2), 48, False, 'xla'),
     (8 * 8, (2, 2), 48, True, 'im2col'),  # ...not in training (below).
-    # Winograd for 3x3 kernels on 8x8 and 4x4, and in inference on 14x14 too;
+    # Winograd for 3x3 kernels on 8x8 and 4x4, and in inference up to 56x56;
     # after the bar, the choice for a 1x1 kernel there.
     (8 * 8, (1, 1), 48, False, 'winograd|im2col'),
     (8 * 8, (1, 1), 48, True, 'winograd|im2col'),
@@ -114,7 +114,9 @@ def test_winograd_refuses_other_kernels():
     (14 * 14, (1, 1), 192, False, 'winograd|xla'),
     (14 * 14, (1, 1), 192, True, 'xla'),
     (4 * 4, (2, 2), 96, True, 'im2col'),  # Winograd is for stride 1 only.
-    (28 * 28, (1, 1), 96, False, 'xla'),
+    (28 * 28, (1, 1), 96, False, 'winograd|xla'),
+    (56 * 56, (1, 1), 48, False, 'winograd|xla'),
+    (112 * 112, (1, 1), 32, False, 'xla'),
     (56 * 56, (2, 2), 48, False, 'xla'),
     (56 * 56, (2, 2), 192, True, 'im2col'),  # XLA's backward is slow at stride 2...
     (56 * 56, (1, 1), 48, True, 'im2col'),  # ...and on narrow layers.
@@ -149,8 +151,8 @@ def test_auto_choice_on_cpu(out_pixels, strides, in_channels, train, expected):
 
 def test_auto_mixes_implementations_in_one_model():
   """At 32x32 A0 computes its 16x16 stem and stride-2 layers with XLA's conv, its
-  4x4 stage with Winograd and its 2x2 stage dense; at 224x224 its 14x14 stage with
-  Winograd."""
+  4x4 stage with Winograd and its 2x2 stage dense; at 224x224 its stride-1 layers
+  with Winograd."""
   model = repvgg_jax.create_model('A0', deploy=True, conv_impl='auto')
   assert model.conv_impl == 'auto'
   images = jnp.zeros((1, 32, 32, 3))
@@ -160,11 +162,12 @@ def test_auto_mixes_implementations_in_one_model():
   # Three 4x4 layers by Winograd (16 matmuls and a kernel transform), 14 dense ones
   # (13 at 2x2, 2->1), 8->8 by Winograd too, and the head.
   assert hlo.count('dot_general') == 4 * 17 + 14 + 1
-  # At 224 the thirteen stride-1 14x14 layers run by Winograd, 16 matmuls each.
+  # At 224 the seventeen stride-1 layers (56x56, 28x28, 14x14) run by Winograd,
+  # 16 matmuls each.
   images = jnp.zeros((1, 224, 224, 3))
   hlo = jax.jit(model.apply).lower(variables, images).as_text()
-  assert hlo.count('convolution(') == 9  # The 5 stride-2 layers, 1 at 56x56, 3 at 28x28.
-  assert hlo.count('dot_general') == 13 * 17 + 1  # And a kernel transform each; the head.
+  assert hlo.count('convolution(') == 5  # The stride-2 layers.
+  assert hlo.count('dot_general') == 17 * 17 + 1  # And a kernel transform each; the head.
   with pytest.raises(ValueError, match="conv_impl must be one of .* got 'cudnn'"):
     repvgg_jax.create_model('A0', conv_impl='cudnn')
 
