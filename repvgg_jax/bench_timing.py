@@ -198,6 +198,7 @@ def _time_layer(side, in_channels, features, groups, stride, *, batch, train, ru
     strides=(stride, stride),
     in_channels=in_channels,
     train=train,
+    groups=groups,
   )
   return {
     'kind': 'layer',

@@ -27,7 +27,8 @@ right choice. On CPUs none wins everywhere; measured on a 2-core AVX-512 VM
   (`repvgg_jax.model.chunking`); with chunks of 4 images, on a newer VM (AMX,
   480 MB of L3 cache), taking those layers too made the fused A0 1.06-1.07x
   and B0 1.18x faster (batch 32; B0 1.24x at batch 8), the unfused models
-  1.00-1.03x and 1.11-1.15x. In training it lost elsewhere, though some
+  1.00-1.03x and 1.11-1.15x; not so for grouped layers, whose B1g2 ran 10%
+  slower with it there (batch 8). In training it lost elsewhere, though some
   single layers (14x14 and 28x28) timed faster alone: its 16 transformed
   copies, 4x the input, cost memory traffic that a lone layer keeps in cache
   and a model does not.
@@ -65,8 +66,10 @@ NARROW_CHANNELS = 64
 # In inference, XLA's for strided layers with output maps of at least this many pixels.
 STRIDED_XLA_PIXELS = 2 * 2
 # Winograd for stride-1 3x3 layers with output maps in these ranges of pixels
-# (lower bound exclusive): inference, and training (forward and backward).
+# (lower bound exclusive): inference, grouped layers in inference, and training
+# (forward and backward).
 WINOGRAD_INFER_PIXELS = (2 * 2, 56 * 56)
+WINOGRAD_GROUPED_INFER_PIXELS = (2 * 2, 14 * 14)
 WINOGRAD_TRAIN_PIXELS = (2 * 2, 8 * 8)
 
 
@@ -95,6 +98,7 @@ def choose_conv_impl(
   in_channels: int,
   train: bool,
   kernel_size: tuple[int, int] = (3, 3),
+  groups: int = 1,
   backend: str | None = None,
 ) -> str:
   """'xla', 'im2col', 'winograd' or 'dense' for one convolution.
@@ -104,7 +108,7 @@ def choose_conv_impl(
   choice between 'xla' and 'im2col' elsewhere; 'auto' follows the rules
   measured on CPUs (module docstring) and is XLA's convolution on every other
   backend. ``in_pixels`` and ``out_pixels`` count the unpadded input map and
-  the output map.
+  the output map; ``groups`` is the layer's number of feature groups.
   """
   if check_conv_impl(conv_impl) in ('xla', 'im2col'):
     return conv_impl
@@ -116,7 +120,10 @@ def choose_conv_impl(
     return 'xla'
   if conv_impl == 'auto' and dense:
     return 'dense'
-  low, high = WINOGRAD_TRAIN_PIXELS if train else WINOGRAD_INFER_PIXELS
+  if train:
+    low, high = WINOGRAD_TRAIN_PIXELS
+  else:
+    low, high = WINOGRAD_INFER_PIXELS if groups == 1 else WINOGRAD_GROUPED_INFER_PIXELS
   if conv_impl == 'auto' and winograd and low < out_pixels <= high:
     return 'winograd'
   if not train and max(strides) > 1 and out_pixels >= STRIDED_XLA_PIXELS:
@@ -329,6 +336,7 @@ class Conv(nn.Module):
       in_channels=in_channels,
       train=self.train,
       kernel_size=(kh, kw),
+      groups=groups,
     )
     if impl == 'xla':
       y = jax.lax.conv_general_dilated(

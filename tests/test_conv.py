@@ -149,6 +149,24 @@ def test_auto_choice_on_cpu(out_pixels, strides, in_channels, train, expected):
       assert choose(impl) == between_xla_and_im2col and choose(impl, backend='gpu') == 'xla'
 
 
+@pytest.mark.parametrize(
+  'side, groups, expected',
+  [(56, 1, 'winograd'), (28, 1, 'winograd'), (28, 2, 'xla'), (56, 4, 'xla'), (14, 2, 'winograd')],
+)
+def test_auto_gives_grouped_layers_winograd_up_to_14x14_in_inference(side, groups, expected):
+  choice = conv.choose_conv_impl(
+    'auto',
+    in_pixels=side * side,
+    out_pixels=side * side,
+    strides=(1, 1),
+    in_channels=128,
+    train=False,
+    groups=groups,
+    backend='cpu',
+  )
+  assert choice == expected
+
+
 def test_auto_mixes_implementations_in_one_model():
   """At 32x32 A0 computes its 16x16 stem and stride-2 layers with XLA's conv, its
   4x4 stage with Winograd and its 2x2 stage dense; at 224x224 its stride-1 layers
