@@ -177,8 +177,8 @@ def test_auto_mixes_implementations_in_one_model():
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
   hlo = jax.jit(model.apply).lower(variables, images).as_text()
   assert hlo.count('convolution') == 4  # The stem, 16->8, 8->4 and 4->2; 2->1 is dense.
-  # Three 4x4 layers by Winograd (16 matmuls and a kernel transform), 14 dense ones
-  # (13 at 2x2, 2->1), 8->8 by Winograd too, and the head.
+  # Four Winograd layers (8->8 and three at 4x4: 16 matmuls and a kernel transform
+  # each), 14 dense ones (13 at 2x2 and 2->1), and the head.
   assert hlo.count('dot_general') == 4 * 17 + 14 + 1
   # At 224 the seventeen stride-1 layers (56x56, 28x28, 14x14) run by Winograd,
   # 16 matmuls each.
