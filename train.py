@@ -7,6 +7,7 @@ A thin entry point: flags, device set-up, then
 import os
 import sys
 
+from repvgg_jax import host_memory
 from repvgg_jax.quiet import quiet_startup
 
 quiet_startup()  # Before JAX picks its backend and TensorFlow loads.
@@ -31,12 +32,20 @@ flags.DEFINE_string(
   "JAX's persistent compilation cache: a rerun or resumed run skips compiling its programs "
   "again ('' turns it off; the JAX_COMPILATION_CACHE_DIR environment variable wins).",
 )
+flags.DEFINE_bool(
+  'reuse_host_memory',
+  True,
+  'On CPU-only runs under glibc, keep freed host memory for reuse instead of mapping each '
+  "step's temporaries afresh (repvgg_jax.host_memory): the digits config ran 1.13x faster.",
+)
 flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.reuse_host_memory:
+    host_memory.reuse_freed_memory()  # Before JAX's backend and TensorFlow start threads.
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   import jax

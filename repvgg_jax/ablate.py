@@ -48,6 +48,7 @@ from repvgg_jax import (  # noqa: E402
   checkpointing,
   compile_options,
   data,
+  host_memory,
   trainer,
 )
 from repvgg_jax.model import normalize_branches  # noqa: E402
@@ -396,6 +397,8 @@ def main(argv) -> int:
 
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if flags.FLAGS.reuse_host_memory:
+    host_memory.reuse_freed_memory()  # Before JAX's backend and TensorFlow start threads.
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   import tensorflow as tf
@@ -438,6 +441,9 @@ def _define_flags() -> None:
   )
   flags.DEFINE_string(
     'workdir', None, 'Directory of the rows and the reports (default: workdirs/<config name>).'
+  )
+  flags.DEFINE_bool(
+    'reuse_host_memory', True, 'As train.py: keep freed host memory for reuse on CPU-only runs.'
   )
   flags.mark_flags_as_required(['config'])
 

@@ -24,7 +24,7 @@ import sys
 
 import jax
 
-from repvgg_jax import bench_report, variants
+from repvgg_jax import bench_report, host_memory, variants
 from repvgg_jax.bench_models import TORCH_LAYOUTS, benchmark, benchmark_train_step
 from repvgg_jax.bench_timing import benchmark_layers, machine, peak_of, roofline
 from repvgg_jax.conv import CONV_IMPLS
@@ -130,6 +130,15 @@ def _chunk_images(text: str) -> int | str:
   return int(text)
 
 
+def _add_host_memory(parser) -> None:
+  parser.add_argument(
+    '--reuse-host-memory',
+    action='store_true',
+    help='keep freed host memory for reuse, as train.py does on CPUs (repvgg_jax.host_memory); '
+    'for JAX and PyTorch alike',
+  )
+
+
 def _add_common(parser, batch: int, size: int) -> None:
   parser.add_argument('--model', default='A0', help='variant name (see --list)')
   parser.add_argument('--batch', type=int, default=batch, help='images per batch')
@@ -150,6 +159,7 @@ def _add_common(parser, batch: int, size: int) -> None:
     help='also time the same network in PyTorch (default: when torch is installed)',
   )
   parser.add_argument('--json', help='append the result as JSON lines to this file')
+  _add_host_memory(parser)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -179,6 +189,7 @@ def _parser() -> argparse.ArgumentParser:
   roof = sub.add_parser('roofline', help='measured matmul and convolution peaks')
   roof.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   roof.add_argument('--json', help='append the result as JSON lines to this file')
+  _add_host_memory(roof)
   layers = sub.add_parser('layers', help="per-layer XLA, im2col and Winograd, and 'auto's choice")
   _add_common(layers, 32, 224)
   layers.add_argument('--train', action='store_true', help='time forward and backward')
@@ -189,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
   suite.add_argument('--models', default='all', help="Figure 1's variants, comma-separated")
   suite.add_argument('--figure-batch', type=int, default=8, help="Figure 1's batch")
   suite.add_argument('--figure-size', type=int, default=224, help="Figure 1's image side")
+  _add_host_memory(suite)
   return parser
 
 
@@ -202,6 +214,8 @@ def main(argv=None) -> int:
   if args.list:
     print('\n'.join(variants.list_models()))
     return 0
+  if args.reuse_host_memory and not host_memory.reuse_freed_memory():
+    print('--reuse-host-memory: not applied (glibc on a CPU-only run only).', file=sys.stderr)
   if args.command == 'suite':
     names = variants.list_models() if args.models == 'all' else args.models.split(',')
     for name in names:

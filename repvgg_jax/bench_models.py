@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from repvgg_jax import compile_options, fusion, optim, variants
+from repvgg_jax import compile_options, fusion, host_memory, optim, variants
 from repvgg_jax.bench_timing import compiled_forward, count_macs, interleaved_medians, temp_bytes
 from repvgg_jax.model import chunking_of, create_model
 
@@ -160,6 +160,7 @@ def benchmark_models(
     'device': jax.devices()[0].device_kind,
     'num_devices': 1,
     'runs': runs,
+    'host_memory': host_memory.state(),
   }
   for key, (_, temp) in forward.items():
     chosen = model if key == 'train' else deploy
@@ -305,6 +306,7 @@ def benchmark_train_step(
     'device': jax.devices()[0].device_kind,
     'num_devices': mesh.size,
     'runs': runs,
+    'host_memory': host_memory.state(),
     'jax': {
       **_rates(batch, *medians['jax'], 3 * macs, peak_gflops),
       'temp_bytes': temp_bytes(compiled),

@@ -44,6 +44,7 @@ def _setup(row: dict) -> str:
     f'{row["model"]}, batch {row["batch"]}, {row["size"]}x{row["size"]}, {row["dtype"]}, '
     f'{row["conv_impl"]} conv{chunked}, {row["backend"]} ({row["device"]}) '
     f'x{row["num_devices"]}, median of {row["runs"]} runs'
+    + (', host memory reused' if row.get('host_memory') == 'reused' else '')
   )
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
 
-from repvgg_jax import compile_options, fusion
+from repvgg_jax import compile_options, fusion, host_memory
 from repvgg_jax.conv import Conv, choose_conv_impl, dense_applies, winograd_applies
 from repvgg_jax.model import create_model
 
@@ -98,6 +98,7 @@ def machine() -> dict:
     'cpu': platform.processor() or platform.machine(),
     'cpu_count': os.cpu_count(),
     'jax': jax.__version__,
+    'host_memory': host_memory.state(),
   }
   try:
     import torch

@@ -23,6 +23,7 @@ import time
 
 START = time.perf_counter()
 
+from repvgg_jax import host_memory  # noqa: E402
 from repvgg_jax.quiet import quiet_startup  # noqa: E402
 
 LAYOUTS = ('channels_last', 'nchw')
@@ -148,7 +149,15 @@ def main(argv=None) -> int:
   parser.add_argument('--config', required=True, help='a config file, e.g. configs/digits.py')
   parser.add_argument('--layout', default='channels_last', choices=LAYOUTS)
   parser.add_argument('--workdir', help='where the checkpoints go (default: a temporary dir)')
+  parser.add_argument(
+    '--reuse-host-memory',
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="keep freed host memory for reuse on CPU-only runs, as train.py's default",
+  )
   args = parser.parse_args(argv)
+  if args.reuse_host_memory:
+    host_memory.reuse_freed_memory()  # Before torch and TensorFlow start threads.
   try:
     import torch  # noqa: F401
   except ImportError:
