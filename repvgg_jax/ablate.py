@@ -443,7 +443,7 @@ def _define_flags() -> None:
     'workdir', None, 'Directory of the rows and the reports (default: workdirs/<config name>).'
   )
   flags.DEFINE_bool(
-    'reuse_host_memory', True, 'As train.py: keep freed host memory for reuse on CPU-only runs.'
+    'reuse_host_memory', False, 'As train.py: keep freed host memory for reuse on CPU-only runs.'
   )
   flags.mark_flags_as_required(['config'])
 

@@ -134,8 +134,8 @@ def _add_host_memory(parser) -> None:
   parser.add_argument(
     '--reuse-host-memory',
     action='store_true',
-    help='keep freed host memory for reuse, as train.py does on CPUs (repvgg_jax.host_memory); '
-    'for JAX and PyTorch alike',
+    help='keep freed host memory for reuse (repvgg_jax.host_memory), as train.py '
+    '--reuse_host_memory does; for JAX and PyTorch alike',
   )
 
 

@@ -151,9 +151,8 @@ def main(argv=None) -> int:
   parser.add_argument('--workdir', help='where the checkpoints go (default: a temporary dir)')
   parser.add_argument(
     '--reuse-host-memory',
-    action=argparse.BooleanOptionalAction,
-    default=True,
-    help="keep freed host memory for reuse on CPU-only runs, as train.py's default",
+    action='store_true',
+    help='keep freed host memory for reuse on CPU-only runs, as train.py --reuse_host_memory',
   )
   args = parser.parse_args(argv)
   if args.reuse_host_memory:
