@@ -5,10 +5,11 @@ afresh: 94 MB for the digits config's training step, 1.8 GB for A0's at batch
 32, 224x224. glibc's malloc serves blocks that big with a new ``mmap`` and
 returns them with ``munmap``, so the kernel zero-fills every page again at its
 first touch in each step: for the digits config, 330 mappings of 94 MB and
-14.9 s of system CPU time in a 42 s run (2 cores, jax 0.10.2, glibc 2.36). A
-higher mmap threshold does not help: glibc caps it at 32 MiB, and the worker
-threads that run XLA's programs allocate from their own arenas, which fall back
-to ``mmap`` for any block larger than an arena's 64 MiB heap. One arena, no
+14.9 s of system CPU time in a 42 s run (2 cores, jax 0.10.2, glibc 2.36).
+Forbidding mappings alone does not help (691 img/s, 14.8 s of system time):
+the worker threads that run XLA's programs allocate from arenas of their own,
+which fall back to ``mmap`` for any block larger than an arena's 64 MiB heap,
+and glibc caps its mmap threshold at 32 MiB. One arena, no
 mappings and no trimming (`reuse_freed_memory`) keep freed blocks in the
 process instead. Measured on that machine, each figure from separate runs
 with and without (the setting holds for a whole process):
@@ -37,8 +38,9 @@ or computation), while no worker thread has an arena yet: the entry points
 call it first thing. Not applied where an accelerator may run the program
 (where many host threads that one arena would serialize do the input
 pipeline's work, and where this was not measured), nor off glibc. Even with
-one arena, the heap can grow now and then when threads free and take big
-blocks in a new order (the test measures the median call).
+one arena, the heap grows for some of the first calls, until it holds the
+blocks in every order the threads ask for them (the test counts the calls that
+fault nothing in).
 """
 
 from __future__ import annotations
