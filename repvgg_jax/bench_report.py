@@ -97,6 +97,11 @@ def format_roofline(row: dict) -> str:
     f'matmul {row["matmul_gflops_per_sec"]:,.1f} '
     f'GFLOP/s (square sides {sizes}); 3x3 conv {row["conv_gflops_per_sec"]:,.1f} GFLOP/s '
     f'(NHWC {row["conv_shape"]})'
+    + (
+      f"; PyTorch's matmul {row['torch_matmul_gflops_per_sec']:,.1f} GFLOP/s"
+      if 'torch_matmul_gflops_per_sec' in row
+      else ''
+    )
   )
 
 

@@ -8,6 +8,7 @@ per-layer comparison of XLA's convolution with im2col behind ``conv_impl='auto'`
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import math
 import os
 import platform
@@ -113,7 +114,9 @@ def roofline(dtype: str = 'float32', runs: int = 5) -> dict:
   """The machine's measured peaks: a square matmul and a wide 3x3 convolution, in GFLOP/s.
 
   Shares of achieved GFLOP/s are quoted against the matmul peak on CPUs and
-  the convolution peak on GPUs (`peak_of`).
+  the convolution peak on GPUs (`peak_of`). On CPUs with torch installed, the
+  row also holds PyTorch's float32 matmul peak (MKL: 442 GFLOP/s where XLA's
+  reached 349 on the 2-core VM of 2026-12-04), for reference only.
   """
   dt = jnp.dtype(dtype)
   on_cpu = jax.default_backend() == 'cpu'
@@ -131,7 +134,7 @@ def roofline(dtype: str = 'float32', runs: int = 5) -> dict:
   fn = compile_options.jit(conv.apply).lower(params, x).compile()
   seconds, _ = interleaved_medians({0: lambda: fn(params, x).block_until_ready()}, runs, 2)[0]
   conv_gflops = 2 * batch * side * side * 9 * channels * channels / seconds / 1e9
-  return {
+  row = {
     'kind': 'roofline',
     'dtype': dt.name,
     'backend': jax.default_backend(),
@@ -141,6 +144,11 @@ def roofline(dtype: str = 'float32', runs: int = 5) -> dict:
     'conv_gflops_per_sec': conv_gflops,
     'conv_shape': [batch, side, side, channels],
   }
+  if on_cpu and dt == jnp.float32 and importlib.util.find_spec('torch'):
+    from repvgg_jax import bench_torch
+
+    row['torch_matmul_gflops_per_sec'] = max(bench_torch.matmul_gflops(matmul, runs).values())
+  return row
 
 
 def peak_of(roofline_row: dict) -> float:

@@ -25,6 +25,22 @@ class LogitMismatchError(RuntimeError):
   """PyTorch and JAX disagree on the same weights: the timings would compare different nets."""
 
 
+def matmul_gflops(sizes, runs: int) -> dict[int, float]:
+  """PyTorch's float32 square matmul in GFLOP/s, per side (MKL on CPUs).
+
+  The machine's peak as a tuned BLAS reaches it, beside XLA's own in
+  `bench_timing.roofline`.
+  """
+  from repvgg_jax.bench_timing import interleaved_medians
+
+  gflops = {}
+  for n in sizes:
+    a = torch.randn(n, n)
+    seconds, _ = interleaved_medians({n: lambda a=a: torch.mm(a, a)}, runs, 2)[n]
+    gflops[n] = 2 * n**3 / seconds / 1e9
+  return gflops
+
+
 def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
   return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
 

@@ -5,6 +5,7 @@ is that the figures are computed from the right quantities.
 """
 
 import dataclasses
+import importlib.util
 import json
 
 import jax
@@ -113,6 +114,9 @@ def test_roofline_and_layers_report_positive_figures(tmp_path):
   (roof,) = bench_report.read_jsonl(tmp_path / 'roof.jsonl')
   assert roof['matmul_gflops_per_sec'] > 0 and roof['conv_gflops_per_sec'] > 0
   assert bench_timing.peak_of(roof) == roof['matmul_gflops_per_sec']  # On CPU.
+  if importlib.util.find_spec('torch'):
+    assert roof['torch_matmul_gflops_per_sec'] > 0
+    assert "PyTorch's matmul" in bench_report.format_roofline(roof)
   rows = bench_timing.benchmark_layers(TINY, batch=1, size=16, train=True, runs=1, warmup=0)
   # Stride-2 blocks 16->8->4->2->1->1 and stage 3's second block at 1x1.
   assert [(r['side'], r['stride']) for r in rows] == [
