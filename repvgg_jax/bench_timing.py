@@ -147,7 +147,7 @@ def roofline(dtype: str = 'float32', runs: int = 5) -> dict:
   if on_cpu and dt == jnp.float32 and importlib.util.find_spec('torch'):
     from repvgg_jax import bench_torch
 
-    row['torch_matmul_gflops_per_sec'] = max(bench_torch.matmul_gflops(matmul, runs).values())
+    row['torch_matmul_gflops_per_sec'] = max(bench_torch.matmul_gflops(list(matmul), runs).values())
   return row
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from repvgg_jax import torch_layout, torch_reference
+from repvgg_jax.bench_timing import interleaved_medians
 
 LAYOUTS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
 LOGIT_TOLERANCE = 1e-4  # Relative; float32 sums in another order differ by ~1e-6.
@@ -31,8 +32,6 @@ def matmul_gflops(sizes, runs: int) -> dict[int, float]:
   The machine's peak as a tuned BLAS reaches it, beside XLA's own in
   `bench_timing.roofline`.
   """
-  from repvgg_jax.bench_timing import interleaved_medians
-
   gflops = {}
   for n in sizes:
     a = torch.randn(n, n)
