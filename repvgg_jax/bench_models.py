@@ -262,6 +262,7 @@ def benchmark_train_step(
     in_shardings=(replicated, sharded, replicated),
     out_shardings=(replicated, replicated),
     donate_argnums=compile_options.state_donation(),
+    light_codegen=True,  # As the trainer compiles its step.
   )
   rng = jax.random.key(1)
   data = {

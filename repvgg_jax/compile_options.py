@@ -21,6 +21,18 @@ on some batches, float64 siding with the fast one; with one preset for both,
 1 and 8 devices agree to 2e-6. How fast multi-device programs compile with it
 is not measured, so they keep the default. Other backends get no options, and
 a preset in ``XLA_FLAGS`` is the user's choice and wins.
+
+Programs whose run time is not in the loops XLA generates also get LLVM's
+``-O1`` for those loops (``light_codegen``): the initialisation, random draws
+run once, and the training step, whose time is in YNNPACK's convolutions and
+dots. Measured side by side on the 2-core AVX-512 VM (jax 0.10.2): the digits
+config's initialisation compiled in 1.7 s against 3.4 s with the same values,
+bit for bit; its training step in 5.1-5.3 s against 5.9 s (tracing included),
+the same parameters after a step bit for bit, 89.5 against 90.2 ms a step;
+A0's training step at batch 32, 224x224 in 3.1 against 3.5 s, 2,436 against
+2,450 ms a step. Inference does not get it: A0's chunked inference at 224 ran
+3-4% slower with it. At ``-O0`` the initialisation's values change and the
+training step ran 2x slower.
 """
 
 from __future__ import annotations
@@ -30,24 +42,29 @@ import os
 import jax
 
 CPU_FAST_COMPILE = {'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_COMPILE'}
+CPU_LIGHT_CODEGEN = {'xla_backend_optimization_level': 1}
 
 
 def compiler_options(
-  backend: str | None = None, device_count: int | None = None
-) -> dict[str, str] | None:
-  """The ``compiler_options`` for `jax.jit` (defaults: JAX's backend and device count)."""
+  backend: str | None = None, device_count: int | None = None, *, light_codegen: bool = False
+) -> dict[str, str | int] | None:
+  """The ``compiler_options`` for `jax.jit` (defaults: JAX's backend and device count).
+
+  ``light_codegen``: also LLVM's ``-O1``, for programs that run once or spend
+  their time in library kernels (see the module's docstring).
+  """
   if 'xla_cpu_opt_preset' in os.environ.get('XLA_FLAGS', ''):
     return None
   if (backend or jax.default_backend()) != 'cpu':
     return None
   if (device_count or jax.device_count()) > 1:
     return None
-  return dict(CPU_FAST_COMPILE)
+  return {**CPU_FAST_COMPILE, **(CPU_LIGHT_CODEGEN if light_codegen else {})}
 
 
-def jit(fun, **kwargs):
+def jit(fun, *, light_codegen: bool = False, **kwargs):
   """`jax.jit` with this module's `compiler_options`."""
-  return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+  return jax.jit(fun, compiler_options=compiler_options(light_codegen=light_codegen), **kwargs)
 
 
 def state_donation(backend: str | None = None) -> tuple[int, ...]:

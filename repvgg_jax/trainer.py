@@ -131,7 +131,8 @@ def create_state(config, model, tx, mesh, sample_shape) -> steps.TrainState:
     )
 
   replicated = NamedSharding(mesh, P())
-  return compile_options.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
+  init_fn = compile_options.jit(init, out_shardings=replicated, light_codegen=True)
+  return init_fn(jax.random.key(config.seed))
 
 
 def _state_tree(state: steps.TrainState) -> dict:
@@ -223,6 +224,7 @@ def _compile_steps(config, model, deploy_model, mesh):
     in_shardings=(replicated, sharded, replicated),
     out_shardings=(replicated, replicated),
     donate_argnums=compile_options.state_donation(),
+    light_codegen=True,
   )
   eval_fn = compile_options.jit(
     functools.partial(steps.eval_step, model=model, deploy_model=deploy_model),
@@ -240,8 +242,13 @@ def _write_json(path: pathlib.Path, value) -> None:
   tmp.replace(path)
 
 
-def _finite(tree) -> jax.Array:
-  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def _finite(tree) -> bool:
+  """Whether every element of a replicated ``tree`` is finite, checked in this process's copy.
+
+  On the host, not jitted: a program reducing each leaf took 0.65 s to compile
+  on a first run (the digits config on 2 cores), NumPy takes milliseconds.
+  """
+  return all(np.isfinite(np.asarray(x.addressable_data(0))).all() for x in jax.tree.leaves(tree))
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
@@ -280,7 +287,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   if jax.process_index() == 0:
     _write_json(workdir / 'config.json', config.to_dict())
   train_fn, eval_fn, fuse_fn, sharded = _compile_steps(config, model, deploy_model, mesh)
-  lr_fn = optim.learning_rate_schedule(config, steps_per_epoch, schedule.total_steps)
+  # Jitted, the logged rate is one small program rather than one per operation of the schedule.
+  lr_fn = compile_options.jit(
+    optim.learning_rate_schedule(config, steps_per_epoch, schedule.total_steps)
+  )
   run = reporting.RunLog(config, workdir, schedule, start_step, lr_fn)
   preemption = _Preemption()
   try:
@@ -314,7 +324,6 @@ def _loop(config, schedule, run, ckpt, state, step, preemption, compiled):
     config.dataset, global_batch_size=config.batch_size, seed=config.seed, start_step=step
   )
   mixup_rng = jax.random.key(config.seed + 1)
-  finite_fn = compile_options.jit(_finite)
   while step < schedule.total_steps:
     batch = _global_batch(next(batches), sharded)
     state, metrics = train_fn(state, batch, mixup_rng)
@@ -330,7 +339,7 @@ def _loop(config, schedule, run, ckpt, state, step, preemption, compiled):
     check_stop = jax.process_count() == 1 or schedule.due(step, schedule.log_every)
     stop = check_stop and preemption.agreed()
     if save or stop:
-      if not bool(finite_fn(state.params)):
+      if not _finite(state.params):
         raise TrainingDivergedError(
           f'The parameters are not finite after step {step}: not checkpointed; the last good '
           f'checkpoint (step {ckpt.latest_step()}) is kept. Lower optimizer.learning_rate.'
