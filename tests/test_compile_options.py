@@ -1,9 +1,10 @@
-"""The CPU compiler preset: when it applies, and that programs compiled with it agree."""
+"""The CPU compiler options: when they apply, and that programs compiled with them agree."""
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from helpers import calibrated_variables, flat_leaves, relative_error
 
 import repvgg_jax
@@ -14,7 +15,12 @@ def test_fast_compile_preset_on_one_cpu_device_only():
   assert compile_options.compiler_options('cpu', 1) == {
     'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_COMPILE'
   }
+  assert compile_options.compiler_options('cpu', 1, light_codegen=True) == {
+    'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_COMPILE',
+    'xla_backend_optimization_level': 1,
+  }
   assert compile_options.compiler_options('cpu', 8) is None  # See test_train's 1 vs 8 devices.
+  assert compile_options.compiler_options('gpu', 1, light_codegen=True) is None
   assert compile_options.compiler_options('gpu', 1) is None
   assert compile_options.compiler_options('tpu', 1) is None
 
@@ -46,5 +52,16 @@ def test_programs_with_the_preset_match_the_default():
     return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
 
   for fn, args in ((forward, variables), (jax.grad(loss), variables['params'])):
-    fast, default = compile_options.jit(fn)(args), jax.jit(fn)(args)
-    assert relative_error(flat_leaves(fast), flat_leaves(default)) <= 1e-5
+    default = jax.jit(fn)(args)
+    for light_codegen in (False, True):
+      fast = compile_options.jit(fn, light_codegen=light_codegen)(args)
+      assert relative_error(flat_leaves(fast), flat_leaves(default)) <= 1e-5
+
+
+def test_light_codegen_initialises_the_same_parameters():
+  """The trainer initialises with LLVM's -O1: the same values, bit for bit."""
+  model = repvgg_jax.create_model('A0', num_classes=10)
+  images = jnp.zeros((1, 32, 32, 3))
+  light = compile_options.jit(model.init, light_codegen=True)(jax.random.key(3), images)
+  default = compile_options.jit(model.init)(jax.random.key(3), images)
+  np.testing.assert_array_equal(flat_leaves(light), flat_leaves(default))
