@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 256  # Global evaluation batch.
   config.num_epochs = 120.0  # Training length in epochs.
   config.num_train_steps = -1  # If > 0, the training length in steps instead of epochs.
+  config.steps_per_call = 1  # Optimizer steps per call of the compiled step (logs etc. between).
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 0.1  # Peak learning rate per 256 images (scaled linearly).

@@ -62,6 +62,7 @@ _IRRELEVANT_FIELDS = frozenset(
     'progress_bar',
     'log_every_steps',
     'checkpoint_every_steps',
+    'steps_per_call',
     'keep_checkpoints',
     'dataset.data_dir',
     'dataset.manual_dir',

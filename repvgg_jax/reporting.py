@@ -107,8 +107,10 @@ class RunLog:
 
   def log_train(self, step: int, last_good: int | None) -> None:
     """Fetches the pending metrics, stops on a non-finite loss, writes the means."""
-    fetched = jax.device_get(self.pending)
-    images = len(self.pending) * self.config.batch_size
+    fetched = jax.device_get(self.pending)  # Per call: one step's metrics, or several stacked.
+    losses = np.concatenate([np.ravel(m['loss']) for m in fetched])
+    top1 = np.concatenate([np.ravel(m['top1']) for m in fetched])
+    images = losses.size * self.config.batch_size
     rate = self.throughput.lap(images)
     if not self.first_interval:  # The first interval includes compilation.
       self.train_seconds += images / rate
@@ -116,8 +118,8 @@ class RunLog:
     self.first_interval = False
     self.pending = []
     metrics = {
-      'train/loss': float(np.mean([m['loss'] for m in fetched])),
-      'train/top1': float(np.mean([m['top1'] for m in fetched])),
+      'train/loss': float(np.mean(losses)),
+      'train/top1': float(np.mean(top1)),
       'train/learning_rate': float(self.lr_fn(step - 1)),
       'train/images_per_sec': rate,
     }

@@ -83,6 +83,19 @@ def train_step(state: TrainState, batch, rng, *, model, config):
   return state, {'loss': loss, 'top1': top1}
 
 
+def train_steps(state: TrainState, batches, rng, *, model, config):
+  """`train_step` over the leading axis of ``batches``: several steps in one call.
+
+  A `jax.lax.scan`, so the steps are one program: the host dispatches and
+  synchronises once per call, and on CPUs the call's temporary memory is
+  allocated (and page-faulted in) once rather than once per step. The results
+  are those of calling `train_step` on each batch in turn. Returns the final
+  state and each step's metrics, stacked.
+  """
+  step = lambda s, batch: train_step(s, batch, rng, model=model, config=config)
+  return jax.lax.scan(step, state, batches)
+
+
 def _correct_counts(logits, labels, mask):
   """Masked counts of top-1 and top-5 hits, and the masked loss sum."""
   top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]

@@ -49,6 +49,7 @@ class Schedule:
   log_every: int
   eval_every: int
   checkpoint_every: int
+  steps_per_call: int = 1
 
   @classmethod
   def from_config(cls, config, steps_per_epoch: int) -> Schedule:
@@ -56,12 +57,27 @@ class Schedule:
     total = total or int(round(config.num_epochs * steps_per_epoch))
     eval_every = int(round(config.eval_every_epochs * steps_per_epoch)) or total
     return cls(
-      total, steps_per_epoch, config.log_every_steps, eval_every, config.checkpoint_every_steps
+      total,
+      steps_per_epoch,
+      config.log_every_steps,
+      eval_every,
+      config.checkpoint_every_steps,
+      config.steps_per_call,
     )
 
   def due(self, step: int, every: int) -> bool:
     """True every ``every`` steps and at the last step (``every`` <= 0: only at the end)."""
     return step == self.total_steps or (every > 0 and step % every == 0)
+
+  def steps_in_call(self, step: int) -> int:
+    """Steps the next call runs after ``step``: ``steps_per_call``, or 1 where a log,
+    evaluation or checkpoint falls due before the last of them (they run between calls)."""
+    count = self.steps_per_call
+    if count == 1 or step + count > self.total_steps:
+      return 1
+    everies = (self.log_every, self.eval_every, self.checkpoint_every)
+    inside = range(step + 1, step + count)
+    return 1 if any(self.due(s, every) for s in inside for every in everies) else count
 
 
 def build_model(config, deploy: bool = False):
@@ -96,6 +112,8 @@ def check_config(config) -> None:
     raise ConfigError(
       f'eval_batch_size {config.eval_batch_size} is not divisible by the {devices} devices.'
     )
+  if config.steps_per_call < 1:
+    raise ConfigError(f'steps_per_call must be at least 1, got {config.steps_per_call}.')
   group = config.model.bn_group_size
   if group > 0 and config.batch_size % group:
     raise ConfigError(
@@ -217,22 +235,35 @@ def evaluate(config, eval_fn, fuse_fn, state, sharding) -> dict[str, float]:
 
 
 def _compile_steps(config, model, deploy_model, mesh):
-  """The jitted train step, eval step and fusion, with their shardings."""
+  """The jitted training steps, eval step and fusion, with the batches' shardings.
+
+  Training has a program for one step and, with ``steps_per_call`` > 1, one for
+  that many (`steps.train_steps`), each compiled when first called:
+  ``{steps: (program, sharding of its batch)}``.
+  """
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  train_fn = compile_options.jit(
-    functools.partial(steps.train_step, model=model, config=config),
-    in_shardings=(replicated, sharded, replicated),
-    out_shardings=(replicated, replicated),
-    donate_argnums=compile_options.state_donation(),
-    light_codegen=True,
-  )
+
+  def training(step_fn, batch_sharding):
+    program = compile_options.jit(
+      functools.partial(step_fn, model=model, config=config),
+      in_shardings=(replicated, batch_sharding, replicated),
+      out_shardings=(replicated, replicated),
+      donate_argnums=compile_options.state_donation(),
+      light_codegen=True,
+    )
+    return program, batch_sharding
+
+  train_fns = {1: training(steps.train_step, sharded)}
+  if config.steps_per_call > 1:
+    stacked = NamedSharding(mesh, P(None, 'data'))  # (steps, batch, ...): the batch sharded.
+    train_fns[config.steps_per_call] = training(steps.train_steps, stacked)
   eval_fn = compile_options.jit(
     functools.partial(steps.eval_step, model=model, deploy_model=deploy_model),
     in_shardings=(replicated, replicated, sharded),
     out_shardings=replicated,
   )
   fuse_fn = compile_options.jit(fusion.fuse_params, out_shardings=replicated)
-  return train_fn, eval_fn, fuse_fn, sharded
+  return train_fns, eval_fn, fuse_fn, sharded
 
 
 def _write_json(path: pathlib.Path, value) -> None:
@@ -286,7 +317,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     _write_json(workdir / 'config.json', config.to_dict())
-  train_fn, eval_fn, fuse_fn, sharded = _compile_steps(config, model, deploy_model, mesh)
+  train_fns, eval_fn, fuse_fn, sharded = _compile_steps(config, model, deploy_model, mesh)
   # Jitted, the logged rate is one small program rather than one per operation of the schedule.
   lr_fn = compile_options.jit(
     optim.learning_rate_schedule(config, steps_per_epoch, schedule.total_steps)
@@ -302,7 +333,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
       state,
       start_step,
       preemption,
-      (train_fn, eval_fn, fuse_fn, sharded),
+      (train_fns, eval_fn, fuse_fn, sharded),
     )
   finally:
     preemption.restore()
@@ -319,15 +350,17 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
 
 def _loop(config, schedule, run, ckpt, state, step, preemption, compiled):
   """Steps until the end or a SIGTERM; evaluates and checkpoints when due."""
-  train_fn, eval_fn, fuse_fn, sharded = compiled
+  train_fns, eval_fn, fuse_fn, sharded = compiled
   batches = data.train_batches(
     config.dataset, global_batch_size=config.batch_size, seed=config.seed, start_step=step
   )
   mixup_rng = jax.random.key(config.seed + 1)
   while step < schedule.total_steps:
-    batch = _global_batch(next(batches), sharded)
+    count = schedule.steps_in_call(step)
+    train_fn, batch_sharding = train_fns[count]
+    batch = _global_batch(_next_batches(batches, count), batch_sharding)
     state, metrics = train_fn(state, batch, mixup_rng)
-    step += 1
+    step += count
     run.pending.append(metrics)
     save = schedule.due(step, schedule.checkpoint_every)
     evaluate_now = schedule.due(step, schedule.eval_every)
@@ -352,6 +385,14 @@ def _loop(config, schedule, run, ckpt, state, step, preemption, compiled):
   if not run.eval_metrics:  # Restarted after the last step: evaluate for the summary.
     run.log_eval(step, evaluate(config, eval_fn, fuse_fn, state, sharded))
   return state, step, False
+
+
+def _next_batches(batches, count: int) -> dict:
+  """The next batch, or the next ``count`` stacked on a leading axis."""
+  if count == 1:
+    return next(batches)
+  parts = [next(batches) for _ in range(count)]
+  return {key: np.stack([part[key] for part in parts]) for key in parts[0]}
 
 
 def _save_deploy(config, workdir: pathlib.Path, fuse_fn, state, step: int) -> None:

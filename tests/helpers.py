@@ -104,6 +104,7 @@ def tiny_config(data_dir=None, **overrides):
   config.log_every_steps = 2
   config.checkpoint_every_steps = 2
   config.eval_every_epochs = 0.0  # At the end only.
+  config.steps_per_call = 1  # One step per call; test_train checks several.
   config.progress_bar = False
   return apply_overrides(config, overrides)
 

@@ -1,6 +1,7 @@
 """Training end to end: mock ImageNet and CIFAR-10, digits, device counts,
 resumption after SIGKILL and SIGTERM, several processes, and clear errors."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -158,6 +159,44 @@ def test_short_digits_run_learns_and_deploy_checkpoint_matches(uninterrupted, di
   np.testing.assert_allclose(deploy_logits, train_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_several_steps_per_call_train_as_one_step_per_call(tmp_path, digits_dir, uninterrupted):
+  """Three steps per call, one where a log or checkpoint falls inside (every 5 steps)."""
+  summary = train_in_process(digits_dir, tmp_path, {**RESUME, 'steps_per_call': 3})
+  assert summary['steps'] == RESUME['num_train_steps']
+  expected, _ = checkpoint_params(uninterrupted[0])
+  actual, meta = checkpoint_params(tmp_path)
+  assert meta['step'] == RESUME['num_train_steps']
+  # Another program (a scan of three steps) rounds in its own order: 1.1e-6 in one leaf.
+  assert_trees_close(actual, expected, rtol=1e-5)
+  # The same logs at the same steps, means over the steps since the last one.
+  logged = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  reference = (uninterrupted[0] / 'metrics.jsonl').read_text().splitlines()
+  reference = [json.loads(line) for line in reference]
+  losses = lambda records: [(r['step'], r['train/loss']) for r in records if 'train/loss' in r]
+  assert [step for step, _ in losses(logged)] == list(range(5, 41, 5))
+  np.testing.assert_allclose(losses(logged), losses(reference), rtol=1e-5)
+
+
+def test_steps_in_call_stop_before_every_log_evaluation_and_checkpoint():
+  schedule = trainer.Schedule(
+    total_steps=23,
+    steps_per_epoch=10,
+    log_every=5,
+    eval_every=10,
+    checkpoint_every=0,
+    steps_per_call=4,
+  )
+  step, calls = 0, []
+  while step < schedule.total_steps:
+    calls.append(schedule.steps_in_call(step))
+    step += calls[-1]
+  # 4 steps at a time unless a log (5, 10, 15, 20) or the end (23) comes first.
+  assert calls == [4, 1, 4, 1, 4, 1, 4, 1, 1, 1, 1]
+  assert step == 23
+  one = dataclasses.replace(schedule, steps_per_call=1)
+  assert {one.steps_in_call(step) for step in range(23)} == {1}
+
+
 def test_one_and_eight_devices_agree(tmp_path, digits_dir, two_steps):
   one_dir, one = two_steps  # Trained in this process, on one device.
   eight = run_runner(tmp_path, digits_dir, {'num_train_steps': 2}, devices=8)
@@ -309,6 +348,7 @@ def test_misspelled_config_field_fails(tmp_path):
     ({'model.bn_group_size': 5}, 'does not split into BatchNorm groups of model.bn_group_size=5'),
     ({'model.dtype': 'float16'}, "model.dtype must be 'float32' or 'bfloat16'"),
     ({'dataset.train_augment': 'inception_crop'}, 'set --config.dataset.in_memory=False'),
+    ({'steps_per_call': 0}, 'steps_per_call must be at least 1'),
   ],
 )
 def test_bad_config_values(tmp_path, digits_dir, overrides, message):
