@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from repvgg_jax import (
   checkpointing,
   compile_options,
+  conv,
   data,
   fusion,
   in_memory,
@@ -131,6 +132,53 @@ def check_config(config) -> None:
     raise ConfigError(f'model.name: {error}') from None
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}.")
+
+
+def xla_convolutions_in_training(config, params) -> list[str]:
+  """The blocks whose training-time convolutions ``config.model.conv_impl`` gives to
+  XLA's convolution (`conv.choose_conv_impl`), from the shapes of ``params``."""
+  side, last_stage, found = config.dataset.image_size, None, []
+  for index, (stage, features, in_per_group, groups) in enumerate(fusion.architecture(params)):
+    stride = 2 if stage != last_stage else 1  # Each stage opens with a stride-2 block.
+    out_side = (side - 1) // stride + 1
+    impls = {
+      conv.choose_conv_impl(
+        config.model.conv_impl,
+        in_pixels=side * side,
+        out_pixels=out_side * out_side,
+        strides=(stride, stride),
+        in_channels=in_per_group * groups,
+        train=True,
+        kernel_size=kernel_size,
+        groups=groups,
+      )
+      for kernel_size in ((3, 3), (1, 1))
+    }
+    if 'xla' in impls:
+      found.append(f'block {index} ({side}x{side}, {in_per_group * groups}->{features})')
+    side, last_stage = out_side, stage
+  return found
+
+
+def check_steps_per_call(config, params, backend: str | None = None) -> None:
+  """Refuses several steps per call where XLA's CPU convolution would run in the loop.
+
+  XLA:CPU leaves the backward convolutions inside a loop in layouts that its fast
+  convolution does not take (jax-ml/jax#12868): measured on 2 cores, A0's training
+  step at batch 32, 224x224 took 88 s a step in a two-step scan against 2.5 s in
+  one-step calls, and 4x longer at 64x64, batch 8; with im2col (matrix multiplies)
+  the scan ran as fast as single steps.
+  """
+  if config.steps_per_call == 1 or (backend or jax.default_backend()) != 'cpu':
+    return
+  slow = xla_convolutions_in_training(config, params)
+  if slow:
+    raise ConfigError(
+      f'steps_per_call={config.steps_per_call} on a CPU, but model.conv_impl='
+      f"{config.model.conv_impl!r} computes {len(slow)} blocks with XLA's convolution "
+      f'({slow[0]}, ...), which XLA:CPU runs up to 35x slower inside the loop of a '
+      "multi-step call: set steps_per_call=1, or model.conv_impl='im2col'."
+    )
 
 
 def create_state(config, model, tx, mesh, sample_shape) -> steps.TrainState:
@@ -312,6 +360,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   tx = optim.make_optimizer(config, steps_per_epoch, schedule.total_steps)
   size = config.dataset.image_size
   state = create_state(config, model, tx, mesh, (1, size, size, 3))
+  check_steps_per_call(config, state.params)
   ckpt = checkpointing.Checkpoints(workdir / 'checkpoints', keep=config.keep_checkpoints)
   state = _restore(ckpt, state, config)
   start_step = int(jax.device_get(state.step))

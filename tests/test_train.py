@@ -159,22 +159,44 @@ def test_short_digits_run_learns_and_deploy_checkpoint_matches(uninterrupted, di
   np.testing.assert_allclose(deploy_logits, train_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_several_steps_per_call_train_as_one_step_per_call(tmp_path, digits_dir, uninterrupted):
+def test_several_steps_per_call_train_as_one_step_per_call(tmp_path, digits_dir):
   """Three steps per call, one where a log or checkpoint falls inside (every 5 steps)."""
-  summary = train_in_process(digits_dir, tmp_path, {**RESUME, 'steps_per_call': 3})
-  assert summary['steps'] == RESUME['num_train_steps']
-  expected, _ = checkpoint_params(uninterrupted[0])
-  actual, meta = checkpoint_params(tmp_path)
-  assert meta['step'] == RESUME['num_train_steps']
-  # Another program (a scan of three steps) rounds in its own order: 1.1e-6 in one leaf.
+  # im2col: XLA's CPU convolution is refused in a multi-step call (check_steps_per_call).
+  run = {**RESUME, 'num_train_steps': 20, 'model.conv_impl': 'im2col'}
+  for name, steps_per_call in (('one', 1), ('three', 3)):
+    summary = train_in_process(
+      digits_dir, tmp_path / name, {**run, 'steps_per_call': steps_per_call}
+    )
+    assert summary['steps'] == 20
+  expected, _ = checkpoint_params(tmp_path / 'one')
+  actual, meta = checkpoint_params(tmp_path / 'three')
+  assert meta['step'] == 20
+  # Another program (a scan of three steps) may round in its own order.
   assert_trees_close(actual, expected, rtol=1e-5)
   # The same logs at the same steps, means over the steps since the last one.
-  logged = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  reference = (uninterrupted[0] / 'metrics.jsonl').read_text().splitlines()
-  reference = [json.loads(line) for line in reference]
-  losses = lambda records: [(r['step'], r['train/loss']) for r in records if 'train/loss' in r]
-  assert [step for step, _ in losses(logged)] == list(range(5, 41, 5))
-  np.testing.assert_allclose(losses(logged), losses(reference), rtol=1e-5)
+  losses = [
+    [(r['step'], r['train/loss']) for r in map(json.loads, lines) if 'train/loss' in r]
+    for lines in (
+      (tmp_path / n / 'metrics.jsonl').read_text().splitlines() for n in ('three', 'one')
+    )
+  ]
+  assert [step for step, _ in losses[0]] == [5, 10, 15, 20]
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_xla_convolutions_in_a_multi_step_call_are_refused_on_cpus():
+  from configs import digits
+
+  config = digits.get_config()  # A0, 'auto', ten steps per call.
+  params = jax.eval_shape(
+    trainer.build_model(config).init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)
+  )['params']
+  trainer.check_steps_per_call(config, params)  # 'auto' keeps XLA's convolution off 16x16 maps.
+  config.dataset.image_size = 224  # Its 28x28 and 14x14 stride-1 blocks would use it.
+  assert trainer.xla_convolutions_in_training(config, params)[0] == 'block 4 (28x28, 96->96)'
+  with pytest.raises(trainer.ConfigError, match="steps_per_call=1, or model.conv_impl='im2col'"):
+    trainer.check_steps_per_call(config, params)
+  trainer.check_steps_per_call(config, params, backend='gpu')
 
 
 def test_steps_in_call_stop_before_every_log_evaluation_and_checkpoint():
@@ -349,6 +371,7 @@ def test_misspelled_config_field_fails(tmp_path):
     ({'model.dtype': 'float16'}, "model.dtype must be 'float32' or 'bfloat16'"),
     ({'dataset.train_augment': 'inception_crop'}, 'set --config.dataset.in_memory=False'),
     ({'steps_per_call': 0}, 'steps_per_call must be at least 1'),
+    ({'steps_per_call': 2}, 'up to 35x slower inside the loop'),  # conv_impl 'xla'.
   ],
 )
 def test_bad_config_values(tmp_path, digits_dir, overrides, message):
