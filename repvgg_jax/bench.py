@@ -181,6 +181,12 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument('--num-classes', type=int, default=1000, help='classifier outputs')
   train.add_argument('--bn-group-size', type=int, default=0, help='0: BatchNorm over the batch')
   train.add_argument(
+    '--steps-per-call',
+    type=int,
+    default=1,
+    help='steps per call, as config.steps_per_call (> 1: one step per call timed beside it)',
+  )
+  train.add_argument(
     '--torch-layouts',
     default=','.join(TORCH_LAYOUTS),
     type=_layouts,
@@ -248,6 +254,7 @@ def main(argv=None) -> int:
       bn_group_size=args.bn_group_size,
       with_torch=with_torch,
       torch_layouts=args.torch_layouts,
+      steps_per_call=args.steps_per_call,
       **common,
     )
     _emit(row, bench_report.format_train(row), args.json)

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from repvgg_jax import compile_options, fusion, host_memory, optim, variants
@@ -203,6 +205,43 @@ def _train_config(num_classes: int, bn_group_size: int) -> ConfigDict:
   )
 
 
+def _train_program(model, config, state, data, count: int, mesh):
+  """A timed call of ``count`` training steps compiled as the trainer compiles them,
+  from ``state`` on the first ``count`` batches of ``data``: ``(run, compiled)``."""
+  from repvgg_jax import steps
+
+  replicated = NamedSharding(mesh, P())
+  if count == 1:
+    step_fn, batches = steps.train_step, {key: value[0] for key, value in data.items()}
+    batch_sharding = NamedSharding(mesh, P('data'))
+  else:
+    step_fn, batches = steps.train_steps, {key: value[:count] for key, value in data.items()}
+    batch_sharding = NamedSharding(mesh, P(None, 'data'))
+  batches = jax.device_put(batches, batch_sharding)
+  rng = jax.random.key(1)
+  program = compile_options.jit(
+    lambda state, batch, rng: step_fn(state, batch, rng, model=model, config=config),
+    in_shardings=(replicated, batch_sharding, replicated),
+    out_shardings=(replicated, replicated),
+    donate_argnums=compile_options.state_donation(),
+    light_codegen=True,  # As the trainer compiles its steps.
+  )
+  lowered = program.lower(state, batches, rng)
+  if count > 1 and jax.default_backend() == 'cpu' and 'convolution' in lowered.as_text():
+    raise ValueError(  # As trainer.check_steps_per_call refuses it.
+      f"{count} steps per call with XLA's convolution in the step: XLA:CPU runs it up to 35x "
+      'slower inside the loop; use --steps-per-call 1 or --conv-impl im2col.'
+    )
+  compiled = lowered.compile()
+  holder = {'state': jax.tree.map(jnp.copy, state)}  # Its own: donated off CPUs.
+
+  def run():
+    holder['state'], metrics = compiled(holder['state'], batches, rng)
+    jax.block_until_ready(metrics)
+
+  return run, compiled
+
+
 def benchmark_train_step(
   name: str,
   batch: int = 128,
@@ -216,6 +255,7 @@ def benchmark_train_step(
   with_torch: bool = False,
   torch_layouts: tuple[str, ...] = TORCH_LAYOUTS,
   peak_gflops: float | None = None,
+  steps_per_call: int = 1,
 ) -> dict:
   """Images/s of the trainer's SGD step, data parallel over every device.
 
@@ -223,16 +263,16 @@ def benchmark_train_step(
   over a ``data`` mesh axis, state replicated and, off CPUs, donated), with the paper's
   optimizer (SGD, momentum 0.9, weight decay 1e-4 on kernels) at a constant
   learning rate. ``bn_group_size`` 0 computes BatchNorm statistics over the
-  whole batch, as single-process PyTorch does.
+  whole batch, as single-process PyTorch does. With ``steps_per_call`` > 1 each
+  call runs that many steps on as many batches (`steps.train_steps`, as the
+  trainer's ``config.steps_per_call``), timed per step, and one step per call
+  is timed beside it (``jax_single``).
 
   Returns:
     A dict with ``jax`` timings (images/s, GFLOP/s counting the backward pass
     as twice the forward, temporary memory), with torch the ``torch`` timings
     and ``jax_over_torch``, and the set-up.
   """
-  from jax.sharding import Mesh, NamedSharding
-  from jax.sharding import PartitionSpec as P
-
   from repvgg_jax import steps
 
   mesh = Mesh(np.array(jax.devices()), ('data',))
@@ -246,7 +286,7 @@ def benchmark_train_step(
   tx = optax.chain(
     optax.add_decayed_weights(1e-4, mask=optim.weight_decay_mask), optax.sgd(0.1, momentum=0.9)
   )
-  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  replicated = NamedSharding(mesh, P())
   variables = model.clone(conv_impl='xla').init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
   state = jax.device_put(
     steps.TrainState.create(
@@ -257,28 +297,16 @@ def benchmark_train_step(
     ),
     replicated,
   )
-  step = compile_options.jit(
-    lambda state, batch, rng: steps.train_step(state, batch, rng, model=model, config=config),
-    in_shardings=(replicated, sharded, replicated),
-    out_shardings=(replicated, replicated),
-    donate_argnums=compile_options.state_donation(),
-    light_codegen=True,  # As the trainer compiles its step.
-  )
-  rng = jax.random.key(1)
+  shape = (steps_per_call, batch)
   data = {
-    'image': jax.device_put(
-      jax.random.normal(jax.random.key(2), (batch, size, size, 3), jnp.float32), sharded
-    ),
-    'label': jax.device_put(jax.random.randint(rng, (batch,), 0, num_classes), sharded),
+    'image': jax.random.normal(jax.random.key(2), (*shape, size, size, 3), jnp.float32),
+    'label': jax.random.randint(jax.random.key(1), shape, 0, num_classes),
   }
-  compiled = step.lower(state, data, rng).compile()
-  holder = {'state': state}
-
-  def run_step():
-    holder['state'], metrics = compiled(holder['state'], data, rng)
-    jax.block_until_ready(metrics)
-
-  fns = {'jax': run_step}
+  programs = {'jax': _train_program(model, config, state, data, steps_per_call, mesh)}
+  if steps_per_call > 1:
+    programs['jax_single'] = _train_program(model, config, state, data, 1, mesh)
+  fns = {key: run for key, (run, _) in programs.items()}
+  data = {key: value[0] for key, value in data.items()}  # One step's batch.
   torch_info = {}
   if with_torch:
     from repvgg_jax import bench_torch
@@ -308,11 +336,15 @@ def benchmark_train_step(
     'num_devices': mesh.size,
     'runs': runs,
     'host_memory': host_memory.state(),
-    'jax': {
-      **_rates(batch, *medians['jax'], 3 * macs, peak_gflops),
-      'temp_bytes': temp_bytes(compiled),
-    },
+    'steps_per_call': steps_per_call,
   }
+  for key, (_, compiled) in programs.items():
+    count = steps_per_call if key == 'jax' else 1
+    seconds, all_seconds = medians[key][0] / count, [t / count for t in medians[key][1]]
+    result[key] = {
+      **_rates(batch, seconds, all_seconds, 3 * macs, peak_gflops),
+      'temp_bytes': temp_bytes(compiled),
+    }
   if torch_info:
     result['torch'] = {
       key: {**info, 'images_per_sec': batch / medians[key][0], 'all_seconds': medians[key][1]}

@@ -73,13 +73,22 @@ def format_infer(row: dict) -> str:
 
 
 def format_train(row: dict) -> str:
-  r = row['jax']
+  count = row.get('steps_per_call', 1)
   lines = [
     _setup(row) + f', {row["num_classes"]} classes, training step',
     f'{"step":<36}{"images/s":>10}{"ms/step":>10}{"GFLOP/s":>9}{"roofline":>9}{"temp memory":>13}',
-    f'{"JAX":<36}{r["images_per_sec"]:>10,.1f}{r["seconds_per_batch"] * 1e3:>10,.1f}'
-    f'{r["gflops_per_sec"]:>9,.1f}{_share(r["roofline_share"]):>9}{_mib(r["temp_bytes"]):>13}',
   ]
+  labels = {'jax': 'JAX' if count == 1 else f'JAX, {count} steps per call'}
+  labels['jax_single'] = 'JAX, 1 step per call'
+  for key, label in labels.items():
+    if key not in row:
+      continue
+    r = row[key]
+    lines.append(
+      f'{label:<36}{r["images_per_sec"]:>10,.1f}'
+      f'{r["seconds_per_batch"] * 1e3:>10,.1f}{r["gflops_per_sec"]:>9,.1f}'
+      f'{_share(r["roofline_share"]):>9}{_mib(r["temp_bytes"]):>13}'
+    )
   for t in row.get('torch', {}).values():
     label = f'PyTorch eager {t["layout"]}'
     lines.append(

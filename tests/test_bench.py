@@ -109,6 +109,18 @@ def test_train_step_bench_over_devices_and_pytorch():
   assert 'training step' in bench_report.format_train(row)
 
 
+def test_train_step_bench_with_several_steps_per_call():
+  row = bench_models.benchmark_train_step(
+    TINY, batch=4, size=16, runs=1, warmup=0, num_classes=10, steps_per_call=3
+  )
+  assert row['steps_per_call'] == 3 and len(row['jax']['all_seconds']) == 1
+  assert row['jax']['images_per_sec'] > 0 and row['jax_single']['images_per_sec'] > 0
+  table = bench_report.format_train(row)
+  assert 'JAX, 3 steps per call' in table and 'JAX, 1 step per call' in table
+  with pytest.raises(ValueError, match='--steps-per-call 1 or --conv-impl im2col'):
+    bench_models.benchmark_train_step(TINY, batch=4, size=16, conv_impl='xla', steps_per_call=2)
+
+
 def test_roofline_and_layers_report_positive_figures(tmp_path):
   assert bench.main(['roofline', '--json', str(tmp_path / 'roof.jsonl')]) == 0
   (roof,) = bench_report.read_jsonl(tmp_path / 'roof.jsonl')
