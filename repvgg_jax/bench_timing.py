@@ -170,14 +170,11 @@ def benchmark_layers(
   """
   deploy = create_model(name, deploy=True, conv_impl='xla')
   params = jax.eval_shape(deploy.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))['params']
-  rows, side, last_stage, seen = [], size, None, set()
-  for stage, features, in_per_group, groups in fusion.architecture(params):
-    stride = 2 if stage != last_stage else 1  # Each stage opens with a stride-2 block.
-    layer = (side, in_per_group * groups, features, groups, stride)
+  rows, seen = [], set()
+  for layer in fusion.block_layers(params, size):
     if layer not in seen:
       seen.add(layer)
       rows.append(_time_layer(*layer, batch=batch, train=train, runs=runs, warmup=warmup))
-    side, last_stage = (side + 2 - 3) // stride + 1, stage
   return rows
 
 

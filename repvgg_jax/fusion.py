@@ -210,6 +210,17 @@ def architecture(params: Tree) -> list[tuple[int, int, int, int]]:
   return result
 
 
+def block_layers(params: Tree, image_size: int) -> list[tuple[int, int, int, int, int]]:
+  """``(side, in_channels, out_channels, groups, stride)`` of each block on square inputs
+  of ``image_size`` pixels (``side``: its input map's); each stage opens with stride 2."""
+  layers, side, last_stage = [], image_size, None
+  for stage, out_channels, in_per_group, groups in architecture(params):
+    stride = 2 if stage != last_stage else 1
+    layers.append((side, in_per_group * groups, out_channels, groups, stride))
+    side, last_stage = (side - 1) // stride + 1, stage  # 3x3, padding 1.
+  return layers
+
+
 def _variant_signature(variant: variants.Variant):
   return [
     (stage, out, in_ch // groups, groups) for stage, _, in_ch, out, _, groups in variant.blocks()

@@ -137,9 +137,9 @@ def check_config(config) -> None:
 def xla_convolutions_in_training(config, params) -> list[str]:
   """The blocks whose training-time convolutions ``config.model.conv_impl`` gives to
   XLA's convolution (`conv.choose_conv_impl`), from the shapes of ``params``."""
-  side, last_stage, found = config.dataset.image_size, None, []
-  for index, (stage, features, in_per_group, groups) in enumerate(fusion.architecture(params)):
-    stride = 2 if stage != last_stage else 1  # Each stage opens with a stride-2 block.
+  found = []
+  layers = fusion.block_layers(params, config.dataset.image_size)
+  for index, (side, in_channels, features, groups, stride) in enumerate(layers):
     out_side = (side - 1) // stride + 1
     impls = {
       conv.choose_conv_impl(
@@ -147,7 +147,7 @@ def xla_convolutions_in_training(config, params) -> list[str]:
         in_pixels=side * side,
         out_pixels=out_side * out_side,
         strides=(stride, stride),
-        in_channels=in_per_group * groups,
+        in_channels=in_channels,
         train=True,
         kernel_size=kernel_size,
         groups=groups,
@@ -155,8 +155,7 @@ def xla_convolutions_in_training(config, params) -> list[str]:
       for kernel_size in ((3, 3), (1, 1))
     }
     if 'xla' in impls:
-      found.append(f'block {index} ({side}x{side}, {in_per_group * groups}->{features})')
-    side, last_stage = out_side, stage
+      found.append(f'block {index} ({side}x{side}, {in_channels}->{features})')
   return found
 
 
