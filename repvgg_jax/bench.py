@@ -46,54 +46,69 @@ def _emit(row: dict, text: str, json_path) -> dict:
   return row
 
 
-def run_suite(out_dir, runs: int, warmup: int, figure_batch: int, figure_size: int, models):
+def run_suite(out_dir, runs: int, warmup: int, figure_batch, figure_size: int, models, with_torch):
   """The tables and plot of the README's performance section, for this machine.
 
   On a CPU: the roofline; A0 and B0 inference at batch 32, 224x224 and A0 at
   batch 128, 32x32; training steps of A0 at batch 128, 32x32, at batch 32,
   224x224 and as the digits config runs it (batch 64, 10 classes), each
-  beside PyTorch when torch is installed; then Figure 1 over ``models``. On a
-  GPU: A0 and B0 fused inference at batch 256, B0 training in bfloat16 at
-  batch 256, 224x224, then Figure 1. The files in ``out_dir`` are rewritten:
-  they describe this one run.
+  beside PyTorch when ``with_torch``; then Figure 1 over ``models`` at batch
+  ``figure_batch`` (None: 8). On a GPU: the float32 and bfloat16 rooflines; A0
+  and B0 inference at batch 256 in float32 (beside PyTorch on the GPU) and in
+  bfloat16; B0 training in bfloat16 at batch 256, 224x224; then Figure 1
+  (``figure_batch`` None: 128, as the paper's). Shares of the roofline are
+  taken against the peak of the row's dtype. The files in ``out_dir`` are
+  rewritten: they describe this one run.
   """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   results = out / 'results.jsonl'
   for path in (results, out / 'figure1.jsonl'):
     path.unlink(missing_ok=True)
-  with_torch = _torch_available()
-  roof = roofline()
-  _emit(roof, bench_report.format_roofline(roof), results)
-  for dtype in ('bfloat16',) if jax.default_backend() != 'cpu' else ():
-    _emit(r := roofline(dtype), bench_report.format_roofline(r), results)
-  peak = peak_of(roof)
-  common = dict(runs=runs, warmup=warmup, peak_gflops=peak)
-  if jax.default_backend() == 'cpu':
-    infers = [('A0', 32, 224), ('B0', 32, 224), ('A0', 128, 32)]
+  on_cpu = jax.default_backend() == 'cpu'
+  peaks = {}
+  for dtype in ('float32',) if on_cpu else ('float32', 'bfloat16'):
+    roof = roofline(dtype)
+    _emit(roof, bench_report.format_roofline(roof), results)
+    peaks[dtype] = peak_of(roof)
+  if on_cpu:
+    infers = [('A0', 32, 224, 'float32'), ('B0', 32, 224, 'float32'), ('A0', 128, 32, 'float32')]
     trains = [  # PyTorch's channels-last training aborts at 224 (`bench_torch.train_step_fns`).
       ('A0', 128, 32, 1000, 'float32', TORCH_LAYOUTS),
       ('A0', 32, 224, 1000, 'float32', ('nchw',)),
       ('A0', 64, 32, 10, 'float32', TORCH_LAYOUTS),
     ]
   else:
-    infers = [('A0', 256, 224), ('B0', 256, 224)]
+    infers = [(name, 256, 224, dtype) for dtype in ('float32', 'bfloat16') for name in ('A0', 'B0')]
     trains = [('B0', 256, 224, 1000, 'bfloat16', ())]
-  for name, batch, size in infers:
-    row = benchmark(name, batch, size, with_torch=with_torch, **common)
+  for name, batch, size, dtype in infers:
+    row = benchmark(
+      name,
+      batch,
+      size,
+      runs=runs,
+      warmup=warmup,
+      dtype=dtype,
+      with_torch=with_torch and dtype == 'float32',  # PyTorch's side runs float32.
+      peak_gflops=peaks[dtype],
+    )
     _emit(row, bench_report.format_infer(row), results)
   for name, batch, size, classes, dtype, layouts in trains:
     row = benchmark_train_step(
       name,
       batch,
       size,
+      runs=runs,
+      warmup=warmup,
       num_classes=classes,
       dtype=dtype,
       with_torch=with_torch and bool(layouts),
       torch_layouts=layouts,
-      **common,
+      peak_gflops=peaks[dtype],
     )
     _emit(row, bench_report.format_train(row), results)
+  figure_batch = figure_batch or (8 if on_cpu else 128)
+  peak = peaks['float32']
   figure_rows = []
   for name in models:
     row = benchmark(name, figure_batch, figure_size, runs=3, warmup=1, peak_gflops=peak)
@@ -204,7 +219,15 @@ def _parser() -> argparse.ArgumentParser:
   suite.add_argument('--runs', type=int, default=5, help='timed runs of each function')
   suite.add_argument('--warmup', type=int, default=2, help='untimed runs after compiling')
   suite.add_argument('--models', default='all', help="Figure 1's variants, comma-separated")
-  suite.add_argument('--figure-batch', type=int, default=8, help="Figure 1's batch")
+  suite.add_argument(
+    '--figure-batch', type=int, default=None, help="Figure 1's batch (default: 8 on CPUs, else 128)"
+  )
+  suite.add_argument(
+    '--torch',
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help='PyTorch beside JAX where the suite compares them (default: when torch is installed)',
+  )
   suite.add_argument('--figure-size', type=int, default=224, help="Figure 1's image side")
   _add_host_memory(suite)
   return parser
@@ -226,7 +249,12 @@ def main(argv=None) -> int:
     names = variants.list_models() if args.models == 'all' else args.models.split(',')
     for name in names:
       _check_model(parser, name)
-    run_suite(args.out, args.runs, args.warmup, args.figure_batch, args.figure_size, names)
+    with_torch = _torch_available() if args.torch is None else args.torch
+    if with_torch and not _torch_available():
+      parser.error('--torch needs PyTorch: pip install -r requirements-test.txt')
+    run_suite(
+      args.out, args.runs, args.warmup, args.figure_batch, args.figure_size, names, with_torch
+    )
     return 0
   if args.command == 'roofline':
     row = roofline(args.dtype)

@@ -33,6 +33,12 @@ def _best_torch(row: dict, model: str | None = None) -> dict | None:
   return max(entries, key=lambda r: r['images_per_sec']) if entries else None
 
 
+def _on_device(torch_row: dict) -> str:
+  """' (cuda)' for PyTorch timed on a GPU; nothing for the CPU."""
+  device = torch_row.get('device', 'cpu')
+  return '' if device == 'cpu' else f' ({device})'
+
+
 def _setup(row: dict) -> str:
   chunks = row.get('chunks') or {}
   chunked = (
@@ -62,6 +68,7 @@ def format_infer(row: dict) -> str:
     )
   for r in row.get('torch', {}).values():
     label = f'PyTorch {"fused" if r["model"] == "deploy" else "training-time"} {r["layout"]}'
+    label += _on_device(r)
     lines.append(
       f'{label:<36}{r["images_per_sec"]:>10,.1f}{row["batch"] / r["images_per_sec"] * 1e3:>10,.1f}'
     )
@@ -90,7 +97,7 @@ def format_train(row: dict) -> str:
       f'{_share(r["roofline_share"]):>9}{_mib(r["temp_bytes"]):>13}'
     )
   for t in row.get('torch', {}).values():
-    label = f'PyTorch eager {t["layout"]}'
+    label = f'PyTorch eager {t["layout"]}' + _on_device(t)
     lines.append(
       f'{label:<36}{t["images_per_sec"]:>10,.1f}{row["batch"] / t["images_per_sec"] * 1e3:>10,.1f}'
     )
@@ -145,32 +152,32 @@ def markdown(rows: list[dict]) -> str:
   infer = [r for r in rows if r['kind'] == 'infer']
   if infer:
     out += [
-      '| model | batch | size | unfused img/s | fused img/s | fused/unfused '
+      '| model | batch | size | dtype | unfused img/s | fused img/s | fused/unfused '
       '| temp MiB unfused / fused | fused GFLOP/s | roofline | PyTorch fused img/s '
       '| JAX/PyTorch fused |',
-      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+      '|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|',
     ]
     for r in infer:
       torch = _best_torch(r, 'deploy')
       ratio = r.get('jax_over_torch', {}).get('deploy')
       temps = f'{_mib(r["train"]["temp_bytes"])[:-4]} / {_mib(r["deploy"]["temp_bytes"])[:-4]}'
+      torch_cells = (
+        f'{torch["images_per_sec"]:,.1f} ({torch["layout"]}) | {ratio:.2f}x' if torch else ' | '
+      )
       out.append(
-        f'| {r["model"]} | {r["batch"]} | {r["size"]} | {r["train"]["images_per_sec"]:,.1f} '
-        f'| {r["deploy"]["images_per_sec"]:,.1f} | {r["speedup"]:.2f}x | {temps} '
-        f'| {r["deploy"]["gflops_per_sec"]:,.0f} | {_share(r["deploy"]["roofline_share"])} '
-        f'| {torch["images_per_sec"]:,.1f} ({torch["layout"]}) | {ratio:.2f}x |'
-        if torch
-        else f'| {r["model"]} | {r["batch"]} | {r["size"]} | {r["train"]["images_per_sec"]:,.1f} '
-        f'| {r["deploy"]["images_per_sec"]:,.1f} | {r["speedup"]:.2f}x | {temps} '
-        f'| {r["deploy"]["gflops_per_sec"]:,.0f} | {_share(r["deploy"]["roofline_share"])} | | |'
+        f'| {r["model"]} | {r["batch"]} | {r["size"]} | {r["dtype"]} '
+        f'| {r["train"]["images_per_sec"]:,.1f} | {r["deploy"]["images_per_sec"]:,.1f} '
+        f'| {r["speedup"]:.2f}x | {temps} | {r["deploy"]["gflops_per_sec"]:,.0f} '
+        f'| {_share(r["deploy"]["roofline_share"])} | {torch_cells} |'
       )
     out.append('')
   train = [r for r in rows if r['kind'] == 'train']
   if train:
     out += [
-      '| model | batch | size | devices | JAX img/s | GFLOP/s | roofline | PyTorch eager img/s '
+      '| model | batch | size | dtype | devices | JAX img/s | GFLOP/s | roofline '
+      '| PyTorch eager img/s '
       '| JAX/PyTorch |',
-      '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
+      '|---|---:|---:|---|---:|---:|---:|---:|---:|---:|',
     ]
     for r in train:
       torch = _best_torch(r)
@@ -181,7 +188,7 @@ def markdown(rows: list[dict]) -> str:
         else ' | '
       )
       out.append(
-        f'| {r["model"]} | {r["batch"]} | {r["size"]} | {r["num_devices"]} '
+        f'| {r["model"]} | {r["batch"]} | {r["size"]} | {r["dtype"]} | {r["num_devices"]} '
         f'| {r["jax"]["images_per_sec"]:,.1f} | {r["jax"]["gflops_per_sec"]:,.0f} '
         f'| {_share(r["jax"]["roofline_share"])} | {torch_cells} |'
       )

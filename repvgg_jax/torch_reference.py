@@ -168,7 +168,8 @@ def load(state_dict, name, num_classes, deploy, style) -> RepVGG:
 
 
 def forward(model: RepVGG, images_nhwc) -> np.ndarray:
-  """Runs ``model`` on NHWC images (numpy or JAX), in float32, and returns numpy."""
+  """Runs ``model`` on NHWC images (numpy or JAX), in float32 on the model's device;
+  returns numpy."""
   x = torch.from_numpy(np.array(images_nhwc, np.float32)).permute(0, 3, 1, 2).contiguous()
   with torch.inference_mode():
-    return model(x).numpy()
+    return model(x.to(next(model.parameters()).device)).cpu().numpy()

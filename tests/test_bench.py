@@ -97,6 +97,28 @@ def test_pytorch_that_disagrees_is_refused():
     bench_torch.check_logits(torch_model, images, logits * 1.01)
 
 
+def test_pytorch_runs_where_jax_does_and_is_checked_in_true_float32():
+  torch = pytest.importorskip('torch')
+  from repvgg_jax import bench_torch
+
+  assert bench_torch.torch_device().type == ('cuda' if jax.default_backend() == 'gpu' else 'cpu')
+  before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+  torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+  try:
+    with bench_torch.exact_float32():
+      assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+      assert jax.config.jax_default_matmul_precision == 'highest'
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    assert jax.config.jax_default_matmul_precision is None
+  finally:
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+  row = {'torch': {'t': {'model': 'deploy', 'layout': 'nchw', 'images_per_sec': 1.0}}}
+  row.update(_infer_row('RepVGG-A0', 8.3e6, 100.0, 50.0))
+  assert 'PyTorch fused nchw    ' in bench_report.format_infer(row)
+  row['torch']['t']['device'] = 'cuda'
+  assert 'PyTorch fused nchw (cuda)' in bench_report.format_infer(row)
+
+
 def test_train_step_bench_over_devices_and_pytorch():
   pytest.importorskip('torch')
   row = bench_models.benchmark_train_step(
@@ -177,7 +199,7 @@ def _infer_row(name, params, fused, unfused):
 def test_markdown_and_figure1(tmp_path):
   rows = [_infer_row('RepVGG-A0', 8.3e6, 100.0, 50.0), _infer_row('RepVGG-B0', 14.3e6, 40.0, 20.0)]
   table = bench_report.markdown(rows)
-  assert '| RepVGG-A0 | 8 | 224 | 50.0 | 100.0 | 2.00x |' in table
+  assert '| RepVGG-A0 | 8 | 224 | float32 | 50.0 | 100.0 | 2.00x |' in table
   path = bench_report.plot_figure1(rows, tmp_path / 'figure1.png')
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   with pytest.raises(ValueError, match='No inference rows'):
