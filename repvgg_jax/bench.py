@@ -46,6 +46,25 @@ def _emit(row: dict, text: str, json_path) -> dict:
   return row
 
 
+def suite_plan(on_cpu: bool):
+  """What the suite times: ``(infers, trains)``.
+
+  ``infers``: ``(model, batch, size, dtype)``; ``trains``: ``(model, batch,
+  size, classes, dtype, PyTorch layouts)``, no layouts for no PyTorch.
+  """
+  if on_cpu:
+    infers = [('A0', 32, 224, 'float32'), ('B0', 32, 224, 'float32'), ('A0', 128, 32, 'float32')]
+    trains = [  # PyTorch's channels-last training aborts at 224 (`bench_torch.train_step_fns`).
+      ('A0', 128, 32, 1000, 'float32', TORCH_LAYOUTS),
+      ('A0', 32, 224, 1000, 'float32', ('nchw',)),
+      ('A0', 64, 32, 10, 'float32', TORCH_LAYOUTS),
+    ]
+  else:
+    infers = [(name, 256, 224, dtype) for dtype in ('float32', 'bfloat16') for name in ('A0', 'B0')]
+    trains = [('B0', 256, 224, 1000, 'bfloat16', ())]
+  return infers, trains
+
+
 def run_suite(out_dir, runs: int, warmup: int, figure_batch, figure_size: int, models, with_torch):
   """The tables and plot of the README's performance section, for this machine.
 
@@ -71,16 +90,7 @@ def run_suite(out_dir, runs: int, warmup: int, figure_batch, figure_size: int, m
     roof = roofline(dtype)
     _emit(roof, bench_report.format_roofline(roof), results)
     peaks[dtype] = peak_of(roof)
-  if on_cpu:
-    infers = [('A0', 32, 224, 'float32'), ('B0', 32, 224, 'float32'), ('A0', 128, 32, 'float32')]
-    trains = [  # PyTorch's channels-last training aborts at 224 (`bench_torch.train_step_fns`).
-      ('A0', 128, 32, 1000, 'float32', TORCH_LAYOUTS),
-      ('A0', 32, 224, 1000, 'float32', ('nchw',)),
-      ('A0', 64, 32, 10, 'float32', TORCH_LAYOUTS),
-    ]
-  else:
-    infers = [(name, 256, 224, dtype) for dtype in ('float32', 'bfloat16') for name in ('A0', 'B0')]
-    trains = [('B0', 256, 224, 1000, 'bfloat16', ())]
+  infers, trains = suite_plan(on_cpu)
   for name, batch, size, dtype in infers:
     row = benchmark(
       name,

@@ -210,6 +210,41 @@ def test_markdown_and_figure1(tmp_path):
   assert bench_report.read_jsonl(jsonl) == json.loads(json.dumps(rows))
 
 
+def test_suite_plans_and_writes_its_tables(tmp_path, monkeypatch):
+  infers, trains = bench.suite_plan(on_cpu=False)  # The GPU plan: the figures.
+  assert ('A0', 256, 224, 'float32') in infers and ('B0', 256, 224, 'bfloat16') in infers
+  assert ('B0', 256, 224, 1000, 'bfloat16', ()) in trains
+  fake_roofline = {
+    'kind': 'roofline',
+    'dtype': 'float32',
+    'backend': 'cpu',
+    'device': 'cpu',
+    'matmul_gflops_per_sec': 100.0,
+    'matmul_by_size': {'8': 100.0},
+    'conv_gflops_per_sec': 50.0,
+    'conv_shape': [1, 8, 8, 8],
+  }
+  monkeypatch.setattr(bench, 'roofline', lambda dtype: fake_roofline)
+  plan = [(TINY, 2, 16, 'float32')], [(TINY, 4, 16, 10, 'float32', ('nchw',))]
+  monkeypatch.setattr(bench, 'suite_plan', lambda on_cpu: plan)
+  with_torch = importlib.util.find_spec('torch') is not None
+  bench.run_suite(tmp_path, 1, 0, 2, 16, [TINY], with_torch)
+  rows = bench_report.read_jsonl(tmp_path / 'results.jsonl')
+  assert [r['kind'] for r in rows] == ['roofline', 'infer', 'train']
+  infer, train = rows[1], rows[2]
+  assert infer['deploy']['roofline_share'] == pytest.approx(infer['deploy']['gflops_per_sec'] / 100)
+  assert train['jax']['roofline_share'] == pytest.approx(train['jax']['gflops_per_sec'] / 100)
+  assert ('torch' in infer) == with_torch and ('torch' in train) == with_torch
+  [figure_row] = bench_report.read_jsonl(tmp_path / 'figure1.jsonl')
+  assert figure_row['batch'] == 2 and figure_row['size'] == 16
+  table = (tmp_path / 'results.md').read_text()
+  assert (
+    '| RepVGG-A0 | 2 | 16 | float32 |' in table
+    and f'| RepVGG-A0 | 4 | 16 | float32 | {jax.device_count()} |' in table
+  )
+  assert (tmp_path / 'figure1.png').read_bytes()[:4] == b'\x89PNG'
+
+
 def test_unknown_model_and_bad_sizes_are_refused(capsys):
   with pytest.raises(SystemExit):
     bench.main(['train', '--model', 'C9'])
