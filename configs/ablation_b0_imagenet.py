@@ -29,6 +29,11 @@ ratio of unfused speeds measured in a digits ablation run with K=4 (CPU, 32x32:
 225 and 500 1080Ti-hours. All seven: about 1,250 1080Ti-hours, i.e. roughly
 150-250 GPU-hours on A100/H100-class GPUs in bfloat16 (assuming 5-8x a 1080Ti),
 or about 20-30 hours on 8 such GPUs, plus the one-off ImageNet preparation (hours).
+Measured since on one NVIDIA H200 (README, "Measured on a GPU"): B0 with both
+branches trains at 9,259 images/s in bfloat16 at batch 256 per GPU, so that row's
+steps take 4.6 GPU-hours, not the 15-24 estimated here; the other branch sets
+and 32 images per GPU were not timed, and decoding JPEGs at that rate needs
+many CPU cores per GPU.
 """
 
 import ml_collections
