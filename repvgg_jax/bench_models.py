@@ -210,22 +210,13 @@ def _train_program(model, config, state, data, count: int, mesh):
   from ``state`` on the first ``count`` batches of ``data``: ``(run, compiled)``."""
   from repvgg_jax import steps
 
-  replicated = NamedSharding(mesh, P())
+  program, batch_sharding = steps.jit_training(mesh, model=model, config=config, stacked=count > 1)
   if count == 1:
-    step_fn, batches = steps.train_step, {key: value[0] for key, value in data.items()}
-    batch_sharding = NamedSharding(mesh, P('data'))
+    batches = {key: value[0] for key, value in data.items()}
   else:
-    step_fn, batches = steps.train_steps, {key: value[:count] for key, value in data.items()}
-    batch_sharding = NamedSharding(mesh, P(None, 'data'))
+    batches = {key: value[:count] for key, value in data.items()}
   batches = jax.device_put(batches, batch_sharding)
   rng = jax.random.key(1)
-  program = compile_options.jit(
-    lambda state, batch, rng: step_fn(state, batch, rng, model=model, config=config),
-    in_shardings=(replicated, batch_sharding, replicated),
-    out_shardings=(replicated, replicated),
-    donate_argnums=compile_options.state_donation(),
-    light_codegen=True,  # As the trainer compiles its steps.
-  )
   lowered = program.lower(state, batches, rng)
   if count > 1 and jax.default_backend() == 'cpu' and 'convolution' in lowered.as_text():
     raise ValueError(  # As trainer.check_steps_per_call refuses it.

@@ -8,6 +8,7 @@ per-GPU BatchNorm did, which keeps results independent of the device count.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -15,6 +16,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from repvgg_jax import compile_options
 
 
 class TrainState(train_state.TrainState):
@@ -94,6 +99,27 @@ def train_steps(state: TrainState, batches, rng, *, model, config):
   """
   step = lambda s, batch: train_step(s, batch, rng, model=model, config=config)
   return jax.lax.scan(step, state, batches)
+
+
+def jit_training(mesh, *, model, config, stacked: bool = False):
+  """The jitted training program and its batch's sharding: ``(program, sharding)``.
+
+  `train_step`, or with ``stacked`` `train_steps` over batches stacked on a
+  leading steps axis; called as ``program(state, batch, rng)``. The state and
+  rng are replicated over ``mesh``, the batch sharded over its ``data`` axis,
+  the state donated off CPUs (`compile_options.state_donation`), and the
+  program compiled with ``light_codegen`` (its time is in library kernels).
+  """
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(None, 'data') if stacked else P('data'))
+  program = compile_options.jit(
+    functools.partial(train_steps if stacked else train_step, model=model, config=config),
+    in_shardings=(replicated, batch_sharding, replicated),
+    out_shardings=(replicated, replicated),
+    donate_argnums=compile_options.state_donation(),
+    light_codegen=True,
+  )
+  return program, batch_sharding
 
 
 def _correct_counts(logits, labels, mask):

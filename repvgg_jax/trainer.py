@@ -289,21 +289,11 @@ def _compile_steps(config, model, deploy_model, mesh):
   ``{steps: (program, sharding of its batch)}``.
   """
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-
-  def training(step_fn, batch_sharding):
-    program = compile_options.jit(
-      functools.partial(step_fn, model=model, config=config),
-      in_shardings=(replicated, batch_sharding, replicated),
-      out_shardings=(replicated, replicated),
-      donate_argnums=compile_options.state_donation(),
-      light_codegen=True,
-    )
-    return program, batch_sharding
-
-  train_fns = {1: training(steps.train_step, sharded)}
+  train_fns = {1: steps.jit_training(mesh, model=model, config=config)}
   if config.steps_per_call > 1:
-    stacked = NamedSharding(mesh, P(None, 'data'))  # (steps, batch, ...): the batch sharded.
-    train_fns[config.steps_per_call] = training(steps.train_steps, stacked)
+    train_fns[config.steps_per_call] = steps.jit_training(
+      mesh, model=model, config=config, stacked=True
+    )
   eval_fn = compile_options.jit(
     functools.partial(steps.eval_step, model=model, deploy_model=deploy_model),
     in_shardings=(replicated, replicated, sharded),
