@@ -39,6 +39,13 @@ def _torch_available() -> bool:
   return True
 
 
+def _with_torch(parser, asked: bool | None) -> bool:
+  """``--torch``/``--no-torch``, or whether torch is installed when neither is given."""
+  if asked and not _torch_available():
+    parser.error('--torch needs PyTorch: pip install -r requirements-test.txt')
+  return _torch_available() if asked is None else asked
+
+
 def _emit(row: dict, text: str, json_path) -> dict:
   print(text, flush=True)
   if json_path:
@@ -259,9 +266,7 @@ def main(argv=None) -> int:
     names = variants.list_models() if args.models == 'all' else args.models.split(',')
     for name in names:
       _check_model(parser, name)
-    with_torch = _torch_available() if args.torch is None else args.torch
-    if with_torch and not _torch_available():
-      parser.error('--torch needs PyTorch: pip install -r requirements-test.txt')
+    with_torch = _with_torch(parser, args.torch)
     run_suite(
       args.out, args.runs, args.warmup, args.figure_batch, args.figure_size, names, with_torch
     )
@@ -279,9 +284,7 @@ def main(argv=None) -> int:
     for row in rows if args.json else ():
       bench_report.append_jsonl(args.json, row)
     return 0
-  with_torch = _torch_available() if args.torch is None else args.torch
-  if with_torch and not _torch_available():
-    parser.error('--torch needs PyTorch: pip install -r requirements-test.txt')
+  with_torch = _with_torch(parser, args.torch)
   common = dict(runs=args.runs, warmup=args.warmup, dtype=args.dtype, conv_impl=args.conv_impl)
   if args.command == 'train':
     row = benchmark_train_step(
