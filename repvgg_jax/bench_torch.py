@@ -108,8 +108,7 @@ def _expected_logits(name, tree, images, num_classes: int, deploy: bool) -> np.n
 
 
 def _nchw(images_nhwc, layout: str, device: torch.device) -> torch.Tensor:
-  x = torch.from_numpy(np.array(images_nhwc, np.float32)).permute(0, 3, 1, 2).contiguous()
-  return x.to(device).contiguous(memory_format=LAYOUTS[layout])
+  return torch_reference.nchw(images_nhwc).to(device).contiguous(memory_format=LAYOUTS[layout])
 
 
 def inference_fns(name, variables, fused, images) -> dict[str, tuple[Callable, dict]]:

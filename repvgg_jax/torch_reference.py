@@ -167,9 +167,13 @@ def load(state_dict, name, num_classes, deploy, style) -> RepVGG:
   return model.eval()
 
 
+def nchw(images_nhwc) -> torch.Tensor:
+  """NHWC images (numpy or JAX) as a contiguous float32 NCHW tensor on the CPU."""
+  return torch.from_numpy(np.array(images_nhwc, np.float32)).permute(0, 3, 1, 2).contiguous()
+
+
 def forward(model: RepVGG, images_nhwc) -> np.ndarray:
   """Runs ``model`` on NHWC images (numpy or JAX), in float32 on the model's device;
   returns numpy."""
-  x = torch.from_numpy(np.array(images_nhwc, np.float32)).permute(0, 3, 1, 2).contiguous()
   with torch.inference_mode():
-    return model(x.to(next(model.parameters()).device)).cpu().numpy()
+    return model(nchw(images_nhwc).to(next(model.parameters()).device)).cpu().numpy()
