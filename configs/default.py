@@ -27,7 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.branches = PAPER_BRANCHES  # Branch kinds of every block (or one set per stage).
   config.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
   config.model.bn_group_size = 32  # Images per BatchNorm statistics group; 0: the global batch.
-  config.model.conv_impl = 'auto'  # 'xla', 'im2col', 'winograd', 'dense' or 'auto' (per layer).
+  # 'auto': on CPUs the fastest kernel per layer and chunked inference (repvgg_jax.perf).
+  config.model.conv_impl = 'auto'  # 'xla' (lax's always), 'auto', 'im2col', 'winograd', 'dense'.
   config.model.num_blocks = config_dict.placeholder(tuple)  # Stage 1-4 blocks (None: variant's).
   config.model.width_multipliers = config_dict.placeholder(tuple)  # (a, b) (None: variant's).
 

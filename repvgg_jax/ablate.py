@@ -251,7 +251,14 @@ def measure(config, row_dir: pathlib.Path, settings: dict) -> dict:
   shape = (settings['batch'], settings['size'], settings['size'], 3)
   images = jax.random.normal(jax.random.key(config.seed), shape, jnp.float32)
   result, forward = bench_models.benchmark_models(
-    model, deploy, variables, fused, images, settings['runs'], settings['warmup']
+    model,
+    deploy,
+    variables,
+    fused,
+    images,
+    settings['runs'],
+    settings['warmup'],
+    conv_impl=config.model.conv_impl,
   )
   batch_size = settings['batch']
   if settings['size'] != config.dataset.image_size:

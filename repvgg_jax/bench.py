@@ -27,7 +27,7 @@ import jax
 from repvgg_jax import bench_report, host_memory, variants
 from repvgg_jax.bench_models import TORCH_LAYOUTS, benchmark, benchmark_train_step
 from repvgg_jax.bench_timing import benchmark_layers, machine, peak_of, roofline
-from repvgg_jax.conv import CONV_IMPLS
+from repvgg_jax.perf import CONV_IMPLS
 from repvgg_jax.quiet import quiet_startup
 
 

@@ -6,6 +6,7 @@ with the same network in PyTorch beside them when asked (`bench_torch`).
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,9 +15,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
-from repvgg_jax import compile_options, fusion, host_memory, optim, variants
+from repvgg_jax import compile_options, fusion, host_memory, optim, perf, variants
 from repvgg_jax.bench_timing import compiled_forward, count_macs, interleaved_medians, temp_bytes
-from repvgg_jax.model import chunking_of, create_model
+from repvgg_jax.model import create_model
+from repvgg_jax.perf import xla_cpu
 
 # The memory layouts PyTorch is timed in (`bench_torch.LAYOUTS` maps them to torch's).
 TORCH_LAYOUTS = ('nchw', 'channels_last')
@@ -75,9 +77,9 @@ def benchmark(
     runs, warmup: timed and untimed runs of each model.
     dtype: compute dtype.
     seed: of the weights, BatchNorm statistics and images.
-    conv_impl: see `repvgg_jax.conv`.
+    conv_impl: the convolutions, as `repvgg_jax.perf.conv_layer` takes it.
     chunk_images: images per chunk of the large-map blocks, both models
-      (`repvgg_jax.model.chunking`).
+      (`repvgg_jax.perf.chunked`).
     with_torch: also time the same two networks in PyTorch (`bench_torch`).
     peak_gflops: the machine's measured roofline, for ``roofline_share``.
 
@@ -88,9 +90,9 @@ def benchmark(
     and ``jax_over_torch`` ratios; and the set-up.
   """
   variant = variants.get_variant(name)
-  kwargs = dict(dtype=jnp.dtype(dtype), conv_impl=conv_impl, chunk_images=chunk_images)
-  model = create_model(variant, **kwargs)
-  deploy = create_model(variant, deploy=True, **kwargs)
+  kwargs = dict(dtype=jnp.dtype(dtype), conv=perf.conv_layer(conv_impl, train=False))
+  model = perf.chunked(create_model(variant, **kwargs), chunk_images)
+  deploy = perf.chunked(create_model(variant, deploy=True, **kwargs), chunk_images)
   images = jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
   variables = randomized_variables(model, images, seed)
   fused = compile_options.jit(fusion.fuse_params)(variables)
@@ -100,7 +102,16 @@ def benchmark(
 
     extra = bench_torch.inference_fns(variant, variables, fused, images)
   result, _ = benchmark_models(
-    model, deploy, variables, fused, images, runs, warmup, extra=extra, peak_gflops=peak_gflops
+    model,
+    deploy,
+    variables,
+    fused,
+    images,
+    runs,
+    warmup,
+    extra=extra,
+    peak_gflops=peak_gflops,
+    conv_impl=conv_impl,
   )
   return result
 
@@ -115,6 +126,7 @@ def benchmark_models(
   warmup: int = 2,
   extra: dict | None = None,
   peak_gflops: float | None = None,
+  conv_impl: str = 'xla',
 ):
   """Times ``model`` on ``variables`` against ``deploy`` on ``fused``, alternating runs.
 
@@ -128,6 +140,8 @@ def benchmark_models(
       (`bench_torch.inference_fns`): ``{name: (fn, info)}`` with ``fn()``
       blocking and ``info`` a dict stored under ``result['torch'][name]``.
     peak_gflops: the machine's measured roofline, for ``roofline_share``.
+    conv_impl: what the models' convolutions are (`repvgg_jax.perf.conv_layer`),
+      for the record.
 
   Returns:
     ``(result, compiled)``: the result as `benchmark` returns it, and the compiled
@@ -153,11 +167,9 @@ def benchmark_models(
     'batch': batch,
     'size': size,
     'dtype': jnp.dtype(model.dtype).name,
-    'conv_impl': model.conv_impl,
-    'chunk_images': model.chunk_images,
-    'chunks': dict(
-      zip(('blocks', 'images'), chunking_of(model, images.shape, train=False), strict=True)
-    ),
+    'conv_impl': conv_impl,
+    'chunk_images': getattr(model, 'chunk_images', 0),
+    'chunks': dict(zip(('blocks', 'images'), _chunking(model, images.shape), strict=True)),
     'backend': jax.default_backend(),
     'device': jax.devices()[0].device_kind,
     'num_devices': 1,
@@ -182,6 +194,13 @@ def benchmark_models(
     result['jax_over_torch'] = _ratios_to_torch(result, ('train', 'deploy'))
   compiled = {key: fn for key, (fn, _) in forward.items()}
   return result, compiled
+
+
+def _chunking(model, shape) -> tuple[int, int]:
+  """``(blocks, images)`` of ``model``'s chunked inference on ``shape``; (0, 0) for none."""
+  if isinstance(model, perf.ChunkedRepVGG):
+    return model.chunking(shape, train=False)
+  return 0, 0
 
 
 def _ratios_to_torch(result: dict, keys) -> dict:
@@ -217,13 +236,7 @@ def _train_program(model, config, state, data, count: int, mesh):
     batches = {key: value[:count] for key, value in data.items()}
   batches = jax.device_put(batches, batch_sharding)
   rng = jax.random.key(1)
-  lowered = program.lower(state, batches, rng)
-  if count > 1 and jax.default_backend() == 'cpu' and 'convolution' in lowered.as_text():
-    raise ValueError(  # As trainer.check_steps_per_call refuses it.
-      f"{count} steps per call with XLA's convolution in the step: XLA:CPU runs it up to 35x "
-      'slower inside the loop; use --steps-per-call 1 or --conv-impl im2col.'
-    )
-  compiled = lowered.compile()
+  compiled = program.lower(state, batches, rng).compile()
   holder = {'state': jax.tree.map(jnp.copy, state)}  # Its own: donated off CPUs.
 
   def run():
@@ -271,14 +284,23 @@ def benchmark_train_step(
     raise ValueError(f'--batch {batch} must be a multiple of the {mesh.size} devices.')
   variant = variants.get_variant(name)
   model = create_model(
-    variant, num_classes=num_classes, dtype=jnp.dtype(dtype), conv_impl=conv_impl
+    variant,
+    num_classes=num_classes,
+    dtype=jnp.dtype(dtype),
+    conv=perf.conv_layer(conv_impl, train=True),
   )
   config = _train_config(num_classes, bn_group_size)
   tx = optax.chain(
     optax.add_decayed_weights(1e-4, mask=optim.weight_decay_mask), optax.sgd(0.1, momentum=0.9)
   )
   replicated = NamedSharding(mesh, P())
-  variables = model.clone(conv_impl='xla').init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  variables = model.clone(conv=nn.Conv).init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  xla_cpu.check_steps_per_call(
+    conv_impl,
+    fusion.block_layers(variables['params'], size),
+    steps_per_call,
+    'use --steps-per-call 1 or --conv-impl im2col',
+  )
   state = jax.device_put(
     steps.TrainState.create(
       apply_fn=model.apply,

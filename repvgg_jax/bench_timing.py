@@ -16,20 +16,26 @@ import statistics
 import time
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
 
 from repvgg_jax import compile_options, fusion, host_memory
-from repvgg_jax.conv import Conv, choose_conv_impl, dense_applies, winograd_applies
 from repvgg_jax.model import create_model
+from repvgg_jax.perf.conv_kernels import (
+  KernelConv,
+  choose_conv_impl,
+  dense_applies,
+  winograd_applies,
+)
 
 
 def count_macs(fn: Callable, *args) -> int:
   """Multiply-adds of the convolutions and matmuls ``fn(*args)`` traces to.
 
   Taps over padding count, as in the paper's "FLOPs" (A0 deploy: 1.36 G at
-  224x224). Trace with ``conv_impl='xla'`` or 'im2col': both count the same.
+  224x224). Trace with `nn.Conv` or im2col's `KernelConv`: both count the same.
   """
 
   def walk(jaxpr) -> int:
@@ -129,7 +135,7 @@ def roofline(dtype: str = 'float32', runs: int = 5) -> dict:
     matmul[n] = 2 * n**3 / seconds / 1e9
   batch, side, channels = (8, 28, 256) if on_cpu else (256, 56, 256)
   x = jax.random.normal(jax.random.key(0), (batch, side, side, channels), dt)
-  conv = Conv(channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dt, conv_impl='xla')
+  conv = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dt)
   params = conv.init(jax.random.key(1), x[:1])
   fn = compile_options.jit(conv.apply).lower(params, x).compile()
   seconds, _ = interleaved_medians({0: lambda: fn(params, x).block_until_ready()}, runs, 2)[0]
@@ -168,7 +174,7 @@ def benchmark_layers(
   With ``train``, times the forward and backward pass (gradients of input
   and kernel), which is what a training step pays per layer.
   """
-  deploy = create_model(name, deploy=True, conv_impl='xla')
+  deploy = create_model(name, deploy=True)
   params = jax.eval_shape(deploy.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))['params']
   rows, seen = [], set()
   for layer in fusion.block_layers(params, size):
@@ -187,7 +193,9 @@ def _time_layer(side, in_channels, features, groups, stride, *, batch, train, ru
   if dense_applies((3, 3), side * side):
     impls.append('dense')
   for impl in impls:
-    conv = Conv(features, (3, 3), stride, ((1, 1), (1, 1)), groups, conv_impl=impl, train=train)
+    conv = KernelConv(
+      features, (3, 3), stride, ((1, 1), (1, 1)), groups, conv_impl=impl, train=train
+    )
     params = conv.init(jax.random.key(1), x[:1])
     if train:
       loss = lambda p, x, c=conv: jnp.sum(c.apply(p, x) ** 2)

@@ -102,7 +102,7 @@ def _expected_logits(name, tree, images, num_classes: int, deploy: bool) -> np.n
   """The Flax model's logits in true float32, what PyTorch's are checked against."""
   from repvgg_jax.model import create_model
 
-  model = create_model(name, num_classes=num_classes, deploy=deploy, conv_impl='xla')
+  model = create_model(name, num_classes=num_classes, deploy=deploy)
   with exact_float32():
     return np.asarray(model.apply(tree, images, train=False))
 

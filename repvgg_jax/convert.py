@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from repvgg_jax import checkpointing, compile_options, export, fusion, torch_layout
+from repvgg_jax import checkpointing, compile_options, export, fusion, perf, torch_layout
 from repvgg_jax.model import create_model
 from repvgg_jax.torch_layout import ConversionError
 
@@ -145,7 +145,6 @@ def _verify_import(state_dict, variables, info) -> dict:
       num_classes=info['num_classes'],
       deploy=deploy,
       precision='highest',
-      conv_impl='xla',  # Compiles several times faster than im2col on CPU.
     )
     actual = compile_options.jit(flax_model.apply)(tree, images)
     if info['num_classes'] == 0:  # The last stage, NHWC -> NCHW, one row per example.
@@ -287,7 +286,11 @@ def export_checkpoint(
   num_classes = int(params['linear']['kernel'].shape[1]) if 'linear' in params else 0
   in_channels = int(params['stage0_block0']['reparam']['kernel'].shape[2])
   deploy_model = create_model(
-    name, num_classes=num_classes, deploy=True, in_channels=in_channels, conv_impl=conv_impl
+    name,
+    num_classes=num_classes,
+    deploy=True,
+    in_channels=in_channels,
+    conv=perf.conv_layer(conv_impl, train=False),
   )
   image_size = image_size or saved.get('image_size') or 224
   meta = {
@@ -308,7 +311,7 @@ def export_checkpoint(
         num_classes=num_classes,
         branches=_branches_per_stage(training['params']),
         in_channels=in_channels,
-        conv_impl=conv_impl,
+        conv=perf.conv_layer(conv_impl, train=False),
       )
       images = _random_images(image_size, batch=3)
       meta['verify']['fused_vs_training'] = max_relative_difference(
@@ -379,7 +382,7 @@ def main(argv=None) -> int:
     '--conv-impl',
     default='xla',
     choices=('xla', 'im2col', 'winograd', 'dense'),
-    help='how the artifact computes its convolutions (repvgg_jax.conv)',
+    help="how the artifact computes its convolutions: lax's, or a CPU kernel of repvgg_jax.perf",
   )
   exp.add_argument('--verify', action=argparse.BooleanOptionalAction, default=True)
   args = parser.parse_args(argv)

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from repvgg_jax import branches as branches_lib
-from repvgg_jax import conv as conv_lib
 from repvgg_jax import variants
 
 Array = Any
@@ -100,18 +99,20 @@ class DeployBlock(nn.Module):
 
 
 def layer_partials(
-  train: bool, dtype: Any = jnp.float32, precision: Any = None, conv_impl: str = 'auto'
+  train: bool,
+  dtype: Any = jnp.float32,
+  precision: Any = None,
+  conv: Callable[..., nn.Module] = nn.Conv,
 ):
   """The conv and BatchNorm partials every block is built from.
 
   Parameters and BatchNorm statistics are float32 whatever the compute dtype;
-  BatchNorm is the reference's (PyTorch's eps 1e-5, momentum 0.1). The conv is
-  XLA's, im2col, Winograd or dense (`repvgg_jax.conv`), with one parameter layout.
+  BatchNorm is the reference's (PyTorch's eps 1e-5, momentum 0.1). ``conv`` is
+  `nn.Conv` or a module with its arguments and parameters (the seam through
+  which `repvgg_jax.perf` brings its CPU kernels).
   """
   conv = functools.partial(
-    conv_lib.Conv,
-    conv_impl=conv_impl,
-    train=train,
+    conv,
     dtype=dtype,
     param_dtype=jnp.float32,
     precision=precision,
@@ -152,12 +153,8 @@ class RepVGG(nn.Module):
     precision: `jax.lax.Precision` of convs and the classifier (``'highest'``
       gives true float32 on accelerators that default to TF32).
     in_channels: channels of the input images.
-    conv_impl: 'xla', 'im2col', 'winograd', 'dense' or 'auto' (per layer, by
-      backend, stride and map size);
-      see `repvgg_jax.conv`. Parameters are the same whichever computes.
-    chunk_images: in inference, run the blocks with large maps on this many
-      images at a time (0: the whole batch; 'auto': 4 on CPUs, 0 elsewhere);
-      the outputs are the same (`chunking`).
+    conv: the convolution module, `nn.Conv` or one with its arguments and
+      parameters (`repvgg_jax.perf.conv_layer` for CPU kernels).
   """
 
   variant: variants.Variant
@@ -167,48 +164,40 @@ class RepVGG(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   in_channels: int = 3
-  conv_impl: str = 'auto'
-  chunk_images: int | str = 'auto'
+  conv: Callable[..., nn.Module] = nn.Conv
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False):
     self._check_images(images)
-    conv, norm = layer_partials(train, self.dtype, self.precision, self.conv_impl)
-    specs = list(self.variant.blocks())
-    last = {stage: depth - 1 for stage, depth in enumerate(self.variant.stage_depths)}
-
-    def run(module, carry, x, blocks):
-      """``blocks`` on ``x``; their stage outputs. The body of the chunk loop too."""
-      del module  # Under `nn.scan`, the blocks built here are its (lifted) children.
-      stage_outputs = []
-      for stage, index, _, features, strides, groups in blocks:
-        name = block_name(stage, index)
-        if self.deploy:
-          block = DeployBlock(features, strides, groups, conv, name=name)
-        else:
-          block = RepVGGBlock(
-            features, strides, groups, self.branches[stage], conv, norm, name=name
-          )
-        x = block(x)
-        if index == last[stage]:
-          stage_outputs.append(x)
-      return carry, (x, stage_outputs)
-
     x = images.astype(self.dtype)
-    chunked, images_per_chunk = (
-      (0, 0) if self._records() else chunking(self.chunk_images, specs, x.shape, train)
-    )
+    x, stage_outputs = self.run_blocks(x, list(self.variant.blocks()), train)
+    return self.head(x, stage_outputs)
+
+  def run_blocks(self, x: Array, blocks: Sequence[variants.Block], train: bool):
+    """Runs ``blocks`` (consecutive, from `Variant.blocks`) on ``x``.
+
+    Returns:
+      The last block's output and the outputs of the stages whose last block
+      is among ``blocks``.
+    """
+    conv, norm = layer_partials(train, self.dtype, self.precision, self.conv)
     stage_outputs = []
-    if chunked:
-      scan = nn.scan(
-        functools.partial(run, blocks=specs[:chunked]),
-        variable_broadcast=True,
-        split_rngs={'params': False},
-      )
-      _, (x, outputs) = scan(self, None, x.reshape(-1, images_per_chunk, *x.shape[1:]))
-      x, *stage_outputs = (y.reshape(-1, *y.shape[2:]) for y in (x, *outputs))
-    _, (x, outputs) = run(self, None, x, specs[chunked:])
-    stage_outputs += outputs
+    for block in blocks:
+      name = block_name(block.stage, block.index)
+      if self.deploy:
+        layer = DeployBlock(block.out_channels, block.stride, block.groups, conv, name=name)
+      else:
+        branches = self.branches[block.stage]
+        layer = RepVGGBlock(
+          block.out_channels, block.stride, block.groups, branches, conv, norm, name=name
+        )
+      x = layer(x)
+      if block.index == self.variant.stage_depths[block.stage] - 1:
+        stage_outputs.append(x)
+    return x, stage_outputs
+
+  def head(self, x: Array, stage_outputs: Sequence[Array]):
+    """Global average pooling and the classifier; the stage outputs without one."""
     if self.num_classes == 0:
       return tuple(stage_outputs)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -222,16 +211,6 @@ class RepVGG(nn.Module):
       name='linear',
     )(x)
     return x.astype(jnp.float32)
-
-  def _records(self) -> bool:
-    """Whether this call creates or records variables, which run unchunked.
-
-    Inside the chunk loop every collection is read-only: initialisation,
-    ``capture_intermediates``, ``sow`` and ``perturb`` go through the whole batch.
-    """
-    return self.is_initializing() or any(
-      self.is_mutable_collection(name) for name in ('intermediates', 'perturbations')
-    )
 
   def _check_images(self, images: Array) -> None:
     shape = tuple(np.shape(images))
@@ -250,81 +229,6 @@ class RepVGG(nn.Module):
         f'{self.variant.name} expects float images, got dtype {images.dtype}; '
         'convert and normalize them first, e.g. (images / 255 - mean) / std.'
       )
-
-
-# On CPUs, inference runs the leading blocks whose output maps have at least
-# this many pixels (A0 and B0 at 224x224: stages 0-2, down to 28x28) on this
-# many images at a time, so each chunk's activations stay in cache from block
-# to block (`chunking`).
-CHUNK_MIN_PIXELS = 28 * 28
-CHUNK_IMAGES = 4
-
-
-def check_chunk_images(chunk_images: int | str) -> int | str:
-  if chunk_images == 'auto' or (
-    isinstance(chunk_images, int) and not isinstance(chunk_images, bool) and chunk_images >= 0
-  ):
-    return chunk_images
-  raise ValueError(
-    "chunk_images must be 'auto' or an int >= 0 (0: the whole batch at once), "
-    f'got {chunk_images!r}.'
-  )
-
-
-def chunking(
-  chunk_images: int | str,
-  blocks: Sequence[tuple],
-  shape: Sequence[Any],
-  train: bool,
-  backend: str | None = None,
-) -> tuple[int, int]:
-  """How many leading blocks run on chunks of the batch, and the images per chunk.
-
-  In inference the images are independent, so the leading blocks, those with
-  large maps, can run on a few images at a time in a loop (`nn.scan`) and give
-  the same outputs (bit for bit where measured; the tests allow rounding). On
-  a CPU this keeps a chunk's activations in cache between blocks: A0's fused
-  model at batch 32, 224x224 ran 1.2-1.3x faster with chunks of 4 images
-  through its 28x28 and larger maps, B0's 1.15x, the training-time models
-  1.07-1.08x (1.02-1.18x with chunks of 2) (2-core AVX-512 VM, jax 0.10.2,
-  medians side by side). Chunking each convolution alone gained nothing, nor
-  did carrying the chunks on into the 14x14 stage.
-
-  Args:
-    chunk_images: images per chunk; 0 for none; 'auto' for `CHUNK_IMAGES` on
-      CPUs and none elsewhere.
-    blocks: the variant's ``blocks()``.
-    shape: the input's (batch, height, width, channels).
-    train: training mode, where BatchNorm's batch statistics need the whole
-      batch: never chunked.
-    backend: default, JAX's.
-
-  Returns:
-    (blocks, images): (0, 0) when nothing is chunked. The chunk is the largest
-    divisor of the batch up to ``chunk_images``; a batch of symbolic size (an
-    export) or of at most one chunk is not chunked. (`RepVGG` also runs
-    unchunked when it initialises or records variables.)
-  """
-  if chunk_images == 'auto':
-    chunk_images = CHUNK_IMAGES if (backend or jax.default_backend()) == 'cpu' else 0
-  batch, height, width = shape[:3]
-  if train or not chunk_images or not isinstance(batch, int):
-    return 0, 0
-  images = max(d for d in range(1, min(batch, chunk_images) + 1) if batch % d == 0)
-  if images == batch:
-    return 0, 0
-  count = 0
-  for *_, strides, _ in blocks:
-    height, width = -(-height // strides), -(-width // strides)
-    if height * width < CHUNK_MIN_PIXELS:
-      break
-    count += 1
-  return (count, images) if count else (0, 0)
-
-
-def chunking_of(model: RepVGG, shape: Sequence[Any], train: bool) -> tuple[int, int]:
-  """`chunking` for ``model`` on inputs of ``shape``."""
-  return chunking(model.chunk_images, list(model.variant.blocks()), shape, train)
 
 
 def normalize_branches(branches) -> tuple[tuple[str, ...], ...]:
@@ -369,8 +273,7 @@ def create_model(
   dtype: Any = jnp.float32,
   precision: Any = None,
   in_channels: int = 3,
-  conv_impl: str = 'auto',
-  chunk_images: int | str = 'auto',
+  conv: Callable[..., nn.Module] = nn.Conv,
 ) -> RepVGG:
   """Builds a RepVGG model by variant name.
 
@@ -384,13 +287,9 @@ def create_model(
     dtype: compute dtype, ``jnp.float32`` or ``jnp.bfloat16``.
     precision: convolution and classifier precision, e.g. ``'highest'``.
     in_channels: image channels.
-    conv_impl: 'auto' (chosen per layer by backend and feature-map size, see
-      `repvgg_jax.conv.choose_conv_impl`), 'xla', 'im2col', 'winograd'
-      (stride-1 3x3 convolutions; the others as 'auto') or 'dense' (input
-      maps with fewer pixels than kernel taps; the others as 'auto'); numerically
-      equivalent, with the same parameters.
-    chunk_images: images per chunk for the large-map blocks in inference
-      (`chunking`): 'auto' (4 on CPUs, none elsewhere), or an int, 0 for none.
+    conv: the convolution module: `nn.Conv` (XLA's convolution on every
+      backend), or `repvgg_jax.perf.conv_layer(...)` for the CPU kernels; the
+      parameters are the same.
 
   Returns:
     A `RepVGG` Linen module.
@@ -408,6 +307,5 @@ def create_model(
     dtype=jnp.dtype(dtype),
     precision=precision,
     in_channels=in_channels,
-    conv_impl=conv_lib.check_conv_impl(conv_impl),
-    chunk_images=check_chunk_images(chunk_images),
+    conv=conv,
   )

@@ -15,6 +15,7 @@ import json
 import pathlib
 import signal
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,16 +25,17 @@ from jax.sharding import PartitionSpec as P
 from repvgg_jax import (
   checkpointing,
   compile_options,
-  conv,
   data,
   fusion,
   in_memory,
   optim,
+  perf,
   reporting,
   steps,
   variants,
 )
 from repvgg_jax.model import create_model
+from repvgg_jax.perf import xla_cpu
 from repvgg_jax.reporting import TrainingDivergedError
 
 
@@ -81,8 +83,11 @@ class Schedule:
     return 1 if any(self.due(s, every) for s in inside for every in everies) else count
 
 
-def build_model(config, deploy: bool = False):
-  """The configured RepVGG (``config.model``), training-time or deploy."""
+def build_model(config, *, deploy: bool = False, train: bool = False):
+  """The configured RepVGG (``config.model``), training-time or deploy, to train or to
+  evaluate. ``model.conv_impl`` picks its convolutions for one or the other; in
+  inference, unless it is 'xla', the large-map blocks run in chunks where that pays
+  (`perf.chunked`: on CPUs)."""
   variant = variants.get_variant(config.model.name)
   overrides = {
     key: tuple(config.model.get(key))
@@ -91,14 +96,16 @@ def build_model(config, deploy: bool = False):
   }
   if overrides:  # A scaled variant, e.g. for quick experiments and tests.
     variant = dataclasses.replace(variant, name=f'{variant.name}-custom', **overrides)
-  return create_model(
+  model = create_model(
     variant,
     num_classes=config.dataset.num_classes,
     deploy=deploy,
     branches=config.model.branches,
     dtype=jnp.dtype(config.model.dtype),
-    conv_impl=config.model.conv_impl,
+    conv=perf.conv_layer(config.model.conv_impl, train=train),
   )
+  plain = train or config.model.conv_impl == 'xla'
+  return model if plain else perf.chunked(model, 'auto')
 
 
 def check_config(config) -> None:
@@ -134,60 +141,27 @@ def check_config(config) -> None:
     raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}.")
 
 
-def xla_convolutions_in_training(config, params) -> list[str]:
-  """The blocks whose training-time convolutions ``config.model.conv_impl`` gives to
-  XLA's convolution (`conv.choose_conv_impl`), from the shapes of ``params``."""
-  found = []
-  layers = fusion.block_layers(params, config.dataset.image_size)
-  for index, (side, in_channels, features, groups, stride) in enumerate(layers):
-    out_side = (side - 1) // stride + 1
-    impls = {
-      conv.choose_conv_impl(
-        config.model.conv_impl,
-        in_pixels=side * side,
-        out_pixels=out_side * out_side,
-        strides=(stride, stride),
-        in_channels=in_channels,
-        train=True,
-        kernel_size=kernel_size,
-        groups=groups,
-      )
-      for kernel_size in ((3, 3), (1, 1))
-    }
-    if 'xla' in impls:
-      found.append(f'block {index} ({side}x{side}, {in_channels}->{features})')
-  return found
-
-
 def check_steps_per_call(config, params, backend: str | None = None) -> None:
-  """Refuses several steps per call where XLA's CPU convolution would run in the loop.
-
-  XLA:CPU leaves the backward convolutions inside a loop in layouts that its fast
-  convolution does not take (jax-ml/jax#12868): measured on 2 cores, A0's training
-  step at batch 32, 224x224 took 88 s a step in a two-step scan against 2.5 s in
-  one-step calls, and 4x longer at 64x64, batch 8; with im2col (matrix multiplies)
-  the scan ran as fast as single steps.
-  """
-  if config.steps_per_call == 1 or (backend or jax.default_backend()) != 'cpu':
-    return
-  slow = xla_convolutions_in_training(config, params)
-  if slow:
-    raise ConfigError(
-      f'steps_per_call={config.steps_per_call} on a CPU, but model.conv_impl='
-      f"{config.model.conv_impl!r} computes {len(slow)} blocks with XLA's convolution "
-      f'({slow[0]}, ...), which XLA:CPU runs up to 35x slower inside the loop of a '
-      "multi-step call: set steps_per_call=1, or model.conv_impl='im2col'."
+  """Refuses several steps per call where XLA's CPU convolution would run in the loop
+  (`perf.xla_cpu.check_steps_per_call`)."""
+  layers = fusion.block_layers(params, config.dataset.image_size)
+  fix = "set steps_per_call=1, or model.conv_impl='im2col'"
+  try:
+    xla_cpu.check_steps_per_call(
+      config.model.conv_impl, layers, config.steps_per_call, fix, backend
     )
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
 
 
 def create_state(config, model, tx, mesh, sample_shape) -> steps.TrainState:
   """A freshly initialised, replicated train state (jitted init: no host copy).
 
-  Initialised through XLA's convolution whatever ``model.conv_impl`` is: the
-  parameters are the same (same names, shapes and initialisers), and im2col
-  takes several times longer to compile.
+  Initialised through `nn.Conv` whatever ``model.conv`` is: the parameters are
+  the same (same names, shapes and initialisers), and im2col takes several
+  times longer to compile.
   """
-  init_model = model.clone(conv_impl='xla')
+  init_model = model.clone(conv=nn.Conv)
 
   def init(rng):
     variables = init_model.init(rng, jnp.zeros(sample_shape, jnp.float32))
@@ -281,7 +255,7 @@ def evaluate(config, eval_fn, fuse_fn, state, sharding) -> dict[str, float]:
   return {f'eval/{name}': float(totals[name]) / count for name in names}
 
 
-def _compile_steps(config, model, deploy_model, mesh):
+def _compile_steps(config, model, eval_model, deploy_model, mesh):
   """The jitted training steps, eval step and fusion, with the batches' shardings.
 
   Training has a program for one step and, with ``steps_per_call`` > 1, one for
@@ -295,7 +269,7 @@ def _compile_steps(config, model, deploy_model, mesh):
       mesh, model=model, config=config, stacked=True
     )
   eval_fn = compile_options.jit(
-    functools.partial(steps.eval_step, model=model, deploy_model=deploy_model),
+    functools.partial(steps.eval_step, model=eval_model, deploy_model=deploy_model),
     in_shardings=(replicated, replicated, sharded),
     out_shardings=replicated,
   )
@@ -345,7 +319,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     raise ConfigError(f'batch_size {config.batch_size} exceeds the training split.')
   schedule = Schedule.from_config(config, steps_per_epoch)
   mesh = Mesh(np.array(jax.devices()), ('data',))
-  model, deploy_model = build_model(config), build_model(config, deploy=True)
+  model = build_model(config, train=True)
   tx = optim.make_optimizer(config, steps_per_epoch, schedule.total_steps)
   size = config.dataset.image_size
   state = create_state(config, model, tx, mesh, (1, size, size, 3))
@@ -355,7 +329,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     _write_json(workdir / 'config.json', config.to_dict())
-  train_fns, eval_fn, fuse_fn, sharded = _compile_steps(config, model, deploy_model, mesh)
+  eval_models = build_model(config), build_model(config, deploy=True)
+  train_fns, eval_fn, fuse_fn, sharded = _compile_steps(config, model, *eval_models, mesh)
   # Jitted, the logged rate is one small program rather than one per operation of the schedule.
   lr_fn = compile_options.jit(
     optim.learning_rate_schedule(config, steps_per_epoch, schedule.total_steps)

@@ -10,10 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import NamedTuple
 
 # Blocks per stage for stages 1-4; stage 0 always has one block.
 A_BLOCKS = (2, 4, 14, 1)
 B_BLOCKS = (4, 6, 16, 1)
+
+
+class Block(NamedTuple):
+  """One block of a variant: where it sits and the shape of its convolutions."""
+
+  stage: int
+  index: int  # Within its stage, from 0.
+  in_channels: int
+  out_channels: int
+  stride: int  # 2 for the first block of each stage, else 1.
+  groups: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +68,12 @@ class Variant:
     return self.groups if running % 2 == 0 else 1
 
   def blocks(self):
-    """Yields ``(stage, index, in_channels, out_channels, stride, groups)``."""
+    """Yields each `Block`, stage by stage."""
     in_channels = 3
     for stage, (depth, width) in enumerate(zip(self.stage_depths, self.stage_widths, strict=True)):
       for index in range(depth):
         stride = 2 if index == 0 else 1
-        yield stage, index, in_channels, width, stride, self.block_groups(stage, index)
+        yield Block(stage, index, in_channels, width, stride, self.block_groups(stage, index))
         in_channels = width
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import repvgg_jax
-from repvgg_jax import bench, bench_models, bench_report, bench_timing
+from repvgg_jax import bench, bench_models, bench_report, bench_timing, perf
 
 # A0 with one block per stage at quarter width: compiles in seconds.
 TINY = dataclasses.replace(
@@ -29,7 +29,7 @@ def test_macs_match_the_paper(name, deploy_macs):
   macs = {}
   for deploy in (False, True):
     for impl in ('xla', 'im2col'):
-      model = repvgg_jax.create_model(name, deploy=deploy, conv_impl=impl)
+      model = repvgg_jax.create_model(name, deploy=deploy, conv=perf.conv_layer(impl, train=False))
       variables = jax.eval_shape(model.init, jax.random.key(0), images)
       macs[deploy, impl] = bench_timing.count_macs(
         lambda v, x, m=model: m.apply(v, x, train=False), variables, images
@@ -87,7 +87,7 @@ def test_pytorch_that_disagrees_is_refused():
   pytest.importorskip('torch')
   from repvgg_jax import bench_torch
 
-  model = repvgg_jax.create_model('A0', num_classes=10, deploy=True, conv_impl='xla')
+  model = repvgg_jax.create_model('A0', num_classes=10, deploy=True)
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   variables = model.init(jax.random.key(1), images)
   torch_model = bench_torch.torch_model('A0', variables, 10, deploy=True)

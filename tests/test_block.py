@@ -21,7 +21,7 @@ CHANNELS = [(8, 8), (8, 16), (16, 8)]
 
 
 def make_blocks(in_out, strides, groups, branches):
-  conv, norm = model_lib.layer_partials(train=False, precision='highest', conv_impl='xla')
+  conv, norm = model_lib.layer_partials(train=False, precision='highest')
   features = in_out[1]
   block = model_lib.RepVGGBlock(features, strides, groups, branches, conv, norm)
   deploy = model_lib.DeployBlock(features, strides, groups, conv)

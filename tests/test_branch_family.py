@@ -16,7 +16,7 @@ import pytest
 from helpers import random_variables, relative_error
 
 import repvgg_jax
-from repvgg_jax import branches, fusion, reparam_family
+from repvgg_jax import branches, fusion, perf, reparam_family
 from repvgg_jax import model as model_lib
 
 FLOAT32_TOLERANCE = 1e-5
@@ -48,7 +48,7 @@ BLOCK_SHAPES = [
 
 def make_blocks(strides, features, groups, branch_set, conv_impl='xla', dtype=jnp.float32):
   conv, norm = model_lib.layer_partials(
-    train=False, dtype=dtype, precision='highest', conv_impl=conv_impl
+    train=False, dtype=dtype, precision='highest', conv=perf.conv_layer(conv_impl, train=False)
   )
   block = model_lib.RepVGGBlock(features, strides, groups, branch_set, conv, norm)
   return block, model_lib.DeployBlock(features, strides, groups, conv)
@@ -195,7 +195,7 @@ def test_dbb_padding_is_the_bn_value_and_it_matters_at_the_border(kind, strides)
 
 
 def test_dbb_1x1_starts_as_the_grouped_identity():
-  conv, norm = model_lib.layer_partials(train=False, conv_impl='xla')
+  conv, norm = model_lib.layer_partials(train=False)
   conv = functools.partial(conv, kernel_init=nn.initializers.zeros)  # No RNG to compile.
   block = model_lib.RepVGGBlock(16, 1, 2, ('conv3x3', 'dbb_1x1_3x3'), conv, norm)
   params = block.init(jax.random.key(0), jnp.zeros((1, 5, 5, 8)))['params']
@@ -231,9 +231,7 @@ def test_compose_1x1_then_kxk_per_group():
 
 @pytest.fixture(scope='module')
 def deploy_a0():
-  deploy = repvgg_jax.create_model(
-    'A0', num_classes=10, deploy=True, precision='highest', conv_impl='xla'
-  )
+  deploy = repvgg_jax.create_model('A0', num_classes=10, deploy=True, precision='highest')
   shapes = jax.eval_shape(lambda: deploy.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
   # ../shared/SPEC.md section 5 (8,309,384), less 990 of the 1000 classes.
   assert count(shapes['params']) == 8_309_384 - 990 * (1280 + 1)
@@ -255,9 +253,7 @@ def block_outputs(model, variables, images):
 @pytest.mark.parametrize('branch_set', ABLATION_SETS, ids='+'.join)
 def test_whole_model_fuses_exactly(branch_set, deploy_a0):
   deploy, deploy_shapes = deploy_a0
-  model = repvgg_jax.create_model(
-    'A0', num_classes=10, branches=branch_set, precision='highest', conv_impl='xla'
-  )
+  model = repvgg_jax.create_model('A0', num_classes=10, branches=branch_set, precision='highest')
   variables = random_variables(model, (1, 16, 16, 3), seed=len(branch_set))
   assert {b for block in variables['params'].values() for b in block} - {'kernel', 'bias'} == set(
     branch_set

@@ -10,7 +10,7 @@ import pytest
 from helpers import random_variables, relative_error
 
 import repvgg_jax
-from repvgg_jax import model as model_lib
+from repvgg_jax import perf
 
 A0_BLOCKS = list(repvgg_jax.get_variant('A0').blocks())
 # Stages 0-1 (2 blocks) run at 64x64 and 32x32 on 128x128 images, so they are
@@ -39,19 +39,29 @@ SHAPE = (6, 128, 128, 3)
   ],
 )
 def test_chunking_rule(chunk_images, shape, train, backend, expected):
-  assert model_lib.chunking(chunk_images, A0_BLOCKS, shape, train, backend) == expected
+  images = perf.images_per_chunk(chunk_images, backend)
+  assert perf.chunking(images, A0_BLOCKS, shape, train) == expected
 
 
 def test_symbolic_batch_is_not_chunked():
   # An export's batch is symbolic: it cannot be split into chunks at trace time.
   shape = jax.export.symbolic_shape('b, 224, 224, 3')
-  assert model_lib.chunking('auto', A0_BLOCKS, shape, False, 'cpu') == (0, 0)
+  assert perf.chunking(4, A0_BLOCKS, shape, False) == (0, 0)
 
 
 @pytest.mark.parametrize('bad', [-1, 2.5, True, 'four', None])
 def test_bad_chunk_images_raise(bad):
   with pytest.raises(ValueError, match='chunk_images'):
-    repvgg_jax.create_model('A0', chunk_images=bad)
+    perf.chunked(repvgg_jax.create_model('A0'), chunk_images=bad)
+
+
+def test_chunked_only_where_asked():
+  model = repvgg_jax.create_model('A0', num_classes=10)
+  assert perf.chunked(model, 'auto', backend='gpu') is model
+  assert perf.chunked(model, 0, backend='cpu') is model
+  chunked = perf.chunked(model, 'auto', backend='cpu')
+  assert isinstance(chunked, perf.ChunkedRepVGG) and chunked.chunk_images == 4
+  assert chunked.clone(chunk_images=0).num_classes == 10
 
 
 def _apply(model, variables, images):
@@ -61,9 +71,9 @@ def _apply(model, variables, images):
 @pytest.mark.parametrize('deploy', [False, True], ids=['training-time', 'fused'])
 @pytest.mark.parametrize('num_classes', [10, 0], ids=['logits', 'stage outputs'])
 def test_chunked_inference_equals_whole_batch(deploy, num_classes):
-  whole = repvgg_jax.create_model(SMALL, num_classes=num_classes, deploy=deploy, chunk_images=0)
-  chunked = whole.clone(chunk_images=4)
-  assert model_lib.chunking_of(chunked, SHAPE, train=False) == (3, 3)
+  whole = repvgg_jax.create_model(SMALL, num_classes=num_classes, deploy=deploy)
+  chunked = perf.chunked(whole, 4)
+  assert chunked.chunking(SHAPE, train=False) == (3, 3)
   images = jax.random.normal(jax.random.key(0), SHAPE)
   variables = random_variables(whole, SHAPE)  # Random BatchNorm statistics too.
   if deploy:
@@ -83,8 +93,8 @@ def test_chunked_inference_equals_whole_batch(deploy, num_classes):
 
 
 def test_chunked_gradients_match():
-  whole = repvgg_jax.create_model(SMALL, chunk_images=0)
-  chunked = whole.clone(chunk_images=2)
+  whole = repvgg_jax.create_model(SMALL)
+  chunked = perf.chunked(whole, 2)
   images = jax.random.normal(jax.random.key(0), SHAPE)
   variables = random_variables(whole, SHAPE)
 
@@ -99,8 +109,8 @@ def test_chunked_gradients_match():
 def test_initialising_and_recording_run_unchunked():
   # Variables cannot be created or recorded inside the chunk loop, so these
   # calls take the whole batch, and give what an unchunked model gives.
-  whole = repvgg_jax.create_model(SMALL, num_classes=10, chunk_images=0)
-  chunked = whole.clone(chunk_images=2)
+  whole = repvgg_jax.create_model(SMALL, num_classes=10)
+  chunked = perf.chunked(whole, 2)
   images = jax.random.normal(jax.random.key(0), SHAPE)
   variables = whole.init(jax.random.key(1), images)
   chunked_init = chunked.init(jax.random.key(1), images)

@@ -11,7 +11,8 @@ import pytest
 from helpers import calibrated_variables, relative_error
 
 import repvgg_jax
-from repvgg_jax import conv
+from repvgg_jax import perf
+from repvgg_jax.perf import conv_kernels as conv
 
 
 @pytest.mark.parametrize('kernel_size', [(1, 1), (3, 3), (1, 3), (3, 1)])
@@ -36,8 +37,8 @@ def conv_kwargs(kernel_size, strides, padding, groups) -> dict:
 
 
 def assert_matches_xla(kwargs, conv_impl, shape):
-  """``conv.Conv`` with ``conv_impl`` gives `nn.Conv`'s variables, values and gradients."""
-  xla, other = nn.Conv(**kwargs), conv.Conv(**kwargs, conv_impl=conv_impl)
+  """``conv.KernelConv`` with ``conv_impl`` gives `nn.Conv`'s variables, values and gradients."""
+  xla, other = nn.Conv(**kwargs), conv.KernelConv(**kwargs, conv_impl=conv_impl)
   x = jax.random.normal(jax.random.key(0), shape)
   variables = xla.init(jax.random.key(1), x)
   variables = jax.tree.map(lambda a: a + 0.1, variables)  # A non-zero bias too.
@@ -171,8 +172,7 @@ def test_auto_mixes_implementations_in_one_model():
   """At 32x32 A0 computes its 16x16 stem and stride-2 layers with XLA's conv, its
   4x4 stage with Winograd and its 2x2 stage dense; at 224x224 its stride-1 layers
   with Winograd."""
-  model = repvgg_jax.create_model('A0', deploy=True, conv_impl='auto')
-  assert model.conv_impl == 'auto'
+  model = repvgg_jax.create_model('A0', deploy=True, conv=perf.conv_layer('auto', train=False))
   images = jnp.zeros((1, 32, 32, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
   hlo = jax.jit(model.apply).lower(variables, images).as_text()
@@ -187,7 +187,27 @@ def test_auto_mixes_implementations_in_one_model():
   assert hlo.count('convolution(') == 5  # The stride-2 layers.
   assert hlo.count('dot_general') == 17 * 17 + 1  # And a kernel transform each; the head.
   with pytest.raises(ValueError, match="conv_impl must be one of .* got 'cudnn'"):
-    repvgg_jax.create_model('A0', conv_impl='cudnn')
+    perf.conv_layer('cudnn', train=False)
+
+
+@pytest.mark.parametrize('deploy, layers', [(True, 22), (False, 22 + 22)])
+def test_default_model_convolves_with_lax(deploy, layers):
+  """By default every convolution layer is one ``conv_general_dilated``, on any
+  backend: what quantizers, exporters and profilers look for."""
+  model = repvgg_jax.create_model('A0', num_classes=10, deploy=deploy)
+  images = jnp.zeros((1, 32, 32, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  jaxpr = str(jax.make_jaxpr(model.apply)(variables, images))
+  assert jaxpr.count('conv_general_dilated') == layers  # A0's 22 3x3 (and 22 1x1) layers.
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_conv_layer_is_flax_conv_off_cpus(train):
+  assert perf.conv_layer('auto', train=train, backend='gpu') is nn.Conv
+  assert perf.conv_layer('xla', train=train, backend='cpu') is nn.Conv
+  on_cpu = perf.conv_layer('auto', train=train, backend='cpu')
+  assert on_cpu.func is conv.KernelConv
+  assert on_cpu.keywords == {'conv_impl': 'auto', 'train': train}
 
 
 def test_models_agree_across_conv_impls():
@@ -199,7 +219,7 @@ def test_models_agree_across_conv_impls():
   )
   images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
   make = lambda impl, deploy=False: repvgg_jax.create_model(
-    variant, deploy=deploy, conv_impl=impl, precision='highest'
+    variant, deploy=deploy, conv=perf.conv_layer(impl, train=False), precision='highest'
   )
   variables = calibrated_variables(make('im2col'), images)
   train_xla = jax.jit(make('xla').apply)(variables, images)
@@ -222,9 +242,9 @@ def test_both_implementations_initialise_the_same_variables(branches):
   )
   images = jnp.zeros((1, 16, 16, 3))
   init = {
-    impl: repvgg_jax.create_model(variant, num_classes=4, conv_impl=impl, branches=branches).init(
-      jax.random.key(7), images
-    )
+    impl: repvgg_jax.create_model(
+      variant, num_classes=4, conv=perf.conv_layer(impl, train=True), branches=branches
+    ).init(jax.random.key(7), images)
     for impl in ('xla', 'im2col', 'winograd', 'dense')
   }
   for impl in ('im2col', 'winograd', 'dense'):

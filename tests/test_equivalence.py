@@ -38,7 +38,7 @@ def prepare(name, size, batch=2, seed=0, calibrate=True):
   logits still depend on the input (checked by `assert_non_trivial`).
   """
   images = normal((batch, size, size, 3), seed)
-  model = repvgg_jax.create_model(name, precision='highest', conv_impl='xla')
+  model = repvgg_jax.create_model(name, precision='highest')
   if calibrate:
     variables = calibrated_variables(model, images, seed=seed)
   else:
@@ -48,9 +48,7 @@ def prepare(name, size, batch=2, seed=0, calibrate=True):
 
 def logits_of(name, variables, images, deploy=False, dtype=jnp.float32):
   """The jitted logits of the training-time (or, with ``deploy``, the fused) model."""
-  model = repvgg_jax.create_model(
-    name, deploy=deploy, dtype=dtype, precision='highest', conv_impl='xla'
-  )
+  model = repvgg_jax.create_model(name, deploy=deploy, dtype=dtype, precision='highest')
   return jax.jit(model.apply)(variables, images)
 
 
@@ -107,9 +105,7 @@ def test_fused_float32_model_is_as_accurate_as_the_training_model():
   train = logits_of(name, variables, images)
   deploy = logits_of(name, fused, images, deploy=True)
   with jax.enable_x64(True):
-    exact_model = repvgg_jax.create_model(name, precision='highest', conv_impl='xla').clone(
-      dtype=jnp.float64
-    )
+    exact_model = repvgg_jax.create_model(name, precision='highest').clone(dtype=jnp.float64)
     as64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
     exact = np.asarray(jax.jit(exact_model.apply)(as64(variables), as64(images)))
   train_error = relative_error(train, exact)
@@ -123,10 +119,8 @@ def test_bfloat16_keeps_float32_parameters_and_statistics():
 
 
 def test_backbone_returns_the_five_stage_outputs():
-  model = repvgg_jax.create_model('B1g2', num_classes=0, precision='highest', conv_impl='xla')
-  deploy = repvgg_jax.create_model(
-    'B1g2', num_classes=0, deploy=True, precision='highest', conv_impl='xla'
-  )
+  model = repvgg_jax.create_model('B1g2', num_classes=0, precision='highest')
+  deploy = repvgg_jax.create_model('B1g2', num_classes=0, deploy=True, precision='highest')
   variables = random_variables(model, (1, 64, 64, 3))
   assert 'linear' not in variables['params']
   images = normal((2, 64, 64, 3), seed=0)
@@ -149,8 +143,8 @@ def test_backbone_returns_the_five_stage_outputs():
   ids='+'.join,
 )
 def test_ablation_branch_sets_fuse_to_the_same_deploy_model(branches):
-  model = repvgg_jax.create_model('A0', branches=branches, precision='highest', conv_impl='xla')
-  deploy = repvgg_jax.create_model('A0', deploy=True, precision='highest', conv_impl='xla')
+  model = repvgg_jax.create_model('A0', branches=branches, precision='highest')
+  deploy = repvgg_jax.create_model('A0', deploy=True, precision='highest')
   variables = random_variables(model, (1, 32, 32, 3))
   for block in variables['params'].values():
     assert set(block) <= set(branches) | {'kernel', 'bias'}
@@ -162,8 +156,8 @@ def test_ablation_branch_sets_fuse_to_the_same_deploy_model(branches):
 
 def test_per_stage_branch_sets():
   per_stage = [('conv3x3',), ('conv3x3', 'conv1x1')] + [repvgg_jax.PAPER_BRANCHES] * 3
-  model = repvgg_jax.create_model('A0', branches=per_stage, precision='highest', conv_impl='xla')
-  deploy = repvgg_jax.create_model('A0', deploy=True, precision='highest', conv_impl='xla')
+  model = repvgg_jax.create_model('A0', branches=per_stage, precision='highest')
+  deploy = repvgg_jax.create_model('A0', deploy=True, precision='highest')
   variables = random_variables(model, (1, 32, 32, 3))
   assert set(variables['params']['stage0_block0']) == {'conv3x3'}
   assert set(variables['params']['stage1_block1']) == {'conv3x3', 'conv1x1'}

@@ -15,7 +15,7 @@ from repvgg_jax import convert, export
 @pytest.fixture(scope='module')
 def training_checkpoint(tmp_path_factory):
   """A training-time A0 checkpoint (10 classes, 32x32), random non-trivial BN state."""
-  model = repvgg_jax.create_model('A0', num_classes=10, conv_impl='xla')
+  model = repvgg_jax.create_model('A0', num_classes=10)
   variables = random_variables(model, (1, 32, 32, 3), seed=3)
   path = tmp_path_factory.mktemp('ckpt') / 'a0'
   convert._save(

@@ -25,8 +25,8 @@ def test_mock_imagenet_through_eval_preprocessing():
   assert images.shape == (8, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.float32
   assert labels.shape == (8,)
 
-  model = repvgg_jax.create_model('A0', precision='highest', conv_impl='xla')
-  deploy = repvgg_jax.create_model('A0', deploy=True, precision='highest', conv_impl='xla')
+  model = repvgg_jax.create_model('A0', precision='highest')
+  deploy = repvgg_jax.create_model('A0', deploy=True, precision='highest')
   variables = calibrated_variables(model, images)
   fused = jax.jit(repvgg_jax.fuse_params)(variables)
   train_logits = jax.jit(model.apply)(variables, images)

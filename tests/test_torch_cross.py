@@ -57,9 +57,7 @@ def save(model, path):
 
 
 def flax_logits(name, variables, deploy, images):
-  model = repvgg_jax.create_model(
-    name, num_classes=10, deploy=deploy, conv_impl='xla', precision='highest'
-  )
+  model = repvgg_jax.create_model(name, num_classes=10, deploy=deploy, precision='highest')
   return jax.jit(model.apply)(variables, images)
 
 

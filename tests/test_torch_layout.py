@@ -107,15 +107,13 @@ def test_imported_model_computes_what_the_reference_computes(name, deploy):
   images = np.random.default_rng(0).standard_normal((2, 32, 32, 3), np.float32)
   expected = torch_layout.reference_forward(state_dict, images.transpose(0, 3, 1, 2))
   variables, info = torch_layout.from_torch(state_dict)
-  model = repvgg_jax.create_model(
-    info['model'], num_classes=10, deploy=deploy, conv_impl='xla', precision='highest'
-  )
+  model = repvgg_jax.create_model(info['model'], num_classes=10, deploy=deploy, precision='highest')
   actual = jax.jit(model.apply)(variables, images)
   assert relative_error(actual, expected) <= 1e-5
   if not deploy:  # And fused after import.
     fused = repvgg_jax.fuse_params(variables)
     deploy_model = repvgg_jax.create_model(
-      info['model'], num_classes=10, deploy=True, conv_impl='xla', precision='highest'
+      info['model'], num_classes=10, deploy=True, precision='highest'
     )
     assert relative_error(jax.jit(deploy_model.apply)(fused, images), expected) <= 1e-5
 

@@ -26,7 +26,8 @@ from helpers import (
   tiny_config,
 )
 
-from repvgg_jax import checkpointing, data, steps, trainer
+from repvgg_jax import checkpointing, data, fusion, steps, trainer
+from repvgg_jax.perf import xla_cpu
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RUNNER = REPO / 'tests' / 'train_runner.py'
@@ -193,7 +194,8 @@ def test_xla_convolutions_in_a_multi_step_call_are_refused_on_cpus():
   )['params']
   trainer.check_steps_per_call(config, params)  # 'auto' keeps XLA's convolution off 16x16 maps.
   config.dataset.image_size = 224  # Its 28x28 and 14x14 stride-1 blocks would use it.
-  assert trainer.xla_convolutions_in_training(config, params)[0] == 'block 4 (28x28, 96->96)'
+  layers = fusion.block_layers(params, 224)
+  assert xla_cpu.xla_convolutions_in_training('auto', layers)[0] == 'block 4 (28x28, 96->96)'
   with pytest.raises(trainer.ConfigError, match="steps_per_call=1, or model.conv_impl='im2col'"):
     trainer.check_steps_per_call(config, params)
   trainer.check_steps_per_call(config, params, backend='gpu')

@@ -1,50 +1,14 @@
-"""One convolution module, four ways to compute it, chosen per layer.
+"""CPU convolution kernels behind one module, chosen per layer: an opt-in speed-up.
 
 XLA's convolution (cuDNN on GPUs, YNNPACK on CPUs), the same convolution as
-shifted slices and one matrix multiply (im2col), for stride-1 3x3 layers
-Winograd's F(2x2, 3x3) (16 matrix multiplies with 4/9 of the multiply-adds),
-and for the smallest maps one matrix multiply over the whole map (dense)
-share `nn.Conv`'s parameters (HWIO ``kernel``, ``bias``), so checkpoints and
-`fuse_params` do not care which one computed. On GPUs and TPUs XLA's is the
-right choice. On CPUs none wins everywhere; measured on a 2-core AVX-512 VM
-(jax 0.10.2), per layer of A0 and, for the rules, on whole models:
-
-- On maps of 8x8 and below XLA's collapses: it rewrites the convolution into
-  forms that run at a few GFLOP/s, 10-15x slower than im2col on 2x2 maps.
-  Not so for strided layers in inference on a newer 2-core VM (AMX, 480 MB
-  of L3 cache): there XLA's made the fused A0 at 32x32 1.07-1.11x and B0
-  1.04-1.07x faster than im2col when it took the stride-2 layers with
-  output maps from 8x8 to 2x2 (side by side; not measured on the first VM).
-- Its backward pass is slow wherever the convolution has a stride of 2 or few
-  (<= 64) input channels: 2.6x slower than im2col at 112->56, 48 channels.
-- Elsewhere (inference on large maps; training with wide layers) XLA's is up
-  to 4x faster than im2col, whose nine shifted copies cost memory traffic.
-- Winograd made the fused A0 and B0 1.2-1.4x faster at 224x224 when it took
-  the 14x14 layers (XLA's reached 120 GFLOP/s there); at 32x32, taking the
-  8x8 and 4x4 layers, it made the training step 4-7% faster and the fused A0
-  and B0 1.05x and 1.12x (batch 128, side by side). In inference at 224x224
-  it also lost at 28x28 and 56x56 on the first VM, before chunked inference
-  (`repvgg_jax.model.chunking`); with chunks of 4 images, on a newer VM (AMX,
-  480 MB of L3 cache), taking those layers too made the fused A0 1.06-1.07x
-  and B0 1.18x faster (batch 32; B0 1.24x at batch 8), the unfused models
-  1.00-1.03x and 1.11-1.15x; not so for grouped layers, whose B1g2 ran 10%
-  slower with it there (batch 8). In training it lost elsewhere, though some
-  single layers (14x14 and 28x28) timed faster alone: its 16 transformed
-  copies, 4x the input, cost memory traffic that a lone layer keeps in cache
-  and a model does not.
-- On input maps with fewer pixels than the kernel has taps (2x2 and 1x1 for
-  3x3 kernels), im2col multiplies mostly zero padding. The dense form, one
-  matrix multiply over the whole map with a kernel unrolled to every pair of
-  input and output pixels, does 4/9 of its multiply-adds on a 2x2 map and
-  made A0's training step at batch 128, 32x32 1.27x faster (395 -> 503 img/s,
-  side by side). The unrolled kernel is built from window slices of the
-  zero-padded kernel, copies only; built by a gather and a transposing copy
-  instead, it cost the fused A0 at 32x32 as much as its matmuls saved, and
-  with slices the fused model ran 1.16x faster than with im2col there (3,374
-  against 2,912 img/s, batch 128, side by side).
-
-`choose_conv_impl` encodes these rules for ``'auto'``; `python -m
-repvgg_jax.bench layers` re-measures single layers on your machine.
+shifted slices and one matrix multiply (im2col), Winograd's F(2x2, 3x3) for
+stride-1 3x3 layers (4/9 of the multiply-adds), and for the smallest maps one
+matrix multiply over the whole map (dense). `KernelConv` creates `nn.Conv`'s
+parameters (HWIO ``kernel``, ``bias``) whichever computes, so checkpoints and
+`fuse_params` do not care. On GPUs and TPUs XLA's convolution is the right
+choice; on CPUs none wins everywhere, and `choose_conv_impl` encodes the rules
+measured there (docs/performance.md, "Convolution implementations"; `python -m
+repvgg_jax.bench layers` re-measures single layers on your machine).
 """
 
 from __future__ import annotations
@@ -281,8 +245,8 @@ def _matmul(x, kernel, groups: int, precision):
   return y.reshape(*y.shape[:-2], features)
 
 
-class Conv(nn.Module):
-  """`nn.Conv` with explicit padding, computed by XLA's convolution, im2col or Winograd.
+class KernelConv(nn.Module):
+  """`nn.Conv` with explicit padding, computed by XLA's convolution, im2col, Winograd or dense.
 
   Takes the subset of `nn.Conv` arguments this codebase uses and creates the
   same ``kernel`` (HWIO, input channels per group) and ``bias`` parameters
