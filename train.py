@@ -1,13 +1,13 @@
 """Trains RepVGG: python train.py --config configs/digits.py [--workdir DIR].
 
 A thin entry point: flags, device set-up, then
-`repvgg_jax.trainer.train_and_evaluate`.
+`repvgg_jax.train.trainer.train_and_evaluate`.
 """
 
 import os
 import sys
 
-from repvgg_jax import host_memory
+from repvgg_jax.perf import host_memory
 from repvgg_jax.quiet import quiet_startup
 
 quiet_startup()  # Before JAX picks its backend and TensorFlow loads.
@@ -36,7 +36,7 @@ flags.DEFINE_bool(
   'reuse_host_memory',
   False,
   'On CPU-only runs under glibc, keep freed host memory for reuse instead of mapping each '
-  "step's temporaries afresh (repvgg_jax.host_memory): for long runs; the digits config's "
+  "step's temporaries afresh (repvgg_jax.perf.host_memory): for long runs; the digits config's "
   'steps, one per call, ran 1.13x faster, its compiling 1.5x slower.',
 )
 flags.mark_flags_as_required(['config'])
@@ -62,7 +62,8 @@ def main(argv):
   if FLAGS.distributed:
     # Slurm, Open MPI, Kubernetes and Cloud TPU are detected; elsewhere pass the flags.
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from repvgg_jax import data, trainer
+  from repvgg_jax.data import datasets as data
+  from repvgg_jax.train import trainer
 
   workdir = FLAGS.workdir or os.path.join(
     'workdirs',

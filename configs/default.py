@@ -15,7 +15,7 @@ BatchNorm statistics per 32 images (the reference's per-GPU BatchNorm).
 import ml_collections
 from ml_collections import config_dict
 
-from repvgg_jax.branches import PAPER_BRANCHES
+from repvgg_jax.model.branches import PAPER_BRANCHES
 
 
 def get_config() -> ml_collections.ConfigDict:

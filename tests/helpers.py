@@ -122,7 +122,7 @@ def apply_overrides(config, overrides: dict):
 
 def checkpoint_params(workdir, step=None):
   """The params of a run's checkpoint (default: latest), as numpy arrays."""
-  from repvgg_jax import checkpointing
+  from repvgg_jax.train import checkpointing
 
   ckpt = checkpointing.Checkpoints(f'{workdir}/checkpoints', read_only=True)
   state, meta = ckpt.restore(step=step)
@@ -136,7 +136,7 @@ def intercepted_train_batches(change):
   Steps count from 1, as the trainer's do. Install it in place of
   ``data.train_batches`` (which the trainer looks up at each run).
   """
-  from repvgg_jax import data
+  from repvgg_jax.data import datasets as data
 
   batches = data.train_batches
 

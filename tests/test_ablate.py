@@ -13,7 +13,11 @@ import ml_collections
 import pytest
 from helpers import apply_overrides, tiny_config
 
-from repvgg_jax import ablate, ablation_report, branches, checkpointing, data, trainer
+from repvgg_jax.ablate import report as ablation_report
+from repvgg_jax.ablate import runner as ablate
+from repvgg_jax.data import datasets as data
+from repvgg_jax.model import branches
+from repvgg_jax.train import checkpointing, trainer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SETS = {

@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 
 import repvgg_jax
-from repvgg_jax import bench, bench_models, bench_report, bench_timing, perf
+from repvgg_jax import perf
+from repvgg_jax.bench import cli as bench
+from repvgg_jax.bench import models as bench_models
+from repvgg_jax.bench import report as bench_report
+from repvgg_jax.bench import timing as bench_timing
 
 # A0 with one block per stage at quarter width: compiles in seconds.
 TINY = dataclasses.replace(
@@ -85,7 +89,7 @@ def test_inference_bench_checks_pytorch_then_times_both(tmp_path):
 
 def test_pytorch_that_disagrees_is_refused():
   pytest.importorskip('torch')
-  from repvgg_jax import bench_torch
+  from repvgg_jax.bench import torch_side as bench_torch
 
   model = repvgg_jax.create_model('A0', num_classes=10, deploy=True)
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
@@ -99,7 +103,7 @@ def test_pytorch_that_disagrees_is_refused():
 
 def test_pytorch_runs_where_jax_does_and_is_checked_in_true_float32():
   torch = pytest.importorskip('torch')
-  from repvgg_jax import bench_torch
+  from repvgg_jax.bench import torch_side as bench_torch
 
   assert bench_torch.torch_device().type == ('cuda' if jax.default_backend() == 'gpu' else 'cpu')
   before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32

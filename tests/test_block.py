@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from helpers import random_variables, relative_error
 
-from repvgg_jax import fusion
 from repvgg_jax import model as model_lib
+from repvgg_jax.model import branches as branches_lib
+from repvgg_jax.model import fusion
 
 OPTIONAL_BRANCHES = ('conv1x1', 'identity')
 BRANCH_SETS = [
@@ -84,7 +85,7 @@ def reference_block(x, params, stats, strides, groups):
 @pytest.mark.parametrize('strides,in_out', [(1, (8, 8)), (2, (8, 16))])
 @pytest.mark.parametrize('size', [8, 9])
 def test_training_block_matches_the_paper_formula(strides, in_out, size):
-  block, _ = make_blocks(in_out, strides, 2, model_lib.branches_lib.PAPER_BRANCHES)
+  block, _ = make_blocks(in_out, strides, 2, branches_lib.PAPER_BRANCHES)
   x = jax.random.normal(jax.random.key(1), (2, size, size, in_out[0]))
   variables = random_variables(block, x.shape, seed=3)
   expected = reference_block(x, variables['params'], variables['batch_stats'], strides, 2)
@@ -92,7 +93,7 @@ def test_training_block_matches_the_paper_formula(strides, in_out, size):
 
 
 def test_identity_kernel_is_grouped_identity():
-  kernel = np.asarray(model_lib.branches_lib.identity_kernel(8, 2))
+  kernel = np.asarray(branches_lib.identity_kernel(8, 2))
   x = np.random.default_rng(0).normal(size=(1, 5, 5, 8)).astype(np.float32)
   y = jax.lax.conv_general_dilated(
     x,
@@ -108,7 +109,7 @@ def test_identity_kernel_is_grouped_identity():
 
 def test_one_by_one_is_padded_into_the_centre_tap():
   kernel = np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)
-  padded = np.array(model_lib.branches_lib.pad_to_3x3(kernel))
+  padded = np.array(branches_lib.pad_to_3x3(kernel))
   assert padded.shape == (3, 3, 2, 3)
   np.testing.assert_array_equal(padded[1, 1], kernel[0, 0])
   padded[1, 1] = 0

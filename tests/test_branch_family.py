@@ -16,8 +16,9 @@ import pytest
 from helpers import random_variables, relative_error
 
 import repvgg_jax
-from repvgg_jax import branches, fusion, perf, reparam_family
 from repvgg_jax import model as model_lib
+from repvgg_jax import perf
+from repvgg_jax.model import branches, fusion, reparam_family
 
 FLOAT32_TOLERANCE = 1e-5
 NEW_KINDS = ('conv1x3', 'conv3x1', 'dbb_avg', 'dbb_1x1_3x3', 'parallel3x3_k4')

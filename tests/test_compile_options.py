@@ -8,7 +8,7 @@ import numpy as np
 from helpers import calibrated_variables, flat_leaves, relative_error
 
 import repvgg_jax
-from repvgg_jax import compile_options
+from repvgg_jax.perf import compile_options
 
 
 def test_fast_compile_preset_on_one_cpu_device_only():

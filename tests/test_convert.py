@@ -8,7 +8,8 @@ import pytest
 from helpers import random_variables, tiny_config
 
 import repvgg_jax
-from repvgg_jax import checkpointing, convert, torch_layout, trainer
+from repvgg_jax.interop import convert, torch_layout
+from repvgg_jax.train import checkpointing, trainer
 
 
 @pytest.fixture(scope='module')

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from repvgg_jax import data, digits_dataset, in_memory, input_pipeline
+from repvgg_jax.data import datasets as data
+from repvgg_jax.data import digits as digits_dataset
+from repvgg_jax.data import in_memory, input_pipeline
 
 GLOBAL_BATCH = 64  # 1,437 digits // 64 = 22 steps per epoch.
 STEPS_PER_EPOCH = 22

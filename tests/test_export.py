@@ -9,7 +9,7 @@ import pytest
 from helpers import random_variables, relative_error
 
 import repvgg_jax
-from repvgg_jax import convert, export
+from repvgg_jax.interop import convert, export
 
 
 @pytest.fixture(scope='module')

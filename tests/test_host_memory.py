@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from repvgg_jax import host_memory
+from repvgg_jax.perf import host_memory
 
 GLIBC = sys.platform == 'linux' and platform.libc_ver()[0] == 'glibc'
 
@@ -19,7 +19,7 @@ GLIBC = sys.platform == 'linux' and platform.libc_ver()[0] == 'glibc'
 FAULTS_PER_CALL = textwrap.dedent(
   """
   import json, resource, sys
-  from repvgg_jax import host_memory
+  from repvgg_jax.perf import host_memory
   applied = host_memory.reuse_freed_memory() if sys.argv[1] == 'reuse' else False
   import jax, jax.numpy as jnp
   f = jax.jit(lambda x: jnp.sum(jnp.sin(jnp.cos(x) @ x)))

@@ -6,7 +6,7 @@ import tensorflow_datasets as tfds
 from helpers import calibrated_variables, relative_error
 
 import repvgg_jax
-from repvgg_jax import input_pipeline
+from repvgg_jax.data import input_pipeline
 
 IMAGE_SIZE = 64
 

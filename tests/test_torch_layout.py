@@ -7,8 +7,8 @@ import pytest
 from helpers import random_variables, relative_error
 
 import repvgg_jax
-from repvgg_jax import torch_layout
-from repvgg_jax.torch_layout import ConversionError
+from repvgg_jax.interop import torch_layout
+from repvgg_jax.interop.torch_layout import ConversionError
 
 
 def reference_state_dict(name, deploy=False, num_classes=1000, seed=0, style='reference'):

@@ -6,7 +6,8 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from repvgg_jax import data, torch_train  # noqa: E402
+from repvgg_jax.bench import torch_train  # noqa: E402
+from repvgg_jax.data import datasets as data  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def test_trains_evaluates_and_checkpoints_on_the_configs_cadence(digits_config, 
 
 
 def test_weight_decay_follows_the_reference_rule(digits_config):
-  from repvgg_jax import torch_reference
+  from repvgg_jax.interop import torch_reference
 
   model = torch_reference.RepVGG('RepVGG-A0', num_classes=10)
   decay, no_decay = torch_train._optimizer(model, digits_config, torch).param_groups

@@ -26,8 +26,10 @@ from helpers import (
   tiny_config,
 )
 
-from repvgg_jax import checkpointing, data, fusion, steps, trainer
+from repvgg_jax.data import datasets as data
+from repvgg_jax.model import fusion
 from repvgg_jax.perf import xla_cpu
+from repvgg_jax.train import checkpointing, steps, trainer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RUNNER = REPO / 'tests' / 'train_runner.py'

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 import repvgg_jax
-from repvgg_jax import variants
+from repvgg_jax.model import variants
 
 # ../shared/SPEC.md section 5: (deploy, training-time trainable) with 1000 classes.
 PARAM_COUNTS = {

@@ -29,7 +29,8 @@ def main(argv):
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes, process_id)
   import helpers
 
-  from repvgg_jax import data, trainer
+  from repvgg_jax.data import datasets as data
+  from repvgg_jax.train import trainer
 
   delay = float(os.environ.get('REPVGG_TEST_SECONDS_PER_BATCH', 0))
   if delay:

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 
 from repvgg_jax.model import RepVGG
-from repvgg_jax.variants import Block
+from repvgg_jax.model.variants import Block
 
 # On CPUs, inference runs the leading blocks whose output maps have at least
 # CHUNK_MIN_PIXELS pixels (A0 and B0 at 224x224: stages 0-2, down to 28x28) on

@@ -24,7 +24,7 @@ def xla_convolutions_in_training(conv_impl: str, layers: Sequence[tuple]) -> lis
   Args:
     conv_impl: as `repvgg_jax.perf.conv_layer` takes it.
     layers: ``(side, in_channels, out_channels, groups, stride)`` of each block
-      (`repvgg_jax.fusion.block_layers`).
+      (`repvgg_jax.model.fusion.block_layers`).
   """
   found = []
   for index, (side, in_channels, features, groups, stride) in enumerate(layers):

@@ -1,7 +1,7 @@
 """The wider re-parameterization family: ACNet, Diverse Branch Block and MobileOne branches.
 
 Each kind here is linear at inference time and fuses exactly into the block's
-3x3 kernel and bias, like the paper's three in `repvgg_jax.branches` (which
+3x3 kernel and bias, like the paper's three in `repvgg_jax.model.branches` (which
 imports this module, so registering happens there):
 
 - ``conv1x3``, ``conv3x1`` (ACNet): asymmetric conv-BN, zero-padded into the
@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax import branches as branches_lib
-from repvgg_jax.branches import KERNEL_SIZE, BranchFamily, BranchKind, ConvBN
+from repvgg_jax.model import branches as branches_lib
+from repvgg_jax.model.branches import KERNEL_SIZE, BranchFamily, BranchKind, ConvBN
 
 Array = Any
 PAD = KERNEL_SIZE // 2  # What the 3x3 conv, and DBB's pooling, pad on each side.

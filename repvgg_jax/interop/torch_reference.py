@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from repvgg_jax import variants
+from repvgg_jax.model import variants
 
 NAMES = {  # Branch names of a block: dense 3x3, 1x1, identity, fused 3x3.
   'reference': ('rbr_dense', 'rbr_1x1', 'rbr_identity', 'rbr_reparam'),

@@ -41,17 +41,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from repvgg_jax import (  # noqa: E402
-  ablation_report,
-  bench_models,
-  bench_timing,
-  checkpointing,
-  compile_options,
-  data,
-  host_memory,
-  trainer,
-)
+from repvgg_jax.ablate import report as ablation_report  # noqa: E402
+from repvgg_jax.bench import models as bench_models  # noqa: E402
+from repvgg_jax.bench import timing as bench_timing  # noqa: E402
+from repvgg_jax.data import datasets as data  # noqa: E402
 from repvgg_jax.model import normalize_branches  # noqa: E402
+from repvgg_jax.perf import compile_options, host_memory  # noqa: E402
+from repvgg_jax.train import checkpointing, trainer  # noqa: E402
 
 ROW_FILE = 'ablation_row.json'
 # Row names become directory names.
@@ -439,7 +435,7 @@ def main(argv) -> int:
   return 0
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   """The command-line flags (defined only when run as a program, not on import)."""
   from absl import flags
   from ml_collections import config_flags
@@ -454,10 +450,3 @@ def _define_flags() -> None:
     'reuse_host_memory', False, 'As train.py: keep freed host memory for reuse on CPU-only runs.'
   )
   flags.mark_flags_as_required(['config'])
-
-
-if __name__ == '__main__':
-  from absl import app
-
-  _define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))

@@ -10,7 +10,7 @@ module that computes it and a function that fuses it. Nothing else changes.
 A parametrized family of kinds (``parallel3x3_k{K}``) is a `BranchFamily`: a
 name pattern and a factory, resolved by `get_branch`. The paper's three kinds
 live here; ACNet's, the Diverse Branch Block's and MobileOne's are in
-`repvgg_jax.reparam_family`, registered when this module is imported.
+`repvgg_jax.model.reparam_family`, registered when `repvgg_jax.model` is imported.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class BranchKind:
     channels: ``channels(params)`` reads ``(in_per_group, features)`` of the
       block off the branch's parameter shapes (``in_per_group`` None when they
       do not tell), raising ValueError when the branch's own layers disagree;
-      `repvgg_jax.fusion` checks a block's branches against each other with
+      `repvgg_jax.model.fusion` checks a block's branches against each other with
       it. The default, `uniform_channels`, suits branches whose kernels all
       map the block's input to its output; a branch with a different inner
       width (DBB's 1x1 -> 3x3) brings its own.
@@ -289,7 +289,3 @@ IDENTITY = register_branch(
 
 # The paper's block: 3x3 conv-BN + 1x1 conv-BN + identity BN.
 PAPER_BRANCHES = ('conv3x3', 'conv1x1', 'identity')
-
-# The wider family (ACNet, DBB, MobileOne) registers itself on import; it builds
-# on the primitives above, so it comes last.
-from repvgg_jax import reparam_family  # noqa: E402, F401, I001

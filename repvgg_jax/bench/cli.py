@@ -9,7 +9,7 @@
 Every timed function is compiled and warmed up first; then timed runs
 alternate between the functions compared (so a busy or throttling machine
 slows all alike) and the median of each is reported. With torch installed the
-same network runs in PyTorch (`repvgg_jax.torch_reference`), fed the converted
+same network runs in PyTorch (`repvgg_jax.interop.torch_reference`), fed the converted
 weights and checked to give the same logits before it is timed. Figures are
 printed as tables and, with ``--json``, appended as JSON lines; `bench_report`
 turns those into markdown and the paper's Figure 1.
@@ -24,11 +24,25 @@ import sys
 
 import jax
 
-from repvgg_jax import bench_report, host_memory, variants
-from repvgg_jax.bench_models import TORCH_LAYOUTS, benchmark, benchmark_train_step
-from repvgg_jax.bench_timing import benchmark_layers, machine, peak_of, roofline
-from repvgg_jax.perf import CONV_IMPLS
+from repvgg_jax.bench import report as bench_report
+from repvgg_jax.bench import timing
+from repvgg_jax.bench.models import TORCH_LAYOUTS, benchmark, benchmark_train_step
+from repvgg_jax.bench.timing import benchmark_layers, machine, peak_of
+from repvgg_jax.model import variants
+from repvgg_jax.perf import CONV_IMPLS, host_memory
 from repvgg_jax.quiet import quiet_startup
+
+
+def roofline(dtype: str = 'float32', runs: int = 5) -> dict:
+  """The machine's peaks (`timing.roofline`); on CPUs, with torch installed, PyTorch's
+  float32 matmul peak beside them, for reference only (MKL's can beat XLA's)."""
+  row = timing.roofline(dtype, runs)
+  if row['backend'] == 'cpu' and row['dtype'] == 'float32' and _torch_available():
+    from repvgg_jax.bench import torch_side
+
+    sizes = [int(n) for n in row['matmul_by_size']]
+    row['torch_matmul_gflops_per_sec'] = max(torch_side.matmul_gflops(sizes, runs).values())
+  return row
 
 
 def _torch_available() -> bool:
@@ -166,7 +180,7 @@ def _add_host_memory(parser) -> None:
   parser.add_argument(
     '--reuse-host-memory',
     action='store_true',
-    help='keep freed host memory for reuse (repvgg_jax.host_memory), as train.py '
+    help='keep freed host memory for reuse (repvgg_jax.perf.host_memory), as train.py '
     '--reuse_host_memory does; for JAX and PyTorch alike',
   )
 
@@ -317,7 +331,3 @@ def _check_model(parser, name: str) -> None:
     variants.get_variant(name)
   except ValueError as error:
     parser.error(str(error))
-
-
-if __name__ == '__main__':
-  sys.exit(main())

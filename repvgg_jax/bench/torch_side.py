@@ -1,6 +1,6 @@
 """The PyTorch side of `repvgg_jax.bench`: the same network, the same weights, eager.
 
-The network is `repvgg_jax.torch_reference` (torch's own Conv2d and
+The network is `repvgg_jax.interop.torch_reference` (torch's own Conv2d and
 BatchNorm2d), loaded with the Flax weights converted by `torch_layout` and
 checked to give the Flax model's logits before anything is timed. Inference is
 timed in both memory layouts (NCHW and channels-last, which oneDNN often runs
@@ -23,8 +23,8 @@ import jax
 import numpy as np
 import torch
 
-from repvgg_jax import torch_layout, torch_reference
-from repvgg_jax.bench_timing import interleaved_medians
+from repvgg_jax.bench.timing import interleaved_medians
+from repvgg_jax.interop import torch_layout, torch_reference
 
 LAYOUTS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
 LOGIT_TOLERANCE = 1e-4  # Relative; float32 sums in another order differ by ~1e-6.

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from repvgg_jax import input_pipeline
+from repvgg_jax.data import input_pipeline
 
 AUGMENTATIONS = ('pad_crop', 'none')
 _MEAN = np.array(input_pipeline.MEAN_RGB, np.float32)

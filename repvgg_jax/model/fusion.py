@@ -2,7 +2,7 @@
 
 `fuse_params` is a pure function on pytrees. It reads the architecture off the
 tree's keys and shapes, fuses every block in float64 with the rule of each of
-its branch kinds (`repvgg_jax.branches`), and casts once to the parameters'
+its branch kinds (`repvgg_jax.model.branches`), and casts once to the parameters'
 dtype, so the fused model agrees with the training-time model in inference
 mode up to float32 rounding. It is jittable: all checks are on static shapes.
 """
@@ -16,8 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from repvgg_jax import branches as branches_lib
-from repvgg_jax import variants
+from repvgg_jax.model import branches as branches_lib
+from repvgg_jax.model import variants
 
 Tree = Mapping[str, Any]
 _BLOCK_KEY = re.compile(r'^stage(\d+)_block(\d+)$')
@@ -171,7 +171,7 @@ def _check_stats_shapes(params: Tree, stats: Tree, where: str) -> None:
 def block_position(key: str) -> tuple[int, int] | None:
   """``(stage, index)`` of a block key ``stage{s}_block{i}``, or None for other keys.
 
-  The inverse of `repvgg_jax.model.block_name`.
+  The inverse of `repvgg_jax.model.network.block_name`.
   """
   match = _BLOCK_KEY.match(key)
   return None if match is None else (int(match.group(1)), int(match.group(2)))

@@ -15,10 +15,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
-from repvgg_jax import compile_options, fusion, host_memory, optim, perf, variants
-from repvgg_jax.bench_timing import compiled_forward, count_macs, interleaved_medians, temp_bytes
-from repvgg_jax.model import create_model
-from repvgg_jax.perf import xla_cpu
+from repvgg_jax import perf
+from repvgg_jax.bench.timing import compiled_forward, count_macs, interleaved_medians, temp_bytes
+from repvgg_jax.model import create_model, fusion, variants
+from repvgg_jax.perf import compile_options, host_memory, xla_cpu
+from repvgg_jax.train import optim
 
 # The memory layouts PyTorch is timed in (`bench_torch.LAYOUTS` maps them to torch's).
 TORCH_LAYOUTS = ('nchw', 'channels_last')
@@ -98,7 +99,7 @@ def benchmark(
   fused = compile_options.jit(fusion.fuse_params)(variables)
   extra = {}
   if with_torch:
-    from repvgg_jax import bench_torch
+    from repvgg_jax.bench import torch_side as bench_torch
 
     extra = bench_torch.inference_fns(variant, variables, fused, images)
   result, _ = benchmark_models(
@@ -227,7 +228,7 @@ def _train_config(num_classes: int, bn_group_size: int) -> ConfigDict:
 def _train_program(model, config, state, data, count: int, mesh):
   """A timed call of ``count`` training steps compiled as the trainer compiles them,
   from ``state`` on the first ``count`` batches of ``data``: ``(run, compiled)``."""
-  from repvgg_jax import steps
+  from repvgg_jax.train import steps
 
   program, batch_sharding = steps.jit_training(mesh, model=model, config=config, stacked=count > 1)
   if count == 1:
@@ -277,7 +278,7 @@ def benchmark_train_step(
     as twice the forward, temporary memory), with torch the ``torch`` timings
     and ``jax_over_torch``, and the set-up.
   """
-  from repvgg_jax import steps
+  from repvgg_jax.train import steps
 
   mesh = Mesh(np.array(jax.devices()), ('data',))
   if batch % mesh.size:
@@ -322,7 +323,7 @@ def benchmark_train_step(
   data = {key: value[0] for key, value in data.items()}  # One step's batch.
   torch_info = {}
   if with_torch:
-    from repvgg_jax import bench_torch
+    from repvgg_jax.bench import torch_side as bench_torch
 
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     torch_info = bench_torch.train_step_fns(

@@ -31,8 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from repvgg_jax import fusion
-from repvgg_jax.model import create_model
+from repvgg_jax.model import create_model, fusion
 
 BRANCH_NAMES = {  # Reference branch -> this project's branch.
   'rbr_dense': 'conv3x3',

@@ -20,7 +20,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from repvgg_jax import digits_dataset, in_memory, input_pipeline
+from repvgg_jax.data import digits as digits_dataset
+from repvgg_jax.data import in_memory, input_pipeline
 
 # Built offline from scikit-learn on first use; importing the module registered it with tfds.
 OFFLINE_DATASETS = (digits_dataset.SklearnDigits.name,)
@@ -222,7 +223,7 @@ def train_batches(
     config: the dataset config; reads the fields of ``get_builder`` and of
       ``input_pipeline.preprocess_for_train``, ``train_split``, ``shuffle_buffer`` and
       ``in_memory`` (True: the split decoded once and augmented with NumPy, see
-      ``repvgg_jax.in_memory``).
+      ``repvgg_jax.data.in_memory``).
     global_batch_size: examples per step over all processes.
     seed: a non-negative integer; with the step it determines the batch bit for bit.
     start_step: the first step to yield, e.g. the step of a restored checkpoint.

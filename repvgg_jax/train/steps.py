@@ -19,7 +19,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from repvgg_jax import compile_options
+from repvgg_jax.perf import compile_options
 
 
 class TrainState(train_state.TrainState):

@@ -8,7 +8,6 @@ per-layer comparison of XLA's convolution with im2col behind ``conv_impl='auto'`
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import math
 import os
 import platform
@@ -21,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
 
-from repvgg_jax import compile_options, fusion, host_memory
-from repvgg_jax.model import create_model
+from repvgg_jax.model import create_model, fusion
+from repvgg_jax.perf import compile_options, host_memory
 from repvgg_jax.perf.conv_kernels import (
   KernelConv,
   choose_conv_impl,
@@ -120,9 +119,7 @@ def roofline(dtype: str = 'float32', runs: int = 5) -> dict:
   """The machine's measured peaks: a square matmul and a wide 3x3 convolution, in GFLOP/s.
 
   Shares of achieved GFLOP/s are quoted against the matmul peak on CPUs and
-  the convolution peak on GPUs (`peak_of`). On CPUs with torch installed, the
-  row also holds PyTorch's float32 matmul peak (MKL: 442 GFLOP/s where XLA's
-  reached 349 on the 2-core VM of 2026-12-04), for reference only.
+  the convolution peak on GPUs (`peak_of`).
   """
   dt = jnp.dtype(dtype)
   on_cpu = jax.default_backend() == 'cpu'
@@ -150,10 +147,6 @@ def roofline(dtype: str = 'float32', runs: int = 5) -> dict:
     'conv_gflops_per_sec': conv_gflops,
     'conv_shape': [batch, side, side, channels],
   }
-  if on_cpu and dt == jnp.float32 and importlib.util.find_spec('torch'):
-    from repvgg_jax import bench_torch
-
-    row['torch_matmul_gflops_per_sec'] = max(bench_torch.matmul_gflops(list(matmul), runs).values())
   return row
 
 

@@ -22,21 +22,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from repvgg_jax import (
-  checkpointing,
-  compile_options,
-  data,
-  fusion,
-  in_memory,
-  optim,
-  perf,
-  reporting,
-  steps,
-  variants,
-)
-from repvgg_jax.model import create_model
-from repvgg_jax.perf import xla_cpu
-from repvgg_jax.reporting import TrainingDivergedError
+from repvgg_jax import perf
+from repvgg_jax.data import datasets as data
+from repvgg_jax.data import in_memory
+from repvgg_jax.model import fusion, model_from_config, variants
+from repvgg_jax.perf import compile_options, xla_cpu
+from repvgg_jax.train import checkpointing, optim, reporting, steps
+from repvgg_jax.train.reporting import TrainingDivergedError
 
 
 class ConfigError(ValueError):
@@ -84,26 +76,12 @@ class Schedule:
 
 
 def build_model(config, *, deploy: bool = False, train: bool = False):
-  """The configured RepVGG (``config.model``), training-time or deploy, to train or to
-  evaluate. ``model.conv_impl`` picks its convolutions for one or the other; in
+  """The configured RepVGG (`model_from_config`), training-time or deploy, to train or
+  to evaluate. ``model.conv_impl`` picks its convolutions for one or the other; in
   inference, unless it is 'xla', the large-map blocks run in chunks where that pays
   (`perf.chunked`: on CPUs)."""
-  variant = variants.get_variant(config.model.name)
-  overrides = {
-    key: tuple(config.model.get(key))
-    for key in ('num_blocks', 'width_multipliers')
-    if config.model.get(key) is not None
-  }
-  if overrides:  # A scaled variant, e.g. for quick experiments and tests.
-    variant = dataclasses.replace(variant, name=f'{variant.name}-custom', **overrides)
-  model = create_model(
-    variant,
-    num_classes=config.dataset.num_classes,
-    deploy=deploy,
-    branches=config.model.branches,
-    dtype=jnp.dtype(config.model.dtype),
-    conv=perf.conv_layer(config.model.conv_impl, train=train),
-  )
+  conv = perf.conv_layer(config.model.conv_impl, train=train)
+  model = model_from_config(config, deploy=deploy, conv=conv)
   plain = train or config.model.conv_impl == 'xla'
   return model if plain else perf.chunked(model, 'auto')
 

@@ -1,9 +1,9 @@
 """A config's training run in PyTorch eager, to time beside ``train.py``.
 
-    python -m repvgg_jax.torch_train --config configs/digits.py
+    python -m repvgg_jax.bench.torch_train --config configs/digits.py
 
-The same network (`repvgg_jax.torch_reference`, PyTorch's own initialisation), the
-same batches (`repvgg_jax.data.train_batches`: with ``dataset.in_memory`` the NumPy
+The same network (`repvgg_jax.interop.torch_reference`, PyTorch's own initialisation), the
+same batches (`repvgg_jax.data.datasets.train_batches`: with ``dataset.in_memory`` the NumPy
 crops that ``train.py`` trains on), the same optimizer (SGD with momentum, the
 reference's weight-decay rule, the per-step cosine learning rate) and the same
 cadence of evaluations and checkpoints (``torch.save``). It prints the time of the
@@ -23,7 +23,7 @@ import time
 
 START = time.perf_counter()
 
-from repvgg_jax import host_memory  # noqa: E402
+from repvgg_jax.perf import host_memory  # noqa: E402
 from repvgg_jax.quiet import quiet_startup  # noqa: E402
 
 LAYOUTS = ('channels_last', 'nchw')
@@ -39,7 +39,7 @@ def load_config(path: str):
 
 def check_supported(config) -> None:
   """Raises ValueError for what this PyTorch loop does not do."""
-  from repvgg_jax.branches import PAPER_BRANCHES
+  from repvgg_jax.model.branches import PAPER_BRANCHES
 
   unsupported = {
     "model.branches (only the paper's)": tuple(config.model.branches) != tuple(PAPER_BRANCHES),
@@ -70,7 +70,7 @@ def _optimizer(model, config, torch):
 
 
 def _evaluate(model, config, torch, layout) -> float:
-  from repvgg_jax import data
+  from repvgg_jax.data import datasets as data
 
   model.eval()
   correct = count = 0
@@ -96,7 +96,9 @@ def train(config, workdir, layout: str = 'channels_last', log=print) -> dict:
   import torch
   import torch.nn.functional as F
 
-  from repvgg_jax import data, optim, torch_reference, trainer
+  from repvgg_jax.data import datasets as data
+  from repvgg_jax.interop import torch_reference
+  from repvgg_jax.train import optim, trainer
 
   check_supported(config)
   torch.manual_seed(config.seed)

@@ -1,0 +1,2 @@
+"""Branch-set ablations (`python -m repvgg_jax.ablate`): train each row, time its
+fused and unfused models, and report."""

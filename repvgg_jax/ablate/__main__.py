@@ -1,0 +1,10 @@
+"""`python -m repvgg_jax.ablate --config CONFIG`: see `repvgg_jax.ablate.runner`."""
+
+import sys
+
+from absl import app
+
+from repvgg_jax.ablate import runner
+
+runner.define_flags()
+app.run(lambda argv: sys.exit(runner.main(argv)))

@@ -1,0 +1,419 @@
+"""Checkpoint conversion: ``python -m repvgg_jax.convert {import,fuse,export} ...``.
+
+    # PyTorch weights, reference or timm keys (.pth/.pt through torch, .safetensors, .npz) -> orbax.
+    python -m repvgg_jax.convert import RepVGG-A0-train.pth out/a0
+    # A trained orbax checkpoint (a workdir or one step directory) -> a deploy checkpoint.
+    python -m repvgg_jax.convert fuse workdirs/digits out/digits-deploy
+    # A deploy (or training) checkpoint -> jax.export artifact + TF SavedModel.
+    python -m repvgg_jax.convert export workdirs/digits out/digits-serving
+
+``import`` and ``fuse`` write an orbax checkpoint (step 0) holding
+``{'params'[, 'batch_stats']}`` and JSON metadata (model, deploy,
+num_classes); ``export`` writes the artifacts of `repvgg_jax.interop.export`. Each
+runs the source and the result on a random batch and reports the largest
+relative difference of their outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import pickle
+import sys
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from repvgg_jax import perf
+from repvgg_jax.interop import export, torch_layout
+from repvgg_jax.interop.torch_layout import ConversionError
+from repvgg_jax.model import create_model, fusion, model_from_config
+from repvgg_jax.perf import compile_options
+from repvgg_jax.train import checkpointing
+
+WRAPPER_KEYS = ('state_dict', 'model', 'model_state_dict', 'module')
+# What a truncated or corrupt file raises in numpy, safetensors, zipfile and torch.load.
+READ_ERRORS = (OSError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile, pickle.PickleError)
+
+
+def _read_file(path: pathlib.Path) -> Mapping[str, Any]:
+  """The raw key -> array mapping stored in ``path``, by its suffix."""
+  suffix = path.suffix.lower()
+  try:
+    if suffix == '.npz':
+      with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+    if suffix == '.safetensors':
+      from safetensors.numpy import load_file
+
+      return load_file(str(path))
+    if suffix in ('.pth', '.pt', '.bin'):
+      try:
+        import torch
+      except ImportError:
+        raise ConversionError(
+          f'Reading {path.name} needs PyTorch (pip install torch); or save the state dict '
+          'as .safetensors or .npz, which need no torch.'
+        ) from None
+      return torch.load(path, map_location='cpu', weights_only=True)
+  except ConversionError:
+    raise
+  except READ_ERRORS as error:
+    raise ConversionError(
+      f'Cannot read {path} ({suffix}): {error}. Is the file complete?'
+    ) from error
+  raise ConversionError(
+    f'Unknown weight file type {suffix!r}: use .pth, .pt, .safetensors or .npz.'
+  )
+
+
+def _unwrap(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The state dict inside training-script containers, without ``module.`` prefixes."""
+  for key in WRAPPER_KEYS:
+    while isinstance(tree.get(key), Mapping):
+      tree = tree[key]
+  out = {}
+  for key, value in tree.items():
+    if not hasattr(value, 'shape'):
+      continue  # Epoch counters, optimizer names and the like.
+    key = key.removeprefix('module.')
+    if hasattr(value, 'numpy'):  # A torch tensor; numpy has no bfloat16.
+      value = value.float() if value.is_floating_point() else value
+      value = value.numpy()
+    out[key] = np.asarray(value)
+  return out
+
+
+def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """Reads a reference state dict from .pth/.pt (torch), .safetensors or .npz.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ConversionError: unreadable, truncated or of an unknown type.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'No weight file at {path}.')
+  return _unwrap(_read_file(path))
+
+
+def _logits(model, variables, images):
+  return np.asarray(compile_options.jit(model.apply)(variables, images), np.float64)
+
+
+def max_relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+  """Largest per-example ``||a - b|| / ||b||``."""
+  diff = np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-12)
+  return float(diff.max())
+
+
+def _random_images(size: int = 64, batch: int = 4) -> jax.Array:
+  return jax.random.normal(jax.random.key(0), (batch, size, size, 3))
+
+
+def import_weights(path, output_dir, model: str | None = None, verify: bool = True) -> dict:
+  """Converts reference weights to an orbax checkpoint; returns the metadata written."""
+  state_dict = load_state_dict(path)
+  variables, info = torch_layout.from_torch(state_dict, model=model)
+  meta = {**info, 'source': str(path)}
+  if verify:
+    meta['verify'] = _verify_import(state_dict, variables, info)
+  _save(output_dir, variables, meta)
+  return meta
+
+
+def _verify_import(state_dict, variables, info) -> dict:
+  """Logits of the converted (and, for training-time weights, the fused) model vs the source.
+
+  The source runs in PyTorch (`repvgg_jax.interop.torch_reference`, torch's own
+  convolutions) when torch is installed, else through `reference_forward`
+  (the source layout with ``lax`` convolutions). A backbone without classifier
+  compares the last stage's feature maps.
+  """
+  images = _random_images()
+  expected, source = _source_outputs(state_dict, info, images)
+  out = {'source': source}
+  models = {'imported': (info['deploy'], variables)}
+  if not info['deploy']:
+    models['fused'] = (True, fusion.fuse_params(variables))
+  for label, (deploy, tree) in models.items():
+    flax_model = create_model(
+      info['model'],
+      num_classes=info['num_classes'],
+      deploy=deploy,
+      precision='highest',
+    )
+    actual = compile_options.jit(flax_model.apply)(tree, images)
+    if info['num_classes'] == 0:  # The last stage, NHWC -> NCHW, one row per example.
+      actual = jnp.transpose(actual[-1], (0, 3, 1, 2))
+    actual = np.asarray(actual, np.float64).reshape(len(images), -1)
+    out[label] = max_relative_difference(actual, expected)
+  out['max_relative_logit_difference'] = max(out[label] for label in models)
+  return out
+
+
+def _source_outputs(state_dict, info, images) -> tuple[np.ndarray, str]:
+  """The source model's outputs on ``images`` (flattened per example) and what ran it."""
+  try:
+    from repvgg_jax.interop import torch_reference
+  except ImportError:
+    if info['num_classes'] == 0:
+      raise ConversionError('Verifying a backbone without classifier needs torch.') from None
+    nchw = np.asarray(images).transpose(0, 3, 1, 2)
+    reference = torch_layout.to_reference_keys(state_dict)
+    outputs, source = torch_layout.reference_forward(reference, nchw), 'lax (torch not installed)'
+  else:
+    torch_model = torch_reference.load(
+      state_dict, info['model'], info['num_classes'], info['deploy'], info['key_style']
+    )
+    outputs, source = torch_reference.forward(torch_model, images), 'torch'
+  return np.asarray(outputs, np.float64).reshape(len(images), -1), source
+
+
+def _training_checkpoint(
+  path: pathlib.Path,
+) -> tuple[checkpointing.Checkpoints, int | None, pathlib.Path]:
+  """(manager, step, workdir) for a workdir, its checkpoints dir, or one step dir."""
+  if (path / 'checkpoints').is_dir():
+    return checkpointing.Checkpoints(path / 'checkpoints', read_only=True), None, path
+  if path.name.isdigit():
+    return (
+      checkpointing.Checkpoints(path.parent, read_only=True),
+      int(path.name),
+      path.parent.parent,
+    )
+  return checkpointing.Checkpoints(path, read_only=True), None, path.parent
+
+
+def fuse_checkpoint(path, output_dir, model: str | None = None) -> dict:
+  """Fuses a training checkpoint into a deploy checkpoint; returns the metadata written."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'No checkpoint at {path}.')
+  ckpt, step, workdir = _training_checkpoint(path)
+  if ckpt.latest_step() is None:
+    raise ConversionError(f'No orbax training checkpoint in {path}.')
+  state, saved = ckpt.restore(step=step)
+  variables = {k: state[k] for k in ('params', 'batch_stats') if k in state}
+  fused = fusion.fuse_params(variables, model=model)  # Refuses deploy checkpoints.
+  train_model, deploy_model = _models_of(workdir, variables, model or saved.get('model'))
+  images = _random_images()
+  difference = max_relative_difference(
+    _logits(deploy_model, fused, images), _logits(train_model, variables, images)
+  )
+  meta = {
+    'model': train_model.variant.name,
+    'deploy': True,
+    'num_classes': train_model.num_classes,
+    'source': str(path),
+    'step': int(np.asarray(state.get('step', saved.get('step', 0)))),
+    'verify': {'max_relative_logit_difference': difference},
+  }
+  _save(output_dir, fused, meta)
+  return meta
+
+
+def _models_of(workdir: pathlib.Path, variables, name: str | None):
+  """The training-time and deploy models of a checkpoint: from its config.json when present."""
+  config_path = workdir / 'config.json'
+  if config_path.is_file():
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    return model_from_config(config), model_from_config(config, deploy=True)
+  if name is None:
+    raise ConversionError(f'No config.json in {workdir}: give the variant with --model.')
+  num_classes = variables['params']['linear']['kernel'].shape[1]
+  branches = _branches_per_stage(variables['params'])
+  return (
+    create_model(name, num_classes=num_classes, branches=branches),
+    create_model(name, num_classes=num_classes, deploy=True),
+  )
+
+
+def _branches_per_stage(params) -> list[tuple[str, ...]]:
+  stages: dict[int, set[str]] = {}
+  for key in fusion.block_keys(params):
+    stage, _ = fusion.block_position(key)
+    stages.setdefault(stage, set()).update(params[key])
+  return [tuple(sorted(stages[s])) for s in sorted(stages)]
+
+
+def _export_source(path: pathlib.Path) -> tuple[checkpointing.Checkpoints, int | None]:
+  """The checkpoint to export: a workdir's deploy (else training) checkpoints, or the path."""
+  for sub in ('deploy', 'checkpoints'):
+    if (path / sub).is_dir():
+      return checkpointing.Checkpoints(path / sub, read_only=True), None
+  if path.name.isdigit():
+    return checkpointing.Checkpoints(path.parent, read_only=True), int(path.name)
+  return checkpointing.Checkpoints(path, read_only=True), None
+
+
+def export_checkpoint(
+  path,
+  output_dir,
+  model: str | None = None,
+  image_size: int | None = None,
+  formats=export.FORMATS,
+  platforms=None,
+  conv_impl: str = 'xla',
+  verify: bool = True,
+) -> dict:
+  """Exports a deploy checkpoint (a training one is fused first); returns export.json's content."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'No checkpoint at {path}.')
+  ckpt, step = _export_source(path)
+  if ckpt.latest_step() is None:
+    raise ConversionError(f'No orbax checkpoint in {path}.')
+  state, saved = ckpt.restore(step=step)
+  name = model or saved.get('model') or fusion.identify_variant(state['params'])
+  if name is None:
+    raise ConversionError(f'{path} does not say which variant it holds: give it with --model.')
+  fused_here = 'batch_stats' in state
+  if fused_here:
+    training = {k: state[k] for k in ('params', 'batch_stats')}
+    variables = fusion.fuse_params(training, model=name)
+  else:
+    variables = {'params': state['params']}
+    looks_like = fusion.identify_variant(variables['params'])
+    if looks_like != create_model(name).variant.name:
+      raise ConversionError(f'{path} holds {looks_like or "no known variant"}, not {name}.')
+  params = variables['params']
+  num_classes = int(params['linear']['kernel'].shape[1]) if 'linear' in params else 0
+  in_channels = int(params['stage0_block0']['reparam']['kernel'].shape[2])
+  deploy_model = create_model(
+    name,
+    num_classes=num_classes,
+    deploy=True,
+    in_channels=in_channels,
+    conv=perf.conv_layer(conv_impl, train=False),
+  )
+  image_size = image_size or saved.get('image_size') or 224
+  meta = {
+    'model': deploy_model.variant.name,
+    'num_classes': num_classes,
+    'source': str(path),
+    'fused_from_training_checkpoint': fused_here,
+  }
+  output = export.write_export(
+    output_dir, deploy_model, variables, image_size, meta, formats, platforms
+  )
+  meta = json.loads((output / export.META_FILE).read_text())
+  if verify:
+    meta['verify'] = _verify_export(output, deploy_model, variables, image_size, formats)
+    if fused_here:  # And the deploy model against the checkpoint's training-time model.
+      training_model = create_model(
+        name,
+        num_classes=num_classes,
+        branches=_branches_per_stage(training['params']),
+        in_channels=in_channels,
+        conv=perf.conv_layer(conv_impl, train=False),
+      )
+      images = _random_images(image_size, batch=3)
+      meta['verify']['fused_vs_training'] = max_relative_difference(
+        _flat(compile_options.jit(deploy_model.apply)(variables, images)),
+        _flat(compile_options.jit(training_model.apply)(training, images)),
+      )
+    (output / export.META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
+  return meta
+
+
+def _verify_export(output, deploy_model, variables, image_size, formats) -> dict:
+  """Reloads each artifact and compares it with the deploy model on a batch of 3."""
+  images = _random_images(image_size, batch=3)
+  expected = _flat(compile_options.jit(deploy_model.apply)(variables, images))
+  loaders = {'jax': export.load_jax_export, 'tf': export.load_saved_model}
+  return {
+    fmt: max_relative_difference(_flat(loaders[fmt](output)(images)), expected) for fmt in formats
+  }
+
+
+def _flat(outputs) -> np.ndarray:
+  """Outputs (logits, or the stage outputs of a backbone) as one float64 row per example."""
+  leaves = [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(outputs)]
+  return np.concatenate([leaf.reshape(len(leaf), -1) for leaf in leaves], axis=1)
+
+
+def _save(output_dir, variables, meta) -> None:
+  output = pathlib.Path(output_dir).absolute()
+  if output.exists() and any(output.iterdir()):
+    raise ConversionError(f'{output} is not empty: choose a new output directory.')
+  ckpt = checkpointing.Checkpoints(output, keep=1)
+  ckpt.save(0, jax.tree.map(jnp.asarray, variables), meta)
+  ckpt.wait()
+  ckpt.close()
+
+
+def main(argv=None) -> int:
+  from absl import logging
+
+  logging.set_verbosity(logging.ERROR)  # Orbax's notes on read-only checkpoints are noise here.
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  commands = parser.add_subparsers(dest='command', required=True)
+  imp = commands.add_parser('import', help='PyTorch weights (reference or timm) -> orbax')
+  imp.add_argument('weights', help='.pth, .pt, .safetensors or .npz state dict')
+  imp.add_argument('output', help='new directory for the orbax checkpoint')
+  imp.add_argument('--model', help='variant (default: recognised from the shapes)')
+  imp.add_argument(
+    '--verify',
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help='run the source (in torch when installed) and the converted model on a random batch '
+    '(default: on)',
+  )
+  fuse = commands.add_parser('fuse', help='orbax training checkpoint -> deploy checkpoint')
+  fuse.add_argument('checkpoint', help='a training workdir, its checkpoints dir, or a step dir')
+  fuse.add_argument('output', help='new directory for the deploy checkpoint')
+  fuse.add_argument('--model', help='variant, checked against the shapes')
+  exp = commands.add_parser(
+    'export', help='deploy or training checkpoint -> jax.export artifact and TF SavedModel'
+  )
+  exp.add_argument('checkpoint', help='a workdir, a checkpoint dir (deploy or training) or a step')
+  exp.add_argument('output', help='new directory for the artifacts')
+  exp.add_argument('--model', help='variant (default: from the checkpoint)')
+  exp.add_argument('--image-size', type=int, help='default: the training size, else 224')
+  exp.add_argument('--formats', default='jax,tf', help='jax, tf or both (default: jax,tf)')
+  exp.add_argument('--platforms', help='e.g. cpu,cuda (default: the current backend)')
+  exp.add_argument(
+    '--conv-impl',
+    default='xla',
+    choices=('xla', 'im2col', 'winograd', 'dense'),
+    help="how the artifact computes its convolutions: lax's, or a CPU kernel of repvgg_jax.perf",
+  )
+  exp.add_argument('--verify', action=argparse.BooleanOptionalAction, default=True)
+  args = parser.parse_args(argv)
+  try:
+    if args.command == 'import':
+      meta = import_weights(args.weights, args.output, args.model, args.verify)
+    elif args.command == 'fuse':
+      meta = fuse_checkpoint(args.checkpoint, args.output, args.model)
+    else:
+      meta = export_checkpoint(
+        args.checkpoint,
+        args.output,
+        args.model,
+        args.image_size,
+        tuple(args.formats.split(',')),
+        tuple(args.platforms.split(',')) if args.platforms else None,
+        args.conv_impl,
+        args.verify,
+      )
+  except (ConversionError, FileNotFoundError, fusion.FusionError, ValueError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 1
+  if args.command == 'export':
+    artifacts = ', '.join(meta['artifacts'].values())
+    print(
+      f'Wrote {artifacts} of the deploy {meta["model"]} ({meta["num_classes"]} classes, '
+      f'{meta["image_size"]}x{meta["image_size"]} images) to {args.output}.'
+    )
+  else:
+    kind = 'deploy' if meta['deploy'] else 'training-time'
+    print(f'Wrote the {kind} {meta["model"]} ({meta["num_classes"]} classes) to {args.output}.')
+  print(f'Verification: {json.dumps(meta.get("verify", "skipped"))}')
+  return 0
