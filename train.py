@@ -36,8 +36,8 @@ flags.DEFINE_bool(
   'reuse_host_memory',
   False,
   'On CPU-only runs under glibc, keep freed host memory for reuse instead of mapping each '
-  "step's temporaries afresh (repvgg_jax.perf.host_memory): for long runs; the digits config's "
-  'steps, one per call, ran 1.13x faster, its compiling 1.5x slower.',
+  "step's temporaries afresh (repvgg_jax.perf.host_memory): faster steps, slower compiling; "
+  'for long runs (docs/performance.md, "Host memory").',
 )
 flags.mark_flags_as_required(['config'])
 

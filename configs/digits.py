@@ -27,17 +27,14 @@ def get_config():
   config.dataset.in_memory = True  # 4.4 MB of images: tf.data per epoch cost a fifth of the run.
 
   config.batch_size = 64
-  # Half the paper's rate (0.0125 at batch 64): over seeds 0, 1, 2 it reached 98.9%,
-  # 99.7% and 98.9% top-1 (98.9%, 98.9% and 98.6% before Winograd took the 8x8 and 4x4
-  # layers; 99.2% and 98.9% for seeds 1, 2 with tf.data's crops), against 97.8% and
-  # 98.3% (seeds 0 and 1, tf.data) at the paper's 0.1.
+  # Half the paper's rate, which did better over three seeds (docs/training.md).
   config.optimizer.learning_rate = 0.05
   config.eval_batch_size = 120
   config.num_epochs = 15.0
   config.log_every_steps = 20
   config.eval_every_epochs = 5.0
   config.checkpoint_every_steps = 100
-  # Ten steps per call (a scan): each call's temporaries are mapped in once, not per step;
-  # on 2 cores a step took 65 ms against 89 (README). Divides 20, 100, 110 and 330.
+  # Ten steps per call (a scan): each call's temporaries are mapped in once, not per step
+  # (docs/performance.md). Divides 20, 100, 110 and 330.
   config.steps_per_call = 10
   return config

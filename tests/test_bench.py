@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import repvgg_jax
-from repvgg_jax import perf
+from repvgg_jax import jsonfiles, perf
 from repvgg_jax.bench import cli as bench
 from repvgg_jax.bench import models as bench_models
 from repvgg_jax.bench import report as bench_report
@@ -83,8 +83,8 @@ def test_inference_bench_checks_pytorch_then_times_both(tmp_path):
   macs = row['deploy']['macs_per_image']
   assert row['deploy']['gflops_per_sec'] == pytest.approx(2 * macs * 2 / seconds / 1e9)
   assert 'JAX / PyTorch, fused' in bench_report.format_infer(row)
-  bench_report.append_jsonl(out, row)
-  assert bench_report.read_jsonl(out) == [json.loads(json.dumps(row))]
+  jsonfiles.append_jsonl(out, row)
+  assert jsonfiles.read_jsonl(out) == [json.loads(json.dumps(row))]
 
 
 def test_pytorch_that_disagrees_is_refused():
@@ -149,7 +149,7 @@ def test_train_step_bench_with_several_steps_per_call():
 
 def test_roofline_and_layers_report_positive_figures(tmp_path):
   assert bench.main(['roofline', '--json', str(tmp_path / 'roof.jsonl')]) == 0
-  (roof,) = bench_report.read_jsonl(tmp_path / 'roof.jsonl')
+  (roof,) = jsonfiles.read_jsonl(tmp_path / 'roof.jsonl')
   assert roof['matmul_gflops_per_sec'] > 0 and roof['conv_gflops_per_sec'] > 0
   assert bench_timing.peak_of(roof) == roof['matmul_gflops_per_sec']  # On CPU.
   if importlib.util.find_spec('torch'):
@@ -210,8 +210,8 @@ def test_markdown_and_figure1(tmp_path):
     bench_report.plot_figure1([], tmp_path / 'empty.png')
   jsonl = tmp_path / 'rows.jsonl'
   for row in rows:
-    bench_report.append_jsonl(jsonl, row)
-  assert bench_report.read_jsonl(jsonl) == json.loads(json.dumps(rows))
+    jsonfiles.append_jsonl(jsonl, row)
+  assert jsonfiles.read_jsonl(jsonl) == json.loads(json.dumps(rows))
 
 
 def test_suite_plans_and_writes_its_tables(tmp_path, monkeypatch):
@@ -233,13 +233,13 @@ def test_suite_plans_and_writes_its_tables(tmp_path, monkeypatch):
   monkeypatch.setattr(bench, 'suite_plan', lambda on_cpu: plan)
   with_torch = importlib.util.find_spec('torch') is not None
   bench.run_suite(tmp_path, 1, 0, 2, 16, [TINY], with_torch)
-  rows = bench_report.read_jsonl(tmp_path / 'results.jsonl')
+  rows = jsonfiles.read_jsonl(tmp_path / 'results.jsonl')
   assert [r['kind'] for r in rows] == ['roofline', 'infer', 'train']
   infer, train = rows[1], rows[2]
   assert infer['deploy']['roofline_share'] == pytest.approx(infer['deploy']['gflops_per_sec'] / 100)
   assert train['jax']['roofline_share'] == pytest.approx(train['jax']['gflops_per_sec'] / 100)
   assert ('torch' in infer) == with_torch and ('torch' in train) == with_torch
-  [figure_row] = bench_report.read_jsonl(tmp_path / 'figure1.jsonl')
+  [figure_row] = jsonfiles.read_jsonl(tmp_path / 'figure1.jsonl')
   assert figure_row['batch'] == 2 and figure_row['size'] == 16
   table = (tmp_path / 'results.md').read_text()
   assert (

@@ -41,6 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from repvgg_jax import jsonfiles  # noqa: E402
 from repvgg_jax.ablate import report as ablation_report  # noqa: E402
 from repvgg_jax.bench import models as bench_models  # noqa: E402
 from repvgg_jax.bench import timing as bench_timing  # noqa: E402
@@ -303,13 +304,6 @@ def run_row(name: str, config, row_dir: pathlib.Path, settings: dict) -> dict:
   }
 
 
-def _write_json(path: pathlib.Path, value) -> None:
-  """Writes JSON atomically (a temporary file renamed into place)."""
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps(value, indent=2) + '\n')
-  os.replace(tmp, path)
-
-
 def _done_line(record: dict) -> str:
   return (
     f'top-1 {record["top1"]:.2%} (fused {record["top1_fused"]:.2%}), '
@@ -336,7 +330,7 @@ def _ablate_row(index, count, name, config, row_dir, settings, log) -> dict:
     start = time.perf_counter()
     record = run_row(name, config, row_dir, settings)
     log(f'{tag}: {_done_line(record)}; {time.perf_counter() - start:,.0f} s')
-  _write_json(row_dir / ROW_FILE, record)
+  jsonfiles.write_json(row_dir / ROW_FILE, record)
   return record
 
 

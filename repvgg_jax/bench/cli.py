@@ -24,6 +24,7 @@ import sys
 
 import jax
 
+from repvgg_jax import jsonfiles
 from repvgg_jax.bench import report as bench_report
 from repvgg_jax.bench import timing
 from repvgg_jax.bench.models import TORCH_LAYOUTS, benchmark, benchmark_train_step
@@ -63,7 +64,7 @@ def _with_torch(parser, asked: bool | None) -> bool:
 def _emit(row: dict, text: str, json_path) -> dict:
   print(text, flush=True)
   if json_path:
-    bench_report.append_jsonl(json_path, row)
+    jsonfiles.append_jsonl(json_path, row)
   return row
 
 
@@ -146,7 +147,7 @@ def run_suite(out_dir, runs: int, warmup: int, figure_batch, figure_size: int, m
     row['kind'] = 'infer'
     figure_rows.append(_emit(row, bench_report.format_infer(row), out / 'figure1.jsonl'))
   bench_report.plot_figure1(figure_rows, out / 'figure1.png')
-  rows = bench_report.read_jsonl(results)
+  rows = jsonfiles.read_jsonl(results)
   (out / 'results.md').write_text(
     f'Measured on {json.dumps(machine())}\n\n'
     + bench_report.markdown(rows)
@@ -296,7 +297,7 @@ def main(argv=None) -> int:
     rows = benchmark_layers(args.model, args.batch, args.size, args.train, args.runs, args.warmup)
     print(bench_report.format_layers(rows))
     for row in rows if args.json else ():
-      bench_report.append_jsonl(args.json, row)
+      jsonfiles.append_jsonl(args.json, row)
     return 0
   with_torch = _with_torch(parser, args.torch)
   common = dict(runs=args.runs, warmup=args.warmup, dtype=args.dtype, conv_impl=args.conv_impl)

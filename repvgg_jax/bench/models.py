@@ -13,7 +13,6 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from ml_collections import ConfigDict
 
 from repvgg_jax import perf
 from repvgg_jax.bench.timing import compiled_forward, count_macs, interleaved_medians, temp_bytes
@@ -214,23 +213,12 @@ def _ratios_to_torch(result: dict, keys) -> dict:
   return ratios
 
 
-def _train_config(num_classes: int, bn_group_size: int) -> ConfigDict:
-  """The fields `steps.train_step` reads."""
-  return ConfigDict(
-    {
-      'dataset': {'num_classes': num_classes},
-      'model': {'bn_group_size': bn_group_size},
-      'optimizer': {'mixup_alpha': 0.0, 'label_smoothing': 0.0},
-    }
-  )
-
-
-def _train_program(model, config, state, data, count: int, mesh):
+def _train_program(model, options: dict, state, data, count: int, mesh):
   """A timed call of ``count`` training steps compiled as the trainer compiles them,
   from ``state`` on the first ``count`` batches of ``data``: ``(run, compiled)``."""
   from repvgg_jax.train import steps
 
-  program, batch_sharding = steps.jit_training(mesh, model=model, config=config, stacked=count > 1)
+  program, batch_sharding = steps.jit_training(mesh, stacked=count > 1, model=model, **options)
   if count == 1:
     batches = {key: value[0] for key, value in data.items()}
   else:
@@ -290,7 +278,7 @@ def benchmark_train_step(
     dtype=jnp.dtype(dtype),
     conv=perf.conv_layer(conv_impl, train=True),
   )
-  config = _train_config(num_classes, bn_group_size)
+  options = {'num_classes': num_classes, 'bn_group_size': bn_group_size}
   tx = optax.chain(
     optax.add_decayed_weights(1e-4, mask=optim.weight_decay_mask), optax.sgd(0.1, momentum=0.9)
   )
@@ -316,9 +304,9 @@ def benchmark_train_step(
     'image': jax.random.normal(jax.random.key(2), (*shape, size, size, 3), jnp.float32),
     'label': jax.random.randint(jax.random.key(1), shape, 0, num_classes),
   }
-  programs = {'jax': _train_program(model, config, state, data, steps_per_call, mesh)}
+  programs = {'jax': _train_program(model, options, state, data, steps_per_call, mesh)}
   if steps_per_call > 1:
-    programs['jax_single'] = _train_program(model, config, state, data, 1, mesh)
+    programs['jax_single'] = _train_program(model, options, state, data, 1, mesh)
   fns = {key: run for key, (run, _) in programs.items()}
   data = {key: value[0] for key, value in data.items()}  # One step's batch.
   torch_info = {}

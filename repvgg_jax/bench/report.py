@@ -1,23 +1,12 @@
 """Benchmark results as terminal tables, markdown and the paper's Figure 1.
 
 Rows are the dicts `repvgg_jax.bench` returns (``kind`` 'roofline', 'infer',
-'train' or 'layer'), read back from JSON lines with `read_jsonl`.
+'train' or 'layer'), read back from JSON lines with `jsonfiles.read_jsonl`.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
-
-
-def read_jsonl(path) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def append_jsonl(path, row: dict) -> None:
-  with open(path, 'a') as f:
-    f.write(json.dumps(row) + '\n')
 
 
 def _mib(num_bytes) -> str:

@@ -170,7 +170,8 @@ def benchmark_layers(
   deploy = create_model(name, deploy=True)
   params = jax.eval_shape(deploy.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))['params']
   rows, seen = [], set()
-  for layer in fusion.block_layers(params, size):
+  for side, block in fusion.block_layers(params, size):
+    layer = (side, block.in_channels, block.out_channels, block.groups, block.stride)
     if layer not in seen:
       seen.add(layer)
       rows.append(_time_layer(*layer, batch=batch, train=train, runs=runs, warmup=warmup))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from repvgg_jax import perf
+from repvgg_jax import jsonfiles, perf
 from repvgg_jax.interop import export, torch_layout
 from repvgg_jax.interop.torch_layout import ConversionError
 from repvgg_jax.model import create_model, fusion, model_from_config
@@ -319,7 +319,7 @@ def export_checkpoint(
         _flat(compile_options.jit(deploy_model.apply)(variables, images)),
         _flat(compile_options.jit(training_model.apply)(training, images)),
       )
-    (output / export.META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
+    jsonfiles.write_json(output / export.META_FILE, meta)
   return meta
 
 

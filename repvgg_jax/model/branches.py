@@ -31,11 +31,11 @@ Array = Any
 Tree = Mapping[str, Any]
 
 
-def _layer_leaves(tree: Tree, leaf: str, ndim: int):
+def layer_leaves(tree: Tree, leaf: str, ndim: int):
   """All arrays named ``leaf`` with ``ndim`` dimensions in a subtree, depth first."""
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      yield from _layer_leaves(value, leaf, ndim)
+      yield from layer_leaves(value, leaf, ndim)
     elif key == leaf and len(value.shape) == ndim:
       yield value
 
@@ -54,8 +54,8 @@ def uniform_channels(params: Tree) -> tuple[int | None, int]:
   Raises:
     ValueError: the branch's layers disagree in channels.
   """
-  kernels = list(_layer_leaves(params, 'kernel', 4))
-  scales = list(_layer_leaves(params, 'scale', 1))
+  kernels = list(layer_leaves(params, 'kernel', 4))
+  scales = list(layer_leaves(params, 'scale', 1))
   if not kernels and not scales:
     raise ValueError(f'has neither a kernel nor a BatchNorm: {sorted(params)}')
   in_per_group, out_channels = kernels[0].shape[2:] if kernels else (None, scales[0].shape[0])

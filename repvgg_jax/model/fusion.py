@@ -28,15 +28,6 @@ class FusionError(ValueError):
   """The variables cannot be fused (already fused, incomplete or inconsistent)."""
 
 
-def _kernel_leaves(tree: Tree):
-  """All 4-D ``kernel`` arrays in a (branch) subtree."""
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      yield from _kernel_leaves(value)
-    elif key == 'kernel' and len(value.shape) == 4:
-      yield value
-
-
 def fuse_block(block_params: Tree, block_stats: Tree, *, name: str = 'block') -> dict:
   """Fuses one training-time block into its deploy parameters.
 
@@ -64,7 +55,7 @@ def _fuse_branches(block_params: Tree, block_stats: Tree) -> dict:
   Compiled once per block shape: float64 arithmetic op by op is slow.
   """
   in_per_group, _ = block_channels(block_params)
-  dtype = next(_kernel_leaves(block_params)).dtype
+  dtype = next(branches_lib.layer_leaves(block_params, 'kernel', 4)).dtype
   with jax.enable_x64(True):
     as64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
     fused = [
@@ -182,12 +173,12 @@ def block_keys(params: Tree) -> list[str]:
   return sorted((k for k in params if block_position(k)), key=block_position)
 
 
-def architecture(params: Tree) -> list[tuple[int, int, int, int]]:
-  """``(stage, out_channels, in_per_group, groups)`` of each block, from shapes.
+def architecture(params: Tree) -> list[variants.Block]:
+  """Each block of a parameter tree (`variants.Block`), from its shapes.
 
   Works for training-time trees of any branch set and for deploy trees alike.
   ``groups`` follows from the previous block's width (the input channels are
-  not stored in grouped kernels).
+  not stored in grouped kernels); each stage opens with stride 2.
 
   Raises:
     FusionError: consecutive blocks do not chain, or a block's branches
@@ -196,7 +187,7 @@ def architecture(params: Tree) -> list[tuple[int, int, int, int]]:
   result = []
   in_channels = None
   for key in block_keys(params):
-    stage, _ = block_position(key)
+    stage, index = block_position(key)
     in_per_group, out_channels = block_channels(params[key], key)
     if in_channels is None:
       in_channels = in_per_group
@@ -205,26 +196,21 @@ def architecture(params: Tree) -> list[tuple[int, int, int, int]]:
         f'{key} reads {in_per_group} channels per group, which does not divide the '
         f'{in_channels} channels of the previous block: the tree mixes different models.'
       )
-    result.append((stage, out_channels, in_per_group, in_channels // in_per_group))
+    stride = 2 if index == 0 else 1
+    groups = in_channels // in_per_group
+    result.append(variants.Block(stage, index, in_channels, out_channels, stride, groups))
     in_channels = out_channels
   return result
 
 
-def block_layers(params: Tree, image_size: int) -> list[tuple[int, int, int, int, int]]:
-  """``(side, in_channels, out_channels, groups, stride)`` of each block on square inputs
-  of ``image_size`` pixels (``side``: its input map's); each stage opens with stride 2."""
-  layers, side, last_stage = [], image_size, None
-  for stage, out_channels, in_per_group, groups in architecture(params):
-    stride = 2 if stage != last_stage else 1
-    layers.append((side, in_per_group * groups, out_channels, groups, stride))
-    side, last_stage = (side - 1) // stride + 1, stage  # 3x3, padding 1.
+def block_layers(params: Tree, image_size: int) -> list[tuple[int, variants.Block]]:
+  """``(side, block)`` of each block on square inputs of ``image_size`` pixels
+  (``side``: its input map's)."""
+  layers, side = [], image_size
+  for block in architecture(params):
+    layers.append((side, block))
+    side = (side - 1) // block.stride + 1  # 3x3, padding 1.
   return layers
-
-
-def _variant_signature(variant: variants.Variant):
-  return [
-    (stage, out, in_ch // groups, groups) for stage, _, in_ch, out, _, groups in variant.blocks()
-  ]
 
 
 def identify_variant(params: Tree) -> str | None:
@@ -238,7 +224,7 @@ def identify_variant(params: Tree) -> str | None:
   except FusionError:
     return None
   for name, variant in variants.VARIANTS.items():
-    if _variant_signature(variant) == signature:
+    if list(variant.blocks()) == signature:
       return name
   return None
 
@@ -281,7 +267,7 @@ def fuse_params(variables: Tree, *, model: str | None = None) -> dict:
   if model is not None:
     expected = variants.get_variant(model)
     found = identify_variant(params)
-    if _variant_signature(expected) != architecture(params):
+    if list(expected.blocks()) != architecture(params):
       raise FusionError(
         f'The variables have the shapes of {found or "no known variant"}, not of {expected.name}.'
       )

@@ -1,38 +1,12 @@
-"""XLA compiler options for this codebase's jitted programs.
+"""XLA compiler options for this codebase's jitted programs on CPUs.
 
-On CPUs XLA's ``CPU_OPT_PRESET_FAST_COMPILE`` compiles RepVGG's programs about
-twice as fast as the default preset. Measured for the digits config's
-programs (RepVGG-A0, 32x32, 2-core AVX-512, jax 0.10.2): training step
-17-21 s -> 7-10 s to compile, evaluation 8-9 s -> 3-5 s, with step times
-within run-to-run noise (172-182 against 139-186 ms), as for A0's inference
-at 224 and its training step at batch 128, 32x32. Winograd's layers have
-since raised the step's compile to 10-12 s and the evaluation's to 4 s, and
-the preset no longer runs every program as fast: side by side, A0's fused
-model at batch 32, 224x224 ran about 8% slower with it, its training-time
-model up to 27% faster (README).
-
-Only single-device programs get it. It was withheld from multi-device ones
-when two data-parallel steps of the test model with it ended 4% (largest
-relative difference of a parameter) from one device's. Re-measured since, that
-is no fault of the preset: two SGD steps are not smooth in the parameters (a
-ReLU input within rounding of zero switches its gradient), and on one device
-the default and fast presets end a BatchNorm bias element 1% of its leaf apart
-on some batches, float64 siding with the fast one; with one preset for both,
-1 and 8 devices agree to 2e-6. How fast multi-device programs compile with it
-is not measured, so they keep the default. Other backends get no options, and
-a preset in ``XLA_FLAGS`` is the user's choice and wins.
-
-Programs whose run time is not in the loops XLA generates also get LLVM's
-``-O1`` for those loops (``light_codegen``): the initialisation, random draws
-run once, and the training step, whose time is in YNNPACK's convolutions and
-dots. Measured side by side on the 2-core AVX-512 VM (jax 0.10.2): the digits
-config's initialisation compiled in 1.7 s against 3.4 s with the same values,
-bit for bit; its training step in 5.1-5.3 s against 5.9 s (tracing included),
-the same parameters after a step bit for bit, 89.5 against 90.2 ms a step;
-A0's training step at batch 32, 224x224 in 3.1 against 3.5 s, 2,436 against
-2,450 ms a step. Inference does not get it: A0's chunked inference at 224 ran
-3-4% slower with it. At ``-O0`` the initialisation's values change and the
-training step ran 2x slower.
+Single-device CPU programs get XLA's ``CPU_OPT_PRESET_FAST_COMPILE``, which
+compiles RepVGG's programs about twice as fast as the default preset, and
+programs whose run time is in library kernels or that run once (the
+initialisation, the training step) also get LLVM's ``-O1`` for the loops XLA
+generates (``light_codegen``). Multi-device programs, other backends and a
+preset the user set in ``XLA_FLAGS`` get none. The measurements behind these
+choices are in docs/performance.md, "Compiler options".
 """
 
 from __future__ import annotations

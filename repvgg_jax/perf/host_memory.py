@@ -1,36 +1,16 @@
 """Host memory kept for reuse on long CPU-only runs: glibc's malloc stops unmapping big blocks.
 
 Each call of a compiled program on XLA:CPU allocates its temporary buffers
-afresh: 94 MB for the digits config's training step, 1.8 GB for A0's at batch
-32, 224x224. glibc's malloc serves blocks that big with a new ``mmap`` and
-returns them with ``munmap``, so the kernel zero-fills every page again at its
-first touch in each step: for the digits config, 330 mappings of 94 MB and
-14.9 s of system CPU time in a 42 s run (2 cores, jax 0.10.2, glibc 2.36).
-Forbidding mappings alone does not help (691 img/s, 14.8 s of system time):
-the worker threads that run XLA's programs allocate from arenas of their own,
-which fall back to ``mmap`` for any block larger than an arena's 64 MiB heap,
-and glibc caps its mmap threshold at 32 MiB. One arena, no
-mappings and no trimming (`reuse_freed_memory`) keep freed blocks in the
-process instead. Measured on that machine, each figure from separate runs
-with and without (the setting holds for a whole process):
-
-- the digits config's ``train.py`` with its programs cached (a rerun):
-  780-783 against 691 img/s, 38.8-39.3 against 42.0 s end to end, system
-  time 3.5-3.8 against 14.9 s, peak resident memory 2.25-2.28 against 2.24
-  GB; ``torch_train --reuse-host-memory``: 42.9 against 44.3 s;
-- ``python -m repvgg_jax.bench train`` (both frameworks in one process):
-  A0's step at batch 32, 224x224 14.5 against 9.8 img/s (PyTorch's 24.7
-  against 19.5); at 32x32 (batch 128, or the digits config's 64 and 10
-  classes) within run-to-run noise for both;
-- inference at batch 32, 224x224 (``bench infer``): A0 and its fused model
-  unchanged for JAX; PyTorch's fused A0 ran 1.18x faster.
-
-The cost is compiling: the one arena serializes the compiler's threads, and
-XLA took 1.4-1.6x as long for each program (the digits config's training step
-7.5 against 4.9 s, its initialisation 5.3 against 3.6 s); that run's first
-start, with nothing cached, took 62 against 52 s end to end. So it is off by
-default (``train.py --reuse_host_memory`` turns it on), for runs whose steps
-outlast their compiling.
+afresh (94 MB for the digits config's training step). glibc's malloc serves
+blocks that big with a new ``mmap`` and returns them with ``munmap``, so the
+kernel zero-fills every page again at its first touch in each step. Worker
+threads allocate from arenas of their own, which fall back to ``mmap`` for any
+block larger than an arena's heap, so forbidding mappings alone does not help:
+one arena, no mappings and no trimming (`reuse_freed_memory`) keep freed blocks
+in the process instead. The one arena serializes the compiler's threads, so it
+is off by default (``train.py --reuse_host_memory`` turns it on), for runs whose
+steps outlast their compiling. Measured gains and costs: docs/performance.md,
+"Host memory".
 
 Only the process's own malloc changes; the results are bitwise the same. The
 settings must be made before JAX starts its backend (the first device query

@@ -23,11 +23,12 @@ def xla_convolutions_in_training(conv_impl: str, layers: Sequence[tuple]) -> lis
 
   Args:
     conv_impl: as `repvgg_jax.perf.conv_layer` takes it.
-    layers: ``(side, in_channels, out_channels, groups, stride)`` of each block
+    layers: ``(side, block)`` of each block, ``side`` its input map's
       (`repvgg_jax.model.fusion.block_layers`).
   """
   found = []
-  for index, (side, in_channels, features, groups, stride) in enumerate(layers):
+  for index, (side, block) in enumerate(layers):
+    stride, in_channels = block.stride, block.in_channels
     out_side = (side - 1) // stride + 1
     impls = {
       choose_conv_impl(
@@ -38,13 +39,13 @@ def xla_convolutions_in_training(conv_impl: str, layers: Sequence[tuple]) -> lis
         in_channels=in_channels,
         train=True,
         kernel_size=kernel_size,
-        groups=groups,
+        groups=block.groups,
         backend='cpu',
       )
       for kernel_size in ((3, 3), (1, 1))
     }
     if 'xla' in impls:
-      found.append(f'block {index} ({side}x{side}, {in_channels}->{features})')
+      found.append(f'block {index} ({side}x{side}, {in_channels}->{block.out_channels})')
   return found
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import sys
@@ -13,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
+from repvgg_jax import jsonfiles
+
 
 class MetricsWriter:
   """Appends ``{'step': ..., name: value}`` lines to ``metrics.jsonl`` and TensorBoard.
@@ -22,16 +23,15 @@ class MetricsWriter:
 
   def __init__(self, workdir: pathlib.Path, enabled: bool = True):
     self.enabled = enabled
+    self._jsonl = workdir / 'metrics.jsonl'
     if enabled:
-      self._jsonl = open(workdir / 'metrics.jsonl', 'a')  # noqa: SIM115 (closed in close())
       self._tensorboard = tf.summary.create_file_writer(str(workdir / 'tensorboard'))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
     record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    jsonfiles.append_jsonl(self._jsonl, record)
     with self._tensorboard.as_default(step=int(step)):
       for name, value in metrics.items():
         tf.summary.scalar(name, float(value))
@@ -39,7 +39,6 @@ class MetricsWriter:
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
       self._tensorboard.close()
 
 

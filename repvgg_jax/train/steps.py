@@ -63,23 +63,40 @@ def apply_in_groups(model: nn.Module, variables, images, group_size: int):
   return logits.reshape(batch, -1), updates
 
 
-def train_step(state: TrainState, batch, rng, *, model, config):
+def train_step(
+  state: TrainState,
+  batch,
+  rng,
+  *,
+  model,
+  num_classes: int,
+  bn_group_size: int = 0,
+  mixup_alpha: float = 0.0,
+  label_smoothing: float = 0.0,
+):
   """One SGD step. Returns the new state and metrics (loss, top-1).
 
-  ``rng`` is the run's mixup key; each step folds in its step number here, on
-  the device, so the loop passes the same key every step.
+  Args:
+    state: parameters, BatchNorm statistics and optimizer state.
+    batch: ``{'image': NHWC float, 'label': int}``.
+    rng: the run's mixup key; each step folds in its step number here, on the
+      device, so the loop passes the same key every step.
+    model: the training-time `RepVGG`.
+    num_classes: classifier outputs.
+    bn_group_size: images per BatchNorm statistics group (`apply_in_groups`).
+    mixup_alpha: mixup's Beta parameter; 0 for no mixup.
+    label_smoothing: of the cross-entropy's targets.
   """
   images, labels = batch['image'], batch['label']
-  num_classes = config.dataset.num_classes
   targets = labels
-  if config.optimizer.mixup_alpha > 0:
+  if mixup_alpha > 0:
     step_rng = jax.random.fold_in(rng, state.step)
-    images, targets = mixup(step_rng, images, labels, num_classes, config.optimizer.mixup_alpha)
+    images, targets = mixup(step_rng, images, labels, num_classes, mixup_alpha)
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
-    logits, updates = apply_in_groups(model, variables, images, config.model.bn_group_size)
-    loss = cross_entropy(logits, targets, num_classes, config.optimizer.label_smoothing)
+    logits, updates = apply_in_groups(model, variables, images, bn_group_size)
+    loss = cross_entropy(logits, targets, num_classes, label_smoothing)
     return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -88,24 +105,25 @@ def train_step(state: TrainState, batch, rng, *, model, config):
   return state, {'loss': loss, 'top1': top1}
 
 
-def train_steps(state: TrainState, batches, rng, *, model, config):
+def train_steps(state: TrainState, batches, rng, **options):
   """`train_step` over the leading axis of ``batches``: several steps in one call.
 
   A `jax.lax.scan`, so the steps are one program: the host dispatches and
   synchronises once per call, and on CPUs the call's temporary memory is
   allocated (and page-faulted in) once rather than once per step. The results
-  are those of calling `train_step` on each batch in turn. Returns the final
-  state and each step's metrics, stacked.
+  are those of calling `train_step` on each batch in turn, with ``options``
+  (its keyword arguments). Returns the final state and each step's metrics, stacked.
   """
-  step = lambda s, batch: train_step(s, batch, rng, model=model, config=config)
+  step = lambda s, batch: train_step(s, batch, rng, **options)
   return jax.lax.scan(step, state, batches)
 
 
-def jit_training(mesh, *, model, config, stacked: bool = False):
+def jit_training(mesh, *, stacked: bool = False, **options):
   """The jitted training program and its batch's sharding: ``(program, sharding)``.
 
-  `train_step`, or with ``stacked`` `train_steps` over batches stacked on a
-  leading steps axis; called as ``program(state, batch, rng)``. The state and
+  `train_step` with ``options`` (its keyword arguments: the model, the
+  number of classes, ...), or with ``stacked`` `train_steps` over batches stacked
+  on a leading steps axis; called as ``program(state, batch, rng)``. The state and
   rng are replicated over ``mesh``, the batch sharded over its ``data`` axis,
   the state donated off CPUs (`compile_options.state_donation`), and the
   program compiled with ``light_codegen`` (its time is in library kernels).
@@ -113,7 +131,7 @@ def jit_training(mesh, *, model, config, stacked: bool = False):
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(None, 'data') if stacked else P('data'))
   program = compile_options.jit(
-    functools.partial(train_steps if stacked else train_step, model=model, config=config),
+    functools.partial(train_steps if stacked else train_step, **options),
     in_shardings=(replicated, batch_sharding, replicated),
     out_shardings=(replicated, replicated),
     donate_argnums=compile_options.state_donation(),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 import signal
 
@@ -22,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from repvgg_jax import perf
+from repvgg_jax import jsonfiles, perf
 from repvgg_jax.data import datasets as data
 from repvgg_jax.data import in_memory
 from repvgg_jax.model import fusion, model_from_config, variants
@@ -241,11 +240,16 @@ def _compile_steps(config, model, eval_model, deploy_model, mesh):
   ``{steps: (program, sharding of its batch)}``.
   """
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  train_fns = {1: steps.jit_training(mesh, model=model, config=config)}
+  options = dict(
+    model=model,
+    num_classes=config.dataset.num_classes,
+    bn_group_size=config.model.bn_group_size,
+    mixup_alpha=config.optimizer.mixup_alpha,
+    label_smoothing=config.optimizer.label_smoothing,
+  )
+  train_fns = {1: steps.jit_training(mesh, **options)}
   if config.steps_per_call > 1:
-    train_fns[config.steps_per_call] = steps.jit_training(
-      mesh, model=model, config=config, stacked=True
-    )
+    train_fns[config.steps_per_call] = steps.jit_training(mesh, stacked=True, **options)
   eval_fn = compile_options.jit(
     functools.partial(steps.eval_step, model=eval_model, deploy_model=deploy_model),
     in_shardings=(replicated, replicated, sharded),
@@ -253,13 +257,6 @@ def _compile_steps(config, model, eval_model, deploy_model, mesh):
   )
   fuse_fn = compile_options.jit(fusion.fuse_params, out_shardings=replicated)
   return train_fns, eval_fn, fuse_fn, sharded
-
-
-def _write_json(path: pathlib.Path, value) -> None:
-  """Writes JSON atomically (a temporary file renamed into place)."""
-  tmp = path.with_suffix(path.suffix + '.tmp')
-  tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + '\n')
-  tmp.replace(path)
 
 
 def _finite(tree) -> bool:
@@ -306,7 +303,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   state = _restore(ckpt, state, config)
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
-    _write_json(workdir / 'config.json', config.to_dict())
+    jsonfiles.write_json(workdir / 'config.json', config.to_dict())
   eval_models = build_model(config), build_model(config, deploy=True)
   train_fns, eval_fn, fuse_fn, sharded = _compile_steps(config, model, *eval_models, mesh)
   # Jitted, the logged rate is one small program rather than one per operation of the schedule.
@@ -335,7 +332,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     return {**summary, 'preempted': True}
   _save_deploy(config, workdir, fuse_fn, state, step)
   if jax.process_index() == 0:
-    _write_json(workdir / 'summary.json', summary)
+    jsonfiles.write_json(workdir / 'summary.json', summary)
   return summary
 
 

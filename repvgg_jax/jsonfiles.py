@@ -1,0 +1,27 @@
+"""The JSON files the package writes: whole documents atomically, records as JSON lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+
+def write_json(path: str | os.PathLike, value) -> None:
+  """Writes ``value`` as indented JSON, atomically (a temporary file renamed into place)."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + '\n')
+  os.replace(tmp, path)
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+  """Appends ``record`` as one line of JSON."""
+  with open(path, 'a') as f:
+    f.write(json.dumps(record) + '\n')
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+  """The records of a JSON-lines file, blank lines skipped."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
