@@ -8,7 +8,7 @@ import os
 import sys
 
 from repvgg_jax.perf import host_memory
-from repvgg_jax.quiet import quiet_startup
+from repvgg_jax.startup import parse_flags, quiet_startup
 
 quiet_startup()  # Before JAX picks its backend and TensorFlow loads.
 
@@ -63,7 +63,7 @@ def main(argv):
     # Slurm, Open MPI, Kubernetes and Cloud TPU are detected; elsewhere pass the flags.
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from repvgg_jax.data import datasets as data
-  from repvgg_jax.train import trainer
+  from repvgg_jax.train import checkpointing, trainer, workdir_lock
 
   workdir = FLAGS.workdir or os.path.join(
     'workdirs',
@@ -83,7 +83,13 @@ def main(argv):
   )
   try:
     summary = trainer.train_and_evaluate(FLAGS.config, workdir)
-  except (data.DatasetNotFoundError, trainer.ConfigError, trainer.TrainingDivergedError) as error:
+  except (
+    data.DatasetNotFoundError,
+    trainer.ConfigError,
+    trainer.TrainingDivergedError,
+    workdir_lock.WorkdirBusyError,
+    checkpointing.CheckpointWriteError,
+  ) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
   if summary.get('preempted'):
@@ -99,4 +105,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

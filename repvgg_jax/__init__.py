@@ -5,7 +5,7 @@ The model (`repvgg_jax.model`) is re-exported here; the CPU speed-ups are
 `repvgg_jax.interop`.
 """
 
-from repvgg_jax import perf
+from repvgg_jax import perf, startup
 from repvgg_jax.model import (
   BRANCH_FAMILIES,
   BRANCH_KINDS,
@@ -25,6 +25,8 @@ from repvgg_jax.model import (
   register_branch,
   register_branch_family,
 )
+
+startup.hide_cuda_probe()  # Before JAX starts its backend, on first use.
 
 __all__ = [
   'BRANCH_FAMILIES',

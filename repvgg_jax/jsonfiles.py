@@ -21,6 +21,14 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     f.write(json.dumps(record) + '\n')
 
 
+def write_jsonl(path: str | os.PathLike, records) -> None:
+  """Replaces a JSON-lines file with ``records``, atomically."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(''.join(json.dumps(record) + '\n' for record in records))
+  os.replace(tmp, path)
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
   """The records of a JSON-lines file, blank lines skipped."""
   with open(path) as f:

@@ -259,3 +259,12 @@ def test_unknown_model_and_bad_sizes_are_refused(capsys):
   with pytest.raises(SystemExit):
     bench.main(['train', '--torch-layouts', 'nhwc'])
   assert "unknown layout(s) ['nhwc']" in capsys.readouterr().err
+
+
+def test_help_lists_the_subcommands(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    bench.main(['--help'])
+  assert exit_.value.code == 0
+  help_text = capsys.readouterr().out
+  for command in ('infer', 'train', 'roofline', 'layers', 'suite'):
+    assert command in help_text

@@ -72,6 +72,11 @@ def test_bad_paths(tmp_path, a0_state_dict):
   with pytest.raises(torch_layout.ConversionError, match='not empty'):
     convert.import_weights(tmp_path / 'w.npz', tmp_path / 'full')
   assert (tmp_path / 'full' / 'keep.txt').read_text() == 'mine'
+  (tmp_path / 'a_file').write_text('mine')
+  for output in (tmp_path / 'a_file', tmp_path / 'a_file' / 'out'):
+    with pytest.raises(torch_layout.ConversionError, match='a_file is a file, so .* cannot be'):
+      convert.import_weights(tmp_path / 'w.npz', output)
+  assert (tmp_path / 'a_file').read_text() == 'mine'
 
 
 @pytest.mark.skipif(importlib.util.find_spec('torch') is not None, reason='torch is installed')
@@ -92,7 +97,18 @@ def test_damaged_pth_is_reported(tmp_path, a0_state_dict, damage):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
   else:
     path.write_bytes(b'\x80\x02not a pickle at all' * 10)
-  with pytest.raises(torch_layout.ConversionError, match='Cannot read .*w.pth'):
+  with pytest.raises(torch_layout.ConversionError, match='Cannot read .*w.pth') as info:
+    convert.load_state_dict(path)
+  assert 'weights_only' not in str(info.value)  # Never the advice to run the file's code.
+
+
+@pytest.mark.parametrize('suffix', ['.safetensors', '.npz'])
+def test_garbage_weights_files_are_named(tmp_path, suffix):
+  path = tmp_path / f'w{suffix}'
+  path.write_bytes(b'\xff' * 64)
+  with pytest.raises(
+    torch_layout.ConversionError, match=f'Cannot read {path}: it is not a valid {suffix} weights'
+  ):
     convert.load_state_dict(path)
 
 
@@ -109,3 +125,10 @@ def test_fuse_a_trained_checkpoint(tmp_path):
   step_dir = tmp_path / 'work' / 'checkpoints' / '2'
   assert convert.main(['fuse', str(step_dir), str(tmp_path / 'fused2')]) == 0
   assert convert.main(['fuse', str(tmp_path / 'fused'), str(tmp_path / 'fused3')]) == 1
+
+
+def test_import_names_the_missing_blocks(a0_state_dict):
+  partial = {k: v for k, v in a0_state_dict.items() if not k.startswith('stage3.5.')}
+  assert len(partial) < len(a0_state_dict)
+  with pytest.raises(torch_layout.ConversionError, match='lacks blocks stage3_block5'):
+    torch_layout.from_torch(partial)

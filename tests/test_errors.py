@@ -111,3 +111,13 @@ def test_bad_options():
     repvgg_jax.create_model('A0', num_classes=-1)
   with pytest.raises(ValueError, match='dtype must be float32 or bfloat16, got float16'):
     repvgg_jax.create_model('A0', dtype=jnp.float16)
+
+
+def test_missing_blocks_are_named(a0):
+  _, variables = a0
+  params = {k: v for k, v in variables['params'].items() if k != 'stage3_block5'}
+  with pytest.raises(FusionError, match='lacks blocks stage3_block5:'):
+    repvgg_jax.fuse_params({**variables, 'params': params})
+  without_stage = {k: v for k, v in variables['params'].items() if not k.startswith('stage2')}
+  with pytest.raises(FusionError, match='lacks blocks stage2_block0:'):
+    repvgg_jax.fuse_params({**variables, 'params': without_stage})

@@ -26,10 +26,11 @@ from helpers import (
   tiny_config,
 )
 
+from repvgg_jax import jsonfiles
 from repvgg_jax.data import datasets as data
 from repvgg_jax.model import fusion
 from repvgg_jax.perf import xla_cpu
-from repvgg_jax.train import checkpointing, steps, trainer
+from repvgg_jax.train import checkpointing, reporting, steps, trainer, workdir_lock
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RUNNER = REPO / 'tests' / 'train_runner.py'
@@ -74,8 +75,15 @@ def two_steps(tmp_path_factory, digits_dir):
   return workdir, train_in_process(digits_dir, workdir, {'num_train_steps': 2})
 
 
-def start_runner(workdir, data_dir, overrides, devices=1, process=None, seconds_per_batch=0):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', REPVGG_TEST_SECONDS_PER_BATCH=str(seconds_per_batch))
+def start_runner(
+  workdir, data_dir, overrides, devices=1, process=None, seconds_per_batch=0, env=None
+):
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    REPVGG_TEST_SECONDS_PER_BATCH=str(seconds_per_batch),
+    **(env or {}),
+  )
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   args = [sys.executable, str(RUNNER), str(workdir), data_dir, json.dumps(overrides)]
   args += [str(a) for a in process or ()]
@@ -260,6 +268,93 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, digits_dir, uninter
   actual, meta = checkpoint_params(tmp_path / 'killed')
   assert meta['step'] == RESUME['num_train_steps']
   assert_trees_close(actual, expected, rtol=1e-6)
+  # Each step is logged once, as in the uninterrupted run.
+  logged = [
+    [r['step'] for r in jsonfiles.read_jsonl(workdir / 'metrics.jsonl') if 'train/loss' in r]
+    for workdir in (tmp_path / 'killed', uninterrupted[0])
+  ]
+  assert logged[0] == logged[1]
+
+
+def test_a_resumed_run_forgets_the_logs_after_its_checkpoint(tmp_path):
+  jsonfiles.write_jsonl(tmp_path / 'metrics.jsonl', [{'step': s, 'loss': s} for s in (5, 10, 15)])
+  writer = reporting.MetricsWriter(tmp_path, start_step=10)
+  writer.write(15, {'loss': 0.5})
+  writer.close()
+  records = jsonfiles.read_jsonl(tmp_path / 'metrics.jsonl')
+  assert records == [{'step': 5, 'loss': 5}, {'step': 10, 'loss': 10}, {'step': 15, 'loss': 0.5}]
+
+
+def test_a_busy_workdir_is_refused_and_a_stale_lock_taken_over(tmp_path, digits_dir):
+  config = tiny_config(digits_dir, num_train_steps=2)
+  with workdir_lock.workdir_lock(tmp_path):
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=f'in use by host .* pid {os.getpid()}'):
+      trainer.train_and_evaluate(config, tmp_path)
+  assert not (tmp_path / 'checkpoints').exists()  # Refused before any work.
+  # A dead run's lock file holds no lock: the next run takes it over.
+  (tmp_path / 'lock').write_text('host elsewhere pid 1\n')
+  assert trainer.train_and_evaluate(config, tmp_path)['steps'] == 2
+
+
+def _corrupt(step_dir: pathlib.Path) -> None:
+  """Truncates every data file of a checkpoint's arrays, as a full disk or a crash might."""
+  files = [p for p in (step_dir / 'state').rglob('*') if p.is_file() and p.stat().st_size > 64]
+  assert files
+  for path in files:
+    with open(path, 'r+b') as f:
+      f.truncate(path.stat().st_size // 2)
+
+
+def test_an_unreadable_checkpoint_is_moved_aside_and_the_one_before_resumes(
+  tmp_path, digits_dir, uninterrupted, capfd
+):
+  workdir = tmp_path / 'run'
+  shutil.copytree(uninterrupted[0], workdir)
+  steps_saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  latest = steps_saved[-1]
+  assert latest == RESUME['num_train_steps'] and len(steps_saved) > 1
+  _corrupt(workdir / 'checkpoints' / str(latest))
+  summary = train_in_process(digits_dir, workdir, RESUME)
+  assert summary['steps'] == RESUME['num_train_steps']
+  (line,) = [x for x in capfd.readouterr().err.splitlines() if 'cannot be read' in x]
+  assert f'Checkpoint {latest} in {workdir / "checkpoints"}' in line
+  assert line.endswith(f'moved to {latest}.corrupt.')
+  assert (workdir / 'checkpoints' / f'{latest}.corrupt' / 'state').is_dir()  # Kept, not deleted.
+  # Resumed from the step before and retrained the rest: the uninterrupted run's parameters.
+  expected, _ = checkpoint_params(uninterrupted[0])
+  actual, meta = checkpoint_params(workdir)
+  assert meta['step'] == latest
+  jax.tree.map(np.testing.assert_array_equal, actual, expected)
+
+
+def test_a_workdir_with_no_readable_checkpoint_stops_in_one_line(tmp_path, digits_dir, two_steps):
+  shutil.copytree(two_steps[0], tmp_path, dirs_exist_ok=True)
+  for step_dir in (tmp_path / 'checkpoints').iterdir():
+    _corrupt(step_dir)
+  with pytest.raises(trainer.ConfigError, match='No checkpoint in .* can be read .*corrupt'):
+    trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=2), tmp_path)
+
+
+def test_a_failed_save_stops_the_run_in_one_line(tmp_path, digits_dir):
+  """Files may not grow past 4 KB (as on a full disk): the first save of the resumed run
+  fails, the run stops with one line naming the cause, the earlier checkpoints stay."""
+  run = {'num_train_steps': 4, 'checkpoint_every_steps': 2}
+  train_in_process(digits_dir, tmp_path, run)
+  before = checkpoint_files(tmp_path)
+  # No compilation cache: its files would hit the limit too.
+  env = {'REPVGG_TEST_MAX_FILE_BYTES': '4096', 'JAX_ENABLE_COMPILATION_CACHE': 'false'}
+  proc = start_runner(tmp_path, digits_dir, {**run, 'num_train_steps': 12}, env=env)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 1, stderr[-3000:]
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  assert len(lines) <= 10, stderr
+  assert lines[-1].startswith('error: Saving checkpoint 6 to ')
+  assert '[Errno 27] File too large' in lines[-1]
+  assert 'The last good checkpoint is step 4' in lines[-1]
+  after = checkpoint_files(tmp_path)
+  assert all(after.get(path) == mtime for path, mtime in before.items())  # All kept as they were.
+  _, meta = checkpoint_params(tmp_path)
+  assert meta['step'] == 4
 
 
 def test_an_interrupted_save_is_removed_and_finished_steps_are_kept(tmp_path):
@@ -354,6 +449,59 @@ def test_missing_imagenet_fails_at_once_with_instructions(tmp_path):
   assert time.time() - start < 120  # Imports only: no download attempt, no compilation.
 
 
+def test_unknown_dataset_is_one_line(tmp_path):
+  config = tiny_config(str(tmp_path), **{'dataset.name': 'imagenet_typo'})
+  with pytest.raises(data.DatasetNotFoundError, match="Unknown dataset 'imagenet_typo'.*sklearn"):
+    trainer.train_and_evaluate(config, tmp_path / 'w')
+
+
+@pytest.mark.parametrize(
+  'args, line',
+  [
+    (
+      ['--config', 'configs/digits.py', '--config.optimizer.lr=0.1'],
+      "error: --config.optimizer.lr: optimizer has no field 'lr'; the closest is "
+      "'optimizer.learning_rate'.",
+    ),
+    (
+      ['--config', 'configs/digits.py', '--config.optimiser.learning_rate=0.1'],
+      "error: --config.optimiser.learning_rate: the config has no field 'optimiser'; the "
+      "closest is 'optimizer'.",
+    ),
+    (
+      ['--config', 'configs/nope.py'],
+      "error: cannot load the config file 'configs/nope.py': [Errno 2] No such file or "
+      'directory; check the path.',
+    ),
+  ],
+)
+def test_command_line_mistakes_are_one_line(args, line):
+  proc = subprocess.run(
+    [sys.executable, 'train.py', *args],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [line]
+
+
+@pytest.mark.parametrize('command', [['train.py'], ['-m', 'repvgg_jax.ablate']])
+def test_help_exits_zero(command):
+  proc = subprocess.run(
+    [sys.executable, *command, '--help'],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert '--config' in proc.stdout
+
+
 def test_misspelled_config_field_fails(tmp_path):
   proc = subprocess.run(
     [sys.executable, 'train.py', '--config', 'configs/digits.py', '--config.batch_sise=3'],
@@ -374,7 +522,12 @@ def test_misspelled_config_field_fails(tmp_path):
     ({'model.bn_group_size': 5}, 'does not split into BatchNorm groups of model.bn_group_size=5'),
     ({'model.dtype': 'float16'}, "model.dtype must be 'float32' or 'bfloat16'"),
     ({'dataset.train_augment': 'inception_crop'}, 'set --config.dataset.in_memory=False'),
-    ({'steps_per_call': 0}, 'steps_per_call must be at least 1'),
+    ({'steps_per_call': 0}, 'steps_per_call must be a positive number, got 0'),
+    ({'batch_size': 0}, 'batch_size must be a positive number, got 0'),
+    ({'batch_size': -64}, 'batch_size must be a positive number, got -64'),
+    ({'eval_batch_size': 0}, 'eval_batch_size must be a positive number'),
+    ({'num_train_steps': 0, 'num_epochs': 0.0}, 'num_epochs must be positive'),
+    ({'dataset.num_classes': 5}, 'num_classes is 5 but sklearn_digits has 10 classes'),
     ({'steps_per_call': 2}, 'up to 35x slower inside the loop'),  # conv_impl 'xla'.
   ],
 )

@@ -6,10 +6,14 @@ The device count comes from the caller's XLA_FLAGS. With the last three
 arguments the process joins a multi-process run on loopback (gloo collectives).
 With REPVGG_TEST_SECONDS_PER_BATCH set, each training batch is read that much
 later, which gives a test that kills the run a wide window between two steps.
+With REPVGG_TEST_MAX_FILE_BYTES set, no file may grow past that size (as on a full
+disk, writes beyond it fail: EFBIG), and a failed save prints one line as train.py does.
 """
 
 import json
 import os
+import resource
+import signal
 import sys
 import time
 
@@ -17,6 +21,10 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from repvgg_jax.startup import quiet_startup  # noqa: E402
+
+quiet_startup()  # As train.py: TensorFlow's C++ start-up logs off.
 
 import jax  # noqa: E402
 
@@ -30,7 +38,7 @@ def main(argv):
   import helpers
 
   from repvgg_jax.data import datasets as data
-  from repvgg_jax.train import trainer
+  from repvgg_jax.train import checkpointing, trainer
 
   delay = float(os.environ.get('REPVGG_TEST_SECONDS_PER_BATCH', 0))
   if delay:
@@ -42,7 +50,15 @@ def main(argv):
     data.train_batches = helpers.intercepted_train_batches(read_later)
 
   config = helpers.tiny_config(data_dir, **overrides)
-  summary = trainer.train_and_evaluate(config, workdir)
+  max_bytes = int(os.environ.get('REPVGG_TEST_MAX_FILE_BYTES', 0))
+  if max_bytes:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Let the write fail rather than kill.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+  try:
+    summary = trainer.train_and_evaluate(config, workdir)
+  except checkpointing.CheckpointWriteError as error:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(1)
   print(json.dumps(summary))
 
 

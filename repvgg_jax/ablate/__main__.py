@@ -5,6 +5,7 @@ import sys
 from absl import app
 
 from repvgg_jax.ablate import runner
+from repvgg_jax.startup import parse_flags
 
 runner.define_flags()
-app.run(lambda argv: sys.exit(runner.main(argv)))
+app.run(lambda argv: sys.exit(runner.main(argv)), flags_parser=parse_flags)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import sys
 
-from repvgg_jax.quiet import quiet_startup
+from repvgg_jax.startup import quiet_startup
 
 quiet_startup()  # As in train.py.
 

@@ -31,7 +31,7 @@ from repvgg_jax.bench.models import TORCH_LAYOUTS, benchmark, benchmark_train_st
 from repvgg_jax.bench.timing import benchmark_layers, machine, peak_of
 from repvgg_jax.model import variants
 from repvgg_jax.perf import CONV_IMPLS, host_memory
-from repvgg_jax.quiet import quiet_startup
+from repvgg_jax.startup import quiet_startup
 
 
 def roofline(dtype: str = 'float32', runs: int = 5) -> dict:
@@ -268,7 +268,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   quiet_startup()  # Before JAX picks its backend (at the first device query).
   argv = list(sys.argv[1:] if argv is None else argv)
-  if argv[:1] != ['--list'] and (not argv or argv[0].startswith('-')):
+  if not argv or (argv[0].startswith('-') and argv[0] not in ('--list', '-h', '--help')):
     argv = ['infer', *argv]  # The inference pair is the default command.
   parser = _parser()
   args = parser.parse_args(argv)

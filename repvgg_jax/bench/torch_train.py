@@ -24,7 +24,7 @@ import time
 START = time.perf_counter()
 
 from repvgg_jax.perf import host_memory  # noqa: E402
-from repvgg_jax.quiet import quiet_startup  # noqa: E402
+from repvgg_jax.startup import quiet_startup  # noqa: E402
 
 LAYOUTS = ('channels_last', 'nchw')
 

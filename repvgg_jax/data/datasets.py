@@ -82,11 +82,17 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
     ``tfds.testing.mock_data``).
 
   Raises:
-    DatasetNotFoundError: the dataset is not prepared, and either downloads are off or, for
-      ImageNet, the manually downloaded archives are missing.
+    DatasetNotFoundError: the name is unknown, or the dataset is not prepared and either
+      downloads are off or, for ImageNet, the manually downloaded archives are missing.
   """
   data_dir = os.path.expanduser(config.data_dir) if config.data_dir else None
-  builder = tfds.builder(config.name, data_dir=data_dir)
+  try:
+    builder = tfds.builder(config.name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DatasetNotFoundError(
+      f'Unknown dataset {config.name!r}: use a tfds name such as imagenet2012, cifar10 or '
+      f'mnist (`tfds.list_builders()` lists them all), or the embedded {OFFLINE_DATASETS[0]!r}.'
+    ) from None
   if builder.is_prepared() or _tfds_is_mocked():
     return builder
   if builder.name in OFFLINE_DATASETS:

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import pickle
 import sys
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,8 +36,6 @@ from repvgg_jax.perf import compile_options
 from repvgg_jax.train import checkpointing
 
 WRAPPER_KEYS = ('state_dict', 'model', 'model_state_dict', 'module')
-# What a truncated or corrupt file raises in numpy, safetensors, zipfile and torch.load.
-READ_ERRORS = (OSError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile, pickle.PickleError)
 
 
 def _read_file(path: pathlib.Path) -> Mapping[str, Any]:
@@ -64,13 +60,24 @@ def _read_file(path: pathlib.Path) -> Mapping[str, Any]:
       return torch.load(path, map_location='cpu', weights_only=True)
   except ConversionError:
     raise
-  except READ_ERRORS as error:
+  except Exception as error:  # noqa: BLE001 (safetensors raises its own SafetensorError)
     raise ConversionError(
-      f'Cannot read {path} ({suffix}): {error}. Is the file complete?'
-    ) from error
+      f'Cannot read {path}: it is not a valid {suffix} weights file ({_read_reason(error)}). '
+      'Is the file complete?'
+    ) from None
   raise ConversionError(
     f'Unknown weight file type {suffix!r}: use .pth, .pt, .safetensors or .npz.'
   )
+
+
+def _read_reason(error: Exception) -> str:
+  """A short reason a weights file did not load. torch's own message advises loading
+  with ``weights_only=False``, which runs the file's code: never repeated for a file
+  that may not be trusted."""
+  text = ' '.join(str(error).split())
+  if 'weights_only' in text or 'Weights only load failed' in text:
+    return 'PyTorch found no state dict it can load without running code'
+  return text[:200] or type(error).__name__
 
 
 def _unwrap(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -119,6 +126,7 @@ def _random_images(size: int = 64, batch: int = 4) -> jax.Array:
 
 def import_weights(path, output_dir, model: str | None = None, verify: bool = True) -> dict:
   """Converts reference weights to an orbax checkpoint; returns the metadata written."""
+  check_output_dir(output_dir)
   state_dict = load_state_dict(path)
   variables, info = torch_layout.from_torch(state_dict, model=model)
   meta = {**info, 'source': str(path)}
@@ -193,6 +201,7 @@ def _training_checkpoint(
 
 def fuse_checkpoint(path, output_dir, model: str | None = None) -> dict:
   """Fuses a training checkpoint into a deploy checkpoint; returns the metadata written."""
+  check_output_dir(output_dir)
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'No checkpoint at {path}.')
@@ -264,6 +273,7 @@ def export_checkpoint(
   verify: bool = True,
 ) -> dict:
   """Exports a deploy checkpoint (a training one is fused first); returns export.json's content."""
+  check_output_dir(output_dir)
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'No checkpoint at {path}.')
@@ -339,10 +349,28 @@ def _flat(outputs) -> np.ndarray:
   return np.concatenate([leaf.reshape(len(leaf), -1) for leaf in leaves], axis=1)
 
 
-def _save(output_dir, variables, meta) -> None:
+def check_output_dir(output_dir) -> None:
+  """Fails before any work where ``output_dir`` cannot receive the result: not empty,
+  a file, or below a file.
+
+  Raises:
+    ConversionError: saying which, and to choose a new output directory.
+  """
   output = pathlib.Path(output_dir).absolute()
-  if output.exists() and any(output.iterdir()):
+  if output.is_dir() and any(output.iterdir()):
     raise ConversionError(f'{output} is not empty: choose a new output directory.')
+  for parent in (output, *output.parents):
+    if parent.exists() and not parent.is_dir():
+      raise ConversionError(
+        f'{parent} is a file, so {output} cannot be a directory: choose another.'
+      )
+    if parent.exists():
+      break
+
+
+def _save(output_dir, variables, meta) -> None:
+  check_output_dir(output_dir)
+  output = pathlib.Path(output_dir).absolute()
   ckpt = checkpointing.Checkpoints(output, keep=1)
   ckpt.save(0, jax.tree.map(jnp.asarray, variables), meta)
   ckpt.wait()

@@ -181,9 +181,12 @@ def from_torch(state_dict: Mapping[str, Any], model: str | None = None) -> tuple
   looks_like = fusion.identify_variant(variables['params'])
   name = model or looks_like
   if name is None:
+    missing = fusion.missing_blocks(variables['params'])
     raise ConversionError(
-      'The checkpoint matches no known variant (blocks per stage, widths and groups); '
-      f'unexpected keys: {unexpected[:10]}.'
+      'The checkpoint matches no known variant (blocks per stage, widths and groups)'
+      + (f'; it lacks blocks {", ".join(missing[:8])}' if missing else '')
+      + (f'; unexpected keys: {unexpected[:10]}' if unexpected else '')
+      + ': give the variant with --model to see every difference.'
     )
   deploy = any('reparam' in block for block in variables['params'].values())
   linear = variables['params'].get('linear', {}).get('kernel')

@@ -173,6 +173,23 @@ def block_keys(params: Tree) -> list[str]:
   return sorted((k for k in params if block_position(k)), key=block_position)
 
 
+def missing_blocks(params: Tree) -> list[str]:
+  """The block keys a tree lacks: every stage from 0 to the last must be there, each
+  numbered from 0 without gaps (a stage's trailing blocks cannot be told missing)."""
+  depths = {}
+  for key in block_keys(params):
+    stage, index = block_position(key)
+    depths.setdefault(stage, set()).add(index)
+  if not depths:
+    return []
+  missing = []
+  for stage in range(max(depths) + 1):
+    indices = depths.get(stage, set())
+    top = max(indices) if indices else 0
+    missing += [f'stage{stage}_block{i}' for i in range(top + 1) if i not in indices]
+  return missing
+
+
 def architecture(params: Tree) -> list[variants.Block]:
   """Each block of a parameter tree (`variants.Block`), from its shapes.
 
@@ -181,9 +198,16 @@ def architecture(params: Tree) -> list[variants.Block]:
   not stored in grouped kernels); each stage opens with stride 2.
 
   Raises:
-    FusionError: consecutive blocks do not chain, or a block's branches
-      disagree (`block_channels`).
+    FusionError: blocks are missing between the first and the last of a stage
+      or whole stages are (`missing_blocks`), consecutive blocks do not chain, or
+      a block's branches disagree (`block_channels`).
   """
+  missing = missing_blocks(params)
+  if missing:
+    raise FusionError(
+      f'The tree lacks blocks {", ".join(missing[:8])}{" ..." if len(missing) > 8 else ""}: '
+      'it is incomplete, or mixes the keys of different models.'
+    )
   result = []
   in_channels = None
   for key in block_keys(params):

@@ -9,16 +9,103 @@ checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import pathlib
+import re
 import shutil
+import sys
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 STATE, META = 'state', 'meta'
+# A step that cannot be read is renamed `<step>.corrupt` (never deleted).
+CORRUPT = '.corrupt'
 # Orbax names a save in progress `<step>.orbax-checkpoint-tmp-<timestamp>`.
 _UNFINISHED = '.orbax-checkpoint-tmp'
+
+
+def _is_failed_save_noise(error: BaseException | None) -> bool:
+  """Whether ``error`` is what the threads of a failed background save raise as they
+  wind down: writes into the unfinished step, and callbacks on their closed event loops."""
+  text = str(error)
+  return (isinstance(error, RuntimeError) and 'Event loop is closed' in text) or (
+    isinstance(error, Exception) and _UNFINISHED in text
+  )
+
+
+def _not_a_failed_save(record: logging.LogRecord) -> bool:
+  """False for what a failed background save makes orbax log: its own error reports,
+  and what its threads and tasks raise as they wind down. `Checkpoints` reports every
+  failed save itself, in one line (`CheckpointWriteError`)."""
+  if record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname:
+    return False
+  return not _is_failed_save_noise(record.exc_info[1] if record.exc_info else None)
+
+
+def _quiet_failed_saves() -> None:
+  for name in ('absl', 'concurrent.futures', 'asyncio'):
+    logger = logging.getLogger(name)
+    if _not_a_failed_save not in logger.filters:
+      logger.addFilter(_not_a_failed_save)
+  # The writes a failed save abandons, at exit.
+  warnings.filterwarnings(
+    'ignore', message=r"coroutine '.*write_fragment' was never awaited", category=RuntimeWarning
+  )
+  # tensorstore's writer threads report what their callbacks raise through these hooks.
+  if not getattr(sys.excepthook, 'quiet_failed_saves', False):
+    previous = sys.excepthook
+
+    def hook(kind, error, traceback):
+      if not _is_failed_save_noise(error):
+        previous(kind, error, traceback)
+
+    hook.quiet_failed_saves = True
+    sys.excepthook = hook
+  if not getattr(sys.unraisablehook, 'quiet_failed_saves', False):
+    previous_unraisable = sys.unraisablehook
+
+    def unraisable(info):
+      if not _is_failed_save_noise(info.exc_value):
+        previous_unraisable(info)
+
+    unraisable.quiet_failed_saves = True
+    sys.unraisablehook = unraisable
+
+
+class CheckpointMismatch(ValueError):
+  """A readable checkpoint of another model or configuration."""
+
+
+class CorruptCheckpointsError(RuntimeError):
+  """Checkpoints exist but none can be read."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (a full disk, a lost mount, no permission)."""
+
+
+def root_cause(error: BaseException) -> str:
+  """The innermost reason in an exception's chain, one line: an ``OSError``'s
+  ``[Errno N] text`` where there is one (``No space left on device``)."""
+  seen, chain = set(), [error]
+  while chain[-1] is not None and id(chain[-1]) not in seen:
+    seen.add(id(chain[-1]))
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  for link in chain[:-1]:
+    if isinstance(link, OSError) and link.strerror:
+      return f'[Errno {link.errno}] {link.strerror}'
+  text = ' '.join(str(error).split())
+  code = re.search(r"\[Errno (\d+)\]|os_error_code='(\d+)'", text)  # tensorstore's form too.
+  if code:
+    number = int(code.group(1) or code.group(2))
+    return f'[Errno {number}] {os.strerror(number)}'
+  return text[:200] or type(error).__name__
 
 
 class Checkpoints:
@@ -26,6 +113,7 @@ class Checkpoints:
 
   def __init__(self, directory: str | pathlib.Path, keep: int | None = None, read_only=False):
     self.directory = pathlib.Path(directory).absolute()
+    _quiet_failed_saves()
     if not read_only:
       self._remove_unfinished_saves()
     options = ocp.CheckpointManagerOptions(
@@ -48,12 +136,94 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def restore_newest_readable(self, read: Callable[[int], Any], report: Callable[[str], None]):
+    """``read(step)`` of the newest step it succeeds on; the steps it fails on are moved
+    aside as ``<step>.corrupt`` (one line each to ``report``), newest first.
+
+    ``read`` raises `CheckpointMismatch` for a readable checkpoint that does not fit,
+    which propagates; any other exception marks the step unreadable.
+
+    Returns:
+      ``read``'s result, or None when there is no checkpoint.
+
+    Raises:
+      CorruptCheckpointsError: there were checkpoints and none could be read.
+    """
+    moved = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return read(step)
+      except CheckpointMismatch:
+        raise
+      except Exception as error:  # noqa: BLE001 (orbax and tensorstore raise many kinds)
+        moved.append(self._move_aside(step))
+        reason = ' '.join(str(error).split())[:200] or type(error).__name__
+        report(
+          f'Checkpoint {step} in {self.directory} cannot be read ({reason}); '
+          f'moved to {moved[-1].name}.'
+        )
+    if moved:
+      raise CorruptCheckpointsError(
+        f'No checkpoint in {self.directory} can be read (moved aside: '
+        f'{", ".join(p.name for p in moved)}): start again in another --workdir, or move '
+        'them back after repairing the disk.'
+      )
+    return None
+
+  def _move_aside(self, step: int) -> pathlib.Path:
+    """Renames ``step``'s directory to ``<step>.corrupt`` (``.corrupt.1``, ... if taken)."""
+    source = self.directory / str(step)
+    target = source.with_name(source.name + CORRUPT)
+    count = 0
+    while target.exists():
+      count += 1
+      target = source.with_name(f'{source.name}{CORRUPT}.{count}')
+    if jax.process_index() == 0:
+      source.rename(target)
+    self.manager.reload()
+    return target
+
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Saves ``state`` (a pytree of arrays) and ``meta`` (JSON) as ``step``."""
+    """Saves ``state`` (a pytree of arrays) and ``meta`` (JSON) as ``step``, in the
+    background.
+
+    Raises:
+      CheckpointWriteError: this save, or an earlier one still in the background, failed.
+    """
+    self.wait()  # The save before: orbax would wait for it here anyway.
     args = ocp.args.Composite(
       **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
     )
-    self.manager.save(step, args=args, force=True)
+    self._saving = step
+    with self._write_errors():
+      self.manager.save(step, args=args, force=True)
+
+  def check(self) -> None:
+    """Raises `CheckpointWriteError` if a background save has failed."""
+    with self._write_errors():
+      self.manager.check_for_errors()
+
+  def finished_steps(self) -> list[int]:
+    """The steps whose directories are complete on disk, oldest first."""
+    if not self.directory.is_dir():
+      return []
+    return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+
+  @contextlib.contextmanager
+  def _write_errors(self):
+    """Turns any failure of a save into one `CheckpointWriteError` naming its cause and
+    the last good checkpoint."""
+    try:
+      yield
+    except Exception as error:  # noqa: BLE001 (orbax, tensorstore and the OS raise many kinds)
+      failed = getattr(self, '_saving', None)
+      good = [s for s in self.finished_steps() if s != failed]
+      last = f'step {good[-1]}' if good else 'none'
+      raise CheckpointWriteError(
+        f'Saving checkpoint {failed} to {self.directory} failed: {root_cause(error)}. '
+        f'The last good checkpoint is {last}; fix the cause and run the same command to '
+        'resume from it.'
+      ) from error
 
   def restore(self, abstract_state: Any = None, step: int | None = None) -> tuple[Any, dict]:
     """Restores ``step`` (default: latest) into the shapes and shardings of ``abstract_state``.
@@ -91,8 +261,14 @@ class Checkpoints:
     ]
 
   def wait(self) -> None:
-    """Blocks until background saves are on disk."""
-    self.manager.wait_until_finished()
+    """Blocks until background saves are on disk.
+
+    Raises:
+      CheckpointWriteError: one of them failed.
+    """
+    with self._write_errors():
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
 
   def close(self) -> None:
     self.manager.close()

@@ -21,11 +21,20 @@ class MetricsWriter:
   Only the first process writes; the others accept and drop the calls.
   """
 
-  def __init__(self, workdir: pathlib.Path, enabled: bool = True):
+  def __init__(self, workdir: pathlib.Path, enabled: bool = True, start_step: int = 0):
     self.enabled = enabled
     self._jsonl = workdir / 'metrics.jsonl'
     if enabled:
+      self._forget_after(start_step)
       self._tensorboard = tf.summary.create_file_writer(str(workdir / 'tensorboard'))
+
+  def _forget_after(self, step: int) -> None:
+    """Drops the lines of steps after ``step`` (a run resumed from a checkpoint before
+    them logs those steps again), so each step is logged once."""
+    if not self._jsonl.exists():
+      return
+    records = jsonfiles.read_jsonl(self._jsonl)
+    jsonfiles.write_jsonl(self._jsonl, [r for r in records if r.get('step', 0) <= step])
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
@@ -97,7 +106,7 @@ class RunLog:
   def __init__(self, config, workdir: pathlib.Path, schedule, start_step: int, lr_fn):
     self.config, self.workdir, self.schedule, self.lr_fn = config, workdir, schedule, lr_fn
     chief = jax.process_index() == 0
-    self.writer = MetricsWriter(workdir, enabled=chief)
+    self.writer = MetricsWriter(workdir, enabled=chief, start_step=start_step)
     self.bar = ProgressBar(schedule.total_steps, start_step, chief and config.progress_bar)
     self.pending = []  # Device metrics of the steps since the last log.
     self.throughput = Throughput()

@@ -9,10 +9,12 @@ one; at the end the fused deploy model is saved to ``workdir/deploy``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import pathlib
 import signal
+import sys
 
 import flax.linen as nn
 import jax
@@ -26,7 +28,7 @@ from repvgg_jax.data import datasets as data
 from repvgg_jax.data import in_memory
 from repvgg_jax.model import fusion, model_from_config, variants
 from repvgg_jax.perf import compile_options, xla_cpu
-from repvgg_jax.train import checkpointing, optim, reporting, steps
+from repvgg_jax.train import checkpointing, optim, reporting, steps, workdir_lock
 from repvgg_jax.train.reporting import TrainingDivergedError
 
 
@@ -87,6 +89,13 @@ def build_model(config, *, deploy: bool = False, train: bool = False):
 
 def check_config(config) -> None:
   """Fails early, with the fix, on settings that cannot work."""
+  for field in ('batch_size', 'eval_batch_size', 'steps_per_call'):
+    if config[field] < 1:
+      raise ConfigError(f'{field} must be a positive number, got {config[field]}.')
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ConfigError(
+      f'num_epochs must be positive, got {config.num_epochs} (or give num_train_steps > 0).'
+    )
   devices = jax.device_count()
   if config.batch_size % devices:
     raise ConfigError(
@@ -97,8 +106,6 @@ def check_config(config) -> None:
     raise ConfigError(
       f'eval_batch_size {config.eval_batch_size} is not divisible by the {devices} devices.'
     )
-  if config.steps_per_call < 1:
-    raise ConfigError(f'steps_per_call must be at least 1, got {config.steps_per_call}.')
   group = config.model.bn_group_size
   if group > 0 and config.batch_size % group:
     raise ConfigError(
@@ -116,6 +123,18 @@ def check_config(config) -> None:
     raise ConfigError(f'model.name: {error}') from None
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}.")
+
+
+def check_num_classes(config, builder) -> None:
+  """Refuses a classifier whose size is not the dataset's number of labels."""
+  features = builder.info.features
+  label = features['label'] if features is not None and 'label' in features else None
+  labels = getattr(label, 'num_classes', None)
+  if labels and labels != config.dataset.num_classes:
+    raise ConfigError(
+      f'dataset.num_classes is {config.dataset.num_classes} but {builder.name} has {labels} '
+      f'classes: set --config.dataset.num_classes={labels}.'
+    )
 
 
 def check_steps_per_call(config, params, backend: str | None = None) -> None:
@@ -160,28 +179,42 @@ def _state_tree(state: steps.TrainState) -> dict:
   }
 
 
-def _restore(ckpt: checkpointing.Checkpoints, state: steps.TrainState, config):
-  """The latest checkpoint loaded into ``state``'s structure, or ``state`` itself."""
-  if ckpt.latest_step() is None:
-    return state
+def _restore(ckpt: checkpointing.Checkpoints, state: steps.TrainState, config, report):
+  """The newest readable checkpoint loaded into ``state``'s structure, or ``state`` itself.
+
+  Unreadable steps are moved aside and reported (`Checkpoints.restore_newest_readable`).
+  """
   abstract = jax.tree.map(
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), _state_tree(state)
   )
-  meta = ckpt.restore_meta()
-  saved_model = meta.get('model')
-  if saved_model and saved_model != config.model.name:
-    raise ConfigError(
-      f'The checkpoint in {ckpt.directory} is of {saved_model}, but the config trains '
-      f'{config.model.name}: use another --workdir, or the config it was trained with.'
-    )
+
+  def read(step: int):
+    meta = ckpt.restore_meta(step)
+    saved_model = meta.get('model')
+    if saved_model and saved_model != config.model.name:
+      raise checkpointing.CheckpointMismatch(
+        f'The checkpoint in {ckpt.directory} is of {saved_model}, but the config trains '
+        f'{config.model.name}: use another --workdir, or the config it was trained with.'
+      )
+    saved = ckpt.abstract_state(step)
+    shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
+    for part in ('params', 'batch_stats'):
+      if shapes(saved[part]) != shapes(abstract[part]):
+        raise checkpointing.CheckpointMismatch(
+          f'The checkpoint in {ckpt.directory} does not fit the configured model '
+          f'({config.model.name}, {config.dataset.num_classes} classes, branches '
+          f'{config.model.branches}): its {part} differ in shape. Use another --workdir, '
+          'or the config it was trained with.'
+        )
+    tree, _ = ckpt.restore(abstract, step=step)
+    return tree
+
   try:
-    tree, _ = ckpt.restore(abstract)
-  except (ValueError, KeyError) as error:
-    raise ConfigError(
-      f'The checkpoint in {ckpt.directory} does not fit the configured model '
-      f'({config.model.name}, {config.dataset.num_classes} classes, branches '
-      f'{config.model.branches}): {error}'
-    ) from error
+    tree = ckpt.restore_newest_readable(read, report)
+  except (checkpointing.CheckpointMismatch, checkpointing.CorruptCheckpointsError) as error:
+    raise ConfigError(str(error)) from None
+  if tree is None:
+    return state
   return state.replace(
     step=tree['step'],
     params=tree['params'],
@@ -278,12 +311,22 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   Raises:
     data.DatasetNotFoundError: the dataset is not available (says where to put it).
     TrainingDivergedError: the loss became NaN or infinite.
+    CheckpointWriteError: a checkpoint could not be written (the run stops at once).
     ConfigError: a config that cannot work, or a checkpoint of another model.
+    WorkdirBusyError: another run is using ``workdir``.
   """
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() != 0:  # The first process holds the lock for all of them.
+    return _train_and_evaluate(config, workdir)
+  with workdir_lock.workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   check_config(config)
   builder = data.get_builder(config.dataset)  # Fails at once when the dataset is missing.
+  check_num_classes(config, builder)
   if config.dataset.in_memory:
     try:
       in_memory.check_supported(builder, config.dataset)
@@ -300,7 +343,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   state = create_state(config, model, tx, mesh, (1, size, size, 3))
   check_steps_per_call(config, state.params)
   ckpt = checkpointing.Checkpoints(workdir / 'checkpoints', keep=config.keep_checkpoints)
-  state = _restore(ckpt, state, config)
+  state = _restore(ckpt, state, config, report=lambda line: print(line, file=sys.stderr))
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     jsonfiles.write_json(workdir / 'config.json', config.to_dict())
@@ -323,10 +366,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
       preemption,
       (train_fns, eval_fn, fuse_fn, sharded),
     )
+    ckpt.wait()  # Raises CheckpointWriteError if the last saves failed.
   finally:
     preemption.restore()
-    ckpt.wait()
     run.close()
+    _close_quietly(ckpt)
   summary = run.summary(step)
   if preempted:
     return {**summary, 'preempted': True}
@@ -353,6 +397,7 @@ def _loop(config, schedule, run, ckpt, state, step, preemption, compiled):
     save = schedule.due(step, schedule.checkpoint_every)
     evaluate_now = schedule.due(step, schedule.eval_every)
     if save or evaluate_now or schedule.due(step, schedule.log_every):
+      ckpt.check()  # A failed background save stops the run here, not at the next save.
       run.log_train(step, ckpt.latest_step())
     if evaluate_now:
       run.log_eval(step, evaluate(config, eval_fn, fuse_fn, state, sharded))
@@ -373,6 +418,14 @@ def _loop(config, schedule, run, ckpt, state, step, preemption, compiled):
   if not run.eval_metrics:  # Restarted after the last step: evaluate for the summary.
     run.log_eval(step, evaluate(config, eval_fn, fuse_fn, state, sharded))
   return state, step, False
+
+
+def _close_quietly(ckpt: checkpointing.Checkpoints) -> None:
+  """Finishes and closes the checkpoints; a failure was reported already, or is being."""
+  with contextlib.suppress(Exception):
+    ckpt.wait()
+  with contextlib.suppress(Exception):
+    ckpt.close()
 
 
 def _next_batches(batches, count: int) -> dict:

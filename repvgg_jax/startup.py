@@ -1,0 +1,121 @@
+"""Start-up of the command-line entry points (train.py, ablate, bench).
+
+TensorFlow only feeds data here, so its C++ logs and oneDNN kernels are off.
+Without an NVIDIA driver the CUDA plugin that ``jax[cuda12]`` installs cannot
+start; JAX then uses the CPU after logging a long traceback that helps nobody,
+so on such a machine that one message is filtered out (`hide_cuda_probe`;
+``import repvgg_jax`` does this too). Call `quiet_startup` before JAX picks its
+backend and before TensorFlow is imported. `parse_flags` turns the mistakes a
+person makes on an absl command line into one line each.
+"""
+
+import difflib
+import glob
+import logging
+import os
+import re
+import sys
+
+HELP_FLAGS = ('-h', '-?', '--help', '--helpshort', '--helpfull', '--helpxml')
+
+
+def _not_cuda_probe(record: logging.LogRecord) -> bool:
+  return 'xla_cuda12' not in record.getMessage()
+
+
+def hide_cuda_probe() -> None:
+  """Filters out the CUDA plugin's start-up traceback on a machine without an NVIDIA GPU."""
+  if not glob.glob('/dev/nvidia[0-9]*'):
+    logger = logging.getLogger('jax._src.xla_bridge')
+    if _not_cuda_probe not in logger.filters:
+      logger.addFilter(_not_cuda_probe)
+
+
+def quiet_startup() -> None:
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  hide_cuda_probe()
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (pass as ``app.run(..., flags_parser=parse_flags)``), with
+  ``--help`` exiting 0 and a bad flag, config file or ``--config.FIELD`` override
+  exiting 2 after one line that says what is wrong and how to fix it."""
+  from absl import flags
+
+  try:
+    remaining = flags.FLAGS(argv)
+    for name in list(flags.FLAGS):
+      # A config file that failed to load reports it only when its value is first used.
+      getattr(flags.FLAGS[name].value, 'to_dict', None)
+    return remaining
+  except SystemExit as exit_:
+    if exit_.code == 1 and any(arg in HELP_FLAGS for arg in argv[1:]):
+      sys.exit(0)  # absl exits 1 after printing the help.
+    raise
+  except Exception as error:  # noqa: BLE001 (every parse error becomes one line)
+    print(f'error: {flag_error_line(error, argv)}', file=sys.stderr)
+    sys.exit(2)
+
+
+def flag_error_line(error: Exception, argv: list[str]) -> str:
+  """One line for an error raised while parsing ``argv``."""
+  text = ' '.join(str(error).split())
+  if 'Failed loading config file' in text:
+    path = _config_path(argv)
+    return f'cannot load the config file {path!r}: {_last_reason(text)}; check the path.'
+  if isinstance(error, AttributeError | KeyError):
+    override = _unknown_override(argv)
+    if override:
+      return override
+  return text
+
+
+def _last_reason(text: str) -> str:
+  reasons = re.findall(r'\[Errno \d+\] [^:]+', text)
+  return reasons[-1] if reasons else text
+
+
+def _config_path(argv: list[str]) -> str | None:
+  for index, arg in enumerate(argv):
+    if arg == '--config' and index + 1 < len(argv):
+      return argv[index + 1]
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+  return None
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """The first ``--config.a.b=v`` whose field the config lacks, with the closest field."""
+  config = _load_config(_config_path(argv))
+  if config is None:
+    return None
+  for arg in argv[1:]:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--config.') :].split('=', 1)[0]
+    node, parents = config, []
+    for key in path.split('.'):
+      keys = list(node.keys()) if hasattr(node, 'keys') else []
+      if key not in keys:
+        where = '.'.join(parents) or 'the config'
+        closest = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
+        hint = f'; the closest is {".".join([*parents, closest[0]])!r}' if closest else ''
+        return f'--config.{path}: {where} has no field {key!r}{hint}.'
+      node, parents = node[key], [*parents, key]
+  return None
+
+
+def _load_config(path: str | None):
+  """The ConfigDict of a config file (its ``get_config()``), or None if it cannot load."""
+  if not path:
+    return None
+  import importlib.util
+
+  try:
+    spec = importlib.util.spec_from_file_location('_config_for_error', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+  except Exception:  # noqa: BLE001 (the original error is reported instead)
+    return None
