@@ -199,9 +199,12 @@ class Checkpoints:
       self.manager.save(step, args=args, force=True)
 
   def check(self) -> None:
-    """Raises `CheckpointWriteError` if a background save has failed."""
+    """Raises `CheckpointWriteError` if a background save has failed (without waiting
+    for one in progress)."""
     with self._write_errors():
       self.manager.check_for_errors()
+      if not self.manager.is_saving_in_progress():
+        self.manager.wait_until_finished()  # Returns at once; raises what the save raised.
 
   def finished_steps(self) -> list[int]:
     """The steps whose directories are complete on disk, oldest first."""
