@@ -145,3 +145,20 @@ def intercepted_train_batches(change):
       yield change(step, batch)
 
   return intercepted
+
+
+def run_in_repo(*args: str, timeout: int = 300):
+  """``python ARGS`` in the repository root on the CPU, its output captured."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=pathlib.Path(__file__).resolve().parents[1],
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )

@@ -4,14 +4,11 @@ import csv
 import dataclasses
 import importlib
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import ml_collections
 import pytest
-from helpers import apply_overrides, tiny_config
+from helpers import apply_overrides, run_in_repo, tiny_config
 
 from repvgg_jax.ablate import report as ablation_report
 from repvgg_jax.ablate import runner as ablate
@@ -231,14 +228,13 @@ def test_a_config_without_ablation_is_refused(tmp_path, no_training):
 
 
 def test_command_line_reports_a_bad_branch_set(tmp_path):
-  proc = subprocess.run(
-    [sys.executable, '-m', 'repvgg_jax.ablate', '--config', 'configs/ablation_digits.py']
-    + [f'--workdir={tmp_path / "work"}', "--config.ablation.branch_sets.none=('conv9x9',)"],
-    cwd=REPO,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
-    capture_output=True,
-    text=True,
-    timeout=300,
+  proc = run_in_repo(
+    '-m',
+    'repvgg_jax.ablate',
+    '--config',
+    'configs/ablation_digits.py',
+    f'--workdir={tmp_path / "work"}',
+    "--config.ablation.branch_sets.none=('conv9x9',)",
   )
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert "Unknown branch kind 'conv9x9'" in proc.stderr

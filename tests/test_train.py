@@ -23,6 +23,7 @@ from helpers import (
   intercepted_train_batches,
   random_variables,
   relative_error,
+  run_in_repo,
   tiny_config,
 )
 
@@ -433,14 +434,12 @@ def test_bn_groups_compute_statistics_per_group():
 
 def test_missing_imagenet_fails_at_once_with_instructions(tmp_path):
   start = time.time()
-  proc = subprocess.run(
-    [sys.executable, 'train.py', '--config', 'configs/b0.py', f'--workdir={tmp_path / "w"}']
-    + [f'--config.dataset.data_dir={tmp_path / "tfds"}'],
-    cwd=REPO,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
-    capture_output=True,
-    text=True,
-    timeout=300,
+  proc = run_in_repo(
+    'train.py',
+    '--config',
+    'configs/b0.py',
+    f'--workdir={tmp_path / "w"}',
+    f'--config.dataset.data_dir={tmp_path / "tfds"}',
   )
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert 'ILSVRC2012_img_train.tar' in proc.stderr
@@ -476,41 +475,20 @@ def test_unknown_dataset_is_one_line(tmp_path):
   ],
 )
 def test_command_line_mistakes_are_one_line(args, line):
-  proc = subprocess.run(
-    [sys.executable, 'train.py', *args],
-    cwd=REPO,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  proc = run_in_repo('train.py', *args, timeout=120)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [line]
 
 
 @pytest.mark.parametrize('command', [['train.py'], ['-m', 'repvgg_jax.ablate']])
 def test_help_exits_zero(command):
-  proc = subprocess.run(
-    [sys.executable, *command, '--help'],
-    cwd=REPO,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  proc = run_in_repo(*command, '--help', timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert '--config' in proc.stdout
 
 
 def test_misspelled_config_field_fails(tmp_path):
-  proc = subprocess.run(
-    [sys.executable, 'train.py', '--config', 'configs/digits.py', '--config.batch_sise=3'],
-    cwd=REPO,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  proc = run_in_repo('train.py', '--config', 'configs/digits.py', '--config.batch_sise=3')
   assert proc.returncode != 0
   assert 'batch_sise' in proc.stderr
 
