@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from helpers import (
   checkpoint_params,
@@ -26,6 +27,7 @@ from helpers import (
   run_in_repo,
   tiny_config,
 )
+from tensorflow.core.util import event_pb2
 
 from repvgg_jax import jsonfiles
 from repvgg_jax.data import datasets as data
@@ -277,13 +279,33 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, digits_dir, uninter
   assert logged[0] == logged[1]
 
 
+def _tensorboard_scalars(workdir: pathlib.Path) -> list[tuple[int, float]]:
+  """(step, value) of every scalar in the workdir's TensorBoard event files."""
+  found = []
+  for path in sorted((workdir / 'tensorboard').glob('events.out.tfevents.*')):
+    for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+      event = event_pb2.Event.FromString(record)
+      for value in event.summary.value:
+        found.append((event.step, float(tf.make_ndarray(value.tensor))))
+  return found
+
+
 def test_a_resumed_run_forgets_the_logs_after_its_checkpoint(tmp_path):
-  jsonfiles.write_jsonl(tmp_path / 'metrics.jsonl', [{'step': s, 'loss': s} for s in (5, 10, 15)])
-  writer = reporting.MetricsWriter(tmp_path, start_step=10)
-  writer.write(15, {'loss': 0.5})
-  writer.close()
+  first = reporting.MetricsWriter(tmp_path)
+  for step in (5, 10, 15):
+    first.write(step, {'loss': step})
+  first.close()
+  # A crash while writing leaves the last record of an event file cut short.
+  (events,) = (tmp_path / 'tensorboard').glob('events.out.tfevents.*')
+  with open(events, 'ab') as f:
+    f.write(b'\x07\x00\x00')
+  resumed = reporting.MetricsWriter(tmp_path, start_step=10)
+  resumed.write(15, {'loss': 0.5})
+  resumed.close()
   records = jsonfiles.read_jsonl(tmp_path / 'metrics.jsonl')
   assert records == [{'step': 5, 'loss': 5}, {'step': 10, 'loss': 10}, {'step': 15, 'loss': 0.5}]
+  assert sorted(_tensorboard_scalars(tmp_path)) == [(5, 5.0), (10, 10.0), (15, 0.5)]
+  assert not list((tmp_path / 'tensorboard').glob('*.tmp'))
 
 
 def test_a_busy_workdir_is_refused_and_a_stale_lock_taken_over(tmp_path, digits_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 import sys
 import time
@@ -11,6 +12,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tqdm
+from tensorflow.core.util import event_pb2
 
 from repvgg_jax import jsonfiles
 
@@ -25,16 +27,14 @@ class MetricsWriter:
     self.enabled = enabled
     self._jsonl = workdir / 'metrics.jsonl'
     if enabled:
-      self._forget_after(start_step)
+      # A run resumed from a checkpoint logs the steps after it again: forget their
+      # earlier entries, so that each step is logged once.
+      if self._jsonl.exists():
+        records = jsonfiles.read_jsonl(self._jsonl)
+        jsonfiles.write_jsonl(self._jsonl, [r for r in records if r.get('step', 0) <= start_step])
+      for events in sorted((workdir / 'tensorboard').glob('events.out.tfevents.*')):
+        _forget_events_after(events, start_step)
       self._tensorboard = tf.summary.create_file_writer(str(workdir / 'tensorboard'))
-
-  def _forget_after(self, step: int) -> None:
-    """Drops the lines of steps after ``step`` (a run resumed from a checkpoint before
-    them logs those steps again), so each step is logged once."""
-    if not self._jsonl.exists():
-      return
-    records = jsonfiles.read_jsonl(self._jsonl)
-    jsonfiles.write_jsonl(self._jsonl, [r for r in records if r.get('step', 0) <= step])
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
@@ -49,6 +49,27 @@ class MetricsWriter:
   def close(self) -> None:
     if self.enabled:
       self._tensorboard.close()
+
+
+def _forget_events_after(path: pathlib.Path, step: int) -> None:
+  """Rewrites a TensorBoard event file without its events of steps after ``step``,
+  atomically; a record cut short by a crash is dropped with what follows it."""
+  kept, changed = [], False
+  try:
+    for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+      if event_pb2.Event.FromString(record).step > step:
+        changed = True
+      else:
+        kept.append(record)
+  except tf.errors.DataLossError:
+    changed = True
+  if not changed:
+    return
+  tmp = path.with_name('rewriting.tmp')  # Not a name TensorBoard reads ('tfevents').
+  with tf.io.TFRecordWriter(str(tmp)) as writer:
+    for record in kept:
+      writer.write(record)
+  os.replace(tmp, path)
 
 
 class ProgressBar:
