@@ -1,5 +1,6 @@
 """Property tests of one block: fusion is exact for every shape and branch set."""
 
+import functools
 import itertools
 
 import jax
@@ -22,11 +23,10 @@ CHANNELS = [(8, 8), (8, 16), (16, 8)]
 
 
 def make_blocks(in_out, strides, groups, branches):
-  conv, norm = model_lib.layer_partials(train=False, precision='highest')
-  features = in_out[1]
-  block = model_lib.RepVGGBlock(features, strides, groups, branches, conv, norm)
-  deploy = model_lib.DeployBlock(features, strides, groups, conv)
-  return block, deploy
+  block = functools.partial(
+    model_lib.RepVGGBlock, in_out[1], strides, groups, branches, precision='highest'
+  )
+  return block(), block(deploy=True)
 
 
 @jax.jit

@@ -8,7 +8,6 @@ conv implementations, then whole A0 models per ablation set.
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,11 +47,17 @@ BLOCK_SHAPES = [
 
 
 def make_blocks(strides, features, groups, branch_set, conv_impl='xla', dtype=jnp.float32):
-  conv, norm = model_lib.layer_partials(
-    train=False, dtype=dtype, precision='highest', conv=perf.conv_layer(conv_impl, train=False)
+  block = functools.partial(
+    model_lib.RepVGGBlock,
+    features,
+    strides,
+    groups,
+    branch_set,
+    dtype=dtype,
+    precision='highest',
+    conv=perf.conv_layer(conv_impl, train=False),
   )
-  block = model_lib.RepVGGBlock(features, strides, groups, branch_set, conv, norm)
-  return block, model_lib.DeployBlock(features, strides, groups, conv)
+  return block(), block(deploy=True)
 
 
 def fuse_one_block(variables):
@@ -196,9 +201,7 @@ def test_dbb_padding_is_the_bn_value_and_it_matters_at_the_border(kind, strides)
 
 
 def test_dbb_1x1_starts_as_the_grouped_identity():
-  conv, norm = model_lib.layer_partials(train=False)
-  conv = functools.partial(conv, kernel_init=nn.initializers.zeros)  # No RNG to compile.
-  block = model_lib.RepVGGBlock(16, 1, 2, ('conv3x3', 'dbb_1x1_3x3'), conv, norm)
+  block = model_lib.RepVGGBlock(16, 1, 2, ('conv3x3', 'dbb_1x1_3x3'))
   params = block.init(jax.random.key(0), jnp.zeros((1, 5, 5, 8)))['params']
   kernel = np.asarray(params['dbb_1x1_3x3']['conv1x1']['conv']['kernel'])
   assert kernel.shape == (1, 1, 4, 8)  # Inner width: the input's 8 channels, 2 groups.
@@ -241,9 +244,7 @@ def deploy_a0():
 
 def block_outputs(model, variables, images):
   """The logits and every block's output, by block name."""
-  is_block = lambda module, method: isinstance(
-    module, (model_lib.RepVGGBlock, model_lib.DeployBlock)
-  )
+  is_block = lambda module, method: isinstance(module, model_lib.RepVGGBlock)
   logits, state = model.apply(
     variables, images, capture_intermediates=is_block, mutable=['intermediates']
   )

@@ -3,7 +3,7 @@ the network and its fusion. It imports nothing of the rest of the package."""
 
 # Registers ACNet's, the Diverse Branch Block's and MobileOne's branch kinds.
 from repvgg_jax.model import reparam_family  # noqa: F401
-from repvgg_jax.model.blocks import DeployBlock, RepVGGBlock, layer_partials
+from repvgg_jax.model.blocks import RepVGGBlock, layer_partials
 from repvgg_jax.model.branches import (
   BRANCH_FAMILIES,
   BRANCH_KINDS,
@@ -16,7 +16,7 @@ from repvgg_jax.model.branches import (
 )
 from repvgg_jax.model.fusion import FusionError, fuse_block, fuse_params, identify_variant
 from repvgg_jax.model.network import RepVGG, create_model, model_from_config, normalize_branches
-from repvgg_jax.model.variants import Block, Variant, get_variant, list_models
+from repvgg_jax.model.variants import Block, FeatureInfo, Variant, get_variant, list_models
 
 __all__ = [
   'BRANCH_FAMILIES',
@@ -25,7 +25,7 @@ __all__ = [
   'Block',
   'BranchFamily',
   'BranchKind',
-  'DeployBlock',
+  'FeatureInfo',
   'FusionError',
   'RepVGG',
   'RepVGGBlock',

@@ -1,6 +1,6 @@
-"""The blocks of Section 3: the training-time block, a ReLU of the sum of its
-branches, and the deploy block, a ReLU of one 3x3 convolution with bias; and
-the layer partials both are built from.
+"""The block of Section 3, in training form (a ReLU of the sum of its branches)
+and deploy form (a ReLU of one 3x3 convolution with bias), and the layer
+partials it is built from.
 """
 
 from __future__ import annotations
@@ -34,58 +34,79 @@ def torch_default_bias_init(fan_in: int) -> Callable[..., Array]:
 
 
 class RepVGGBlock(nn.Module):
-  """Training-time block: ReLU of the sum of its branches.
+  """A re-parameterizable block (Section 3): in training form the ReLU of the sum
+  of its branches, in deploy form the ReLU of one 3x3 conv with bias.
+
+  Use it in any Linen module, compact or setup, as ``RepVGGBlock(64, strides=2)(x,
+  train=train)``; `fuse_params` turns the training form's variables into the
+  deploy form's wherever the block sits in a tree.
 
   Attributes:
     features: output channels.
-    strides: 1 or 2.
-    groups: group count of the convolutional branches.
+    strides: the stride of every branch (1, or 2 to halve the resolution).
+    groups: group count of the convolutions; divides the input and output channels.
     branches: names of registered branch kinds; those that do not apply to
       this block's shape (the identity when channels or resolution change) are
       left out, as in the paper.
-    conv: partial of `nn.Conv` (dtype, precision, initialisation).
-    norm: partial of `nn.BatchNorm` (train or inference mode, dtype).
+    deploy: the deploy form, a single 3x3 conv with bias named ``reparam``.
+    dtype: compute dtype; parameters and BatchNorm statistics stay float32.
+    precision: `jax.lax.Precision` of the convolutions.
+    conv: the convolution module, `nn.Conv` or one with its arguments and
+      parameters (`repvgg_jax.perf.conv_layer` for CPU kernels).
   """
 
   features: int
-  strides: int
-  groups: int
-  branches: Sequence[str]
-  conv: Callable[..., nn.Module]
-  norm: Callable[..., nn.Module]
+  strides: int = 1
+  groups: int = 1
+  branches: Sequence[str] = branches_lib.PAPER_BRANCHES
+  deploy: bool = False
+  dtype: Any = jnp.float32
+  precision: Any = None
+  conv: Callable[..., nn.Module] = nn.Conv
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kinds = active_branches(self.branches, x.shape[-1], self.features, self.strides)
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    kinds = self._branch_kinds(x.shape[-1])
+    conv, norm = layer_partials(train, self.dtype, self.precision, self.conv)
+    if self.deploy:
+      x = conv(
+        self.features,
+        (3, 3),
+        strides=self.strides,
+        padding=((1, 1), (1, 1)),
+        feature_group_count=self.groups,
+        use_bias=True,
+        name=branches_lib.FUSED_KEY,
+      )(x)
+      return nn.relu(x)
     out = None
     for kind in kinds:
-      y = kind.build(
-        self.features, self.strides, self.groups, self.conv, self.norm, name=kind.name
-      )(x)
+      y = kind.build(self.features, self.strides, self.groups, conv, norm, name=kind.name)(x)
       out = y if out is None else out + y
     return nn.relu(out)
 
-
-class DeployBlock(nn.Module):
-  """Deploy block: ReLU of one 3x3 conv with bias (the fused branches)."""
-
-  features: int
-  strides: int
-  groups: int
-  conv: Callable[..., nn.Module]
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    x = self.conv(
-      self.features,
-      (3, 3),
-      strides=self.strides,
-      padding=((1, 1), (1, 1)),
-      feature_group_count=self.groups,
-      use_bias=True,
-      name='reparam',
-    )(x)
-    return nn.relu(x)
+  def _branch_kinds(self, in_channels: int) -> list[branches_lib.BranchKind]:
+    """The branches of a block of this shape; ValueError for a shape no block has."""
+    where = f'RepVGGBlock {"/".join(self.scope.path) or self.name or ""}'.rstrip()
+    for field in ('features', 'strides', 'groups'):
+      value = getattr(self, field)
+      if not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f'{where}: {field} must be a positive int, got {value!r}.')
+    if in_channels % self.groups or self.features % self.groups:
+      raise ValueError(
+        f'{where}: groups={self.groups} must divide the {in_channels} input channels and '
+        f'the {self.features} output channels.'
+      )
+    if isinstance(self.branches, str):
+      raise ValueError(f'{where}: branches must be a sequence of names, got {self.branches!r}.')
+    kinds = active_branches(self.branches, in_channels, self.features, self.strides)
+    if not kinds:
+      raise ValueError(
+        f'{where}: none of the branches {tuple(self.branches)} applies to a block from '
+        f'{in_channels} to {self.features} channels at stride {self.strides}: add a '
+        "convolutional branch such as 'conv3x3'."
+      )
+    return kinds
 
 
 def layer_partials(

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 BN_EPSILON = 1e-5  # As PyTorch's BatchNorm2d, which the reference uses.
 BN_MOMENTUM = 0.9  # Flax's convention; PyTorch's momentum=0.1.
 KERNEL_SIZE = 3  # The deploy kernel every branch fuses into.
+FUSED_KEY = 'reparam'  # Its name in a deploy block's parameter tree.
 
 Array = Any
 Tree = Mapping[str, Any]

@@ -1,10 +1,11 @@
 """Structural re-parameterization: training-time variables -> deploy variables.
 
-`fuse_params` is a pure function on pytrees. It reads the architecture off the
-tree's keys and shapes, fuses every block in float64 with the rule of each of
-its branch kinds (`repvgg_jax.model.branches`), and casts once to the parameters'
-dtype, so the fused model agrees with the training-time model in inference
-mode up to float32 rounding. It is jittable: all checks are on static shapes.
+`fuse_params` is a pure function on pytrees. It finds the blocks by their
+structure wherever they sit, reads each one's shape off its parameters, fuses
+every block in float64 with the rule of each of its branch kinds
+(`repvgg_jax.model.branches`), and casts once to the parameters' dtype, so the
+fused model agrees with the training-time model in inference mode up to float32
+rounding. It is jittable: all checks are on static shapes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from repvgg_jax.model import variants
 
 Tree = Mapping[str, Any]
 _BLOCK_KEY = re.compile(r'^stage(\d+)_block(\d+)$')
-FUSED_KEY = 'reparam'
+FUSED_KEY = branches_lib.FUSED_KEY
 
 
 class FusionError(ValueError):
@@ -253,52 +254,174 @@ def identify_variant(params: Tree) -> str | None:
   return None
 
 
+Path = tuple[str, ...]
+
+
+def is_block(key: str, tree) -> bool:
+  """Whether ``tree`` (at ``key``) is a training-time block's parameters.
+
+  A block is recognised by its structure: a mapping of subtrees whose keys are
+  all registered branch kinds. Under a ``stage{s}_block{i}`` key of a RepVGG
+  any mapping counts, so that a wrong branch is reported, not passed over.
+  """
+  if not isinstance(tree, Mapping) or not tree or FUSED_KEY in tree:
+    return False
+  if block_position(key) is not None:
+    return True
+  if not all(isinstance(value, Mapping) for value in tree.values()):
+    return False
+  try:
+    for branch in tree:
+      branches_lib.get_branch(branch)
+  except ValueError:
+    return False
+  return True
+
+
+def is_fused_block(tree) -> bool:
+  """Whether ``tree`` is a deploy block's parameters: ``{'reparam': {'kernel', 'bias'}}``."""
+  return (
+    isinstance(tree, Mapping)
+    and list(tree) == [FUSED_KEY]
+    and isinstance(tree[FUSED_KEY], Mapping)
+    and sorted(tree[FUSED_KEY]) == ['bias', 'kernel']
+  )
+
+
+def find_blocks(params: Tree, path: Path = ()) -> tuple[list[Path], list[Path]]:
+  """The paths of the training-time blocks and of the fused blocks in a tree, at
+  any depth (a block's own subtrees are not searched)."""
+  training, fused = [], []
+  for key, value in params.items():
+    if not isinstance(value, Mapping):
+      continue
+    if is_fused_block(value):
+      fused.append((*path, key))
+    elif is_block(key, value):
+      training.append((*path, key))
+    else:
+      inner = find_blocks(value, (*path, key))
+      training += inner[0]
+      fused += inner[1]
+  return training, fused
+
+
+def find_networks(params: Tree, path: Path = ()) -> list[Path]:
+  """The paths of the RepVGG networks (subtrees holding ``stage{s}_block{i}`` keys)."""
+  if block_keys(params):
+    return [path]
+  return [
+    found
+    for key, value in params.items()
+    if isinstance(value, Mapping)
+    for found in find_networks(value, (*path, key))
+  ]
+
+
+def subtree(tree: Tree, path: Path):
+  """``tree[path[0]][path[1]]...``, or None where a key is missing."""
+  for key in path:
+    if not isinstance(tree, Mapping) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def replace_subtrees(tree: Tree, replacements: Mapping[Path, Any], path: Path = ()) -> dict:
+  """A copy of ``tree`` with the subtrees at the given paths replaced (None drops
+  them); mappings left empty are dropped too."""
+  out = {}
+  for key, value in tree.items():
+    here = (*path, key)
+    if here in replacements:
+      value = replacements[here]
+    elif isinstance(value, Mapping) and any(p[: len(here)] == here for p in replacements):
+      value = replace_subtrees(value, replacements, here)
+      value = value or None
+    if value is not None:
+      out[key] = value
+  return out
+
+
+def _where(path: Path) -> str:
+  return '/'.join(path) or 'params'
+
+
 def fuse_params(variables: Tree, *, model: str | None = None) -> dict:
-  """Fuses training-time variables into the variables of the deploy model.
+  """Fuses every re-parameterizable block of a network's variables.
 
   Args:
     variables: ``{'params': ..., 'batch_stats': ...}`` of a training-time
-      RepVGG (any variant, branch set, stride and group count).
-    model: optional variant name; when given, the tree must have its shapes.
+      RepVGG (any variant, branch set, stride and group count), or of any
+      Linen network holding RepVGGs or `RepVGGBlock`s at any depth.
+    model: optional variant name; when given, each RepVGG in the tree must
+      have its shapes.
 
   Returns:
-    ``{'params': ...}`` for ``create_model(name, deploy=True)``: every block
-    becomes ``{'reparam': {'kernel', 'bias'}}``; other entries (the classifier)
-    are copied.
+    The variables of the same network built with ``deploy=True``: every block
+    becomes ``{'reparam': {'kernel', 'bias'}}``, its statistics leave
+    ``batch_stats`` (which is dropped when nothing else is left in it), and
+    everything else (a classifier, heads, other layers) is copied.
 
   Raises:
-    FusionError: the tree is already fused, lacks batch_stats, mixes shapes of
-      different models, or (with ``model``) belongs to another variant.
+    FusionError: the tree holds no block or is already fused, lacks
+      batch_stats, mixes shapes of different models, or (with ``model``)
+      holds another variant.
   """
   if not isinstance(variables, Mapping) or 'params' not in variables:
     got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
     raise FusionError(f"fuse_params takes {{'params', 'batch_stats'}} variables, got {got}.")
   params = variables['params']
-  keys = block_keys(params)
-  if not keys:
-    raise FusionError(f'No RepVGG blocks (stage<s>_block<i>) in params: {sorted(params)}.')
-  if any(FUSED_KEY in params[key] for key in keys):
+  blocks, fused_blocks = find_blocks(params)
+  if fused_blocks:
     raise FusionError(
-      'These variables are already fused (blocks hold a single reparam conv): use them '
-      'with the deploy model as they are.'
+      f'These variables are already fused ({_where(fused_blocks[0])} holds a single reparam '
+      'conv): use them with the deploy model as they are.'
+    )
+  if not blocks:
+    raise FusionError(
+      'No RepVGG block in params (a block is a mapping of branch kinds such as conv3x3, '
+      f'conv1x1, identity); top-level keys: {sorted(params)}.'
     )
   if 'batch_stats' not in variables:
     raise FusionError(
       "fuse_params needs variables['batch_stats'] (the BatchNorm running statistics) "
       "besides variables['params']."
     )
-  architecture(params)  # Raises when blocks do not chain.
-  if model is not None:
-    expected = variants.get_variant(model)
-    found = identify_variant(params)
-    if list(expected.blocks()) != architecture(params):
-      raise FusionError(
-        f'The variables have the shapes of {found or "no known variant"}, not of {expected.name}.'
-      )
+  _check_networks(params, model)
   stats = variables['batch_stats']
-  fused = dict(params)
-  for key in keys:
-    if key not in stats:
-      raise FusionError(f'batch_stats has no entry for {key}: it comes from another model.')
-    fused[key] = fuse_block(params[key], stats[key], name=key)
-  return {'params': fused}
+  fused = {}
+  for path in blocks:
+    block_stats = subtree(stats, path)
+    if block_stats is None:
+      raise FusionError(
+        f'batch_stats has no entry for {_where(path)}: it comes from another model.'
+      )
+    fused[path] = fuse_block(subtree(params, path), block_stats, name=_where(path))
+  result = {key: value for key, value in variables.items() if key != 'batch_stats'}
+  result['params'] = replace_subtrees(params, fused)
+  remaining = replace_subtrees(stats, dict.fromkeys(blocks))
+  if remaining:
+    result['batch_stats'] = remaining
+  return result
+
+
+def _check_networks(params: Tree, model: str | None) -> None:
+  """Each RepVGG in the tree must chain (and, with ``model``, be that variant)."""
+  networks = find_networks(params)
+  if model is not None and not networks:
+    raise FusionError(
+      f'model={model!r} names a RepVGG variant, but the tree holds no RepVGG '
+      '(stage<s>_block<i> blocks); leave model out to fuse standalone blocks.'
+    )
+  for path in networks:
+    network = subtree(params, path)
+    found = architecture(network)  # Raises when blocks are missing or do not chain.
+    if model is not None:
+      expected = variants.get_variant(model)
+      if list(expected.blocks()) != found:
+        name = identify_variant(network) or 'no known variant'
+        where = f' at {_where(path)}' if path else ''
+        raise FusionError(
+          f'The variables{where} have the shapes of {name}, not of {expected.name}.'
+        )

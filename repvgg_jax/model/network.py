@@ -19,9 +19,7 @@ import numpy as np
 from repvgg_jax.model import branches as branches_lib
 from repvgg_jax.model import variants
 from repvgg_jax.model.blocks import (
-  DeployBlock,
   RepVGGBlock,
-  layer_partials,
   torch_default_bias_init,
   torch_default_kernel_init,
 )
@@ -45,7 +43,8 @@ class RepVGG(nn.Module):
   Attributes:
     variant: the architecture (`repvgg_jax.model.variants.Variant`).
     num_classes: classifier outputs; 0 drops the classifier and returns the
-      five stage outputs (for detection or segmentation backbones).
+      outputs of the stages in ``out_indices`` (a backbone for detection or
+      segmentation; `feature_info` gives their channels and strides).
     branches: per stage (5 entries), the branch kinds of its blocks.
     deploy: build the fused plain model instead of the multi-branch one.
     dtype: compute dtype (float32 or bfloat16); parameters and BatchNorm
@@ -55,6 +54,8 @@ class RepVGG(nn.Module):
     in_channels: channels of the input images.
     conv: the convolution module, `nn.Conv` or one with its arguments and
       parameters (`repvgg_jax.perf.conv_layer` for CPU kernels).
+    out_indices: the stages (0-4) whose outputs a backbone returns; the
+      blocks after the last of them are left out.
   """
 
   variant: variants.Variant
@@ -65,13 +66,24 @@ class RepVGG(nn.Module):
   precision: Any = None
   in_channels: int = 3
   conv: Callable[..., nn.Module] = nn.Conv
+  out_indices: tuple[int, ...] = tuple(range(NUM_STAGES))
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False):
     self._check_images(images)
     x = images.astype(self.dtype)
-    x, stage_outputs = self.run_blocks(x, list(self.variant.blocks()), train)
+    x, stage_outputs = self.run_blocks(x, self.blocks(), train)
     return self.head(x, stage_outputs)
+
+  def blocks(self) -> list[variants.Block]:
+    """The blocks this model runs: all of them, or a backbone's up to its last output."""
+    last = NUM_STAGES - 1 if self.num_classes else max(self.out_indices)
+    return [block for block in self.variant.blocks() if block.stage <= last]
+
+  def feature_info(self) -> tuple[variants.FeatureInfo, ...]:
+    """Stage, channels and reduction of each output of a backbone (``num_classes=0``),
+    in the order the model returns them."""
+    return tuple(self.variant.feature_info()[stage] for stage in self.out_indices)
 
   def run_blocks(self, x: Array, blocks: Sequence[variants.Block], train: bool):
     """Runs ``blocks`` (consecutive, from `Variant.blocks`) on ``x``.
@@ -80,26 +92,27 @@ class RepVGG(nn.Module):
       The last block's output and the outputs of the stages whose last block
       is among ``blocks``.
     """
-    conv, norm = layer_partials(train, self.dtype, self.precision, self.conv)
     stage_outputs = []
     for block in blocks:
-      name = block_name(block.stage, block.index)
-      if self.deploy:
-        layer = DeployBlock(block.out_channels, block.stride, block.groups, conv, name=name)
-      else:
-        branches = self.branches[block.stage]
-        layer = RepVGGBlock(
-          block.out_channels, block.stride, block.groups, branches, conv, norm, name=name
-        )
-      x = layer(x)
+      x = RepVGGBlock(
+        block.out_channels,
+        block.stride,
+        block.groups,
+        self.branches[block.stage],
+        self.deploy,
+        self.dtype,
+        self.precision,
+        self.conv,
+        name=block_name(block.stage, block.index),
+      )(x, train=train)
       if block.index == self.variant.stage_depths[block.stage] - 1:
         stage_outputs.append(x)
     return x, stage_outputs
 
   def head(self, x: Array, stage_outputs: Sequence[Array]):
-    """Global average pooling and the classifier; the stage outputs without one."""
+    """Global average pooling and the classifier; the selected stage outputs without one."""
     if self.num_classes == 0:
-      return tuple(stage_outputs)
+      return tuple(stage_outputs[stage] for stage in self.out_indices)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     x = nn.Dense(
       self.num_classes,
@@ -187,7 +200,8 @@ def model_from_config(config, *, deploy: bool = False, conv=nn.Conv) -> RepVGG:
 
 
 def create_model(
-  name: str | variants.Variant,
+  variant: str | variants.Variant,
+  /,
   *,
   num_classes: int = 1000,
   deploy: bool = False,
@@ -196,13 +210,17 @@ def create_model(
   precision: Any = None,
   in_channels: int = 3,
   conv: Callable[..., nn.Module] = nn.Conv,
+  out_indices: Sequence[int] = tuple(range(NUM_STAGES)),
+  name: str | None = None,
 ) -> RepVGG:
   """Builds a RepVGG model by variant name.
 
   Args:
-    name: a name from `list_models()` (case and the 'RepVGG-' prefix are
+    variant: a name from `list_models()` (case and the 'RepVGG-' prefix are
       optional: 'b1g4' works) or a `Variant`.
-    num_classes: classifier outputs; 0 returns the five stage outputs instead.
+    num_classes: classifier outputs; 0 returns stage outputs instead (those
+      of ``out_indices``, by default all five; `RepVGG.feature_info` gives
+      their channels and strides).
     deploy: the fused plain model (load it with `fuse_params` output).
     branches: branch kinds of every block, or one set per stage; the paper's
       ``('conv3x3', 'conv1x1', 'identity')`` by default.
@@ -212,13 +230,18 @@ def create_model(
     conv: the convolution module: `nn.Conv` (XLA's convolution on every
       backend), or `repvgg_jax.perf.conv_layer(...)` for the CPU kernels; the
       parameters are the same.
+    out_indices: the stages (0-4) whose outputs a backbone (``num_classes=0``)
+      returns, as timm's ``out_indices``; the blocks after the last are left out.
+    name: the module's name, for a submodule of a larger network (as any
+      Linen module's ``name=``).
 
   Returns:
     A `RepVGG` Linen module.
   """
-  variant = variants.get_variant(name)
+  variant = variants.get_variant(variant)
   if not isinstance(num_classes, int) or num_classes < 0:
     raise ValueError(f'num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}.')
+  out_indices = _check_out_indices(out_indices, num_classes)
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
     raise ValueError(f'dtype must be float32 or bfloat16, got {jnp.dtype(dtype)}.')
   return RepVGG(
@@ -230,4 +253,22 @@ def create_model(
     precision=precision,
     in_channels=in_channels,
     conv=conv,
+    out_indices=out_indices,
+    name=name,
   )
+
+
+def _check_out_indices(out_indices: Sequence[int], num_classes: int) -> tuple[int, ...]:
+  """``out_indices`` as a sorted tuple of distinct stages, or a ValueError."""
+  stages = tuple(out_indices) if not isinstance(out_indices, int) else (out_indices,)
+  everything = tuple(range(NUM_STAGES))
+  if not stages or any(s not in everything for s in stages) or len(set(stages)) != len(stages):
+    raise ValueError(
+      f'out_indices must be distinct stages among {everything}, got {out_indices!r}.'
+    )
+  if num_classes and sorted(stages) != list(everything):
+    raise ValueError(
+      f'out_indices={out_indices!r} selects stage outputs, which only a backbone returns: '
+      'pass num_classes=0.'
+    )
+  return tuple(sorted(stages))

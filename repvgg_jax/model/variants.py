@@ -28,6 +28,14 @@ class Block(NamedTuple):
   groups: int
 
 
+class FeatureInfo(NamedTuple):
+  """One stage output of a backbone, as timm's ``feature_info`` describes it."""
+
+  stage: int
+  channels: int
+  reduction: int  # Input pixels per output pixel along each side (the stride so far).
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """One RepVGG architecture.
@@ -55,6 +63,12 @@ class Variant:
   def stage_depths(self) -> tuple[int, int, int, int, int]:
     """Blocks in stages 0-4."""
     return (1, *self.num_blocks)
+
+  def feature_info(self) -> tuple[FeatureInfo, ...]:
+    """Channels and reduction of stages 0-4 (each stage halves the resolution)."""
+    return tuple(
+      FeatureInfo(stage, width, 2 ** (stage + 1)) for stage, width in enumerate(self.stage_widths)
+    )
 
   def block_groups(self, stage: int, index: int) -> int:
     """Group count of block ``index`` (0-based) of ``stage``.

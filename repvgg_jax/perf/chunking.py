@@ -91,7 +91,7 @@ class ChunkedRepVGG(RepVGG):
   def __call__(self, images, train: bool = False):
     self._check_images(images)
     x = images.astype(self.dtype)
-    blocks = list(self.variant.blocks())
+    blocks = self.blocks()
     count, size = (0, 0) if self._records() else self.chunking(x.shape, train)
     stage_outputs = []
     if count:
@@ -107,7 +107,7 @@ class ChunkedRepVGG(RepVGG):
 
   def chunking(self, shape: Sequence[Any], train: bool) -> tuple[int, int]:
     """`chunking` of this model on inputs of ``shape``."""
-    return chunking(self.chunk_images, list(self.variant.blocks()), shape, train)
+    return chunking(self.chunk_images, self.blocks(), shape, train)
 
   def _records(self) -> bool:
     """Whether this call creates or records variables, which run unchunked.

@@ -1,0 +1,205 @@
+"""RepVGG blocks inside other networks: the public block, backbones with `name=`
+and stage outputs, and `fuse_params` of a whole network's variables."""
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_variables, relative_error
+
+import repvgg_jax
+from repvgg_jax.model import variants
+
+# A shallow variant keeps random statistics from washing the signal out.
+TINY = variants.Variant('RepVGG-tiny', (1, 2, 1, 1), (0.25, 0.5), groups=2)
+
+
+class Segmenter(nn.Module):
+  """A backbone with name= inside @nn.compact, a decoder of standalone blocks
+  (one grouped, one with stride 2), a plain BatchNorm and a 1x1 head."""
+
+  deploy: bool = False
+  branches: Sequence[str] = repvgg_jax.PAPER_BRANCHES
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    backbone = repvgg_jax.create_model(
+      TINY, num_classes=0, out_indices=(1, 2, 3), deploy=self.deploy, name='backbone'
+    )
+    c1, c2, c3 = backbone(x, train=train)
+    block = functools.partial(repvgg_jax.RepVGGBlock, deploy=self.deploy, branches=self.branches)
+    y = block(16, strides=2, name='down')(c1)  # Stride 4 -> 8.
+    y = jnp.concatenate([y, c2, jax.image.resize(c3, c2.shape[:3] + c3.shape[3:], 'nearest')], -1)
+    y = block(32, groups=4, name='fuse')(y, train=train)
+    y = nn.BatchNorm(use_running_average=not train, name='norm')(y)
+    return nn.Conv(5, (1, 1), name='head')(y)
+
+
+class Stacked(nn.Module):
+  """Blocks held in a list (setup), nested `depth` modules deep."""
+
+  features: Sequence[int]
+  depth: int = 0
+  deploy: bool = False
+
+  def setup(self):
+    if self.depth:
+      self.inner = Stacked(self.features, self.depth - 1, self.deploy)
+    else:
+      self.blocks = [repvgg_jax.RepVGGBlock(f, deploy=self.deploy) for f in self.features]
+
+  def __call__(self, x, train: bool = False):
+    if self.depth:
+      return self.inner(x, train=train)
+    for block in self.blocks:
+      x = block(x, train=train)
+    return x
+
+
+def deploy_shapes(module, shape):
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(shape)))
+
+
+def same_structure(a, b) -> bool:
+  shape = lambda tree: jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), tree)
+  return shape(a) == shape(b)
+
+
+def one_line(error) -> bool:
+  return '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('branches', [repvgg_jax.PAPER_BRANCHES, ('conv3x3', 'dbb_avg')])
+def test_a_whole_network_fuses_to_its_deploy_twin(branches):
+  shape = (2, 32, 32, 3)
+  variables = random_variables(Segmenter(branches=branches), shape, seed=1)
+  fused = jax.jit(repvgg_jax.fuse_params)(variables)
+  deploy = Segmenter(deploy=True, branches=branches)
+  assert same_structure(fused, deploy_shapes(deploy, shape))
+  # The plain BatchNorm is not a block: its statistics stay, the blocks' go.
+  assert list(fused['batch_stats']) == ['norm']
+  x = jax.random.normal(jax.random.key(2), shape)
+  expected = Segmenter(branches=branches).apply(variables, x)
+  actual = deploy.apply(fused, x)
+  assert relative_error(actual, expected) <= 1e-5
+  np.testing.assert_array_equal(
+    fused['params']['head']['kernel'], variables['params']['head']['kernel']
+  )
+
+
+@pytest.mark.parametrize('depth', [0, 1, 3])
+def test_blocks_in_lists_at_any_depth(depth):
+  shape = (1, 9, 9, 8)
+  features = (8, 16, 16)
+  variables = random_variables(Stacked(features, depth), shape, seed=depth)
+  fused = repvgg_jax.fuse_params(variables)
+  deploy = Stacked(features, depth, deploy=True)
+  assert same_structure(fused, deploy_shapes(deploy, shape))
+  assert 'batch_stats' not in fused  # Every BatchNorm was in a block.
+  x = jax.random.normal(jax.random.key(0), shape)
+  expected = Stacked(features, depth).apply(variables, x)
+  assert relative_error(deploy.apply(fused, x), expected) <= 1e-5
+
+
+@pytest.mark.parametrize(
+  'branches', [('conv3x3', 'conv1x3', 'conv3x1'), ('dbb_1x1_3x3', 'identity'), ('parallel3x3_k3',)]
+)
+@pytest.mark.parametrize('strides,groups', [(1, 1), (2, 2), (1, 4)])
+def test_standalone_blocks_of_every_kind(branches, strides, groups):
+  wrap = lambda deploy: Wrapper(
+    repvgg_jax.RepVGGBlock(16, strides, groups, branches, deploy=deploy, name='block')
+  )
+  shape = (2, 7, 8, 16)  # Odd and even sides.
+  variables = random_variables(wrap(False), shape, seed=strides + groups)
+  fused = repvgg_jax.fuse_params(variables)
+  assert same_structure(fused, deploy_shapes(wrap(True), shape))
+  x = jax.random.normal(jax.random.key(1), shape)
+  expected = wrap(False).apply(variables, x)
+  assert relative_error(wrap(True).apply(fused, x), expected) <= 1e-5
+
+
+class Wrapper(nn.Module):
+  """A module holding one block given from outside, under a parent name."""
+
+  block: nn.Module
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return nn.Dense(3, name='after')(self.block(x, train=train))
+
+
+def test_stage_outputs_match_feature_info():
+  for name, out_indices in [('A0', (0, 1, 2, 3, 4)), ('B1g4', (1, 3))]:
+    model = repvgg_jax.create_model(name, num_classes=0, out_indices=out_indices)
+    shapes = jax.eval_shape(
+      lambda m=model: m.init_with_output(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    )
+    outputs, variables = shapes
+    info = model.feature_info()
+    assert [f.stage for f in info] == list(out_indices)
+    assert [o.shape for o in outputs] == [
+      (1, 64 // f.reduction, 64 // f.reduction, f.channels) for f in info
+    ]
+    # Blocks after the last selected stage are left out.
+    last = max(out_indices)
+    stages = {int(key[5]) for key in variables['params']}
+    assert stages == set(range(last + 1))
+  a0 = repvgg_jax.get_variant('A0').feature_info()
+  assert [(f.channels, f.reduction) for f in a0] == [
+    (48, 2),
+    (48, 4),
+    (96, 8),
+    (192, 16),
+    (1280, 32),
+  ]
+
+
+def test_out_indices_and_block_arguments_are_checked():
+  with pytest.raises(ValueError, match='out_indices must be distinct stages') as error:
+    repvgg_jax.create_model('A0', num_classes=0, out_indices=(1, 5))
+  assert one_line(error)
+  with pytest.raises(ValueError, match='pass num_classes=0'):
+    repvgg_jax.create_model('A0', out_indices=(3,))
+  x = jnp.zeros((1, 8, 8, 6))
+  with pytest.raises(ValueError, match='groups=4 must divide the 6 input channels'):
+    repvgg_jax.RepVGGBlock(8, groups=4).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="none of the branches \\('identity',\\) applies"):
+    repvgg_jax.RepVGGBlock(8, branches=('identity',)).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match='strides must be a positive int'):
+    repvgg_jax.RepVGGBlock(8, strides=0).init(jax.random.key(0), x)
+
+
+def test_a_tree_without_blocks_is_refused_in_one_line():
+  variables = nn.Sequential([nn.Dense(4), nn.BatchNorm(use_running_average=True)]).init(
+    jax.random.key(0), jnp.zeros((1, 3))
+  )
+  with pytest.raises(repvgg_jax.FusionError, match='No RepVGG block in params') as error:
+    repvgg_jax.fuse_params(variables)
+  assert one_line(error)
+
+
+def test_a_fused_network_and_a_block_without_statistics_are_refused():
+  shape = (1, 16, 16, 3)
+  variables = random_variables(Segmenter(), shape)
+  fused = repvgg_jax.fuse_params(variables)
+  with pytest.raises(
+    repvgg_jax.FusionError, match='already fused .*backbone/stage0_block0'
+  ) as error:
+    repvgg_jax.fuse_params(fused)
+  assert one_line(error)
+  stats = jax.tree.map(lambda a: a, variables['batch_stats'])
+  del stats['fuse']['conv1x1']
+  with pytest.raises(repvgg_jax.FusionError, match='fuse/conv1x1 has no batch_stats') as error:
+    repvgg_jax.fuse_params({**variables, 'batch_stats': stats})
+  assert one_line(error)
+  with pytest.raises(repvgg_jax.FusionError, match="model='A0' names a RepVGG variant") as error:
+    repvgg_jax.fuse_params(random_variables(Stacked((8,)), (1, 5, 5, 8)), model='A0')
+  assert one_line(error)
+  with pytest.raises(
+    repvgg_jax.FusionError, match='at backbone have the shapes of no known variant'
+  ):
+    repvgg_jax.fuse_params(variables, model='A0')
