@@ -30,6 +30,16 @@ from repvgg_jax.model import (
 
 startup.hide_cuda_probe()  # Before JAX starts its backend, on first use.
 
+
+def __getattr__(name: str):
+  # Imported on first use: loading weights brings in orbax and the converters.
+  if name == 'load_pretrained':
+    from repvgg_jax.interop.pretrained import load_pretrained
+
+    return load_pretrained
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
 __all__ = [
   'BRANCH_FAMILIES',
   'BRANCH_KINDS',
@@ -48,6 +58,7 @@ __all__ = [
   'get_variant',
   'identify_variant',
   'list_models',
+  'load_pretrained',
   'perf',
   'register_branch',
   'register_branch_family',

@@ -148,16 +148,18 @@ def intercepted_train_batches(change):
 
 
 def run_in_repo(*args: str, timeout: int = 300):
-  """``python ARGS`` in the repository root on the CPU, its output captured."""
+  """``python ARGS`` in the repository root on the CPU, its output captured (the
+  root on the module path, as after ``pip install -e .``)."""
   import os
   import pathlib
   import subprocess
   import sys
 
+  root = pathlib.Path(__file__).resolve().parents[1]
   return subprocess.run(
     [sys.executable, *args],
-    cwd=pathlib.Path(__file__).resolve().parents[1],
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    cwd=root,
+    env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(root)),
     capture_output=True,
     text=True,
     timeout=timeout,

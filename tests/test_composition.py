@@ -2,6 +2,7 @@
 and stage outputs, and `fuse_params` of a whole network's variables."""
 
 import functools
+import json
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_variables, relative_error
+from helpers import random_variables, relative_error, run_in_repo
 
 import repvgg_jax
 from repvgg_jax.model import variants
@@ -203,3 +204,20 @@ def test_a_fused_network_and_a_block_without_statistics_are_refused():
     repvgg_jax.FusionError, match='at backbone have the shapes of no known variant'
   ):
     repvgg_jax.fuse_params(variables, model='A0')
+
+
+def test_the_segmentation_example_runs_and_fuses_exactly(tmp_path):
+  out = tmp_path / 'results.json'
+  run = run_in_repo(
+    'examples/segment_digits.py',
+    *('--tiny', '--steps', '4', '--batch-size', '4', '--train-canvases', '32'),
+    *('--test-canvases', '8', '--speed-batch', '8', '--repeats', '1', '--out', str(out)),
+  )
+  assert run.returncode == 0, run.stderr[-2000:]
+  results = json.loads(out.read_text())
+  assert results['steps'] == 4 and results['pixels'] == 8 * 64 * 64
+  assert results['relative_logit_difference'] <= 1e-5
+  assert results['pixels_disagreeing'] <= 1e-4 * results['pixels']
+  assert abs(results['mean_iou'] - results['mean_iou_fused']) <= 1e-3
+  assert results['params_fused'] < results['params_training_time']
+  assert results['images_per_second'] > 0 and results['images_per_second_fused'] > 0

@@ -184,7 +184,7 @@ def _source_outputs(state_dict, info, images) -> tuple[np.ndarray, str]:
   return np.asarray(outputs, np.float64).reshape(len(images), -1), source
 
 
-def _training_checkpoint(
+def training_checkpoint(
   path: pathlib.Path,
 ) -> tuple[checkpointing.Checkpoints, int | None, pathlib.Path]:
   """(manager, step, workdir) for a workdir, its checkpoints dir, or one step dir."""
@@ -205,7 +205,7 @@ def fuse_checkpoint(path, output_dir, model: str | None = None) -> dict:
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'No checkpoint at {path}.')
-  ckpt, step, workdir = _training_checkpoint(path)
+  ckpt, step, workdir = training_checkpoint(path)
   if ckpt.latest_step() is None:
     raise ConversionError(f'No orbax training checkpoint in {path}.')
   state, saved = ckpt.restore(step=step)

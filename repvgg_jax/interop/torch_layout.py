@@ -205,42 +205,43 @@ def from_torch(state_dict: Mapping[str, Any], model: str | None = None) -> tuple
 def _expected_shapes(info: dict) -> dict:
   model = create_model(info['model'], num_classes=info['num_classes'], deploy=info['deploy'])
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-  return {
-    (collection, *path): leaf.shape
-    for collection, tree in shapes.items()
-    for path, leaf in traverse_util.flatten_dict(tree).items()
-  }
+  return leaf_shapes(shapes)
 
 
 def _check_against_model(variables: dict, info: dict, unexpected: list[str]) -> None:
-  expected = _expected_shapes(info)
-  found = {
-    (collection, *path): value.shape
+  problems = differences(_expected_shapes(info), leaf_shapes(variables), unexpected)
+  if problems:
+    kind = 'deploy' if info['deploy'] else 'training-time'
+    raise ConversionError(
+      f'The checkpoint does not fit the {kind} {info["model"]} with {info["num_classes"]} '
+      f'classes; it looks like {info["looks_like"] or "no known variant"}. {problems}'
+    )
+
+
+def leaf_shapes(variables: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """``(collection, *path) -> shape`` of every leaf of a variables tree."""
+  return {
+    (collection, *path): tuple(np.shape(value))
     for collection, tree in variables.items()
-    for path, value in traverse_util.flatten_dict(tree).items()
+    for path, value in traverse_util.flatten_dict(dict(tree)).items()
   }
+
+
+def differences(expected: Mapping, found: Mapping, unexpected: list[str] = ()) -> str:
+  """What is missing, unexpected or of the wrong shape in ``found`` (leaf path ->
+  shape) against ``expected``, in one line; empty when they agree."""
   missing = sorted('/'.join(k) for k in expected.keys() - found.keys())
-  extra = sorted('/'.join(k) for k in found.keys() - expected.keys())
+  extra = sorted('/'.join(k) for k in found.keys() - expected.keys()) + list(unexpected)
   wrong = sorted(
     f'{"/".join(k)}: {found[k]} instead of {expected[k]}'
     for k in expected.keys() & found.keys()
     if found[k] != expected[k]
   )
-  if missing or extra or wrong or unexpected:
-    problems = [
-      f'{label} ({len(items)}): {", ".join(items[:8])}{" ..." if len(items) > 8 else ""}'
-      for label, items in (
-        ('missing', missing),
-        ('unexpected', extra + unexpected),
-        ('wrong shape', wrong),
-      )
-      if items
-    ]
-    kind = 'deploy' if info['deploy'] else 'training-time'
-    raise ConversionError(
-      f'The checkpoint does not fit the {kind} {info["model"]} with {info["num_classes"]} '
-      f'classes; it looks like {info["looks_like"] or "no known variant"}. ' + '; '.join(problems)
-    )
+  return '; '.join(
+    f'{label} ({len(items)}): {", ".join(items[:8])}{" ..." if len(items) > 8 else ""}'
+    for label, items in (('missing', missing), ('unexpected', extra), ('wrong shape', wrong))
+    if items
+  )
 
 
 def to_torch(variables: Mapping[str, Any], style: str = 'reference') -> dict[str, np.ndarray]:

@@ -1,0 +1,139 @@
+"""Pretrained weights into a RepVGG, alone or inside a larger network.
+
+    variables = model.init(key, images)  # A network holding create_model(..., name='backbone').
+    variables = load_pretrained(variables, 'RepVGG-A0-train.pth', at='backbone')
+
+The weights are those `python -m repvgg_jax.convert import` reads (PyTorch
+.pth/.pt, .safetensors or .npz, reference or timm keys) or a checkpoint this
+package wrote (the output of ``convert import`` or ``convert fuse``, a training
+workdir, its checkpoints or one step).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from repvgg_jax.interop import convert, torch_layout
+from repvgg_jax.interop.torch_layout import ConversionError
+from repvgg_jax.model import fusion
+
+CLASSIFIER = 'linear'
+
+
+def read_weights(source: str | pathlib.Path) -> dict:
+  """``{'params'[, 'batch_stats']}`` of the RepVGG stored at ``source``.
+
+  Raises:
+    FileNotFoundError: nothing at ``source``.
+    ConversionError: the file or checkpoint is not RepVGG weights.
+  """
+  path = pathlib.Path(source)
+  if path.is_file():
+    variables, _ = torch_layout.from_torch(convert.load_state_dict(path))
+    return variables
+  if not path.is_dir():
+    raise FileNotFoundError(f'No weights at {path}: give a weight file or a checkpoint directory.')
+  ckpt, step, _ = convert.training_checkpoint(path)
+  try:
+    if ckpt.latest_step() is None:
+      raise ConversionError(f'No orbax checkpoint in {path}.')
+    state, _ = ckpt.restore(step=step)
+  finally:
+    ckpt.close()
+  return {key: state[key] for key in ('params', 'batch_stats') if key in state}
+
+
+def load_pretrained(
+  variables: Mapping[str, Any], source: str | pathlib.Path, *, at: str | Sequence[str] = ''
+) -> dict:
+  """``variables`` with the weights of ``source`` in the RepVGG at ``at``.
+
+  Args:
+    variables: of a RepVGG (a classifier, or a backbone: ``num_classes=0``,
+      any ``out_indices``), training-time or deploy, or of a network holding
+      one at ``at``; e.g. from ``init``.
+    source: a weight file or checkpoint (see the module docstring).
+    at: where the RepVGG sits, as a '/'-separated path (``'backbone'``,
+      ``'encoder/backbone'``) or a sequence of keys; ``''`` for the top.
+
+  Returns:
+    New variables; everything outside ``at`` is untouched. The classifier of
+    the weights is dropped when the model has none, and kept out (the model's
+    own, with a warning) when its number of classes differs; the blocks of
+    stages after a backbone's last are dropped; training-time weights are
+    fused for a deploy model. Every other key must match in name and shape.
+
+  Raises:
+    ConversionError: no RepVGG at ``at``, deploy weights for a training-time
+      model, or weights of another architecture (what is missing, unexpected
+      or of the wrong shape, in one line).
+  """
+  path = tuple(key for key in at.split('/') if key) if isinstance(at, str) else tuple(at)
+  where = '/'.join(path) or 'the top of the tree'
+  target = fusion.subtree(variables.get('params', {}), path)
+  if not isinstance(target, Mapping) or not fusion.block_keys(target):
+    keys = sorted(target) if isinstance(target, Mapping) else []
+    raise ConversionError(
+      f'No RepVGG (stage<s>_block<i> blocks) at {where} in the variables (keys there: {keys}): '
+      "give at= the path of the model, e.g. at='backbone'."
+    )
+  weights = _fitted(read_weights(source), target, where)
+  expected = torch_layout.leaf_shapes(_at(variables, path))
+  problems = torch_layout.differences(expected, torch_layout.leaf_shapes(weights))
+  if problems:
+    raise ConversionError(f'The weights of {source} do not fit the RepVGG at {where}: {problems}')
+  result = dict(variables)
+  for collection, tree in weights.items():
+    tree = jax.tree.map(jnp.asarray, tree)
+    result[collection] = (
+      fusion.replace_subtrees(variables[collection], {path: tree}) if path else tree
+    )
+  return result
+
+
+def _at(variables: Mapping[str, Any], path: tuple[str, ...]) -> dict:
+  """The collections of ``variables`` at ``path`` (those that have it)."""
+  found = {name: fusion.subtree(tree, path) for name, tree in variables.items()}
+  return {name: tree for name, tree in found.items() if tree}
+
+
+def _fitted(weights: dict, target: Mapping[str, Any], where: str) -> dict:
+  """The weights made to fit the model at ``target`` as far as that is safe:
+  fused for a deploy model, without a classifier it lacks or cannot take, and
+  without the stages after a backbone's last."""
+  params = weights['params']
+  deploy = lambda tree: any(fusion.FUSED_KEY in tree[key] for key in fusion.block_keys(tree))
+  if deploy(target) and not deploy(params):
+    weights = fusion.fuse_params(weights)
+  elif deploy(params) and not deploy(target):
+    raise ConversionError(
+      f'The weights are fused (deploy) but the RepVGG at {where} is training-time: build it '
+      'with deploy=True, or load training-time weights.'
+    )
+  params = dict(weights['params'])
+  classifier = params.pop(CLASSIFIER, None)
+  if classifier is not None and CLASSIFIER in target:
+    classes = (classifier['kernel'].shape[-1], target[CLASSIFIER]['kernel'].shape[-1])
+    params[CLASSIFIER] = classifier if classes[0] == classes[1] else target[CLASSIFIER]
+    if classes[0] != classes[1]:
+      warnings.warn(
+        f'The weights have {classes[0]} classes, the model at {where} {classes[1]}: its '
+        f'classifier {CLASSIFIER!r} keeps its own initialisation.',
+        stacklevel=3,
+      )
+  last_stage = max(fusion.block_position(key)[0] for key in fusion.block_keys(target))
+  kept = {
+    key: value
+    for key, value in params.items()
+    if fusion.block_position(key) is None or fusion.block_position(key)[0] <= last_stage
+  }
+  result = {'params': kept}
+  if 'batch_stats' in weights:
+    result['batch_stats'] = {k: v for k, v in weights['batch_stats'].items() if k in kept}
+  return result

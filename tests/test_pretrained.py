@@ -1,0 +1,134 @@
+"""Pretrained weights into backbones and into a named part of a larger network."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_variables, relative_error
+
+import repvgg_jax
+from repvgg_jax.interop import convert, torch_layout
+from repvgg_jax.interop.pretrained import load_pretrained
+from repvgg_jax.interop.torch_layout import ConversionError
+
+IMAGES = (2, 32, 32, 3)
+
+
+@pytest.fixture(scope='module')
+def a0_weights(tmp_path_factory):
+  """Random training-time A0 weights with 10 classes, as an .npz of reference keys."""
+  model = repvgg_jax.create_model('A0', num_classes=10)
+  variables = random_variables(model, IMAGES, seed=3)
+  path = tmp_path_factory.mktemp('weights') / 'a0.npz'
+  np.savez(path, **torch_layout.to_torch(variables))
+  return path, variables
+
+
+class Encoder(nn.Module):
+  """A network holding A0 as ``encoder/backbone`` next to a head of its own."""
+
+  deploy: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    backbone = repvgg_jax.create_model(
+      'A0', num_classes=0, out_indices=(2, 3), deploy=self.deploy, name='backbone'
+    )
+    _, c3 = backbone(x, train=train)
+    return nn.Dense(4, name='head')(jnp.mean(c3, axis=(1, 2)))
+
+
+class Outer(nn.Module):
+  deploy: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return Encoder(self.deploy, name='encoder')(x, train=train)
+
+
+def init(module):
+  return module.init(jax.random.key(0), jnp.zeros(IMAGES))
+
+
+def test_weights_into_a_backbone_give_the_classifiers_stage_outputs(a0_weights):
+  path, source = a0_weights
+  backbone = repvgg_jax.create_model('A0', num_classes=0, out_indices=(1, 2, 3))
+  assert repvgg_jax.load_pretrained is load_pretrained  # Also at the top level.
+  variables = repvgg_jax.load_pretrained(init(backbone), path)
+  assert 'linear' not in variables['params']
+  assert not any(key.startswith('stage4') for key in variables['params'])  # Not built.
+  x = jax.random.normal(jax.random.key(1), IMAGES)
+  full = repvgg_jax.create_model('A0', num_classes=0)
+  without_classifier = {
+    'params': {k: v for k, v in source['params'].items() if k != 'linear'},
+    'batch_stats': source['batch_stats'],
+  }
+  expected = full.apply(without_classifier, x)[1:4]
+  for actual, wanted in zip(backbone.apply(variables, x), expected, strict=True):
+    assert relative_error(actual, wanted) <= 1e-6
+
+
+def test_weights_into_a_named_subtree_training_time_and_fused(a0_weights):
+  path, source = a0_weights
+  x = jax.random.normal(jax.random.key(2), IMAGES)
+  fresh = init(Outer())
+  loaded = load_pretrained(fresh, path, at='encoder/backbone')
+  # The head outside the subtree is untouched; the blocks hold the weights.
+  np.testing.assert_array_equal(
+    loaded['params']['encoder']['head']['kernel'], fresh['params']['encoder']['head']['kernel']
+  )
+  np.testing.assert_array_equal(
+    loaded['params']['encoder']['backbone']['stage2_block3']['conv3x3']['conv']['kernel'],
+    source['params']['stage2_block3']['conv3x3']['conv']['kernel'],
+  )
+  # Training-time weights into the deploy network are fused on the way.
+  deployed = load_pretrained(init(Outer(deploy=True)), path, at=('encoder', 'backbone'))
+  fused_whole = repvgg_jax.fuse_params(loaded)
+  assert (
+    relative_error(Outer(deploy=True).apply(deployed, x), Outer(deploy=True).apply(fused_whole, x))
+    <= 1e-6
+  )
+  assert relative_error(Outer(deploy=True).apply(deployed, x), Outer().apply(loaded, x)) <= 1e-5
+
+
+def test_a_classifier_of_another_size_keeps_its_own_head(a0_weights, tmp_path):
+  path, source = a0_weights
+  model = repvgg_jax.create_model('A0', num_classes=3)
+  fresh = init(model)
+  with pytest.warns(UserWarning, match="10 classes, the model at .* 3: its classifier 'linear'"):
+    loaded = load_pretrained(fresh, path)
+  np.testing.assert_array_equal(
+    loaded['params']['linear']['kernel'], fresh['params']['linear']['kernel']
+  )
+  same = load_pretrained(init(repvgg_jax.create_model('A0', num_classes=10)), path)
+  np.testing.assert_array_equal(
+    same['params']['linear']['kernel'], source['params']['linear']['kernel']
+  )
+  # A checkpoint written by `convert import` loads the same way.
+  convert.import_weights(path, tmp_path / 'imported', verify=False)
+  again = load_pretrained(
+    init(repvgg_jax.create_model('A0', num_classes=10)), tmp_path / 'imported'
+  )
+  assert jax.tree.all(jax.tree.map(np.array_equal, again, same))
+
+
+def test_what_does_not_fit_is_refused_in_one_line(a0_weights, tmp_path):
+  path, _ = a0_weights
+  cases = [
+    (init(repvgg_jax.create_model('B0', num_classes=0)), '', 'do not fit the RepVGG at the top'),
+    (init(Outer()), 'encoder', r"No RepVGG .* at encoder .*\['backbone', 'head'\]"),
+    (init(Outer()), 'decoder', 'No RepVGG .* at decoder'),
+  ]
+  for variables, at, message in cases:
+    with pytest.raises(ConversionError, match=message) as error:
+      load_pretrained(variables, path, at=at)
+    assert '\n' not in str(error.value)
+  fused = tmp_path / 'fused.npz'
+  source = repvgg_jax.create_model('A0', num_classes=10)
+  deploy = repvgg_jax.fuse_params(random_variables(source, IMAGES))
+  np.savez(fused, **torch_layout.to_torch(deploy))
+  with pytest.raises(ConversionError, match='weights are fused .* build it with deploy=True'):
+    load_pretrained(init(repvgg_jax.create_model('A0', num_classes=0)), fused)
+  with pytest.raises(FileNotFoundError, match='No weights at'):
+    load_pretrained(init(Outer()), tmp_path / 'nothing.pth', at='encoder/backbone')
