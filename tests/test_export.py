@@ -1,10 +1,11 @@
-"""python -m repvgg_jax.convert export: jax.export and TF SavedModel artifacts that
-reload and compute what the trained model computes."""
+"""python -m repvgg_jax.convert export: jax.export, TF SavedModel and ONNX artifacts
+that reload and compute what the trained model computes."""
 
 import json
 
 import jax
 import numpy as np
+import onnxruntime
 import pytest
 from helpers import random_variables, relative_error
 
@@ -24,25 +25,33 @@ def training_checkpoint(tmp_path_factory):
   return path, model, variables
 
 
-def test_export_reloads_in_jax_and_tensorflow(tmp_path, training_checkpoint, capsys):
+def test_export_reloads_in_jax_tensorflow_and_onnxruntime(tmp_path, training_checkpoint, capsys):
   path, model, variables = training_checkpoint
   out = tmp_path / 'serving'
   assert convert.main(['export', str(path), str(out)]) == 0
   printed = capsys.readouterr().out
-  assert 'model.jax_export, saved_model of the deploy RepVGG-A0 (10 classes, 32x32' in printed
+  assert 'model.jax_export, saved_model, model.onnx of the deploy RepVGG-A0 (10 classes, 32x32' in (
+    printed
+  )
   meta = json.loads((out / 'export.json').read_text())
   assert meta['model'] == 'RepVGG-A0' and meta['image_size'] == 32
   assert meta['fused_from_training_checkpoint']
+  assert set(meta['verify']) == {'jax', 'tf', 'onnx', 'fused_vs_training'}
   assert max(meta['verify'].values()) <= 1e-5
+  assert meta['onnx'] == {'opset': 17, 'input': 'images', 'checker': 'passed'}
 
   # Reloaded independently of the converter, at batch sizes other than the verification's.
   serve_jax = export.load_jax_export(out / 'model.jax_export')
   serve_tf = export.load_saved_model(out / 'saved_model')
+  onnx_file = str(out / 'model.onnx')
+  session = onnxruntime.InferenceSession(onnx_file, providers=['CPUExecutionProvider'])
   images = np.random.default_rng(5).standard_normal((5, 32, 32, 3), np.float32)
   expected = jax.jit(model.apply)(variables, images)  # Inference: each image on its own.
   for batch in (1, 5):
     assert relative_error(serve_jax(images[:batch]), expected[:batch]) <= 1e-5
     assert relative_error(serve_tf(images[:batch]), expected[:batch]) <= 1e-5
+    (logits,) = session.run(['logits'], {'images': images[:batch]})
+    assert relative_error(logits, expected[:batch]) <= 1e-5
 
 
 def test_export_refuses_bad_requests(tmp_path, training_checkpoint, capsys):
@@ -53,8 +62,10 @@ def test_export_refuses_bad_requests(tmp_path, training_checkpoint, capsys):
   assert 'is not empty' in capsys.readouterr().err
   assert (tmp_path / 'full' / 'keep.txt').read_text() == 'user data'
 
-  assert convert.main(['export', str(path), str(tmp_path / 'a'), '--formats', 'onnx']) == 1
-  assert "Unknown export formats ['onnx']" in capsys.readouterr().err
+  assert convert.main(['export', str(path), str(tmp_path / 'a'), '--formats', 'onnx,tflite']) == 1
+  assert "Unknown export formats ['tflite']; choose from ('jax', 'tf', 'onnx')" in (
+    capsys.readouterr().err
+  )
 
   assert convert.main(['export', str(path), str(tmp_path / 'b'), '--model', 'B0']) == 1
   assert 'RepVGG-B0' in capsys.readouterr().err

@@ -4,8 +4,8 @@
     python -m repvgg_jax.convert import RepVGG-A0-train.pth out/a0
     # A trained orbax checkpoint (a workdir or one step directory) -> a deploy checkpoint.
     python -m repvgg_jax.convert fuse workdirs/digits out/digits-deploy
-    # A deploy (or training) checkpoint -> jax.export artifact + TF SavedModel.
-    python -m repvgg_jax.convert export workdirs/digits out/digits-serving
+    # A deploy (or training) checkpoint -> jax.export artifact, TF SavedModel, ONNX.
+    python -m repvgg_jax.convert export workdirs/digits out/digits-serving [--formats onnx]
 
 ``import`` and ``fuse`` write an orbax checkpoint (step 0) holding
 ``{'params'[, 'batch_stats']}`` and JSON metadata (model, deploy,
@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from repvgg_jax import jsonfiles, perf
-from repvgg_jax.interop import export, torch_layout
+from repvgg_jax.interop import export, onnx_export, torch_layout
 from repvgg_jax.interop.torch_layout import ConversionError
 from repvgg_jax.model import create_model, fusion, model_from_config
 from repvgg_jax.perf import compile_options
@@ -337,7 +337,11 @@ def _verify_export(output, deploy_model, variables, image_size, formats) -> dict
   """Reloads each artifact and compares it with the deploy model on a batch of 3."""
   images = _random_images(image_size, batch=3)
   expected = _flat(compile_options.jit(deploy_model.apply)(variables, images))
-  loaders = {'jax': export.load_jax_export, 'tf': export.load_saved_model}
+  loaders = {
+    'jax': export.load_jax_export,
+    'tf': export.load_saved_model,
+    'onnx': onnx_export.load_onnx,
+  }
   return {
     fmt: max_relative_difference(_flat(loaders[fmt](output)(images)), expected) for fmt in formats
   }
@@ -399,13 +403,17 @@ def main(argv=None) -> int:
   fuse.add_argument('output', help='new directory for the deploy checkpoint')
   fuse.add_argument('--model', help='variant, checked against the shapes')
   exp = commands.add_parser(
-    'export', help='deploy or training checkpoint -> jax.export artifact and TF SavedModel'
+    'export', help='deploy or training checkpoint -> jax.export artifact, TF SavedModel, ONNX'
   )
   exp.add_argument('checkpoint', help='a workdir, a checkpoint dir (deploy or training) or a step')
   exp.add_argument('output', help='new directory for the artifacts')
   exp.add_argument('--model', help='variant (default: from the checkpoint)')
   exp.add_argument('--image-size', type=int, help='default: the training size, else 224')
-  exp.add_argument('--formats', default='jax,tf', help='jax, tf or both (default: jax,tf)')
+  exp.add_argument(
+    '--formats',
+    default=','.join(export.FORMATS),
+    help=f'comma-separated, from {", ".join(export.FORMATS)} (default: all)',
+  )
   exp.add_argument('--platforms', help='e.g. cpu,cuda (default: the current backend)')
   exp.add_argument(
     '--conv-impl',

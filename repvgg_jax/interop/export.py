@@ -1,8 +1,8 @@
-"""The deploy model for serving outside this codebase: `jax.export` and TF SavedModel.
+"""The deploy model for serving outside this codebase: `jax.export`, TF SavedModel, ONNX.
 
-Both artifacts hold the weights and take a batch of any size of float32 NHWC
+Each artifact holds the weights and takes a batch of any size of float32 NHWC
 images, normalized as in training (see ``export.json`` for the mean and std),
-and return float32 logits:
+and returns float32 logits:
 
 - ``model.jax_export``: `jax.export.Exported`, serialized. Load it with
   `load_jax_export` (or ``jax.export.deserialize``) and call it; no Flax, no
@@ -12,9 +12,12 @@ and return float32 logits:
   ``tf.saved_model.load`` in TF Serving, TF Lite converters and the like. The
   weights are TF variables, not constants, so large variants stay far from
   protobuf's 2 GB limit.
+- ``model.onnx``: an ONNX graph (opset 17) built from the fused parameters
+  (`repvgg_jax.interop.onnx_export`), input ``images``, output ``logits``; for
+  onnxruntime, TensorRT, OpenVINO and mobile runtimes.
 
 The image size is fixed (the stride-2 arithmetic is compiled in); the batch
-size is symbolic.
+size is symbolic (dynamic in ONNX).
 """
 
 from __future__ import annotations
@@ -31,10 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from repvgg_jax.interop import onnx_export
+
 JAX_FILE = 'model.jax_export'
 SAVED_MODEL_DIR = 'saved_model'
+ONNX_FILE = 'model.onnx'
 META_FILE = 'export.json'
-FORMATS = ('jax', 'tf')
+FORMATS = ('jax', 'tf', 'onnx')
+ARTIFACTS = {'jax': JAX_FILE, 'tf': SAVED_MODEL_DIR, 'onnx': ONNX_FILE}
 
 
 def _image_spec(image_size: int, in_channels: int = 3) -> str:
@@ -144,12 +151,17 @@ def write_export(
       (staging / JAX_FILE).write_bytes(export_jax(model, variables, image_size, platforms))
     if 'tf' in formats:
       export_saved_model(model, variables, image_size, staging / SAVED_MODEL_DIR, platforms)
-    files = {'jax': JAX_FILE, 'tf': SAVED_MODEL_DIR}
+    if 'onnx' in formats:
+      onnx_export.write_onnx(staging / ONNX_FILE, variables, image_size)
+      meta = {
+        **meta,
+        'onnx': {'opset': onnx_export.OPSET, 'input': onnx_export.INPUT, 'checker': 'passed'},
+      }
     meta = {
       **meta,
       'image_size': image_size,
       'input': f'float32 NHWC [batch, {image_size}, {image_size}, {model.in_channels}]',
-      'artifacts': {fmt: files[fmt] for fmt in formats},
+      'artifacts': {fmt: ARTIFACTS[fmt] for fmt in formats},
       'platforms': list(platforms) if platforms else [jax.default_backend()],
     }
     (staging / META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
