@@ -6,6 +6,7 @@ The model (`repvgg_jax.model`) is re-exported here; the CPU speed-ups are
 """
 
 from repvgg_jax import perf, startup
+from repvgg_jax.factory import create_model
 from repvgg_jax.model import (
   BRANCH_FAMILIES,
   BRANCH_KINDS,
@@ -17,7 +18,6 @@ from repvgg_jax.model import (
   RepVGG,
   RepVGGBlock,
   Variant,
-  create_model,
   fuse_block,
   fuse_params,
   get_branch,

@@ -156,10 +156,11 @@ def run_in_repo(*args: str, timeout: int = 300):
   import sys
 
   root = pathlib.Path(__file__).resolve().parents[1]
+  path = [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
   return subprocess.run(
     [sys.executable, *args],
     cwd=root,
-    env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(root)),
+    env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join([str(root), *path])),
     capture_output=True,
     text=True,
     timeout=timeout,

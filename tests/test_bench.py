@@ -16,6 +16,7 @@ import pytest
 import repvgg_jax
 from repvgg_jax import jsonfiles, perf
 from repvgg_jax.bench import cli as bench
+from repvgg_jax.bench import deploy as bench_deploy
 from repvgg_jax.bench import models as bench_models
 from repvgg_jax.bench import report as bench_report
 from repvgg_jax.bench import timing as bench_timing
@@ -249,6 +250,22 @@ def test_suite_plans_and_writes_its_tables(tmp_path, monkeypatch):
   assert (tmp_path / 'figure1.png').read_bytes()[:4] == b'\x89PNG'
 
 
+def test_deploy_bench_checks_every_runtime_then_times_it():
+  with_torch = importlib.util.find_spec('torch') is not None
+  rows = bench_deploy.benchmark_deploy(
+    TINY, batches=(1, 3), size=32, runs=1, warmup=0, with_torch=with_torch
+  )
+  runtimes = {'jax', 'onnxruntime', 'tf_saved_model'}
+  runtimes |= {'torch_nchw', 'torch_channels_last'} if with_torch else set()
+  assert {(r['runtime'], r['batch']) for r in rows} == {(k, b) for k in runtimes for b in (1, 3)}
+  for row in rows:
+    assert row['relative_logit_error'] <= bench_deploy.TOLERANCE  # Checked before timing.
+    assert row['ms_per_batch'] * row['images_per_sec'] == pytest.approx(1e3 * row['batch'])
+  table = bench_deploy.format_deploy(rows)
+  assert '| runtime | batch 1 | batch 3 | logit error vs JAX |' in table
+  assert all(f'| {runtime} |' in table for runtime in runtimes)
+
+
 def test_unknown_model_and_bad_sizes_are_refused(capsys):
   with pytest.raises(SystemExit):
     bench.main(['train', '--model', 'C9'])
@@ -256,6 +273,9 @@ def test_unknown_model_and_bad_sizes_are_refused(capsys):
   with pytest.raises(SystemExit):
     bench.main(['--batch', '0'])
   assert 'must be positive' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    bench.main(['deploy', '--batches', '1,0'])
+  assert "'1,0': give positive batch sizes" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     bench.main(['train', '--torch-layouts', 'nhwc'])
   assert "unknown layout(s) ['nhwc']" in capsys.readouterr().err
@@ -266,5 +286,5 @@ def test_help_lists_the_subcommands(capsys):
     bench.main(['--help'])
   assert exit_.value.code == 0
   help_text = capsys.readouterr().out
-  for command in ('infer', 'train', 'roofline', 'layers', 'suite'):
+  for command in ('infer', 'train', 'roofline', 'layers', 'deploy', 'suite'):
     assert command in help_text

@@ -3,8 +3,9 @@ and stage outputs, and `fuse_params` of a whole network's variables."""
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ class Segmenter(nn.Module):
     )
     c1, c2, c3 = backbone(x, train=train)
     block = functools.partial(repvgg_jax.RepVGGBlock, deploy=self.deploy, branches=self.branches)
-    y = block(16, strides=2, name='down')(c1)  # Stride 4 -> 8.
+    y = block(16, strides=2, name='down')(c1, train=train)  # Stride 4 -> 8.
     y = jnp.concatenate([y, c2, jax.image.resize(c3, c2.shape[:3] + c3.shape[3:], 'nearest')], -1)
     y = block(32, groups=4, name='fuse')(y, train=train)
     y = nn.BatchNorm(use_running_average=not train, name='norm')(y)
@@ -221,3 +222,68 @@ def test_the_segmentation_example_runs_and_fuses_exactly(tmp_path):
   assert abs(results['mean_iou'] - results['mean_iou_fused']) <= 1e-3
   assert results['params_fused'] < results['params_training_time']
   assert results['images_per_second'] > 0 and results['images_per_second_fused'] > 0
+
+
+class Named(nn.Module):
+  """Holds one layer, made by ``make``, under its own name: ``{name: {layer: ...}}``."""
+
+  make: Callable[[], nn.Module]
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return self.make()(x)
+
+
+class ConvBN(nn.Module):
+  """A conv-BN whose layers have Flax's default names (Conv_0, BatchNorm_0)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3), use_bias=False)(x))
+
+
+class LookAlikes(nn.Module):
+  """Modules whose only child is named like a branch, but holds other layers."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = Named(functools.partial(nn.Conv, 8, (1, 1), use_bias=False, name='conv1x1'), name='proj')(x)
+    x = Named(functools.partial(ConvBN, name='conv3x3'), name='pair')(x)
+    return repvgg_jax.RepVGGBlock(8, name='block')(x, train=train)
+
+
+def test_layers_that_only_look_like_branches_are_copied():
+  shape = (1, 6, 6, 3)
+  variables = random_variables(LookAlikes(), shape)
+  assert set(variables['params']['proj']) == {'conv1x1'}  # Named like a block's branches.
+  fused = repvgg_jax.fuse_params(variables)
+  assert same_structure(fused['params']['proj'], variables['params']['proj'])
+  assert same_structure(fused['params']['pair'], variables['params']['pair'])
+  assert set(fused['params']['block']) == {'reparam'}
+  assert set(fused['batch_stats']) == {'pair'}
+  np.testing.assert_array_equal(
+    fused['params']['proj']['conv1x1']['kernel'], variables['params']['proj']['conv1x1']['kernel']
+  )
+
+
+def test_frozen_trees_mixed_trees_and_backbones_built_to_a_stage():
+  shape = (1, 16, 16, 3)
+  variables = random_variables(Segmenter(), shape)
+  frozen = flax.core.freeze(variables)
+  fused = repvgg_jax.fuse_params(frozen)
+  assert same_structure(fused, deploy_shapes(Segmenter(deploy=True), shape))
+  assert type(fused['params']['head']) is dict
+  # A fused backbone beside training-time blocks: those are fused, the backbone copied.
+  params = dict(fused['params'], down=variables['params']['down'])
+  stats = dict(fused['batch_stats'], down=variables['batch_stats']['down'])
+  again = repvgg_jax.fuse_params({'params': params, 'batch_stats': stats})
+  assert same_structure(again, fused)
+  np.testing.assert_array_equal(
+    again['params']['down']['reparam']['kernel'], fused['params']['down']['reparam']['kernel']
+  )
+  # model= checks a backbone built only up to the stages it returns.
+  backbone = repvgg_jax.create_model('A0', num_classes=0, out_indices=(1, 2))
+  partial = random_variables(backbone, (1, 32, 32, 3))
+  assert repvgg_jax.fuse_params(partial, model='A0')['params'].keys() == partial['params'].keys()
+  with pytest.raises(repvgg_jax.FusionError, match='not of RepVGG-B0'):
+    repvgg_jax.fuse_params(partial, model='B0')

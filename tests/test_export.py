@@ -39,6 +39,11 @@ def test_export_reloads_in_jax_tensorflow_and_onnxruntime(tmp_path, training_che
   assert set(meta['verify']) == {'jax', 'tf', 'onnx', 'fused_vs_training'}
   assert max(meta['verify'].values()) <= 1e-5
   assert meta['onnx'] == {'opset': 17, 'input': 'images', 'checker': 'passed'}
+  assert meta['preprocess'] == {
+    'scale': '1/255',
+    'mean': [0.485, 0.456, 0.406],
+    'std': [0.229, 0.224, 0.225],
+  }
 
   # Reloaded independently of the converter, at batch sizes other than the verification's.
   serve_jax = export.load_jax_export(out / 'model.jax_export')

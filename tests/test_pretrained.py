@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import random_variables, relative_error
+from safetensors.numpy import save_file
 
 import repvgg_jax
 from repvgg_jax.interop import convert, torch_layout
@@ -132,3 +133,55 @@ def test_what_does_not_fit_is_refused_in_one_line(a0_weights, tmp_path):
     load_pretrained(init(repvgg_jax.create_model('A0', num_classes=0)), fused)
   with pytest.raises(FileNotFoundError, match='No weights at'):
     load_pretrained(init(Outer()), tmp_path / 'nothing.pth', at='encoder/backbone')
+
+
+HUB_REPO = 'timm/repvgg_a0.rvgg_in1k'
+
+
+def hub_cache(root, variables, repo=HUB_REPO, commit='0123456789abcdef0123456789abcdef01234567'):
+  """The Hugging Face cache layout of ``repo`` holding ``variables`` in timm's keys, as
+  ``hf download`` leaves it: refs/main naming a snapshot that holds the file."""
+  folder = root / f'models--{repo.replace("/", "--")}'
+  (folder / 'refs').mkdir(parents=True)
+  (folder / 'refs' / 'main').write_text(commit)
+  snapshot = folder / 'snapshots' / commit
+  snapshot.mkdir(parents=True)
+  state = torch_layout.to_torch(variables, style='timm')
+  save_file(
+    {k: np.ascontiguousarray(v) for k, v in state.items()}, str(snapshot / 'model.safetensors')
+  )
+  return root
+
+
+def test_hub_references_load_offline_from_the_cache(a0_weights, tmp_path, monkeypatch):
+  _, source = a0_weights
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  monkeypatch.setenv('HF_HUB_CACHE', str(hub_cache(tmp_path / 'hub', source)))
+  reference = f'hf-hub:{HUB_REPO}'
+  model, variables = repvgg_jax.create_model('A0', num_classes=10, pretrained=reference)
+  assert model.num_classes == 10
+  assert jax.tree.all(jax.tree.map(np.array_equal, variables, source))
+  # Another number of classes: the head is the model's own, and said so.
+  with pytest.warns(UserWarning, match="classifier 'linear' keeps its own initialisation"):
+    _, five = repvgg_jax.create_model('A0', num_classes=5, pretrained=reference)
+  assert five['params']['linear']['kernel'].shape == (1280, 5)
+  # The deploy model gets the fused weights; convert import reads the same reference.
+  deploy, fused = repvgg_jax.create_model('A0', num_classes=10, deploy=True, pretrained=reference)
+  x = jax.random.normal(jax.random.key(0), IMAGES)
+  expected = repvgg_jax.create_model('A0', num_classes=10).apply(source, x)
+  assert relative_error(deploy.apply(fused, x), expected) <= 1e-5
+  meta = convert.import_weights(reference, tmp_path / 'imported', verify=False)
+  assert meta['source'] == reference and meta['key_style'] == 'timm'
+
+
+def test_a_hub_reference_not_cached_offline_says_what_to_download(tmp_path, monkeypatch):
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'empty'))
+  with pytest.raises(ConversionError, match='not in the Hugging Face cache') as error:
+    repvgg_jax.create_model('A0', pretrained=f'hf-hub:{HUB_REPO}')
+  message = str(error.value)
+  assert '\n' not in message
+  assert f'hf download {HUB_REPO} model.safetensors' in message
+  assert 'models--timm--repvgg_a0.rvgg_in1k' in message and str(tmp_path / 'empty') in message
+  with pytest.raises(ConversionError, match='write hf-hub:ORG/NAME'):
+    repvgg_jax.create_model('A0', pretrained='hf-hub:repvgg_a0')

@@ -4,6 +4,7 @@
     python -m repvgg_jax.bench train --model A0 --batch 128 --size 32
     python -m repvgg_jax.bench roofline                             # the machine's matmul peak
     python -m repvgg_jax.bench layers --model A0 --batch 128 --size 32 --train
+    python -m repvgg_jax.bench deploy --model A0 --batches 1,32     # JAX, onnxruntime, PyTorch, TF
     python -m repvgg_jax.bench suite --out bench_results            # all of it, tables, plot
 
 Every timed function is compiled and warmed up first; then timed runs
@@ -25,6 +26,7 @@ import sys
 import jax
 
 from repvgg_jax import jsonfiles
+from repvgg_jax.bench import deploy as bench_deploy
 from repvgg_jax.bench import report as bench_report
 from repvgg_jax.bench import timing
 from repvgg_jax.bench.models import TORCH_LAYOUTS, benchmark, benchmark_train_step
@@ -169,6 +171,16 @@ def _layouts(text: str) -> tuple[str, ...]:
   return layouts
 
 
+def _batches(text: str) -> tuple[int, ...]:
+  try:
+    batches = tuple(int(b) for b in text.split(','))
+  except ValueError:
+    batches = ()
+  if not batches or min(batches) < 1:
+    raise argparse.ArgumentTypeError(f'{text!r}: give positive batch sizes, e.g. 1,32')
+  return batches
+
+
 def _chunk_images(text: str) -> int | str:
   if text == 'auto':
     return text
@@ -246,6 +258,22 @@ def _parser() -> argparse.ArgumentParser:
   layers = sub.add_parser('layers', help="per-layer XLA, im2col and Winograd, and 'auto's choice")
   _add_common(layers, 32, 224)
   layers.add_argument('--train', action='store_true', help='time forward and backward')
+  deploy = sub.add_parser(
+    'deploy', help='the fused model in JAX, onnxruntime, PyTorch and a TF SavedModel'
+  )
+  deploy.add_argument('--model', default='A0', help='variant name (see --list)')
+  deploy.add_argument('--batches', default='1,32', type=_batches, help='comma-separated sizes')
+  deploy.add_argument('--size', type=int, default=224, help='image height and width')
+  deploy.add_argument('--runs', type=int, default=10, help='timed runs of each runtime')
+  deploy.add_argument('--warmup', type=int, default=2, help='untimed runs after loading')
+  deploy.add_argument(
+    '--torch',
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help='include PyTorch (default: when torch is installed)',
+  )
+  deploy.add_argument('--json', help='append the rows as JSON lines to this file')
+  _add_host_memory(deploy)
   suite = sub.add_parser('suite', help='everything, as JSON lines, markdown and Figure 1')
   suite.add_argument('--out', default='bench_results', help='output directory')
   suite.add_argument('--runs', type=int, default=5, help='timed runs of each function')
@@ -291,6 +319,16 @@ def main(argv=None) -> int:
     _emit(row, bench_report.format_roofline(row), args.json)
     return 0
   _check_model(parser, args.model)
+  if args.command == 'deploy':
+    if args.size < 1 or args.runs < 1:
+      parser.error('--size and --runs must be positive.')
+    rows = bench_deploy.benchmark_deploy(
+      args.model, args.batches, args.size, args.runs, args.warmup, _with_torch(parser, args.torch)
+    )
+    print(bench_deploy.format_deploy(rows))
+    for row in rows if args.json else ():
+      jsonfiles.append_jsonl(args.json, row)
+    return 0
   if args.batch < 1 or args.size < 1 or args.runs < 1:
     parser.error('--batch, --size and --runs must be positive.')
   if args.command == 'layers':

@@ -29,7 +29,8 @@ import ml_collections
 import numpy as np
 
 from repvgg_jax import jsonfiles, perf
-from repvgg_jax.interop import export, onnx_export, torch_layout
+from repvgg_jax.data import input_pipeline
+from repvgg_jax.interop import export, hub, onnx_export, torch_layout
 from repvgg_jax.interop.torch_layout import ConversionError
 from repvgg_jax.model import create_model, fusion, model_from_config
 from repvgg_jax.perf import compile_options
@@ -66,7 +67,7 @@ def _read_file(path: pathlib.Path) -> Mapping[str, Any]:
       'Is the file complete?'
     ) from None
   raise ConversionError(
-    f'Unknown weight file type {suffix!r}: use .pth, .pt, .safetensors or .npz.'
+    f'Unknown weight file type {suffix!r}: use .pth, .pt, .bin, .safetensors or .npz.'
   )
 
 
@@ -98,13 +99,15 @@ def _unwrap(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-  """Reads a reference state dict from .pth/.pt (torch), .safetensors or .npz.
+  """Reads a reference state dict from .pth/.pt/.bin (torch), .safetensors or .npz, a
+  local file or a hub reference (``hf-hub:ORG/NAME``, `repvgg_jax.interop.hub`).
 
   Raises:
     FileNotFoundError: no such file.
-    ConversionError: unreadable, truncated or of an unknown type.
+    ConversionError: unreadable, truncated or of an unknown type; a hub
+      reference that cannot be fetched.
   """
-  path = pathlib.Path(path)
+  path = hub.resolve(path)
   if not path.is_file():
     raise FileNotFoundError(f'No weight file at {path}.')
   return _unwrap(_read_file(path))
@@ -309,6 +312,12 @@ def export_checkpoint(
     'num_classes': num_classes,
     'source': str(path),
     'fused_from_training_checkpoint': fused_here,
+    # What the training fed the model: (pixels / 255 - mean) / std per RGB channel.
+    'preprocess': {
+      'scale': '1/255',
+      'mean': list(input_pipeline.MEAN_RGB),
+      'std': list(input_pipeline.STDDEV_RGB),
+    },
   }
   output = export.write_export(
     output_dir, deploy_model, variables, image_size, meta, formats, platforms
@@ -388,7 +397,9 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   commands = parser.add_subparsers(dest='command', required=True)
   imp = commands.add_parser('import', help='PyTorch weights (reference or timm) -> orbax')
-  imp.add_argument('weights', help='.pth, .pt, .safetensors or .npz state dict')
+  imp.add_argument(
+    'weights', help='a .pth, .pt, .safetensors or .npz state dict, or hf-hub:ORG/NAME[@REVISION]'
+  )
   imp.add_argument('output', help='new directory for the orbax checkpoint')
   imp.add_argument('--model', help='variant (default: recognised from the shapes)')
   imp.add_argument(

@@ -4,7 +4,8 @@
     variables = load_pretrained(variables, 'RepVGG-A0-train.pth', at='backbone')
 
 The weights are those `python -m repvgg_jax.convert import` reads (PyTorch
-.pth/.pt, .safetensors or .npz, reference or timm keys) or a checkpoint this
+.pth/.pt, .safetensors or .npz, reference or timm keys; a Hugging Face Hub
+reference such as ``hf-hub:timm/repvgg_a0.rvgg_in1k``) or a checkpoint this
 package wrote (the output of ``convert import`` or ``convert fuse``, a training
 workdir, its checkpoints or one step).
 """
@@ -16,10 +17,11 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 
-from repvgg_jax.interop import convert, torch_layout
+from repvgg_jax.interop import convert, hub, torch_layout
 from repvgg_jax.interop.torch_layout import ConversionError
 from repvgg_jax.model import fusion
 
@@ -33,7 +35,7 @@ def read_weights(source: str | pathlib.Path) -> dict:
     FileNotFoundError: nothing at ``source``.
     ConversionError: the file or checkpoint is not RepVGG weights.
   """
-  path = pathlib.Path(source)
+  path = hub.resolve(source)
   if path.is_file():
     variables, _ = torch_layout.from_torch(convert.load_state_dict(path))
     return variables
@@ -74,6 +76,7 @@ def load_pretrained(
       model, or weights of another architecture (what is missing, unexpected
       or of the wrong shape, in one line).
   """
+  variables = flax.core.unfreeze(variables)  # Plain dicts in, plain dicts out.
   path = tuple(key for key in at.split('/') if key) if isinstance(at, str) else tuple(at)
   where = '/'.join(path) or 'the top of the tree'
   target = fusion.subtree(variables.get('params', {}), path)

@@ -10,15 +10,18 @@ rounding. It is jittable: all checks are on static shapes.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 
 from repvgg_jax.model import branches as branches_lib
 from repvgg_jax.model import variants
+from repvgg_jax.model.blocks import layer_partials
 
 Tree = Mapping[str, Any]
 _BLOCK_KEY = re.compile(r'^stage(\d+)_block(\d+)$')
@@ -128,6 +131,11 @@ def _check_block(block_params: Tree, block_stats: Tree, name: str) -> None:
   for branch, params in block_params.items():
     where = f'{name}/{branch}'
     _branch_kind(branch, where)
+    found, layout = (
+      sorted(map('/'.join, paths)) for paths in (_leaf_paths(params), branch_layout(branch))
+    )
+    if found != layout:
+      raise FusionError(f'{where} holds {found}, not the layers of a {branch} branch: {layout}.')
     if branch not in block_stats:
       raise FusionError(
         f'{where} has no batch_stats: fuse_params needs the BatchNorm statistics of the '
@@ -257,24 +265,39 @@ def identify_variant(params: Tree) -> str | None:
 Path = tuple[str, ...]
 
 
-def is_block(key: str, tree) -> bool:
-  """Whether ``tree`` (at ``key``) is a training-time block's parameters.
+@functools.cache
+def branch_layout(name: str) -> frozenset[Path]:
+  """The leaf paths of the parameters of branch kind ``name``, as its module
+  builds them (``{('conv', 'kernel'), ('bn', 'scale'), ('bn', 'bias')}`` for
+  ``conv3x3``); they do not depend on the block's shape."""
+  kind = branches_lib.get_branch(name)
+  conv, norm = layer_partials(train=False)
+  module = kind.build(4, 1, 1, conv, norm, name=name)
+  shapes = jax.eval_shape(
+    module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 5, 5, 4), jnp.float32)
+  )
+  return frozenset(_leaf_paths(shapes['params']))
 
-  A block is recognised by its structure: a mapping of subtrees whose keys are
-  all registered branch kinds. Under a ``stage{s}_block{i}`` key of a RepVGG
-  any mapping counts, so that a wrong branch is reported, not passed over.
-  """
-  if not isinstance(tree, Mapping) or not tree or FUSED_KEY in tree:
+
+def _leaf_paths(tree: Tree, path: Path = ()) -> list[Path]:
+  paths = []
+  for key, value in tree.items():
+    paths += _leaf_paths(value, (*path, key)) if isinstance(value, Mapping) else [(*path, key)]
+  return paths
+
+
+def has_block_layout(tree) -> bool:
+  """Whether ``tree`` is laid out as a training-time block: a mapping of branch
+  kinds, each holding exactly the layers its kind builds."""
+  if not isinstance(tree, Mapping) or not tree:
     return False
-  if block_position(key) is not None:
-    return True
-  if not all(isinstance(value, Mapping) for value in tree.values()):
-    return False
-  try:
-    for branch in tree:
+  for branch, params in tree.items():
+    try:
       branches_lib.get_branch(branch)
-  except ValueError:
-    return False
+    except ValueError:
+      return False
+    if not isinstance(params, Mapping) or set(_leaf_paths(params)) != branch_layout(branch):
+      return False
   return True
 
 
@@ -288,16 +311,31 @@ def is_fused_block(tree) -> bool:
   )
 
 
+def _is_network(params: Tree) -> bool:
+  """Whether ``params`` is a RepVGG's: it has ``stage{s}_block{i}`` entries, one
+  of them laid out as a block (fused or not)."""
+  return any(
+    block_position(key) is not None and (has_block_layout(value) or is_fused_block(value))
+    for key, value in params.items()
+  )
+
+
 def find_blocks(params: Tree, path: Path = ()) -> tuple[list[Path], list[Path]]:
   """The paths of the training-time blocks and of the fused blocks in a tree, at
-  any depth (a block's own subtrees are not searched)."""
+  any depth (a block's own subtrees are not searched).
+
+  A block is recognised by its layout (`has_block_layout`). In a RepVGG every
+  ``stage{s}_block{i}`` entry counts as a block, so that a wrong branch in one
+  is reported rather than passed over.
+  """
   training, fused = [], []
+  network = _is_network(params)
   for key, value in params.items():
     if not isinstance(value, Mapping):
       continue
     if is_fused_block(value):
       fused.append((*path, key))
-    elif is_block(key, value):
+    elif has_block_layout(value) or (network and block_position(key) is not None):
       training.append((*path, key))
     else:
       inner = find_blocks(value, (*path, key))
@@ -307,8 +345,8 @@ def find_blocks(params: Tree, path: Path = ()) -> tuple[list[Path], list[Path]]:
 
 
 def find_networks(params: Tree, path: Path = ()) -> list[Path]:
-  """The paths of the RepVGG networks (subtrees holding ``stage{s}_block{i}`` keys)."""
-  if block_keys(params):
+  """The paths of the RepVGGs in a tree (see `_is_network`)."""
+  if _is_network(params):
     return [path]
   return [
     found
@@ -371,9 +409,10 @@ def fuse_params(variables: Tree, *, model: str | None = None) -> dict:
   if not isinstance(variables, Mapping) or 'params' not in variables:
     got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
     raise FusionError(f"fuse_params takes {{'params', 'batch_stats'}} variables, got {got}.")
+  variables = flax.core.unfreeze(variables)  # Plain dicts in, plain dicts out.
   params = variables['params']
-  blocks, fused_blocks = find_blocks(params)
-  if fused_blocks:
+  blocks, fused_blocks = find_blocks(params)  # Fused blocks are copied as they are.
+  if fused_blocks and not blocks:
     raise FusionError(
       f'These variables are already fused ({_where(fused_blocks[0])} holds a single reparam '
       'conv): use them with the deploy model as they are.'
@@ -419,7 +458,8 @@ def _check_networks(params: Tree, model: str | None) -> None:
     found = architecture(network)  # Raises when blocks are missing or do not chain.
     if model is not None:
       expected = variants.get_variant(model)
-      if list(expected.blocks()) != found:
+      # A backbone built up to a stage (out_indices) holds the blocks before it.
+      if [block for block in expected.blocks() if block.stage <= found[-1].stage] != found:
         name = identify_variant(network) or 'no known variant'
         where = f' at {_where(path)}' if path else ''
         raise FusionError(
