@@ -255,7 +255,7 @@ def test_deploy_bench_checks_every_runtime_then_times_it():
   rows = bench_deploy.benchmark_deploy(
     TINY, batches=(1, 3), size=32, runs=1, warmup=0, with_torch=with_torch
   )
-  runtimes = {'jax', 'onnxruntime', 'tf_saved_model'}
+  runtimes = {'jax', 'jax_cpu_kernels', 'onnxruntime', 'tf_saved_model'}
   runtimes |= {'torch_nchw', 'torch_channels_last'} if with_torch else set()
   assert {(r['runtime'], r['batch']) for r in rows} == {(k, b) for k in runtimes for b in (1, 3)}
   for row in rows:

@@ -138,25 +138,24 @@ def test_what_does_not_fit_is_refused_in_one_line(a0_weights, tmp_path):
 HUB_REPO = 'timm/repvgg_a0.rvgg_in1k'
 
 
-def hub_cache(root, variables, repo=HUB_REPO, commit='0123456789abcdef0123456789abcdef01234567'):
-  """The Hugging Face cache layout of ``repo`` holding ``variables`` in timm's keys, as
+def hub_cache(root, state, repo=HUB_REPO, commit='0123456789abcdef0123456789abcdef01234567'):
+  """The Hugging Face cache layout of ``repo`` holding the state dict ``state``, as
   ``hf download`` leaves it: refs/main naming a snapshot that holds the file."""
   folder = root / f'models--{repo.replace("/", "--")}'
   (folder / 'refs').mkdir(parents=True)
   (folder / 'refs' / 'main').write_text(commit)
   snapshot = folder / 'snapshots' / commit
   snapshot.mkdir(parents=True)
-  state = torch_layout.to_torch(variables, style='timm')
-  save_file(
-    {k: np.ascontiguousarray(v) for k, v in state.items()}, str(snapshot / 'model.safetensors')
-  )
+  contiguous = {key: np.ascontiguousarray(value) for key, value in state.items()}
+  save_file(contiguous, str(snapshot / 'model.safetensors'))
   return root
 
 
 def test_hub_references_load_offline_from_the_cache(a0_weights, tmp_path, monkeypatch):
   _, source = a0_weights
   monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-  monkeypatch.setenv('HF_HUB_CACHE', str(hub_cache(tmp_path / 'hub', source)))
+  timm_keys = torch_layout.to_torch(source, style='timm')
+  monkeypatch.setenv('HF_HUB_CACHE', str(hub_cache(tmp_path / 'hub', timm_keys)))
   reference = f'hf-hub:{HUB_REPO}'
   model, variables = repvgg_jax.create_model('A0', num_classes=10, pretrained=reference)
   assert model.num_classes == 10
@@ -185,3 +184,12 @@ def test_a_hub_reference_not_cached_offline_says_what_to_download(tmp_path, monk
   assert 'models--timm--repvgg_a0.rvgg_in1k' in message and str(tmp_path / 'empty') in message
   with pytest.raises(ConversionError, match='write hf-hub:ORG/NAME'):
     repvgg_jax.create_model('A0', pretrained='hf-hub:repvgg_a0')
+
+
+def test_a_hub_reference_to_another_model_names_what_it_found(tmp_path, monkeypatch):
+  resnet = {'conv1.weight': np.zeros((8, 3, 7, 7), np.float32), 'fc.bias': np.zeros(4, np.float32)}
+  hub_cache(tmp_path / 'hub', resnet, repo='timm/resnet18.a1_in1k')
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'hub'))
+  with pytest.raises(ConversionError, match=r"No RepVGG parameters .*'conv1.weight', 'fc.bias'"):
+    repvgg_jax.create_model('A0', pretrained='hf-hub:timm/resnet18.a1_in1k')

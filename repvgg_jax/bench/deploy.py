@@ -2,12 +2,14 @@
 
     python -m repvgg_jax.bench deploy --model A0 --batches 1,32 --size 224
 
-The deploy network (random weights and BatchNorm statistics, fused) is
-exported as the ONNX graph and the SavedModel of `repvgg_jax.interop.export`
-and loaded into PyTorch (`repvgg_jax.interop.torch_reference`, NCHW and
-channels-last). Every runtime's logits are checked against JAX's first; then
-timed rounds alternate between the runtimes (so a busy machine slows all
-alike) and the median of each is reported.
+The deploy network (random weights and BatchNorm statistics, fused) runs in
+JAX with XLA's convolutions (and, on CPUs, with `repvgg_jax.perf`'s kernels
+and chunking, as ``bench infer`` does), is exported as the ONNX graph and the
+SavedModel of `repvgg_jax.interop.export`, and is loaded into PyTorch
+(`repvgg_jax.interop.torch_reference`, NCHW and channels-last). Every
+runtime's logits are checked against JAX's first; then timed rounds alternate
+between the runtimes (so a busy machine slows all alike) and the median of
+each is reported.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from repvgg_jax import perf
 from repvgg_jax.bench import timing
 from repvgg_jax.bench.models import randomized_variables
 from repvgg_jax.interop import export, onnx_export
@@ -43,10 +46,11 @@ def _runtimes(name: str, fused, size: int, directory: pathlib.Path, with_torch: 
   turns NHWC numpy images into the runtime's own input (untimed), ``run`` computes
   the logits from it (timed)."""
   deploy = create_model(name, num_classes=NUM_CLASSES, deploy=True)
-  jax_forward = jax.jit(deploy.apply)
-  runtimes: dict[str, tuple[Callable, Callable]] = {
-    'jax': (jax.device_put, lambda x: jax.block_until_ready(jax_forward(fused, x))),
-  }
+  runtimes: dict[str, tuple[Callable, Callable]] = {'jax': _jax_runtime(deploy, fused)}
+  if jax.default_backend() == 'cpu':  # The CPU kernels and chunking, as `bench infer` uses.
+    conv = perf.conv_layer('auto', train=False)
+    tuned = perf.chunked(create_model(name, num_classes=NUM_CLASSES, deploy=True, conv=conv))
+    runtimes['jax_cpu_kernels'] = _jax_runtime(tuned, fused)
   onnx_export.write_onnx(directory / export.ONNX_FILE, fused, size)
   runtimes['onnxruntime'] = (np.asarray, onnx_export.load_onnx(directory / export.ONNX_FILE))
   if with_torch:
@@ -73,6 +77,19 @@ def _runtimes(name: str, fused, size: int, directory: pathlib.Path, with_torch: 
   return runtimes
 
 
+def _machine() -> dict:
+  """`timing.machine`, with the other runtimes' versions."""
+  import onnxruntime
+  import tensorflow as tf
+
+  return {**timing.machine(), 'onnxruntime': onnxruntime.__version__, 'tensorflow': tf.__version__}
+
+
+def _jax_runtime(model, variables) -> tuple[Callable, Callable]:
+  forward = jax.jit(model.apply)
+  return jax.device_put, lambda x: jax.block_until_ready(forward(variables, x))
+
+
 def benchmark_deploy(
   name: str,
   batches=(1, 32),
@@ -85,7 +102,7 @@ def benchmark_deploy(
   model = create_model(name, num_classes=NUM_CLASSES)
   probe = jax.numpy.zeros((1, size, size, 3))
   fused = fuse_params(randomized_variables(model, probe))
-  rows = []
+  rows, machine = [], _machine()
   with tempfile.TemporaryDirectory() as directory:
     runtimes = _runtimes(name, fused, size, pathlib.Path(directory), with_torch)
     for batch in batches:
@@ -111,7 +128,7 @@ def benchmark_deploy(
             'ms_per_batch': 1e3 * seconds,
             'all_seconds': all_seconds,
             'relative_logit_error': errors[key],
-            'machine': timing.machine(),
+            'machine': machine,
           }
         )
   return rows
