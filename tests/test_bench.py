@@ -7,16 +7,19 @@ is that the figures are computed from the right quantities.
 import dataclasses
 import importlib.util
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import repvgg_jax
 from repvgg_jax import jsonfiles, perf
 from repvgg_jax.bench import cli as bench
 from repvgg_jax.bench import deploy as bench_deploy
+from repvgg_jax.bench import input as bench_input
 from repvgg_jax.bench import models as bench_models
 from repvgg_jax.bench import report as bench_report
 from repvgg_jax.bench import timing as bench_timing
@@ -266,6 +269,28 @@ def test_deploy_bench_checks_every_runtime_then_times_it():
   assert all(f'| {runtime} |' in table for runtime in runtimes)
 
 
+def test_input_bench_times_each_form_on_one_and_all_cores():
+  jpegs = bench_input.make_jpegs(3)
+  shapes = [tuple(tf.image.extract_jpeg_shape(j).numpy()) for j in jpegs]
+  assert all(300 <= h <= 480 and 400 <= w <= 640 and c == 3 for h, w, c in shapes)
+  # The fused decoder reads the same window: the same crop up to JPEG's rounding.
+  seed = tf.constant([7, 0], tf.int64)
+  for jpeg in jpegs:
+    whole = bench_input._preprocess('decode_then_crop', 32)(jpeg, seed).numpy()
+    window = bench_input._preprocess('decode_and_crop', 32)(jpeg, seed).numpy()
+    assert whole.shape == window.shape == (32, 32, 3)
+    assert np.mean(np.abs(whole - window)) < 0.05  # Normalized units: about 3 of 255 levels.
+  rows = bench_input.benchmark_input(count=8, image_size=32, repeats=1, gpu_rate=1000)
+  threads = sorted({1, os.cpu_count()})
+  assert [(r['form'], r['threads']) for r in rows] == [
+    (form, t) for form in bench_input.FORMS for t in threads
+  ]
+  for row in rows:
+    assert row['images_per_sec_per_core'] == pytest.approx(row['images_per_sec'] / row['threads'])
+    assert row['cores_per_gpu'] == pytest.approx(1000 / row['images_per_sec_per_core'])
+  assert '| decode_and_crop_no_antialias | 1 |' in bench_input.format_input(rows)
+
+
 def test_unknown_model_and_bad_sizes_are_refused(capsys):
   with pytest.raises(SystemExit):
     bench.main(['train', '--model', 'C9'])
@@ -286,5 +311,5 @@ def test_help_lists_the_subcommands(capsys):
     bench.main(['--help'])
   assert exit_.value.code == 0
   help_text = capsys.readouterr().out
-  for command in ('infer', 'train', 'roofline', 'layers', 'deploy', 'suite'):
+  for command in ('infer', 'train', 'roofline', 'layers', 'deploy', 'input', 'suite'):
     assert command in help_text

@@ -5,6 +5,7 @@
     python -m repvgg_jax.bench roofline                             # the machine's matmul peak
     python -m repvgg_jax.bench layers --model A0 --batch 128 --size 32 --train
     python -m repvgg_jax.bench deploy --model A0 --batches 1,32     # JAX, onnxruntime, PyTorch, TF
+    python -m repvgg_jax.bench input                                # JPEG decode + crop per core
     python -m repvgg_jax.bench suite --out bench_results            # all of it, tables, plot
 
 Every timed function is compiled and warmed up first; then timed runs
@@ -27,6 +28,7 @@ import jax
 
 from repvgg_jax import jsonfiles
 from repvgg_jax.bench import deploy as bench_deploy
+from repvgg_jax.bench import input as bench_input
 from repvgg_jax.bench import report as bench_report
 from repvgg_jax.bench import timing
 from repvgg_jax.bench.models import TORCH_LAYOUTS, benchmark, benchmark_train_step
@@ -274,6 +276,18 @@ def _parser() -> argparse.ArgumentParser:
   )
   deploy.add_argument('--json', help='append the rows as JSON lines to this file')
   _add_host_memory(deploy)
+  feed = sub.add_parser('input', help='JPEG decode, random-resized crop and flip, per core')
+  feed.add_argument('--images', type=int, default=512, help='JPEGs made and decoded per pass')
+  feed.add_argument('--size', type=int, default=224, help='side of the training crops')
+  feed.add_argument('--runs', type=int, default=3, help='timed passes of each form')
+  feed.add_argument(
+    '--gpu-rate',
+    type=float,
+    default=bench_input.B0_GPU_RATE,
+    help="images/s one GPU trains at (default: B0's on one H200, bfloat16)",
+  )
+  feed.add_argument('--json', help='append the rows as JSON lines to this file')
+  _add_host_memory(feed)
   suite = sub.add_parser('suite', help='everything, as JSON lines, markdown and Figure 1')
   suite.add_argument('--out', default='bench_results', help='output directory')
   suite.add_argument('--runs', type=int, default=5, help='timed runs of each function')
@@ -313,6 +327,14 @@ def main(argv=None) -> int:
     run_suite(
       args.out, args.runs, args.warmup, args.figure_batch, args.figure_size, names, with_torch
     )
+    return 0
+  if args.command == 'input':
+    if min(args.images, args.size, args.runs) < 1 or args.gpu_rate <= 0:
+      parser.error('--images, --size, --runs and --gpu-rate must be positive.')
+    rows = bench_input.benchmark_input(args.images, args.size, args.runs, args.gpu_rate)
+    print(bench_input.format_input(rows))
+    for row in rows if args.json else ():
+      jsonfiles.append_jsonl(args.json, row)
     return 0
   if args.command == 'roofline':
     row = roofline(args.dtype)

@@ -88,11 +88,28 @@ def preprocess_for_eval(
   return normalize_image(image)
 
 
-def inception_crop(image: tf.Tensor, seed: tf.Tensor, image_size: int) -> tf.Tensor:
-  """A random crop of 8% to 100% of the area and 3/4 to 4/3 aspect, resized to the square.
+def inception_window(shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """``(begin, size)`` of a random window of 8% to 100% of an image's area and 3/4 to
+  4/3 aspect (``shape``: the image's ``(H, W, C)``; ``seed``: shape ``(2,)``).
 
-  After 10 failed attempts at a crop that fits, the whole image is used (torchvision
-  falls back to a centre crop instead; it happens for very elongated images only).
+  After 10 failed attempts at a window that fits, the whole image (torchvision falls
+  back to a centre crop instead; it happens for very elongated images only).
+  """
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+    shape,
+    bounding_boxes=tf.zeros((1, 0, 4)),
+    seed=seed,
+    min_object_covered=0.0,  # The area range alone bounds the crop.
+    aspect_ratio_range=INCEPTION_ASPECT_RATIO_RANGE,
+    area_range=INCEPTION_AREA_RANGE,
+    max_attempts=10,
+    use_image_if_no_bounding_boxes=True,
+  )
+  return begin, size
+
+
+def inception_crop(image: tf.Tensor, seed: tf.Tensor, image_size: int) -> tf.Tensor:
+  """A random `inception_window` of ``image``, resized to the square.
 
   Args:
     image: an ``(H, W, 3)`` image.
@@ -102,16 +119,7 @@ def inception_crop(image: tf.Tensor, seed: tf.Tensor, image_size: int) -> tf.Ten
   Returns:
     An ``(image_size, image_size, 3)`` float32 image with values in [0, 255].
   """
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-    tf.shape(image),
-    bounding_boxes=tf.zeros((1, 0, 4)),
-    seed=seed,
-    min_object_covered=0.0,  # The area range alone bounds the crop.
-    aspect_ratio_range=INCEPTION_ASPECT_RATIO_RANGE,
-    area_range=INCEPTION_AREA_RANGE,
-    max_attempts=10,
-    use_image_if_no_bounding_boxes=True,
-  )
+  begin, size = inception_window(tf.shape(image), seed)
   return resize_square(tf.slice(image, begin, size), image_size)
 
 

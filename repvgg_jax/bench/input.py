@@ -1,0 +1,137 @@
+"""What feeding a GPU costs: JPEG decoding, the random-resized crop and the flip, per core.
+
+    python -m repvgg_jax.bench input [--images 512] [--size 224]
+
+Makes ImageNet-like JPEGs (400-640 x 300-480 pixels, smooth random content,
+quality 90), then runs them through tf.data as training does: decode, an
+Inception-style random crop (`input_pipeline.inception_window`)
+resized to the square, a random flip and normalization. Three forms are timed:
+the pipeline's (decode the whole image, crop, antialiased bilinear resize as
+PIL does), decode and crop fused (`tf.image.decode_and_crop_jpeg` decodes only
+the window), and the fused form with plain bilinear resizing. Each runs on one
+thread (images/s per core) and on every core; the last column says how many
+such cores one GPU training B0 at ``--gpu-rate`` images/s needs.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from repvgg_jax.data import input_pipeline
+
+# B0's training step on one H200, bfloat16, batch 256 (README, "Measured on a GPU").
+B0_GPU_RATE = 9_259
+# Form -> (decode only the crop window, antialiased resize). The pipeline's is the first.
+FORMS = {
+  'decode_then_crop': (False, True),
+  'decode_and_crop': (True, True),
+  'decode_and_crop_no_antialias': (True, False),
+}
+
+
+def make_jpegs(count: int, seed: int = 0, quality: int = 90) -> list[bytes]:
+  """``count`` JPEGs of ImageNet-like sizes: smooth colour fields with fine noise."""
+  rng = np.random.default_rng(seed)
+  jpegs = []
+  for _ in range(count):
+    width, height = int(rng.integers(400, 641)), int(rng.integers(300, 481))
+    coarse = rng.uniform(0, 255, (height // 16 + 1, width // 16 + 1, 3)).astype(np.float32)
+    image = tf.image.resize(coarse, (height, width), method='bicubic').numpy()
+    image += rng.normal(0, 12, image.shape).astype(np.float32)
+    pixels = np.clip(image, 0, 255).astype(np.uint8)
+    jpegs.append(tf.io.encode_jpeg(pixels, quality=quality).numpy())
+  return jpegs
+
+
+def _preprocess(form: str, image_size: int):
+  window_only, antialias = FORMS[form]
+
+  def preprocess(jpeg, seed):
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+    if window_only:
+      begin, size = input_pipeline.inception_window(tf.image.extract_jpeg_shape(jpeg), crop_seed)
+      window = tf.stack([begin[0], begin[1], size[0], size[1]])
+      image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
+    else:
+      image = tf.io.decode_jpeg(jpeg, channels=3)
+      begin, size = input_pipeline.inception_window(tf.shape(image), crop_seed)
+      image = tf.slice(image, begin, size)
+    image = tf.image.resize(
+      tf.cast(image, tf.float32), (image_size, image_size), 'bilinear', antialias=antialias
+    )
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return input_pipeline.normalize_image(image)
+
+  return preprocess
+
+
+def images_per_second(jpegs: list[bytes], form: str, threads: int, image_size: int) -> float:
+  """One pass over ``jpegs`` in tf.data on ``threads`` threads."""
+  seeds = np.stack([np.arange(len(jpegs)), np.zeros(len(jpegs), np.int64)], axis=1)
+  dataset = tf.data.Dataset.from_tensor_slices((jpegs, seeds))
+  dataset = dataset.map(_preprocess(form, image_size), num_parallel_calls=threads)
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = threads
+  options.threading.max_intra_op_parallelism = 1
+  options.autotune.enabled = False
+  dataset = dataset.with_options(options).batch(32).prefetch(1)
+  start = time.perf_counter()
+  for _ in dataset:
+    pass
+  return len(jpegs) / (time.perf_counter() - start)
+
+
+def benchmark_input(
+  count: int = 512, image_size: int = 224, repeats: int = 3, gpu_rate: float = B0_GPU_RATE
+) -> list[dict]:
+  """Per form and thread count: median images/s of ``repeats`` passes, interleaved."""
+  jpegs = make_jpegs(count)
+  kilobytes = float(np.mean([len(j) for j in jpegs]) / 1e3)
+  plans = [(form, threads) for form in FORMS for threads in sorted({1, os.cpu_count() or 1})]
+  for form, threads in plans:  # Warm-up: tf.data traces each map function once.
+    images_per_second(jpegs[:32], form, threads, image_size)
+  rates = {plan: [] for plan in plans}
+  for _ in range(repeats):
+    for plan in plans:
+      rates[plan].append(images_per_second(jpegs, *plan, image_size))
+  rows = []
+  for (form, threads), values in rates.items():
+    rate = statistics.median(values)
+    rows.append(
+      {
+        'form': form,
+        'threads': threads,
+        'images_per_sec': rate,
+        'images_per_sec_per_core': rate / threads,
+        'all_images_per_sec': values,
+        'cores_per_gpu': gpu_rate / (rate / threads),
+        'gpu_rate': gpu_rate,
+        'images': count,
+        'mean_jpeg_kb': kilobytes,
+        'image_size': image_size,
+        'tensorflow': tf.__version__,
+      }
+    )
+  return rows
+
+
+def format_input(rows: list[dict]) -> str:
+  first = rows[0]
+  lines = [
+    f'{first["images"]} JPEGs (mean {first["mean_jpeg_kb"]:.0f} KB) -> {first["image_size"]}x'
+    f'{first["image_size"]} crops, flipped, normalized; median of interleaved passes',
+    '',
+    f'| form | threads | images/s | per core | cores for one GPU at {first["gpu_rate"]:,.0f}/s |',
+    '|---|---|---|---|---|',
+  ]
+  for row in rows:
+    lines.append(
+      f'| {row["form"]} | {row["threads"]} | {row["images_per_sec"]:,.0f} | '
+      f'{row["images_per_sec_per_core"]:,.0f} | {row["cores_per_gpu"]:.1f} |'
+    )
+  return '\n'.join(lines)
