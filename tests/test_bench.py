@@ -261,12 +261,24 @@ def test_deploy_bench_checks_every_runtime_then_times_it():
   runtimes = {'jax', 'jax_cpu_kernels', 'onnxruntime', 'tf_saved_model'}
   runtimes |= {'torch_nchw', 'torch_channels_last'} if with_torch else set()
   assert {(r['runtime'], r['batch']) for r in rows} == {(k, b) for k in runtimes for b in (1, 3)}
-  for row in rows:
-    assert row['relative_logit_error'] <= bench_deploy.TOLERANCE  # Checked before timing.
-    assert row['ms_per_batch'] * row['images_per_sec'] == pytest.approx(1e3 * row['batch'])
+  assert all(row['images_per_sec'] > 0 for row in rows)
   table = bench_deploy.format_deploy(rows)
   assert '| runtime | batch 1 | batch 3 | logit error vs JAX |' in table
   assert all(f'| {runtime} |' in table for runtime in runtimes)
+
+
+def test_deploy_bench_refuses_a_runtime_that_computes_something_else(monkeypatch):
+  build = bench_deploy._runtimes
+
+  def with_a_wrong_runtime(*args):
+    runtimes = build(*args)
+    prepare, run = runtimes['onnxruntime']
+    runtimes['onnxruntime'] = (prepare, lambda x: 1.01 * run(x))
+    return runtimes
+
+  monkeypatch.setattr(bench_deploy, '_runtimes', with_a_wrong_runtime)
+  with pytest.raises(bench_deploy.RuntimeMismatchError, match="'onnxruntime': 0.01"):
+    bench_deploy.benchmark_deploy(TINY, batches=(2,), size=32, runs=1, warmup=0, with_torch=False)
 
 
 def test_input_bench_times_each_form_on_one_and_all_cores():

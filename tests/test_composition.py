@@ -14,7 +14,7 @@ import pytest
 from helpers import random_variables, relative_error, run_in_repo
 
 import repvgg_jax
-from repvgg_jax.model import variants
+from repvgg_jax.model import fusion, variants
 
 # A shallow variant keeps random statistics from washing the signal out.
 TINY = variants.Variant('RepVGG-tiny', (1, 2, 1, 1), (0.25, 0.5), groups=2)
@@ -287,3 +287,21 @@ def test_frozen_trees_mixed_trees_and_backbones_built_to_a_stage():
   assert repvgg_jax.fuse_params(partial, model='A0')['params'].keys() == partial['params'].keys()
   with pytest.raises(repvgg_jax.FusionError, match='not of RepVGG-B0'):
     repvgg_jax.fuse_params(partial, model='B0')
+
+
+def test_branch_layouts_are_read_apart_from_the_module_that_asks():
+  fusion.branch_layout.cache_clear()
+
+  class Asks(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      assert fusion.branch_layout('conv1x1') == {
+        ('conv', 'kernel'),
+        ('bn', 'scale'),
+        ('bn', 'bias'),
+      }
+      return nn.Dense(2, name='dense')(x)
+
+  variables = Asks().init(jax.random.key(0), jnp.zeros((1, 3)))
+  assert list(variables['params']) == ['dense']  # No stray branch module.
+  assert jax.jit(lambda: len(fusion.branch_layout('dbb_avg')))() == 5

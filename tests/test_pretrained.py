@@ -139,11 +139,12 @@ HUB_REPO = 'timm/repvgg_a0.rvgg_in1k'
 
 
 def hub_cache(root, state, repo=HUB_REPO, commit='0123456789abcdef0123456789abcdef01234567'):
-  """The Hugging Face cache layout of ``repo`` holding the state dict ``state``, as
-  ``hf download`` leaves it: refs/main naming a snapshot that holds the file."""
+  """The Hugging Face cache layout of ``repo`` holding the state dict ``state`` in the
+  snapshot ``commit``, as ``hf download`` leaves it; the first snapshot is refs/main's."""
   folder = root / f'models--{repo.replace("/", "--")}'
-  (folder / 'refs').mkdir(parents=True)
-  (folder / 'refs' / 'main').write_text(commit)
+  if not (folder / 'refs').exists():
+    (folder / 'refs').mkdir(parents=True)
+    (folder / 'refs' / 'main').write_text(commit)
   snapshot = folder / 'snapshots' / commit
   snapshot.mkdir(parents=True)
   contiguous = {key: np.ascontiguousarray(value) for key, value in state.items()}
@@ -171,6 +172,13 @@ def test_hub_references_load_offline_from_the_cache(a0_weights, tmp_path, monkey
   assert relative_error(deploy.apply(fused, x), expected) <= 1e-5
   meta = convert.import_weights(reference, tmp_path / 'imported', verify=False)
   assert meta['source'] == reference and meta['key_style'] == 'timm'
+  # A revision names its own snapshot (here one whose classifier is zero).
+  other = '89abcdef0123456789abcdef0123456789abcdef'
+  zero_head = jax.tree.map(np.zeros_like, source['params']['linear'])
+  changed = {**source, 'params': {**source['params'], 'linear': zero_head}}
+  hub_cache(tmp_path / 'hub', torch_layout.to_torch(changed, style='timm'), commit=other)
+  _, at_revision = repvgg_jax.create_model('A0', num_classes=10, pretrained=f'{reference}@{other}')
+  assert not np.any(at_revision['params']['linear']['kernel'])
 
 
 def test_a_hub_reference_not_cached_offline_says_what_to_download(tmp_path, monkeypatch):
@@ -182,8 +190,11 @@ def test_a_hub_reference_not_cached_offline_says_what_to_download(tmp_path, monk
   assert '\n' not in message
   assert f'hf download {HUB_REPO} model.safetensors' in message
   assert 'models--timm--repvgg_a0.rvgg_in1k' in message and str(tmp_path / 'empty') in message
-  with pytest.raises(ConversionError, match='write hf-hub:ORG/NAME'):
-    repvgg_jax.create_model('A0', pretrained='hf-hub:repvgg_a0')
+  for malformed in ('hf-hub:repvgg_a0', f'hf-hub:{HUB_REPO}@'):
+    with pytest.raises(ConversionError, match='write hf-hub:ORG/NAME'):
+      repvgg_jax.create_model('A0', pretrained=malformed)
+  with pytest.raises(ConversionError, match='model.safetensors --revision v2`'):
+    repvgg_jax.create_model('A0', pretrained=f'hf-hub:{HUB_REPO}@v2')
 
 
 def test_a_hub_reference_to_another_model_names_what_it_found(tmp_path, monkeypatch):

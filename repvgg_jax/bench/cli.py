@@ -223,6 +223,38 @@ def _add_common(parser, batch: int, size: int) -> None:
   _add_host_memory(parser)
 
 
+def _add_deploy_commands(sub) -> None:
+  """``deploy`` (the fused model in four runtimes) and ``input`` (feeding a GPU)."""
+  deploy = sub.add_parser(
+    'deploy', help='the fused model in JAX, onnxruntime, PyTorch and a TF SavedModel'
+  )
+  deploy.add_argument('--model', default='A0', help='variant name (see --list)')
+  deploy.add_argument('--batches', default='1,32', type=_batches, help='comma-separated sizes')
+  deploy.add_argument('--size', type=int, default=224, help='image height and width')
+  deploy.add_argument('--runs', type=int, default=10, help='timed runs of each runtime')
+  deploy.add_argument('--warmup', type=int, default=2, help='untimed runs after loading')
+  deploy.add_argument(
+    '--torch',
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help='include PyTorch (default: when torch is installed)',
+  )
+  deploy.add_argument('--json', help='append the rows as JSON lines to this file')
+  _add_host_memory(deploy)
+  feed = sub.add_parser('input', help='JPEG decode, random-resized crop and flip, per core')
+  feed.add_argument('--images', type=int, default=512, help='JPEGs made and decoded per pass')
+  feed.add_argument('--size', type=int, default=224, help='side of the training crops')
+  feed.add_argument('--runs', type=int, default=3, help='timed passes of each form')
+  feed.add_argument(
+    '--gpu-rate',
+    type=float,
+    default=bench_input.B0_GPU_RATE,
+    help="images/s one GPU trains at (default: B0's on one H200, bfloat16)",
+  )
+  feed.add_argument('--json', help='append the rows as JSON lines to this file')
+  _add_host_memory(feed)
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -260,34 +292,7 @@ def _parser() -> argparse.ArgumentParser:
   layers = sub.add_parser('layers', help="per-layer XLA, im2col and Winograd, and 'auto's choice")
   _add_common(layers, 32, 224)
   layers.add_argument('--train', action='store_true', help='time forward and backward')
-  deploy = sub.add_parser(
-    'deploy', help='the fused model in JAX, onnxruntime, PyTorch and a TF SavedModel'
-  )
-  deploy.add_argument('--model', default='A0', help='variant name (see --list)')
-  deploy.add_argument('--batches', default='1,32', type=_batches, help='comma-separated sizes')
-  deploy.add_argument('--size', type=int, default=224, help='image height and width')
-  deploy.add_argument('--runs', type=int, default=10, help='timed runs of each runtime')
-  deploy.add_argument('--warmup', type=int, default=2, help='untimed runs after loading')
-  deploy.add_argument(
-    '--torch',
-    action=argparse.BooleanOptionalAction,
-    default=None,
-    help='include PyTorch (default: when torch is installed)',
-  )
-  deploy.add_argument('--json', help='append the rows as JSON lines to this file')
-  _add_host_memory(deploy)
-  feed = sub.add_parser('input', help='JPEG decode, random-resized crop and flip, per core')
-  feed.add_argument('--images', type=int, default=512, help='JPEGs made and decoded per pass')
-  feed.add_argument('--size', type=int, default=224, help='side of the training crops')
-  feed.add_argument('--runs', type=int, default=3, help='timed passes of each form')
-  feed.add_argument(
-    '--gpu-rate',
-    type=float,
-    default=bench_input.B0_GPU_RATE,
-    help="images/s one GPU trains at (default: B0's on one H200, bfloat16)",
-  )
-  feed.add_argument('--json', help='append the rows as JSON lines to this file')
-  _add_host_memory(feed)
+  _add_deploy_commands(sub)
   suite = sub.add_parser('suite', help='everything, as JSON lines, markdown and Figure 1')
   suite.add_argument('--out', default='bench_results', help='output directory')
   suite.add_argument('--runs', type=int, default=5, help='timed runs of each function')
@@ -329,28 +334,14 @@ def main(argv=None) -> int:
     )
     return 0
   if args.command == 'input':
-    if min(args.images, args.size, args.runs) < 1 or args.gpu_rate <= 0:
-      parser.error('--images, --size, --runs and --gpu-rate must be positive.')
-    rows = bench_input.benchmark_input(args.images, args.size, args.runs, args.gpu_rate)
-    print(bench_input.format_input(rows))
-    for row in rows if args.json else ():
-      jsonfiles.append_jsonl(args.json, row)
-    return 0
+    return _run_deployment_bench(parser, args)
   if args.command == 'roofline':
     row = roofline(args.dtype)
     _emit(row, bench_report.format_roofline(row), args.json)
     return 0
   _check_model(parser, args.model)
   if args.command == 'deploy':
-    if args.size < 1 or args.runs < 1:
-      parser.error('--size and --runs must be positive.')
-    rows = bench_deploy.benchmark_deploy(
-      args.model, args.batches, args.size, args.runs, args.warmup, _with_torch(parser, args.torch)
-    )
-    print(bench_deploy.format_deploy(rows))
-    for row in rows if args.json else ():
-      jsonfiles.append_jsonl(args.json, row)
-    return 0
+    return _run_deployment_bench(parser, args)
   if args.batch < 1 or args.size < 1 or args.runs < 1:
     parser.error('--batch, --size and --runs must be positive.')
   if args.command == 'layers':
@@ -384,6 +375,26 @@ def main(argv=None) -> int:
       **common,
     )
     _emit(row, bench_report.format_infer(row), args.json)
+  return 0
+
+
+def _run_deployment_bench(parser, args) -> int:
+  """``deploy`` or ``input``: its table printed, its rows appended to ``--json``."""
+  if args.command == 'deploy':
+    if args.size < 1 or args.runs < 1:
+      parser.error('--size and --runs must be positive.')
+    torch = _with_torch(parser, args.torch)
+    rows = bench_deploy.benchmark_deploy(
+      args.model, args.batches, args.size, args.runs, args.warmup, torch
+    )
+    print(bench_deploy.format_deploy(rows))
+  else:
+    if min(args.images, args.size, args.runs) < 1 or args.gpu_rate <= 0:
+      parser.error('--images, --size, --runs and --gpu-rate must be positive.')
+    rows = bench_input.benchmark_input(args.images, args.size, args.runs, args.gpu_rate)
+    print(bench_input.format_input(rows))
+  for row in rows if args.json else ():
+    jsonfiles.append_jsonl(args.json, row)
   return 0
 
 

@@ -26,6 +26,7 @@ from repvgg_jax import perf
 from repvgg_jax.bench import timing
 from repvgg_jax.bench.models import randomized_variables
 from repvgg_jax.interop import export, onnx_export
+from repvgg_jax.interop.convert import max_relative_difference
 from repvgg_jax.model import create_model, fuse_params
 
 TOLERANCE = 1e-4  # Relative logit error a runtime may show against JAX's.
@@ -34,11 +35,6 @@ NUM_CLASSES = 1000
 
 class RuntimeMismatchError(AssertionError):
   """A runtime computes other logits than JAX: its speed would compare different networks."""
-
-
-def _relative_error(actual, expected) -> float:
-  expected = np.asarray(expected, np.float64)
-  return float(np.linalg.norm(np.asarray(actual, np.float64) - expected) / np.linalg.norm(expected))
 
 
 def _runtimes(name: str, fused, size: int, directory: pathlib.Path, with_torch: bool):
@@ -109,7 +105,7 @@ def benchmark_deploy(
       images = np.random.default_rng(batch).standard_normal((batch, size, size, 3), np.float32)
       inputs = {key: prepare(images) for key, (prepare, _) in runtimes.items()}
       outputs = {key: np.asarray(run(inputs[key])) for key, (_, run) in runtimes.items()}
-      errors = {key: _relative_error(out, outputs['jax']) for key, out in outputs.items()}
+      errors = {key: max_relative_difference(out, outputs['jax']) for key, out in outputs.items()}
       wrong = {key: error for key, error in errors.items() if not error <= TOLERANCE}
       if wrong:
         raise RuntimeMismatchError(

@@ -32,7 +32,8 @@ from repvgg_jax import jsonfiles, perf
 from repvgg_jax.data import input_pipeline
 from repvgg_jax.interop import export, hub, onnx_export, torch_layout
 from repvgg_jax.interop.torch_layout import ConversionError
-from repvgg_jax.model import create_model, fusion, model_from_config
+from repvgg_jax.model import PAPER_BRANCHES, create_model, fusion, model_from_config
+from repvgg_jax.model.network import NUM_STAGES
 from repvgg_jax.perf import compile_options
 from repvgg_jax.train import checkpointing
 
@@ -248,11 +249,12 @@ def _models_of(workdir: pathlib.Path, variables, name: str | None):
 
 
 def _branches_per_stage(params) -> list[tuple[str, ...]]:
+  """The branch kinds of each stage's blocks (the paper's for stages a backbone left out)."""
   stages: dict[int, set[str]] = {}
   for key in fusion.block_keys(params):
     stage, _ = fusion.block_position(key)
     stages.setdefault(stage, set()).update(params[key])
-  return [tuple(sorted(stages[s])) for s in sorted(stages)]
+  return [tuple(sorted(stages.get(s, PAPER_BRANCHES))) for s in range(NUM_STAGES)]
 
 
 def _export_source(path: pathlib.Path) -> tuple[checkpointing.Checkpoints, int | None]:
@@ -277,7 +279,43 @@ def export_checkpoint(
 ) -> dict:
   """Exports a deploy checkpoint (a training one is fused first); returns export.json's content."""
   check_output_dir(output_dir)
-  path = pathlib.Path(path)
+  name, variables, training, saved = _export_variables(pathlib.Path(path), model)
+  options = _model_options(variables['params'], conv_impl)
+  deploy_model = create_model(name, deploy=True, **options)
+  image_size = image_size or saved.get('image_size') or 224
+  meta = {
+    'model': deploy_model.variant.name,
+    'num_classes': options['num_classes'],
+    'source': str(path),
+    'fused_from_training_checkpoint': training is not None,
+  }
+  if options['in_channels'] == 3:  # What training fed it: (pixels / 255 - mean) / std.
+    meta['preprocess'] = {
+      'scale': '1/255',
+      'mean': list(input_pipeline.MEAN_RGB),
+      'std': list(input_pipeline.STDDEV_RGB),
+    }
+  output = export.write_export(
+    output_dir, deploy_model, variables, image_size, meta, formats, platforms
+  )
+  meta = json.loads((output / export.META_FILE).read_text())
+  if verify:
+    meta['verify'] = _verify_export(output, deploy_model, variables, image_size, formats)
+    if training is not None:  # And the deploy model against the checkpoint's training-time one.
+      branches = _branches_per_stage(training['params'])
+      training_model = create_model(name, branches=branches, **options)
+      images = _random_images(image_size, batch=3)
+      meta['verify']['fused_vs_training'] = max_relative_difference(
+        _flat(compile_options.jit(deploy_model.apply)(variables, images)),
+        _flat(compile_options.jit(training_model.apply)(training, images)),
+      )
+    jsonfiles.write_json(output / export.META_FILE, meta)
+  return meta
+
+
+def _export_variables(path: pathlib.Path, model: str | None):
+  """``(variant, deploy variables, training variables or None, saved metadata)`` of
+  the checkpoint at ``path``; a training checkpoint is fused here."""
   if not path.exists():
     raise FileNotFoundError(f'No checkpoint at {path}.')
   ckpt, step = _export_source(path)
@@ -287,59 +325,26 @@ def export_checkpoint(
   name = model or saved.get('model') or fusion.identify_variant(state['params'])
   if name is None:
     raise ConversionError(f'{path} does not say which variant it holds: give it with --model.')
-  fused_here = 'batch_stats' in state
-  if fused_here:
+  if 'batch_stats' in state:
     training = {k: state[k] for k in ('params', 'batch_stats')}
-    variables = fusion.fuse_params(training, model=name)
-  else:
-    variables = {'params': state['params']}
-    looks_like = fusion.identify_variant(variables['params'])
-    if looks_like != create_model(name).variant.name:
-      raise ConversionError(f'{path} holds {looks_like or "no known variant"}, not {name}.')
-  params = variables['params']
+    return name, fusion.fuse_params(training, model=name), training, saved
+  looks_like = fusion.identify_variant(state['params'])
+  if looks_like != create_model(name).variant.name:
+    raise ConversionError(f'{path} holds {looks_like or "no known variant"}, not {name}.')
+  return name, {'params': state['params']}, None, saved
+
+
+def _model_options(params, conv_impl: str) -> dict:
+  """`create_model` arguments that fit a (fused) parameter tree: its classes, input
+  channels and, for a backbone, every stage it holds (out_indices may have cut it short)."""
   num_classes = int(params['linear']['kernel'].shape[1]) if 'linear' in params else 0
-  in_channels = int(params['stage0_block0']['reparam']['kernel'].shape[2])
-  deploy_model = create_model(
-    name,
-    num_classes=num_classes,
-    deploy=True,
-    in_channels=in_channels,
-    conv=perf.conv_layer(conv_impl, train=False),
-  )
-  image_size = image_size or saved.get('image_size') or 224
-  meta = {
-    'model': deploy_model.variant.name,
+  last_stage = fusion.architecture(params)[-1].stage if num_classes == 0 else NUM_STAGES - 1
+  return {
     'num_classes': num_classes,
-    'source': str(path),
-    'fused_from_training_checkpoint': fused_here,
-    # What the training fed the model: (pixels / 255 - mean) / std per RGB channel.
-    'preprocess': {
-      'scale': '1/255',
-      'mean': list(input_pipeline.MEAN_RGB),
-      'std': list(input_pipeline.STDDEV_RGB),
-    },
+    'in_channels': int(params['stage0_block0']['reparam']['kernel'].shape[2]),
+    'conv': perf.conv_layer(conv_impl, train=False),
+    'out_indices': tuple(range(last_stage + 1)),
   }
-  output = export.write_export(
-    output_dir, deploy_model, variables, image_size, meta, formats, platforms
-  )
-  meta = json.loads((output / export.META_FILE).read_text())
-  if verify:
-    meta['verify'] = _verify_export(output, deploy_model, variables, image_size, formats)
-    if fused_here:  # And the deploy model against the checkpoint's training-time model.
-      training_model = create_model(
-        name,
-        num_classes=num_classes,
-        branches=_branches_per_stage(training['params']),
-        in_channels=in_channels,
-        conv=perf.conv_layer(conv_impl, train=False),
-      )
-      images = _random_images(image_size, batch=3)
-      meta['verify']['fused_vs_training'] = max_relative_difference(
-        _flat(compile_options.jit(deploy_model.apply)(variables, images)),
-        _flat(compile_options.jit(training_model.apply)(training, images)),
-      )
-    jsonfiles.write_json(output / export.META_FILE, meta)
-  return meta
 
 
 def _verify_export(output, deploy_model, variables, image_size, formats) -> dict:

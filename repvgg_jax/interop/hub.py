@@ -34,8 +34,8 @@ def resolve(source: str | os.PathLike) -> pathlib.Path:
   """
   if not is_reference(source):
     return pathlib.Path(source)
-  repo, _, revision = source[len(PREFIX) :].partition('@')
-  if repo.count('/') != 1 or not all(repo.split('/')):
+  repo, at, revision = source[len(PREFIX) :].partition('@')
+  if repo.count('/') != 1 or not all(repo.split('/')) or (at and not revision):
     raise ConversionError(f'{source!r} is not a hub reference: write hf-hub:ORG/NAME[@REVISION].')
   from huggingface_hub import errors as hub_errors
   from huggingface_hub import hf_hub_download
@@ -55,6 +55,9 @@ def resolve(source: str | os.PathLike) -> pathlib.Path:
       continue  # The repository has no such file: try the next name.
     except (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError) as error:
       raise ConversionError(f'{source}: {type(error).__name__} on the Hugging Face Hub.') from None
+    except hub_errors.HfHubHTTPError as error:  # Rate limits, server errors, disabled repos.
+      reason = ' '.join(str(error).split())[:200]
+      raise ConversionError(f'{source}: the Hugging Face Hub answered {reason}') from None
   if not_cached:
     from huggingface_hub import constants
 
@@ -62,7 +65,8 @@ def resolve(source: str | os.PathLike) -> pathlib.Path:
     raise ConversionError(
       f'{source} is not in the Hugging Face cache ({where}) and the hub cannot be reached'
       f'{" (HF_HUB_OFFLINE is set)" if offline else ""}: where there is a network, run '
-      f'`hf download {repo} {WEIGHT_FILES[0]}` and copy its cache folder '
+      f'`hf download {repo} {WEIGHT_FILES[0]}{f" --revision {revision}" if revision else ""}` '
+      'and copy its cache folder '
       f'models--{repo.replace("/", "--")} into {where}, or download the file and give its path.'
     )
   raise ConversionError(f'{source} holds none of {", ".join(WEIGHT_FILES)}.')

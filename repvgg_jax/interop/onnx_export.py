@@ -4,13 +4,14 @@ The deploy RepVGG is a plain chain: per block a 3x3 convolution with bias and
 a ReLU, then global average pooling and a dense layer. The graph says exactly
 that (``Conv``, ``Relu``, ..., ``GlobalAveragePool``, ``Flatten``, ``Gemm``), so
 onnxruntime, TensorRT, OpenVINO and the mobile runtimes each run it with their
-own fused conv+bias+ReLU kernels. No tracing of JAX is involved.
+own conv+bias+ReLU kernels. No tracing of JAX is involved.
 
 The input ``images`` is float32 NHWC ``[batch, size, size, channels]``,
 normalized as in training, like the other artifacts (a ``Transpose`` to NCHW
-opens the graph; runtimes fold it into the first convolution's layout). The
+opens the graph). The
 batch is dynamic. The output is ``logits`` ``[batch, classes]``, or for a
-backbone (``num_classes=0``) ``stage0`` ... ``stage4`` in NHWC.
+backbone (``num_classes=0``) ``stage0``, ``stage1``, ... in NHWC, one for each
+stage the tree holds.
 """
 
 from __future__ import annotations
@@ -32,74 +33,88 @@ INPUT = 'images'
 def deploy_graph(variables: Mapping[str, Any], image_size: int, name: str = 'repvgg'):
   """The `onnx.ModelProto` of the deploy model with ``variables`` (a fused tree)."""
   import onnx
-  from onnx import TensorProto, helper, numpy_helper
+  from onnx import TensorProto, helper
 
   params = variables['params']
   keys = fusion.block_keys(params)
   if not keys or any(fusion.FUSED_KEY not in params[key] for key in keys):
     raise fusion.FusionError('An ONNX graph needs fused variables: fuse_params(variables) first.')
   blocks = fusion.architecture(params)
-  in_channels = blocks[0].in_channels
-  nodes = [helper.make_node('Transpose', [INPUT], ['nchw'], perm=[0, 3, 1, 2])]
-  weights, x = [], 'nchw'
-  for key, block in zip(keys, blocks, strict=True):
-    conv = params[key][fusion.FUSED_KEY]
-    kernel = torch_layout.conv_kernel_to_torch(np.asarray(conv['kernel']))
-    weights += [
-      numpy_helper.from_array(_f32(kernel), f'{key}.w'),
-      numpy_helper.from_array(_f32(conv['bias']), f'{key}.b'),
-    ]
-    nodes += [
-      helper.make_node(
-        'Conv',
-        [x, f'{key}.w', f'{key}.b'],
-        [f'{key}.conv'],
-        kernel_shape=[3, 3],
-        pads=[1, 1, 1, 1],
-        strides=[block.stride, block.stride],
-        group=block.groups,
-      ),
-      helper.make_node('Relu', [f'{key}.conv'], [key]),
-    ]
-    x = key
-  shape = lambda channels, side: ['batch', side, side, channels]
+  nodes, weights = _block_nodes(params, keys, blocks)
   if 'linear' in params:
-    kernel, bias = _f32(params['linear']['kernel']), _f32(params['linear']['bias'])
-    weights += [
-      numpy_helper.from_array(kernel, 'linear.w'),
-      numpy_helper.from_array(bias, 'linear.b'),
-    ]
-    nodes += [
-      helper.make_node('GlobalAveragePool', [x], ['pooled']),
-      helper.make_node('Flatten', ['pooled'], ['features'], axis=1),
-      helper.make_node('Gemm', ['features', 'linear.w', 'linear.b'], ['logits']),
-    ]
-    logits = helper.make_tensor_value_info('logits', TensorProto.FLOAT, ['batch', bias.size])
-    graph_outputs = [logits]
-  else:  # A backbone: each stage's last block, back in NHWC.
-    graph_outputs = []
-    last = {}
-    for key, (side, block) in zip(keys, fusion.block_layers(params, image_size), strict=True):
-      last[block.stage] = (key, (side - 1) // block.stride + 1, block)  # Its output's side.
-    for stage, (key, side, block) in sorted(last.items()):
-      output = f'stage{stage}'
-      nodes.append(helper.make_node('Transpose', [key], [output], perm=[0, 2, 3, 1]))
-      value = helper.make_tensor_value_info(
-        output, TensorProto.FLOAT, shape(block.out_channels, side)
-      )
-      graph_outputs.append(value)
+    head_nodes, head_weights, outputs = _classifier(params['linear'], keys[-1])
+  else:
+    head_nodes, head_weights, outputs = _stage_outputs(params, keys, image_size)
+  images = helper.make_tensor_value_info(
+    INPUT, TensorProto.FLOAT, ['batch', image_size, image_size, blocks[0].in_channels]
+  )
   graph = helper.make_graph(
-    nodes,
-    name,
-    [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, shape(in_channels, image_size))],
-    graph_outputs,
-    initializer=weights,
+    nodes + head_nodes, name, [images], outputs, initializer=weights + head_weights
   )
   model = helper.make_model(
     graph, opset_imports=[helper.make_opsetid('', OPSET)], producer_name='repvgg_jax'
   )
   onnx.checker.check_model(model, full_check=True)
   return model
+
+
+def _block_nodes(params, keys, blocks):
+  """The NHWC -> NCHW transpose, then per block its 3x3 ``Conv`` (bias, stride, groups)
+  and ``Relu``, whose output is named after the block."""
+  from onnx import helper, numpy_helper
+
+  nodes = [helper.make_node('Transpose', [INPUT], ['nchw'], perm=[0, 3, 1, 2])]
+  weights, x = [], 'nchw'
+  for key, block in zip(keys, blocks, strict=True):
+    conv = params[key][fusion.FUSED_KEY]
+    kernel = torch_layout.conv_kernel_to_torch(np.asarray(conv['kernel']))  # OIHW.
+    weights += [
+      numpy_helper.from_array(_f32(kernel), f'{key}.w'),
+      numpy_helper.from_array(_f32(conv['bias']), f'{key}.b'),
+    ]
+    conv_node = helper.make_node(
+      'Conv',
+      [x, f'{key}.w', f'{key}.b'],
+      [f'{key}.conv'],
+      kernel_shape=[3, 3],
+      pads=[1, 1, 1, 1],
+      strides=[block.stride, block.stride],
+      group=block.groups,
+    )
+    nodes += [conv_node, helper.make_node('Relu', [f'{key}.conv'], [key])]
+    x = key
+  return nodes, weights
+
+
+def _classifier(linear, last_block: str):
+  """Global average pooling, ``Flatten`` and ``Gemm`` to ``logits``."""
+  from onnx import TensorProto, helper, numpy_helper
+
+  kernel, bias = _f32(linear['kernel']), _f32(linear['bias'])  # Kernel (in, out): no transB.
+  weights = [numpy_helper.from_array(kernel, 'linear.w'), numpy_helper.from_array(bias, 'linear.b')]
+  nodes = [
+    helper.make_node('GlobalAveragePool', [last_block], ['pooled']),
+    helper.make_node('Flatten', ['pooled'], ['features'], axis=1),
+    helper.make_node('Gemm', ['features', 'linear.w', 'linear.b'], ['logits']),
+  ]
+  logits = helper.make_tensor_value_info('logits', TensorProto.FLOAT, ['batch', bias.size])
+  return nodes, weights, [logits]
+
+
+def _stage_outputs(params, keys, image_size: int):
+  """A backbone's outputs: each stage's last block, back in NHWC, as ``stage{s}``."""
+  from onnx import TensorProto, helper
+
+  last = {}
+  for key, (side, block) in zip(keys, fusion.block_layers(params, image_size), strict=True):
+    last[block.stage] = (key, (side - 1) // block.stride + 1, block)  # Its output's side.
+  nodes, outputs = [], []
+  for stage, (key, side, block) in sorted(last.items()):
+    output = f'stage{stage}'
+    nodes.append(helper.make_node('Transpose', [key], [output], perm=[0, 2, 3, 1]))
+    shape = ['batch', side, side, block.out_channels]
+    outputs.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, shape))
+  return nodes, [], outputs
 
 
 def _f32(array) -> np.ndarray:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -265,18 +266,27 @@ def identify_variant(params: Tree) -> str | None:
 Path = tuple[str, ...]
 
 
+class _BranchProbe(nn.Module):
+  """A lone branch of kind ``kind``, to read its parameter layout off `jax.eval_shape`."""
+
+  kind: str
+
+  @nn.compact
+  def __call__(self, x):
+    conv, norm = layer_partials(train=False)
+    return branches_lib.get_branch(self.kind).build(4, 1, 1, conv, norm, name='branch')(x)
+
+
 @functools.cache
 def branch_layout(name: str) -> frozenset[Path]:
   """The leaf paths of the parameters of branch kind ``name``, as its module
   builds them (``{('conv', 'kernel'), ('bn', 'scale'), ('bn', 'bias')}`` for
-  ``conv3x3``); they do not depend on the block's shape."""
-  kind = branches_lib.get_branch(name)
-  conv, norm = layer_partials(train=False)
-  module = kind.build(4, 1, 1, conv, norm, name=name)
-  shapes = jax.eval_shape(
-    module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 5, 5, 4), jnp.float32)
-  )
-  return frozenset(_leaf_paths(shapes['params']))
+  ``conv3x3``); they do not depend on the block's shape (read at 4 -> 4
+  channels, stride 1)."""
+  probe = _BranchProbe(name, parent=None)  # Unbound, even when called inside a module.
+  images = jax.ShapeDtypeStruct((1, 5, 5, 4), jnp.float32)
+  shapes = jax.eval_shape(lambda x: probe.init(jax.random.key(0), x), images)
+  return frozenset(_leaf_paths(shapes['params']['branch']))
 
 
 def _leaf_paths(tree: Tree, path: Path = ()) -> list[Path]:
@@ -458,8 +468,9 @@ def _check_networks(params: Tree, model: str | None) -> None:
     found = architecture(network)  # Raises when blocks are missing or do not chain.
     if model is not None:
       expected = variants.get_variant(model)
-      # A backbone built up to a stage (out_indices) holds the blocks before it.
-      if [block for block in expected.blocks() if block.stage <= found[-1].stage] != found:
+      # A backbone (no classifier) built up to a stage by out_indices holds the blocks before it.
+      last = found[-1].stage if 'linear' not in network else len(expected.stage_depths) - 1
+      if [block for block in expected.blocks() if block.stage <= last] != found:
         name = identify_variant(network) or 'no known variant'
         where = f' at {_where(path)}' if path else ''
         raise FusionError(
