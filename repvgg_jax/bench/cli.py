@@ -200,6 +200,15 @@ def _add_host_memory(parser) -> None:
   )
 
 
+def _add_torch_flag(parser, what: str) -> None:
+  parser.add_argument(
+    '--torch',
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help=f'{what} (default: when torch is installed)',
+  )
+
+
 def _add_common(parser, batch: int, size: int) -> None:
   parser.add_argument('--model', default='A0', help='variant name (see --list)')
   parser.add_argument('--batch', type=int, default=batch, help='images per batch')
@@ -213,12 +222,7 @@ def _add_common(parser, batch: int, size: int) -> None:
     choices=CONV_IMPLS,
     help='convolution implementation (auto: per layer, by backend and feature-map size)',
   )
-  parser.add_argument(
-    '--torch',
-    action=argparse.BooleanOptionalAction,
-    default=None,
-    help='also time the same network in PyTorch (default: when torch is installed)',
-  )
+  _add_torch_flag(parser, 'also time the same network in PyTorch')
   parser.add_argument('--json', help='append the result as JSON lines to this file')
   _add_host_memory(parser)
 
@@ -233,12 +237,7 @@ def _add_deploy_commands(sub) -> None:
   deploy.add_argument('--size', type=int, default=224, help='image height and width')
   deploy.add_argument('--runs', type=int, default=10, help='timed runs of each runtime')
   deploy.add_argument('--warmup', type=int, default=2, help='untimed runs after loading')
-  deploy.add_argument(
-    '--torch',
-    action=argparse.BooleanOptionalAction,
-    default=None,
-    help='include PyTorch (default: when torch is installed)',
-  )
+  _add_torch_flag(deploy, 'include PyTorch')
   deploy.add_argument('--json', help='append the rows as JSON lines to this file')
   _add_host_memory(deploy)
   feed = sub.add_parser('input', help='JPEG decode, random-resized crop and flip, per core')
@@ -301,12 +300,7 @@ def _parser() -> argparse.ArgumentParser:
   suite.add_argument(
     '--figure-batch', type=int, default=None, help="Figure 1's batch (default: 8 on CPUs, else 128)"
   )
-  suite.add_argument(
-    '--torch',
-    action=argparse.BooleanOptionalAction,
-    default=None,
-    help='PyTorch beside JAX where the suite compares them (default: when torch is installed)',
-  )
+  _add_torch_flag(suite, 'PyTorch beside JAX where the suite compares them')
   suite.add_argument('--figure-size', type=int, default=224, help="Figure 1's image side")
   _add_host_memory(suite)
   return parser
