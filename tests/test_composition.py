@@ -14,7 +14,7 @@ import pytest
 from helpers import random_variables, relative_error, run_in_repo
 
 import repvgg_jax
-from repvgg_jax.model import fusion, variants
+from repvgg_jax.model import trees, variants
 
 # A shallow variant keeps random statistics from washing the signal out.
 TINY = variants.Variant('RepVGG-tiny', (1, 2, 1, 1), (0.25, 0.5), groups=2)
@@ -290,12 +290,12 @@ def test_frozen_trees_mixed_trees_and_backbones_built_to_a_stage():
 
 
 def test_branch_layouts_are_read_apart_from_the_module_that_asks():
-  fusion.branch_layout.cache_clear()
+  trees.branch_layout.cache_clear()
 
   class Asks(nn.Module):
     @nn.compact
     def __call__(self, x):
-      assert fusion.branch_layout('conv1x1') == {
+      assert trees.branch_layout('conv1x1') == {
         ('conv', 'kernel'),
         ('bn', 'scale'),
         ('bn', 'bias'),
@@ -304,4 +304,4 @@ def test_branch_layouts_are_read_apart_from_the_module_that_asks():
 
   variables = Asks().init(jax.random.key(0), jnp.zeros((1, 3)))
   assert list(variables['params']) == ['dense']  # No stray branch module.
-  assert jax.jit(lambda: len(fusion.branch_layout('dbb_avg')))() == 5
+  assert jax.jit(lambda: len(trees.branch_layout('dbb_avg')))() == 5

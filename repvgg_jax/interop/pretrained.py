@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from repvgg_jax.interop import convert, hub, torch_layout
 from repvgg_jax.interop.torch_layout import ConversionError
-from repvgg_jax.model import fusion
+from repvgg_jax.model import fusion, trees
 
 CLASSIFIER = 'linear'
 
@@ -79,7 +79,7 @@ def load_pretrained(
   variables = flax.core.unfreeze(variables)  # Plain dicts in, plain dicts out.
   path = tuple(key for key in at.split('/') if key) if isinstance(at, str) else tuple(at)
   where = '/'.join(path) or 'the top of the tree'
-  target = fusion.subtree(variables.get('params', {}), path)
+  target = trees.subtree(variables.get('params', {}), path)
   if not isinstance(target, Mapping) or not fusion.block_keys(target):
     keys = sorted(target) if isinstance(target, Mapping) else []
     raise ConversionError(
@@ -95,14 +95,14 @@ def load_pretrained(
   for collection, tree in weights.items():
     tree = jax.tree.map(jnp.asarray, tree)
     result[collection] = (
-      fusion.replace_subtrees(variables[collection], {path: tree}) if path else tree
+      trees.replace_subtrees(variables[collection], {path: tree}) if path else tree
     )
   return result
 
 
 def _at(variables: Mapping[str, Any], path: tuple[str, ...]) -> dict:
   """The collections of ``variables`` at ``path`` (those that have it)."""
-  found = {name: fusion.subtree(tree, path) for name, tree in variables.items()}
+  found = {name: trees.subtree(tree, path) for name, tree in variables.items()}
   return {name: tree for name, tree in found.items() if tree}
 
 

@@ -1,31 +1,27 @@
 """Structural re-parameterization: training-time variables -> deploy variables.
 
 `fuse_params` is a pure function on pytrees. It finds the blocks by their
-structure wherever they sit, reads each one's shape off its parameters, fuses
-every block in float64 with the rule of each of its branch kinds
-(`repvgg_jax.model.branches`), and casts once to the parameters' dtype, so the
-fused model agrees with the training-time model in inference mode up to float32
-rounding. It is jittable: all checks are on static shapes.
+layout wherever they sit (`repvgg_jax.model.trees`), reads each one's shape off
+its parameters, fuses every block in float64 with the rule of each of its
+branch kinds (`repvgg_jax.model.branches`), and casts once to the parameters'
+dtype, so the fused model agrees with the training-time model in inference mode
+up to float32 rounding. It is jittable: all checks are on static shapes.
 """
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from repvgg_jax.model import branches as branches_lib
-from repvgg_jax.model import variants
-from repvgg_jax.model.blocks import layer_partials
+from repvgg_jax.model import trees, variants
+from repvgg_jax.model.trees import block_keys, block_position
 
 Tree = Mapping[str, Any]
-_BLOCK_KEY = re.compile(r'^stage(\d+)_block(\d+)$')
 FUSED_KEY = branches_lib.FUSED_KEY
 
 
@@ -132,9 +128,8 @@ def _check_block(block_params: Tree, block_stats: Tree, name: str) -> None:
   for branch, params in block_params.items():
     where = f'{name}/{branch}'
     _branch_kind(branch, where)
-    found, layout = (
-      sorted(map('/'.join, paths)) for paths in (_leaf_paths(params), branch_layout(branch))
-    )
+    found = sorted(map('/'.join, trees.leaf_paths(params)))
+    layout = sorted(map('/'.join, trees.branch_layout(branch)))
     if found != layout:
       raise FusionError(f'{where} holds {found}, not the layers of a {branch} branch: {layout}.')
     if branch not in block_stats:
@@ -167,20 +162,6 @@ def _check_stats_shapes(params: Tree, stats: Tree, where: str) -> None:
       if key not in stats and 'scale' in value:
         raise FusionError(f'{where}/{key}: batch_stats lacks this BatchNorm.')
       _check_stats_shapes(value, stats.get(key, {}), f'{where}/{key}')
-
-
-def block_position(key: str) -> tuple[int, int] | None:
-  """``(stage, index)`` of a block key ``stage{s}_block{i}``, or None for other keys.
-
-  The inverse of `repvgg_jax.model.network.block_name`.
-  """
-  match = _BLOCK_KEY.match(key)
-  return None if match is None else (int(match.group(1)), int(match.group(2)))
-
-
-def block_keys(params: Tree) -> list[str]:
-  """Block names of a parameter tree in network order."""
-  return sorted((k for k in params if block_position(k)), key=block_position)
 
 
 def missing_blocks(params: Tree) -> list[str]:
@@ -263,135 +244,7 @@ def identify_variant(params: Tree) -> str | None:
   return None
 
 
-Path = tuple[str, ...]
-
-
-class _BranchProbe(nn.Module):
-  """A lone branch of kind ``kind``, to read its parameter layout off `jax.eval_shape`."""
-
-  kind: str
-
-  @nn.compact
-  def __call__(self, x):
-    conv, norm = layer_partials(train=False)
-    return branches_lib.get_branch(self.kind).build(4, 1, 1, conv, norm, name='branch')(x)
-
-
-@functools.cache
-def branch_layout(name: str) -> frozenset[Path]:
-  """The leaf paths of the parameters of branch kind ``name``, as its module
-  builds them (``{('conv', 'kernel'), ('bn', 'scale'), ('bn', 'bias')}`` for
-  ``conv3x3``); they do not depend on the block's shape (read at 4 -> 4
-  channels, stride 1)."""
-  probe = _BranchProbe(name, parent=None)  # Unbound, even when called inside a module.
-  images = jax.ShapeDtypeStruct((1, 5, 5, 4), jnp.float32)
-  shapes = jax.eval_shape(lambda x: probe.init(jax.random.key(0), x), images)
-  return frozenset(_leaf_paths(shapes['params']['branch']))
-
-
-def _leaf_paths(tree: Tree, path: Path = ()) -> list[Path]:
-  paths = []
-  for key, value in tree.items():
-    paths += _leaf_paths(value, (*path, key)) if isinstance(value, Mapping) else [(*path, key)]
-  return paths
-
-
-def has_block_layout(tree) -> bool:
-  """Whether ``tree`` is laid out as a training-time block: a mapping of branch
-  kinds, each holding exactly the layers its kind builds."""
-  if not isinstance(tree, Mapping) or not tree:
-    return False
-  for branch, params in tree.items():
-    try:
-      branches_lib.get_branch(branch)
-    except ValueError:
-      return False
-    if not isinstance(params, Mapping) or set(_leaf_paths(params)) != branch_layout(branch):
-      return False
-  return True
-
-
-def is_fused_block(tree) -> bool:
-  """Whether ``tree`` is a deploy block's parameters: ``{'reparam': {'kernel', 'bias'}}``."""
-  return (
-    isinstance(tree, Mapping)
-    and list(tree) == [FUSED_KEY]
-    and isinstance(tree[FUSED_KEY], Mapping)
-    and sorted(tree[FUSED_KEY]) == ['bias', 'kernel']
-  )
-
-
-def _is_network(params: Tree) -> bool:
-  """Whether ``params`` is a RepVGG's: it has ``stage{s}_block{i}`` entries, one
-  of them laid out as a block (fused or not)."""
-  return any(
-    block_position(key) is not None and (has_block_layout(value) or is_fused_block(value))
-    for key, value in params.items()
-  )
-
-
-def find_blocks(params: Tree, path: Path = ()) -> tuple[list[Path], list[Path]]:
-  """The paths of the training-time blocks and of the fused blocks in a tree, at
-  any depth (a block's own subtrees are not searched).
-
-  A block is recognised by its layout (`has_block_layout`). In a RepVGG every
-  ``stage{s}_block{i}`` entry counts as a block, so that a wrong branch in one
-  is reported rather than passed over.
-  """
-  training, fused = [], []
-  network = _is_network(params)
-  for key, value in params.items():
-    if not isinstance(value, Mapping):
-      continue
-    if is_fused_block(value):
-      fused.append((*path, key))
-    elif has_block_layout(value) or (network and block_position(key) is not None):
-      training.append((*path, key))
-    else:
-      inner = find_blocks(value, (*path, key))
-      training += inner[0]
-      fused += inner[1]
-  return training, fused
-
-
-def find_networks(params: Tree, path: Path = ()) -> list[Path]:
-  """The paths of the RepVGGs in a tree (see `_is_network`)."""
-  if _is_network(params):
-    return [path]
-  return [
-    found
-    for key, value in params.items()
-    if isinstance(value, Mapping)
-    for found in find_networks(value, (*path, key))
-  ]
-
-
-def subtree(tree: Tree, path: Path):
-  """``tree[path[0]][path[1]]...``, or None where a key is missing."""
-  for key in path:
-    if not isinstance(tree, Mapping) or key not in tree:
-      return None
-    tree = tree[key]
-  return tree
-
-
-def replace_subtrees(tree: Tree, replacements: Mapping[Path, Any], path: Path = ()) -> dict:
-  """A copy of ``tree`` with the subtrees at the given paths replaced (None drops
-  them); mappings left empty are dropped too."""
-  out = {}
-  for key, value in tree.items():
-    here = (*path, key)
-    if here in replacements:
-      value = replacements[here]
-    elif isinstance(value, Mapping) and any(p[: len(here)] == here for p in replacements):
-      value = replace_subtrees(value, replacements, here)
-      value = value or None
-    if value is not None:
-      out[key] = value
-  return out
-
-
-def _where(path: Path) -> str:
+def _where(path: trees.Path) -> str:
   return '/'.join(path) or 'params'
 
 
@@ -421,7 +274,7 @@ def fuse_params(variables: Tree, *, model: str | None = None) -> dict:
     raise FusionError(f"fuse_params takes {{'params', 'batch_stats'}} variables, got {got}.")
   variables = flax.core.unfreeze(variables)  # Plain dicts in, plain dicts out.
   params = variables['params']
-  blocks, fused_blocks = find_blocks(params)  # Fused blocks are copied as they are.
+  blocks, fused_blocks = trees.find_blocks(params)  # Fused blocks are copied as they are.
   if fused_blocks and not blocks:
     raise FusionError(
       f'These variables are already fused ({_where(fused_blocks[0])} holds a single reparam '
@@ -441,15 +294,15 @@ def fuse_params(variables: Tree, *, model: str | None = None) -> dict:
   stats = variables['batch_stats']
   fused = {}
   for path in blocks:
-    block_stats = subtree(stats, path)
+    block_stats = trees.subtree(stats, path)
     if block_stats is None:
       raise FusionError(
         f'batch_stats has no entry for {_where(path)}: it comes from another model.'
       )
-    fused[path] = fuse_block(subtree(params, path), block_stats, name=_where(path))
+    fused[path] = fuse_block(trees.subtree(params, path), block_stats, name=_where(path))
   result = {key: value for key, value in variables.items() if key != 'batch_stats'}
-  result['params'] = replace_subtrees(params, fused)
-  remaining = replace_subtrees(stats, dict.fromkeys(blocks))
+  result['params'] = trees.replace_subtrees(params, fused)
+  remaining = trees.replace_subtrees(stats, dict.fromkeys(blocks))
   if remaining:
     result['batch_stats'] = remaining
   return result
@@ -457,14 +310,14 @@ def fuse_params(variables: Tree, *, model: str | None = None) -> dict:
 
 def _check_networks(params: Tree, model: str | None) -> None:
   """Each RepVGG in the tree must chain (and, with ``model``, be that variant)."""
-  networks = find_networks(params)
+  networks = trees.find_networks(params)
   if model is not None and not networks:
     raise FusionError(
       f'model={model!r} names a RepVGG variant, but the tree holds no RepVGG '
       '(stage<s>_block<i> blocks); leave model out to fuse standalone blocks.'
     )
   for path in networks:
-    network = subtree(params, path)
+    network = trees.subtree(params, path)
     found = architecture(network)  # Raises when blocks are missing or do not chain.
     if model is not None:
       expected = variants.get_variant(model)

@@ -1,0 +1,165 @@
+"""Finding re-parameterizable blocks in parameter trees, and editing trees by path.
+
+A training-time block is known by its layout: a mapping whose keys are all
+registered branch kinds, each holding exactly the layers its kind builds
+(`branch_layout`). A fused block is ``{'reparam': {'kernel', 'bias'}}``. A
+RepVGG is a mapping with ``stage{s}_block{i}`` entries laid out as blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from repvgg_jax.model import branches as branches_lib
+from repvgg_jax.model.blocks import layer_partials
+
+Tree = Mapping[str, Any]
+Path = tuple[str, ...]  # Keys from a tree's root down to a subtree.
+_BLOCK_KEY = re.compile(r'^stage(\d+)_block(\d+)$')
+FUSED_KEY = branches_lib.FUSED_KEY
+
+
+def block_position(key: str) -> tuple[int, int] | None:
+  """``(stage, index)`` of a block key ``stage{s}_block{i}``, or None for other keys.
+
+  The inverse of `repvgg_jax.model.network.block_name`.
+  """
+  match = _BLOCK_KEY.match(key)
+  return None if match is None else (int(match.group(1)), int(match.group(2)))
+
+
+def block_keys(params: Tree) -> list[str]:
+  """Block names of a parameter tree in network order."""
+  return sorted((k for k in params if block_position(k)), key=block_position)
+
+
+class _BranchProbe(nn.Module):
+  """A lone branch of kind ``kind``, to read its parameter layout off `jax.eval_shape`."""
+
+  kind: str
+
+  @nn.compact
+  def __call__(self, x):
+    conv, norm = layer_partials(train=False)
+    return branches_lib.get_branch(self.kind).build(4, 1, 1, conv, norm, name='branch')(x)
+
+
+@functools.cache
+def branch_layout(name: str) -> frozenset[Path]:
+  """The leaf paths of the parameters of branch kind ``name``, as its module
+  builds them (``{('conv', 'kernel'), ('bn', 'scale'), ('bn', 'bias')}`` for
+  ``conv3x3``); they do not depend on the block's shape (read at 4 -> 4
+  channels, stride 1)."""
+  probe = _BranchProbe(name, parent=None)  # Unbound, even when called inside a module.
+  images = jax.ShapeDtypeStruct((1, 5, 5, 4), jnp.float32)
+  shapes = jax.eval_shape(lambda x: probe.init(jax.random.key(0), x), images)
+  return frozenset(leaf_paths(shapes['params']['branch']))
+
+
+def leaf_paths(tree: Tree, path: Path = ()) -> list[Path]:
+  paths = []
+  for key, value in tree.items():
+    paths += leaf_paths(value, (*path, key)) if isinstance(value, Mapping) else [(*path, key)]
+  return paths
+
+
+def has_block_layout(tree) -> bool:
+  """Whether ``tree`` is laid out as a training-time block: a mapping of branch
+  kinds, each holding exactly the layers its kind builds."""
+  if not isinstance(tree, Mapping) or not tree:
+    return False
+  for branch, params in tree.items():
+    try:
+      branches_lib.get_branch(branch)
+    except ValueError:
+      return False
+    if not isinstance(params, Mapping) or set(leaf_paths(params)) != branch_layout(branch):
+      return False
+  return True
+
+
+def is_fused_block(tree) -> bool:
+  """Whether ``tree`` is a deploy block's parameters: ``{'reparam': {'kernel', 'bias'}}``."""
+  return (
+    isinstance(tree, Mapping)
+    and list(tree) == [FUSED_KEY]
+    and isinstance(tree[FUSED_KEY], Mapping)
+    and sorted(tree[FUSED_KEY]) == ['bias', 'kernel']
+  )
+
+
+def _is_network(params: Tree) -> bool:
+  """Whether ``params`` is a RepVGG's: it has ``stage{s}_block{i}`` entries, one
+  of them laid out as a block (fused or not)."""
+  return any(
+    block_position(key) is not None and (has_block_layout(value) or is_fused_block(value))
+    for key, value in params.items()
+  )
+
+
+def find_blocks(params: Tree, path: Path = ()) -> tuple[list[Path], list[Path]]:
+  """The paths of the training-time blocks and of the fused blocks in a tree, at
+  any depth (a block's own subtrees are not searched).
+
+  A block is recognised by its layout (`has_block_layout`). In a RepVGG every
+  ``stage{s}_block{i}`` entry counts as a block, so that a wrong branch in one
+  is reported rather than passed over.
+  """
+  training, fused = [], []
+  network = _is_network(params)
+  for key, value in params.items():
+    if not isinstance(value, Mapping):
+      continue
+    if is_fused_block(value):
+      fused.append((*path, key))
+    elif has_block_layout(value) or (network and block_position(key) is not None):
+      training.append((*path, key))
+    else:
+      inner = find_blocks(value, (*path, key))
+      training += inner[0]
+      fused += inner[1]
+  return training, fused
+
+
+def find_networks(params: Tree, path: Path = ()) -> list[Path]:
+  """The paths of the RepVGGs in a tree (see `_is_network`)."""
+  if _is_network(params):
+    return [path]
+  return [
+    found
+    for key, value in params.items()
+    if isinstance(value, Mapping)
+    for found in find_networks(value, (*path, key))
+  ]
+
+
+def subtree(tree: Tree, path: Path):
+  """``tree[path[0]][path[1]]...``, or None where a key is missing."""
+  for key in path:
+    if not isinstance(tree, Mapping) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def replace_subtrees(tree: Tree, replacements: Mapping[Path, Any], path: Path = ()) -> dict:
+  """A copy of ``tree`` with the subtrees at the given paths replaced (None drops
+  them); mappings left empty are dropped too."""
+  out = {}
+  for key, value in tree.items():
+    here = (*path, key)
+    if here in replacements:
+      value = replacements[here]
+    elif isinstance(value, Mapping) and any(p[: len(here)] == here for p in replacements):
+      value = replace_subtrees(value, replacements, here)
+      value = value or None
+    if value is not None:
+      out[key] = value
+  return out
