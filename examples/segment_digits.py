@@ -37,6 +37,7 @@ import optax  # noqa: E402
 
 import repvgg_jax  # noqa: E402
 from repvgg_jax import jsonfiles  # noqa: E402
+from repvgg_jax.bench.timing import interleaved_medians  # noqa: E402
 from repvgg_jax.data import digits  # noqa: E402
 
 CANVAS = 64
@@ -151,16 +152,13 @@ def predict(apply, variables, images, batch_size: int = 64) -> np.ndarray:
 
 def images_per_second(applies, variables, images, repeats: int) -> list[float]:
   """Median images/s of each (apply, variables), timed in interleaved rounds."""
-  times = [[] for _ in applies]
   x = normalize(images)
-  for fn, v in zip(applies, variables, strict=True):
-    fn(v, x).block_until_ready()  # Compiled before timing.
-  for _ in range(repeats):
-    for k, (fn, v) in enumerate(zip(applies, variables, strict=True)):
-      start = time.perf_counter()
-      fn(v, x).block_until_ready()
-      times[k].append(time.perf_counter() - start)
-  return [len(images) / float(np.median(t)) for t in times]
+  fns = {
+    k: (lambda fn=fn, v=v: fn(v, x).block_until_ready())
+    for k, (fn, v) in enumerate(zip(applies, variables, strict=True))
+  }
+  medians = interleaved_medians(fns, runs=repeats, warmup=1)  # The warm-up compiles.
+  return [len(images) / medians[k][0] for k in fns]
 
 
 def run(args) -> dict:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from repvgg_jax.bench import timing
 from repvgg_jax.data import input_pipeline
 
 # B0's training step on one H200, bfloat16 (docs/performance.md, "Measured on a GPU").
@@ -72,8 +72,8 @@ def _preprocess(form: str, image_size: int):
   return preprocess
 
 
-def images_per_second(jpegs: list[bytes], form: str, threads: int, image_size: int) -> float:
-  """One pass over ``jpegs`` in tf.data on ``threads`` threads."""
+def one_pass(jpegs: list[bytes], form: str, threads: int, image_size: int):
+  """A function running ``jpegs`` once through tf.data on ``threads`` threads."""
   seeds = np.stack([np.arange(len(jpegs)), np.zeros(len(jpegs), np.int64)], axis=1)
   dataset = tf.data.Dataset.from_tensor_slices((jpegs, seeds))
   dataset = dataset.map(_preprocess(form, image_size), num_parallel_calls=threads)
@@ -82,10 +82,12 @@ def images_per_second(jpegs: list[bytes], form: str, threads: int, image_size: i
   options.threading.max_intra_op_parallelism = 1
   options.autotune.enabled = False
   dataset = dataset.with_options(options).batch(32).prefetch(1)
-  start = time.perf_counter()
-  for _ in dataset:
-    pass
-  return len(jpegs) / (time.perf_counter() - start)
+
+  def run():
+    for _ in dataset:
+      pass
+
+  return run
 
 
 def benchmark_input(
@@ -96,11 +98,12 @@ def benchmark_input(
   kilobytes = float(np.mean([len(j) for j in jpegs]) / 1e3)
   plans = [(form, threads) for form in FORMS for threads in sorted({1, os.cpu_count() or 1})]
   for form, threads in plans:  # Warm-up: tf.data traces each map function once.
-    images_per_second(jpegs[:32], form, threads, image_size)
-  rates = {plan: [] for plan in plans}
-  for _ in range(repeats):
-    for plan in plans:
-      rates[plan].append(images_per_second(jpegs, *plan, image_size))
+    one_pass(jpegs[:32], form, threads, image_size)()
+  passes = {plan: one_pass(jpegs, *plan, image_size) for plan in plans}
+  medians = timing.interleaved_medians(passes, runs=repeats, warmup=0)
+  rates = {
+    plan: [count / seconds for seconds in all_seconds] for plan, (_, all_seconds) in medians.items()
+  }
   rows = []
   for (form, threads), values in rates.items():
     rate = statistics.median(values)

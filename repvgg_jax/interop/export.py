@@ -38,7 +38,7 @@ from repvgg_jax.interop import onnx_export
 
 JAX_FILE = 'model.jax_export'
 SAVED_MODEL_DIR = 'saved_model'
-ONNX_FILE = 'model.onnx'
+ONNX_FILE = onnx_export.FILE
 META_FILE = 'export.json'
 FORMATS = ('jax', 'tf', 'onnx')
 ARTIFACTS = {'jax': JAX_FILE, 'tf': SAVED_MODEL_DIR, 'onnx': ONNX_FILE}

@@ -28,6 +28,7 @@ from repvgg_jax.model import fusion
 
 OPSET = 17
 INPUT = 'images'
+FILE = 'model.onnx'  # Its name in an export directory.
 
 
 def deploy_graph(variables: Mapping[str, Any], image_size: int, name: str = 'repvgg'):
@@ -135,7 +136,7 @@ def load_onnx(path: str | os.PathLike) -> Callable[[Any], Any]:
 
   path = pathlib.Path(path)
   if path.is_dir():
-    path = path / 'model.onnx'
+    path = path / FILE
   session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
 
   def call(images):
