@@ -26,9 +26,11 @@ inference speed: from the paper's 1080Ti figures (none 1810/s, identity 1569/s,
 Table 6 rows. For acnet, dbb and mobileone (K=4) we scaled the paper row by the
 ratio of unfused speeds measured in a digits ablation run with K=4 (CPU, 32x32:
 810/721, 810/436 and 810/195 images/s; a GPU at 224x224 will differ), giving about 136,
-225 and 500 1080Ti-hours. All seven: about 1,250 1080Ti-hours, i.e. roughly
-150-250 GPU-hours on A100/H100-class GPUs in bfloat16 (assuming 5-8x a 1080Ti),
-or about 20-30 hours on 8 such GPUs, plus the one-off ImageNet preparation (hours).
+225 and 500 1080Ti-hours. The qarepvgg row (QARepVGG-B0, the same convolutions
+as the paper row) costs about the paper row's 121. All eight: about 1,370
+1080Ti-hours, i.e. roughly 170-270 GPU-hours on A100/H100-class GPUs in bfloat16
+(assuming 5-8x a 1080Ti), or about 21-34 hours on 8 such GPUs, plus the one-off
+ImageNet preparation (hours).
 Measured since on one NVIDIA H200 (README, "Measured on a GPU"): B0 with both
 branches trains at 9,259 images/s in bfloat16 at batch 256 per GPU, so that row's
 steps take 4.6 GPU-hours, not the 15-24 estimated here; the other branch sets

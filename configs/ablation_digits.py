@@ -1,16 +1,18 @@
-"""Branch-set ablation on the embedded digits: 7 branch sets of RepVGG-A0, offline.
+"""Branch-set ablation on the embedded digits: 7 branch sets of RepVGG-A0 and
+QARepVGG-A0's block, offline.
 
   python -m repvgg_jax.ablate --config configs/ablation_digits.py [--workdir DIR]
 
 Trains RepVGG-A0 once per row of ablation.branch_sets (the paper's Table 6 rows,
 then ACNet's, the Diverse Branch Block's and MobileOne's sets) with the same seed
-and schedule, in DIR/<row> (default DIR: workdirs/ablation_digits). It prints one
-progress line per row (top-1 unfused and fused, logit error, img/s) and the table
-at the end, and writes DIR/ablation.md, DIR/ablation.csv and DIR/ablation.png.
-A rerun skips finished rows and continues an interrupted one from its checkpoint.
+and schedule (and QARepVGG-A0 once, row 'qarepvgg'), in DIR/<row> (default DIR:
+workdirs/ablation_digits). It prints one progress line per row (top-1 unfused
+and fused, logit error, img/s) and the table at the end, and writes
+DIR/ablation.md, DIR/ablation.csv and DIR/ablation.png. A rerun skips finished
+rows and continues an interrupted one from its checkpoint.
 
 Hardware: any CPU. Measured from a clean clone on the 2-core development CPU
-(2026-12-02): 9 min 18 s end to end, 50-135 s a row (about half of each is
+(2026-12-02, before the qarepvgg row): 9 min 18 s end to end, 50-135 s a row (about half of each is
 compilation). Every row reaches 93.6-98.6% top-1, the paper's set 96.7%; see
 docs/ablation_digits.md (on 2026-11-23, before Winograd in training: 13 min 24 s,
 95.8-98.9%, the paper's set 98.9%).
@@ -32,7 +34,8 @@ def get_config():
   config.optimizer.learning_rate = 0.025
 
   config.ablation = ml_collections.ConfigDict()
-  # Row name (a directory name) -> branch kinds of every block; rows run in this order.
+  # Row name (a directory name) -> branch kinds of every block, or a block kind
+  # ('qarepvgg': the variant with QARepVGG's blocks); rows run in this order.
   config.ablation.branch_sets = ml_collections.ConfigDict(branch_sets(), sort_keys=False)
   config.ablation.only = ''  # Comma-separated row names to run and report; '': all rows.
   config.ablation.bench_batch_size = 64  # Images per timed inference batch.
@@ -42,8 +45,9 @@ def get_config():
   return config
 
 
-def branch_sets(mobileone_k: int = 2) -> dict[str, tuple[str, ...]]:
-  """The rows: the paper's Table 6 (none, identity, 1x1, both), then the wider family.
+def branch_sets(mobileone_k: int = 2) -> dict[str, tuple[str, ...] | str]:
+  """The rows: the paper's Table 6 (none, identity, 1x1, both), then the wider
+  family, then QARepVGG's block.
 
   MobileOne's branch count K is 2 here, which keeps the CPU run short; the
   ImageNet config uses MobileOne-S0's K = 4.
@@ -56,4 +60,5 @@ def branch_sets(mobileone_k: int = 2) -> dict[str, tuple[str, ...]]:
     'acnet': ('conv3x3', 'conv1x3', 'conv3x1'),
     'dbb': ('conv3x3', 'conv1x1', 'dbb_avg', 'dbb_1x1_3x3'),
     'mobileone': (f'parallel3x3_k{mobileone_k}', 'conv1x1', 'identity'),
+    'qarepvgg': 'qarepvgg',  # 3x3 conv-BN + 1x1 + identity, BatchNorm of the sum.
   }

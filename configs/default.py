@@ -15,16 +15,15 @@ BatchNorm statistics per 32 images (the reference's per-GPU BatchNorm).
 import ml_collections
 from ml_collections import config_dict
 
-from repvgg_jax.model.branches import PAPER_BRANCHES
-
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds initialisation, data order, augmentation and mixup.
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = 'RepVGG-B0'  # Variant, see repvgg_jax.list_models().
-  config.model.branches = PAPER_BRANCHES  # Branch kinds of every block (or one set per stage).
+  config.model.name = 'RepVGG-B0'  # Variant, see repvgg_jax.list_models() ('QARepVGG-B0' ...).
+  # Branch kinds of every block or one set per stage (None: the variant's block kind's).
+  config.model.branches = config_dict.placeholder(tuple)  # e.g. ('conv3x3', 'conv1x1').
   config.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
   config.model.bn_group_size = 32  # Images per BatchNorm statistics group; 0: the global batch.
   # 'auto': on CPUs the fastest kernel per layer and chunked inference (repvgg_jax.perf).

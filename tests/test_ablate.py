@@ -247,7 +247,7 @@ def test_ablation_configs(name):
   module = importlib.import_module(f'configs.{name}')
   config = module.get_config()
   rows = ablate.branch_sets(config)  # Every branch kind is registered.
-  assert list(rows) == ['none', 'identity', '1x1', 'paper', 'acnet', 'dbb', 'mobileone']
+  assert list(rows) == ['none', 'identity', '1x1', 'paper', 'acnet', 'dbb', 'mobileone', 'qarepvgg']
   assert rows['paper'] == branches.PAPER_BRANCHES
   assert f'python -m repvgg_jax.ablate --config configs/{name}.py' in module.__doc__
   assert 'ablation.md' in module.__doc__ and 'ablation.png' in module.__doc__

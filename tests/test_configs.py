@@ -21,7 +21,7 @@ def load(name):
 
 
 def test_one_config_per_variant():
-  expected = {n.removeprefix('RepVGG-').lower() for n in repvgg_jax.list_models()}
+  expected = {n.removeprefix('RepVGG-').lower() for n in repvgg_jax.list_models('repvgg')}
   assert set(VARIANT_CONFIGS) == expected
 
 
@@ -41,7 +41,7 @@ def test_variant_configs_follow_the_paper(name):
   assert 'top-1' in doc and 'GPU' in doc
 
 
-@pytest.mark.parametrize('name', ['default', 'digits', 'cifar10'])
+@pytest.mark.parametrize('name', ['default', 'digits', 'digits_qarepvgg', 'cifar10'])
 def test_other_configs_load(name):
   config = load(name)
   assert config.dataset.num_classes in (10, 1000)

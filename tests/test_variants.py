@@ -35,7 +35,9 @@ def count(tree):
 
 
 def test_all_variants_listed_in_paper_order():
-  assert repvgg_jax.list_models() == list(PARAM_COUNTS)
+  assert repvgg_jax.list_models('repvgg') == list(PARAM_COUNTS)
+  qa = [name.replace('RepVGG', 'QARepVGG') for name in PARAM_COUNTS]
+  assert repvgg_jax.list_models() == list(PARAM_COUNTS) + qa
 
 
 # One test per variant for both checks: tracing the init of B3 takes a second.

@@ -25,7 +25,9 @@ COLUMNS = (
 
 
 def branches_label(branches) -> str:
-  """``conv3x3+conv1x1``; a per-stage set as ``s0: ...; s1: ...``."""
+  """``conv3x3+conv1x1``; a per-stage set as ``s0: ...; s1: ...``; a label as it is."""
+  if isinstance(branches, str):
+    return branches
   if all(isinstance(name, str) for name in branches):
     return '+'.join(branches)
   return '; '.join(f's{stage}: {"+".join(names)}' for stage, names in enumerate(branches))

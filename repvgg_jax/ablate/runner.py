@@ -3,8 +3,9 @@
   python -m repvgg_jax.ablate --config configs/ablation_digits.py [--workdir DIR]
 
 The config is a training config plus ``config.ablation``: ``branch_sets``, an
-ordered mapping of row name -> branch set (it replaces ``config.model.branches``),
-and the benchmark settings. Every row trains with the same seed and schedule in
+ordered mapping of row name -> branch set (it replaces ``config.model.branches``)
+or block kind (``'qarepvgg'``: the same variant with QARepVGG's blocks), and the
+benchmark settings. Every row trains with the same seed and schedule in
 ``<workdir>/<row>`` (`trainer.train_and_evaluate`), then is measured: top-1 of the
 training-time and fused models over the eval split, trainable parameters of both,
 the largest logit difference between the trained model and its saved fused model
@@ -46,7 +47,7 @@ from repvgg_jax.ablate import report as ablation_report  # noqa: E402
 from repvgg_jax.bench import models as bench_models  # noqa: E402
 from repvgg_jax.bench import timing as bench_timing  # noqa: E402
 from repvgg_jax.data import datasets as data  # noqa: E402
-from repvgg_jax.model import normalize_branches  # noqa: E402
+from repvgg_jax.model import normalize_branches, variants  # noqa: E402
 from repvgg_jax.perf import compile_options, host_memory  # noqa: E402
 from repvgg_jax.train import checkpointing, trainer  # noqa: E402
 
@@ -102,8 +103,14 @@ def branch_sets(config) -> dict[str, tuple]:
       )
     if not branches:
       raise AblationError(f'ablation.branch_sets.{name} is empty: name at least one branch kind.')
+    if isinstance(branches, str) and branches not in variants.BLOCK_KINDS:
+      raise AblationError(
+        f'ablation.branch_sets.{name} is {branches!r}: give a set of branch kinds or a block '
+        f'kind ({", ".join(variants.BLOCK_KINDS)}).'
+      )
     try:
-      normalize_branches(branches)
+      if not isinstance(branches, str):
+        normalize_branches(branches)
     except ValueError as error:
       raise AblationError(f'ablation.branch_sets.{name}: {error}') from None
   only = [name.strip() for name in config.ablation.get('only', '').split(',') if name.strip()]
@@ -114,12 +121,25 @@ def branch_sets(config) -> dict[str, tuple]:
 
 
 def row_config(config, branches):
-  """The training config of one row: ``config`` with these branches and no ablation part."""
+  """The training config of one row: ``config`` with these branches (or, for a
+  block kind, that kind's variant of the same shape) and no ablation part."""
   row = config.copy_and_resolve_references()
   with row.unlocked():
     del row['ablation']
-    row.model.branches = tuple(branches)
+    if isinstance(branches, str):
+      row.model.name = variants.with_block(row.model.name, branches)
+      row.model.branches = None
+    else:
+      row.model.branches = tuple(branches)
   return row
+
+
+def row_label(config) -> str:
+  """The row's blocks: its branch kinds, after the block kind where it is not RepVGG's."""
+  variant = variants.get_variant(config.model.name)
+  branches = config.model.branches or variant.block_kind.branches
+  label = ablation_report.branches_label(_as_json(branches))
+  return label if variant.block == 'repvgg' else f'{variant.block_kind.prefix}: {label}'
 
 
 def bench_settings(config) -> dict[str, int]:
@@ -292,7 +312,7 @@ def run_row(name: str, config, row_dir: pathlib.Path, settings: dict) -> dict:
   size = config.dataset.image_size
   return {
     'row': name,
-    'branches': _as_json(config.model.branches),
+    'branches': row_label(config),
     'config': _as_json(config.to_dict()),
     'summary': summary,
     'top1': summary['eval_top1'],
@@ -325,7 +345,7 @@ def _ablate_row(index, count, name, config, row_dir, settings, log) -> dict:
     record.update(measure(config, row_dir, settings))
   else:
     resume = ' (continuing from its checkpoint)' if _has_checkpoint(row_dir) else ''
-    label = ablation_report.branches_label(_as_json(config.model.branches))
+    label = row_label(config)
     log(f'{tag}: {label}: training in {row_dir}{resume}')
     start = time.perf_counter()
     record = run_row(name, config, row_dir, settings)

@@ -39,10 +39,14 @@ def load_config(path: str):
 
 def check_supported(config) -> None:
   """Raises ValueError for what this PyTorch loop does not do."""
+  from repvgg_jax.model import get_variant
   from repvgg_jax.model.branches import PAPER_BRANCHES
 
+  branches = config.model.branches
   unsupported = {
-    "model.branches (only the paper's)": tuple(config.model.branches) != tuple(PAPER_BRANCHES),
+    "model.branches (only the paper's)": branches is not None
+    and tuple(branches) != tuple(PAPER_BRANCHES),
+    'QARepVGG blocks': get_variant(config.model.name).block != 'repvgg',
     'model.bn_group_size > 0': config.model.bn_group_size > 0,
     'optimizer.mixup_alpha > 0': config.optimizer.mixup_alpha > 0,
     'model.dtype other than float32': config.model.dtype != 'float32',

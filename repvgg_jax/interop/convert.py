@@ -32,7 +32,8 @@ from repvgg_jax import jsonfiles, perf
 from repvgg_jax.data import input_pipeline
 from repvgg_jax.interop import export, hub, onnx_export, torch_layout
 from repvgg_jax.interop.torch_layout import ConversionError
-from repvgg_jax.model import PAPER_BRANCHES, create_model, fusion, model_from_config
+from repvgg_jax.model import PAPER_BRANCHES, create_model, fusion, model_from_config, variants
+from repvgg_jax.model.branches import POST_NORM_KEY, get_branch
 from repvgg_jax.model.network import NUM_STAGES
 from repvgg_jax.perf import compile_options
 from repvgg_jax.train import checkpointing
@@ -249,11 +250,17 @@ def _models_of(workdir: pathlib.Path, variables, name: str | None):
 
 
 def _branches_per_stage(params) -> list[tuple[str, ...]]:
-  """The branch kinds of each stage's blocks (the paper's for stages a backbone left out)."""
+  """The branch kinds of each stage's blocks (the paper's for stages a backbone left out).
+
+  A kind that stands in for another where that one does not apply (QARepVGG's
+  plain 1x1 for its 1x1-plus-identity) is left to the kind it stands in for.
+  """
   stages: dict[int, set[str]] = {}
   for key in fusion.block_keys(params):
     stage, _ = fusion.block_position(key)
-    stages.setdefault(stage, set()).update(params[key])
+    stages.setdefault(stage, set()).update(k for k in params[key] if k != POST_NORM_KEY)
+  for kinds in stages.values():
+    kinds -= {get_branch(kind).fallback for kind in kinds}
   return [tuple(sorted(stages.get(s, PAPER_BRANCHES))) for s in range(NUM_STAGES)]
 
 
@@ -328,8 +335,8 @@ def _export_variables(path: pathlib.Path, model: str | None):
   if 'batch_stats' in state:
     training = {k: state[k] for k in ('params', 'batch_stats')}
     return name, fusion.fuse_params(training, model=name), training, saved
-  looks_like = fusion.identify_variant(state['params'])
-  if looks_like != create_model(name).variant.name:
+  looks_like = fusion.identify_variant(state['params'])  # RepVGG's name: QARepVGG fuses into it.
+  if looks_like != variants.with_block(name, 'repvgg'):
     raise ConversionError(f'{path} holds {looks_like or "no known variant"}, not {name}.')
   return name, {'params': state['params']}, None, saved
 

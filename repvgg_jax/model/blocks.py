@@ -47,7 +47,9 @@ class RepVGGBlock(nn.Module):
     groups: group count of the convolutions; divides the input and output channels.
     branches: names of registered branch kinds; those that do not apply to
       this block's shape (the identity when channels or resolution change) are
-      left out, as in the paper.
+      left out, as in the paper, or replaced by their kind's fallback.
+    post_norm: a BatchNorm of the branches' sum before the ReLU, named
+      ``post_bn`` (QARepVGG's block: ``branches=QA_BRANCHES, post_norm=True``).
     deploy: the deploy form, a single 3x3 conv with bias named ``reparam``.
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
     precision: `jax.lax.Precision` of the convolutions.
@@ -63,6 +65,7 @@ class RepVGGBlock(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   conv: Callable[..., nn.Module] = nn.Conv
+  post_norm: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -83,6 +86,8 @@ class RepVGGBlock(nn.Module):
     for kind in kinds:
       y = kind.build(self.features, self.strides, self.groups, conv, norm, name=kind.name)(x)
       out = y if out is None else out + y
+    if self.post_norm:
+      out = norm(name=branches_lib.POST_NORM_KEY)(out)
     return nn.relu(out)
 
   def _branch_kinds(self, in_channels: int) -> list[branches_lib.BranchKind]:
@@ -141,6 +146,13 @@ def layer_partials(
 
 
 def active_branches(names: Sequence[str], in_channels: int, features: int, strides: int):
-  """The branch kinds among ``names`` that a block of this shape has."""
-  kinds = [branches_lib.get_branch(name) for name in names]
-  return [kind for kind in kinds if kind.applies(in_channels, features, strides)]
+  """The branch kinds a block of this shape has: those among ``names`` that
+  apply to it, or their fallbacks where they do not and the fallback does."""
+  active = []
+  for name in names:
+    kind = branches_lib.get_branch(name)
+    while not kind.applies(in_channels, features, strides) and kind.fallback:
+      kind = branches_lib.get_branch(kind.fallback)
+    if kind.applies(in_channels, features, strides):
+      active.append(kind)
+  return active

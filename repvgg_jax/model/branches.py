@@ -27,6 +27,7 @@ BN_EPSILON = 1e-5  # As PyTorch's BatchNorm2d, which the reference uses.
 BN_MOMENTUM = 0.9  # Flax's convention; PyTorch's momentum=0.1.
 KERNEL_SIZE = 3  # The deploy kernel every branch fuses into.
 FUSED_KEY = 'reparam'  # Its name in a deploy block's parameter tree.
+POST_NORM_KEY = 'post_bn'  # A BatchNorm of the branches' sum (QARepVGG), in a block's tree.
 
 Array = Any
 Tree = Mapping[str, Any]
@@ -97,6 +98,9 @@ class BranchKind:
       it. The default, `uniform_channels`, suits branches whose kernels all
       map the block's input to its output; a branch with a different inner
       width (DBB's 1x1 -> 3x3) brings its own.
+    fallback: the kind a block has instead where this one does not apply
+      (QARepVGG's 1x1-plus-identity becomes a plain 1x1 where the identity
+      cannot be), or None.
   """
 
   name: str
@@ -104,6 +108,7 @@ class BranchKind:
   fuse: Callable[[Tree, Tree, int], tuple[Array, Array]]
   applies: Callable[[int, int, int], bool] = lambda in_channels, features, stride: True
   channels: Callable[[Tree], tuple[int | None, int]] = uniform_channels
+  fallback: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,3 +295,73 @@ IDENTITY = register_branch(
 
 # The paper's block: 3x3 conv-BN + 1x1 conv-BN + identity BN.
 PAPER_BRANCHES = ('conv3x3', 'conv1x1', 'identity')
+
+
+# ----------------------------------------------------------------------------
+# QARepVGG's branches (Chu et al., AAAI 2024): the 1x1 conv and the identity
+# without BatchNorm. Unnormalised, the two are one linear map, x -> W1 x + x,
+# so they form one branch whose parameters say whether the identity is in it:
+# a block whose identity cannot be (channels or resolution change) has the
+# plain 1x1 branch instead.
+
+
+class Conv1x1(nn.Module):
+  """A bias-free 1x1 conv without BatchNorm, plus the identity when ``identity``."""
+
+  features: int
+  strides: int
+  groups: int
+  conv: Callable[..., nn.Module]
+  identity: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    y = self.conv(
+      self.features,
+      (1, 1),
+      strides=self.strides,
+      feature_group_count=self.groups,
+      use_bias=False,
+      name='conv',
+    )(x)
+    return y + x if self.identity else y
+
+
+def _conv1x1_nobn_build(features, strides, groups, conv, norm, name='conv1x1_nobn'):
+  del norm
+  return Conv1x1(features, strides, groups, conv, name=name)
+
+
+def _conv1x1_identity_build(features, strides, groups, conv, norm, name='conv1x1_identity'):
+  del norm
+  return Conv1x1(features, strides, groups, conv, identity=True, name=name)
+
+
+def _conv1x1_fuse(identity: bool):
+  def fuse(params, batch_stats, in_per_group):
+    del batch_stats  # No BatchNorm.
+    kernel = pad_to_3x3(params['conv']['kernel'])
+    channels = kernel.shape[-1]
+    if identity:
+      kernel = kernel + identity_kernel(channels, in_per_group, kernel.dtype)
+    return kernel, jnp.zeros(channels, kernel.dtype)
+
+  return fuse
+
+
+CONV1X1_NOBN = register_branch(
+  BranchKind('conv1x1_nobn', _conv1x1_nobn_build, _conv1x1_fuse(identity=False))
+)
+CONV1X1_IDENTITY = register_branch(
+  BranchKind(
+    'conv1x1_identity',
+    _conv1x1_identity_build,
+    _conv1x1_fuse(identity=True),
+    applies=IDENTITY.applies,
+    fallback='conv1x1_nobn',
+  )
+)
+
+# QARepVGG's block: 3x3 conv-BN + (1x1 conv + identity), then the BatchNorm of
+# the sum (`POST_NORM_KEY`, built by the block).
+QA_BRANCHES = ('conv3x3', 'conv1x1_identity')

@@ -23,6 +23,7 @@ from repvgg_jax.model.trees import block_keys, block_position
 
 Tree = Mapping[str, Any]
 FUSED_KEY = branches_lib.FUSED_KEY
+POST_NORM_KEY = branches_lib.POST_NORM_KEY
 
 
 class FusionError(ValueError):
@@ -60,12 +61,24 @@ def _fuse_branches(block_params: Tree, block_stats: Tree) -> dict:
   with jax.enable_x64(True):
     as64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
     fused = [
-      branches_lib.get_branch(branch).fuse(as64(params), as64(block_stats[branch]), in_per_group)
-      for branch, params in block_params.items()
+      branches_lib.get_branch(branch).fuse(
+        as64(params), as64(block_stats.get(branch, {})), in_per_group
+      )
+      for branch, params in _branches(block_params).items()
     ]
     kernel = sum(k for k, _ in fused)
     bias = sum(b for _, b in fused)
+    if POST_NORM_KEY in block_params:  # BN(K x + b) = (K s) x + (b s + shift).
+      scale, shift = branches_lib.bn_scale_shift(
+        as64(block_params[POST_NORM_KEY]), as64(block_stats[POST_NORM_KEY])
+      )
+      kernel, bias = kernel * scale, bias * scale + shift
     return {'kernel': kernel.astype(dtype), 'bias': bias.astype(dtype)}
+
+
+def _branches(block_params: Tree) -> Tree:
+  """A training-time block's branches: its entries but the BatchNorm of their sum."""
+  return {key: value for key, value in block_params.items() if key != POST_NORM_KEY}
 
 
 def _branch_kind(branch: str, where: str) -> branches_lib.BranchKind:
@@ -91,7 +104,7 @@ def block_channels(block_params: Tree, name: str = 'block') -> tuple[int, int]:
     return tuple(block_params[FUSED_KEY]['kernel'].shape[2:])
   found = None  # (where, in_per_group, out_channels) of the first branch with a kernel.
   out_channels = None
-  for branch, params in block_params.items():
+  for branch, params in _branches(block_params).items():
     where = f'{name}/{branch}'
     kind = _branch_kind(branch, where)
     try:
@@ -115,6 +128,12 @@ def block_channels(block_params: Tree, name: str = 'block') -> tuple[int, int]:
     found = found or (where, in_per_group, out)
   if found is None:
     raise FusionError(f'{name} has no convolution kernel to fuse into: {sorted(block_params)}.')
+  post_norm = block_params.get(POST_NORM_KEY)
+  if post_norm is not None and post_norm['scale'].shape != (out_channels,):
+    raise FusionError(
+      f'{name}/{POST_NORM_KEY} has a scale of shape {post_norm["scale"].shape}, but the block '
+      f'has {out_channels} output channels: the tree mixes layers of different models.'
+    )
   return found[1], out_channels
 
 
@@ -127,17 +146,22 @@ def _check_block(block_params: Tree, block_stats: Tree, name: str) -> None:
     )
   for branch, params in block_params.items():
     where = f'{name}/{branch}'
-    _branch_kind(branch, where)
+    if branch == POST_NORM_KEY:
+      layout = trees.POST_NORM_LAYOUT
+    else:
+      _branch_kind(branch, where)
+      layout = trees.branch_layout(branch)
     found = sorted(map('/'.join, trees.leaf_paths(params)))
-    layout = sorted(map('/'.join, trees.branch_layout(branch)))
+    layout = sorted(map('/'.join, layout))
     if found != layout:
       raise FusionError(f'{where} holds {found}, not the layers of a {branch} branch: {layout}.')
-    if branch not in block_stats:
+    has_norm = any(path[-1] == 'scale' for path in trees.leaf_paths(params))
+    if has_norm and branch not in block_stats:
       raise FusionError(
         f'{where} has no batch_stats: fuse_params needs the BatchNorm statistics of the '
         "trained model (variables['batch_stats'])."
       )
-    _check_stats_shapes(params, block_stats[branch], where)
+    _check_stats_shapes(params, block_stats.get(branch, {}), where)
   block_channels(block_params, name)
 
 
@@ -232,16 +256,26 @@ def identify_variant(params: Tree) -> str | None:
   """The name of the variant whose shapes ``params`` has, or None.
 
   Reads the blocks of a training-time or deploy tree; the classifier size does
-  not matter.
+  not matter. A deploy tree, which has no block kind left, is named as RepVGG's.
   """
   try:
     signature = architecture(params)
   except FusionError:
     return None
+  kind = block_kind(params) or 'repvgg'
   for name, variant in variants.VARIANTS.items():
-    if list(variant.blocks()) == signature:
+    if variant.block == kind and list(variant.blocks()) == signature:
       return name
   return None
+
+
+def block_kind(params: Tree) -> str | None:
+  """The kind (a key of `variants.BLOCK_KINDS`) of a RepVGG's training-time
+  blocks: QARepVGG's where they normalise their sum; None for a deploy tree."""
+  blocks = [params[key] for key in block_keys(params) if FUSED_KEY not in params[key]]
+  if not blocks:
+    return None
+  return 'qarepvgg' if any(POST_NORM_KEY in block for block in blocks) else 'repvgg'
 
 
 def _where(path: trees.Path) -> str:
@@ -323,7 +357,9 @@ def _check_networks(params: Tree, model: str | None) -> None:
       expected = variants.get_variant(model)
       # A backbone (no classifier) built up to a stage by out_indices holds the blocks before it.
       last = found[-1].stage if 'linear' not in network else len(expected.stage_depths) - 1
-      if [block for block in expected.blocks() if block.stage <= last] != found:
+      kind = block_kind(network)
+      same_kind = kind is None or kind == expected.block
+      if not same_kind or [b for b in expected.blocks() if b.stage <= last] != found:
         name = identify_variant(network) or 'no known variant'
         where = f' at {_where(path)}' if path else ''
         raise FusionError(

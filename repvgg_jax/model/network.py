@@ -16,10 +16,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax.model import branches as branches_lib
 from repvgg_jax.model import variants
 from repvgg_jax.model.blocks import (
   RepVGGBlock,
+  active_branches,
   torch_default_bias_init,
   torch_default_kernel_init,
 )
@@ -45,7 +45,8 @@ class RepVGG(nn.Module):
     num_classes: classifier outputs; 0 drops the classifier and returns the
       outputs of the stages in ``out_indices`` (a backbone for detection or
       segmentation; `feature_info` gives their channels and strides).
-    branches: per stage (5 entries), the branch kinds of its blocks.
+    branches: per stage (5 entries), the branch kinds of its blocks; None for
+      those of the variant's block kind (the paper's, or QARepVGG's).
     deploy: build the fused plain model instead of the multi-branch one.
     dtype: compute dtype (float32 or bfloat16); parameters and BatchNorm
       statistics stay float32.
@@ -60,7 +61,7 @@ class RepVGG(nn.Module):
 
   variant: variants.Variant
   num_classes: int = 1000
-  branches: tuple[tuple[str, ...], ...] = (branches_lib.PAPER_BRANCHES,) * NUM_STAGES
+  branches: tuple[tuple[str, ...], ...] | None = None
   deploy: bool = False
   dtype: Any = jnp.float32
   precision: Any = None
@@ -93,16 +94,19 @@ class RepVGG(nn.Module):
       is among ``blocks``.
     """
     stage_outputs = []
+    kind = self.variant.block_kind
+    branches = self.branches or (kind.branches,) * NUM_STAGES
     for block in blocks:
       x = RepVGGBlock(
         block.out_channels,
         block.stride,
         block.groups,
-        self.branches[block.stage],
+        branches[block.stage],
         self.deploy,
         self.dtype,
         self.precision,
         self.conv,
+        post_norm=kind.post_norm,
         name=block_name(block.stage, block.index),
       )(x, train=train)
       if block.index == self.variant.stage_depths[block.stage] - 1:
@@ -165,10 +169,9 @@ def normalize_branches(branches) -> tuple[tuple[str, ...], ...]:
   result = []
   for stage, names in enumerate(per_stage):
     names = tuple(names)
-    kinds = [branches_lib.get_branch(name) for name in names]
     if len(set(names)) != len(names):
       raise ValueError(f'Stage {stage} repeats a branch kind: {names}.')
-    if not any(kind.applies(3, 4, 2) for kind in kinds):
+    if not active_branches(names, 3, 4, 2):
       raise ValueError(
         f'Stage {stage} has branches {names}, none of which can change the resolution '
         "or channels of its first block: add a convolutional branch such as 'conv3x3'."
@@ -205,7 +208,7 @@ def create_model(
   *,
   num_classes: int = 1000,
   deploy: bool = False,
-  branches: Sequence[str] | Sequence[Sequence[str]] = branches_lib.PAPER_BRANCHES,
+  branches: Sequence[str] | Sequence[Sequence[str]] | None = None,
   dtype: Any = jnp.float32,
   precision: Any = None,
   in_channels: int = 3,
@@ -217,13 +220,16 @@ def create_model(
 
   Args:
     variant: a name from `list_models()` (case and the 'RepVGG-' prefix are
-      optional: 'b1g4' works) or a `Variant`.
+      optional: 'b1g4' works; 'QARepVGG-B1g4' or 'qarepvgg_b1g4' for
+      QARepVGG's blocks) or a `Variant`.
     num_classes: classifier outputs; 0 returns stage outputs instead (those
       of ``out_indices``, by default all five; `RepVGG.feature_info` gives
       their channels and strides).
     deploy: the fused plain model (load it with `fuse_params` output).
-    branches: branch kinds of every block, or one set per stage; the paper's
-      ``('conv3x3', 'conv1x1', 'identity')`` by default.
+    branches: branch kinds of every block, or one set per stage; by default
+      those of the variant's block kind: the paper's ``('conv3x3', 'conv1x1',
+      'identity')`` for RepVGG, ``('conv3x3', 'conv1x1_identity')`` and a
+      BatchNorm of the sum for QARepVGG.
     dtype: compute dtype, ``jnp.float32`` or ``jnp.bfloat16``.
     precision: convolution and classifier precision, e.g. ``'highest'``.
     in_channels: image channels.
@@ -247,7 +253,7 @@ def create_model(
   return RepVGG(
     variant=variant,
     num_classes=num_classes,
-    branches=normalize_branches(branches),
+    branches=None if branches is None else normalize_branches(branches),
     deploy=deploy,
     dtype=jnp.dtype(dtype),
     precision=precision,

@@ -2,8 +2,9 @@
 
 A training-time block is known by its layout: a mapping whose keys are all
 registered branch kinds, each holding exactly the layers its kind builds
-(`branch_layout`). A fused block is ``{'reparam': {'kernel', 'bias'}}``. A
-RepVGG is a mapping with ``stage{s}_block{i}`` entries laid out as blocks.
+(`branch_layout`), and at most one BatchNorm of their sum (``post_bn``). A
+fused block is ``{'reparam': {'kernel', 'bias'}}``. A RepVGG is a mapping with
+``stage{s}_block{i}`` entries laid out as blocks.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ Tree = Mapping[str, Any]
 Path = tuple[str, ...]  # Keys from a tree's root down to a subtree.
 _BLOCK_KEY = re.compile(r'^stage(\d+)_block(\d+)$')
 FUSED_KEY = branches_lib.FUSED_KEY
+POST_NORM_KEY = branches_lib.POST_NORM_KEY
+POST_NORM_LAYOUT = frozenset({('scale',), ('bias',)})
 
 
 def block_position(key: str) -> tuple[int, int] | None:
@@ -72,10 +75,19 @@ def leaf_paths(tree: Tree, path: Path = ()) -> list[Path]:
 
 def has_block_layout(tree) -> bool:
   """Whether ``tree`` is laid out as a training-time block: a mapping of branch
-  kinds, each holding exactly the layers its kind builds."""
-  if not isinstance(tree, Mapping) or not tree:
+  kinds, each holding exactly the layers its kind builds, and optionally the
+  BatchNorm of their sum (``post_bn``, QARepVGG's)."""
+  if not isinstance(tree, Mapping):
     return False
-  for branch, params in tree.items():
+  post_norm = tree.get(POST_NORM_KEY)
+  if post_norm is not None and not (
+    isinstance(post_norm, Mapping) and set(leaf_paths(post_norm)) == POST_NORM_LAYOUT
+  ):
+    return False
+  branches = {key: value for key, value in tree.items() if key != POST_NORM_KEY}
+  if not branches:
+    return False
+  for branch, params in branches.items():
     try:
       branches_lib.get_branch(branch)
     except ValueError:

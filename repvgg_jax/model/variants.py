@@ -4,6 +4,10 @@ Paper Table 2 and 3: five stages, stage widths
 ``min(64, int(64a)), int(64a), int(128a), int(256a), int(512b)``; the grouped
 variants use ``groups`` in the blocks whose running index (counting the blocks
 after stage 0 from 1) is even.
+
+Each shape comes with each block kind (`BLOCK_KINDS`): RepVGG's block
+('RepVGG-A0') and QARepVGG's ('QARepVGG-A0', Chu et al., AAAI 2024), which
+fuse into the same deploy network.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import re
 from typing import NamedTuple
+
+from repvgg_jax.model import branches as branches_lib
 
 # Blocks per stage for stages 1-4; stage 0 always has one block.
 A_BLOCKS = (2, 4, 14, 1)
@@ -36,6 +42,21 @@ class FeatureInfo(NamedTuple):
   reduction: int  # Input pixels per output pixel along each side (the stride so far).
 
 
+class BlockKind(NamedTuple):
+  """A kind of training-time block: its branches and whether a BatchNorm follows their sum."""
+
+  prefix: str  # Of the model names: 'RepVGG' in 'RepVGG-A0'.
+  branches: tuple[str, ...]
+  post_norm: bool
+
+
+BLOCK_KINDS = {
+  'repvgg': BlockKind('RepVGG', branches_lib.PAPER_BRANCHES, post_norm=False),
+  # 3x3 conv-BN + 1x1 conv + identity (no BN on either), a BatchNorm of the sum, ReLU.
+  'qarepvgg': BlockKind('QARepVGG', branches_lib.QA_BRANCHES, post_norm=True),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """One RepVGG architecture.
@@ -46,12 +67,18 @@ class Variant:
     width_multipliers: ``(a, b)`` of the paper: ``a`` scales stages 1-3 (and
       stage 0, capped at 64 channels), ``b`` scales stage 4.
     groups: group count of the grouped blocks (1: no grouped block).
+    block: the kind of its blocks, a key of `BLOCK_KINDS`.
   """
 
   name: str
   num_blocks: tuple[int, int, int, int]
   width_multipliers: tuple[float, float]
   groups: int = 1
+  block: str = 'repvgg'
+
+  @property
+  def block_kind(self) -> BlockKind:
+    return BLOCK_KINDS[self.block]
 
   @property
   def stage_widths(self) -> tuple[int, int, int, int, int]:
@@ -91,9 +118,12 @@ class Variant:
         in_channels = width
 
 
-def _family(prefix, num_blocks, multipliers, groups=(1,)):
+def _family(shape, num_blocks, multipliers, groups=(1,)):
   return [
-    Variant(f'RepVGG-{prefix}' + (f'g{g}' if g > 1 else ''), num_blocks, multipliers, g)
+    Variant(
+      f'{kind.prefix}-{shape}' + (f'g{g}' if g > 1 else ''), num_blocks, multipliers, g, block
+    )
+    for block, kind in BLOCK_KINDS.items()
     for g in groups
   ]
 
@@ -113,16 +143,34 @@ VARIANTS: dict[str, Variant] = {
 
 
 def _normalize(name: str) -> str:
-  """'RepVGG-B1g4', 'repvgg_b1g4', 'b1g4' and 'B1G4' all map to 'b1g4'."""
-  return re.sub(r'^repvgg[-_ ]?', '', name.strip().lower())
+  """'RepVGG-B1g4', 'repvgg_b1g4', 'b1g4' and 'B1G4' all map to 'b1g4';
+  'QARepVGG-B1g4' and 'qarepvgg_b1g4' to 'qa:b1g4'."""
+  key = name.strip().lower()
+  if re.match(r'qarepvgg[-_ ]?', key):
+    return 'qa:' + re.sub(r'^qarepvgg[-_ ]?', '', key)
+  return re.sub(r'^repvgg[-_ ]?', '', key)
 
 
 _BY_KEY = {_normalize(name): variant for name, variant in VARIANTS.items()}
 
 
-def list_models() -> list[str]:
-  """Canonical names of all variants, in the paper's order."""
-  return list(VARIANTS)
+def with_block(name: str, block: str) -> str:
+  """The name of the variant of ``name``'s shape with blocks of kind ``block``:
+  ``with_block('RepVGG-A0', 'qarepvgg') == 'QARepVGG-A0'``."""
+  if block not in BLOCK_KINDS:
+    raise ValueError(f'Unknown block kind {block!r}; known: {", ".join(BLOCK_KINDS)}.')
+  variant = get_variant(name)
+  shape = variant.name.split('-', 1)[1]
+  return f'{BLOCK_KINDS[block].prefix}-{shape}'
+
+
+def list_models(block: str | None = None) -> list[str]:
+  """Canonical names of all variants in the paper's order, RepVGG's first; only
+  those of one block kind (``'repvgg'``, ``'qarepvgg'``) when ``block`` is given."""
+  if block is not None and block not in BLOCK_KINDS:
+    raise ValueError(f'Unknown block kind {block!r}; known: {", ".join(BLOCK_KINDS)}.')
+  ordered = sorted(VARIANTS.values(), key=lambda v: list(BLOCK_KINDS).index(v.block))
+  return [v.name for v in ordered if block in (None, v.block)]
 
 
 def get_variant(name: str | Variant) -> Variant:

@@ -35,10 +35,14 @@ def weight_decay_mask(params: Any) -> Any:
   The reference trainer decays every parameter whose name contains neither
   'bias' nor 'bn': conv and classifier kernels, and the scale of the identity
   BatchNorm (a bare ``rbr_identity`` BatchNorm in PyTorch); it skips all
-  biases and the BatchNorms inside the conv branches.
+  biases, the BatchNorms inside the conv branches and QARepVGG's BatchNorm of
+  the sum (``post_bn``, ``bn`` in PyTorch).
   """
   flat = traverse_util.flatten_dict(params)
-  mask = {path: path[-1] == 'kernel' or (path[-1] == 'scale' and 'bn' not in path) for path in flat}
+  mask = {
+    path: path[-1] == 'kernel' or (path[-1] == 'scale' and not any('bn' in key for key in path))
+    for path in flat
+  }
   return traverse_util.unflatten_dict(mask)
 
 
