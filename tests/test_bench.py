@@ -267,6 +267,17 @@ def test_deploy_bench_checks_every_runtime_then_times_it():
   assert all(f'| {runtime} |' in table for runtime in runtimes)
 
 
+def test_deploy_bench_times_int8_and_reports_its_error():
+  rows = bench_deploy.benchmark_deploy(
+    TINY, batches=(2,), size=32, runs=1, warmup=0, with_torch=False, int8=True
+  )
+  errors = {row['runtime']: row['relative_logit_error'] for row in rows}
+  assert {'jax_int8_static', 'jax_int8_dynamic'} <= set(errors)
+  # Quantized, so not equal to JAX's float32 logits, yet close.
+  assert 0 < errors['jax_int8_static'] < 0.5 and 0 < errors['jax_int8_dynamic'] < 0.5
+  assert errors['onnxruntime'] <= bench_deploy.TOLERANCE
+
+
 def test_deploy_bench_refuses_a_runtime_that_computes_something_else(monkeypatch):
   build = bench_deploy._runtimes
 

@@ -5,6 +5,7 @@
     python -m repvgg_jax.bench roofline                             # the machine's matmul peak
     python -m repvgg_jax.bench layers --model A0 --batch 128 --size 32 --train
     python -m repvgg_jax.bench deploy --model A0 --batches 1,32     # JAX, onnxruntime, PyTorch, TF
+    python -m repvgg_jax.bench deploy --model A0 --int8 --no-torch  # and int8 in JAX
     python -m repvgg_jax.bench input                                # JPEG decode + crop per core
     python -m repvgg_jax.bench suite --out bench_results            # all of it, tables, plot
 
@@ -238,6 +239,7 @@ def _add_deploy_commands(sub) -> None:
   deploy.add_argument('--runs', type=int, default=10, help='timed runs of each runtime')
   deploy.add_argument('--warmup', type=int, default=2, help='untimed runs after loading')
   _add_torch_flag(deploy, 'include PyTorch')
+  deploy.add_argument('--int8', action='store_true', help='also int8 in JAX (Qwix)')
   deploy.add_argument('--json', help='append the rows as JSON lines to this file')
   _add_host_memory(deploy)
   feed = sub.add_parser('input', help='JPEG decode, random-resized crop and flip, per core')
@@ -379,7 +381,7 @@ def _run_deployment_bench(parser, args) -> int:
       parser.error('--size and --runs must be positive.')
     torch = _with_torch(parser, args.torch)
     rows = bench_deploy.benchmark_deploy(
-      args.model, args.batches, args.size, args.runs, args.warmup, torch
+      args.model, args.batches, args.size, args.runs, args.warmup, torch, args.int8
     )
     print(bench_deploy.format_deploy(rows))
   else:

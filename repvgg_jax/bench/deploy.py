@@ -1,6 +1,6 @@
 """One fused model, four runtimes: JAX, onnxruntime, PyTorch and a TF SavedModel.
 
-    python -m repvgg_jax.bench deploy --model A0 --batches 1,32 --size 224
+    python -m repvgg_jax.bench deploy --model A0 --batches 1,32 --size 224 [--int8]
 
 The deploy network (random weights and BatchNorm statistics, fused) runs in
 JAX with XLA's convolutions (and, on CPUs, with `repvgg_jax.perf`'s kernels
@@ -9,7 +9,10 @@ SavedModel of `repvgg_jax.interop.export`, and is loaded into PyTorch
 (`repvgg_jax.interop.torch_reference`, NCHW and channels-last). Every
 runtime's logits are checked against JAX's first; then timed rounds alternate
 between the runtimes (so a busy machine slows all alike) and the median of
-each is reported.
+each is reported. With ``--int8`` JAX also runs the model quantized by
+`repvgg_jax.interop.quantize` (static ranges calibrated on two random batches,
+and dynamic ranges), whose logits differ by design: their error is reported,
+not checked.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from repvgg_jax.interop.convert import max_relative_difference
 from repvgg_jax.model import create_model, fuse_params
 
 TOLERANCE = 1e-4  # Relative logit error a runtime may show against JAX's.
+INT8_PREFIX = 'jax_int8_'  # Runtimes that quantize, exempt from TOLERANCE.
 NUM_CLASSES = 1000
 
 
@@ -37,7 +41,9 @@ class RuntimeMismatchError(AssertionError):
   """A runtime computes other logits than JAX: its speed would compare different networks."""
 
 
-def _runtimes(name: str, fused, size: int, directory: pathlib.Path, with_torch: bool):
+def _runtimes(
+  name: str, fused, size: int, directory: pathlib.Path, with_torch: bool, int8: bool = False
+):
   """``{runtime: (prepare, run)}`` for the fused model in each runtime: ``prepare``
   turns NHWC numpy images into the runtime's own input (untimed), ``run`` computes
   the logits from it (timed)."""
@@ -47,6 +53,8 @@ def _runtimes(name: str, fused, size: int, directory: pathlib.Path, with_torch: 
     conv = perf.conv_layer('auto', train=False)
     tuned = perf.chunked(create_model(name, num_classes=NUM_CLASSES, deploy=True, conv=conv))
     runtimes['jax_cpu_kernels'] = _jax_runtime(tuned, fused)
+  if int8:
+    runtimes.update(_int8_runtimes(deploy, fused, size))
   onnx_export.write_onnx(directory / export.ONNX_FILE, fused, size)
   runtimes['onnxruntime'] = (np.asarray, onnx_export.load_onnx(directory / export.ONNX_FILE))
   if with_torch:
@@ -73,6 +81,19 @@ def _runtimes(name: str, fused, size: int, directory: pathlib.Path, with_torch: 
   return runtimes
 
 
+def _int8_runtimes(deploy, fused, size: int) -> dict[str, tuple[Callable, Callable]]:
+  """The deploy model in int8 (Qwix), static and dynamic ranges."""
+  from repvgg_jax.interop import quantize
+
+  rng = np.random.default_rng(100)
+  calibration = [rng.standard_normal((8, size, size, 3), np.float32) for _ in range(2)]
+  runtimes = {}
+  for mode in quantize.MODES:
+    qmodel, qvariables = quantize.quantize(deploy, fused, calibration, mode)
+    runtimes[f'{INT8_PREFIX}{mode}'] = _jax_runtime(qmodel, qvariables)
+  return runtimes
+
+
 def _machine() -> dict:
   """`timing.machine`, with the other runtimes' versions."""
   import onnxruntime
@@ -93,6 +114,7 @@ def benchmark_deploy(
   runs: int = 10,
   warmup: int = 2,
   with_torch: bool = True,
+  int8: bool = False,
 ) -> list[dict]:
   """One row per (batch, runtime): images/s and ms per batch, medians of ``runs``."""
   model = create_model(name, num_classes=NUM_CLASSES)
@@ -100,13 +122,17 @@ def benchmark_deploy(
   fused = fuse_params(randomized_variables(model, probe))
   rows, machine = [], _machine()
   with tempfile.TemporaryDirectory() as directory:
-    runtimes = _runtimes(name, fused, size, pathlib.Path(directory), with_torch)
+    runtimes = _runtimes(name, fused, size, pathlib.Path(directory), with_torch, int8)
     for batch in batches:
       images = np.random.default_rng(batch).standard_normal((batch, size, size, 3), np.float32)
       inputs = {key: prepare(images) for key, (prepare, _) in runtimes.items()}
       outputs = {key: np.asarray(run(inputs[key])) for key, (_, run) in runtimes.items()}
       errors = {key: max_relative_difference(out, outputs['jax']) for key, out in outputs.items()}
-      wrong = {key: error for key, error in errors.items() if not error <= TOLERANCE}
+      wrong = {
+        key: error
+        for key, error in errors.items()
+        if not error <= TOLERANCE and not key.startswith(INT8_PREFIX)
+      }
       if wrong:
         raise RuntimeMismatchError(
           f'Logits differ from JAX beyond {TOLERANCE} (relative): {wrong}; not timed.'
@@ -137,8 +163,8 @@ def format_deploy(rows: list[dict]) -> str:
   cell = {(row['runtime'], row['batch']): row for row in rows}
   first = rows[0]
   lines = [
-    f'{first["model"]}, fused, {first["size"]}x{first["size"]}, float32; images/s (ms per batch), '
-    'median of interleaved runs',
+    f'{first["model"]}, fused, {first["size"]}x{first["size"]}, float32 (jax_int8_*: int8); '
+    'images/s (ms per batch), median of interleaved runs',
     '',
     '| runtime | ' + ' | '.join(f'batch {b}' for b in batches) + ' | logit error vs JAX |',
     '|---|' + '---|' * (len(batches) + 1),

@@ -30,9 +30,9 @@ import numpy as np
 
 from repvgg_jax import jsonfiles, perf
 from repvgg_jax.data import input_pipeline
-from repvgg_jax.interop import export, hub, onnx_export, torch_layout
+from repvgg_jax.interop import checkpoint_io, export, hub, onnx_export, quantize, torch_layout
 from repvgg_jax.interop.torch_layout import ConversionError
-from repvgg_jax.model import PAPER_BRANCHES, create_model, fusion, model_from_config, variants
+from repvgg_jax.model import PAPER_BRANCHES, create_model, fusion, model_from_config
 from repvgg_jax.model.branches import POST_NORM_KEY, get_branch
 from repvgg_jax.model.network import NUM_STAGES
 from repvgg_jax.perf import compile_options
@@ -131,7 +131,7 @@ def _random_images(size: int = 64, batch: int = 4) -> jax.Array:
 
 def import_weights(path, output_dir, model: str | None = None, verify: bool = True) -> dict:
   """Converts reference weights to an orbax checkpoint; returns the metadata written."""
-  check_output_dir(output_dir)
+  checkpoint_io.check_output_dir(output_dir)
   state_dict = load_state_dict(path)
   variables, info = torch_layout.from_torch(state_dict, model=model)
   meta = {**info, 'source': str(path)}
@@ -189,28 +189,13 @@ def _source_outputs(state_dict, info, images) -> tuple[np.ndarray, str]:
   return np.asarray(outputs, np.float64).reshape(len(images), -1), source
 
 
-def training_checkpoint(
-  path: pathlib.Path,
-) -> tuple[checkpointing.Checkpoints, int | None, pathlib.Path]:
-  """(manager, step, workdir) for a workdir, its checkpoints dir, or one step dir."""
-  if (path / 'checkpoints').is_dir():
-    return checkpointing.Checkpoints(path / 'checkpoints', read_only=True), None, path
-  if path.name.isdigit():
-    return (
-      checkpointing.Checkpoints(path.parent, read_only=True),
-      int(path.name),
-      path.parent.parent,
-    )
-  return checkpointing.Checkpoints(path, read_only=True), None, path.parent
-
-
 def fuse_checkpoint(path, output_dir, model: str | None = None) -> dict:
   """Fuses a training checkpoint into a deploy checkpoint; returns the metadata written."""
-  check_output_dir(output_dir)
+  checkpoint_io.check_output_dir(output_dir)
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'No checkpoint at {path}.')
-  ckpt, step, workdir = training_checkpoint(path)
+  ckpt, step, workdir = checkpoint_io.training_checkpoint(path)
   if ckpt.latest_step() is None:
     raise ConversionError(f'No orbax training checkpoint in {path}.')
   state, saved = ckpt.restore(step=step)
@@ -264,29 +249,26 @@ def _branches_per_stage(params) -> list[tuple[str, ...]]:
   return [tuple(sorted(stages.get(s, PAPER_BRANCHES))) for s in range(NUM_STAGES)]
 
 
-def _export_source(path: pathlib.Path) -> tuple[checkpointing.Checkpoints, int | None]:
-  """The checkpoint to export: a workdir's deploy (else training) checkpoints, or the path."""
-  for sub in ('deploy', 'checkpoints'):
-    if (path / sub).is_dir():
-      return checkpointing.Checkpoints(path / sub, read_only=True), None
-  if path.name.isdigit():
-    return checkpointing.Checkpoints(path.parent, read_only=True), int(path.name)
-  return checkpointing.Checkpoints(path, read_only=True), None
-
-
 def export_checkpoint(
   path,
   output_dir,
   model: str | None = None,
   image_size: int | None = None,
-  formats=export.FORMATS,
+  formats=None,
   platforms=None,
   conv_impl: str = 'xla',
   verify: bool = True,
 ) -> dict:
-  """Exports a deploy checkpoint (a training one is fused first); returns export.json's content."""
-  check_output_dir(output_dir)
-  name, variables, training, saved = _export_variables(pathlib.Path(path), model)
+  """Exports a deploy checkpoint (a training one is fused first) or an int8 directory
+  (`quantize.save_int8`'s; jax.export only); returns export.json's content.
+
+  ``formats``: from `export.FORMATS`; by default all of them (jax for int8).
+  """
+  checkpoint_io.check_output_dir(output_dir)
+  if (pathlib.Path(path) / quantize.META_FILE).is_file():
+    return _export_int8(pathlib.Path(path), output_dir, image_size, formats, platforms, verify)
+  formats = formats or export.FORMATS
+  name, variables, training, saved = checkpoint_io.deploy_variables(pathlib.Path(path), model)
   options = _model_options(variables['params'], conv_impl)
   deploy_model = create_model(name, deploy=True, **options)
   image_size = image_size or saved.get('image_size') or 224
@@ -296,12 +278,7 @@ def export_checkpoint(
     'source': str(path),
     'fused_from_training_checkpoint': training is not None,
   }
-  if options['in_channels'] == 3:  # What training fed it: (pixels / 255 - mean) / std.
-    meta['preprocess'] = {
-      'scale': '1/255',
-      'mean': list(input_pipeline.MEAN_RGB),
-      'std': list(input_pipeline.STDDEV_RGB),
-    }
+  meta.update(_preprocess(options['in_channels']))
   output = export.write_export(
     output_dir, deploy_model, variables, image_size, meta, formats, platforms
   )
@@ -320,25 +297,47 @@ def export_checkpoint(
   return meta
 
 
-def _export_variables(path: pathlib.Path, model: str | None):
-  """``(variant, deploy variables, training variables or None, saved metadata)`` of
-  the checkpoint at ``path``; a training checkpoint is fused here."""
-  if not path.exists():
-    raise FileNotFoundError(f'No checkpoint at {path}.')
-  ckpt, step = _export_source(path)
-  if ckpt.latest_step() is None:
-    raise ConversionError(f'No orbax checkpoint in {path}.')
-  state, saved = ckpt.restore(step=step)
-  name = model or saved.get('model') or fusion.identify_variant(state['params'])
-  if name is None:
-    raise ConversionError(f'{path} does not say which variant it holds: give it with --model.')
-  if 'batch_stats' in state:
-    training = {k: state[k] for k in ('params', 'batch_stats')}
-    return name, fusion.fuse_params(training, model=name), training, saved
-  looks_like = fusion.identify_variant(state['params'])  # RepVGG's name: QARepVGG fuses into it.
-  if looks_like != variants.with_block(name, 'repvgg'):
-    raise ConversionError(f'{path} holds {looks_like or "no known variant"}, not {name}.')
-  return name, {'params': state['params']}, None, saved
+def _preprocess(in_channels: int) -> dict:
+  """export.json's ``preprocess``: what training fed an RGB model, (pixels / 255 - mean) / std."""
+  if in_channels != 3:
+    return {}
+  return {
+    'preprocess': {
+      'scale': '1/255',
+      'mean': list(input_pipeline.MEAN_RGB),
+      'std': list(input_pipeline.STDDEV_RGB),
+    }
+  }
+
+
+def _export_int8(path: pathlib.Path, output_dir, image_size, formats, platforms, verify) -> dict:
+  """Exports an int8 directory as a `jax.export` artifact (Qwix's int8 ops kept as they are)."""
+  formats = tuple(formats or ('jax',))
+  if formats != ('jax',):
+    raise ConversionError(
+      f'An int8 model exports with --formats jax only, not {",".join(formats)}: export the '
+      'float deploy checkpoint for TF or ONNX.'
+    )
+  qmodel, qvariables, qmeta = quantize.load_int8(path)
+  image_size = image_size or qmeta['image_size']
+  meta = {
+    'model': qmeta['model'],
+    'num_classes': qmeta['num_classes'],
+    'source': str(path),
+    'int8': {key: qmeta[key] for key in ('mode', 'fp32_top1', 'int8_top1') if key in qmeta},
+    **_preprocess(qmeta['in_channels']),
+  }
+  output = export.write_export(output_dir, qmodel, qvariables, image_size, meta, formats, platforms)
+  meta = json.loads((output / export.META_FILE).read_text())
+  if verify:
+    images = _random_images(image_size, batch=3)
+    meta['verify'] = {
+      'jax': max_relative_difference(
+        _flat(export.load_jax_export(output)(images)), _flat(qmodel.apply(qvariables, images))
+      )
+    }
+    jsonfiles.write_json(output / export.META_FILE, meta)
+  return meta
 
 
 def _model_options(params, conv_impl: str) -> dict:
@@ -374,27 +373,8 @@ def _flat(outputs) -> np.ndarray:
   return np.concatenate([leaf.reshape(len(leaf), -1) for leaf in leaves], axis=1)
 
 
-def check_output_dir(output_dir) -> None:
-  """Fails before any work where ``output_dir`` cannot receive the result: not empty,
-  a file, or below a file.
-
-  Raises:
-    ConversionError: saying which, and to choose a new output directory.
-  """
-  output = pathlib.Path(output_dir).absolute()
-  if output.is_dir() and any(output.iterdir()):
-    raise ConversionError(f'{output} is not empty: choose a new output directory.')
-  for parent in (output, *output.parents):
-    if parent.exists() and not parent.is_dir():
-      raise ConversionError(
-        f'{parent} is a file, so {output} cannot be a directory: choose another.'
-      )
-    if parent.exists():
-      break
-
-
 def _save(output_dir, variables, meta) -> None:
-  check_output_dir(output_dir)
+  checkpoint_io.check_output_dir(output_dir)
   output = pathlib.Path(output_dir).absolute()
   ckpt = checkpointing.Checkpoints(output, keep=1)
   ckpt.save(0, jax.tree.map(jnp.asarray, variables), meta)
@@ -402,10 +382,7 @@ def _save(output_dir, variables, meta) -> None:
   ckpt.close()
 
 
-def main(argv=None) -> int:
-  from absl import logging
-
-  logging.set_verbosity(logging.ERROR)  # Orbax's notes on read-only checkpoints are noise here.
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   commands = parser.add_subparsers(dest='command', required=True)
   imp = commands.add_parser('import', help='PyTorch weights (reference or timm) -> orbax')
@@ -426,16 +403,17 @@ def main(argv=None) -> int:
   fuse.add_argument('output', help='new directory for the deploy checkpoint')
   fuse.add_argument('--model', help='variant, checked against the shapes')
   exp = commands.add_parser(
-    'export', help='deploy or training checkpoint -> jax.export artifact, TF SavedModel, ONNX'
+    'export', help='deploy, training or int8 checkpoint -> jax.export, TF SavedModel, ONNX'
   )
-  exp.add_argument('checkpoint', help='a workdir, a checkpoint dir (deploy or training) or a step')
+  exp.add_argument(
+    'checkpoint', help='a workdir, a checkpoint dir (deploy or training), a step, or an int8 dir'
+  )
   exp.add_argument('output', help='new directory for the artifacts')
   exp.add_argument('--model', help='variant (default: from the checkpoint)')
   exp.add_argument('--image-size', type=int, help='default: the training size, else 224')
   exp.add_argument(
     '--formats',
-    default=','.join(export.FORMATS),
-    help=f'comma-separated, from {", ".join(export.FORMATS)} (default: all)',
+    help=f'comma-separated, from {", ".join(export.FORMATS)} (default: all; jax for int8)',
   )
   exp.add_argument('--platforms', help='e.g. cpu,cuda (default: the current backend)')
   exp.add_argument(
@@ -445,34 +423,76 @@ def main(argv=None) -> int:
     help="how the artifact computes its convolutions: lax's, or a CPU kernel of repvgg_jax.perf",
   )
   exp.add_argument('--verify', action=argparse.BooleanOptionalAction, default=True)
-  args = parser.parse_args(argv)
+  quant = commands.add_parser(
+    'quantize', help='fused model -> int8 (Qwix), with top-1 before and after on the eval split'
+  )
+  quant.add_argument('source', help='a training workdir, or a deploy checkpoint (dir or step)')
+  quant.add_argument('output', help='new directory for int8.msgpack and quantize.json')
+  quant.add_argument(
+    '--calibration-batches', type=int, default=8, help='training batches for static ranges'
+  )
+  quant.add_argument('--mode', default='static', help='static (calibrated) or dynamic ranges')
+  quant.add_argument('--config', help="the training config (default: the workdir's config.json)")
+  return parser
+
+
+def _run(args) -> dict:
+  if args.command == 'import':
+    return import_weights(args.weights, args.output, args.model, args.verify)
+  if args.command == 'fuse':
+    return fuse_checkpoint(args.checkpoint, args.output, args.model)
+  if args.command == 'quantize':
+    return quantize.quantize_checkpoint(
+      args.source,
+      args.output,
+      calibration_batches=args.calibration_batches,
+      mode=args.mode,
+      config_file=args.config,
+    )
+  return export_checkpoint(
+    args.checkpoint,
+    args.output,
+    args.model,
+    args.image_size,
+    tuple(args.formats.split(',')) if args.formats else None,
+    tuple(args.platforms.split(',')) if args.platforms else None,
+    args.conv_impl,
+    args.verify,
+  )
+
+
+def _summary(args, meta: dict) -> str:
+  if args.command == 'quantize':
+    return (
+      f'Wrote the int8 {meta["model"]} ({meta["mode"]} ranges) to {args.output}: top-1 '
+      f'{meta["fp32_top1"]:.2%} in float32, {meta["int8_top1"]:.2%} in int8 on '
+      f'{meta["eval_examples"]} {meta["eval_split"]} images; relative logit error '
+      f'{meta["logit_relative_error"]:.1e}.'
+    )
+  if args.command == 'export':
+    artifacts = ', '.join(meta['artifacts'].values())
+    kind = 'int8' if meta.get('int8') else 'deploy'
+    return (
+      f'Wrote {artifacts} of the {kind} {meta["model"]} ({meta["num_classes"]} classes, '
+      f'{meta["image_size"]}x{meta["image_size"]} images) to {args.output}.\n'
+      f'Verification: {json.dumps(meta.get("verify", "skipped"))}'
+    )
+  kind = 'deploy' if meta['deploy'] else 'training-time'
+  return (
+    f'Wrote the {kind} {meta["model"]} ({meta["num_classes"]} classes) to {args.output}.\n'
+    f'Verification: {json.dumps(meta.get("verify", "skipped"))}'
+  )
+
+
+def main(argv=None) -> int:
+  from absl import logging
+
+  logging.set_verbosity(logging.ERROR)  # Orbax's notes on read-only checkpoints are noise here.
+  args = _parser().parse_args(argv)
   try:
-    if args.command == 'import':
-      meta = import_weights(args.weights, args.output, args.model, args.verify)
-    elif args.command == 'fuse':
-      meta = fuse_checkpoint(args.checkpoint, args.output, args.model)
-    else:
-      meta = export_checkpoint(
-        args.checkpoint,
-        args.output,
-        args.model,
-        args.image_size,
-        tuple(args.formats.split(',')),
-        tuple(args.platforms.split(',')) if args.platforms else None,
-        args.conv_impl,
-        args.verify,
-      )
+    meta = _run(args)
   except (ConversionError, FileNotFoundError, fusion.FusionError, ValueError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
-  if args.command == 'export':
-    artifacts = ', '.join(meta['artifacts'].values())
-    print(
-      f'Wrote {artifacts} of the deploy {meta["model"]} ({meta["num_classes"]} classes, '
-      f'{meta["image_size"]}x{meta["image_size"]} images) to {args.output}.'
-    )
-  else:
-    kind = 'deploy' if meta['deploy'] else 'training-time'
-    print(f'Wrote the {kind} {meta["model"]} ({meta["num_classes"]} classes) to {args.output}.')
-  print(f'Verification: {json.dumps(meta.get("verify", "skipped"))}')
+  print(_summary(args, meta))
   return 0

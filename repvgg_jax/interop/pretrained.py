@@ -21,7 +21,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from repvgg_jax.interop import convert, hub, torch_layout
+from repvgg_jax.interop import checkpoint_io, convert, hub, torch_layout
 from repvgg_jax.interop.torch_layout import ConversionError
 from repvgg_jax.model import fusion, trees
 
@@ -41,7 +41,7 @@ def read_weights(source: str | pathlib.Path) -> dict:
     return variables
   if not path.is_dir():
     raise FileNotFoundError(f'No weights at {path}: give a weight file or a checkpoint directory.')
-  ckpt, step, _ = convert.training_checkpoint(path)
+  ckpt, step, _ = checkpoint_io.training_checkpoint(path)
   try:
     if ckpt.latest_step() is None:
       raise ConversionError(f'No orbax checkpoint in {path}.')

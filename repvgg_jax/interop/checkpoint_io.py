@@ -1,0 +1,84 @@
+"""Reading the checkpoints that conversion, export and quantization start from,
+and refusing an output directory that cannot take their result."""
+
+from __future__ import annotations
+
+import pathlib
+
+from repvgg_jax.interop.torch_layout import ConversionError
+from repvgg_jax.model import fusion, variants
+from repvgg_jax.train import checkpointing
+
+
+def training_checkpoint(
+  path: pathlib.Path,
+) -> tuple[checkpointing.Checkpoints, int | None, pathlib.Path]:
+  """(manager, step, workdir) for a workdir, its checkpoints dir, or one step dir."""
+  if (path / 'checkpoints').is_dir():
+    return checkpointing.Checkpoints(path / 'checkpoints', read_only=True), None, path
+  if path.name.isdigit():
+    return (
+      checkpointing.Checkpoints(path.parent, read_only=True),
+      int(path.name),
+      path.parent.parent,
+    )
+  return checkpointing.Checkpoints(path, read_only=True), None, path.parent
+
+
+def _export_source(path: pathlib.Path) -> tuple[checkpointing.Checkpoints, int | None]:
+  """The checkpoint to export: a workdir's deploy (else training) checkpoints, or the path."""
+  for sub in ('deploy', 'checkpoints'):
+    if (path / sub).is_dir():
+      return checkpointing.Checkpoints(path / sub, read_only=True), None
+  if path.name.isdigit():
+    return checkpointing.Checkpoints(path.parent, read_only=True), int(path.name)
+  return checkpointing.Checkpoints(path, read_only=True), None
+
+
+def restore(path: pathlib.Path) -> tuple[dict, dict]:
+  """``(state, metadata)`` of the checkpoint at ``path``: a workdir's deploy (else
+  training) checkpoint, a checkpoint directory, or one step."""
+  if not path.exists():
+    raise FileNotFoundError(f'No checkpoint at {path}.')
+  ckpt, step = _export_source(path)
+  try:
+    if ckpt.latest_step() is None:
+      raise ConversionError(f'No orbax checkpoint in {path}.')
+    return ckpt.restore(step=step)
+  finally:
+    ckpt.close()
+
+
+def deploy_variables(path: pathlib.Path, model: str | None):
+  """``(variant, deploy variables, training variables or None, saved metadata)`` of
+  the checkpoint at ``path``; a training checkpoint is fused here."""
+  state, saved = restore(path)
+  name = model or saved.get('model') or fusion.identify_variant(state['params'])
+  if name is None:
+    raise ConversionError(f'{path} does not say which variant it holds: give it with --model.')
+  if 'batch_stats' in state:
+    training = {k: state[k] for k in ('params', 'batch_stats')}
+    return name, fusion.fuse_params(training, model=name), training, saved
+  looks_like = fusion.identify_variant(state['params'])  # RepVGG's name: QARepVGG fuses into it.
+  if looks_like != variants.with_block(name, 'repvgg'):
+    raise ConversionError(f'{path} holds {looks_like or "no known variant"}, not {name}.')
+  return name, {'params': state['params']}, None, saved
+
+
+def check_output_dir(output_dir) -> None:
+  """Fails before any work where ``output_dir`` cannot receive the result: not empty,
+  a file, or below a file.
+
+  Raises:
+    ConversionError: saying which, and to choose a new output directory.
+  """
+  output = pathlib.Path(output_dir).absolute()
+  if output.is_dir() and any(output.iterdir()):
+    raise ConversionError(f'{output} is not empty: choose a new output directory.')
+  for parent in (output, *output.parents):
+    if parent.exists() and not parent.is_dir():
+      raise ConversionError(
+        f'{parent} is a file, so {output} cannot be a directory: choose another.'
+      )
+    if parent.exists():
+      break

@@ -1,0 +1,345 @@
+"""int8 post-training quantization of a fused (deploy) RepVGG with Qwix.
+
+Every convolution and the classifier get int8 weights with one scale per
+output channel and int8 activations: with ``mode='static'`` one scale per
+layer input, calibrated on training batches (Qwix averages each batch's
+per-image absolute maximum); with ``mode='dynamic'`` one computed per image as
+it runs. Qwix intercepts `jax.lax.conv_general_dilated` and `dot_general`, so
+the deploy model is quantized as it is, with `nn.Conv`:
+
+  qmodel, qvariables = quantize(deploy_model, deploy_variables, batches)
+  logits = qmodel.apply(qvariables, images)
+
+Only a fused model is quantized: the training-time model's BatchNorms are what
+makes RepVGG lose accuracy in int8 (QARepVGG, Chu et al., AAAI 2024, trains
+with the block that avoids it), and its branches would each be quantized apart.
+
+`save_int8` writes the int8 weights and scales (``int8.msgpack``) beside a
+``quantize.json`` that says how to rebuild the model; `load_int8` reads them
+back without the float weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import qwix
+
+from repvgg_jax.data import datasets
+from repvgg_jax.interop import checkpoint_io
+from repvgg_jax.model import create_model, fusion, model_from_config, trees, variants
+
+MODES = ('static', 'dynamic')
+WEIGHTS_FILE = 'int8.msgpack'
+META_FILE = 'quantize.json'
+
+
+class QuantizationError(ValueError):
+  """The model, variables or calibration data cannot be quantized as asked."""
+
+
+def rules(mode: str) -> list[qwix.QtRule]:
+  """Qwix's rules for ``mode``: every layer, int8 weights and activations."""
+  if mode not in MODES:
+    raise QuantizationError(f'Unknown quantization mode {mode!r}: use one of {", ".join(MODES)}.')
+  static = {'act_static_scale': True, 'act_calibration_method': 'absmax'}
+  return [
+    qwix.QtRule(
+      module_path='.*',
+      weight_qtype=jnp.int8,
+      act_qtype=jnp.int8,
+      **(static if mode == 'static' else {}),
+    )
+  ]
+
+
+def int8_model(deploy_model: nn.Module, mode: str = 'static') -> nn.Module:
+  """The deploy model with int8 convolutions and classifier (Qwix's PTQ provider)."""
+  return qwix.quantize_model(deploy_model, qwix.PtqProvider(rules(mode)))
+
+
+def check_fused(variables: Mapping[str, Any]) -> None:
+  """Raises QuantizationError unless ``variables`` are a fused model's."""
+  params = variables.get('params', {}) if isinstance(variables, Mapping) else {}
+  training, fused = trees.find_blocks(params)
+  if training or 'batch_stats' in variables:
+    raise QuantizationError(
+      'These are training-time variables (multi-branch blocks with BatchNorm): fuse them first '
+      'with repvgg_jax.fuse_params (or `python -m repvgg_jax.convert fuse`), then quantize.'
+    )
+  if not fused:
+    raise QuantizationError(f'No fused RepVGG block in the variables: {sorted(params)}.')
+
+
+def _check_batch(images, in_channels: int, image_size: int | None, index: int) -> None:
+  shape = tuple(np.shape(images))
+  if len(shape) != 4 or shape[-1] != in_channels:
+    raise QuantizationError(
+      f'Calibration batch {index} has shape {shape}; the model takes NHWC images with '
+      f'{in_channels} channels.'
+    )
+  if image_size is not None and shape[1:3] != (image_size, image_size):
+    raise QuantizationError(
+      f'Calibration batch {index} has {shape[1]}x{shape[2]} images; the model was trained '
+      f'at {image_size}x{image_size}: calibrate on images prepared as for training.'
+    )
+
+
+def calibrate(
+  deploy_model: nn.Module,
+  variables,
+  batches: Iterable,
+  mode: str = 'static',
+  *,
+  image_size: int | None = None,
+):
+  """Qwix's activation statistics (``quant_stats``) of the deploy model over ``batches``.
+
+  Returns None for ``mode='dynamic'``, which needs none. Each batch is NHWC
+  float images preprocessed as for training; ``image_size`` (the training
+  size), when given, is required of every batch.
+  """
+  check_fused(variables)
+  qat = qwix.quantize_model(deploy_model, qwix.QtProvider(rules(mode)))
+  if mode == 'dynamic':
+    return None
+
+  # Op by op: traced by jit without a gradient, Qwix's calibrating convolution
+  # (a custom VJP) leaks a tracer (qwix 0.1.8). A few batches, so it costs little.
+  def update(stats, images):
+    _, updated = qat.apply(
+      {'params': variables['params'], 'quant_stats': stats}, images, mutable=['quant_stats']
+    )
+    return updated['quant_stats']
+
+  stats, count = None, 0
+  for count, images in enumerate(batches, 1):
+    _check_batch(images, deploy_model.in_channels, image_size, count)
+    images = jnp.asarray(images, jnp.float32)
+    if stats is None:
+      stats = qat.init(jax.random.key(0), images[:1])['quant_stats']
+    stats = update(stats, images)
+  if stats is None:
+    raise QuantizationError('No calibration batch: static ranges need at least one.')
+  return stats
+
+
+def quantize(
+  deploy_model: nn.Module,
+  variables,
+  batches: Iterable = (),
+  mode: str = 'static',
+  *,
+  image_size: int | None = None,
+):
+  """int8 weights (per output channel) and activation scales of a fused model.
+
+  Args:
+    deploy_model: the deploy RepVGG (``deploy=True``, `nn.Conv`).
+    variables: its fused variables, ``{'params': ...}`` (`fuse_params`'s output).
+    batches: calibration images, NHWC float batches preprocessed as for
+      training (static mode; unused for dynamic).
+    mode: ``'static'`` (calibrated activation ranges) or ``'dynamic'``.
+    image_size: the training image size, checked against every batch.
+
+  Returns:
+    ``(int8 model, int8 variables)``; run as ``model.apply(variables, images)``.
+
+  Raises:
+    QuantizationError: training-time variables, an unknown mode, calibration
+      batches of another shape or channel count, or none in static mode.
+  """
+  stats = calibrate(deploy_model, variables, batches, mode, image_size=image_size)
+  qmodel = int8_model(deploy_model, mode)
+  abstract = _abstract_params(qmodel, deploy_model.in_channels, image_size or 32)
+  if stats is None:
+    return qmodel, {'params': qwix.quantize_params(variables['params'], abstract)}
+  return qmodel, {'params': qwix.quantize_params(variables['params'], abstract, stats)}
+
+
+def _abstract_params(qmodel: nn.Module, in_channels: int, image_size: int):
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, in_channels), jnp.float32)
+  return jax.eval_shape(qmodel.init, jax.random.key(0), images)['params']
+
+
+def save_int8(output_dir, qvariables, meta: Mapping[str, Any]) -> pathlib.Path:
+  """Writes ``int8.msgpack`` and ``quantize.json`` (``meta`` plus what `load_int8`
+  needs: ``model``, ``num_classes``, ``in_channels``, ``mode``) into a new directory,
+  all at once: they go to a temporary sibling that is renamed when complete."""
+  output = pathlib.Path(output_dir).absolute()
+  for key in ('model', 'num_classes', 'in_channels', 'mode'):
+    if key not in meta:
+      raise ValueError(f'quantize.json needs {key!r}.')
+  output.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{output.name}.', dir=output.parent))
+  staging.chmod(0o755)  # mkdtemp's 0o700 would hide the model from a serving user.
+  try:
+    (staging / WEIGHTS_FILE).write_bytes(flax.serialization.to_bytes(qvariables['params']))
+    (staging / META_FILE).write_text(json.dumps(dict(meta), indent=2) + '\n')
+    if output.is_dir() and not any(output.iterdir()):
+      output.rmdir()
+    os.rename(staging, output)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return output
+
+
+def load_int8(path):
+  """``(int8 model, int8 variables, quantize.json)`` from a directory `save_int8` wrote."""
+  path = pathlib.Path(path)
+  meta_path = path / META_FILE
+  if not meta_path.is_file() or not (path / WEIGHTS_FILE).is_file():
+    raise FileNotFoundError(f'No int8 model in {path}: it needs {META_FILE} and {WEIGHTS_FILE}.')
+  meta = json.loads(meta_path.read_text())
+  variant = meta.get('variant')  # A scaled variant (num_blocks, widths) is rebuilt from it.
+  if variant is not None:
+    variant = variants.Variant(
+      **{k: tuple(v) if isinstance(v, list) else v for k, v in variant.items()}
+    )
+  deploy_model = create_model(
+    variant or meta['model'],
+    num_classes=meta['num_classes'],
+    in_channels=meta['in_channels'],
+    deploy=True,
+  )
+  qmodel = int8_model(deploy_model, meta['mode'])
+  abstract = _abstract_params(qmodel, meta['in_channels'], meta.get('image_size') or 32)
+  params = flax.serialization.from_bytes(abstract, (path / WEIGHTS_FILE).read_bytes())
+  return qmodel, {'params': params}, meta
+
+
+# ----------------------------------------------------------------------------
+# A checkpoint in, an int8 directory out, with the accuracy on both sides.
+
+
+def training_config(source: pathlib.Path, config_file=None):
+  """The training config of a checkpoint: ``config_file`` (a config .py), else the
+  ``config.json`` of the workdir that ``source`` is or lies in (up to two levels up)."""
+  if config_file is not None:
+    spec = importlib.util.spec_from_file_location('quantize_config', config_file)
+    if spec is None or not pathlib.Path(config_file).is_file():
+      raise QuantizationError(f'No config file {config_file}.')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+  for directory in (source, *list(source.absolute().parents)[:2]):
+    if (directory / 'config.json').is_file():
+      return ml_collections.ConfigDict(json.loads((directory / 'config.json').read_text()))
+  raise QuantizationError(
+    f'{source} lies in no training workdir (no config.json): give the training config that '
+    'names its dataset with --config, e.g. --config configs/digits.py.'
+  )
+
+
+def evaluate(config, forward: Mapping[str, Any]) -> dict[str, Any]:
+  """Top-1 of each of ``forward``'s functions over the eval split, and the relative
+  logit error of ``'int8'`` to ``'fp32'``: ``||int8 - fp32|| / ||fp32||`` over all logits."""
+  correct = dict.fromkeys(forward, 0)
+  squared = {'difference': 0.0, 'fp32': 0.0}
+  count = 0
+  for batch in datasets.eval_batches(config.dataset, global_batch_size=config.eval_batch_size):
+    mask, labels = np.asarray(batch['mask']), np.asarray(batch['label'])
+    logits = {name: np.asarray(f(batch['image']), np.float64)[mask] for name, f in forward.items()}
+    for name, values in logits.items():
+      correct[name] += int((values.argmax(-1) == labels[mask]).sum())
+    squared['difference'] += float(((logits['int8'] - logits['fp32']) ** 2).sum())
+    squared['fp32'] += float((logits['fp32'] ** 2).sum())
+    count += int(mask.sum())
+  return {
+    **{f'{name}_top1': correct[name] / count for name in forward},
+    'logit_relative_error': float(np.sqrt(squared['difference'] / squared['fp32'])),
+    'eval_examples': count,
+  }
+
+
+def _fused_variables(source: pathlib.Path) -> tuple[dict, dict]:
+  """The fused variables of a checkpoint (a training one is fused here) and its metadata."""
+  state, saved = checkpoint_io.restore(source)
+  if 'batch_stats' in state:
+    return fusion.fuse_params({k: state[k] for k in ('params', 'batch_stats')}), saved
+  return {'params': state['params']}, saved
+
+
+def _check_architecture(deploy_model, variables, config, source) -> None:
+  """The checkpoint must hold the deploy form of its config's model."""
+  images = jax.ShapeDtypeStruct((1, 32, 32, deploy_model.in_channels), jnp.float32)
+  expected = jax.eval_shape(deploy_model.init, jax.random.key(0), images)['params']
+  shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), flax.core.unfreeze(tree))
+  if shapes(expected) != shapes(variables['params']):
+    found = fusion.identify_variant(variables['params']) or 'another architecture'
+    raise QuantizationError(
+      f'{source} holds {found}, not the {config.model.name} ({config.dataset.num_classes} '
+      'classes) of its config: give the config it was trained with (--config).'
+    )
+
+
+def quantize_checkpoint(
+  source, output_dir, *, calibration_batches: int = 8, mode: str = 'static', config_file=None
+) -> dict:
+  """Quantizes a workdir's (or a deploy checkpoint's) fused model to int8 and
+  evaluates both on the eval split of its config's dataset.
+
+  Writes ``int8.msgpack`` and ``quantize.json`` (``model``, ``fp32_top1``,
+  ``int8_top1``, ``calibration_batches``, ``logit_relative_error`` ...) to
+  ``output_dir``, which must be new or empty; returns quantize.json's content.
+  A training checkpoint is fused first.
+  """
+  rules(mode)  # An unknown mode fails before anything is read.
+  if mode == 'static' and calibration_batches < 1:
+    raise QuantizationError('--calibration-batches must be at least 1 for static ranges.')
+  checkpoint_io.check_output_dir(output_dir)
+  source = pathlib.Path(source)
+  config = training_config(source, config_file)
+  variables, saved = _fused_variables(source)
+  deploy_model = model_from_config(config, deploy=True)
+  _check_architecture(deploy_model, variables, config, source)
+  image_size = config.dataset.image_size
+  batches = datasets.train_batches(
+    config.dataset, global_batch_size=config.batch_size, seed=config.seed
+  )
+  calibration = (next(batches)['image'] for _ in range(calibration_batches))
+  qmodel, qvariables = quantize(deploy_model, variables, calibration, mode, image_size=image_size)
+  fp32, int8 = jax.jit(deploy_model.apply), jax.jit(qmodel.apply)
+  results = evaluate(
+    config,
+    {
+      'fp32': lambda images: fp32(variables, images),
+      'int8': lambda images: int8(qvariables, images),
+    },
+  )
+  variant = deploy_model.variant
+  meta = {
+    'model': config.model.name,
+    'variant': {**dataclasses.asdict(variant), 'name': variant.name},
+    'num_classes': deploy_model.num_classes,
+    'in_channels': deploy_model.in_channels,
+    'image_size': image_size,
+    'mode': mode,
+    'calibration_batches': calibration_batches if mode == 'static' else 0,
+    'calibration_batch_size': config.batch_size,
+    **results,
+    'top1_drop': results['fp32_top1'] - results['int8_top1'],
+    'dataset': config.dataset.name,
+    'eval_split': config.dataset.eval_split,
+    'source': str(source),
+    'step': saved.get('step'),
+    'weights': 'int8, one scale per output channel',
+    'activations': f'int8, {"calibrated static" if mode == "static" else "dynamic"} ranges',
+  }
+  save_int8(output_dir, qvariables, meta)
+  return meta
