@@ -62,6 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
   config.optimizer.mixup_alpha = 0.0  # Mixup Beta(alpha, alpha); 0: no mixup.
 
+  # Quantization-aware fine-tuning of a fused model (repvgg_jax/train/qat.py).
+  config.qat = ml_collections.ConfigDict()
+  config.qat.enabled = False  # Fine-tune the deploy model with fake int8 instead of training.
+  config.qat.init_from = config_dict.placeholder(str)  # Workdir or checkpoint of the fused model.
+
   config.log_every_steps = 100  # Steps between training-metric logs.
   config.eval_every_epochs = 1.0  # Epochs between evaluations (and at the end).
   config.checkpoint_every_steps = 1000  # Steps between checkpoints (also at the end, on SIGTERM).

@@ -41,7 +41,9 @@ def test_variant_configs_follow_the_paper(name):
   assert 'top-1' in doc and 'GPU' in doc
 
 
-@pytest.mark.parametrize('name', ['default', 'digits', 'digits_qarepvgg', 'cifar10'])
+@pytest.mark.parametrize(
+  'name', ['default', 'digits', 'digits_qarepvgg', 'digits_qat', 'cifar10', 'qarepvgg_a0']
+)
 def test_other_configs_load(name):
   config = load(name)
   assert config.dataset.num_classes in (10, 1000)

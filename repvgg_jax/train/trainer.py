@@ -28,7 +28,7 @@ from repvgg_jax.data import datasets as data
 from repvgg_jax.data import in_memory
 from repvgg_jax.model import fusion, model_from_config, variants
 from repvgg_jax.perf import compile_options, xla_cpu
-from repvgg_jax.train import checkpointing, optim, reporting, steps, workdir_lock
+from repvgg_jax.train import checkpointing, optim, qat, reporting, steps, workdir_lock
 from repvgg_jax.train.reporting import TrainingDivergedError
 
 
@@ -81,10 +81,19 @@ def build_model(config, *, deploy: bool = False, train: bool = False):
   to evaluate. ``model.conv_impl`` picks its convolutions for one or the other; in
   inference, unless it is 'xla', the large-map blocks run in chunks where that pays
   (`perf.chunked`: on CPUs)."""
+  if qat_enabled(config):  # The deploy model with fake int8; evaluated also without.
+    deploy_model = model_from_config(config, deploy=True)
+    size = config.dataset.image_size
+    return deploy_model if deploy else qat.QuantizationAwareModel(deploy_model, size)
   conv = perf.conv_layer(config.model.conv_impl, train=train)
   model = model_from_config(config, deploy=deploy, conv=conv)
   plain = train or config.model.conv_impl == 'xla'
   return model if plain else perf.chunked(model, 'auto')
+
+
+def qat_enabled(config) -> bool:
+  """Whether ``config`` fine-tunes a fused model with fake int8 (`repvgg_jax.train.qat`)."""
+  return 'qat' in config and bool(config.qat.enabled)
 
 
 def check_config(config) -> None:
@@ -118,9 +127,12 @@ def check_config(config) -> None:
       f'over {devices} devices: make batch_size / bn_group_size a multiple of {devices}.'
     )
   try:
-    variants.get_variant(config.model.name)
+    variant = variants.get_variant(config.model.name)
   except ValueError as error:
     raise ConfigError(f'model.name: {error}') from None
+  problem = qat.check_config(config, variant) if qat_enabled(config) else None
+  if problem:
+    raise ConfigError(problem)
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}.")
 
@@ -288,8 +300,19 @@ def _compile_steps(config, model, eval_model, deploy_model, mesh):
     in_shardings=(replicated, replicated, sharded),
     out_shardings=replicated,
   )
-  fuse_fn = compile_options.jit(fusion.fuse_params, out_shardings=replicated)
+  # QAT trains the deploy model itself: its "fused" variables are its parameters.
+  fuse = (lambda v: {'params': v['params']}) if qat_enabled(config) else fusion.fuse_params
+  fuse_fn = compile_options.jit(fuse, out_shardings=replicated)
   return train_fns, eval_fn, fuse_fn, sharded
+
+
+def _fine_tune_from(config, state: steps.TrainState, replicated: NamedSharding):
+  """``state`` with the parameters of ``config.qat.init_from`` (a fused model)."""
+  try:
+    params = qat.initial_params(config, state.params)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  return state.replace(params=jax.device_put(params, replicated))
 
 
 def _finite(tree) -> bool:
@@ -345,6 +368,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   ckpt = checkpointing.Checkpoints(workdir / 'checkpoints', keep=config.keep_checkpoints)
   state = _restore(ckpt, state, config, report=lambda line: print(line, file=sys.stderr))
   start_step = int(jax.device_get(state.step))
+  if qat_enabled(config) and start_step == 0:  # Not resumed: start from the fused model.
+    state = _fine_tune_from(config, state, NamedSharding(mesh, P()))
   if jax.process_index() == 0:
     jsonfiles.write_json(workdir / 'config.json', config.to_dict())
   eval_models = build_model(config), build_model(config, deploy=True)

@@ -1,0 +1,111 @@
+"""Quantization-aware fine-tuning through train.py: from a fused model, with the
+trainer's checkpoints and resume, into the int8 model; and its bad configs."""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import qwix
+from helpers import checkpoint_params, tiny_config
+
+from repvgg_jax.data import datasets as data
+from repvgg_jax.interop import quantize
+from repvgg_jax.train import checkpointing, trainer
+
+QAT = {'qat.enabled': True, 'num_train_steps': 4, 'checkpoint_every_steps': 2}
+
+
+@pytest.fixture(scope='module')
+def digits_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  data.get_builder(tiny_config(data_dir).dataset)
+  return data_dir
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, digits_dir):
+  """A tiny RepVGG trained for 4 steps: the fused model that QAT starts from."""
+  workdir = tmp_path_factory.mktemp('trained')
+  trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=4), workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def fine_tuned(tmp_path_factory, digits_dir, trained):
+  workdir = tmp_path_factory.mktemp('qat')
+  config = tiny_config(digits_dir, **QAT, **{'qat.init_from': str(trained)})
+  summary = trainer.train_and_evaluate(config, workdir)
+  return workdir, config, summary
+
+
+def restore(directory):
+  """``(state, metadata)`` of the latest checkpoint in ``directory``."""
+  ckpt = checkpointing.Checkpoints(directory, read_only=True)
+  try:
+    return ckpt.restore()
+  finally:
+    ckpt.close()
+
+
+def test_qat_starts_from_the_fused_model_and_trains_it(fine_tuned, trained):
+  workdir, _, summary = fine_tuned
+  assert summary['steps'] == 4 and 0 <= summary['eval_top1'] <= 1
+  start = restore(trained / 'deploy')[0]['params']
+  deploy, meta = restore(workdir / 'deploy')
+  assert meta['deploy'] and sorted(deploy['params']['stage1_block0']) == ['reparam']
+  assert jax.tree.map(np.shape, deploy['params']) == jax.tree.map(np.shape, start)
+  pairs = zip(jax.tree.leaves(deploy['params']), jax.tree.leaves(start), strict=True)
+  assert min(float(np.abs(a - b).max()) for a, b in pairs) > 0  # Every layer was fine-tuned.
+  state, _ = restore(workdir / 'checkpoints')
+  assert set(state['batch_stats']['stage1_block0']['reparam']) == {'conv_general_dilated0_lhs'}
+
+
+def test_qat_resumes_bit_exactly(fine_tuned, digits_dir, tmp_path):
+  workdir, config, _ = fine_tuned
+  interrupted = tmp_path / 'interrupted'
+  shutil.copytree(workdir, interrupted)
+  shutil.rmtree(interrupted / 'checkpoints' / '4')  # As if killed after step 2's checkpoint.
+  shutil.rmtree(interrupted / 'deploy')
+  (interrupted / 'summary.json').unlink()
+  trainer.train_and_evaluate(config, interrupted)
+  expected, _ = checkpoint_params(workdir)
+  actual, _ = checkpoint_params(interrupted)
+  jax.tree.map(np.testing.assert_array_equal, actual, expected)
+
+
+def test_the_fake_int8_forward_is_the_int8_models(fine_tuned):
+  """QAT trains what PTQ deploys: with its learned ranges, the int8 model computes
+  the fake-quantized forward."""
+  workdir, config, _ = fine_tuned
+  model = trainer.build_model(config)
+  state, _ = restore(workdir / 'checkpoints')
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  images = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
+  fake = model.apply(variables, images)
+  qmodel = quantize.int8_model(model.deploy_model, 'static')
+  abstract = jax.eval_shape(qmodel.init, jax.random.key(0), images[:1])['params']
+  int8 = qwix.quantize_params(state['params'], abstract, state['batch_stats'])
+  np.testing.assert_allclose(qmodel.apply({'params': int8}, images), fake, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  'overrides, message',
+  [
+    ({'qat.init_from': None}, 'qat.enabled needs qat.init_from'),
+    ({'model.bn_group_size': 8}, 'set model.bn_group_size=0'),
+    ({'model.name': 'RepVGG-B1g2'}, 'QAT of grouped variants'),
+    (
+      {'dataset.num_classes': 10, 'model.width_multipliers': (0.5, 0.5)},
+      'holds another architecture, not the deploy form',
+    ),
+  ],
+)
+def test_bad_qat_configs_fail_in_one_line(overrides, message, digits_dir, trained, tmp_path):
+  config = tiny_config(digits_dir, **{**QAT, 'qat.init_from': str(trained), **overrides})
+  with pytest.raises(trainer.ConfigError, match=message) as error:
+    trainer.train_and_evaluate(config, tmp_path / 'w')
+  assert '\n' not in str(error.value)
+  assert not (tmp_path / 'w' / 'checkpoints').exists() or not any(
+    (tmp_path / 'w' / 'checkpoints').iterdir()
+  )
