@@ -211,6 +211,11 @@ def test_a_row_run_with_another_config_is_refused(
     ({'none': ('conv3x3',), 'nothing': ()}, {}, r'ablation\.branch_sets\.nothing is empty'),
     ({'paper (both)': branches.PAPER_BRANCHES}, {}, 'cannot name a directory'),
     ({'none': ('identity',)}, {}, 'none of which can change the resolution'),
+    (
+      {'qa': 'qa-repvgg'},
+      {},
+      r"branch_sets\.qa is 'qa-repvgg': give a set of branch kinds or a block",
+    ),
     (None, {'ablation.only': 'paper,acnet'}, r"unknown rows \['acnet'\]"),
     (None, {'model.dtype': 'float16'}, r"Row 'none': model.dtype must be"),
   ],
@@ -220,6 +225,19 @@ def test_bad_config_fails_before_training(tmp_path, no_training, sets, overrides
   with pytest.raises(ablate.AblationError, match=message):
     ablate.run_ablation(config, tmp_path / 'work')
   assert not (tmp_path / 'work').exists()
+
+
+def test_a_block_kind_row_trains_that_kinds_variant(tmp_path):
+  config = ablation_config(
+    str(tmp_path / 'tfds'), {'paper': branches.PAPER_BRANCHES, 'qa': 'qarepvgg'}
+  )
+  rows = {name: ablate.row_config(config, row) for name, row in ablate.branch_sets(config).items()}
+  assert (rows['qa'].model.name, rows['qa'].model.branches) == ('QARepVGG-A0', None)
+  assert rows['paper'].model.name == 'RepVGG-A0'
+  assert ablate.row_label(rows['qa']) == 'QARepVGG: conv3x3+conv1x1_identity'
+  assert ablate.row_label(rows['paper']) == 'conv3x3+conv1x1+identity'
+  params = {name: ablate.count_params(trainer.build_model(row), 32) for name, row in rows.items()}
+  assert params['qa'] < params['paper']  # No BatchNorm on the 1x1 and the identity.
 
 
 def test_a_config_without_ablation_is_refused(tmp_path, no_training):
