@@ -8,8 +8,8 @@ Starts from W's fused model and trains that plain network with every
 convolution and the classifier computed in fake int8 (Qwix: per-channel weight
 scales, static activation ranges), with digits.py's data, at a tenth of its
 learning rate for 3 epochs. Checkpoints, resume and SIGTERM are as for any
-run; WQ/deploy holds the fine-tuned float weights that `convert quantize`
-turns into int8. For QARepVGG-A0 add --config.model.name=QARepVGG-A0 (and
+run; WQ/deploy holds the fine-tuned float weights, which `convert quantize WQ`
+turns into int8 with the activation ranges the run learned. For QARepVGG-A0 add --config.model.name=QARepVGG-A0 (and
 init_from a digits_qarepvgg.py workdir). Hardware: any CPU; the figures
 reached on 2 cores are in docs/quantization.md.
 """

@@ -1,6 +1,7 @@
 """Quantization-aware fine-tuning through train.py: from a fused model, with the
 trainer's checkpoints and resume, into the int8 model; and its bad configs."""
 
+import json
 import shutil
 
 import jax
@@ -10,7 +11,7 @@ import qwix
 from helpers import checkpoint_params, tiny_config
 
 from repvgg_jax.data import datasets as data
-from repvgg_jax.interop import quantize
+from repvgg_jax.interop import convert, quantize
 from repvgg_jax.train import checkpointing, trainer
 
 QAT = {'qat.enabled': True, 'num_train_steps': 4, 'checkpoint_every_steps': 2}
@@ -55,8 +56,10 @@ def test_qat_starts_from_the_fused_model_and_trains_it(fine_tuned, trained):
   deploy, meta = restore(workdir / 'deploy')
   assert meta['deploy'] and sorted(deploy['params']['stage1_block0']) == ['reparam']
   assert jax.tree.map(np.shape, deploy['params']) == jax.tree.map(np.shape, start)
-  pairs = zip(jax.tree.leaves(deploy['params']), jax.tree.leaves(start), strict=True)
-  assert min(float(np.abs(a - b).max()) for a, b in pairs) > 0  # Every layer was fine-tuned.
+  pairs = list(zip(jax.tree.leaves(deploy['params']), jax.tree.leaves(start), strict=True))
+  assert min(float(np.abs(a - b).max()) for a, b in pairs) > 0  # Every layer was fine-tuned,
+  change = max(float(np.linalg.norm(a - b) / np.linalg.norm(b)) for a, b in pairs)
+  assert change < 0.1  # from the fused model, not from scratch.
   state, _ = restore(workdir / 'checkpoints')
   assert set(state['batch_stats']['stage1_block0']['reparam']) == {'conv_general_dilated0_lhs'}
 
@@ -87,6 +90,21 @@ def test_the_fake_int8_forward_is_the_int8_models(fine_tuned):
   abstract = jax.eval_shape(qmodel.init, jax.random.key(0), images[:1])['params']
   int8 = qwix.quantize_params(state['params'], abstract, state['batch_stats'])
   np.testing.assert_allclose(qmodel.apply({'params': int8}, images), fake, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_quantize_keeps_the_ranges_qat_learned(fine_tuned, tmp_path):
+  workdir, _, summary = fine_tuned
+  assert convert.main(['quantize', str(workdir), str(tmp_path / 'q')]) == 0
+  meta = json.loads((tmp_path / 'q' / 'quantize.json').read_text())
+  assert (
+    meta['calibration_batches'] == 0
+    and 'learned by quantization-aware training' in (meta['activations'])
+  )
+  # The int8 model computes the fake-int8 forward that the run evaluated last.
+  assert meta['int8_top1'] == summary['eval_top1']
+  assert convert.main(['quantize', str(workdir), str(tmp_path / 'r'), '--recalibrate']) == 0
+  meta = json.loads((tmp_path / 'r' / 'quantize.json').read_text())
+  assert meta['calibration_batches'] == 8 and 'calibrated on 8' in meta['activations']
 
 
 @pytest.mark.parametrize(

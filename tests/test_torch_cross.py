@@ -99,7 +99,7 @@ def test_pytorch_weights_import_with_the_same_logits(tmp_path, name, style, depl
 
 @pytest.mark.slow
 @pytest.mark.parametrize('style', ['reference', 'timm'])
-@pytest.mark.parametrize('name', repvgg_jax.list_models())
+@pytest.mark.parametrize('name', repvgg_jax.list_models('repvgg'))
 def test_every_variant_imports_from_pytorch(tmp_path, name, style):
   check_import(tmp_path, name, style, False, '.safetensors')
 

@@ -52,7 +52,7 @@ def check_round_trip(name, deploy, variables, style, state_dict=None):
 # Both key styles from one set of variables: random variables of B3 take seconds.
 # Deploy keys of the two styles differ only in the reparam branch: timm's on two variants.
 @pytest.mark.parametrize('deploy', [False, True], ids=['train', 'deploy'])
-@pytest.mark.parametrize('name', repvgg_jax.list_models())
+@pytest.mark.parametrize('name', repvgg_jax.list_models('repvgg'))
 def test_round_trip_every_variant(name, deploy):
   variables, state_dict = reference_state_dict(name, deploy)
   check_round_trip(name, deploy, variables, 'reference', state_dict)

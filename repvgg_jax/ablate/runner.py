@@ -170,9 +170,14 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
   return flat
 
 
+# Fields added to the config after rows may have been saved: a saved config
+# without one ran as with this value.
+_ADDED_FIELDS = {'qat.enabled': False, 'qat.init_from': None}
+
+
 def config_changes(saved: dict, current: dict) -> list[str]:
   """``'field: saved -> current'`` for every field that changes a row's result."""
-  saved, current = _flatten(saved), _flatten(current)
+  saved, current = {**_ADDED_FIELDS, **_flatten(saved)}, _flatten(current)
   keys = sorted((saved.keys() | current.keys()) - _IRRELEVANT_FIELDS)
   return [
     f'{key}: {saved.get(key, "(absent)")} -> {current.get(key, "(absent)")}'

@@ -59,11 +59,18 @@ def _torch_available() -> bool:
   return True
 
 
-def _with_torch(parser, asked: bool | None) -> bool:
-  """``--torch``/``--no-torch``, or whether torch is installed when neither is given."""
+def _with_torch(parser, asked: bool | None, training_models=()) -> bool:
+  """``--torch``/``--no-torch``, or whether torch is installed when neither is given.
+
+  The PyTorch reference builds RepVGG's training-time block only: with other
+  block kinds among ``training_models``, PyTorch is left out (an error if asked).
+  """
   if asked and not _torch_available():
     parser.error('--torch needs PyTorch: pip install -r requirements-test.txt')
-  return _torch_available() if asked is None else asked
+  others = [name for name in training_models if variants.get_variant(name).block != 'repvgg']
+  if others and asked:
+    parser.error(f'--torch: the PyTorch reference has no {others[0]} training-time block.')
+  return _torch_available() and not others if asked is None else asked
 
 
 def _emit(row: dict, text: str, json_path) -> dict:
@@ -321,10 +328,10 @@ def main(argv=None) -> int:
   if args.reuse_host_memory and not host_memory.reuse_freed_memory():
     print('--reuse-host-memory: not applied (glibc on a CPU-only run only).', file=sys.stderr)
   if args.command == 'suite':
-    names = variants.list_models() if args.models == 'all' else args.models.split(',')
+    names = variants.list_models('repvgg') if args.models == 'all' else args.models.split(',')
     for name in names:
       _check_model(parser, name)
-    with_torch = _with_torch(parser, args.torch)
+    with_torch = _with_torch(parser, args.torch, names)
     run_suite(
       args.out, args.runs, args.warmup, args.figure_batch, args.figure_size, names, with_torch
     )
@@ -346,7 +353,7 @@ def main(argv=None) -> int:
     for row in rows if args.json else ():
       jsonfiles.append_jsonl(args.json, row)
     return 0
-  with_torch = _with_torch(parser, args.torch)
+  with_torch = _with_torch(parser, args.torch, [args.model])
   common = dict(runs=args.runs, warmup=args.warmup, dtype=args.dtype, conv_impl=args.conv_impl)
   if args.command == 'train':
     row = benchmark_train_step(

@@ -319,7 +319,7 @@ def _export_int8(path: pathlib.Path, output_dir, image_size, formats, platforms,
       'float deploy checkpoint for TF or ONNX.'
     )
   qmodel, qvariables, qmeta = quantize.load_int8(path)
-  image_size = image_size or qmeta['image_size']
+  image_size = image_size or qmeta.get('image_size') or 224
   meta = {
     'model': qmeta['model'],
     'num_classes': qmeta['num_classes'],
@@ -433,6 +433,11 @@ def _parser() -> argparse.ArgumentParser:
   )
   quant.add_argument('--mode', default='static', help='static (calibrated) or dynamic ranges')
   quant.add_argument('--config', help="the training config (default: the workdir's config.json)")
+  quant.add_argument(
+    '--recalibrate',
+    action='store_true',
+    help='for a quantization-aware run: calibrate anew rather than use the ranges it learned',
+  )
   return parser
 
 
@@ -448,6 +453,7 @@ def _run(args) -> dict:
       calibration_batches=args.calibration_batches,
       mode=args.mode,
       config_file=args.config,
+      recalibrate=args.recalibrate,
     )
   return export_checkpoint(
     args.checkpoint,

@@ -145,6 +145,7 @@ def quantize(
   mode: str = 'static',
   *,
   image_size: int | None = None,
+  ranges=None,
 ):
   """int8 weights (per output channel) and activation scales of a fused model.
 
@@ -155,6 +156,9 @@ def quantize(
       training (static mode; unused for dynamic).
     mode: ``'static'`` (calibrated activation ranges) or ``'dynamic'``.
     image_size: the training image size, checked against every batch.
+    ranges: static activation ranges to use instead of calibrating: the
+      ``quant_stats`` that quantization-aware training learned
+      (`repvgg_jax.train.qat`; its checkpoints' ``batch_stats``).
 
   Returns:
     ``(int8 model, int8 variables)``; run as ``model.apply(variables, images)``.
@@ -163,7 +167,11 @@ def quantize(
     QuantizationError: training-time variables, an unknown mode, calibration
       batches of another shape or channel count, or none in static mode.
   """
-  stats = calibrate(deploy_model, variables, batches, mode, image_size=image_size)
+  if ranges is None or mode != 'static':
+    stats = calibrate(deploy_model, variables, batches, mode, image_size=image_size)
+  else:
+    check_fused(variables)
+    stats = ranges
   qmodel = int8_model(deploy_model, mode)
   abstract = _abstract_params(qmodel, deploy_model.in_channels, image_size or 32)
   if stats is None:
@@ -177,25 +185,39 @@ def _abstract_params(qmodel: nn.Module, in_channels: int, image_size: int):
 
 
 def save_int8(output_dir, qvariables, meta: Mapping[str, Any]) -> pathlib.Path:
-  """Writes ``int8.msgpack`` and ``quantize.json`` (``meta`` plus what `load_int8`
-  needs: ``model``, ``num_classes``, ``in_channels``, ``mode``) into a new directory,
-  all at once: they go to a temporary sibling that is renamed when complete."""
+  """Writes ``int8.msgpack`` and ``quantize.json`` (``meta``, which holds at
+  least what `load_int8` needs: ``model``, ``num_classes``, ``in_channels``,
+  ``mode``) into ``output_dir``, new or empty, all at once: both are written and
+  synced in a temporary sibling that is then renamed onto it.
+
+  Raises:
+    QuantizationError: ``output_dir`` could not be written (the reason in one line).
+  """
   output = pathlib.Path(output_dir).absolute()
   for key in ('model', 'num_classes', 'in_channels', 'mode'):
     if key not in meta:
       raise ValueError(f'quantize.json needs {key!r}.')
-  output.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{output.name}.', dir=output.parent))
-  staging.chmod(0o755)  # mkdtemp's 0o700 would hide the model from a serving user.
+  staging, renamed = None, False
   try:
-    (staging / WEIGHTS_FILE).write_bytes(flax.serialization.to_bytes(qvariables['params']))
-    (staging / META_FILE).write_text(json.dumps(dict(meta), indent=2) + '\n')
-    if output.is_dir() and not any(output.iterdir()):
-      output.rmdir()
-    os.rename(staging, output)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{output.name}.', dir=output.parent))
+    staging.chmod(0o755)  # mkdtemp's 0o700 would hide the model from a serving user.
+    files = {
+      WEIGHTS_FILE: flax.serialization.to_bytes(qvariables['params']),
+      META_FILE: (json.dumps(dict(meta), indent=2) + '\n').encode(),
+    }
+    for name, data in files.items():
+      with open(staging / name, 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(staging, output)  # Onto a missing or empty directory, atomically.
+    renamed = True
+  except OSError as error:
+    raise QuantizationError(f'Could not write the int8 model to {output}: {error}') from None
+  finally:
+    if staging is not None and not renamed:
+      shutil.rmtree(staging, ignore_errors=True)
   return output
 
 
@@ -228,18 +250,20 @@ def load_int8(path):
 
 
 def training_config(source: pathlib.Path, config_file=None):
-  """The training config of a checkpoint: ``config_file`` (a config .py), else the
-  ``config.json`` of the workdir that ``source`` is or lies in (up to two levels up)."""
+  """``(config, workdir)`` of a checkpoint: ``config_file`` (a config .py; no
+  workdir), else the ``config.json`` of the workdir that ``source`` is or lies
+  in (up to two levels up)."""
   if config_file is not None:
     spec = importlib.util.spec_from_file_location('quantize_config', config_file)
     if spec is None or not pathlib.Path(config_file).is_file():
       raise QuantizationError(f'No config file {config_file}.')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(), None
   for directory in (source, *list(source.absolute().parents)[:2]):
     if (directory / 'config.json').is_file():
-      return ml_collections.ConfigDict(json.loads((directory / 'config.json').read_text()))
+      config = json.loads((directory / 'config.json').read_text())
+      return ml_collections.ConfigDict(config), directory
   raise QuantizationError(
     f'{source} lies in no training workdir (no config.json): give the training config that '
     'names its dataset with --config, e.g. --config configs/digits.py.'
@@ -288,49 +312,87 @@ def _check_architecture(deploy_model, variables, config, source) -> None:
     )
 
 
+def learned_ranges(config, workdir, step):
+  """The activation ranges a QAT run (``config.qat.enabled``) learned by ``step``:
+  its training checkpoint's ``batch_stats``; None for other runs, or where that
+  checkpoint is not the one the deploy checkpoint was saved from."""
+  if workdir is None or not config.get('qat', {}).get('enabled'):
+    return None
+  try:
+    state, saved = checkpoint_io.restore(workdir / 'checkpoints')
+  except (FileNotFoundError, ValueError):
+    return None
+  return state.get('batch_stats') if saved.get('step') == step else None
+
+
+def _how(mode: str, calibrated: int, learned: bool, step) -> dict:
+  """quantize.json's account of how the model was quantized."""
+  if mode == 'dynamic':
+    ranges = 'dynamic, per image'
+  elif learned:
+    ranges = f'static, learned by quantization-aware training (step {step})'
+  else:
+    ranges = f'static, calibrated on {calibrated} training batches'
+  return {
+    'mode': mode,
+    'calibration_batches': calibrated,
+    'weights': 'int8, one scale per output channel',
+    'activations': f'int8; ranges {ranges}',
+  }
+
+
 def quantize_checkpoint(
-  source, output_dir, *, calibration_batches: int = 8, mode: str = 'static', config_file=None
+  source,
+  output_dir,
+  *,
+  calibration_batches: int = 8,
+  mode: str = 'static',
+  config_file=None,
+  recalibrate: bool = False,
 ) -> dict:
   """Quantizes a workdir's (or a deploy checkpoint's) fused model to int8 and
   evaluates both on the eval split of its config's dataset.
 
-  Writes ``int8.msgpack`` and ``quantize.json`` (``model``, ``fp32_top1``,
-  ``int8_top1``, ``calibration_batches``, ``logit_relative_error`` ...) to
-  ``output_dir``, which must be new or empty; returns quantize.json's content.
-  A training checkpoint is fused first.
+  Static ranges are calibrated on ``calibration_batches`` training batches;
+  those of a quantization-aware run are the ones it learned, unless
+  ``recalibrate``. Writes ``int8.msgpack`` and ``quantize.json`` (``model``,
+  ``fp32_top1``, ``int8_top1``, ``calibration_batches``,
+  ``logit_relative_error`` ...) to ``output_dir``, which must be new or empty;
+  returns quantize.json's content. A training checkpoint is fused first.
   """
   rules(mode)  # An unknown mode fails before anything is read.
   if mode == 'static' and calibration_batches < 1:
     raise QuantizationError('--calibration-batches must be at least 1 for static ranges.')
   checkpoint_io.check_output_dir(output_dir)
   source = pathlib.Path(source)
-  config = training_config(source, config_file)
+  config, workdir = training_config(source, config_file)
   variables, saved = _fused_variables(source)
   deploy_model = model_from_config(config, deploy=True)
   _check_architecture(deploy_model, variables, config, source)
   image_size = config.dataset.image_size
-  batches = datasets.train_batches(
-    config.dataset, global_batch_size=config.batch_size, seed=config.seed
+  ranges = None if recalibrate else learned_ranges(config, workdir, saved.get('step'))
+  calibration = ()
+  if ranges is None and mode == 'static':
+    batches = datasets.train_batches(
+      config.dataset, global_batch_size=config.batch_size, seed=config.seed
+    )
+    calibration = (next(batches)['image'] for _ in range(calibration_batches))
+  qmodel, qvariables = quantize(
+    deploy_model, variables, calibration, mode, image_size=image_size, ranges=ranges
   )
-  calibration = (next(batches)['image'] for _ in range(calibration_batches))
-  qmodel, qvariables = quantize(deploy_model, variables, calibration, mode, image_size=image_size)
   fp32, int8 = jax.jit(deploy_model.apply), jax.jit(qmodel.apply)
   results = evaluate(
     config,
-    {
-      'fp32': lambda images: fp32(variables, images),
-      'int8': lambda images: int8(qvariables, images),
-    },
+    {'fp32': lambda x: fp32(variables, x), 'int8': lambda x: int8(qvariables, x)},
   )
-  variant = deploy_model.variant
+  calibrated = calibration_batches if mode == 'static' and ranges is None else 0
   meta = {
     'model': config.model.name,
-    'variant': {**dataclasses.asdict(variant), 'name': variant.name},
+    'variant': {**dataclasses.asdict(deploy_model.variant), 'name': deploy_model.variant.name},
     'num_classes': deploy_model.num_classes,
     'in_channels': deploy_model.in_channels,
     'image_size': image_size,
-    'mode': mode,
-    'calibration_batches': calibration_batches if mode == 'static' else 0,
+    **_how(mode, calibrated, ranges is not None, saved.get('step')),
     'calibration_batch_size': config.batch_size,
     **results,
     'top1_drop': results['fp32_top1'] - results['int8_top1'],
@@ -338,8 +400,6 @@ def quantize_checkpoint(
     'eval_split': config.dataset.eval_split,
     'source': str(source),
     'step': saved.get('step'),
-    'weights': 'int8, one scale per output channel',
-    'activations': f'int8, {"calibrated static" if mode == "static" else "dynamic"} ranges',
   }
   save_int8(output_dir, qvariables, meta)
   return meta

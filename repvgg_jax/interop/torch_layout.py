@@ -253,6 +253,12 @@ def to_torch(variables: Mapping[str, Any], style: str = 'reference') -> dict[str
     raise ValueError(f'Unknown key style {style!r}; known: {", ".join(KEY_STYLES)}.')
   reverse = {flax: torch for torch, flax in BRANCH_NAMES.items()}
   bn_reverse = {flax: torch for torch, flax in BN_NAMES.items()}
+  for key in traverse_util.flatten_dict(dict(variables['params'])):
+    if key[0] != 'linear' and key[1] not in reverse:
+      raise ConversionError(
+        f"{'/'.join(key[:2])}: PyTorch's RepVGG has the branches {', '.join(BRANCH_NAMES)} "
+        'only; fuse the model first (the deploy model converts).'
+      )
   out = {}
   for tree in variables.values():
     for path, value in traverse_util.flatten_dict(dict(tree)).items():

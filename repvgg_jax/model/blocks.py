@@ -147,12 +147,13 @@ def layer_partials(
 
 def active_branches(names: Sequence[str], in_channels: int, features: int, strides: int):
   """The branch kinds a block of this shape has: those among ``names`` that
-  apply to it, or their fallbacks where they do not and the fallback does."""
+  apply to it, or their fallbacks where they do not and the fallback does
+  (each kind once: a fallback may also be named)."""
   active = []
   for name in names:
     kind = branches_lib.get_branch(name)
     while not kind.applies(in_channels, features, strides) and kind.fallback:
       kind = branches_lib.get_branch(kind.fallback)
-    if kind.applies(in_channels, features, strides):
+    if kind.applies(in_channels, features, strides) and kind not in active:
       active.append(kind)
   return active

@@ -215,8 +215,8 @@ def _restore(ckpt: checkpointing.Checkpoints, state: steps.TrainState, config, r
         raise checkpointing.CheckpointMismatch(
           f'The checkpoint in {ckpt.directory} does not fit the configured model '
           f'({config.model.name}, {config.dataset.num_classes} classes, branches '
-          f'{config.model.branches}): its {part} differ in shape. Use another --workdir, '
-          'or the config it was trained with.'
+          f'{config.model.branches or "of its block kind"}): its {part} differ in shape. '
+          'Use another --workdir, or the config it was trained with.'
         )
     tree, _ = ckpt.restore(abstract, step=step)
     return tree
@@ -369,7 +369,11 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   state = _restore(ckpt, state, config, report=lambda line: print(line, file=sys.stderr))
   start_step = int(jax.device_get(state.step))
   if qat_enabled(config) and start_step == 0:  # Not resumed: start from the fused model.
-    state = _fine_tune_from(config, state, NamedSharding(mesh, P()))
+    try:
+      state = _fine_tune_from(config, state, NamedSharding(mesh, P()))
+    except ConfigError:
+      _close_quietly(ckpt)
+      raise
   if jax.process_index() == 0:
     jsonfiles.write_json(workdir / 'config.json', config.to_dict())
   eval_models = build_model(config), build_model(config, deploy=True)
