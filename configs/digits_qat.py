@@ -9,9 +9,10 @@ convolution and the classifier computed in fake int8 (Qwix: per-channel weight
 scales, static activation ranges), with digits.py's data, at a tenth of its
 learning rate for 3 epochs. Checkpoints, resume and SIGTERM are as for any
 run; WQ/deploy holds the fine-tuned float weights, which `convert quantize WQ`
-turns into int8 with the activation ranges the run learned. For QARepVGG-A0 add --config.model.name=QARepVGG-A0 (and
-init_from a digits_qarepvgg.py workdir). Hardware: any CPU; the figures
-reached on 2 cores are in docs/quantization.md.
+turns into int8 with the activation ranges the run learned. For QARepVGG-A0
+add --config.model.name=QARepVGG-A0 (and init_from a digits_qarepvgg.py
+workdir). Hardware: any CPU, about 90 s on 2 cores; the figures reached are in
+docs/quantization.md.
 """
 
 from configs import digits
