@@ -42,6 +42,24 @@ def random_variables(model, input_shape, seed=0):
   return traverse_util.unflatten_dict(out)
 
 
+def bn_formula(y, params, stats):
+  """Inference-mode BatchNorm written out: ``(y - mean) / sqrt(var + eps) * scale + bias``."""
+  return (y - stats['mean']) / np.sqrt(stats['var'] + 1e-5) * params['scale'] + params['bias']
+
+
+def lax_conv(x, kernel, pad, *, strides=1, groups=1):
+  """NHWC x HWIO convolution with symmetric padding ``pad``, in true float32."""
+  return jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    (strides, strides),
+    ((pad, pad), (pad, pad)),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=groups,
+    precision='highest',
+  )
+
+
 def relative_error(actual, expected):
   """``||actual - expected|| / ||expected||`` in float64."""
   actual = np.asarray(actual, np.float64)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_variables, relative_error
+from helpers import bn_formula, lax_conv, random_variables, relative_error
 
 from repvgg_jax import model as model_lib
 from repvgg_jax.model import branches as branches_lib
@@ -56,20 +56,8 @@ def test_fused_block_matches_training_block(in_out, strides, groups, branches):
 
 def reference_block(x, params, stats, strides, groups):
   """The block written out with lax, PyTorch-style padding, BN by its formula."""
-
-  def bn(y, p, s):
-    return (y - s['mean']) / np.sqrt(s['var'] + 1e-5) * p['scale'] + p['bias']
-
-  def conv(y, kernel, pad):
-    return jax.lax.conv_general_dilated(
-      y,
-      kernel,
-      (strides, strides),
-      ((pad, pad), (pad, pad)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      feature_group_count=groups,
-      precision='highest',
-    )
+  bn = bn_formula
+  conv = functools.partial(lax_conv, strides=strides, groups=groups)
 
   out = bn(
     conv(x, params['conv3x3']['conv']['kernel'], 1), params['conv3x3']['bn'], stats['conv3x3']['bn']

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import calibrated_variables, random_variables, relative_error
+from helpers import bn_formula, calibrated_variables, lax_conv, random_variables, relative_error
 
 import repvgg_jax
 from repvgg_jax.model import branches as branches_lib
@@ -49,20 +49,8 @@ def _fuse(variables):
 
 def qa_formula(x, params, stats, strides, groups):
   """ReLU(BN_post(BN_3(conv3x3(x)) + conv1x1(x) + [x])), written out with lax."""
-
-  def bn(y, p, s):
-    return (y - s['mean']) / np.sqrt(s['var'] + 1e-5) * p['scale'] + p['bias']
-
-  def conv(y, kernel, pad):
-    return jax.lax.conv_general_dilated(
-      y,
-      kernel,
-      (strides, strides),
-      ((pad, pad), (pad, pad)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      feature_group_count=groups,
-      precision='highest',
-    )
+  bn = bn_formula
+  conv = functools.partial(lax_conv, strides=strides, groups=groups)
 
   dense = params['conv3x3']
   out = bn(conv(x, dense['conv']['kernel'], 1), dense['bn'], stats['conv3x3']['bn'])

@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from repvgg_jax.interop import quantize
+from repvgg_jax.interop import checkpoint_io, quantize
 from repvgg_jax.model import fusion
-from repvgg_jax.train import checkpointing
 
 
 class QuantizationAwareModel:
@@ -91,23 +90,10 @@ def initial_params(config, abstract_params):
     ValueError: nothing readable there, or another architecture (one line each).
   """
   path = pathlib.Path(config.qat.init_from)
-  directory, step = path, None
-  for sub in ('deploy', 'checkpoints'):
-    if (path / sub).is_dir():
-      directory = path / sub
-      break
-  else:
-    if path.name.isdigit():
-      directory, step = path.parent, int(path.name)
-  if not directory.is_dir():
-    raise ValueError(f'qat.init_from: no checkpoint at {path}.')
-  ckpt = checkpointing.Checkpoints(directory, read_only=True)
   try:
-    if ckpt.latest_step() is None:
-      raise ValueError(f'qat.init_from: no orbax checkpoint in {path}.')
-    state, _ = ckpt.restore(step=step)
-  finally:
-    ckpt.close()
+    state, _ = checkpoint_io.restore(path)
+  except (FileNotFoundError, ValueError) as error:
+    raise ValueError(f'qat.init_from: {error}') from None
   variables = {k: state[k] for k in ('params', 'batch_stats') if k in state}
   if 'batch_stats' in variables:  # A training-time checkpoint: fused first.
     variables = fusion.fuse_params(variables)
