@@ -59,7 +59,8 @@ def assert_non_trivial(logits):
   assert np.std(logits, axis=0).mean() > 1e-2 * np.std(logits)
 
 
-@pytest.mark.parametrize('name', repvgg_jax.list_models())
+# RepVGG's 13 and the largest QARepVGG (test_qarepvgg.py checks A0 and B1g4 at 48x48).
+@pytest.mark.parametrize('name', [*repvgg_jax.list_models('repvgg'), 'QARepVGG-B3g4'])
 def test_every_variant_small_resolution(name):
   # Two images suffice for `assert_non_trivial`; at 32x32 stages 1-3 run at 8x8 to 2x2.
   images, variables, fused = prepare(name, size=32, calibrate=False)
