@@ -22,12 +22,13 @@ size is symbolic (dynamic in ONNX).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -143,10 +144,7 @@ def write_export(
   output = pathlib.Path(output_dir).absolute()
   if output.exists() and any(output.iterdir()):
     raise ValueError(f'{output} is not empty: choose a new output directory.')
-  output.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{output.name}-', dir=output.parent))
-  staging.chmod(0o755)  # mkdtemp's 0o700 would hide the artifacts from a serving user.
-  try:
+  with staged_directory(output) as staging:
     if 'jax' in formats:
       (staging / JAX_FILE).write_bytes(export_jax(model, variables, image_size, platforms))
     if 'tf' in formats:
@@ -165,10 +163,21 @@ def write_export(
       'platforms': list(platforms) if platforms else [jax.default_backend()],
     }
     (staging / META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
-    if output.exists():
-      output.rmdir()
-    staging.rename(output)
+  return output
+
+
+@contextlib.contextmanager
+def staged_directory(output_dir) -> Iterator[pathlib.Path]:
+  """A new temporary sibling of ``output_dir`` to write into, renamed onto it (a
+  missing or empty directory) when the block ends, and removed if it raises:
+  readers see the whole directory or nothing."""
+  output = pathlib.Path(output_dir).absolute()
+  output.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{output.name}-', dir=output.parent))
+  staging.chmod(0o755)  # mkdtemp's 0o700 would hide the files from a serving user.
+  try:
+    yield staging
+    os.rename(staging, output)  # Onto a missing or empty directory, atomically.
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  return output

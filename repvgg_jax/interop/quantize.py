@@ -26,8 +26,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -40,7 +38,7 @@ import numpy as np
 import qwix
 
 from repvgg_jax.data import datasets
-from repvgg_jax.interop import checkpoint_io
+from repvgg_jax.interop import checkpoint_io, export
 from repvgg_jax.model import create_model, fusion, model_from_config, trees, variants
 
 MODES = ('static', 'dynamic')
@@ -114,9 +112,10 @@ def calibrate(
   size), when given, is required of every batch.
   """
   check_fused(variables)
-  qat = qwix.quantize_model(deploy_model, qwix.QtProvider(rules(mode)))
+  static_rules = rules(mode)  # An unknown mode fails here.
   if mode == 'dynamic':
     return None
+  qat = qwix.quantize_model(deploy_model, qwix.QtProvider(static_rules))
 
   # Op by op: traced by jit without a gradient, Qwix's calibrating convolution
   # (a custom VJP) leaks a tracer (qwix 0.1.8). A few batches, so it costs little.
@@ -174,8 +173,7 @@ def quantize(
     stats = ranges
   qmodel = int8_model(deploy_model, mode)
   abstract = _abstract_params(qmodel, deploy_model.in_channels, image_size or 32)
-  if stats is None:
-    return qmodel, {'params': qwix.quantize_params(variables['params'], abstract)}
+  stats = {} if stats is None else stats  # Dynamic ranges: no statistics.
   return qmodel, {'params': qwix.quantize_params(variables['params'], abstract, stats)}
 
 
@@ -188,7 +186,8 @@ def save_int8(output_dir, qvariables, meta: Mapping[str, Any]) -> pathlib.Path:
   """Writes ``int8.msgpack`` and ``quantize.json`` (``meta``, which holds at
   least what `load_int8` needs: ``model``, ``num_classes``, ``in_channels``,
   ``mode``) into ``output_dir``, new or empty, all at once: both are written and
-  synced in a temporary sibling that is then renamed onto it.
+  synced in a temporary sibling that is then renamed onto it
+  (`export.staged_directory`).
 
   Raises:
     QuantizationError: ``output_dir`` could not be written (the reason in one line).
@@ -197,27 +196,19 @@ def save_int8(output_dir, qvariables, meta: Mapping[str, Any]) -> pathlib.Path:
   for key in ('model', 'num_classes', 'in_channels', 'mode'):
     if key not in meta:
       raise ValueError(f'quantize.json needs {key!r}.')
-  staging, renamed = None, False
+  files = {
+    WEIGHTS_FILE: flax.serialization.to_bytes(qvariables['params']),
+    META_FILE: (json.dumps(dict(meta), indent=2) + '\n').encode(),
+  }
   try:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{output.name}.', dir=output.parent))
-    staging.chmod(0o755)  # mkdtemp's 0o700 would hide the model from a serving user.
-    files = {
-      WEIGHTS_FILE: flax.serialization.to_bytes(qvariables['params']),
-      META_FILE: (json.dumps(dict(meta), indent=2) + '\n').encode(),
-    }
-    for name, data in files.items():
-      with open(staging / name, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(staging, output)  # Onto a missing or empty directory, atomically.
-    renamed = True
+    with export.staged_directory(output) as staging:
+      for name, data in files.items():
+        with open(staging / name, 'wb') as f:
+          f.write(data)
+          f.flush()
+          os.fsync(f.fileno())
   except OSError as error:
     raise QuantizationError(f'Could not write the int8 model to {output}: {error}') from None
-  finally:
-    if staging is not None and not renamed:
-      shutil.rmtree(staging, ignore_errors=True)
   return output
 
 
