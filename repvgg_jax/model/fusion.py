@@ -275,7 +275,8 @@ def block_kind(params: Tree) -> str | None:
   blocks = [params[key] for key in block_keys(params) if FUSED_KEY not in params[key]]
   if not blocks:
     return None
-  return 'qarepvgg' if any(POST_NORM_KEY in block for block in blocks) else 'repvgg'
+  post_norm = any(POST_NORM_KEY in block for block in blocks)
+  return next(name for name, kind in variants.BLOCK_KINDS.items() if kind.post_norm == post_norm)
 
 
 def _where(path: trees.Path) -> str:
