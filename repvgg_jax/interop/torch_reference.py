@@ -153,7 +153,10 @@ def load(state_dict, name, num_classes, deploy, style) -> RepVGG:
     ValueError: keys missing from, unexpected in or mis-shaped in ``state_dict``.
   """
   model = RepVGG(name, num_classes=num_classes, deploy=deploy, style=style)
-  tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
+  tensors = {  # Tensors as they are (load_state_dict copies); arrays copied, so writable.
+    k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))
+    for k, v in state_dict.items()
+  }
   try:
     result = model.load_state_dict(tensors, strict=False)
   except RuntimeError as error:  # torch raises on mis-shaped tensors even when not strict.
