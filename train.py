@@ -85,6 +85,7 @@ def main(argv):
     summary = trainer.train_and_evaluate(FLAGS.config, workdir)
   except (
     data.DatasetNotFoundError,
+    data.FolderError,
     trainer.ConfigError,
     trainer.TrainingDivergedError,
     workdir_lock.WorkdirBusyError,

@@ -32,8 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.width_multipliers = config_dict.placeholder(tuple)  # (a, b) (None: variant's).
 
   config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = 'imagenet2012'  # A tfds dataset name.
-  config.dataset.data_dir = config_dict.placeholder(str)  # tfds data dir (None: tfds default).
+  config.dataset.name = 'imagenet2012'  # A tfds name, or 'folder': data_dir/train/<class>/*.
+  config.dataset.data_dir = config_dict.placeholder(str)  # tfds data dir, or the image folder.
   config.dataset.manual_dir = config_dict.placeholder(str)  # ImageNet .tar dir (None: default).
   config.dataset.download = False  # Let tfds download the dataset if it is missing.
   config.dataset.num_classes = 1000  # Classifier outputs.
@@ -45,6 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.flip = True  # Random horizontal flips in training.
   config.dataset.eval_preprocess = 'resize_crop'  # 'resize_crop' (256 -> 224 centre) or 'resize'.
   config.dataset.shuffle_buffer = 16_384  # Examples in the shuffle buffer.
+  config.dataset.val_fraction = 0.0  # Folder without val/: share of each class held out.
+  config.dataset.skip_bad_images = False  # Folder: leave out (and count) unreadable files.
   config.dataset.in_memory = False  # Train split decoded once, cropped in NumPy (small, pad_crop).
 
   config.batch_size = 256  # Global training batch, over all devices and hosts.
@@ -61,6 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 1e-4  # L2 on kernels and the identity BN scale (see optim.py).
   config.optimizer.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
   config.optimizer.mixup_alpha = 0.0  # Mixup Beta(alpha, alpha); 0: no mixup.
+  config.optimizer.backbone_lr_multiplier = 1.0  # Learning-rate factor of all but the classifier.
+
+  # Fine-tuning (repvgg_jax/train/finetune.py): weights to start from instead of random ones.
+  config.init_from = config_dict.placeholder(str)  # Workdir, checkpoint, .pth, hf-hub:...
+  config.freeze_stages = 0  # Leading stages (0-5) kept as loaded: no updates, BN in eval mode.
 
   # Quantization-aware fine-tuning of a fused model (repvgg_jax/train/qat.py).
   config.qat = ml_collections.ConfigDict()

@@ -183,3 +183,61 @@ def run_in_repo(*args: str, timeout: int = 300):
     text=True,
     timeout=timeout,
   )
+
+
+def write_digits_folder(root, *, limit=None, seed=0):
+  """The embedded digits as PNG files in ``root/train/<digit>/`` and ``root/val/<digit>/``
+  (the tfds test split), as a user's folder would hold them: 32 to 48 px on each side,
+  a third greyscale and a sixth RGBA. ``limit`` keeps that many images per split."""
+  import pathlib
+
+  import tensorflow as tf
+
+  from repvgg_jax.data import digits
+
+  images, labels = digits.digits_images_and_labels()
+  rng = np.random.default_rng(seed)
+  for split, indices in digits.split_indices(len(labels)).items():
+    for index in indices[:limit]:
+      height, width = rng.integers(32, 49, size=2)
+      image = tf.image.resize(images[index], (height, width), antialias=True)
+      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+      kind = rng.integers(6)
+      if kind < 2:
+        image = image[..., :1]  # Greyscale.
+      elif kind == 2:
+        image = tf.concat([image, tf.fill((height, width, 1), tf.constant(255, tf.uint8))], -1)
+      folder = pathlib.Path(root) / ('val' if split == 'test' else 'train') / str(labels[index])
+      folder.mkdir(parents=True, exist_ok=True)
+      (folder / f'{index:04d}.png').write_bytes(tf.io.encode_png(image).numpy())
+  return pathlib.Path(root)
+
+
+CLASSES = ('cat', 'dog', 'fox')  # Of make_folder's images.
+
+
+def write_image(path, pixels: np.ndarray):
+  """``pixels`` (H, W, C uint8) as a PNG, or a JPEG for a .jpg name."""
+  import tensorflow as tf
+
+  path.parent.mkdir(parents=True, exist_ok=True)
+  encode = tf.io.encode_jpeg if path.suffix == '.jpg' else tf.io.encode_png
+  path.write_bytes(encode(tf.constant(pixels)).numpy())
+  return path
+
+
+def make_folder(root, per_class=(7, 3), classes=CLASSES, seed=0, splits=('train', 'val')):
+  """Random images, 20-40 px, PNG (RGB, grey or RGBA) and JPEG, under ``root/<split>/<class>/``
+  (or ``root/<class>/`` for ``splits=('',)``)."""
+  import pathlib
+
+  rng = np.random.default_rng(seed)
+  for split, count in zip(splits, per_class, strict=False):
+    for cls in classes:
+      for i in range(count):
+        height, width = rng.integers(20, 41, size=2)
+        channels = (3, 1, 4, 3)[i % 4]
+        pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+        suffix = '.jpg' if i % 4 == 3 else '.png'
+        write_image(pathlib.Path(root, split, cls, f'{i:02d}{suffix}'), pixels)
+  return pathlib.Path(root)

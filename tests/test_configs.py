@@ -50,6 +50,18 @@ def test_other_configs_load(name):
   assert 'python train.py --config configs/' in importlib.import_module(f'configs.{name}').__doc__
 
 
+def test_finetune_folder_presets():
+  module = importlib.import_module('configs.finetune_folder')
+  small, photos = module.get_config(), module.get_config('photos')
+  assert small.dataset.name == photos.dataset.name == 'folder'
+  assert small.dataset.num_classes is None  # The folder's number of classes.
+  assert (small.dataset.image_size, photos.dataset.image_size) == (32, 224)
+  assert photos.dataset.train_augment == 'inception_crop' and photos.dataset.flip
+  assert 'python train.py --config configs/finetune_folder.py' in module.__doc__
+  with pytest.raises(ValueError, match="Unknown preset 'big'"):
+    module.get_config('big')
+
+
 def test_every_default_field_is_documented():
   source = pathlib.Path(default.__file__).read_text()
   lines = source[source.index('def get_config') : source.index('def long_recipe')].splitlines()

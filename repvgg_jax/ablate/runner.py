@@ -172,7 +172,15 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 
 # Fields added to the config after rows may have been saved: a saved config
 # without one ran as with this value.
-_ADDED_FIELDS = {'qat.enabled': False, 'qat.init_from': None}
+_ADDED_FIELDS = {
+  'qat.enabled': False,
+  'qat.init_from': None,
+  'init_from': None,
+  'freeze_stages': 0,
+  'optimizer.backbone_lr_multiplier': 1.0,
+  'dataset.val_fraction': 0.0,
+  'dataset.skip_bad_images': False,
+}
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
@@ -226,7 +234,7 @@ def check_ablation(config, workdir: pathlib.Path) -> dict:
     except trainer.ConfigError as error:
       raise AblationError(f'Row {name!r}: {error}') from None
     _check_unchanged(name, workdir / name, _as_json(row.to_dict()))
-  data.get_builder(config.dataset)  # Fails at once when the dataset is missing.
+  data.class_names(config.dataset)  # Fails at once when the dataset is missing.
   return rows
 
 

@@ -21,13 +21,14 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from repvgg_jax.data import digits as digits_dataset
-from repvgg_jax.data import in_memory, input_pipeline
+from repvgg_jax.data import folder, in_memory, input_pipeline
 
 # Built offline from scikit-learn on first use; importing the module registered it with tfds.
 OFFLINE_DATASETS = (digits_dataset.SklearnDigits.name,)
 IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 Batch = dict[str, np.ndarray]
+FolderError = folder.FolderError
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -124,17 +125,45 @@ def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
   return cardinality
 
 
+def is_folder(config) -> bool:
+  """Whether the dataset config reads an image folder (`repvgg_jax.data.folder`)."""
+  return config.name == folder.NAME
+
+
 def num_examples(config, split: str) -> int:
-  """The number of examples in ``split`` of ``config.name``, over all processes."""
+  """The number of examples in ``split`` of ``config.name``, over all processes.
+
+  An image folder's splits are ``'train'`` and ``'val'``.
+  """
+  if is_folder(config):
+    return len(folder.scan(config).split(split).paths)
   return _num_examples(get_builder(config), split)
 
 
-def _steps_per_epoch(builder: tfds.core.DatasetBuilder, config, global_batch_size: int) -> int:
-  total = _num_examples(builder, config.train_split)
+def class_names(config) -> tuple[str, ...] | None:
+  """The dataset's class names in label order, or None where tfds names none.
+
+  Prepares the dataset (or scans the folder anew) first, so a missing one fails here.
+  """
+  if is_folder(config):
+    return folder.scan(config, fresh=True).classes
+  features = get_builder(config).info.features
+  label = features['label'] if features is not None and 'label' in features else None
+  names = getattr(label, 'names', None)
+  return tuple(names) if names else None
+
+
+def _train_split_size(config) -> tuple[int, str]:
+  if is_folder(config):
+    return len(folder.scan(config).split('train').paths), 'train/'
+  return _num_examples(get_builder(config), config.train_split), repr(config.train_split)
+
+
+def _steps_per_epoch(config, global_batch_size: int) -> int:
+  total, split = _train_split_size(config)
   if total < global_batch_size:
     raise ValueError(
-      f'The global batch of {global_batch_size} is larger than the {total} examples of '
-      f'{config.train_split!r}.'
+      f'The global batch of {global_batch_size} is larger than the {total} examples of {split}.'
     )
   return total // global_batch_size
 
@@ -146,7 +175,7 @@ def steps_per_epoch(config, global_batch_size: int) -> int:
   (``tfds.split_for_jax_process`` with ``drop_remainder=True``) holds at least this many
   local batches, and each epoch reads exactly this many from a fresh shuffle of it.
   """
-  return _steps_per_epoch(get_builder(config), config, global_batch_size)
+  return _steps_per_epoch(config, global_batch_size)
 
 
 def _process_and_local_batch(
@@ -248,8 +277,19 @@ def train_batches(
       f'Unknown train_augment {config.train_augment!r}; '
       f'known: {input_pipeline.TRAIN_AUGMENTATIONS}.'
     )
+  steps = _steps_per_epoch(config, global_batch_size)
+  if is_folder(config):
+    return folder.train_batches(
+      folder.scan(config),
+      config,
+      global_batch_size=global_batch_size,
+      seed=seed,
+      start_step=start_step,
+      steps=steps,
+      process_index=process_index,
+      process_count=process_count,
+    )
   builder = get_builder(config)
-  steps = _steps_per_epoch(builder, config, global_batch_size)
   split = tfds.split_for_jax_process(
     config.train_split,
     process_index=process_index,
@@ -316,6 +356,14 @@ def eval_batches(
   process_index, process_count, local_batch = _process_and_local_batch(
     global_batch_size, process_index, process_count
   )
+  if is_folder(config):
+    return folder.eval_batches(
+      folder.scan(config),
+      config,
+      global_batch_size=global_batch_size,
+      process_index=process_index,
+      process_count=process_count,
+    )
   builder = get_builder(config)
   share = math.ceil(_num_examples(builder, config.eval_split) / process_count)
   num_batches = math.ceil(share / local_batch)

@@ -279,6 +279,8 @@ def export_checkpoint(
     'fused_from_training_checkpoint': training is not None,
   }
   meta.update(_preprocess(options['in_channels']))
+  # What predict needs to feed and name it, where the training run recorded it.
+  meta.update({key: saved[key] for key in ('eval_preprocess', 'classes') if saved.get(key)})
   output = export.write_export(
     output_dir, deploy_model, variables, image_size, meta, formats, platforms
   )

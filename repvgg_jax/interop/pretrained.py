@@ -54,13 +54,27 @@ def read_weights(source: str | pathlib.Path) -> dict:
 def load_pretrained(
   variables: Mapping[str, Any], source: str | pathlib.Path, *, at: str | Sequence[str] = ''
 ) -> dict:
+  """``variables`` with the weights of ``source`` in the RepVGG at ``at``
+  (`load_weights` of `read_weights`; the arguments, result and errors are theirs)."""
+  return load_weights(variables, read_weights(source), at=at, source=source)
+
+
+def load_weights(
+  variables: Mapping[str, Any],
+  weights: Mapping[str, Any],
+  *,
+  at: str | Sequence[str] = '',
+  source: str | pathlib.Path = 'the weights',
+) -> dict:
   """``variables`` with the weights of ``source`` in the RepVGG at ``at``.
 
   Args:
     variables: of a RepVGG (a classifier, or a backbone: ``num_classes=0``,
       any ``out_indices``), training-time or deploy, or of a network holding
       one at ``at``; e.g. from ``init``.
-    source: a weight file or checkpoint (see the module docstring).
+    weights: ``{'params'[, 'batch_stats']}`` of a RepVGG, e.g. from `read_weights`.
+    source: where the weights come from (a weight file or checkpoint, see the
+      module docstring), for the errors.
     at: where the RepVGG sits, as a '/'-separated path (``'backbone'``,
       ``'encoder/backbone'``) or a sequence of keys; ``''`` for the top.
 
@@ -74,7 +88,7 @@ def load_pretrained(
   Raises:
     ConversionError: no RepVGG at ``at``, deploy weights for a training-time
       model, or weights of another architecture (what is missing, unexpected
-      or of the wrong shape, in one line).
+      or of the wrong shape, in one line), naming ``source``.
   """
   variables = flax.core.unfreeze(variables)  # Plain dicts in, plain dicts out.
   path = tuple(key for key in at.split('/') if key) if isinstance(at, str) else tuple(at)
@@ -86,7 +100,7 @@ def load_pretrained(
       f'No RepVGG (stage<s>_block<i> blocks) at {where} in the variables (keys there: {keys}): '
       "give at= the path of the model, e.g. at='backbone'."
     )
-  weights = _fitted(read_weights(source), target, where)
+  weights = _fitted(weights, target, where)
   expected = torch_layout.leaf_shapes(_at(variables, path))
   problems = torch_layout.differences(expected, torch_layout.leaf_shapes(weights))
   if problems:

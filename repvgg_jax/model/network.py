@@ -57,6 +57,10 @@ class RepVGG(nn.Module):
       parameters (`repvgg_jax.perf.conv_layer` for CPU kernels).
     out_indices: the stages (0-4) whose outputs a backbone returns; the
       blocks after the last of them are left out.
+    frozen_stages: the first ``frozen_stages`` stages run in inference mode
+      even in training (BatchNorm on its running statistics, which stay as
+      they are): fine-tuning with a frozen stem; the optimizer keeps their
+      parameters fixed (`repvgg_jax.train.optim`).
   """
 
   variant: variants.Variant
@@ -68,6 +72,7 @@ class RepVGG(nn.Module):
   in_channels: int = 3
   conv: Callable[..., nn.Module] = nn.Conv
   out_indices: tuple[int, ...] = tuple(range(NUM_STAGES))
+  frozen_stages: int = 0
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False):
@@ -108,7 +113,7 @@ class RepVGG(nn.Module):
         self.conv,
         post_norm=kind.post_norm,
         name=block_name(block.stage, block.index),
-      )(x, train=train)
+      )(x, train=train and block.stage >= self.frozen_stages)
       if block.index == self.variant.stage_depths[block.stage] - 1:
         stage_outputs.append(x)
     return x, stage_outputs
@@ -199,6 +204,7 @@ def model_from_config(config, *, deploy: bool = False, conv=nn.Conv) -> RepVGG:
     branches=config.model.branches,
     dtype=jnp.dtype(config.model.dtype),
     conv=conv,
+    frozen_stages=config.get('freeze_stages', 0),
   )
 
 
@@ -214,6 +220,7 @@ def create_model(
   in_channels: int = 3,
   conv: Callable[..., nn.Module] = nn.Conv,
   out_indices: Sequence[int] = tuple(range(NUM_STAGES)),
+  frozen_stages: int = 0,
   name: str | None = None,
 ) -> RepVGG:
   """Builds a RepVGG model by variant name.
@@ -238,6 +245,8 @@ def create_model(
       parameters are the same.
     out_indices: the stages (0-4) whose outputs a backbone (``num_classes=0``)
       returns, as timm's ``out_indices``; the blocks after the last are left out.
+    frozen_stages: leading stages (0-5) that run BatchNorm in inference mode
+      also in training (`RepVGG.frozen_stages`).
     name: the module's name, for a submodule of a larger network (as any
       Linen module's ``name=``).
 
@@ -248,6 +257,8 @@ def create_model(
   if not isinstance(num_classes, int) or num_classes < 0:
     raise ValueError(f'num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}.')
   out_indices = _check_out_indices(out_indices, num_classes)
+  if not isinstance(frozen_stages, int) or not 0 <= frozen_stages <= NUM_STAGES:
+    raise ValueError(f'frozen_stages must be an int from 0 to {NUM_STAGES}, got {frozen_stages!r}.')
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
     raise ValueError(f'dtype must be float32 or bfloat16, got {jnp.dtype(dtype)}.')
   return RepVGG(
@@ -260,6 +271,7 @@ def create_model(
     in_channels=in_channels,
     conv=conv,
     out_indices=out_indices,
+    frozen_stages=frozen_stages,
     name=name,
   )
 

@@ -7,6 +7,9 @@ from typing import Any
 import optax
 from flax import traverse_util
 
+from repvgg_jax.model import trees
+
+CLASSIFIER = 'linear'  # The parameters outside the backbone.
 # The paper's learning rate is 0.1 for a batch of 256; it scales linearly.
 REFERENCE_BATCH_SIZE = 256
 
@@ -46,14 +49,44 @@ def weight_decay_mask(params: Any) -> Any:
   return traverse_util.unflatten_dict(mask)
 
 
+def _by_top_key(params: Any, predicate) -> Any:
+  """A mask of ``params``: ``predicate(key)`` for every leaf under the top-level ``key``."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({path: predicate(path[0]) for path in flat})
+
+
+def backbone_mask(params: Any) -> Any:
+  """True for every parameter but the classifier's."""
+  return _by_top_key(params, lambda key: key != CLASSIFIER)
+
+
+def frozen_mask(params: Any, frozen_stages: int) -> Any:
+  """True for the parameters of the blocks of the first ``frozen_stages`` stages."""
+
+  def frozen(key: str) -> bool:
+    position = trees.block_position(key)
+    return position is not None and position[0] < frozen_stages
+
+  return _by_top_key(params, frozen)
+
+
 def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
   """SGD with momentum and coupled L2 weight decay, as PyTorch's ``SGD(weight_decay=...)``.
 
   The decay is added to the gradient before momentum, like PyTorch, not
-  decoupled as in AdamW.
+  decoupled as in AdamW. For fine-tuning, the backbone's updates are scaled by
+  ``optimizer.backbone_lr_multiplier`` (the same as a smaller learning rate:
+  momentum is linear) and those of the first ``freeze_stages`` stages are zero.
   """
   schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
-  return optax.chain(
+  parts = [
     optax.add_decayed_weights(config.optimizer.weight_decay, mask=weight_decay_mask),
     optax.sgd(schedule, momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov),
-  )
+  ]
+  multiplier = config.optimizer.get('backbone_lr_multiplier', 1.0)
+  if multiplier != 1.0:
+    parts.append(optax.masked(optax.scale(multiplier), backbone_mask))
+  frozen_stages = config.get('freeze_stages', 0)
+  if frozen_stages:
+    parts.append(optax.masked(optax.set_to_zero(), lambda p: frozen_mask(p, frozen_stages)))
+  return optax.chain(*parts)

@@ -10,6 +10,7 @@ one; at the end the fused deploy model is saved to ``workdir/deploy``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import pathlib
@@ -28,8 +29,18 @@ from repvgg_jax.data import datasets as data
 from repvgg_jax.data import in_memory
 from repvgg_jax.model import fusion, model_from_config, variants
 from repvgg_jax.perf import compile_options, xla_cpu
-from repvgg_jax.train import checkpointing, optim, qat, reporting, steps, workdir_lock
+from repvgg_jax.train import (
+  checkpointing,
+  finetune,
+  optim,
+  qat,
+  reporting,
+  steps,
+  workdir_lock,
+)
 from repvgg_jax.train.reporting import TrainingDivergedError
+
+CLASSES_FILE = 'classes.json'  # The dataset's class names, in label order, in the workdir.
 
 
 class ConfigError(ValueError):
@@ -131,22 +142,39 @@ def check_config(config) -> None:
   except ValueError as error:
     raise ConfigError(f'model.name: {error}') from None
   problem = qat.check_config(config, variant) if qat_enabled(config) else None
+  problem = problem or finetune.check_config(config)
   if problem:
     raise ConfigError(problem)
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}.")
 
 
-def check_num_classes(config, builder) -> None:
-  """Refuses a classifier whose size is not the dataset's number of labels."""
-  features = builder.info.features
-  label = features['label'] if features is not None and 'label' in features else None
-  labels = getattr(label, 'num_classes', None)
-  if labels and labels != config.dataset.num_classes:
+def dataset_classes(config) -> tuple[tuple[str, ...] | None, object]:
+  """The dataset's class names (None where it names none) and ``config`` with
+  ``dataset.num_classes`` set from them where it is None; refuses a classifier
+  whose size is not the dataset's number of classes.
+
+  Raises:
+    DatasetNotFoundError: the dataset is missing (says where to put it).
+    ConfigError: a bad image folder, or a number of classes that does not fit.
+  """
+  try:
+    classes = data.class_names(config.dataset)
+  except data.FolderError as error:
+    raise ConfigError(str(error)) from None
+  if config.dataset.num_classes is None:
+    if classes is None:
+      raise ConfigError(f'{config.dataset.name} names no classes: set dataset.num_classes.')
+    config = copy.deepcopy(config)
+    config.dataset.num_classes = len(classes)
+  if classes and len(classes) != config.dataset.num_classes:
     raise ConfigError(
-      f'dataset.num_classes is {config.dataset.num_classes} but {builder.name} has {labels} '
-      f'classes: set --config.dataset.num_classes={labels}.'
+      f'dataset.num_classes is {config.dataset.num_classes} but {config.dataset.name} has '
+      f'{len(classes)} classes: set --config.dataset.num_classes={len(classes)}.'
     )
+  if config.dataset.in_memory and data.is_folder(config.dataset):
+    raise ConfigError('dataset.in_memory reads tfds datasets only: set it False for a folder.')
+  return classes, config
 
 
 def check_steps_per_call(config, params, backend: str | None = None) -> None:
@@ -307,12 +335,19 @@ def _compile_steps(config, model, eval_model, deploy_model, mesh):
 
 
 def _fine_tune_from(config, state: steps.TrainState, replicated: NamedSharding):
-  """``state`` with the parameters of ``config.qat.init_from`` (a fused model)."""
+  """``state`` with the weights to start from: ``config.qat.init_from`` (a fused
+  model) for QAT, else ``config.init_from`` (`repvgg_jax.train.finetune`)."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
   try:
-    params = qat.initial_params(config, state.params)
+    if qat_enabled(config):
+      variables['params'] = qat.initial_params(config, state.params)
+    else:
+      variables, line = finetune.initial_variables(config, jax.device_get(variables))
+      print(line, file=sys.stderr)
   except ValueError as error:
     raise ConfigError(str(error)) from None
-  return state.replace(params=jax.device_put(params, replicated))
+  variables = jax.device_put(variables, replicated)
+  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
 
 
 def _finite(tree) -> bool:
@@ -348,11 +383,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
 
 def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   check_config(config)
-  builder = data.get_builder(config.dataset)  # Fails at once when the dataset is missing.
-  check_num_classes(config, builder)
+  classes, config = dataset_classes(config)  # Fails at once when the dataset is missing.
   if config.dataset.in_memory:
     try:
-      in_memory.check_supported(builder, config.dataset)
+      in_memory.check_supported(data.get_builder(config.dataset), config.dataset)
     except ValueError as error:
       raise ConfigError(str(error)) from None
   steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
@@ -368,7 +402,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   ckpt = checkpointing.Checkpoints(workdir / 'checkpoints', keep=config.keep_checkpoints)
   state = _restore(ckpt, state, config, report=lambda line: print(line, file=sys.stderr))
   start_step = int(jax.device_get(state.step))
-  if qat_enabled(config) and start_step == 0:  # Not resumed: start from the fused model.
+  meta = {'model': config.model.name, 'classes': list(classes) if classes else None}
+  if start_step == 0 and (qat_enabled(config) or config.get('init_from')):  # Not resumed.
     try:
       state = _fine_tune_from(config, state, NamedSharding(mesh, P()))
     except ConfigError:
@@ -376,6 +411,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
       raise
   if jax.process_index() == 0:
     jsonfiles.write_json(workdir / 'config.json', config.to_dict())
+    jsonfiles.write_json(workdir / CLASSES_FILE, meta['classes'])
   eval_models = build_model(config), build_model(config, deploy=True)
   train_fns, eval_fn, fuse_fn, sharded = _compile_steps(config, model, *eval_models, mesh)
   # Jitted, the logged rate is one small program rather than one per operation of the schedule.
@@ -394,6 +430,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
       start_step,
       preemption,
       (train_fns, eval_fn, fuse_fn, sharded),
+      meta,
     )
     ckpt.wait()  # Raises CheckpointWriteError if the last saves failed.
   finally:
@@ -403,14 +440,14 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   summary = run.summary(step)
   if preempted:
     return {**summary, 'preempted': True}
-  _save_deploy(config, workdir, fuse_fn, state, step)
+  _save_deploy(config, workdir, fuse_fn, state, step, meta)
   if jax.process_index() == 0:
     jsonfiles.write_json(workdir / 'summary.json', summary)
   return summary
 
 
-def _loop(config, schedule, run, ckpt, state, step, preemption, compiled):
-  """Steps until the end or a SIGTERM; evaluates and checkpoints when due."""
+def _loop(config, schedule, run, ckpt, state, step, preemption, compiled, meta):
+  """Steps until the end or a SIGTERM; evaluates and checkpoints when due (with ``meta``)."""
   train_fns, eval_fn, fuse_fn, sharded = compiled
   batches = data.train_batches(
     config.dataset, global_batch_size=config.batch_size, seed=config.seed, start_step=step
@@ -439,7 +476,7 @@ def _loop(config, schedule, run, ckpt, state, step, preemption, compiled):
           f'The parameters are not finite after step {step}: not checkpointed; the last good '
           f'checkpoint (step {ckpt.latest_step()}) is kept. Lower optimizer.learning_rate.'
         )
-      ckpt.save(step, _state_tree(state), {'model': config.model.name, 'step': step})
+      ckpt.save(step, _state_tree(state), {**meta, 'step': step})
       run.throughput.lap(0)
     if stop:
       run.bar.write(f'SIGTERM: saved the checkpoint of step {step} in {ckpt.directory}; stopping.')
@@ -465,7 +502,7 @@ def _next_batches(batches, count: int) -> dict:
   return {key: np.stack([part[key] for part in parts]) for key in parts[0]}
 
 
-def _save_deploy(config, workdir: pathlib.Path, fuse_fn, state, step: int) -> None:
+def _save_deploy(config, workdir: pathlib.Path, fuse_fn, state, step: int, meta: dict) -> None:
   """Saves the fused deploy variables next to the training checkpoints (once per step)."""
   ckpt = checkpointing.Checkpoints(workdir / 'deploy', keep=1)
   if ckpt.latest_step() == step:
@@ -473,10 +510,11 @@ def _save_deploy(config, workdir: pathlib.Path, fuse_fn, state, step: int) -> No
     return
   deploy = fuse_fn({'params': state.params, 'batch_stats': state.batch_stats})
   meta = {
-    'model': config.model.name,
+    **meta,
     'deploy': True,
     'num_classes': config.dataset.num_classes,
     'image_size': config.dataset.image_size,
+    'eval_preprocess': config.dataset.eval_preprocess,
     'step': step,
   }
   ckpt.save(step, deploy, meta)

@@ -1,0 +1,352 @@
+"""Image folders as datasets: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*``.
+
+The layout of torchvision's ``ImageFolder`` and of timm's and the reference's
+``train.py``: one subdirectory per class, JPEG or PNG files of any size and
+mode (grey and RGBA become RGB). Without ``val/``, ``dataset.val_fraction``
+holds out that share of every class's images (the same ones whatever the run's
+seed), from ``train/`` or from class folders directly under ``DIR``.
+
+Batches go through the ImageNet pipeline (`repvgg_jax.data.input_pipeline`)
+and, like the tfds ones, are a pure function of ``(seed, step)``: every epoch
+is one permutation of the whole split, global batch ``b`` is its ``b``-th
+slice, process ``p`` reads its own part of it, and every example's
+augmentation is keyed by its position in the epoch. A run's batches are hence
+the same on any number of processes, and a resumed run skips files unread.
+
+The files are checked before training starts: a missing or empty directory, a
+class folder without images, classes that differ between ``train/`` and
+``val/``, and files that are not whole JPEGs or PNGs (wrong signature, or
+truncated: no end marker) each fail in one line, or, with
+``dataset.skip_bad_images``, the bad files are left out and counted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import itertools
+import math
+import os
+import pathlib
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from repvgg_jax.data import input_pipeline
+
+NAME = 'folder'  # config.dataset.name of an image folder.
+SPLITS = ('train', 'val')
+EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# Where a held-out validation split comes from; fixed, so every seed sees the same one.
+_VAL_SPLIT_SEED = 20_170_511
+_TAIL_BYTES = 1024  # Where a whole file's end marker must be.
+
+
+class FolderError(ValueError):
+  """An image folder that cannot be read as a dataset; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """The files of one split, sorted by class then name, and their labels."""
+
+  paths: np.ndarray  # str, (N,)
+  labels: np.ndarray  # int32, (N,)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderDataset:
+  """A scanned image folder: class names (sorted; a label is an index) and splits."""
+
+  root: pathlib.Path
+  classes: tuple[str, ...]
+  splits: dict[str, Split]
+  skipped: tuple[str, ...] = ()  # Files left out as unreadable (skip_bad_images).
+
+  def split(self, name: str) -> Split:
+    if name not in self.splits:
+      raise FolderError(f'An image folder has the splits {SPLITS}, not {name!r}.')
+    return self.splits[name]
+
+
+def _is_image(path: pathlib.Path) -> bool:
+  return path.suffix.lower() in EXTENSIONS and not path.name.startswith('.')
+
+
+def _class_folders(directory: pathlib.Path) -> dict[str, list[pathlib.Path]]:
+  """``{class: sorted image files}`` of the class subdirectories of ``directory``."""
+  classes = {}
+  for folder in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith('.')):
+    files = sorted(p for p in folder.rglob('*') if p.is_file() and _is_image(p))
+    if not files:
+      raise FolderError(
+        f'The class folder {folder} holds no {"/".join(EXTENSIONS)} images: add some, or '
+        'remove the folder.'
+      )
+    classes[folder.name] = files
+  if not classes:
+    raise FolderError(
+      f'{directory} holds no class folders: put the images of each class in '
+      f'{directory}/<class>/ (and those to validate on in val/<class>/).'
+    )
+  return classes
+
+
+def _held_out(
+  classes: dict[str, list[pathlib.Path]], fraction: float
+) -> tuple[dict[str, list], dict[str, list]]:
+  """``classes`` split into (train, val): ``fraction`` of every class, at least one image,
+  chosen by a fixed permutation."""
+  train, val = {}, {}
+  for index, (name, files) in enumerate(classes.items()):
+    if len(files) < 2:
+      raise FolderError(
+        f'The class {name!r} has {len(files)} image, too few to hold some out for validation: '
+        'add images, or give a val/ folder.'
+      )
+    count = min(len(files) - 1, max(1, round(fraction * len(files))))
+    order = np.random.default_rng([_VAL_SPLIT_SEED, index]).permutation(len(files))
+    chosen = set(order[:count].tolist())
+    val[name] = [f for i, f in enumerate(files) if i in chosen]
+    train[name] = [f for i, f in enumerate(files) if i not in chosen]
+  return train, val
+
+
+def _layout(root: pathlib.Path, val_fraction: float) -> dict[str, dict[str, list]]:
+  """``{split: {class: files}}`` of the folder at ``root``, before any file is read."""
+  if not root.is_dir():
+    raise FolderError(
+      f'dataset.data_dir {root} is not a directory: give the folder that holds train/<class>/ '
+      'and val/<class>/ (or only class folders, with dataset.val_fraction).'
+    )
+  has_train, has_val = (root / 'train').is_dir(), (root / 'val').is_dir()
+  if has_val and not has_train:
+    raise FolderError(f'{root} has val/ but no train/: add train/<class>/ folders.')
+  train = _class_folders(root / 'train' if has_train else root)
+  if has_val:
+    val = _class_folders(root / 'val')
+    if set(val) != set(train):
+      only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+      raise FolderError(
+        f'train/ and val/ of {root} have different classes (only in train/: {only_train}; '
+        f'only in val/: {only_val}): give both the same class folders.'
+      )
+    return {'train': train, 'val': val}
+  if not 0 < val_fraction < 1:
+    raise FolderError(
+      f'{root} has no val/ folder: add val/<class>/ folders, or hold out a share of the '
+      'images with --config.dataset.val_fraction=0.1 (between 0 and 1).'
+    )
+  train, val = _held_out(train, val_fraction)
+  return {'train': train, 'val': val}
+
+
+def check_file(path: pathlib.Path) -> str | None:
+  """Why ``path`` is not a whole JPEG or PNG (signature, end marker), or None.
+
+  Reads its first and last bytes only: a decoder would find more, in hours on ImageNet.
+  """
+  try:
+    size = path.stat().st_size
+    with open(path, 'rb') as file:
+      head = file.read(8)
+      file.seek(max(0, size - _TAIL_BYTES))
+      tail = file.read()
+  except OSError as error:
+    return f'cannot be read ({error.strerror})'
+  if head.startswith(b'\xff\xd8\xff'):
+    return None if b'\xff\xd9' in tail else 'is a truncated JPEG (no end-of-image marker)'
+  if head.startswith(b'\x89PNG\r\n\x1a\n'):
+    return None if b'IEND' in tail else 'is a truncated PNG (no IEND chunk)'
+  return 'is neither a JPEG nor a PNG' if size else 'is empty'
+
+
+def _bad_files(files: list[pathlib.Path]) -> list[tuple[pathlib.Path, str]]:
+  """``(file, why)`` for each file that `check_file` refuses, read on several threads."""
+  with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as ex:
+    reasons = list(ex.map(check_file, files, chunksize=256))
+  return [(f, why) for f, why in zip(files, reasons, strict=True) if why]
+
+
+@functools.lru_cache(maxsize=8)
+def _scan(root: pathlib.Path, val_fraction: float, skip_bad_images: bool) -> FolderDataset:
+  layout = _layout(root, val_fraction)
+  every_file = [f for split in layout.values() for files in split.values() for f in files]
+  bad = _bad_files(every_file)
+  if bad and not skip_bad_images:
+    path, why = bad[0]
+    more = f' ({len(bad) - 1} more files are bad too)' if len(bad) > 1 else ''
+    raise FolderError(
+      f'{path} {why}{more}: replace or remove it, or leave such files out with '
+      '--config.dataset.skip_bad_images=True.'
+    )
+  excluded = {f for f, _ in bad}
+  classes = tuple(sorted(layout['train']))
+  splits = {}
+  for name, per_class in layout.items():
+    pairs = [
+      (str(f), label)
+      for label, cls in enumerate(classes)
+      for f in per_class[cls]
+      if f not in excluded
+    ]
+    if not pairs:
+      raise FolderError(f'The {name} split of {root} has no readable images left.')
+    paths, labels = zip(*pairs, strict=True)
+    splits[name] = Split(np.array(paths), np.array(labels, np.int32))
+  if bad:
+    logging.warning('Skipped %d unreadable images in %s, e.g. %s.', len(bad), root, bad[0][0])
+  return FolderDataset(root, classes, splits, tuple(str(f) for f, _ in bad))
+
+
+def scan(config, *, fresh: bool = False) -> FolderDataset:
+  """The image folder of a dataset config, checked (see the module docstring).
+
+  Reads ``data_dir``, ``val_fraction`` and ``skip_bad_images``. Cached, so
+  that a run's several readers scan once; ``fresh`` scans again (a run's first
+  look, which sees files added since).
+
+  Raises:
+    FolderError: what is wrong with the folder, and how to fix it.
+  """
+  if not config.get('data_dir'):
+    raise FolderError(
+      'dataset.name=folder needs dataset.data_dir: the folder of train/<class>/ and '
+      'val/<class>/ images (--config.dataset.data_dir=DIR).'
+    )
+  root = pathlib.Path(os.path.expanduser(config.data_dir)).absolute()
+  if fresh:
+    _scan.cache_clear()
+  return _scan(root, float(config.get('val_fraction', 0.0)), bool(config.get('skip_bad_images')))
+
+
+def decode(path: tf.Tensor) -> tf.Tensor:
+  """The RGB uint8 ``(H, W, 3)`` pixels of a JPEG or PNG file (grey and RGBA converted)."""
+  image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  return tf.ensure_shape(image, (None, None, 3))
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True  # Parallel map keeps the order.
+  return options
+
+
+def _checked(batches: Iterator, paths_of_batch) -> Iterator:
+  """``batches``, with a decoding failure reported as the file that caused it."""
+  for index in itertools.count():
+    try:
+      batch = next(batches)
+    except StopIteration:
+      return
+    except tf.errors.OpError as error:
+      for path in paths_of_batch(index):
+        try:
+          decode(tf.constant(path))
+        except tf.errors.OpError:
+          raise FolderError(
+            f'{path} cannot be decoded ({error.message.splitlines()[0]}): replace or remove it.'
+          ) from None
+      raise
+    yield batch
+
+
+def _epoch_positions(num_examples: int, steps: int, global_batch: int, seed: int, epoch: int):
+  """``(examples, positions)``, both ``(steps, global_batch)``: the example at each place of
+  each global batch of an epoch (a permutation), and that place's index in the epoch."""
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  positions = np.arange(steps * global_batch)
+  return order[positions].reshape(steps, global_batch), positions.reshape(steps, global_batch)
+
+
+def train_batches(
+  dataset: FolderDataset,
+  config,
+  *,
+  global_batch_size: int,
+  seed: int,
+  start_step: int,
+  steps: int,
+  process_index: int,
+  process_count: int,
+) -> Iterator[dict[str, np.ndarray]]:
+  """This process's part of every training batch from ``start_step`` on, forever (see
+  the module docstring); the arguments are those of `datasets.train_batches`."""
+  first_epoch, first_batch = divmod(start_step, steps)
+  for epoch in itertools.count(first_epoch):
+    yield from _epoch_batches(
+      dataset.split('train'),
+      config,
+      seed=seed,
+      epoch=epoch,
+      first_batch=first_batch if epoch == first_epoch else 0,
+      steps=steps,
+      global_batch_size=global_batch_size,
+      process_index=process_index,
+      process_count=process_count,
+    )
+
+
+def _epoch_batches(
+  split: Split,
+  config,
+  *,
+  seed: int,
+  epoch: int,
+  first_batch: int,
+  steps: int,
+  global_batch_size: int,
+  process_index: int,
+  process_count: int,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Batches ``first_batch`` to ``steps - 1`` of one epoch, this process's columns of each."""
+  local = global_batch_size // process_count
+  columns = slice(process_index * local, (process_index + 1) * local)
+  examples, positions = _epoch_positions(len(split.paths), steps, global_batch_size, seed, epoch)
+  examples, positions = examples[first_batch:, columns], positions[first_batch:, columns]
+  epoch_key = np.random.SeedSequence([seed, epoch, 1]).generate_state(2).astype(np.int64)
+
+  def preprocess(path, label, position):
+    example_seed = tf.random.experimental.stateless_fold_in(tf.constant(epoch_key), position)
+    image = input_pipeline.preprocess_for_train(decode(path), example_seed, config)
+    return {'image': image, 'label': label}
+
+  flat = examples.reshape(-1)
+  data = tf.data.Dataset.from_tensor_slices(
+    (split.paths[flat], split.labels[flat], positions.reshape(-1).astype(np.int64))
+  )
+  data = data.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  data = data.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  batch_paths = lambda index: split.paths[examples[index]]
+  yield from _checked(data.with_options(_options()).as_numpy_iterator(), batch_paths)
+
+
+def eval_batches(
+  dataset: FolderDataset, config, *, global_batch_size: int, process_index: int, process_count: int
+) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over this process's contiguous share of ``val/``, padded with masked-out
+  zeros to the same number of batches in every process (as `datasets.eval_batches`)."""
+  split = dataset.split('val')
+  local = global_batch_size // process_count
+  share = math.ceil(len(split.paths) / process_count)
+  num_batches = math.ceil(share / local)
+  paths = split.paths[process_index * share : (process_index + 1) * share]
+  labels = split.labels[process_index * share : (process_index + 1) * share]
+  size, method = config.image_size, config.eval_preprocess
+
+  def preprocess(path, label):
+    image = input_pipeline.preprocess_for_eval(decode(path), size, method=method)
+    return {'image': image, 'label': label, 'mask': True}
+
+  data = tf.data.Dataset.from_tensor_slices((paths, labels))
+  data = data.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  padding = tf.data.Dataset.from_tensors(
+    {'image': tf.zeros((size, size, 3)), 'label': tf.constant(0, tf.int32), 'mask': False}
+  ).repeat()
+  data = data.concatenate(padding).take(num_batches * local)
+  data = data.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  batch_paths = lambda i: paths[i * local : (i + 1) * local]
+  return _checked(data.with_options(_options()).as_numpy_iterator(), batch_paths)

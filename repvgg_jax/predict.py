@@ -1,0 +1,239 @@
+"""`python -m repvgg_jax.predict SOURCE IMAGE...`: the top classes of images.
+
+  python -m repvgg_jax.predict workdirs/pets cat.jpg dog.png
+  python -m repvgg_jax.predict workdirs/pets cat.jpg --top 3 --json
+
+SOURCE is a training workdir, a deploy or training checkpoint (a training one is
+fused here), or a directory that ``python -m repvgg_jax.convert export`` wrote
+(its ``model.jax_export``). The images (JPEG or PNG, any size and mode) go
+through the run's evaluation preprocessing at its image size; the fused
+model's softmax gives each image's top classes, named as the training
+dataset named them (class folders, tfds labels) where the source records
+them, else by index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_EVAL_PREPROCESS = 'resize_crop'
+
+
+class PredictError(ValueError):
+  """A source or image that cannot be used; the message says which and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+  """A fused classifier and what its inputs need: ``logits = apply(images)`` on a
+  float32 NHWC batch preprocessed as in `preprocess`."""
+
+  apply: Callable[[np.ndarray], np.ndarray]
+  model: str
+  image_size: int
+  eval_preprocess: str
+  classes: tuple[str, ...]
+
+
+def _json_file(path: pathlib.Path) -> dict | list | None:
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _workdir(path: pathlib.Path) -> pathlib.Path | None:
+  """The training workdir of ``path`` (itself, or one of its two parents), or None."""
+  for workdir in (path, path.parent, path.parent.parent):
+    config = _json_file(workdir / 'config.json')
+    if isinstance(config, dict) and 'dataset' in config and 'model' in config:
+      return workdir
+  return None
+
+
+def _run_settings(path: pathlib.Path, saved: dict) -> dict:
+  """Image size, evaluation preprocessing and class names: from the source's
+  metadata, else from its workdir's config.json and classes.json."""
+  settings = {key: saved.get(key) for key in ('image_size', 'eval_preprocess', 'classes')}
+  workdir = _workdir(path)
+  if workdir is not None:
+    dataset = _json_file(workdir / 'config.json')['dataset']
+    settings['image_size'] = settings['image_size'] or dataset.get('image_size')
+    settings['eval_preprocess'] = settings['eval_preprocess'] or dataset.get('eval_preprocess')
+    settings['classes'] = settings['classes'] or _json_file(workdir / 'classes.json')
+  return settings
+
+
+def _deploy_model(path: pathlib.Path, params):
+  """The deploy model of ``params``: as its workdir's config built it, else the variant
+  whose shapes the tree has."""
+  import ml_collections
+
+  from repvgg_jax.model import create_model, fusion, model_from_config
+
+  workdir = _workdir(path)
+  if workdir is not None:
+    config = ml_collections.ConfigDict(_json_file(workdir / 'config.json'))
+    return model_from_config(config, deploy=True)
+  name = fusion.identify_variant(params)
+  if name is None:
+    raise PredictError(f'{path} holds no known variant and has no config.json beside it.')
+  num_classes = int(params['linear']['kernel'].shape[1])
+  in_channels = int(params['stage0_block0']['reparam']['kernel'].shape[2])
+  return create_model(name, deploy=True, num_classes=num_classes, in_channels=in_channels)
+
+
+def _from_checkpoint(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
+  import jax
+
+  from repvgg_jax.interop import checkpoint_io
+  from repvgg_jax.interop.torch_layout import ConversionError
+  from repvgg_jax.model import fusion
+
+  try:
+    state, saved = checkpoint_io.restore(path)
+  except (FileNotFoundError, ConversionError) as error:
+    raise PredictError(str(error)) from None
+  variables = {key: state[key] for key in ('params', 'batch_stats') if key in state}
+  if 'batch_stats' in variables:  # A training checkpoint: fused here.
+    variables = fusion.fuse_params(variables)
+  if 'linear' not in variables['params']:
+    raise PredictError(f'{path} holds a backbone without a classifier: nothing to predict.')
+  model = _deploy_model(path, variables['params'])
+  probe = jax.ShapeDtypeStruct((1, 32, 32, model.in_channels), np.float32)  # Any size.
+  expected = jax.eval_shape(model.init, jax.random.key(0), probe)
+  shapes = lambda tree: jax.tree.map(np.shape, tree)
+  if shapes(expected['params']) != shapes(variables['params']):
+    raise PredictError(f'{path} does not hold the {model.variant.name} its config.json describes.')
+  apply = jax.jit(lambda images: model.apply(variables, images))
+  return apply, model.variant.name, saved, model.num_classes
+
+
+def _from_export(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
+  from repvgg_jax.interop import export
+
+  meta = _json_file(path / export.META_FILE)
+  if not (path / export.JAX_FILE).is_file():
+    raise PredictError(
+      f'{path} has no {export.JAX_FILE}: export with --formats jax (others run outside jax).'
+    )
+  return export.load_jax_export(path), meta.get('model', '?'), meta, int(meta['num_classes'])
+
+
+def load(source: str | pathlib.Path) -> Predictor:
+  """The fused classifier of ``source`` (see the module docstring).
+
+  Raises:
+    PredictError: nothing usable at ``source``.
+  """
+  from repvgg_jax.interop import export
+
+  path = pathlib.Path(source)
+  if not path.exists():
+    raise PredictError(f'No checkpoint, workdir or export at {path}.')
+  exported = (path / export.META_FILE).is_file()
+  apply, model, saved, num_classes = (_from_export if exported else _from_checkpoint)(path)
+  settings = _run_settings(path, saved)
+  classes = settings['classes'] or [str(index) for index in range(num_classes)]
+  if len(classes) != num_classes:
+    raise PredictError(
+      f'{path} names {len(classes)} classes but its classifier has {num_classes} outputs.'
+    )
+  return Predictor(
+    apply=lambda images: np.asarray(apply(images), np.float32),
+    model=model,
+    image_size=int(settings['image_size'] or DEFAULT_IMAGE_SIZE),
+    eval_preprocess=settings['eval_preprocess'] or DEFAULT_EVAL_PREPROCESS,
+    classes=tuple(classes),
+  )
+
+
+def preprocess(paths: Sequence[str | pathlib.Path], image_size: int, method: str) -> np.ndarray:
+  """The images at ``paths`` decoded (RGB), resized and normalized as in evaluation:
+  float32 ``(len(paths), image_size, image_size, 3)``.
+
+  Raises:
+    PredictError: a file that is missing or not a whole JPEG or PNG, named.
+  """
+  import tensorflow as tf
+
+  from repvgg_jax.data import folder, input_pipeline
+
+  images = []
+  for path in paths:
+    path = pathlib.Path(path)
+    problem = 'does not exist' if not path.is_file() else folder.check_file(path)
+    if problem:
+      raise PredictError(f'{path} {problem}.')
+    try:
+      image = folder.decode(tf.constant(str(path)))
+    except tf.errors.OpError as error:
+      raise PredictError(f'{path} cannot be decoded: {error.message.splitlines()[0]}') from None
+    images.append(input_pipeline.preprocess_for_eval(image, image_size, method=method).numpy())
+  return np.stack(images)
+
+
+def top_classes(logits: np.ndarray, classes: Sequence[str], k: int) -> list[list[dict]]:
+  """Per image, the ``k`` most probable classes: ``[{'class', 'index', 'probability'}]``."""
+  shifted = logits - logits.max(axis=-1, keepdims=True)
+  probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
+  order = np.argsort(-probabilities, axis=-1, kind='stable')[:, :k]
+  return [
+    [{'class': classes[i], 'index': int(i), 'probability': float(p[i])} for i in row]
+    for p, row in zip(probabilities, order, strict=True)
+  ]
+
+
+def predict(
+  source: str | pathlib.Path, images: Sequence[str | pathlib.Path], top: int = 5, batch: int = 32
+) -> list[dict]:
+  """``[{'image': path, 'top': top_classes}]`` of each image, in order."""
+  predictor = load(source)
+  results = []
+  for start in range(0, len(images), batch):
+    paths = images[start : start + batch]
+    pixels = preprocess(paths, predictor.image_size, predictor.eval_preprocess)
+    ranked = top_classes(predictor.apply(pixels), predictor.classes, top)
+    results += [{'image': str(p), 'top': r} for p, r in zip(paths, ranked, strict=True)]
+  return results
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+    prog='python -m repvgg_jax.predict',
+    description='Top classes of images by a trained RepVGG (fused).',
+  )
+  parser.add_argument('source', help='workdir, deploy or training checkpoint, or export directory')
+  parser.add_argument('images', nargs='+', help='JPEG or PNG files')
+  parser.add_argument('--top', type=int, default=5, help='classes per image (default 5)')
+  parser.add_argument('--batch-size', type=int, default=32, help='images per forward pass')
+  parser.add_argument('--json', action='store_true', help='one JSON document on stdout')
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  if args.top < 1 or args.batch_size < 1:
+    print('error: --top and --batch-size must be positive.', file=sys.stderr)
+    return 2
+  try:
+    results = predict(args.source, args.images, args.top, args.batch_size)
+  except PredictError as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 1
+  if args.json:
+    print(json.dumps(results, indent=2))
+    return 0
+  for result in results:
+    ranked = '  '.join(f'{c["class"]} {c["probability"]:.1%}' for c in result['top'])
+    print(f'{result["image"]}: {ranked}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

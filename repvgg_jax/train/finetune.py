@@ -1,0 +1,65 @@
+"""Fine-tuning: a run that starts from trained weights instead of random ones.
+
+``config.init_from`` names the weights: a workdir or orbax checkpoint of this
+package, a PyTorch ``.pth``/``.pt``, ``.safetensors`` or ``.npz`` file (the
+reference's or timm's keys), or an ``hf-hub:`` reference; whatever
+``python -m repvgg_jax.convert import`` reads (`repvgg_jax.interop.pretrained`).
+Every backbone tensor must match in name and shape; the classifier is kept
+only when its number of classes is the config's, else it is re-initialised.
+``config.freeze_stages`` and ``optimizer.backbone_lr_multiplier`` are applied by
+the model and the optimizer; a resumed run restores its own checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from repvgg_jax.interop import pretrained
+from repvgg_jax.interop.torch_layout import ConversionError
+from repvgg_jax.model import network
+
+
+def check_config(config) -> str | None:
+  """What makes the fine-tuning settings of ``config`` unusable, as one line, or None."""
+  frozen = config.get('freeze_stages', 0)
+  if not 0 <= frozen <= network.NUM_STAGES:
+    return f'freeze_stages must be from 0 to {network.NUM_STAGES} (stages), got {frozen}.'
+  if frozen and not config.get('init_from'):
+    return (
+      f'freeze_stages={frozen} would keep randomly initialised stages fixed: give the weights '
+      'to start from with --config.init_from=..., or set freeze_stages=0.'
+    )
+  multiplier = config.optimizer.get('backbone_lr_multiplier', 1.0)
+  if multiplier < 0:
+    return f'optimizer.backbone_lr_multiplier must be >= 0, got {multiplier}.'
+  if config.get('init_from') and 'qat' in config and config.qat.enabled:
+    return 'QAT starts from qat.init_from (a fused model); leave init_from unset with qat.enabled.'
+  return None
+
+
+def initial_variables(config, variables: dict) -> tuple[dict, str]:
+  """``variables`` (the model's, freshly initialised) with the weights of
+  ``config.init_from``, and one line saying what was loaded.
+
+  Raises:
+    ValueError: nothing readable at ``init_from``, or weights of another
+      architecture (what is missing, unexpected or of another shape).
+  """
+  source = config.init_from
+  try:
+    weights = pretrained.read_weights(source)
+    classifier = weights['params'].get(pretrained.CLASSIFIER)
+    with warnings.catch_warnings():  # Said in the returned line instead.
+      warnings.filterwarnings('ignore', message='The weights have .* classes')
+      loaded = pretrained.load_weights(variables, weights, source=source)
+  except (FileNotFoundError, ConversionError) as error:
+    raise ValueError(f'init_from: {error}') from None
+  line = f'Initialised {config.model.name} from {source}'
+  classes = None if classifier is None else classifier['kernel'].shape[-1]
+  if classes == config.dataset.num_classes:
+    return loaded, f'{line}, its classifier included.'
+  had = f'has {classes} classes' if classes else 'has no classifier'
+  return loaded, (
+    f'{line}; the classifier starts from random weights: the source {had}, the config '
+    f'{config.dataset.num_classes}.'
+  )

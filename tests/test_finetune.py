@@ -1,0 +1,222 @@
+"""Fine-tuning: init_from (strict backbone, new classifier), frozen stages, the backbone's
+learning rate, resume, bad sources; class names in the workdir; and predict."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from helpers import CLASSES, checkpoint_params, make_folder, tiny_config
+
+from repvgg_jax import predict
+from repvgg_jax.data import datasets as data
+from repvgg_jax.interop import export
+from repvgg_jax.train import checkpointing, trainer
+
+STEPS = {'num_train_steps': 4, 'checkpoint_every_steps': 2}
+
+
+@pytest.fixture(scope='module')
+def digits_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  data.get_builder(tiny_config(data_dir).dataset)
+  return data_dir
+
+
+@pytest.fixture(scope='module')
+def source(tmp_path_factory, digits_dir):
+  """A tiny RepVGG trained on the digits (10 classes) for 4 steps."""
+  workdir = tmp_path_factory.mktemp('source')
+  trainer.train_and_evaluate(tiny_config(digits_dir, **STEPS), workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+  return make_folder(tmp_path_factory.mktemp('images'))
+
+
+def folder_run(images, **overrides):
+  """The tiny model fine-tuned on the 3-class image folder."""
+  config = tiny_config(**{'dataset.name': 'folder', 'dataset.in_memory': False}, **overrides)
+  config.dataset.data_dir = str(images)
+  config.dataset.num_classes = 3
+  config.batch_size = 6
+  config.eval_batch_size = 9
+  return config
+
+
+def blocks(params):
+  return {key: value for key, value in params.items() if key != 'linear'}
+
+
+def assert_trees_equal(actual, expected):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def changed(actual, expected) -> bool:
+  return any(
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True)
+  )
+
+
+def test_init_from_loads_every_weight_of_the_same_model(source, digits_dir, tmp_path, capfd):
+  config = tiny_config(
+    digits_dir, init_from=str(source), **STEPS, **{'optimizer.learning_rate': 0.0}
+  )
+  trainer.train_and_evaluate(config, tmp_path)
+  assert 'its classifier included' in capfd.readouterr().err
+  assert_trees_equal(checkpoint_params(tmp_path, 2)[0], checkpoint_params(source)[0])
+
+
+def test_another_number_of_classes_gets_a_new_classifier(source, images, tmp_path, capfd):
+  config = folder_run(images, init_from=str(source), **{'optimizer.learning_rate': 0.0})
+  summary = trainer.train_and_evaluate(config, tmp_path)
+  err = capfd.readouterr().err
+  assert 'the classifier starts from random weights: the source has 10 classes, the config 3' in err
+  params, meta = checkpoint_params(tmp_path)
+  assert_trees_equal(blocks(params), blocks(checkpoint_params(source)[0]))
+  assert params['linear']['kernel'].shape[-1] == 3 and summary['steps'] == 6
+  assert meta['classes'] == list(CLASSES)
+  assert json.loads((tmp_path / trainer.CLASSES_FILE).read_text()) == list(CLASSES)
+
+
+def test_frozen_stages_keep_weights_and_statistics(source, images, tmp_path):
+  config = folder_run(images, init_from=str(source), freeze_stages=2)
+  trainer.train_and_evaluate(config, tmp_path)
+  start, ckpt = _training_state(source), _training_state(tmp_path / 'checkpoints')
+  for part in ('params', 'batch_stats'):
+    for key in start[part]:
+      frozen = key.startswith(('stage0_', 'stage1_'))
+      if key == 'linear':
+        continue
+      if frozen:
+        assert_trees_equal(ckpt[part][key], start[part][key])
+      else:
+        assert changed(ckpt[part][key], start[part][key]), (part, key)
+
+
+def _training_state(directory):
+  path = directory / 'checkpoints' if (directory / 'checkpoints').is_dir() else directory
+  manager = checkpointing.Checkpoints(path, read_only=True)
+  try:
+    return manager.restore()[0]
+  finally:
+    manager.close()
+
+
+def test_a_zero_backbone_learning_rate_trains_the_classifier_only(source, images, tmp_path):
+  config = folder_run(images, init_from=str(source), **{'optimizer.backbone_lr_multiplier': 0.0})
+  trainer.train_and_evaluate(config, tmp_path)
+  params = checkpoint_params(tmp_path)[0]
+  assert_trees_equal(blocks(params), blocks(checkpoint_params(source)[0]))
+  assert changed(params['linear'], checkpoint_params(tmp_path, 2)[0]['linear'])
+
+
+def test_a_resumed_run_keeps_its_own_weights(source, digits_dir, tmp_path, capfd):
+  config = tiny_config(digits_dir, init_from=str(source), **STEPS)
+  trainer.train_and_evaluate(config, tmp_path)
+  first = checkpoint_params(tmp_path)[0]
+  capfd.readouterr()
+  config.num_train_steps = 6
+  trainer.train_and_evaluate(config, tmp_path)
+  assert 'Initialised' not in capfd.readouterr().err
+  assert changed(checkpoint_params(tmp_path)[0], first)
+  assert checkpoint_params(tmp_path)[1]['step'] == 6
+
+
+@pytest.mark.parametrize(
+  'overrides, message',
+  [
+    ({'init_from': 'nowhere'}, 'init_from: No weights at nowhere'),
+    (
+      {'model.width_multipliers': (0.5, 0.5)},
+      r'init_from: The weights of .* do not fit the RepVGG at the top of the tree',
+    ),
+    ({'freeze_stages': 2, 'init_from': None}, 'freeze_stages=2 would keep randomly initialised'),
+    ({'freeze_stages': 6}, 'freeze_stages must be from 0 to 5'),
+    ({'optimizer.backbone_lr_multiplier': -1.0}, 'backbone_lr_multiplier must be >= 0'),
+  ],
+  ids=['missing', 'other architecture', 'frozen random', 'too many stages', 'negative rate'],
+)
+def test_bad_fine_tuning_fails_before_training(source, images, tmp_path, overrides, message):
+  config = folder_run(images, init_from=str(source))
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    target = config
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  with pytest.raises(trainer.ConfigError, match=message) as error:
+    trainer.train_and_evaluate(config, tmp_path)
+  assert '\n' not in str(error.value)
+  assert not (tmp_path / 'checkpoints').exists() or not any((tmp_path / 'checkpoints').iterdir())
+
+
+@pytest.fixture(scope='module')
+def fine_tuned(tmp_path_factory, source, images):
+  workdir = tmp_path_factory.mktemp('fine_tuned')
+  trainer.train_and_evaluate(folder_run(images, init_from=str(source)), workdir)
+  return workdir
+
+
+def _model_probabilities(workdir, config, paths):
+  """The fused model's softmax on ``paths``, fed as the evaluation feeds them."""
+  state, _ = checkpointing.Checkpoints(workdir / 'deploy', read_only=True).restore()
+  model = trainer.build_model(config, deploy=True)
+  pixels = predict.preprocess(paths, config.dataset.image_size, config.dataset.eval_preprocess)
+  return np.asarray(jax.nn.softmax(model.apply({'params': state['params']}, pixels)))
+
+
+def test_predict_gives_the_fused_models_probabilities_by_class_name(fine_tuned, images, capsys):
+  config = folder_run(images)
+  paths = sorted(str(p) for p in (images / 'val').rglob('*.*'))
+  expected = _model_probabilities(fine_tuned, config, paths)
+  assert predict.main([str(fine_tuned), *paths, '--json', '--top', '3']) == 0
+  results = json.loads(capsys.readouterr().out)
+  assert [r['image'] for r in results] == paths
+  for result, probabilities in zip(results, expected, strict=True):
+    ranked = np.argsort(-probabilities, kind='stable')
+    assert [c['class'] for c in result['top']] == [CLASSES[i] for i in ranked]
+    got = [c['probability'] for c in result['top']]
+    np.testing.assert_allclose(got, probabilities[ranked], rtol=1e-5, atol=1e-6)
+  assert predict.main([str(fine_tuned), paths[0], '--top', '2']) == 0
+  line = capsys.readouterr().out.strip()
+  assert line.startswith(f'{paths[0]}: ') and line.count('%') == 2
+
+
+def test_predict_reads_checkpoints_and_exports_alike(fine_tuned, images, tmp_path):
+  paths = sorted(str(p) for p in (images / 'val').rglob('*.png'))[:4]
+  reference = predict.predict(fine_tuned, paths)
+  config = folder_run(images)
+  deploy = _training_state(fine_tuned / 'deploy')  # convert export takes the 13 variants only.
+  meta = {'model': 'tiny', 'num_classes': 3, 'classes': CLASSES, 'eval_preprocess': 'resize'}
+  model = trainer.build_model(config, deploy=True)
+  export.write_export(tmp_path / 'export', model, deploy, 32, meta, formats=('jax',))
+  for source in (fine_tuned / 'deploy', fine_tuned / 'checkpoints', tmp_path / 'export'):
+    results = predict.predict(source, paths)
+    for result, expected in zip(results, reference, strict=True):
+      assert [c['class'] for c in result['top']] == [c['class'] for c in expected['top']]
+      np.testing.assert_allclose(
+        [c['probability'] for c in result['top']],
+        [c['probability'] for c in expected['top']],
+        atol=1e-5,
+      )
+
+
+def test_predict_names_what_it_cannot_use(fine_tuned, images, tmp_path, capsys):
+  text = tmp_path / 'notes.png'
+  text.write_text('not an image')
+  good = str(next((images / 'val').rglob('*.png')))
+  cases = [
+    ([str(tmp_path / 'nothing'), good], 'No checkpoint, workdir or export at'),
+    ([str(fine_tuned), str(tmp_path / 'missing.png')], 'missing.png does not exist'),
+    ([str(fine_tuned), str(text)], 'notes.png is neither a JPEG nor a PNG'),
+  ]
+  for argv, message in cases:
+    assert predict.main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count('\n') == 1, err

@@ -1,0 +1,150 @@
+"""Image-folder datasets: layout, decoding of any mode, determinism, sharding, bad input."""
+
+import pathlib
+
+import numpy as np
+import pytest
+from helpers import CLASSES, make_folder, tiny_config, write_image
+
+from repvgg_jax.data import datasets as data
+from repvgg_jax.data import folder
+
+
+def folder_config(root, **overrides):
+  config = tiny_config(**{'dataset.name': 'folder', 'dataset.in_memory': False}, **overrides)
+  config.dataset.data_dir = str(root)
+  return config.dataset
+
+
+def take(iterator, count):
+  return [next(iterator) for _ in range(count)]
+
+
+def test_scan_reads_classes_and_splits_in_order(tmp_path):
+  dataset = folder.scan(folder_config(make_folder(tmp_path)))
+  assert dataset.classes == CLASSES
+  assert len(dataset.splits['train'].paths) == 21 and len(dataset.splits['val'].paths) == 9
+  assert list(dataset.splits['val'].labels) == [0] * 3 + [1] * 3 + [2] * 3
+  assert data.class_names(folder_config(tmp_path)) == CLASSES
+  assert data.num_examples(folder_config(tmp_path), 'val') == 9
+
+
+def test_decode_makes_grey_and_rgba_images_rgb(tmp_path):
+  rgb = np.random.default_rng(0).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+  grey = write_image(tmp_path / 'grey.png', rgb[..., :1])
+  rgba = write_image(tmp_path / 'rgba.png', np.concatenate([rgb, rgb[..., :1]], -1))
+  np.testing.assert_array_equal(folder.decode(str(grey)).numpy(), np.repeat(rgb[..., :1], 3, -1))
+  np.testing.assert_array_equal(folder.decode(str(rgba)).numpy(), rgb)
+
+
+def test_batches_are_a_function_of_seed_and_step_and_resume(tmp_path):
+  config = folder_config(make_folder(tmp_path))
+  batches = lambda seed, start=0: data.train_batches(
+    config, global_batch_size=4, seed=seed, start_step=start
+  )
+  first, again, other = take(batches(0), 12), take(batches(0), 12), take(batches(1), 1)
+  for a, b in zip(first, again, strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  assert not np.array_equal(first[0]['image'], other[0]['image'])
+  assert first[0]['image'].shape == (4, 32, 32, 3) and first[0]['label'].dtype == np.int32
+  # 21 images: 5 batches per epoch; resuming at 7 (in the second epoch) reads the same.
+  for a, b in zip(first[7:], take(batches(0, start=7), 5), strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  epoch = np.concatenate([b['label'] for b in first[:5]])
+  assert sorted(np.bincount(epoch)) == [6, 7, 7]  # One permutation, 20 of the 21 images.
+
+
+def test_processes_read_their_part_of_the_same_global_batch(tmp_path):
+  config = folder_config(make_folder(tmp_path))
+  whole = take(data.train_batches(config, global_batch_size=6, seed=0), 4)
+  parts = [
+    take(
+      data.train_batches(config, global_batch_size=6, seed=0, process_index=p, process_count=2), 4
+    )
+    for p in range(2)
+  ]
+  for step, batch in enumerate(whole):
+    joined = np.concatenate([parts[0][step]['image'], parts[1][step]['image']])
+    np.testing.assert_array_equal(joined, batch['image'])
+
+
+def test_eval_covers_every_image_once_over_processes(tmp_path):
+  config = folder_config(make_folder(tmp_path))
+  labels = []
+  for p in range(2):
+    for batch in data.eval_batches(config, global_batch_size=4, process_index=p, process_count=2):
+      assert batch['image'].shape == (2, 32, 32, 3)
+      labels += list(batch['label'][batch['mask']])
+  assert sorted(labels) == [0] * 3 + [1] * 3 + [2] * 3
+
+
+def test_val_fraction_holds_out_the_same_images_whatever_the_seed(tmp_path):
+  make_folder(tmp_path, per_class=(10,), splits=('',))
+  config = folder_config(tmp_path, **{'dataset.val_fraction': 0.2, 'seed': 5})
+  dataset = folder.scan(config)
+  train, val = dataset.splits['train'], dataset.splits['val']
+  assert len(val.paths) == 6 and len(train.paths) == 24 and dataset.classes == CLASSES
+  assert not set(val.paths) & set(train.paths)
+  assert list(np.bincount(val.labels)) == [2, 2, 2]
+  folder._scan.cache_clear()
+  assert list(
+    folder.scan(folder_config(tmp_path, **{'dataset.val_fraction': 0.2})).splits['val'].paths
+  ) == list(val.paths)
+
+
+def truncate(path: pathlib.Path) -> None:
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+  'damage, message',
+  [
+    (lambda root: None, 'is not a directory'),
+    (lambda root: root.mkdir(), 'holds no class folders'),
+    (lambda root: (make_folder(root), (root / 'train' / 'emu').mkdir()), "'emu'|emu holds no"),
+    (
+      lambda root: (make_folder(root), (root / 'val' / 'fox').rename(root / 'val' / 'owl')),
+      r"different classes \(only in train/: \['fox'\]; only in val/: \['owl'\]\)",
+    ),
+    (lambda root: make_folder(root, splits=('train',)), 'has no val/ folder.*val_fraction'),
+    (
+      lambda root: truncate(make_folder(root) / 'train/dog/01.png'),
+      'dog/01.png is a truncated PNG',
+    ),
+    (
+      lambda root: truncate(make_folder(root) / 'train/cat/03.jpg'),
+      'cat/03.jpg is a truncated JPEG.*skip_bad_images=True',
+    ),
+    (
+      lambda root: (make_folder(root) / 'train/fox/00.png').write_text('not an image'),
+      '00.png is neither a JPEG nor a PNG',
+    ),
+  ],
+  ids=['missing', 'empty', 'empty class', 'other classes', 'no val', 'png', 'jpeg', 'text'],
+)
+def test_bad_folders_fail_in_one_line_naming_the_problem(tmp_path, damage, message):
+  root = tmp_path / 'images'
+  damage(root)
+  with pytest.raises(folder.FolderError, match=message) as error:
+    folder.scan(folder_config(root))
+  assert '\n' not in str(error.value)
+
+
+def test_skip_bad_images_leaves_them_out_and_counts_them(tmp_path):
+  root = make_folder(tmp_path)
+  truncate(root / 'train/dog/01.png')
+  (root / 'train/cat/notes.txt').write_text('ignored: not an image name')
+  dataset = folder.scan(folder_config(root, **{'dataset.skip_bad_images': True}))
+  assert dataset.skipped == (str(root / 'train/dog/01.png'),)
+  assert len(dataset.splits['train'].paths) == 20
+  assert str(root / 'train/dog/01.png') not in set(dataset.splits['train'].paths)
+
+
+def test_a_file_that_fails_to_decode_is_named(tmp_path):
+  root = make_folder(tmp_path)
+  bad = root / 'val/cat/00.png'
+  data_bytes = bytearray(bad.read_bytes())
+  data_bytes[40:60] = b'\0' * 20  # Corrupt inside, whole at both ends: the scan passes it.
+  bad.write_bytes(bytes(data_bytes))
+  with pytest.raises(folder.FolderError, match='val/cat/00.png cannot be decoded'):
+    list(data.eval_batches(folder_config(root), global_batch_size=4))
