@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.train_augment = 'inception_crop'  # 'inception_crop', 'pad_crop' or 'none'.
   config.dataset.pad_pixels = 4  # Padding of 'pad_crop', in pixels.
   config.dataset.flip = True  # Random horizontal flips in training.
+  config.dataset.randaugment_layers = 0  # RandAugment operations per training image; 0: none.
+  config.dataset.randaugment_magnitude = 15  # Their levels: uniform in 0 ... magnitude - 1.
   config.dataset.eval_preprocess = 'resize_crop'  # 'resize_crop' (256 -> 224 centre) or 'resize'.
   config.dataset.shuffle_buffer = 16_384  # Examples in the shuffle buffer.
   config.dataset.val_fraction = 0.0  # Folder without val/: share of each class held out.
@@ -63,11 +65,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 1e-4  # L2 on kernels and the identity BN scale (see optim.py).
   config.optimizer.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
   config.optimizer.mixup_alpha = 0.0  # Mixup Beta(alpha, alpha); 0: no mixup.
+  config.optimizer.cutmix_alpha = 0.0  # CutMix Beta(alpha, alpha); 0: none (both: half each).
   config.optimizer.backbone_lr_multiplier = 1.0  # Learning-rate factor of all but the classifier.
 
   # Fine-tuning (repvgg_jax/train/finetune.py): weights to start from instead of random ones.
   config.init_from = config_dict.placeholder(str)  # Workdir, checkpoint, .pth, hf-hub:...
   config.freeze_stages = 0  # Leading stages (0-5) kept as loaded: no updates, BN in eval mode.
+
+  # Moving average of the weights and BatchNorm statistics, updated every step, evaluated
+  # and fused beside the trained model (eval/ema_*, deploy_ema/).
+  config.ema_decay = 0.0  # Its decay per step, e.g. 0.9998; 0: no average.
 
   # Quantization-aware fine-tuning of a fused model (repvgg_jax/train/qat.py).
   config.qat = ml_collections.ConfigDict()
@@ -83,11 +90,26 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def long_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The heavy models' recipe (paper Table 5): 200 epochs, label smoothing, mixup.
+  """The 200-epoch recipe of the paper's heaviest models (Table 5: B2g4, B3g4, B3).
 
-  The paper also used AutoAugment, which this codebase does not implement yet.
+  The paper names its ingredients (label smoothing, mixup, AutoAugment) but not
+  their settings; each comes from the official repository
+  (github.com/DingXiaoH/RepVGG, its Swin-based trainer ``main.py``):
+  - label smoothing 0.1 and mixup 0.2: ``MODEL.LABEL_SMOOTHING`` and
+    ``AUG.MIXUP`` in ``train/config.py`` (no cutmix, ``AUG.CUTMIX`` 0);
+  - RandAugment, 2 operations of level below 15: the ``raug15`` preset of
+    ``data/build.py`` and ``train/randaug.py``, the repository's policy of the
+    AutoAugment family (`repvgg_jax.data.randaugment`);
+  - 5 warm-up epochs: ``TRAIN.WARMUP_EPOCHS 5`` of every training command in its
+    README;
+  - SGD, learning rate 0.1 per 256 images, weight decay 1e-4, cosine: as the
+    120-epoch recipe (its README's command for the paper's models).
+  No moving average (``TRAIN.EMA_ALPHA`` 0).
   """
   config.num_epochs = 200.0
+  config.optimizer.warmup_epochs = 5.0
   config.optimizer.label_smoothing = 0.1
   config.optimizer.mixup_alpha = 0.2
+  config.dataset.randaugment_layers = 2
+  config.dataset.randaugment_magnitude = 15
   return config

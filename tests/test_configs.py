@@ -13,7 +13,7 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 VARIANT_CONFIGS = sorted(
   p.stem for p in CONFIG_DIR.glob('*.py') if re.fullmatch(r'[ab]\d(g\d)?', p.stem)
 )
-HEAVY = {'b2', 'b2g2', 'b2g4', 'b3', 'b3g2', 'b3g4'}
+LONG = ('b2g4_200ep', 'b3g4_200ep', 'b3_200ep')  # The paper's 200-epoch models (Table 5).
 
 
 def load(name):
@@ -32,13 +32,24 @@ def test_variant_configs_follow_the_paper(name):
   assert config.batch_size == 256 and config.optimizer.learning_rate == 0.1
   assert config.optimizer.momentum == 0.9 and config.optimizer.weight_decay == 1e-4
   assert config.dataset.name == 'imagenet2012' and config.model.bn_group_size == 32
-  if name in HEAVY:
-    assert config.num_epochs == 200 and config.optimizer.label_smoothing > 0
-  else:
-    assert config.num_epochs == 120 and config.optimizer.label_smoothing == 0
+  assert config.num_epochs == 120 and config.optimizer.label_smoothing == 0
+  assert config.optimizer.mixup_alpha == 0 and config.dataset.randaugment_layers == 0
   doc = importlib.import_module(f'configs.{name}').__doc__
   assert f'python train.py --config configs/{name}.py' in doc
   assert 'top-1' in doc and 'GPU' in doc
+
+
+@pytest.mark.parametrize('name', LONG)
+def test_200_epoch_configs_follow_the_official_recipe(name):
+  config = load(name)
+  assert repvgg_jax.get_variant(config.model.name).name.lower() == 'repvgg-' + name.split('_')[0]
+  assert config.num_epochs == 200 and config.optimizer.warmup_epochs == 5
+  assert config.optimizer.label_smoothing == 0.1 and config.optimizer.mixup_alpha == 0.2
+  assert config.optimizer.cutmix_alpha == 0 and config.ema_decay == 0
+  assert (config.dataset.randaugment_layers, config.dataset.randaugment_magnitude) == (2, 15)
+  assert config.batch_size == 256 and config.optimizer.learning_rate == 0.1
+  doc = importlib.import_module(f'configs.{name}').__doc__
+  assert f'python train.py --config configs/{name}.py' in doc and 'DingXiaoH/RepVGG' in doc
 
 
 @pytest.mark.parametrize(

@@ -180,6 +180,10 @@ _ADDED_FIELDS = {
   'optimizer.backbone_lr_multiplier': 1.0,
   'dataset.val_fraction': 0.0,
   'dataset.skip_bad_images': False,
+  'dataset.randaugment_layers': 0,
+  'dataset.randaugment_magnitude': 15,
+  'optimizer.cutmix_alpha': 0.0,
+  'ema_decay': 0.0,
 }
 
 

@@ -31,6 +31,11 @@ def check_supported(builder: tfds.core.DatasetBuilder, config) -> None:
       f'dataset.in_memory supports train_augment {AUGMENTATIONS}, not '
       f'{config.train_augment!r}: set --config.dataset.in_memory=False to augment with tf.data.'
     )
+  if config.get('randaugment_layers', 0):
+    raise ValueError(
+      'dataset.in_memory augments with NumPy, without RandAugment: set '
+      '--config.dataset.in_memory=False, or randaugment_layers=0.'
+    )
   stored = tuple(builder.info.features['image'].shape)
   wanted = (config.image_size, config.image_size, 3)
   if stored != wanted:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from repvgg_jax.data import randaugment
+
 MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
 # ImageNet evaluation crops 224 out of 256: the resize is image_size / 0.875.
@@ -133,13 +135,14 @@ def pad_and_random_crop(image: tf.Tensor, seed: tf.Tensor, pad_pixels: int) -> t
 
 
 def preprocess_for_train(image: tf.Tensor, seed: tf.Tensor, config) -> tf.Tensor:
-  """Random crop and flip as ``config`` asks, then normalize.
+  """Random crop and flip as ``config`` asks, RandAugment if it asks, then normalize.
 
   Args:
     image: an ``(H, W, 3)`` uint8 RGB image.
     seed: shape ``(2,)`` integer seed; the output is a pure function of it and ``image``.
     config: the dataset config; reads ``train_augment``, ``image_size``, ``pad_pixels``
-      (for ``'pad_crop'``) and ``flip``.
+      (for ``'pad_crop'``), ``flip`` and ``randaugment_layers`` and
+      ``randaugment_magnitude`` (`repvgg_jax.data.randaugment`; 0 layers: none).
 
   Returns:
     An ``(image_size, image_size, 3)`` float32 image.
@@ -158,5 +161,9 @@ def preprocess_for_train(image: tf.Tensor, seed: tf.Tensor, config) -> tf.Tensor
     )
   if config.flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  layers = config.get('randaugment_layers', 0)
+  if layers:  # Its own stream: the crops and flips stay those of a run without it.
+    augment_seed = tf.random.experimental.stateless_fold_in(seed, 2)
+    image = randaugment.rand_augment(image, augment_seed, layers, config.randaugment_magnitude)
   image = tf.ensure_shape(image, (size, size, 3))
   return normalize_image(image)

@@ -171,6 +171,11 @@ class RunLog:
     self.bar.write(
       f'step {step}: eval top-1 {m["eval/top1"]:.2%} (fused {m["eval/top1_fused"]:.2%}), '
       f'top-5 {m["eval/top5"]:.2%}, loss {m["eval/loss"]:.4f}'
+      + (
+        f'; EMA top-1 {m["eval/ema_top1"]:.2%} (fused {m["eval/ema_top1_fused"]:.2%})'
+        if 'eval/ema_top1' in m
+        else ''
+      )
     )
     self.throughput.lap(0)  # Evaluation time is not training time.
 
@@ -186,6 +191,11 @@ class RunLog:
       'eval_loss': m.get('eval/loss'),
       'eval_top1_fused': m.get('eval/top1_fused'),
       'eval_top5_fused': m.get('eval/top5_fused'),
+      **{
+        f'eval_ema_{name}': m[f'eval/ema_{name}']
+        for name in ('top1', 'top5', 'top1_fused')
+        if f'eval/ema_{name}' in m
+      },
       'train_images_per_sec': self.train_images / self.train_seconds
       if self.train_seconds
       else None,

@@ -21,11 +21,16 @@ from jax.sharding import PartitionSpec as P
 
 from repvgg_jax.perf import compile_options
 
+# With both mixup and cutmix on, the share of batches that get cutmix (timm's switch_prob).
+CUTMIX_SHARE = 0.5
+
 
 class TrainState(train_state.TrainState):
-  """Optimizer state plus the BatchNorm running statistics."""
+  """Optimizer state plus the BatchNorm running statistics, and, when the run keeps
+  one, the exponential moving average of both: ``ema = {'params', 'batch_stats'}``."""
 
   batch_stats: Any
+  ema: Any = None
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
@@ -42,6 +47,49 @@ def mixup(rng, images, labels, num_classes: int, alpha: float):
   targets = jax.nn.one_hot(labels, num_classes)
   mixed = weight * images + (1 - weight) * images[::-1]
   return mixed, weight * targets + (1 - weight) * targets[::-1]
+
+
+def cutmix(rng, images, labels, num_classes: int, alpha: float):
+  """Pastes a box of the batch reversed into each image (CutMix, Yun et al. 2019).
+
+  The box covers ``1 - lam`` of the image, ``lam ~ Beta(alpha, alpha)``, centred
+  at a uniform pixel and clipped at the borders; the targets mix by the area
+  actually kept, as timm's ``Mixup`` with ``correct_lam`` does.
+  """
+  weight_rng, row_rng, col_rng = jax.random.split(rng, 3)
+  weight = jax.random.beta(weight_rng, alpha, alpha)
+  _, height, width, _ = images.shape
+  cut = jnp.sqrt(1.0 - weight)
+  half_h, half_w = (height * cut).astype(jnp.int32) // 2, (width * cut).astype(jnp.int32) // 2
+  row, col = jax.random.randint(row_rng, (), 0, height), jax.random.randint(col_rng, (), 0, width)
+  rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+  box = (
+    (rows >= row - half_h) & (rows < row + half_h) & (cols >= col - half_w) & (cols < col + half_w)
+  )
+  mixed = jnp.where(box[None, :, :, None], images[::-1], images)
+  kept = 1.0 - box.sum() / (height * width)
+  targets = jax.nn.one_hot(labels, num_classes)
+  return mixed, kept * targets + (1 - kept) * targets[::-1]
+
+
+def mix_batch(rng, images, labels, num_classes: int, mixup_alpha: float, cutmix_alpha: float):
+  """Mixup, cutmix, or one of the two per batch (cutmix in `CUTMIX_SHARE` of them) when
+  both alphas are positive; returns images and soft targets."""
+  choice_rng, mix_rng = jax.random.split(rng)
+  if cutmix_alpha <= 0:
+    return mixup(mix_rng, images, labels, num_classes, mixup_alpha)
+  if mixup_alpha <= 0:
+    return cutmix(mix_rng, images, labels, num_classes, cutmix_alpha)
+  mixed = mixup(mix_rng, images, labels, num_classes, mixup_alpha)
+  cut = cutmix(mix_rng, images, labels, num_classes, cutmix_alpha)
+  use_cutmix = jax.random.bernoulli(choice_rng, CUTMIX_SHARE)
+  return jax.tree.map(lambda a, b: jnp.where(use_cutmix, a, b), cut, mixed)
+
+
+def update_ema(ema, state, decay: float):
+  """``decay * ema + (1 - decay) * (params, batch_stats)`` of ``state``."""
+  current = {'params': state.params, 'batch_stats': state.batch_stats}
+  return jax.tree.map(lambda e, v: decay * e + (1 - decay) * v, ema, current)
 
 
 def apply_in_groups(model: nn.Module, variables, images, group_size: int):
@@ -72,26 +120,31 @@ def train_step(
   num_classes: int,
   bn_group_size: int = 0,
   mixup_alpha: float = 0.0,
+  cutmix_alpha: float = 0.0,
   label_smoothing: float = 0.0,
+  ema_decay: float = 0.0,
 ):
   """One SGD step. Returns the new state and metrics (loss, top-1).
 
   Args:
     state: parameters, BatchNorm statistics and optimizer state.
     batch: ``{'image': NHWC float, 'label': int}``.
-    rng: the run's mixup key; each step folds in its step number here, on the
-      device, so the loop passes the same key every step.
+    rng: the run's mixup and cutmix key; each step folds in its step number
+      here, on the device, so the loop passes the same key every step.
     model: the training-time `RepVGG`.
     num_classes: classifier outputs.
     bn_group_size: images per BatchNorm statistics group (`apply_in_groups`).
     mixup_alpha: mixup's Beta parameter; 0 for no mixup.
+    cutmix_alpha: cutmix's Beta parameter; 0 for no cutmix (`mix_batch`).
     label_smoothing: of the cross-entropy's targets.
+    ema_decay: of the moving average ``state.ema`` (updated after the step
+      when it is not None).
   """
   images, labels = batch['image'], batch['label']
   targets = labels
-  if mixup_alpha > 0:
+  if mixup_alpha > 0 or cutmix_alpha > 0:
     step_rng = jax.random.fold_in(rng, state.step)
-    images, targets = mixup(step_rng, images, labels, num_classes, mixup_alpha)
+    images, targets = mix_batch(step_rng, images, labels, num_classes, mixup_alpha, cutmix_alpha)
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
@@ -101,6 +154,8 @@ def train_step(
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if state.ema is not None:
+    state = state.replace(ema=update_ema(state.ema, state, ema_decay))
   top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
   return state, {'loss': loss, 'top1': top1}
 

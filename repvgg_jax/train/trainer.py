@@ -145,6 +145,8 @@ def check_config(config) -> None:
   problem = problem or finetune.check_config(config)
   if problem:
     raise ConfigError(problem)
+  if not 0 <= config.get('ema_decay', 0.0) < 1:
+    raise ConfigError(f'ema_decay must be in [0, 1) (0: no average), got {config.ema_decay}.')
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}.")
 
@@ -199,10 +201,16 @@ def create_state(config, model, tx, mesh, sample_shape) -> steps.TrainState:
   """
   init_model = model.clone(conv=nn.Conv)
 
+  keep_ema = config.get('ema_decay', 0.0) > 0
+
   def init(rng):
     variables = init_model.init(rng, jnp.zeros(sample_shape, jnp.float32))
     return steps.TrainState.create(
-      apply_fn=model.apply, params=variables['params'], tx=tx, batch_stats=variables['batch_stats']
+      apply_fn=model.apply,
+      params=variables['params'],
+      tx=tx,
+      batch_stats=variables['batch_stats'],
+      ema=dict(variables) if keep_ema else None,
     )
 
   replicated = NamedSharding(mesh, P())
@@ -211,12 +219,13 @@ def create_state(config, model, tx, mesh, sample_shape) -> steps.TrainState:
 
 
 def _state_tree(state: steps.TrainState) -> dict:
-  return {
+  tree = {
     'step': state.step,
     'params': state.params,
     'batch_stats': state.batch_stats,
     'opt_state': state.opt_state,
   }
+  return tree if state.ema is None else {**tree, 'ema': state.ema}
 
 
 def _restore(ckpt: checkpointing.Checkpoints, state: steps.TrainState, config, report):
@@ -237,6 +246,13 @@ def _restore(ckpt: checkpointing.Checkpoints, state: steps.TrainState, config, r
         f'{config.model.name}: use another --workdir, or the config it was trained with.'
       )
     saved = ckpt.abstract_state(step)
+    if ('ema' in saved) != ('ema' in abstract):
+      had = 'keeps a' if 'ema' in saved else 'has no'
+      raise checkpointing.CheckpointMismatch(
+        f'The checkpoint in {ckpt.directory} {had} moving average of the weights but the '
+        f'config has ema_decay={config.get("ema_decay", 0.0)}: use another --workdir, or the '
+        'ema_decay it was trained with.'
+      )
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
     for part in ('params', 'batch_stats'):
       if shapes(saved[part]) != shapes(abstract[part]):
@@ -260,6 +276,7 @@ def _restore(ckpt: checkpointing.Checkpoints, state: steps.TrainState, config, r
     params=tree['params'],
     batch_stats=tree['batch_stats'],
     opt_state=tree['opt_state'],
+    ema=tree.get('ema'),
   )
 
 
@@ -292,8 +309,16 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
 
 
 def evaluate(config, eval_fn, fuse_fn, state, sharding) -> dict[str, float]:
-  """Top-1 and top-5 of the training-time and fused models over the eval split."""
+  """Top-1 and top-5 of the training-time and fused models over the eval split; with
+  a moving average of the weights, of its two models too (``eval/ema_...``)."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  metrics = _evaluate(config, eval_fn, fuse_fn, variables, sharding, 'eval/')
+  if state.ema is not None:
+    metrics |= _evaluate(config, eval_fn, fuse_fn, state.ema, sharding, 'eval/ema_')
+  return metrics
+
+
+def _evaluate(config, eval_fn, fuse_fn, variables, sharding, prefix: str) -> dict[str, float]:
   deploy_variables = fuse_fn(variables)
   totals = None
   for batch in data.eval_batches(config.dataset, global_batch_size=config.eval_batch_size):
@@ -302,7 +327,7 @@ def evaluate(config, eval_fn, fuse_fn, state, sharding) -> dict[str, float]:
   totals = jax.device_get(totals)
   count = max(int(totals['count']), 1)
   names = ('top1', 'top5', 'loss', 'top1_fused', 'top5_fused')
-  return {f'eval/{name}': float(totals[name]) / count for name in names}
+  return {f'{prefix}{name}': float(totals[name]) / count for name in names}
 
 
 def _compile_steps(config, model, eval_model, deploy_model, mesh):
@@ -318,7 +343,9 @@ def _compile_steps(config, model, eval_model, deploy_model, mesh):
     num_classes=config.dataset.num_classes,
     bn_group_size=config.model.bn_group_size,
     mixup_alpha=config.optimizer.mixup_alpha,
+    cutmix_alpha=config.optimizer.get('cutmix_alpha', 0.0),
     label_smoothing=config.optimizer.label_smoothing,
+    ema_decay=config.get('ema_decay', 0.0),
   )
   train_fns = {1: steps.jit_training(mesh, **options)}
   if config.steps_per_call > 1:
@@ -347,7 +374,9 @@ def _fine_tune_from(config, state: steps.TrainState, replicated: NamedSharding):
   except ValueError as error:
     raise ConfigError(str(error)) from None
   variables = jax.device_put(variables, replicated)
-  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+  # The average starts where training does, in buffers of its own (the state is donated).
+  ema = None if state.ema is None else jax.tree.map(jnp.copy, variables)
+  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'], ema=ema)
 
 
 def _finite(tree) -> bool:
@@ -503,12 +532,11 @@ def _next_batches(batches, count: int) -> dict:
 
 
 def _save_deploy(config, workdir: pathlib.Path, fuse_fn, state, step: int, meta: dict) -> None:
-  """Saves the fused deploy variables next to the training checkpoints (once per step)."""
-  ckpt = checkpointing.Checkpoints(workdir / 'deploy', keep=1)
-  if ckpt.latest_step() == step:
-    ckpt.close()
-    return
-  deploy = fuse_fn({'params': state.params, 'batch_stats': state.batch_stats})
+  """Saves the fused deploy variables next to the training checkpoints (once per step):
+  ``deploy/``, and ``deploy_ema/`` from the moving average when the run keeps one."""
+  models = {'deploy': {'params': state.params, 'batch_stats': state.batch_stats}}
+  if state.ema is not None:
+    models['deploy_ema'] = state.ema
   meta = {
     **meta,
     'deploy': True,
@@ -517,6 +545,9 @@ def _save_deploy(config, workdir: pathlib.Path, fuse_fn, state, step: int, meta:
     'eval_preprocess': config.dataset.eval_preprocess,
     'step': step,
   }
-  ckpt.save(step, deploy, meta)
-  ckpt.wait()
-  ckpt.close()
+  for name, variables in models.items():
+    ckpt = checkpointing.Checkpoints(workdir / name, keep=1)
+    if ckpt.latest_step() != step:
+      ckpt.save(step, fuse_fn(variables), {**meta, 'ema': name == 'deploy_ema'})
+      ckpt.wait()
+    ckpt.close()

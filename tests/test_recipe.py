@@ -1,0 +1,235 @@
+"""The long recipe's parts: cutmix, mixup-or-cutmix, the moving average of the weights
+(trained, resumed, evaluated and fused), and RandAugment against PIL's operations."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import checkpoint_params, tiny_config
+
+from repvgg_jax.data import datasets as data
+from repvgg_jax.data import randaugment
+from repvgg_jax.train import checkpointing, steps, trainer
+
+
+def constant_batch(size=8, side=16):
+  """Image ``i`` is the constant ``i``: every pixel says which image it came from."""
+  images = jnp.broadcast_to(
+    jnp.arange(size, dtype=jnp.float32)[:, None, None, None], (size, side, side, 3)
+  )
+  return images, jnp.arange(size) % 5
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_cutmix_pastes_one_box_and_weighs_targets_by_its_area(seed):
+  images, labels = constant_batch()
+  mixed, targets = steps.cutmix(jax.random.key(seed), images, labels, 5, alpha=1.0)
+  source = np.asarray(mixed[..., 0])
+  reversed_share = (source == np.arange(8)[::-1, None, None]).mean(axis=(1, 2))
+  kept = 1 - reversed_share[0]  # One box for the whole batch: the same share everywhere.
+  np.testing.assert_allclose(reversed_share, 1 - kept)
+  expected = kept * jax.nn.one_hot(labels, 5) + (1 - kept) * jax.nn.one_hot(labels[::-1], 5)
+  np.testing.assert_allclose(targets, expected, atol=1e-6)
+  box = source[0] != 0
+  rows, cols = np.nonzero(box)
+  if rows.size:  # A rectangle: its bounding box is full.
+    assert box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
+
+
+def test_mixup_and_cutmix_share_the_batches():
+  images, labels = constant_batch()
+  kinds = set()
+  for seed in range(12):
+    mixed, _ = steps.mix_batch(jax.random.key(seed), images, labels, 5, 0.2, 1.0)
+    values = np.unique(np.asarray(mixed))
+    kinds.add('cutmix' if np.all(np.isin(values, np.arange(8))) else 'mixup')
+  assert kinds == {'cutmix', 'mixup'}
+
+
+def test_train_step_updates_the_moving_average():
+  config = tiny_config()
+  model = trainer.build_model(config, train=True)
+  tx = steps.optax.sgd(0.1)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  state = steps.TrainState.create(
+    apply_fn=model.apply,
+    params=variables['params'],
+    tx=tx,
+    batch_stats=variables['batch_stats'],
+    ema=jax.tree.map(lambda x: x + 1.0, variables),
+  )
+  images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  batch = {'image': images, 'label': jnp.arange(4)}
+  new, _ = steps.train_step(
+    state, batch, jax.random.key(2), model=model, num_classes=10, ema_decay=0.75
+  )
+  current = {'params': new.params, 'batch_stats': new.batch_stats}
+  expected = jax.tree.map(lambda e, v: 0.75 * e + 0.25 * v, state.ema, current)
+  for a, b in zip(jax.tree.leaves(new.ema), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture(scope='module')
+def digits_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  data.get_builder(tiny_config(data_dir).dataset)
+  return data_dir
+
+
+def restore(directory):
+  ckpt = checkpointing.Checkpoints(directory, read_only=True)
+  try:
+    return ckpt.restore()
+  finally:
+    ckpt.close()
+
+
+EMA = {'ema_decay': 0.5, 'num_train_steps': 4, 'optimizer.cutmix_alpha': 1.0}
+
+
+def test_the_average_is_checkpointed_resumed_evaluated_and_fused(digits_dir, tmp_path):
+  straight = trainer.train_and_evaluate(tiny_config(digits_dir, **EMA), tmp_path / 'straight')
+  assert 0 <= straight['eval_ema_top1'] <= 1 and 0 <= straight['eval_ema_top1_fused'] <= 1
+  resumed_dir = tmp_path / 'resumed'
+  shutil.copytree(tmp_path / 'straight', resumed_dir)
+  for done in ('checkpoints/4', 'deploy', 'deploy_ema'):  # As if killed after step 2's save.
+    shutil.rmtree(resumed_dir / done)
+  (resumed_dir / 'summary.json').unlink()
+  trainer.train_and_evaluate(tiny_config(digits_dir, **EMA), resumed_dir)
+  a, b = restore(tmp_path / 'straight' / 'checkpoints')[0], restore(resumed_dir / 'checkpoints')[0]
+  for x, y in zip(jax.tree.leaves(a['ema']), jax.tree.leaves(b['ema']), strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert any(  # Half-way between the start and the trained weights: not the weights themselves.
+    not np.array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(a['ema']['params']), jax.tree.leaves(a['params']), strict=True)
+  )
+  deploy, meta = restore(tmp_path / 'straight' / 'deploy_ema')
+  assert meta['ema'] and sorted(deploy['params']['stage1_block0']) == ['reparam']
+
+
+def test_turning_the_average_on_for_an_old_run_is_refused_and_keeps_it(digits_dir, tmp_path):
+  trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=2), tmp_path)
+  before = checkpoint_params(tmp_path)[1]['step']
+  message = 'has no moving average of the weights but the config has ema_decay=0.5'
+  with pytest.raises(trainer.ConfigError, match=message):
+    trainer.train_and_evaluate(tiny_config(digits_dir, **EMA), tmp_path)
+  assert checkpoint_params(tmp_path)[1]['step'] == before  # Not moved aside as corrupt.
+
+
+# RandAugment against PIL, the reference's image library.
+PIL = pytest.importorskip('PIL')
+from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
+
+
+def noise(seed=0, shape=(20, 24, 3)):
+  return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def smooth(shape=(40, 48)):
+  rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+  return np.stack([cols * 5, rows * 6, (rows + cols) * 2], -1).clip(0, 255).astype(np.uint8)
+
+
+POINT_OPERATIONS = [
+  ('auto_contrast', lambda t: randaugment.auto_contrast(t), ImageOps.autocontrast),
+  ('equalize', lambda t: randaugment.equalize(t), ImageOps.equalize),
+  (
+    'posterize',
+    lambda t: randaugment.posterize(t, tf.constant(3.0)),
+    lambda p: ImageOps.posterize(p, 3),
+  ),
+  ('solarize', lambda t: randaugment.solarize(t, 100.0), lambda p: ImageOps.solarize(p, 100)),
+  ('color', lambda t: randaugment.color(t, 1.7), lambda p: ImageEnhance.Color(p).enhance(1.7)),
+  (
+    'contrast',
+    lambda t: randaugment.contrast(t, 0.4),
+    lambda p: ImageEnhance.Contrast(p).enhance(0.4),
+  ),
+  (
+    'brightness',
+    lambda t: randaugment.brightness(t, 1.3),
+    lambda p: ImageEnhance.Brightness(p).enhance(1.3),
+  ),
+  (
+    'sharpness',
+    lambda t: randaugment.sharpness(t, 1.9),
+    lambda p: ImageEnhance.Sharpness(p).enhance(1.9),
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  'name, ours, theirs', POINT_OPERATIONS, ids=[o[0] for o in POINT_OPERATIONS]
+)
+def test_pixel_operations_match_pil_within_rounding(name, ours, theirs):
+  pixels = noise()
+  got = np.round(ours(tf.constant(pixels, tf.float32)).numpy())
+  expected = np.asarray(theirs(Image.fromarray(pixels)), np.float32)
+  assert np.abs(got - expected).max() <= 1, name
+
+
+@pytest.mark.parametrize(
+  'name, ours, matrix',
+  [
+    ('rotate', lambda t: randaugment.rotate(t, tf.constant(-25.0)), None),
+    (
+      'shear_x',
+      lambda t: randaugment._affine(t, [1.0, 0.2, 0.0, 0.0, 1.0, 0.0]),
+      (1, 0.2, 0, 0, 1, 0),
+    ),
+    (
+      'translate_y',
+      lambda t: randaugment._affine(t, [1.0, 0.0, 0.0, 0.0, 1.0, -7.0]),
+      (1, 0, 0, 0, 1, -7),
+    ),
+  ],
+)
+def test_geometric_operations_match_pil_away_from_the_fill_border(name, ours, matrix):
+  pixels = smooth()
+  image = Image.fromarray(pixels)
+  options = {'resample': Image.BILINEAR, 'fillcolor': (128, 128, 128)}
+  expected = (
+    image.rotate(-25.0, **options)
+    if matrix is None
+    else image.transform(image.size, Image.AFFINE, matrix, **options)
+  )
+  difference = np.abs(
+    np.round(ours(tf.constant(pixels, tf.float32)).numpy()) - np.asarray(expected, np.float32)
+  )
+  assert np.median(difference) <= 1 and (difference > 3).mean() < 0.05, name
+
+
+def test_every_operation_runs_at_every_level_and_keeps_the_range():
+  image = tf.constant(noise(1, (24, 24, 3)), tf.float32)
+  for index in range(len(randaugment.OPERATIONS)):
+    for level in (0.0, 9.0, 14.0):
+      out = randaugment._operation(
+        image, tf.constant(index), tf.constant(level), -1.0, tf.constant([3, 4])
+      )
+      assert out.shape == image.shape
+      assert 0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 255
+
+
+def test_rand_augment_is_a_function_of_its_seed():
+  image = tf.constant(smooth(), tf.float32)
+  a = randaugment.rand_augment(image, tf.constant([1, 2], tf.int64), 2, 15)
+  b = randaugment.rand_augment(image, tf.constant([1, 2], tf.int64), 2, 15)
+  outputs = [
+    randaugment.rand_augment(image, tf.constant([s, 9], tf.int64), 2, 15) for s in range(6)
+  ]
+  np.testing.assert_array_equal(a, b)
+  assert len({o.numpy().tobytes() for o in outputs}) > 1
+
+
+def test_the_pipeline_applies_it_on_top_of_the_same_crops(digits_dir):
+  config = tiny_config(digits_dir).dataset
+  config.in_memory = False
+  plain = next(data.train_batches(config, global_batch_size=16, seed=0))
+  config.randaugment_layers = 2
+  augmented = next(data.train_batches(config, global_batch_size=16, seed=0))
+  np.testing.assert_array_equal(plain['label'], augmented['label'])
+  changed = [not np.allclose(a, b) for a, b in zip(plain['image'], augmented['image'], strict=True)]
+  assert sum(changed) >= 12  # Some operations can leave an image as it was (e.g. a low level).
