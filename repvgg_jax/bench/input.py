@@ -5,10 +5,11 @@
 Makes ImageNet-like JPEGs (400-640 x 300-480 pixels, smooth random content,
 quality 90), then runs them through tf.data as training does: decode, an
 Inception-style random crop (`input_pipeline.inception_window`)
-resized to the square, a random flip and normalization. Three forms are timed:
+resized to the square, a random flip and normalization. Four forms are timed:
 the pipeline's (decode the whole image, crop, antialiased bilinear resize as
 PIL does), decode and crop fused (`tf.image.decode_and_crop_jpeg` decodes only
-the window), and the fused form with plain bilinear resizing. Each runs on one
+the window), the fused form with plain bilinear resizing, and the pipeline's
+with the long recipe's RandAugment (2 operations, levels below 15). Each runs on one
 thread (images/s per core) and on every core; the last column says how many
 such cores one GPU training B0 at ``--gpu-rate`` images/s needs.
 """
@@ -27,11 +28,13 @@ from repvgg_jax.data import input_pipeline
 
 # B0's training step on one H200, bfloat16 (docs/performance.md, "Measured on a GPU").
 B0_GPU_RATE = 9_259
-# Form -> (decode only the crop window, antialiased resize). The pipeline's is the first.
+# Form -> (decode only the crop window, antialiased resize, RandAugment 2 x 15). The
+# pipeline's is the first; the last is the pipeline with the long recipe's RandAugment.
 FORMS = {
-  'decode_then_crop': (False, True),
-  'decode_and_crop': (True, True),
-  'decode_and_crop_no_antialias': (True, False),
+  'decode_then_crop': (False, True, False),
+  'decode_and_crop': (True, True, False),
+  'decode_and_crop_no_antialias': (True, False, False),
+  'decode_then_crop_randaugment': (False, True, True),
 }
 
 
@@ -51,9 +54,15 @@ def make_jpegs(count: int, seed: int = 0, quality: int = 90) -> list[bytes]:
 
 def _preprocess(form: str, image_size: int):
   """The map function of ``form``: the training pipeline's own, or a faster variant."""
-  window_only, antialias = FORMS[form]
+  window_only, antialias, augment = FORMS[form]
   config = ml_collections.ConfigDict(
-    {'train_augment': 'inception_crop', 'image_size': image_size, 'flip': True}
+    {
+      'train_augment': 'inception_crop',
+      'image_size': image_size,
+      'flip': True,
+      'randaugment_layers': 2 if augment else 0,
+      'randaugment_magnitude': 15,
+    }
   )
 
   def preprocess(jpeg, seed):
