@@ -217,6 +217,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  from absl import logging
+
+  from repvgg_jax.startup import quiet_startup
+
+  quiet_startup()  # Before TensorFlow and JAX load.
+  logging.set_verbosity(logging.ERROR)  # Orbax's notes on opening a checkpoint read-only.
   args = _parser().parse_args(argv)
   if args.top < 1 or args.batch_size < 1:
     print('error: --top and --batch-size must be positive.', file=sys.stderr)

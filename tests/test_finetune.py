@@ -4,6 +4,7 @@ learning rate, resume, bad sources; class names in the workdir; and predict."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import CLASSES, checkpoint_params, make_folder, tiny_config
@@ -11,6 +12,7 @@ from helpers import CLASSES, checkpoint_params, make_folder, tiny_config
 from repvgg_jax import predict
 from repvgg_jax.data import datasets as data
 from repvgg_jax.interop import export
+from repvgg_jax.model import create_model
 from repvgg_jax.train import checkpointing, trainer
 
 STEPS = {'num_train_steps': 4, 'checkpoint_every_steps': 2}
@@ -154,6 +156,20 @@ def test_bad_fine_tuning_fails_before_training(source, images, tmp_path, overrid
     trainer.train_and_evaluate(config, tmp_path)
   assert '\n' not in str(error.value)
   assert not (tmp_path / 'checkpoints').exists() or not any((tmp_path / 'checkpoints').iterdir())
+
+
+def test_weights_of_another_variant_are_named(images, tmp_path):
+  model = create_model('RepVGG-A0', num_classes=10)
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  ckpt = checkpointing.Checkpoints(tmp_path / 'a0')
+  ckpt.save(0, dict(variables), {'model': 'RepVGG-A0'})
+  ckpt.wait()
+  ckpt.close()
+  config = folder_run(images, init_from=str(tmp_path / 'a0'))
+  config.model.name, config.model.num_blocks, config.model.width_multipliers = 'A1', None, None
+  message = 'holds RepVGG-A0, but the config trains RepVGG-A1: set --config.model.name=RepVGG-A0'
+  with pytest.raises(trainer.ConfigError, match=message):
+    trainer.train_and_evaluate(config, tmp_path / 'run')
 
 
 @pytest.fixture(scope='module')

@@ -16,7 +16,7 @@ import warnings
 
 from repvgg_jax.interop import pretrained
 from repvgg_jax.interop.torch_layout import ConversionError
-from repvgg_jax.model import network
+from repvgg_jax.model import fusion, network, variants
 
 
 def check_config(config) -> str | None:
@@ -48,6 +48,7 @@ def initial_variables(config, variables: dict) -> tuple[dict, str]:
   source = config.init_from
   try:
     weights = pretrained.read_weights(source)
+    _check_variant(config, weights['params'], source)
     classifier = weights['params'].get(pretrained.CLASSIFIER)
     with warnings.catch_warnings():  # Said in the returned line instead.
       warnings.filterwarnings('ignore', message='The weights have .* classes')
@@ -63,3 +64,15 @@ def initial_variables(config, variables: dict) -> tuple[dict, str]:
     f'{line}; the classifier starts from random weights: the source {had}, the config '
     f'{config.dataset.num_classes}.'
   )
+
+
+def _check_variant(config, params, source) -> None:
+  """Refuses, naming both, weights of another of the 26 variants than the config's."""
+  if config.model.get('num_blocks') or config.model.get('width_multipliers'):
+    return  # A scaled variant has no name to compare; the shapes decide.
+  found, wanted = fusion.identify_variant(params), variants.get_variant(config.model.name).name
+  if found and found != wanted:
+    raise ValueError(
+      f'init_from: {source} holds {found}, but the config trains {wanted}: set '
+      f'--config.model.name={found}, or start from {wanted} weights.'
+    )
