@@ -99,6 +99,11 @@ def _from_checkpoint(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
     state, saved = checkpoint_io.restore(path)
   except (FileNotFoundError, ConversionError) as error:
     raise PredictError(str(error)) from None
+  except Exception as error:  # noqa: BLE001 - orbax's many ways of failing on a damaged one.
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    raise PredictError(
+      f'{path}: the checkpoint cannot be read ({type(error).__name__}: {first_line[:200]}).'
+    ) from None
   variables = {key: state[key] for key in ('params', 'batch_stats') if key in state}
   if 'batch_stats' in variables:  # A training checkpoint: fused here.
     variables = fusion.fuse_params(variables)

@@ -2,6 +2,7 @@
 learning rate, resume, bad sources; class names in the workdir; and predict."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +171,27 @@ def test_weights_of_another_variant_are_named(images, tmp_path):
   message = 'holds RepVGG-A0, but the config trains RepVGG-A1: set --config.model.name=RepVGG-A0'
   with pytest.raises(trainer.ConfigError, match=message):
     trainer.train_and_evaluate(config, tmp_path / 'run')
+
+
+def test_resuming_with_other_settings_or_classes_is_refused_and_keeps_the_run(
+  source, images, tmp_path
+):
+  trainer.train_and_evaluate(folder_run(images, init_from=str(source), **STEPS), tmp_path)
+  kept = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
+  changes = [
+    ({'freeze_stages': 1}, 'was trained with freeze_stages=0, the config has 1'),
+    ({'optimizer.backbone_lr_multiplier': 0.5}, 'backbone_lr_multiplier=1.0, the config has 0.5'),
+  ]
+  for overrides, message in changes:
+    with pytest.raises(trainer.ConfigError, match=message):
+      trainer.train_and_evaluate(folder_run(images, init_from=str(source), **overrides), tmp_path)
+  renamed = tmp_path / 'renamed'
+  shutil.copytree(images, renamed)
+  for split in ('train', 'val'):
+    (renamed / split / 'fox').rename(renamed / split / 'wolf')
+  with pytest.raises(trainer.ConfigError, match='other class names than the dataset has now'):
+    trainer.train_and_evaluate(folder_run(renamed, init_from=str(source), **STEPS), tmp_path)
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == kept  # None moved aside.
 
 
 @pytest.fixture(scope='module')

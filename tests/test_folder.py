@@ -148,3 +148,11 @@ def test_a_file_that_fails_to_decode_is_named(tmp_path):
   bad.write_bytes(bytes(data_bytes))
   with pytest.raises(folder.FolderError, match='val/cat/00.png cannot be decoded'):
     list(data.eval_batches(folder_config(root), global_batch_size=4))
+
+
+def test_data_after_the_end_marker_is_no_truncation(tmp_path):
+  root = make_folder(tmp_path)
+  photo = root / 'train/cat/03.jpg'  # As a phone's motion photo: a video after the JPEG.
+  photo.write_bytes(photo.read_bytes() + bytes(range(256)) * 16)
+  assert folder.check_file(photo) is None
+  assert str(photo) in set(folder.scan(folder_config(root)).splits['train'].paths)

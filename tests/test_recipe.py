@@ -119,6 +119,21 @@ def test_turning_the_average_on_for_an_old_run_is_refused_and_keeps_it(digits_di
   assert checkpoint_params(tmp_path)[1]['step'] == before  # Not moved aside as corrupt.
 
 
+@pytest.mark.parametrize(
+  'overrides, message',
+  [
+    ({'optimizer.cutmix_alpha': -1.0}, 'optimizer.cutmix_alpha must be >= 0'),
+    ({'optimizer.mixup_alpha': -0.2}, 'optimizer.mixup_alpha must be >= 0'),
+    ({'dataset.randaugment_layers': 2, 'dataset.randaugment_magnitude': 0}, 'randaugment_mag'),
+    ({'dataset.randaugment_layers': -1}, 'randaugment_layers must be >= 0'),
+    ({'ema_decay': 1.0}, r'ema_decay must be in \[0, 1\)'),
+  ],
+)
+def test_bad_recipe_settings_fail_in_one_line(overrides, message):
+  with pytest.raises(trainer.ConfigError, match=message):
+    trainer.check_config(tiny_config(**overrides))
+
+
 # RandAugment against PIL, the reference's image library.
 PIL = pytest.importorskip('PIL')
 from PIL import Image, ImageEnhance, ImageOps  # noqa: E402

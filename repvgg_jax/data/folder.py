@@ -126,6 +126,8 @@ def _layout(root: pathlib.Path, val_fraction: float) -> dict[str, dict[str, list
   if has_val and not has_train:
     raise FolderError(f'{root} has val/ but no train/: add train/<class>/ folders.')
   train = _class_folders(root / 'train' if has_train else root)
+  if has_val and val_fraction:
+    logging.warning('%s has val/: dataset.val_fraction=%s is not used.', root, val_fraction)
   if has_val:
     val = _class_folders(root / 'val')
     if set(val) != set(train):
@@ -147,7 +149,8 @@ def _layout(root: pathlib.Path, val_fraction: float) -> dict[str, dict[str, list
 def check_file(path: pathlib.Path) -> str | None:
   """Why ``path`` is not a whole JPEG or PNG (signature, end marker), or None.
 
-  Reads its first and last bytes only: a decoder would find more, in hours on ImageNet.
+  Reads its first and last bytes; only a file whose end marker is not among its last
+  bytes is decoded to tell: decoding every file would take hours on ImageNet.
   """
   try:
     size = path.stat().st_size
@@ -158,10 +161,23 @@ def check_file(path: pathlib.Path) -> str | None:
   except OSError as error:
     return f'cannot be read ({error.strerror})'
   if head.startswith(b'\xff\xd8\xff'):
-    return None if b'\xff\xd9' in tail else 'is a truncated JPEG (no end-of-image marker)'
-  if head.startswith(b'\x89PNG\r\n\x1a\n'):
-    return None if b'IEND' in tail else 'is a truncated PNG (no IEND chunk)'
-  return 'is neither a JPEG nor a PNG' if size else 'is empty'
+    end, problem = b'\xff\xd9', 'is a truncated JPEG (no end-of-image marker)'
+  elif head.startswith(b'\x89PNG\r\n\x1a\n'):
+    end, problem = b'IEND', 'is a truncated PNG (no IEND chunk)'
+  else:
+    return 'is neither a JPEG nor a PNG' if size else 'is empty'
+  if end in tail or _decodes(path):  # Data after the end (phones' motion photos) is fine.
+    return None
+  return problem
+
+
+def _decodes(path: pathlib.Path) -> bool:
+  """Whether TensorFlow decodes the whole file (it refuses truncated JPEGs and PNGs)."""
+  try:
+    decode(tf.constant(str(path)))
+  except tf.errors.OpError:
+    return False
+  return True
 
 
 def _bad_files(files: list[pathlib.Path]) -> list[tuple[pathlib.Path, str]]:

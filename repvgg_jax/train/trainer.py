@@ -145,6 +145,15 @@ def check_config(config) -> None:
   problem = problem or finetune.check_config(config)
   if problem:
     raise ConfigError(problem)
+  for field in ('mixup_alpha', 'cutmix_alpha', 'label_smoothing'):
+    if config.optimizer.get(field, 0.0) < 0:
+      raise ConfigError(f'optimizer.{field} must be >= 0 (0: off), got {config.optimizer[field]}.')
+  layers = config.dataset.get('randaugment_layers', 0)
+  if layers < 0 or (layers and config.dataset.randaugment_magnitude < 1):
+    raise ConfigError(
+      'dataset.randaugment_layers must be >= 0 (0: off) and randaugment_magnitude >= 1, got '
+      f'{layers} and {config.dataset.get("randaugment_magnitude")}.'
+    )
   if not 0 <= config.get('ema_decay', 0.0) < 1:
     raise ConfigError(f'ema_decay must be in [0, 1) (0: no average), got {config.ema_decay}.')
   if config.model.dtype not in ('float32', 'bfloat16'):
@@ -228,40 +237,64 @@ def _state_tree(state: steps.TrainState) -> dict:
   return tree if state.ema is None else {**tree, 'ema': state.ema}
 
 
-def _restore(ckpt: checkpointing.Checkpoints, state: steps.TrainState, config, report):
+def optimizer_meta(config) -> dict:
+  """The settings that shape the optimizer's state, kept in every checkpoint's metadata."""
+  return {
+    'freeze_stages': config.get('freeze_stages', 0),
+    'backbone_lr_multiplier': config.optimizer.get('backbone_lr_multiplier', 1.0),
+  }
+
+
+def _resume_problem(config, meta: dict, saved, abstract, classes) -> str | None:
+  """Why a checkpoint (its metadata and saved shapes) cannot resume ``config``, or None."""
+  saved_model = meta.get('model')
+  if saved_model and saved_model != config.model.name:
+    return f'is of {saved_model}, but the config trains {config.model.name}'
+  if ('ema' in saved) != ('ema' in abstract):
+    had = 'keeps a' if 'ema' in saved else 'has no'
+    return (
+      f'{had} moving average of the weights but the config has '
+      f'ema_decay={config.get("ema_decay", 0.0)}'
+    )
+  for key, value in optimizer_meta(config).items():
+    was = meta.get(key, {'freeze_stages': 0, 'backbone_lr_multiplier': 1.0}[key])
+    if was != value:  # Another optimizer state: start a new workdir from this one instead.
+      return (
+        f'was trained with {key}={was}, the config has {value} (for a new stage of fine-'
+        'tuning, give a new --workdir with --config.init_from=this workdir)'
+      )
+  if classes and meta.get('classes') and list(meta['classes']) != list(classes):
+    return 'was trained on other class names than the dataset has now'
+  shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
+  for part in ('params', 'batch_stats'):
+    if shapes(saved[part]) != shapes(abstract[part]):
+      return (
+        f'does not fit the configured model ({config.model.name}, '
+        f'{config.dataset.num_classes} classes, branches '
+        f'{config.model.branches or "of its block kind"}): its {part} differ in shape'
+      )
+  return None
+
+
+def _restore(ckpt: checkpointing.Checkpoints, state: steps.TrainState, config, report, classes):
   """The newest readable checkpoint loaded into ``state``'s structure, or ``state`` itself.
 
-  Unreadable steps are moved aside and reported (`Checkpoints.restore_newest_readable`).
+  Unreadable steps are moved aside and reported (`Checkpoints.restore_newest_readable`);
+  a checkpoint of another model or setting is refused (ConfigError) and kept.
   """
   abstract = jax.tree.map(
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), _state_tree(state)
   )
 
   def read(step: int):
-    meta = ckpt.restore_meta(step)
-    saved_model = meta.get('model')
-    if saved_model and saved_model != config.model.name:
+    problem = _resume_problem(
+      config, ckpt.restore_meta(step), ckpt.abstract_state(step), abstract, classes
+    )
+    if problem:
       raise checkpointing.CheckpointMismatch(
-        f'The checkpoint in {ckpt.directory} is of {saved_model}, but the config trains '
-        f'{config.model.name}: use another --workdir, or the config it was trained with.'
+        f'The checkpoint in {ckpt.directory} {problem}: use another --workdir, or the config '
+        'it was trained with.'
       )
-    saved = ckpt.abstract_state(step)
-    if ('ema' in saved) != ('ema' in abstract):
-      had = 'keeps a' if 'ema' in saved else 'has no'
-      raise checkpointing.CheckpointMismatch(
-        f'The checkpoint in {ckpt.directory} {had} moving average of the weights but the '
-        f'config has ema_decay={config.get("ema_decay", 0.0)}: use another --workdir, or the '
-        'ema_decay it was trained with.'
-      )
-    shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
-    for part in ('params', 'batch_stats'):
-      if shapes(saved[part]) != shapes(abstract[part]):
-        raise checkpointing.CheckpointMismatch(
-          f'The checkpoint in {ckpt.directory} does not fit the configured model '
-          f'({config.model.name}, {config.dataset.num_classes} classes, branches '
-          f'{config.model.branches or "of its block kind"}): its {part} differ in shape. '
-          'Use another --workdir, or the config it was trained with.'
-        )
     tree, _ = ckpt.restore(abstract, step=step)
     return tree
 
@@ -429,9 +462,14 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   state = create_state(config, model, tx, mesh, (1, size, size, 3))
   check_steps_per_call(config, state.params)
   ckpt = checkpointing.Checkpoints(workdir / 'checkpoints', keep=config.keep_checkpoints)
-  state = _restore(ckpt, state, config, report=lambda line: print(line, file=sys.stderr))
+  report = lambda line: print(line, file=sys.stderr)
+  state = _restore(ckpt, state, config, report, classes)
   start_step = int(jax.device_get(state.step))
-  meta = {'model': config.model.name, 'classes': list(classes) if classes else None}
+  meta = {
+    'model': config.model.name,
+    'classes': list(classes) if classes else None,
+    **optimizer_meta(config),
+  }
   if start_step == 0 and (qat_enabled(config) or config.get('init_from')):  # Not resumed.
     try:
       state = _fine_tune_from(config, state, NamedSharding(mesh, P()))

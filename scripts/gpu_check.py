@@ -1,0 +1,364 @@
+"""The GPU checks of docs/performance.md in one run: under 8 minutes on a fresh GPU machine.
+
+  python scripts/gpu_check.py --out DIR [--budget 450]     # on the GPU machine
+  python scripts/gpu_check.py --out DIR --smoke           # on a CPU: the same steps, tiny
+
+Writes ``DIR/summary.md`` (every table) and ``DIR/results.jsonl`` (every row),
+plus the compiled programs of B2's fused and unfused forward. The steps, in
+order of importance, each skipped with a note once the time budget is spent:
+
+1. Fused against unfused for the 13 variants, batch 128, 224x224, float32
+   (TF32 on the GPU) then bfloat16 (`bench.models.benchmark`): the ratio that
+   must not fall under 1.5x.
+2. B2, the first variant whose fused model was slower: its compiled fused and
+   unfused programs (cuDNN's custom calls and their algorithms), and the levers:
+   bias and ReLU kept out of the convolution (an optimization barrier), and
+   XLA's autotuning off and at its highest level (each a child process, as
+   ``XLA_FLAGS`` is read at start-up).
+3. The raised bars: B0's training step at batch 256 in bfloat16 and A0's fused
+   inference at batch 256 in bfloat16, against the measured bfloat16 peak.
+4. ``train.py`` end to end on JPEGs in ImageNet's folder layout made here
+   (`bench.input.make_jpegs`), B0 in bfloat16, against the model-only rate of
+   step 3, and ``bench input``'s per-core rate on this machine's cores. Needs
+   TensorFlow (requirements.txt); skipped with a note without it.
+
+Only the model and the bench's timing code are imported for steps 1-3, so
+they run on an image that has JAX, Flax and optax but not TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = (
+  'A0',
+  'A1',
+  'A2',
+  'B0',
+  'B1',
+  'B1g2',
+  'B1g4',
+  'B2',
+  'B2g2',
+  'B2g4',
+  'B3',
+  'B3g2',
+  'B3g4',
+)
+AUTOTUNE_LEVELS = (0, 4)
+
+
+class Run:
+  """The output directory, the time budget and the rows so far."""
+
+  def __init__(self, out: pathlib.Path, budget: float, smoke: bool):
+    self.out, self.deadline, self.smoke = out, time.monotonic() + budget, smoke
+    self.out.mkdir(parents=True, exist_ok=True)
+    self.lines: list[str] = []
+
+  def left(self) -> float:
+    return self.deadline - time.monotonic()
+
+  def row(self, row: dict) -> None:
+    with open(self.out / 'results.jsonl', 'a') as file:
+      file.write(json.dumps(row) + '\n')
+
+  def say(self, *lines: str) -> None:
+    for line in lines:
+      print(line, flush=True)
+    self.lines += lines
+    (self.out / 'summary.md').write_text('\n'.join(self.lines) + '\n')
+
+
+def _sizes(run: Run) -> dict:
+  """Batch, image side and runs: the checks' own, or tiny ones for a CPU smoke run."""
+  if run.smoke:
+    return {'batch': 2, 'size': 64, 'runs': 2, 'warmup': 1, 'big_batch': 2}
+  return {'batch': 128, 'size': 224, 'runs': 10, 'warmup': 2, 'big_batch': 256}
+
+
+def versions(run: Run) -> None:
+  import jax
+
+  from repvgg_jax.bench import timing
+
+  packages = {}
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'tensorflow', 'nvidia-cudnn-cu12'):
+    try:
+      from importlib import metadata
+
+      packages[name] = metadata.version(name)
+    except Exception:  # noqa: BLE001 - absent packages are reported as absent.
+      packages[name] = None
+  row = {'kind': 'machine', **timing.machine(), 'packages': packages, 'devices': str(jax.devices())}
+  run.row(row)
+  run.say(f'# GPU checks, {row["date"]}', '', f'devices: {row["devices"]}', f'packages: {packages}')
+
+
+def fused_against_unfused(run: Run, names=VARIANTS) -> None:
+  from repvgg_jax.bench import models
+
+  sizes = _sizes(run)
+  run.say('', '## 1. Fused against unfused', '')
+  run.say(
+    '| model | dtype | unfused img/s | fused img/s | fused/unfused |', '|---|---|---:|---:|---:|'
+  )
+  for dtype in ('float32', 'bfloat16'):
+    for name in names:
+      if run.left() < 60:
+        run.say(f'| {name} | {dtype} | (skipped: time budget spent) | | |')
+        continue
+      row = models.benchmark(
+        name,
+        sizes['batch'],
+        sizes['size'],
+        sizes['runs'],
+        sizes['warmup'],
+        dtype=dtype,
+        conv_impl='xla',
+      )
+      run.row(row)
+      unfused, fused = row['train']['images_per_sec'], row['deploy']['images_per_sec']
+      run.say(f'| {name} | {dtype} | {unfused:,.0f} | {fused:,.0f} | {fused / unfused:.2f}x |')
+
+
+def _separate_bias_conv():
+  """An `nn.Conv`-compatible layer (the same ``kernel`` and ``bias``) whose bias, and the
+  block's ReLU after it, cannot be fused into the convolution: an optimization barrier
+  stands between them."""
+  import flax.linen as nn
+  import jax
+
+  from repvgg_jax.perf.conv_kernels import KernelConv
+
+  class SeparateBiasConv(KernelConv):
+    @nn.compact
+    def __call__(self, x):
+      kh, kw = self.kernel_size
+      groups = self.feature_group_count
+      shape = (kh, kw, x.shape[-1] // groups, self.features)
+      kernel = self.param('kernel', self.kernel_init, shape, self.param_dtype)
+      bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+      x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+      strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+      y = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        strides,
+        tuple(tuple(p) for p in self.padding),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=groups,
+        precision=self.precision,
+      )
+      return jax.lax.optimization_barrier(y) + bias
+
+  return SeparateBiasConv
+
+
+def b2_levers(run: Run, name: str = 'B2') -> None:
+  """The compiled programs of ``name``, and its fused rate with the bias kept apart."""
+  import jax
+  import jax.numpy as jnp
+
+  from repvgg_jax.bench import timing
+  from repvgg_jax.bench.models import randomized_variables
+  from repvgg_jax.model import create_model, fuse_params
+
+  sizes = _sizes(run)
+  images = jnp.zeros((sizes['batch'], sizes['size'], sizes['size'], 3), jnp.float32)
+  training = create_model(name)
+  variables = randomized_variables(training, images)
+  deploy_variables = fuse_params(variables)
+  forms = {
+    'unfused': (training, variables),
+    'fused': (create_model(name, deploy=True), deploy_variables),
+  }
+  run.say('', f'## 2. {name}: cuDNN calls and the levers', '')
+  timed = {}
+  for form, (model, v) in forms.items():
+    compiled, _ = timing.compiled_forward(model, v, images)
+    text = compiled.as_text()
+    (run.out / f'hlo_{name.lower()}_{form}.txt').write_text(text)
+    calls = [line.strip() for line in text.splitlines() if 'custom-call' in line and 'conv' in line]
+    run.say(
+      f'{form}: {len(calls)} convolution custom calls, e.g. `{calls[0][:300] if calls else ""}`'
+    )
+    timed[form] = lambda c=compiled, v=v: jax.block_until_ready(c(v, images))
+  barrier = create_model(name, deploy=True, conv=_separate_bias_conv())
+  compiled, _ = timing.compiled_forward(barrier, deploy_variables, images)
+  timed['fused, bias apart'] = lambda: jax.block_until_ready(compiled(deploy_variables, images))
+  medians = timing.interleaved_medians(timed, sizes['runs'], sizes['warmup'])
+  for form, (seconds, all_seconds) in medians.items():
+    rate = sizes['batch'] / seconds
+    run.row(
+      {
+        'kind': 'b2_lever',
+        'model': name,
+        'form': form,
+        'images_per_sec': rate,
+        'all_seconds': all_seconds,
+        'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      }
+    )
+    run.say(f'- {form}: {rate:,.0f} img/s (XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r})')
+
+
+def autotune_levels(run: Run) -> None:
+  """`b2_levers` again in a child process per XLA autotune level (flags are read at start)."""
+  for level in AUTOTUNE_LEVELS:
+    if run.left() < 90:
+      run.say(f'- autotune level {level}: skipped (time budget spent)')
+      continue
+    flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_gpu_autotune_level={level}'.strip()
+    scratch = pathlib.Path(os.environ.get('TMPDIR', '/tmp')) / f'gpu_check_autotune{level}'
+    child = [sys.executable, __file__, '--out', str(scratch), '--only', 'levers']
+    child += ['--budget', str(int(run.left() - 30))] + (['--smoke'] if run.smoke else [])
+    result = subprocess.run(
+      child,
+      env=dict(os.environ, XLA_FLAGS=flags),
+      capture_output=True,
+      text=True,
+      timeout=max(60, run.left()),
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith('- ')]
+    run.say(*(f'{line} [autotune level {level}]' for line in lines))
+    if result.returncode:
+      run.say(f'- autotune level {level}: failed: {result.stderr.strip()[-300:]}')
+
+
+def raised_bars(run: Run) -> None:
+  from repvgg_jax.bench import models, timing
+
+  sizes = _sizes(run)
+  run.say('', '## 3. The raised bars (bfloat16, batch 256)', '')
+  peak = timing.roofline('bfloat16', runs=3)
+  run.row(peak)
+  train = models.benchmark_train_step(
+    'B0',
+    sizes['big_batch'],
+    sizes['size'],
+    sizes['runs'],
+    sizes['warmup'],
+    dtype='bfloat16',
+    conv_impl='xla',
+    peak_gflops=timing.peak_of(peak),
+  )
+  run.row(train)
+  infer = models.benchmark(
+    'A0',
+    sizes['big_batch'],
+    sizes['size'],
+    sizes['runs'],
+    sizes['warmup'],
+    dtype='bfloat16',
+    conv_impl='xla',
+    peak_gflops=timing.peak_of(peak),
+  )
+  run.row(infer)
+  share = lambda part: f'{part["roofline_share"]:.0%}' if part.get('roofline_share') else '?'
+  b0, a0 = train['jax'], infer['deploy']
+  run.say(
+    f'bfloat16 convolution peak {peak["conv_gflops_per_sec"] / 1e3:,.0f} TFLOP/s',
+    f'- B0 training: {b0["images_per_sec"]:,.0f} img/s (goal 15,000; {share(b0)} of the peak)',
+    f'- A0 fused: {a0["images_per_sec"]:,.0f} img/s (goal 100,000; {share(a0)} of the peak)',
+  )
+  run.model_rate = train['jax']['images_per_sec']
+
+
+def end_to_end(run: Run) -> None:
+  run.say('', '## 4. train.py on JPEGs, end to end', '')
+  try:
+    import tensorflow  # noqa: F401
+  except ImportError:
+    run.say('skipped: TensorFlow is not installed (pip install -r requirements.txt).')
+    return
+  from repvgg_jax.bench import input as bench_input
+
+  classes, train_per_class, val_per_class = (4, 8, 2) if run.smoke else (100, 30, 5)
+  root = pathlib.Path(os.environ.get('TMPDIR', '/tmp')) / 'gpu_check_jpegs'
+  workdir = root.parent / 'gpu_check_workdir'
+  for old in (root, workdir):  # A fresh run: an old workdir would resume, not train.
+    shutil.rmtree(old, ignore_errors=True)
+  jpegs = iter(bench_input.make_jpegs(classes * (train_per_class + val_per_class)))
+  for split, count in (('train', train_per_class), ('val', val_per_class)):
+    for cls in range(classes):
+      folder = root / split / f'n{cls:08d}'
+      folder.mkdir(parents=True, exist_ok=True)
+      for index in range(count):
+        (folder / f'{index}.jpg').write_bytes(next(jpegs))
+  sizes = _sizes(run)
+  steps = 8 if run.smoke else 150
+  command = [
+    sys.executable,
+    str(ROOT / 'train.py'),
+    '--config',
+    str(ROOT / 'configs' / 'b0.py'),
+    f'--workdir={workdir}',
+    '--config.dataset.name=folder',
+    f'--config.dataset.data_dir={root}',
+    f'--config.dataset.num_classes={classes}',
+    '--config.model.dtype=bfloat16',
+    f'--config.batch_size={sizes["big_batch"]}',
+    f'--config.eval_batch_size={sizes["big_batch"]}',
+    f'--config.num_train_steps={steps}',
+    '--config.log_every_steps=25',
+    '--config.eval_every_epochs=0',
+    '--config.checkpoint_every_steps=100000',
+    '--config.progress_bar=False',
+    f'--config.dataset.image_size={sizes["size"]}',
+    '--config.model.bn_group_size=0',
+  ]
+  if run.smoke:
+    command += ['--config.model.conv_impl=xla']
+  result = subprocess.run(command, capture_output=True, text=True, timeout=max(60, run.left()))
+  (run.out / 'train_log.txt').write_text(result.stdout + result.stderr)
+  summary = json.loads((workdir / 'summary.json').read_text()) if result.returncode == 0 else {}
+  rate = summary.get('train_images_per_sec')
+  run.row({'kind': 'end_to_end', 'returncode': result.returncode, **summary})
+  model_rate = getattr(run, 'model_rate', None)
+  run.say(
+    f'train.py: {rate or 0:,.0f} img/s over {steps} steps (model only: {model_rate or 0:,.0f})'
+  )
+  rows = bench_input.benchmark_input(128 if run.smoke else 512, sizes['size'], 2, rate or 1.0)
+  for row in rows:
+    run.row(row)
+  run.say('', bench_input.format_input(rows))
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', required=True, help='directory for summary.md and results.jsonl')
+  parser.add_argument('--budget', type=float, default=450, help='seconds for all the checks')
+  parser.add_argument('--smoke', action='store_true', help='tiny sizes: check the script on a CPU')
+  parser.add_argument('--only', choices=['levers'], help=argparse.SUPPRESS)  # Child processes.
+  args = parser.parse_args(argv)
+  run = Run(pathlib.Path(args.out), args.budget, args.smoke)
+  if args.only == 'levers':  # A child of autotune_levels: its lines go to the parent.
+    b2_levers(run)
+    return 0
+  versions(run)
+  fused_against_unfused(run, VARIANTS[:2] if args.smoke else VARIANTS)
+  if run.left() > 60:
+    b2_levers(run)
+    autotune_levels(run)
+  if run.left() > 60:
+    raised_bars(run)
+  if run.left() > 60:
+    end_to_end(run)
+  run.say('', f'done with {run.left():.0f} s of the budget left')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
