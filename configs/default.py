@@ -63,6 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.momentum = 0.9  # SGD momentum.
   config.optimizer.nesterov = False  # Nesterov momentum.
   config.optimizer.weight_decay = 1e-4  # L2 on kernels and the identity BN scale (see optim.py).
+  # The reference's get_custom_L2: decay the blocks' equivalent 3x3+1x1 kernel instead.
+  config.optimizer.custom_l2 = False  # True: weight_decay / 2 x equivalent_kernel_l2 in the loss.
   config.optimizer.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
   config.optimizer.mixup_alpha = 0.0  # Mixup Beta(alpha, alpha); 0: no mixup.
   config.optimizer.cutmix_alpha = 0.0  # CutMix Beta(alpha, alpha); 0: none (both: half each).

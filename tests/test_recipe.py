@@ -248,3 +248,61 @@ def test_the_pipeline_applies_it_on_top_of_the_same_crops(digits_dir):
   np.testing.assert_array_equal(plain['label'], augmented['label'])
   changed = [not np.allclose(a, b) for a, b in zip(plain['image'], augmented['image'], strict=True)]
   assert sum(changed) >= 12  # Some operations can leave an image as it was (e.g. a low level).
+
+
+# The reference's custom L2 on the equivalent kernel (optimizer.custom_l2).
+def reference_custom_l2(params, stats):
+  """get_custom_L2 of the reference, block by block, in NumPy (OIHW as PyTorch's)."""
+  total = 0.0
+  for key, block in params.items():
+    if not key.startswith('stage') or 'conv1x1' not in block:
+      continue
+    k3 = np.transpose(np.asarray(block['conv3x3']['conv']['kernel'], np.float64), (3, 2, 0, 1))
+    k1 = np.transpose(np.asarray(block['conv1x1']['conv']['kernel'], np.float64), (3, 2, 0, 1))
+    t = {
+      name: (
+        np.asarray(block[name]['bn']['scale'], np.float64)
+        / np.sqrt(np.asarray(stats[key][name]['bn']['var'], np.float64) + 1e-5)
+      ).reshape(-1, 1, 1, 1)
+      for name in ('conv3x3', 'conv1x1')
+    }
+    ring = (k3**2).sum() - (k3[:, :, 1:2, 1:2] ** 2).sum()
+    equivalent = k3[:, :, 1:2, 1:2] * t['conv3x3'] + k1 * t['conv1x1']
+    total += ring + (equivalent**2 / (t['conv3x3'] ** 2 + t['conv1x1'] ** 2)).sum()
+  return total
+
+
+def test_custom_l2_is_the_references_and_holds_the_bn_factor_constant():
+  from helpers import random_variables
+
+  from repvgg_jax.model import create_model
+  from repvgg_jax.train import optim
+
+  model = create_model('A0', num_classes=10)
+  variables = random_variables(model, (1, 32, 32, 3))
+  value = optim.equivalent_kernel_l2(variables['params'], variables['batch_stats'])
+  expected = reference_custom_l2(variables['params'], variables['batch_stats'])
+  np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+  grads = jax.grad(optim.equivalent_kernel_l2)(variables['params'], variables['batch_stats'])
+  block = grads['stage1_block1']
+  assert not np.any(block['conv3x3']['bn']['scale']) and not np.any(block['conv1x1']['bn']['scale'])
+  assert np.any(block['conv3x3']['conv']['kernel']) and np.any(block['conv1x1']['conv']['kernel'])
+  plain = optim.weight_decay_mask(variables['params'])
+  custom = optim.weight_decay_mask(variables['params'], custom_l2=True)
+  for key in ('conv3x3', 'conv1x1'):
+    assert plain['stage1_block1'][key]['conv']['kernel']
+    assert not custom['stage1_block1'][key]['conv']['kernel']
+  assert custom['linear']['kernel'] and custom['stage1_block1']['identity']['scale']
+
+
+def test_custom_l2_trains_otherwise_than_plain_decay(digits_dir, tmp_path):
+  runs = {}
+  for custom in (False, True):
+    config = tiny_config(digits_dir, **{'optimizer.custom_l2': custom, 'num_train_steps': 1})
+    summary = trainer.train_and_evaluate(config, tmp_path / str(custom))
+    assert summary['steps'] == 1 and np.isfinite(summary['eval_loss'])
+    runs[custom] = checkpoint_params(tmp_path / str(custom))[0]
+  plain, custom = runs[False]['stage1_block0'], runs[True]['stage1_block0']
+  assert not np.array_equal(plain['conv3x3']['conv']['kernel'], custom['conv3x3']['conv']['kernel'])
+  # One step: the same forward pass, so the classifier's update is the same.
+  np.testing.assert_array_equal(runs[False]['linear']['kernel'], runs[True]['linear']['kernel'])

@@ -184,6 +184,7 @@ _ADDED_FIELDS = {
   'dataset.randaugment_magnitude': 15,
   'optimizer.cutmix_alpha': 0.0,
   'ema_decay': 0.0,
+  'optimizer.custom_l2': False,
 }
 
 

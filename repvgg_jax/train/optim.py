@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
 from repvgg_jax.model import trees
+from repvgg_jax.model.branches import BN_EPSILON
 
 CLASSIFIER = 'linear'  # The parameters outside the backbone.
 # The paper's learning rate is 0.1 for a batch of 256; it scales linearly.
@@ -32,20 +35,59 @@ def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> op
   return optax.join_schedules([warmup, cosine], [warmup_steps])
 
 
-def weight_decay_mask(params: Any) -> Any:
+def _kernel_pairs(params: Any):
+  """``(block key, conv3x3 subtree, conv1x1 subtree)`` of every block whose 3x3 and 1x1
+  branches are conv-BN pairs: those the reference's custom L2 regularises."""
+  for key in trees.block_keys(params):
+    block = params[key]
+    branches = [block.get(name) for name in ('conv3x3', 'conv1x1')]
+    if all(isinstance(b, dict) and 'bn' in b and 'conv' in b for b in branches):
+      yield key, *branches
+
+
+def equivalent_kernel_l2(params: Any, batch_stats: Any) -> jax.Array:
+  """The reference's ``get_custom_L2``, summed over the blocks (`_kernel_pairs`).
+
+  Plain L2 on the 3x3 kernel's ring (all but its centre), and on the centre of
+  the equivalent kernel, ``K3[1, 1] * t3 + K1 * t1`` with ``t = gamma / sqrt(var +
+  eps)`` held constant, divided by ``t3^2 + t1^2`` so that the coefficient
+  compares with plain weight decay. The training loss adds ``weight_decay / 2``
+  times this (`repvgg_jax.train.steps`), and the optimizer then leaves these
+  kernels out of its own decay (`weight_decay_mask`).
+  """
+  total = jnp.zeros((), jnp.float32)
+  for key, dense, pointwise in _kernel_pairs(params):
+    stats = batch_stats[key]
+    k3, k1 = dense['conv']['kernel'], pointwise['conv']['kernel'][0, 0]
+    t3, t1 = (
+      jax.lax.stop_gradient(branch['bn']['scale'] / jnp.sqrt(stats[name]['bn']['var'] + BN_EPSILON))
+      for name, branch in (('conv3x3', dense), ('conv1x1', pointwise))
+    )
+    centre = k3[1, 1]
+    ring = jnp.sum(k3**2) - jnp.sum(centre**2)
+    equivalent = centre * t3 + k1 * t1  # (in per group, out): t scales the output channels.
+    total = total + ring + jnp.sum(equivalent**2 / (t3**2 + t1**2))
+  return total
+
+
+def weight_decay_mask(params: Any, custom_l2: bool = False) -> Any:
   """True where the reference applies weight decay.
 
   The reference trainer decays every parameter whose name contains neither
   'bias' nor 'bn': conv and classifier kernels, and the scale of the identity
   BatchNorm (a bare ``rbr_identity`` BatchNorm in PyTorch); it skips all
   biases, the BatchNorms inside the conv branches and QARepVGG's BatchNorm of
-  the sum (``post_bn``, ``bn`` in PyTorch).
+  the sum (``post_bn``, ``bn`` in PyTorch). With ``custom_l2`` it also skips
+  the 3x3 and 1x1 kernels that `equivalent_kernel_l2` regularises instead.
   """
   flat = traverse_util.flatten_dict(params)
   mask = {
     path: path[-1] == 'kernel' or (path[-1] == 'scale' and not any('bn' in key for key in path))
     for path in flat
   }
+  if custom_l2:  # Their decay is `equivalent_kernel_l2`'s, in the loss.
+    for key, _, _ in _kernel_pairs(params):
+      mask[(key, 'conv3x3', 'conv', 'kernel')] = mask[(key, 'conv1x1', 'conv', 'kernel')] = False
   return traverse_util.unflatten_dict(mask)
 
 
@@ -80,7 +122,10 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.Grad
   """
   schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
   parts = [
-    optax.add_decayed_weights(config.optimizer.weight_decay, mask=weight_decay_mask),
+    optax.add_decayed_weights(
+      config.optimizer.weight_decay,
+      mask=lambda p: weight_decay_mask(p, config.optimizer.get('custom_l2', False)),
+    ),
     optax.sgd(schedule, momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov),
   ]
   multiplier = config.optimizer.get('backbone_lr_multiplier', 1.0)

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from repvgg_jax.perf import compile_options
+from repvgg_jax.train import optim
 
 # With both mixup and cutmix on, the share of batches that get cutmix (timm's switch_prob).
 CUTMIX_SHARE = 0.5
@@ -123,6 +124,7 @@ def train_step(
   cutmix_alpha: float = 0.0,
   label_smoothing: float = 0.0,
   ema_decay: float = 0.0,
+  custom_l2: float = 0.0,
 ):
   """One SGD step. Returns the new state and metrics (loss, top-1).
 
@@ -139,6 +141,8 @@ def train_step(
     label_smoothing: of the cross-entropy's targets.
     ema_decay: of the moving average ``state.ema`` (updated after the step
       when it is not None).
+    custom_l2: the coefficient of `optim.equivalent_kernel_l2` in the loss (the
+      reference's custom L2: half the weight decay); 0 for none.
   """
   images, labels = batch['image'], batch['label']
   targets = labels
@@ -150,6 +154,8 @@ def train_step(
     variables = {'params': params, 'batch_stats': state.batch_stats}
     logits, updates = apply_in_groups(model, variables, images, bn_group_size)
     loss = cross_entropy(logits, targets, num_classes, label_smoothing)
+    if custom_l2:
+      loss = loss + custom_l2 * optim.equivalent_kernel_l2(params, state.batch_stats)
     return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

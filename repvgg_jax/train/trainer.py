@@ -371,6 +371,7 @@ def _compile_steps(config, model, eval_model, deploy_model, mesh):
   ``{steps: (program, sharding of its batch)}``.
   """
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  opt = config.optimizer
   options = dict(
     model=model,
     num_classes=config.dataset.num_classes,
@@ -379,6 +380,7 @@ def _compile_steps(config, model, eval_model, deploy_model, mesh):
     cutmix_alpha=config.optimizer.get('cutmix_alpha', 0.0),
     label_smoothing=config.optimizer.label_smoothing,
     ema_decay=config.get('ema_decay', 0.0),
+    custom_l2=0.5 * opt.weight_decay if opt.get('custom_l2', False) else 0.0,
   )
   train_fns = {1: steps.jit_training(mesh, **options)}
   if config.steps_per_call > 1:
