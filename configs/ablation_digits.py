@@ -1,21 +1,22 @@
 """Branch-set ablation on the embedded digits: 7 branch sets of RepVGG-A0 and
-QARepVGG-A0's block, offline.
+QARepVGG-A0's block, 3 seeds each, offline.
 
   python -m repvgg_jax.ablate --config configs/ablation_digits.py [--workdir DIR]
+  python -m repvgg_jax.ablate --config configs/ablation_digits.py --config.ablation.only=none,paper
 
 Trains RepVGG-A0 once per row of ablation.branch_sets (the paper's Table 6 rows,
-then ACNet's, the Diverse Branch Block's and MobileOne's sets) with the same seed
-and schedule (and QARepVGG-A0 once, row 'qarepvgg'), in DIR/<row> (default DIR:
-workdirs/ablation_digits). It prints one progress line per row (top-1 unfused
-and fused, logit error, img/s) and the table at the end, and writes
-DIR/ablation.md, DIR/ablation.csv and DIR/ablation.png. A rerun skips finished
-rows and continues an interrupted one from its checkpoint.
+then ACNet's, the Diverse Branch Block's and MobileOne's sets) and seed (0, 1, 2)
+with the same schedule (and QARepVGG-A0, row 'qarepvgg'), in DIR/<row>/seed<s>
+(default DIR: workdirs/ablation_digits). It prints one progress line per run
+(top-1 unfused and fused, logit error) and the table at the end (mean and 95%
+interval over the seeds, the paired difference to row 'paper', speeds timed
+round robin), and writes DIR/ablation.md, DIR/ablation.csv and DIR/ablation.png.
+A rerun skips finished runs and continues an interrupted one from its checkpoint.
 
-Hardware: any CPU. Measured from a clean clone on the 2-core development CPU
-(2026-12-02, before the qarepvgg row): 9 min 18 s end to end, 50-135 s a row (about half of each is
-compilation). Every row reaches 93.6-98.6% top-1, the paper's set 96.7%; see
-docs/ablation_digits.md (on 2026-11-23, before Winograd in training: 13 min 24 s,
-95.8-98.9%, the paper's set 98.9%).
+Hardware: any CPU. Measured from a clean workdir on the 2-core development CPU
+(2026-12-06): the two-row subset above with three seeds in 4 min 4 s, 28-44 s a
+run; the eight rows make 24 runs, about 16 minutes at that rate (not measured
+with seeds; one seed took 9 min 18 s on 2026-12-02). See docs/ablations.md.
 """
 
 import ml_collections
@@ -38,9 +39,11 @@ def get_config():
   # ('qarepvgg': the variant with QARepVGG's blocks); rows run in this order.
   config.ablation.branch_sets = ml_collections.ConfigDict(branch_sets(), sort_keys=False)
   config.ablation.only = ''  # Comma-separated row names to run and report; '': all rows.
+  config.ablation.seeds = 3  # Runs per row, with seeds config.seed, config.seed + 1, ...
+  config.ablation.reference = 'paper'  # The row the others are compared with, seed by seed.
   config.ablation.bench_batch_size = 64  # Images per timed inference batch.
   config.ablation.bench_image_size = 0  # Timed image side in pixels; 0: the dataset's (32).
-  config.ablation.bench_runs = 15  # Timed runs of each model (the median is reported).
+  config.ablation.bench_runs = 30  # Rounds timing every row's two models (median, quartiles).
   config.ablation.bench_warmup = 3  # Untimed runs of each model after compiling.
   return config
 

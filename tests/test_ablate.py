@@ -4,7 +4,9 @@ import csv
 import dataclasses
 import importlib
 import json
+import math
 import pathlib
+import re
 
 import ml_collections
 import pytest
@@ -12,6 +14,7 @@ from helpers import apply_overrides, run_in_repo, tiny_config
 
 from repvgg_jax.ablate import report as ablation_report
 from repvgg_jax.ablate import runner as ablate
+from repvgg_jax.ablate import stats
 from repvgg_jax.data import datasets as data
 from repvgg_jax.model import branches
 from repvgg_jax.train import checkpointing, trainer
@@ -41,6 +44,8 @@ def ablation_config(data_dir, sets=None, **overrides):
   config.ablation.bench_image_size = 0
   config.ablation.bench_runs = 1
   config.ablation.bench_warmup = 0
+  config.ablation.seeds = 2
+  config.ablation.reference = 'paper'
   return apply_overrides(config, overrides)
 
 
@@ -57,7 +62,7 @@ class Finished:
   markdown: str
   first_lines: list[str]  # Progress of the first run, which crashed in 'identity'.
   lines: list[str]  # Progress of the run that finished the ablation.
-  trained: list[str]  # Rows that the second run trained.
+  trained: list[str]  # Runs (row/seed) that the second run trained.
   first_none: dict  # The record of 'none' after the first run.
 
 
@@ -67,11 +72,11 @@ class Crash(Exception):
 
 @pytest.fixture(scope='module')
 def finished(tmp_path_factory, digits_dir):
-  """An ablation that crashed in its second row, then was run again to the end.
+  """An ablation with two seeds that crashed in its second run, then was run again to the end.
 
-  The first run finishes 'none' and crashes in 'identity' after the checkpoint of
-  step 2 (of 3). The second run, with another benchmark setting, re-times 'none'
-  without training it, continues 'identity' from step 2 and trains 'paper'.
+  The first run finishes 'none' with seed 0 and crashes in 'identity' with seed 0
+  after the checkpoint of step 2 (of 3). The second run skips 'none', continues
+  'identity' from step 2 and trains the rest: 'paper', then all three with seed 1.
   """
   workdir = tmp_path_factory.mktemp('ablation')
   first_lines, lines, trained = [], [], []
@@ -79,7 +84,8 @@ def finished(tmp_path_factory, digits_dir):
 
   def save_then_crash(ckpt, step, *args):
     save(ckpt, step, *args)
-    if ckpt.directory.parent.name == 'identity' and step == 2:
+    run = ckpt.directory.parent
+    if (run.parent.name, run.name, step) == ('identity', 'seed0', 2):
       ckpt.wait()
       raise Crash
 
@@ -87,120 +93,180 @@ def finished(tmp_path_factory, digits_dir):
     patch.setattr(checkpointing.Checkpoints, 'save', save_then_crash)
     with pytest.raises(Crash):
       ablate.run_ablation(ablation_config(digits_dir), workdir, log=first_lines.append)
-  first_none = json.loads((workdir / 'none' / ablate.ROW_FILE).read_text())
+  first_none = json.loads((workdir / 'none' / 'seed0' / ablate.ROW_FILE).read_text())
   train = trainer.train_and_evaluate
+
+  def record_training(config, run):
+    trained.append(f'{run.parent.name}/{run.name}')
+    return train(config, run)
+
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(trainer, 'train_and_evaluate', lambda c, w: trained.append(w.name) or train(c, w))
-    config = ablation_config(digits_dir, **{'ablation.bench_runs': 2})
+    patch.setattr(trainer, 'train_and_evaluate', record_training)
+    config = ablation_config(digits_dir, **{'ablation.bench_runs': 3})
     text = ablate.run_ablation(config, workdir, log=lines.append)
   return Finished(workdir, text, first_lines, lines, trained, first_none)
 
 
-def records(workdir, names=SETS):
-  return [json.loads((workdir / name / ablate.ROW_FILE).read_text()) for name in names]
+def records(workdir, names=SETS, seeds=(0, 1)):
+  return {
+    name: [json.loads((workdir / name / f'seed{s}' / ablate.ROW_FILE).read_text()) for s in seeds]
+    for name in names
+  }
 
 
 @pytest.fixture
 def no_training(monkeypatch):
-  """Makes any training or measurement fail the test."""
+  """Makes any training or measurement of a run fail the test."""
 
   def fail(*args, **kwargs):
-    raise AssertionError('trained or measured a row that should have been reused')
+    raise AssertionError('trained or measured a run that should have been reused')
 
   monkeypatch.setattr(trainer, 'train_and_evaluate', fail)
-  monkeypatch.setattr(ablate, 'measure', fail)
+  monkeypatch.setattr(ablate, 'logit_error', fail)
 
 
-def test_reports_have_one_row_per_branch_set(finished):
+def table_rows(markdown):
+  return [line.split(' | ') for line in markdown.splitlines() if line.startswith('| ')][1:]
+
+
+def test_reports_have_one_row_per_branch_set_and_every_seed_in_the_csv(finished):
   workdir, text = finished.workdir, finished.markdown
   assert text == (workdir / 'ablation.md').read_text()
-  table = [line for line in text.splitlines() if line.startswith('| ')]
-  assert len(table) == 1 + len(SETS)
-  assert [row.split(' | ')[0].strip('| ') for row in table[1:]] == list(SETS)
-  assert '| paper | conv3x3+conv1x1+identity |' in text
+  rows = table_rows(text)
+  assert [row[0].strip('| ') for row in rows] == list(SETS)
+  assert rows[2][1] == 'conv3x3+conv1x1+identity' and rows[2][7] == 'reference'
+  assert all(' ± ' in row[5] and ' ± ' in row[6] for row in rows)
+  assert 'minus paper (pp)' in text.splitlines()[4]
   with open(workdir / 'ablation.csv') as f:
-    rows = list(csv.reader(f))
-  columns = ablation_report.COLUMNS
-  assert tuple(rows[0]) == columns
-  assert [row[0] for row in rows[1:]] == list(SETS)
-  interleaved = [float(row[columns.index('fused img/s, rows interleaved')]) for row in rows[1:]]
-  assert min(interleaved) > 0
+    lines = list(csv.reader(f))
+  assert tuple(lines[0]) == ablation_report.CSV_COLUMNS
+  assert [(line[0], line[2]) for line in lines[1:]] == [(n, s) for n in SETS for s in ('0', '1')]
   png = (workdir / 'ablation.png').read_bytes()
   assert png.startswith(b'\x89PNG') and len(png) > 10_000
 
 
+def test_the_table_is_the_mean_interval_and_paired_difference_of_the_seeds(finished):
+  runs = records(finished.workdir)
+  rows = {row[0].strip('| '): row for row in table_rows(finished.markdown)}
+  t = 12.706204736  # Student t, 97.5% quantile, 1 degree of freedom (two seeds).
+  for name, (a, b) in runs.items():
+    values = [100 * a['top1_fused'], 100 * b['top1_fused']]
+    mean, half = sum(values) / 2, t * abs(values[0] - values[1]) / 2
+    assert rows[name][6] == f'{mean:.2f} ± {half:.2f}'
+    if name != 'paper':
+      paper = [100 * r['top1_fused'] for r in runs['paper']]
+      differences = [values[0] - paper[0], values[1] - paper[1]]
+      d_mean, d_half = sum(differences) / 2, t * abs(differences[0] - differences[1]) / 2
+      cell = f'{d_mean:+.2f} ± {d_half:.2f}'
+      assert rows[name][7] == (f'**{cell}**' if abs(d_mean) > d_half else cell)
+
+
 def test_fused_model_matches_and_only_training_time_params_differ(finished):
-  rows = records(finished.workdir)
-  for row in rows:
-    assert abs(row['top1'] - row['top1_fused']) <= 1 / NUM_EVAL
-    assert row['logit_rel_error'] < 1e-5
-    assert row['unfused_images_per_sec'] > 0 and row['fused_images_per_sec'] > 0
-    assert row['summary']['steps'] == 3
-  assert len({row['deploy_params'] for row in rows}) == 1
-  train_params = [row['train_params'] for row in rows]
+  runs = records(finished.workdir)
+  for name in SETS:
+    for run in runs[name]:
+      assert abs(run['top1'] - run['top1_fused']) <= 1 / NUM_EVAL
+      assert run['logit_rel_error'] < 1e-5
+      assert run['summary']['steps'] == 3
+  assert runs['none'][0]['seed'] == 0 and runs['none'][1]['seed'] == 1
+  assert runs['none'][0]['summary'] != runs['none'][1]['summary']  # Other seed, other run.
+  assert len({runs[name][0]['deploy_params'] for name in SETS}) == 1
+  train_params = [runs[name][0]['train_params'] for name in SETS]
   assert train_params[0] < train_params[1] < train_params[2]
-  assert train_params[0] > rows[0]['deploy_params']  # BatchNorm scales and offsets.
+  assert train_params[0] > runs['none'][0]['deploy_params']  # BatchNorm scales and offsets.
+
+
+def test_speeds_come_from_one_round_robin_loop(finished):
+  for row in table_rows(finished.markdown):
+    for cell in (row[9], row[10]):
+      median, q1, q3 = (float(v.replace(',', '')) for v in re.findall(r'[\d,]+', cell))
+      assert 0 < q1 <= median <= q3
+    assert float(row[11].strip(' |x')) > 0
+  assert finished.lines[-1].startswith('Timing the rows round robin (3 rounds')
 
 
 def test_interrupted_ablation_continues_where_it_stopped(finished):
   assert [line.split(':')[0] for line in finished.first_lines] == [
-    '[1/3] none',
-    '[1/3] none',
-    '[2/3] identity',
+    '[1/6] none, seed 0',
+    '[1/6] none, seed 0',
+    '[2/6] identity, seed 0',
   ]
-  assert finished.trained == ['identity', 'paper']
+  assert finished.trained == [
+    'identity/seed0',
+    'paper/seed0',
+    'none/seed1',
+    'identity/seed1',
+    'paper/seed1',
+  ]
   lines = finished.lines
-  assert lines[0].startswith('[1/3] none: trained before; timing it again')
-  assert lines[1].startswith('[2/3] identity') and 'continuing from its checkpoint' in lines[1]
-  assert lines[3].startswith('[3/3] paper') and 'continuing' not in lines[3]
-  rows = {row['row']: row for row in records(finished.workdir)}
-  assert all(row['bench']['runs'] == 2 for row in rows.values())
-  assert rows['none']['train_seconds'] == finished.first_none['train_seconds']
-  assert finished.first_none['bench']['runs'] == 1
+  assert lines[0].startswith('[1/6] none, seed 0: done before, skipped')
+  assert (
+    lines[1].startswith('[2/6] identity, seed 0') and 'continuing from its checkpoint' in lines[1]
+  )
+  assert lines[3].startswith('[3/6] paper, seed 0') and 'continuing' not in lines[3]
+  rows = records(finished.workdir)
+  assert rows['none'][0]['train_seconds'] == finished.first_none['train_seconds']
   # 'identity' logged step 2 before the crash, then only step 3.
-  metrics = (finished.workdir / 'identity' / 'metrics.jsonl').read_text().splitlines()
+  metrics = (finished.workdir / 'identity' / 'seed0' / 'metrics.jsonl').read_text().splitlines()
   assert [json.loads(line)['step'] for line in metrics if 'train/loss' in line] == [2, 3]
 
 
-def without_last_column(markdown):
-  return [line.rsplit(' | ', 1)[0] for line in markdown.splitlines()]
+def without_speed_columns(markdown):
+  return [line.split(' | ')[:9] for line in markdown.splitlines()]
 
 
-def test_rerun_skips_finished_rows(finished, digits_dir, no_training):
+def test_rerun_skips_finished_runs(finished, digits_dir, no_training):
   workdir = finished.workdir
-  paths = [workdir / name / ablate.ROW_FILE for name in SETS]
+  paths = [workdir / name / f'seed{s}' / ablate.ROW_FILE for name in SETS for s in (0, 1)]
   before = [p.stat().st_mtime_ns for p in paths]
   lines = []
-  # Logging and checkpoint intervals do not change a row's results.
+  # Logging and checkpoint intervals do not change a run's results.
   config = ablation_config(
     digits_dir,
     log_every_steps=1,
     checkpoint_every_steps=1,
-    **{'ablation.bench_runs': 2},
+    **{'ablation.bench_runs': 3},
   )
   markdown = ablate.run_ablation(config, workdir, log=lines.append)
-  # Only the fused models' round-robin timing, redone on every run, may differ.
-  assert without_last_column(markdown) == without_last_column(finished.markdown)
+  # Only the speeds, timed anew on every run, may differ.
+  assert without_speed_columns(markdown) == without_speed_columns(finished.markdown)
   assert [p.stat().st_mtime_ns for p in paths] == before
-  assert len(lines) == len(SETS) and all('done before, skipped' in line for line in lines)
+  assert len(lines) == 7 and all('done before, skipped' in line for line in lines[:6])
+
+
+def test_only_some_rows_leave_the_difference_out_without_the_reference(finished, digits_dir):
+  workdir = finished.workdir
+  config = ablation_config(digits_dir, **{'ablation.only': 'none,identity'})
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(trainer, 'train_and_evaluate', lambda *a: pytest.fail('trained'))
+    markdown = ablate.run_ablation(config, workdir, log=lambda line: None)
+  assert [row[7] for row in table_rows(markdown)] == ['–', '–']
 
 
 @pytest.mark.parametrize(
   'change,message',
   [
-    ({'ablation.branch_sets.identity': ('conv3x3', 'conv1x1')}, r"(?s)Row 'identity'.*branches"),
-    ({'num_train_steps': 4}, r"(?s)Row 'none'.*num_train_steps: 3 -> 4"),
+    (
+      {'ablation.branch_sets.identity': ('conv3x3', 'conv1x1')},
+      r"(?s)Row 'identity \(seed 0\)'.*branches",
+    ),
+    ({'num_train_steps': 4}, r"(?s)Row 'none \(seed 0\)'.*num_train_steps: 3 -> 4"),
     ({'optimizer.learning_rate': 0.02}, r'optimizer\.learning_rate: 0\.05 -> 0\.02'),
   ],
 )
-def test_a_row_run_with_another_config_is_refused(
-  finished, digits_dir, no_training, change, message
-):
+def test_a_run_with_another_config_is_refused(finished, digits_dir, no_training, change, message):
   workdir = finished.workdir
   config = ablation_config(digits_dir, **{'ablation.bench_runs': 2, **change})
   with pytest.raises(ablate.AblationError, match=message) as error:
     ablate.run_ablation(config, workdir)
   assert 'Delete' in str(error.value)
+
+
+def test_a_workdir_of_the_layout_without_seeds_is_refused(tmp_path, digits_dir, no_training):
+  (tmp_path / 'none').mkdir()
+  (tmp_path / 'none' / ablate.ROW_FILE).write_text('{}')
+  with pytest.raises(ablate.AblationError, match='run by a version without seeds'):
+    ablate.run_ablation(ablation_config(digits_dir), tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -218,6 +284,8 @@ def test_a_row_run_with_another_config_is_refused(
     ),
     (None, {'ablation.only': 'paper,acnet'}, r"unknown rows \['acnet'\]"),
     (None, {'model.dtype': 'float16'}, r"Row 'none': model.dtype must be"),
+    (None, {'ablation.seeds': 0}, 'ablation.seeds must be a positive number of seeds, got 0'),
+    (None, {'ablation.reference': 'both'}, "ablation.reference names the unknown row 'both'"),
   ],
 )
 def test_bad_config_fails_before_training(tmp_path, no_training, sets, overrides, message):
@@ -267,9 +335,22 @@ def test_ablation_configs(name):
   rows = ablate.branch_sets(config)  # Every branch kind is registered.
   assert list(rows) == ['none', 'identity', '1x1', 'paper', 'acnet', 'dbb', 'mobileone', 'qarepvgg']
   assert rows['paper'] == branches.PAPER_BRANCHES
+  assert config.ablation.reference == 'paper'
+  assert config.ablation.seeds == (3 if name == 'ablation_digits' else 1)
   assert f'python -m repvgg_jax.ablate --config configs/{name}.py' in module.__doc__
   assert 'ablation.md' in module.__doc__ and 'ablation.png' in module.__doc__
   if name == 'ablation_b0_imagenet':
     assert config.model.name == 'RepVGG-B0' and config.num_epochs == 120
     assert config.batch_size == 256 and config.optimizer.learning_rate == 0.1
     assert 'GPU-hours' in module.__doc__
+
+
+def test_intervals_and_paired_differences():
+  three = stats.interval([1.0, 2.0, 3.0])
+  assert three.mean == 2.0 and math.isclose(three.half_width, 4.302652730 / math.sqrt(3))
+  assert math.isnan(stats.interval([5.0]).half_width) and not stats.interval([5.0]).excludes_zero
+  difference = stats.paired_difference({0: 3.0, 1: 4.0, 2: 9.0}, {0: 1.0, 1: 2.0, 5: 0.0})
+  assert (difference.mean, difference.count) == (2.0, 2) and difference.half_width == 0.0
+  assert not stats.interval([-1.0, 1.0]).excludes_zero
+  assert stats.interval([1.0, 1.1, 0.9]).excludes_zero
+  assert stats.quartiles([4, 1, 3, 2, 5]) == (2.0, 3.0, 4.0)

@@ -1,26 +1,43 @@
-"""The tables and the figure of a branch-set ablation (`repvgg_jax.ablate`)."""
+"""The tables and the figure of a branch-set ablation (`repvgg_jax.ablate`), over its seeds."""
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import pathlib
 
 import numpy as np
+
+from repvgg_jax.ablate import stats
 
 COLUMNS = (
   'branch set',
   'branches',
   'train params',
   'deploy params',
+  'seeds',
+  'top-1 unfused (%)',
+  'top-1 fused (%)',
+  'fused top-1 minus reference (pp)',
+  '|fused-unfused| logit rel. error (max)',
+  'unfused img/s',
+  'fused img/s',
+  'fused/unfused',
+)
+CSV_COLUMNS = (
+  'branch set',
+  'branches',
+  'seed',
   'top-1 unfused (%)',
   'top-1 fused (%)',
   '|fused-unfused| logit rel. error',
-  'unfused img/s',
-  'fused img/s',
-  'speed-up',
-  'fused img/s, rows interleaved',
+  'train params',
+  'deploy params',
+  'unfused img/s (median)',
+  'fused img/s (median)',
+  'fused/unfused (median)',
 )
 
 
@@ -33,74 +50,145 @@ def branches_label(branches) -> str:
   return '; '.join(f's{stage}: {"+".join(names)}' for stage, names in enumerate(branches))
 
 
-def _values(record: dict) -> tuple:
-  """One row's values in the order of COLUMNS, unformatted."""
-  return (
-    record['row'],
-    branches_label(record['branches']),
-    record['train_params'],
-    record['deploy_params'],
-    100 * record['top1'],
-    100 * record['top1_fused'],
-    record['logit_rel_error'],
-    record['unfused_images_per_sec'],
-    record['fused_images_per_sec'],
-    record['speedup'],
-    record['fused_images_per_sec_interleaved'],
-  )
+def summarize(
+  records: dict[str, list[dict]], speeds: dict[str, dict], reference: str | None
+) -> list[dict]:
+  """One summary per row: its runs' top-1s averaged with intervals, the paired
+  difference of its fused top-1 to the reference row's, and its speeds."""
+  by_seed = lambda runs: {run['seed']: 100 * run['top1_fused'] for run in runs}
+  summaries = []
+  for name, runs in records.items():
+    difference = None
+    if reference is not None and name != reference:
+      difference = stats.paired_difference(by_seed(runs), by_seed(records[reference]))
+    summaries.append(
+      {
+        'row': name,
+        'branches': runs[0]['branches'],
+        'train_params': runs[0]['train_params'],
+        'deploy_params': runs[0]['deploy_params'],
+        'seeds': [run['seed'] for run in runs],
+        'top1': stats.interval([100 * run['top1'] for run in runs]),
+        'top1_fused': stats.interval([100 * run['top1_fused'] for run in runs]),
+        'difference': difference,
+        'logit_rel_error': max(run['logit_rel_error'] for run in runs),
+        'speed': speeds[name],
+        'runs': runs,
+      }
+    )
+  return summaries
 
 
-def markdown_table(records: list[dict]) -> str:
-  formats = ('{}', '{}', '{:,}', '{:,}', '{:.2f}', '{:.2f}', '{:.1e}', '{:,.0f}', '{:,.0f}')
-  lines = [
-    '| ' + ' | '.join(column.replace('|', '\\|') for column in COLUMNS) + ' |',
-    '|' + '---|' * 2 + '---:|' * (len(COLUMNS) - 2),
-  ]
-  for record in records:
-    *values, speedup, interleaved = _values(record)
-    cells = [f.format(v) for f, v in zip(formats, values, strict=True)]
-    cells += [f'{speedup:.2f}x', f'{interleaved:,.0f}']
+def _mean(value: stats.Interval, digits: int = 2) -> str:
+  if math.isnan(value.half_width):
+    return f'{value.mean:.{digits}f}'
+  return f'{value.mean:.{digits}f} ± {value.half_width:.{digits}f}'
+
+
+def _difference(summary: dict, reference: str | None) -> str:
+  difference = summary['difference']
+  if difference is None:
+    return 'reference' if summary['row'] == reference else '–'
+  text = f'{difference.mean:+.2f} ± {difference.half_width:.2f}'
+  return f'**{text}**' if difference.excludes_zero else text
+
+
+def _rate(quartiles) -> str:
+  q1, median, q3 = quartiles
+  return f'{median:,.0f} ({q1:,.0f}-{q3:,.0f})'
+
+
+def markdown_table(summaries: list[dict], reference: str | None) -> str:
+  columns = [c.replace('|', '\\|') for c in COLUMNS]
+  columns[7] = f'fused top-1 minus {reference or "reference"} (pp)'
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * 2 + '---:|' * (len(COLUMNS) - 2)]
+  for s in summaries:
+    speed = s['speed']
+    cells = [
+      s['row'],
+      branches_label(s['branches']),
+      f'{s["train_params"]:,}',
+      f'{s["deploy_params"]:,}',
+      str(len(s['seeds'])),
+      _mean(s['top1']),
+      _mean(s['top1_fused']),
+      _difference(s, reference),
+      f'{s["logit_rel_error"]:.1e}',
+      _rate(speed['unfused_images_per_sec']),
+      _rate(speed['fused_images_per_sec']),
+      f'{speed["speedup"]:.2f}x',
+    ]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
-def setup_line(records: list[dict]) -> str:
-  """How the rows were trained and measured, from the first row's record."""
-  first = records[0]
-  summary, bench, config = first['summary'], first['bench'], first['config']
+def setup_line(summaries: list[dict], reference: str | None) -> str:
+  """How the rows were trained and measured, from the first row's first run."""
+  first = summaries[0]['runs'][0]
+  summary, config, speed = first['summary'], first['config'], summaries[0]['speed']
+  settings = speed['settings']
+  seeds = ', '.join(str(seed) for seed in summaries[0]['seeds'])
+  compared = (
+    f'Minus {reference}: the mean of the seed-by-seed differences of the fused top-1 to '
+    f'row {reference!r}, in percentage points, with its 95% interval; bold where the '
+    'interval excludes 0. '
+    if reference
+    else ''
+  )
   return (
     f'{summary["model"]} on {summary["dataset"]}, {summary["steps"]} training steps '
-    f'({summary["epochs"]:.3g} epochs) of batch {config["batch_size"]} per row, seed '
-    f'{config["seed"]}; top-1 over the eval split. Speed: inference, batch {bench["batch"]} '
-    f'at {bench["size"]}x{bench["size"]}, {bench["dtype"]}, {bench["conv_impl"]} conv, '
-    f'{bench["backend"]} ({bench["device"]}), median of {bench["runs"]} runs alternating '
-    'unfused and fused, trained variables on random images; the last column times all '
-    "rows' fused models again in one round-robin loop, under the same machine load. "
-    'Logit error: '
+    f'({summary["epochs"]:.3g} epochs) of batch {config["batch_size"]} per run, seeds '
+    f'{seeds}; top-1 over the eval split, mean ± half-width of its 95% Student t '
+    f'interval over the seeds. {compared}Speed: inference, batch {settings["batch"]} at '
+    f'{settings["size"]}x{settings["size"]}, {speed["backend"]} ({speed["device"]}), trained '
+    f'variables on random images; median (quartiles) of {settings["runs"]} rounds, each '
+    "timing every row's unfused and then its fused model once, so all figures see the same "
+    'machine load; fused/unfused is the median of the per-round ratios. Logit error: '
     'max \\|fused - unfused\\| / max \\|unfused\\| over the eval split (the saved deploy '
-    'checkpoint against the last training checkpoint, inference mode).'
+    'checkpoint against the last training checkpoint, inference mode), the largest over the '
+    'seeds.'
   )
 
 
-def markdown(records: list[dict]) -> str:
-  return f'# Branch-set ablation\n\n{setup_line(records)}\n\n{markdown_table(records)}\n'
+def markdown(summaries: list[dict], reference: str | None) -> str:
+  return (
+    f'# Branch-set ablation\n\n{setup_line(summaries, reference)}\n\n'
+    f'{markdown_table(summaries, reference)}\n'
+  )
 
 
-def csv_text(records: list[dict]) -> str:
+def csv_text(summaries: list[dict]) -> str:
+  """One line per row and seed."""
   out = io.StringIO()
   writer = csv.writer(out, lineterminator='\n')
-  writer.writerow(COLUMNS)
-  for record in records:
-    writer.writerow(_values(record))
+  writer.writerow(CSV_COLUMNS)
+  for s in summaries:
+    speed = s['speed']
+    for run in s['runs']:
+      writer.writerow(
+        (
+          s['row'],
+          branches_label(s['branches']),
+          run['seed'],
+          100 * run['top1'],
+          100 * run['top1_fused'],
+          run['logit_rel_error'],
+          s['train_params'],
+          s['deploy_params'],
+          speed['unfused_images_per_sec'][1],
+          speed['fused_images_per_sec'][1],
+          speed['speedup'],
+        )
+      )
   return out.getvalue()
 
 
-def plot(path: pathlib.Path, records: list[dict]) -> None:
-  """Top-1 per branch set, and unfused speed as bars with the fused speed as a line."""
+def plot(path: pathlib.Path, summaries: list[dict]) -> None:
+  """Top-1 per branch set with its interval, and the speeds with their quartiles."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
-  names = [record['row'] for record in records]
+  names = [s['row'] for s in summaries]
   x = np.arange(len(names))
   figure = Figure(figsize=(max(10.0, 1.6 * len(names)), 5.0), layout='constrained')
   FigureCanvasAgg(figure)  # The Agg backend, whatever pyplot's default.
@@ -110,41 +198,57 @@ def plot(path: pathlib.Path, records: list[dict]) -> None:
     (-0.2, 'top1', 'tab:blue', 'training-time (unfused)'),
     (0.2, 'top1_fused', 'tab:orange', 'fused'),
   ):
-    values = [100 * record[key] for record in records]
-    bars = accuracy_axes.bar(x + offset, values, 0.4, color=color, label=label)
+    means = [s[key].mean for s in summaries]
+    errors = [0.0 if math.isnan(s[key].half_width) else s[key].half_width for s in summaries]
+    bars = accuracy_axes.bar(
+      x + offset, means, 0.4, yerr=errors, capsize=3, color=color, label=label
+    )
     accuracy_axes.bar_label(bars, fmt='%.1f', padding=2, fontsize=7, rotation=90)
   accuracy_axes.set_ylim(0, 125)
   accuracy_axes.set_yticks(range(0, 101, 20))
-  accuracy_axes.set_ylabel('eval top-1 (%)')
+  accuracy_axes.set_ylabel('eval top-1 (%), mean and 95% interval over seeds')
   accuracy_axes.set_title('Accuracy')
 
-  speeds = [record['unfused_images_per_sec'] for record in records]
-  fused_speeds = [record['fused_images_per_sec_interleaved'] for record in records]
-  bars = speed_axes.bar(x, speeds, 0.6, color='tab:gray', label='unfused (training-time structure)')
-  speed_axes.bar_label(bars, fmt='%.0f', label_type='center', fontsize=8, color='white')
-  speed_axes.plot(
-    x, fused_speeds, '-o', color='tab:green', label='fused (rows interleaved); speed-up'
+  def spread(key):
+    quartiles = np.array([s['speed'][key] for s in summaries])  # (rows, 3): q1, median, q3
+    return quartiles[:, 1], np.stack(
+      [quartiles[:, 1] - quartiles[:, 0], quartiles[:, 2] - quartiles[:, 1]]
+    )
+
+  unfused, unfused_err = spread('unfused_images_per_sec')
+  fused, fused_err = spread('fused_images_per_sec')
+  bars = speed_axes.bar(
+    x, unfused, 0.6, yerr=unfused_err, capsize=3, color='tab:gray', label='unfused (training-time)'
   )
-  for i, record in enumerate(records):
+  speed_axes.bar_label(bars, fmt='%.0f', label_type='center', fontsize=8, color='white')
+  speed_axes.errorbar(
+    x, fused, yerr=fused_err, fmt='-o', capsize=3, color='tab:green', label='fused; fused/unfused'
+  )
+  for i, s in enumerate(summaries):
     speed_axes.annotate(
-      f'{record["speedup"]:.2f}x',
-      (x[i], fused_speeds[i]),
+      f'{s["speed"]["speedup"]:.2f}x',
+      (x[i], fused[i]),
       textcoords='offset points',
-      xytext=(0, 7),
+      xytext=(0, 9),
       ha='center',
       fontsize=8,
       color='tab:green',
     )
-  speed_axes.set_ylim(0, 1.35 * max(speeds + fused_speeds))
-  speed_axes.set_ylabel('inference images/s')
-  speed_axes.set_title('Inference speed')
+  speed_axes.set_ylim(
+    0, 1.35 * float(max(np.max(unfused + unfused_err[1]), np.max(fused + fused_err[1])))
+  )
+  speed_axes.set_ylabel('inference images/s, median and quartiles')
+  speed_axes.set_title('Inference speed, rows timed round robin')
 
   for axes in (accuracy_axes, speed_axes):
     axes.set_xticks(x, names, rotation=25, ha='right')
     axes.set_xlabel('branch set')
     axes.legend(loc='upper left', ncols=2, fontsize=8)
-  summary = records[0]['summary']
-  figure.suptitle(f'Branch-set ablation: {summary["model"]} on {summary["dataset"]}')
+  summary = summaries[0]['runs'][0]['summary']
+  seeds = len(summaries[0]['seeds'])
+  figure.suptitle(
+    f'Branch-set ablation: {summary["model"]} on {summary["dataset"]}, {seeds} seed(s)'
+  )
   tmp = path.with_name(path.name + '.tmp')
   figure.savefig(tmp, dpi=120, format='png')
   os.replace(tmp, path)
@@ -157,10 +261,23 @@ def _write_text(path: pathlib.Path, text: str) -> None:
   os.replace(tmp, path)
 
 
-def write_reports(workdir: pathlib.Path, records: list[dict]) -> str:
-  """Writes ``ablation.md``, ``ablation.csv`` and ``ablation.png``; returns the markdown."""
-  text = markdown(records)
+def write_reports(
+  workdir: pathlib.Path,
+  records: dict[str, list[dict]],
+  speeds: dict[str, dict],
+  reference: str | None,
+) -> str:
+  """Writes ``ablation.md``, ``ablation.csv`` and ``ablation.png``; returns the markdown.
+
+  Args:
+    workdir: where they go.
+    records: row -> its runs' records, one per seed (`runner.run_row`).
+    speeds: row -> its speeds (`runner.time_rows`).
+    reference: the row the others are compared with, or None.
+  """
+  summaries = summarize(records, speeds, reference)
+  text = markdown(summaries, reference)
   _write_text(workdir / 'ablation.md', text)
-  _write_text(workdir / 'ablation.csv', csv_text(records))
-  plot(workdir / 'ablation.png', records)
+  _write_text(workdir / 'ablation.csv', csv_text(summaries))
+  plot(workdir / 'ablation.png', summaries)
   return text

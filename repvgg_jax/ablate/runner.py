@@ -1,25 +1,29 @@
-"""Branch-set ablation: one model per branch set, trained, fused, evaluated and timed.
+"""Branch-set ablation: one model per branch set and seed, trained, fused, evaluated and timed.
 
   python -m repvgg_jax.ablate --config configs/ablation_digits.py [--workdir DIR]
 
 The config is a training config plus ``config.ablation``: ``branch_sets``, an
 ordered mapping of row name -> branch set (it replaces ``config.model.branches``)
-or block kind (``'qarepvgg'``: the same variant with QARepVGG's blocks), and the
-benchmark settings. Every row trains with the same seed and schedule in
-``<workdir>/<row>`` (`trainer.train_and_evaluate`), then is measured: top-1 of the
-training-time and fused models over the eval split, trainable parameters of both,
-the largest logit difference between the trained model and its saved fused model
-over the eval split, and the inference speed of both (`bench_models.benchmark_models`:
-the trained variables on random images, timed side by side). The results go to
-``<workdir>/ablation.md``, ``ablation.csv`` and ``ablation.png``.
+or block kind (``'qarepvgg'``: the same variant with QARepVGG's blocks),
+``seeds`` (each row trains once per seed: ``config.seed``, ``config.seed + 1``,
+...), ``reference`` (the row the others are compared with, seed by seed) and the
+benchmark settings. Every (row, seed) trains with the same schedule in
+``<workdir>/<row>/seed<seed>`` (`trainer.train_and_evaluate`) and is measured:
+top-1 of the training-time and fused models over the eval split, trainable
+parameters of both, and the largest logit difference between the trained model
+and its saved fused model over the eval split. Then the rows' speeds are timed
+together, round robin (`time_rows`). The results go to
+``<workdir>/ablation.md`` (mean and 95% interval over the seeds, the paired
+difference to the reference row), ``ablation.csv`` (every seed) and
+``ablation.png`` (`repvgg_jax.ablate.report`, `repvgg_jax.ablate.stats`).
 
-Resuming: a finished row's results are kept in ``<workdir>/<row>/ablation_row.json``
-and a rerun skips the row; an unfinished row continues from its last checkpoint.
-A row whose saved training config differs from the current one in anything that
-changes the result (its branch set, the schedule, the seed, ...) is refused with
-an error that names the differences, before anything trains: delete the row's
-directory to rerun it, or use another workdir. Changed benchmark settings re-time
-the finished rows without retraining them.
+Resuming: a finished run's results are kept in
+``<workdir>/<row>/seed<seed>/ablation_row.json`` and a rerun skips it; an
+unfinished run continues from its last checkpoint. A run whose saved training
+config differs from the current one in anything that changes the result (its
+branch set, the schedule, ...) is refused with an error that names the
+differences, before anything trains: delete its directory to rerun it, or use
+another workdir. Speeds are timed anew on every invocation.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import numpy as np  # noqa: E402
 
 from repvgg_jax import jsonfiles  # noqa: E402
 from repvgg_jax.ablate import report as ablation_report  # noqa: E402
-from repvgg_jax.bench import models as bench_models  # noqa: E402
+from repvgg_jax.ablate import stats  # noqa: E402
 from repvgg_jax.bench import timing as bench_timing  # noqa: E402
 from repvgg_jax.data import datasets as data  # noqa: E402
 from repvgg_jax.model import normalize_branches, variants  # noqa: E402
@@ -120,12 +124,39 @@ def branch_sets(config) -> dict[str, tuple]:
   return {name: branches for name, branches in rows.items() if not only or name in only}
 
 
-def row_config(config, branches):
+def seeds(config) -> list[int]:
+  """The seeds every row trains with: ``config.seed`` and the ``ablation.seeds - 1`` after it."""
+  count = config.ablation.get('seeds', 1)
+  if not isinstance(count, int) or count < 1:
+    raise AblationError(f'ablation.seeds must be a positive number of seeds, got {count!r}.')
+  return [config.seed + index for index in range(count)]
+
+
+def reference_row(config, rows: dict) -> str | None:
+  """The row the others are compared with (``ablation.reference``), if it is run."""
+  name = config.ablation.get('reference', '')
+  all_rows = dict(config.ablation.branch_sets.items())
+  if name and name not in all_rows:
+    raise AblationError(
+      f'ablation.reference names the unknown row {name!r}; the rows are {list(all_rows)}.'
+    )
+  return name if name in rows else None
+
+
+def run_dir(workdir: pathlib.Path, name: str, seed: int) -> pathlib.Path:
+  """Where one row trains with one seed."""
+  return workdir / name / f'seed{seed}'
+
+
+def row_config(config, branches, seed: int | None = None):
   """The training config of one row: ``config`` with these branches (or, for a
-  block kind, that kind's variant of the same shape) and no ablation part."""
+  block kind, that kind's variant of the same shape), ``seed`` (default: the
+  config's) and no ablation part."""
   row = config.copy_and_resolve_references()
   with row.unlocked():
     del row['ablation']
+    if seed is not None:
+      row.seed = seed
     if isinstance(branches, str):
       row.model.name = variants.with_block(row.model.name, branches)
       row.model.branches = None
@@ -229,18 +260,30 @@ def _check_unchanged(name: str, row_dir: pathlib.Path, current: dict) -> None:
     )
 
 
-def check_ablation(config, workdir: pathlib.Path) -> dict:
-  """Validates everything before anything trains; returns row name -> row config."""
-  rows = {name: row_config(config, branches) for name, branches in branch_sets(config).items()}
+def check_ablation(config, workdir: pathlib.Path) -> dict[str, dict[int, object]]:
+  """Validates everything before anything trains; returns row -> seed -> run config."""
+  sets = branch_sets(config)
+  runs = {
+    name: {seed: row_config(config, branches, seed) for seed in seeds(config)}
+    for name, branches in sets.items()
+  }
+  reference_row(config, sets)
   bench_settings(config)
-  for name, row in rows.items():
-    try:
-      trainer.check_config(row)
-    except trainer.ConfigError as error:
-      raise AblationError(f'Row {name!r}: {error}') from None
-    _check_unchanged(name, workdir / name, _as_json(row.to_dict()))
+  for name, by_seed in runs.items():
+    if (workdir / name / ROW_FILE).exists():
+      raise AblationError(
+        f'Row {name!r} in {workdir} was run by a version without seeds ({workdir / name}): '
+        'use another --workdir, or delete that directory to run the row again.'
+      )
+    for seed, row in by_seed.items():
+      try:
+        trainer.check_config(row)
+      except trainer.ConfigError as error:
+        raise AblationError(f'Row {name!r}: {error}') from None
+      directory = run_dir(workdir, name, seed)
+      _check_unchanged(f'{name} (seed {seed})', directory, _as_json(row.to_dict()))
   data.class_names(config.dataset)  # Fails at once when the dataset is missing.
-  return rows
+  return runs
 
 
 def count_params(model, image_size: int) -> int:
@@ -270,66 +313,39 @@ def _max_logit_error(config, forward: dict, variables, fused, batch_size: int) -
   return error / scale
 
 
-def measure(config, row_dir: pathlib.Path, settings: dict) -> dict:
-  """Speed of the row's unfused and fused models, and how far apart their logits are.
-
-  Both are the trained ones: the last training checkpoint and the saved deploy
-  checkpoint (`trainer.train_and_evaluate` writes both). They are timed side by
-  side on random images (`bench_models.benchmark_models`); the logits are compared on the
-  eval split in inference mode, with the same compiled functions when the timed
-  image size is the dataset's.
-  """
-  state = _restore_latest(row_dir / 'checkpoints')
+def logit_error(config, directory: pathlib.Path) -> float:
+  """How far the run's saved fused model is from its trained one (`_max_logit_error`):
+  the last training checkpoint against the saved deploy checkpoint, in inference mode."""
+  state = _restore_latest(directory / 'checkpoints')
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-  fused = _restore_latest(row_dir / 'deploy')
+  fused = _restore_latest(directory / 'deploy')
+  jit = compile_options.jit
   model, deploy = trainer.build_model(config), trainer.build_model(config, deploy=True)
-  shape = (settings['batch'], settings['size'], settings['size'], 3)
-  images = jax.random.normal(jax.random.key(config.seed), shape, jnp.float32)
-  result, forward = bench_models.benchmark_models(
-    model,
-    deploy,
-    variables,
-    fused,
-    images,
-    settings['runs'],
-    settings['warmup'],
-    conv_impl=config.model.conv_impl,
-  )
-  batch_size = settings['batch']
-  if settings['size'] != config.dataset.image_size:
-    jit = compile_options.jit
-    forward = {'train': jit(model.apply), 'deploy': jit(deploy.apply)}
-    batch_size = config.eval_batch_size
-  return {
-    'bench_settings': settings,
-    'bench': result,
-    'unfused_images_per_sec': result['train']['images_per_sec'],
-    'fused_images_per_sec': result['deploy']['images_per_sec'],
-    'speedup': result['speedup'],
-    'logit_rel_error': _max_logit_error(config, forward, variables, fused, batch_size),
-  }
+  forward = {'train': jit(model.apply), 'deploy': jit(deploy.apply)}
+  return _max_logit_error(config, forward, variables, fused, config.eval_batch_size)
 
 
-def run_row(name: str, config, row_dir: pathlib.Path, settings: dict) -> dict:
-  """Trains (or resumes) one row and measures it; returns its record.
+def run_row(name: str, config, directory: pathlib.Path) -> dict:
+  """Trains (or resumes) one row with one seed and measures it; returns its record.
 
   Raises:
     Preempted: a SIGTERM stopped the training after a checkpoint.
   """
   start = time.perf_counter()
   try:
-    summary = trainer.train_and_evaluate(config, row_dir)
+    summary = trainer.train_and_evaluate(config, directory)
   except trainer.TrainingDivergedError as error:
     raise trainer.TrainingDivergedError(f'Row {name!r}: {error}') from error
   if summary.get('preempted'):
     raise Preempted(
-      f'SIGTERM: row {name!r} saved its checkpoint at step {summary["steps"]} in {row_dir}; '
+      f'SIGTERM: row {name!r} saved its checkpoint at step {summary["steps"]} in {directory}; '
       'run the same command to continue.'
     )
   train_seconds = time.perf_counter() - start
   size = config.dataset.image_size
   return {
     'row': name,
+    'seed': config.seed,
     'branches': row_label(config),
     'config': _as_json(config.to_dict()),
     'summary': summary,
@@ -338,93 +354,114 @@ def run_row(name: str, config, row_dir: pathlib.Path, settings: dict) -> dict:
     'train_params': count_params(trainer.build_model(config), size),
     'deploy_params': count_params(trainer.build_model(config, deploy=True), size),
     'train_seconds': train_seconds,
-    **measure(config, row_dir, settings),
+    'logit_rel_error': logit_error(config, directory),
   }
 
 
 def _done_line(record: dict) -> str:
   return (
     f'top-1 {record["top1"]:.2%} (fused {record["top1_fused"]:.2%}), '
-    f'logit rel. error {record["logit_rel_error"]:.1e}, '
-    f'{record["unfused_images_per_sec"]:,.0f} -> {record["fused_images_per_sec"]:,.0f} img/s '
-    f'({record["speedup"]:.2f}x)'
+    f'logit rel. error {record["logit_rel_error"]:.1e}'
   )
 
 
-def _ablate_row(index, count, name, config, row_dir, settings, log) -> dict:
-  """Reuses, re-times or runs one row, saving its record; logs one line or two."""
-  tag = f'[{index}/{count}] {name}'
-  record = load_row(row_dir)
-  if record is not None and record['bench_settings'] == settings:
-    log(f'{tag}: done before, skipped ({row_dir / ROW_FILE}): {_done_line(record)}')
-    return record
+def _ablate_run(tag: str, name: str, config, directory: pathlib.Path, log) -> dict:
+  """Reuses or runs one (row, seed), saving its record; logs one line or two."""
+  record = load_row(directory)
   if record is not None:
-    log(f'{tag}: trained before; timing it again with the new benchmark settings {settings}')
-    record.update(measure(config, row_dir, settings))
-  else:
-    resume = ' (continuing from its checkpoint)' if _has_checkpoint(row_dir) else ''
-    label = row_label(config)
-    log(f'{tag}: {label}: training in {row_dir}{resume}')
-    start = time.perf_counter()
-    record = run_row(name, config, row_dir, settings)
-    log(f'{tag}: {_done_line(record)}; {time.perf_counter() - start:,.0f} s')
-  jsonfiles.write_json(row_dir / ROW_FILE, record)
+    log(f'{tag}: done before, skipped ({directory / ROW_FILE}): {_done_line(record)}')
+    return record
+  resume = ' (continuing from its checkpoint)' if _has_checkpoint(directory) else ''
+  log(f'{tag}: {row_label(config)}: training in {directory}{resume}')
+  start = time.perf_counter()
+  record = run_row(name, config, directory)
+  log(f'{tag}: {_done_line(record)}; {time.perf_counter() - start:,.0f} s')
+  jsonfiles.write_json(directory / ROW_FILE, record)
   return record
 
 
 def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None] = print) -> str:
-  """Runs (or finishes) every row of the ablation and writes the reports.
+  """Runs (or finishes) every row with every seed, times the rows, writes the reports.
 
   Args:
     config: a training config with ``config.ablation`` (see configs/ablation_digits.py).
-    workdir: holds one directory per row and the reports.
-    log: receives one progress line per row (two when the row runs).
+    workdir: holds one directory per row (one per seed in it) and the reports.
+    log: receives one progress line per run (two when it trains) and one for the timing.
 
   Returns:
     The markdown of ``<workdir>/ablation.md`` (written with ``ablation.csv`` and
     ``ablation.png``).
 
   Raises:
-    AblationError: a bad ablation config, or rows run with another config
-      (checked for all rows before anything trains).
+    AblationError: a bad ablation config, or runs made with another config
+      (checked for all of them before anything trains).
     trainer.ConfigError, data.DatasetNotFoundError: as `trainer.train_and_evaluate`.
-    trainer.TrainingDivergedError: a row diverged (earlier rows are kept).
-    Preempted: a SIGTERM stopped a row after its checkpoint.
+    trainer.TrainingDivergedError: a run diverged (earlier runs are kept).
+    Preempted: a SIGTERM stopped a run after its checkpoint.
   """
   workdir = pathlib.Path(workdir).absolute()
-  rows = check_ablation(config, workdir)
+  runs = check_ablation(config, workdir)
   settings = bench_settings(config)
   workdir.mkdir(parents=True, exist_ok=True)
-  records = [
-    _ablate_row(index, len(rows), name, row, workdir / name, settings, log)
-    for index, (name, row) in enumerate(rows.items(), 1)
-  ]
-  speeds = time_fused_rows_together(next(iter(rows.values())), workdir, list(rows), settings)
-  for record, speed in zip(records, speeds, strict=True):
-    record['fused_images_per_sec_interleaved'] = speed
-  return ablation_report.write_reports(workdir, records)
+  count, index, records = sum(len(by_seed) for by_seed in runs.values()), 0, {}
+  for seed in seeds(config):  # Seed by seed: the first seed's rows are all done first.
+    for name, by_seed in runs.items():
+      index += 1
+      tag = f'[{index}/{count}] {name}, seed {seed}'
+      record = _ablate_run(tag, name, by_seed[seed], run_dir(workdir, name, seed), log)
+      records.setdefault(name, []).append(record)
+  first = seeds(config)[0]
+  log(f'Timing the rows round robin ({settings["runs"]} rounds of batch {settings["batch"]})')
+  speeds = time_rows({name: by_seed[first] for name, by_seed in runs.items()}, workdir, settings)
+  reference = reference_row(config, runs)
+  return ablation_report.write_reports(workdir, records, speeds, reference)
 
 
-def time_fused_rows_together(config, workdir: pathlib.Path, names, settings: dict) -> list[float]:
-  """Images/s of every row's fused model, timed in one round-robin loop.
+def time_rows(configs: dict, workdir: pathlib.Path, settings: dict) -> dict[str, dict]:
+  """Images/s of every row's unfused and fused model, timed in one round-robin loop.
 
-  All rows fuse to the same deploy network, so one compiled function runs them
-  all. Timed run by run across the rows, the figures see the same machine
-  load, unlike the per-row measurements taken minutes apart: they show whether
-  the fused models really run at one speed.
+  Each round times every row's trained unfused model and then its fused one once,
+  row after row, on the same random images; ``settings['runs']`` rounds follow
+  ``settings['warmup']`` untimed ones. Every figure thus sees the same machine
+  load, every row's fused/unfused ratio comes from the same rounds, and the
+  fused models, one deploy network, should come out at one speed. Returns per
+  row the quartiles of both rates and the median of the per-round ratios.
   """
-  deploy = trainer.build_model(config, deploy=True)
+  names = list(configs)
+  first = configs[names[0]]
   shape = (settings['batch'], settings['size'], settings['size'], 3)
-  images = jax.random.normal(jax.random.key(config.seed), shape, jnp.float32)
-  fused = [_restore_latest(workdir / name / 'deploy') for name in names]
-  forward, _ = bench_timing.compiled_forward(deploy, fused[0], images)
-  times = [[] for _ in names]
-  for run in range(settings['warmup'] + settings['runs']):
-    for row_times, variables in zip(times, fused, strict=True):
-      seconds = bench_timing.time_once(forward, variables, images)
-      if run >= settings['warmup']:
-        row_times.append(seconds)
-  return [settings['batch'] / float(np.median(row_times)) for row_times in times]
+  images = jax.random.normal(jax.random.key(first.seed), shape, jnp.float32)
+  unfused, fused = {}, {}
+  for name, config in configs.items():
+    directory = run_dir(workdir, name, config.seed)
+    state = _restore_latest(directory / 'checkpoints')
+    variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+    forward, _ = bench_timing.compiled_forward(trainer.build_model(config), variables, images)
+    unfused[name] = (forward, variables)
+    fused[name] = _restore_latest(directory / 'deploy')
+  deploy_forward, _ = bench_timing.compiled_forward(
+    trainer.build_model(first, deploy=True), fused[names[0]], images
+  )
+  seconds = {name: ([], []) for name in names}
+  for round_index in range(settings['warmup'] + settings['runs']):
+    for name in names:
+      slow = bench_timing.time_once(*unfused[name], images)
+      fast = bench_timing.time_once(deploy_forward, fused[name], images)
+      if round_index >= settings['warmup']:
+        seconds[name][0].append(slow)
+        seconds[name][1].append(fast)
+  batch = settings['batch']
+  return {
+    name: {
+      'unfused_images_per_sec': stats.quartiles([batch / t for t in slow]),
+      'fused_images_per_sec': stats.quartiles([batch / t for t in fast]),
+      'speedup': float(np.median(np.asarray(slow) / np.asarray(fast))),
+      'settings': settings,
+      'backend': jax.default_backend(),
+      'device': jax.devices()[0].device_kind,
+    }
+    for name, (slow, fast) in seconds.items()
+  }
 
 
 def main(argv) -> int:
