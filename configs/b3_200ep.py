@@ -1,14 +1,9 @@
-"""RepVGG-B3 on ImageNet: the paper's 200-epoch recipe (`default.long_recipe`).
+"""RepVGG-B3 on ImageNet, the paper's 200-epoch recipe (Table 5): 80.52 top-1 in the paper.
 
-  python train.py --config configs/b3_200ep.py --workdir /path/to/workdir \
-    --config.model.dtype=bfloat16
+  python train.py --config configs/b3_200ep.py --workdir DIR --config.model.dtype=bfloat16
 
-The paper trained its three heaviest models (B2g4, B3g4, B3) for 200 epochs
-with label smoothing, mixup and AutoAugment (Ding et al. 2021, Sec. 4.2 and
-Table 5); `default.long_recipe` lists the settings and where each comes from
-in the official repository (github.com/DingXiaoH/RepVGG). Hardware: 8 GPUs
-with the global batch of 256 (32 per GPU), as in the paper.
-Paper ImageNet top-1: 80.52.
+On 8 GPUs with the paper's global batch of 256. `default.long_recipe` gives the
+settings and where each comes from in github.com/DingXiaoH/RepVGG.
 """
 
 from configs import default

@@ -243,27 +243,11 @@ def raised_bars(run: Run) -> None:
   run.say('', '## 3. The raised bars (bfloat16, batch 256)', '')
   peak = timing.roofline('bfloat16', runs=3)
   run.row(peak)
-  train = models.benchmark_train_step(
-    'B0',
-    sizes['big_batch'],
-    sizes['size'],
-    sizes['runs'],
-    sizes['warmup'],
-    dtype='bfloat16',
-    conv_impl='xla',
-    peak_gflops=timing.peak_of(peak),
-  )
+  common = (sizes['big_batch'], sizes['size'], sizes['runs'], sizes['warmup'])
+  options = {'dtype': 'bfloat16', 'conv_impl': 'xla', 'peak_gflops': timing.peak_of(peak)}
+  train = models.benchmark_train_step('B0', *common, **options)
+  infer = models.benchmark('A0', *common, **options)
   run.row(train)
-  infer = models.benchmark(
-    'A0',
-    sizes['big_batch'],
-    sizes['size'],
-    sizes['runs'],
-    sizes['warmup'],
-    dtype='bfloat16',
-    conv_impl='xla',
-    peak_gflops=timing.peak_of(peak),
-  )
   run.row(infer)
   share = lambda part: f'{part["roofline_share"]:.0%}' if part.get('roofline_share') else '?'
   b0, a0 = train['jax'], infer['deploy']
