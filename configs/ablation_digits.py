@@ -35,8 +35,9 @@ def get_config():
   config.optimizer.learning_rate = 0.025
 
   config.ablation = ml_collections.ConfigDict()
-  # Row name (a directory name) -> branch kinds of every block, or a block kind
-  # ('qarepvgg': the variant with QARepVGG's blocks); rows run in this order.
+  # Row name (a directory name) -> branch kinds of every block, a block kind ('qarepvgg':
+  # the variant with QARepVGG's blocks), or {'branches': ..., <settings the row changes>};
+  # rows run in this order.
   config.ablation.branch_sets = ml_collections.ConfigDict(branch_sets(), sort_keys=False)
   config.ablation.only = ''  # Comma-separated row names to run and report; '': all rows.
   config.ablation.seeds = 3  # Runs per row, with seeds config.seed, config.seed + 1, ...
@@ -48,9 +49,9 @@ def get_config():
   return config
 
 
-def branch_sets(mobileone_k: int = 2) -> dict[str, tuple[str, ...] | str]:
+def branch_sets(mobileone_k: int = 2) -> dict[str, tuple[str, ...] | str | dict]:
   """The rows: the paper's Table 6 (none, identity, 1x1, both), then the wider
-  family, then QARepVGG's block.
+  family, then QARepVGG's block, then RepVGG's block with the reference's custom L2.
 
   MobileOne's branch count K is 2 here, which keeps the CPU run short; the
   ImageNet config uses MobileOne-S0's K = 4.
@@ -64,4 +65,7 @@ def branch_sets(mobileone_k: int = 2) -> dict[str, tuple[str, ...] | str]:
     'dbb': ('conv3x3', 'conv1x1', 'dbb_avg', 'dbb_1x1_3x3'),
     'mobileone': (f'parallel3x3_k{mobileone_k}', 'conv1x1', 'identity'),
     'qarepvgg': 'qarepvgg',  # 3x3 conv-BN + 1x1 + identity, BatchNorm of the sum.
+    # RepVGG's block with the reference's custom L2 on the equivalent kernel instead of
+    # plain weight decay on its 3x3 and 1x1 kernels (optimizer.custom_l2).
+    'custom_l2': {'branches': ('conv3x3', 'conv1x1', 'identity'), 'optimizer': {'custom_l2': True}},
   }

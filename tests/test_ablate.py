@@ -285,6 +285,12 @@ def test_a_workdir_of_the_layout_without_seeds_is_refused(tmp_path, digits_dir, 
     (None, {'ablation.only': 'paper,acnet'}, r"unknown rows \['acnet'\]"),
     (None, {'model.dtype': 'float16'}, r"Row 'none': model.dtype must be"),
     (None, {'ablation.seeds': 0}, 'ablation.seeds must be a positive number of seeds, got 0'),
+    ({'l2': {'optimizer': {'custom_l2': True}}}, {}, 'branch_sets.l2 is a mapping without'),
+    (
+      {'l2': {'branches': ('conv3x3',), 'optimizer': {'custom_l3': True}}},
+      {},
+      r'ablation\.branch_sets\.l2\.optimizer\.custom_l3: the training config has no such',
+    ),
     (None, {'ablation.reference': 'both'}, "ablation.reference names the unknown row 'both'"),
   ],
 )
@@ -306,6 +312,17 @@ def test_a_block_kind_row_trains_that_kinds_variant(tmp_path):
   assert ablate.row_label(rows['paper']) == 'conv3x3+conv1x1+identity'
   params = {name: ablate.count_params(trainer.build_model(row), 32) for name, row in rows.items()}
   assert params['qa'] < params['paper']  # No BatchNorm on the 1x1 and the identity.
+
+
+def test_a_row_may_change_training_settings(tmp_path):
+  row = {'branches': branches.PAPER_BRANCHES, 'optimizer': {'custom_l2': True}}
+  config = ablation_config(str(tmp_path / 'tfds'), {'paper': branches.PAPER_BRANCHES, 'l2': row})
+  rows = ablate.branch_sets(config)
+  l2 = ablate.row_config(config, rows['l2'], 3, name='l2')
+  assert l2.optimizer.custom_l2 and l2.model.branches == branches.PAPER_BRANCHES and l2.seed == 3
+  assert not ablate.row_config(config, rows['paper']).optimizer.custom_l2
+  settings = ablate._split_row('l2', rows['l2'])[1]
+  assert ablate.row_label(l2, settings) == 'conv3x3+conv1x1+identity optimizer.custom_l2=True'
 
 
 def test_a_config_without_ablation_is_refused(tmp_path, no_training):
@@ -333,7 +350,17 @@ def test_ablation_configs(name):
   module = importlib.import_module(f'configs.{name}')
   config = module.get_config()
   rows = ablate.branch_sets(config)  # Every branch kind is registered.
-  assert list(rows) == ['none', 'identity', '1x1', 'paper', 'acnet', 'dbb', 'mobileone', 'qarepvgg']
+  assert list(rows) == [
+    'none',
+    'identity',
+    '1x1',
+    'paper',
+    'acnet',
+    'dbb',
+    'mobileone',
+    'qarepvgg',
+    'custom_l2',
+  ]
   assert rows['paper'] == branches.PAPER_BRANCHES
   assert config.ablation.reference == 'paper'
   assert config.ablation.seeds == (3 if name == 'ablation_digits' else 1)
@@ -354,3 +381,5 @@ def test_intervals_and_paired_differences():
   assert not stats.interval([-1.0, 1.0]).excludes_zero
   assert stats.interval([1.0, 1.1, 0.9]).excludes_zero
   assert stats.quartiles([4, 1, 3, 2, 5]) == (2.0, 3.0, 4.0)
+  one_seed = {'row': 'none', 'difference': stats.paired_difference({0: 97.5}, {0: 96.0})}
+  assert ablation_report._difference(one_seed, 'paper') == '+1.50'  # No interval to show.

@@ -89,6 +89,8 @@ def _difference(summary: dict, reference: str | None) -> str:
   difference = summary['difference']
   if difference is None:
     return 'reference' if summary['row'] == reference else '–'
+  if math.isnan(difference.half_width):  # One seed: no interval.
+    return f'{difference.mean:+.2f}'
   text = f'{difference.mean:+.2f} ± {difference.half_width:.2f}'
   return f'**{text}**' if difference.excludes_zero else text
 

@@ -4,7 +4,9 @@
 
 The config is a training config plus ``config.ablation``: ``branch_sets``, an
 ordered mapping of row name -> branch set (it replaces ``config.model.branches``)
-or block kind (``'qarepvgg'``: the same variant with QARepVGG's blocks),
+or block kind (``'qarepvgg'``: the same variant with QARepVGG's blocks), or a
+mapping of ``branches`` and the training settings the row changes
+(``{'branches': (...), 'optimizer': {'custom_l2': True}}``),
 ``seeds`` (each row trains once per seed: ``config.seed``, ``config.seed + 1``,
 ...), ``reference`` (the row the others are compared with, seed by seed) and the
 benchmark settings. Every (row, seed) trains with the same schedule in
@@ -100,11 +102,12 @@ def branch_sets(config) -> dict[str, tuple]:
   rows = dict(sets.items() if hasattr(sets, 'items') else sets or ())
   if not rows:
     raise AblationError('ablation.branch_sets is empty: give at least one row name -> branch set.')
-  for name, branches in rows.items():
+  for name, row in rows.items():
     if not _ROW_NAME.fullmatch(name):
       raise AblationError(
         f'Row name {name!r} cannot name a directory: use letters, digits and _ . + - only.'
       )
+    branches, _ = _split_row(name, row)
     if not branches:
       raise AblationError(f'ablation.branch_sets.{name} is empty: name at least one branch kind.')
     if isinstance(branches, str) and branches not in variants.BLOCK_KINDS:
@@ -148,10 +151,36 @@ def run_dir(workdir: pathlib.Path, name: str, seed: int) -> pathlib.Path:
   return workdir / name / f'seed{seed}'
 
 
-def row_config(config, branches, seed: int | None = None):
-  """The training config of one row: ``config`` with these branches (or, for a
-  block kind, that kind's variant of the same shape), ``seed`` (default: the
-  config's) and no ablation part."""
+def _split_row(name: str, row) -> tuple:
+  """``(branches, settings)`` of a row: a branch set or block kind alone, or a mapping
+  of ``branches`` and config settings that the row changes (``optimizer: {...}``)."""
+  if not hasattr(row, 'items'):
+    return row, {}
+  settings = dict(row.items())
+  if 'branches' not in settings:
+    raise AblationError(
+      f'ablation.branch_sets.{name} is a mapping without branches: give '
+      "{'branches': (...), 'optimizer': {...}}, the branch set and the settings it changes."
+    )
+  return settings.pop('branches'), settings
+
+
+def _apply_settings(config, settings, where: str) -> None:
+  """Sets ``settings`` (nested mappings) in ``config``; every field must exist there."""
+  for key, value in settings.items():
+    if key not in config:
+      raise AblationError(f'{where}.{key}: the training config has no such field.')
+    if hasattr(value, 'items'):
+      _apply_settings(config[key], value, f'{where}.{key}')
+    else:
+      config[key] = value
+
+
+def row_config(config, row, seed: int | None = None, *, name: str = '<row>'):
+  """The training config of one row: ``config`` with its branches (or, for a
+  block kind, that kind's variant of the same shape) and the settings it changes,
+  ``seed`` (default: the config's) and no ablation part."""
+  branches, settings = _split_row(name, row)
   row = config.copy_and_resolve_references()
   with row.unlocked():
     del row['ablation']
@@ -162,15 +191,26 @@ def row_config(config, branches, seed: int | None = None):
       row.model.branches = None
     else:
       row.model.branches = tuple(branches)
+  _apply_settings(row, settings, f'ablation.branch_sets.{name}')
   return row
 
 
-def row_label(config) -> str:
-  """The row's blocks: its branch kinds, after the block kind where it is not RepVGG's."""
+def row_label(config, settings=None) -> str:
+  """The row's blocks: its branch kinds, after the block kind where it is not RepVGG's;
+  then the settings the row changes (``optimizer.custom_l2=True``)."""
   variant = variants.get_variant(config.model.name)
   branches = config.model.branches or variant.block_kind.branches
   label = ablation_report.branches_label(_as_json(branches))
-  return label if variant.block == 'repvgg' else f'{variant.block_kind.prefix}: {label}'
+  label = label if variant.block == 'repvgg' else f'{variant.block_kind.prefix}: {label}'
+  return ' '.join([label, *(f'{key}={value}' for key, value in _flat_settings(settings or {}))])
+
+
+def _flat_settings(settings, prefix: str = ''):
+  for key, value in settings.items():
+    if hasattr(value, 'items'):
+      yield from _flat_settings(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
 
 
 def bench_settings(config) -> dict[str, int]:
@@ -264,8 +304,8 @@ def check_ablation(config, workdir: pathlib.Path) -> dict[str, dict[int, object]
   """Validates everything before anything trains; returns row -> seed -> run config."""
   sets = branch_sets(config)
   runs = {
-    name: {seed: row_config(config, branches, seed) for seed in seeds(config)}
-    for name, branches in sets.items()
+    name: {seed: row_config(config, row, seed, name=name) for seed in seeds(config)}
+    for name, row in sets.items()
   }
   reference_row(config, sets)
   bench_settings(config)
@@ -325,7 +365,7 @@ def logit_error(config, directory: pathlib.Path) -> float:
   return _max_logit_error(config, forward, variables, fused, config.eval_batch_size)
 
 
-def run_row(name: str, config, directory: pathlib.Path) -> dict:
+def run_row(name: str, config, directory: pathlib.Path, label: str | None = None) -> dict:
   """Trains (or resumes) one row with one seed and measures it; returns its record.
 
   Raises:
@@ -346,7 +386,7 @@ def run_row(name: str, config, directory: pathlib.Path) -> dict:
   return {
     'row': name,
     'seed': config.seed,
-    'branches': row_label(config),
+    'branches': label or row_label(config),
     'config': _as_json(config.to_dict()),
     'summary': summary,
     'top1': summary['eval_top1'],
@@ -365,16 +405,16 @@ def _done_line(record: dict) -> str:
   )
 
 
-def _ablate_run(tag: str, name: str, config, directory: pathlib.Path, log) -> dict:
+def _ablate_run(tag: str, name: str, config, directory: pathlib.Path, label: str, log) -> dict:
   """Reuses or runs one (row, seed), saving its record; logs one line or two."""
   record = load_row(directory)
   if record is not None:
     log(f'{tag}: done before, skipped ({directory / ROW_FILE}): {_done_line(record)}')
     return record
   resume = ' (continuing from its checkpoint)' if _has_checkpoint(directory) else ''
-  log(f'{tag}: {row_label(config)}: training in {directory}{resume}')
+  log(f'{tag}: {label}: training in {directory}{resume}')
   start = time.perf_counter()
-  record = run_row(name, config, directory)
+  record = run_row(name, config, directory, label)
   log(f'{tag}: {_done_line(record)}; {time.perf_counter() - start:,.0f} s')
   jsonfiles.write_json(directory / ROW_FILE, record)
   return record
@@ -403,12 +443,17 @@ def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None]
   runs = check_ablation(config, workdir)
   settings = bench_settings(config)
   workdir.mkdir(parents=True, exist_ok=True)
+  labels = {
+    name: row_label(by_seed[seeds(config)[0]], _split_row(name, row)[1])
+    for (name, by_seed), row in zip(runs.items(), branch_sets(config).values(), strict=True)
+  }
   count, index, records = sum(len(by_seed) for by_seed in runs.values()), 0, {}
   for seed in seeds(config):  # Seed by seed: the first seed's rows are all done first.
     for name, by_seed in runs.items():
       index += 1
       tag = f'[{index}/{count}] {name}, seed {seed}'
-      record = _ablate_run(tag, name, by_seed[seed], run_dir(workdir, name, seed), log)
+      directory = run_dir(workdir, name, seed)
+      record = _ablate_run(tag, name, by_seed[seed], directory, labels[name], log)
       records.setdefault(name, []).append(record)
   first = seeds(config)[0]
   log(f'Timing the rows round robin ({settings["runs"]} rounds of batch {settings["batch"]})')
