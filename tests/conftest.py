@@ -5,6 +5,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 # Tests run on the CPU; this also keeps the CUDA plugin from probing for a GPU.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -34,3 +36,15 @@ def pytest_collection_modifyitems(items):
   # first, they leave the short tests to fill both xdist workers at the end. Their order,
   # and every other test's, is kept (module fixtures stay shared).
   items.sort(key=lambda item: item.path.name != 'test_train.py')
+
+
+@pytest.fixture(scope='module')
+def digits_dir(tmp_path_factory):
+  """A tfds data dir with the embedded digits prepared, once per test module."""
+  from helpers import tiny_config
+
+  from repvgg_jax.data import datasets as data
+
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  data.get_builder(tiny_config(data_dir).dataset)
+  return data_dir

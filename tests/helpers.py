@@ -138,13 +138,20 @@ def apply_overrides(config, overrides: dict):
   return config
 
 
-def checkpoint_params(workdir, step=None):
-  """The params of a run's checkpoint (default: latest), as numpy arrays."""
+def restore_checkpoint(directory, step=None):
+  """``(state, metadata)`` of the checkpoint in ``directory`` (default: the latest step)."""
   from repvgg_jax.train import checkpointing
 
-  ckpt = checkpointing.Checkpoints(f'{workdir}/checkpoints', read_only=True)
-  state, meta = ckpt.restore(step=step)
-  ckpt.close()
+  ckpt = checkpointing.Checkpoints(directory, read_only=True)
+  try:
+    return ckpt.restore(step=step)
+  finally:
+    ckpt.close()
+
+
+def checkpoint_params(workdir, step=None):
+  """The params of a run's checkpoint (default: latest), as numpy arrays."""
+  state, meta = restore_checkpoint(f'{workdir}/checkpoints', step)
   return jax.tree.map(np.asarray, state['params']), meta
 
 

@@ -15,7 +15,6 @@ from helpers import apply_overrides, run_in_repo, tiny_config
 from repvgg_jax.ablate import report as ablation_report
 from repvgg_jax.ablate import runner as ablate
 from repvgg_jax.ablate import stats
-from repvgg_jax.data import datasets as data
 from repvgg_jax.model import branches
 from repvgg_jax.train import checkpointing, trainer
 
@@ -47,13 +46,6 @@ def ablation_config(data_dir, sets=None, **overrides):
   config.ablation.seeds = 2
   config.ablation.reference = 'paper'
   return apply_overrides(config, overrides)
-
-
-@pytest.fixture(scope='module')
-def digits_dir(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  data.get_builder(tiny_config(data_dir).dataset)
-  return data_dir
 
 
 @dataclasses.dataclass

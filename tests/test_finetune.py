@@ -8,22 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CLASSES, checkpoint_params, make_folder, tiny_config
+from helpers import CLASSES, checkpoint_params, make_folder, restore_checkpoint, tiny_config
 
 from repvgg_jax import predict
-from repvgg_jax.data import datasets as data
 from repvgg_jax.interop import export
 from repvgg_jax.model import create_model
 from repvgg_jax.train import checkpointing, trainer
 
 STEPS = {'num_train_steps': 4, 'checkpoint_every_steps': 2}
-
-
-@pytest.fixture(scope='module')
-def digits_dir(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  data.get_builder(tiny_config(data_dir).dataset)
-  return data_dir
 
 
 @pytest.fixture(scope='module')
@@ -104,11 +96,7 @@ def test_frozen_stages_keep_weights_and_statistics(source, images, tmp_path):
 
 def _training_state(directory):
   path = directory / 'checkpoints' if (directory / 'checkpoints').is_dir() else directory
-  manager = checkpointing.Checkpoints(path, read_only=True)
-  try:
-    return manager.restore()[0]
-  finally:
-    manager.close()
+  return restore_checkpoint(path)[0]
 
 
 def test_a_zero_backbone_learning_rate_trains_the_classifier_only(source, images, tmp_path):

@@ -8,20 +8,12 @@ import jax
 import numpy as np
 import pytest
 import qwix
-from helpers import checkpoint_params, tiny_config
+from helpers import checkpoint_params, restore_checkpoint, tiny_config
 
-from repvgg_jax.data import datasets as data
 from repvgg_jax.interop import convert, quantize
-from repvgg_jax.train import checkpointing, trainer
+from repvgg_jax.train import trainer
 
 QAT = {'qat.enabled': True, 'num_train_steps': 4, 'checkpoint_every_steps': 2}
-
-
-@pytest.fixture(scope='module')
-def digits_dir(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  data.get_builder(tiny_config(data_dir).dataset)
-  return data_dir
 
 
 @pytest.fixture(scope='module')
@@ -40,27 +32,18 @@ def fine_tuned(tmp_path_factory, digits_dir, trained):
   return workdir, config, summary
 
 
-def restore(directory):
-  """``(state, metadata)`` of the latest checkpoint in ``directory``."""
-  ckpt = checkpointing.Checkpoints(directory, read_only=True)
-  try:
-    return ckpt.restore()
-  finally:
-    ckpt.close()
-
-
 def test_qat_starts_from_the_fused_model_and_trains_it(fine_tuned, trained):
   workdir, _, summary = fine_tuned
   assert summary['steps'] == 4 and 0 <= summary['eval_top1'] <= 1
-  start = restore(trained / 'deploy')[0]['params']
-  deploy, meta = restore(workdir / 'deploy')
+  start = restore_checkpoint(trained / 'deploy')[0]['params']
+  deploy, meta = restore_checkpoint(workdir / 'deploy')
   assert meta['deploy'] and sorted(deploy['params']['stage1_block0']) == ['reparam']
   assert jax.tree.map(np.shape, deploy['params']) == jax.tree.map(np.shape, start)
   pairs = list(zip(jax.tree.leaves(deploy['params']), jax.tree.leaves(start), strict=True))
   assert min(float(np.abs(a - b).max()) for a, b in pairs) > 0  # Every layer was fine-tuned,
   change = max(float(np.linalg.norm(a - b) / np.linalg.norm(b)) for a, b in pairs)
   assert change < 0.1  # from the fused model, not from scratch.
-  state, _ = restore(workdir / 'checkpoints')
+  state, _ = restore_checkpoint(workdir / 'checkpoints')
   assert set(state['batch_stats']['stage1_block0']['reparam']) == {'conv_general_dilated0_lhs'}
 
 
@@ -82,7 +65,7 @@ def test_the_fake_int8_forward_is_the_int8_models(fine_tuned):
   the fake-quantized forward."""
   workdir, config, _ = fine_tuned
   model = trainer.build_model(config)
-  state, _ = restore(workdir / 'checkpoints')
+  state, _ = restore_checkpoint(workdir / 'checkpoints')
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   images = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
   fake = model.apply(variables, images)

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import checkpoint_params, tiny_config
+from helpers import checkpoint_params, restore_checkpoint, tiny_config
 
 from repvgg_jax.data import datasets as data
 from repvgg_jax.data import randaugment
-from repvgg_jax.train import checkpointing, steps, trainer
+from repvgg_jax.train import steps, trainer
 
 
 def constant_batch(size=8, side=16):
@@ -72,21 +72,6 @@ def test_train_step_updates_the_moving_average():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.fixture(scope='module')
-def digits_dir(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  data.get_builder(tiny_config(data_dir).dataset)
-  return data_dir
-
-
-def restore(directory):
-  ckpt = checkpointing.Checkpoints(directory, read_only=True)
-  try:
-    return ckpt.restore()
-  finally:
-    ckpt.close()
-
-
 EMA = {'ema_decay': 0.5, 'num_train_steps': 4, 'optimizer.cutmix_alpha': 1.0}
 
 
@@ -99,14 +84,17 @@ def test_the_average_is_checkpointed_resumed_evaluated_and_fused(digits_dir, tmp
     shutil.rmtree(resumed_dir / done)
   (resumed_dir / 'summary.json').unlink()
   trainer.train_and_evaluate(tiny_config(digits_dir, **EMA), resumed_dir)
-  a, b = restore(tmp_path / 'straight' / 'checkpoints')[0], restore(resumed_dir / 'checkpoints')[0]
+  a, b = (
+    restore_checkpoint(tmp_path / 'straight' / 'checkpoints')[0],
+    restore_checkpoint(resumed_dir / 'checkpoints')[0],
+  )
   for x, y in zip(jax.tree.leaves(a['ema']), jax.tree.leaves(b['ema']), strict=True):
     np.testing.assert_array_equal(x, y)
   assert any(  # Half-way between the start and the trained weights: not the weights themselves.
     not np.array_equal(x, y)
     for x, y in zip(jax.tree.leaves(a['ema']['params']), jax.tree.leaves(a['params']), strict=True)
   )
-  deploy, meta = restore(tmp_path / 'straight' / 'deploy_ema')
+  deploy, meta = restore_checkpoint(tmp_path / 'straight' / 'deploy_ema')
   assert meta['ema'] and sorted(deploy['params']['stage1_block0']) == ['reparam']
 
 

@@ -39,14 +39,6 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 RUNNER = REPO / 'tests' / 'train_runner.py'
 
 
-@pytest.fixture(scope='module')
-def digits_dir(tmp_path_factory):
-  """A tfds data dir with the digits prepared once for the module."""
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  data.get_builder(tiny_config(data_dir).dataset)
-  return data_dir
-
-
 # A 40-step digits run: long enough to learn and to be interrupted. The tests that
 # train it share its compiled programs (the session's compilation cache, conftest.py).
 RESUME = {'num_train_steps': 40, 'checkpoint_every_steps': 5, 'log_every_steps': 5}
