@@ -54,6 +54,9 @@ def get_config():
   config.ablation.only = ''  # Comma-separated row names to run and report; '': all rows.
   config.ablation.seeds = 1  # Runs per row (the paper's one; 3 for intervals, 3x the GPU-hours).
   config.ablation.reference = 'paper'  # The row the others are compared with, seed by seed.
+  # int8 post-training quantization of every fused model, static ranges calibrated on
+  # this many training batches (the top-1 int8 column; 0: none).
+  config.ablation.int8_calibration_batches = 8
   config.ablation.bench_batch_size = 128  # Images per timed inference batch (the paper's).
   config.ablation.bench_image_size = 224  # Timed image side in pixels.
   config.ablation.bench_runs = 20  # Rounds timing every row's two models (median, quartiles).

@@ -42,6 +42,9 @@ def get_config():
   config.ablation.only = ''  # Comma-separated row names to run and report; '': all rows.
   config.ablation.seeds = 3  # Runs per row, with seeds config.seed, config.seed + 1, ...
   config.ablation.reference = 'paper'  # The row the others are compared with, seed by seed.
+  # int8 post-training quantization of every fused model, static ranges calibrated on
+  # this many training batches (the top-1 int8 column; 0: none).
+  config.ablation.int8_calibration_batches = 8
   config.ablation.bench_batch_size = 64  # Images per timed inference batch.
   config.ablation.bench_image_size = 0  # Timed image side in pixels; 0: the dataset's (32).
   config.ablation.bench_runs = 30  # Rounds timing every row's two models (median, quartiles).

@@ -7,7 +7,9 @@ import json
 import math
 import pathlib
 import re
+import shutil
 
+import helpers
 import ml_collections
 import pytest
 from helpers import apply_overrides, run_in_repo, tiny_config
@@ -15,6 +17,7 @@ from helpers import apply_overrides, run_in_repo, tiny_config
 from repvgg_jax.ablate import report as ablation_report
 from repvgg_jax.ablate import runner as ablate
 from repvgg_jax.ablate import stats
+from repvgg_jax.interop import quantize
 from repvgg_jax.model import branches
 from repvgg_jax.train import checkpointing, trainer
 
@@ -226,6 +229,47 @@ def test_rerun_skips_finished_runs(finished, digits_dir, no_training):
   assert len(lines) == 7 and all('done before, skipped' in line for line in lines[:6])
 
 
+def test_int8_top1_is_added_to_finished_runs_measured_once_and_reported(
+  finished, digits_dir, tmp_path, no_training, monkeypatch
+):
+  workdir = tmp_path / 'ablation'
+  shutil.copytree(finished.workdir, workdir)
+  config = ablation_config(digits_dir, **{'ablation.int8_calibration_batches': 2})
+  lines = []
+  markdown = ablate.run_ablation(config, workdir, log=lines.append)
+  assert all('done before, int8 top-1 added' in line for line in lines[:6])
+  runs = records(workdir)
+  # The record's figure is the quantized model's, measured as the quantize command does.
+  paper = ablate.row_config(config, SETS['paper'], 1)
+  fused, _ = helpers.restore_checkpoint(workdir / 'paper' / 'seed1' / 'deploy')
+  _, expected = quantize.quantize_and_evaluate(
+    paper, {'params': fused['params']}, calibration_batches=2
+  )
+  assert runs['paper'][1]['top1_int8'] == expected['int8_top1']
+  assert runs['paper'][1]['int8_logit_rel_error'] == expected['logit_relative_error']
+  assert expected['fp32_top1'] == runs['paper'][1]['top1_fused']
+  header = markdown.splitlines()[4]
+  assert '| top-1 int8 (%) |' in header and 'calibrated on 2 training batches' in markdown
+  rows = {row[0].strip('| '): row for row in table_rows(markdown)}
+  for name, (a, b) in runs.items():
+    assert a['int8_calibration_batches'] == b['int8_calibration_batches'] == 2
+    mean = 50 * (a['top1_int8'] + b['top1_int8'])
+    assert rows[name][7].startswith(f'{mean:.2f} ± ')
+    assert len(rows[name]) == len(ablation_report.COLUMNS)
+  assert rows['paper'][8] == 'reference'
+  with open(workdir / 'ablation.csv') as f:
+    lines_csv = list(csv.DictReader(f))
+  assert [float(line['top-1 int8 (%)']) for line in lines_csv] == [
+    100 * run['top1_int8'] for name in SETS for run in runs[name]
+  ]
+  # A second run with the same setting measures nothing again.
+  lines.clear()
+  monkeypatch.setattr(ablate, 'int8_results', lambda *a: pytest.fail('quantized again'))
+  again = ablate.run_ablation(config, workdir, log=lines.append)
+  assert all('done before, skipped' in line and 'int8 ' in line for line in lines[:6])
+  assert without_speed_columns(again) == without_speed_columns(markdown)
+
+
 def test_only_some_rows_leave_the_difference_out_without_the_reference(finished, digits_dir):
   workdir = finished.workdir
   config = ablation_config(digits_dir, **{'ablation.only': 'none,identity'})
@@ -284,6 +328,11 @@ def test_a_workdir_of_the_layout_without_seeds_is_refused(tmp_path, digits_dir, 
       r'ablation\.branch_sets\.l2\.optimizer\.custom_l3: the training config has no such',
     ),
     (None, {'ablation.reference': 'both'}, "ablation.reference names the unknown row 'both'"),
+    (
+      None,
+      {'ablation.int8_calibration_batches': -1},
+      r'ablation\.int8_calibration_batches must be a number of batches \(0: no int8',
+    ),
   ],
 )
 def test_bad_config_fails_before_training(tmp_path, no_training, sets, overrides, message):
@@ -337,7 +386,9 @@ def test_command_line_reports_a_bad_branch_set(tmp_path):
   assert not (tmp_path / 'work').exists()
 
 
-@pytest.mark.parametrize('name', ['ablation_digits', 'ablation_b0_imagenet'])
+@pytest.mark.parametrize(
+  'name', ['ablation_digits', 'ablation_digits_hard', 'ablation_b0_imagenet']
+)
 def test_ablation_configs(name):
   module = importlib.import_module(f'configs.{name}')
   config = module.get_config()
@@ -355,13 +406,20 @@ def test_ablation_configs(name):
   ]
   assert rows['paper'] == branches.PAPER_BRANCHES
   assert config.ablation.reference == 'paper'
-  assert config.ablation.seeds == (3 if name == 'ablation_digits' else 1)
+  assert config.ablation.seeds == (1 if name == 'ablation_b0_imagenet' else 3)
+  assert config.ablation.int8_calibration_batches == 8
   assert f'python -m repvgg_jax.ablate --config configs/{name}.py' in module.__doc__
   assert 'ablation.md' in module.__doc__ and 'ablation.png' in module.__doc__
   if name == 'ablation_b0_imagenet':
     assert config.model.name == 'RepVGG-B0' and config.num_epochs == 120
     assert config.batch_size == 256 and config.optimizer.learning_rate == 0.1
     assert 'GPU-hours' in module.__doc__
+  if name == 'ablation_digits_hard':  # The digits ablation at the paper's learning rate.
+    digits = importlib.import_module('configs.ablation_digits').get_config()
+    assert digits.optimizer.learning_rate == 0.025 and config.optimizer.learning_rate == 0.1
+    with digits.unlocked():
+      digits.optimizer.learning_rate = 0.1
+    assert config.to_dict() == digits.to_dict()
 
 
 def test_intervals_and_paired_differences():

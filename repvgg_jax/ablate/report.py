@@ -20,6 +20,7 @@ COLUMNS = (
   'seeds',
   'top-1 unfused (%)',
   'top-1 fused (%)',
+  'top-1 int8 (%)',
   'fused top-1 minus reference (pp)',
   '|fused-unfused| logit rel. error (max)',
   'unfused img/s',
@@ -32,6 +33,7 @@ CSV_COLUMNS = (
   'seed',
   'top-1 unfused (%)',
   'top-1 fused (%)',
+  'top-1 int8 (%)',
   '|fused-unfused| logit rel. error',
   'train params',
   'deploy params',
@@ -70,6 +72,11 @@ def summarize(
         'seeds': [run['seed'] for run in runs],
         'top1': stats.interval([100 * run['top1'] for run in runs]),
         'top1_fused': stats.interval([100 * run['top1_fused'] for run in runs]),
+        'top1_int8': (
+          stats.interval([100 * run['top1_int8'] for run in runs])
+          if all('top1_int8' in run for run in runs)
+          else None
+        ),
         'difference': difference,
         'logit_rel_error': max(run['logit_rel_error'] for run in runs),
         'speed': speeds[name],
@@ -100,10 +107,20 @@ def _rate(quartiles) -> str:
   return f'{median:,.0f} ({q1:,.0f}-{q3:,.0f})'
 
 
+def _has_int8(summaries: list[dict]) -> bool:
+  return any(s['top1_int8'] is not None for s in summaries)
+
+
 def markdown_table(summaries: list[dict], reference: str | None) -> str:
+  """The table; without the int8 column where no run was quantized."""
   columns = [c.replace('|', '\\|') for c in COLUMNS]
-  columns[7] = f'fused top-1 minus {reference or "reference"} (pp)'
-  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * 2 + '---:|' * (len(COLUMNS) - 2)]
+  columns[COLUMNS.index('fused top-1 minus reference (pp)')] = (
+    f'fused top-1 minus {reference or "reference"} (pp)'
+  )
+  int8 = _has_int8(summaries)
+  keep = [int8 or column != 'top-1 int8 (%)' for column in COLUMNS]
+  columns = [column for column, kept in zip(columns, keep, strict=True) if kept]
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * 2 + '---:|' * (len(columns) - 2)]
   for s in summaries:
     speed = s['speed']
     cells = [
@@ -114,12 +131,14 @@ def markdown_table(summaries: list[dict], reference: str | None) -> str:
       str(len(s['seeds'])),
       _mean(s['top1']),
       _mean(s['top1_fused']),
+      '–' if s['top1_int8'] is None else _mean(s['top1_int8']),
       _difference(s, reference),
       f'{s["logit_rel_error"]:.1e}',
       _rate(speed['unfused_images_per_sec']),
       _rate(speed['fused_images_per_sec']),
       f'{speed["speedup"]:.2f}x',
     ]
+    cells = [cell for cell, kept in zip(cells, keep, strict=True) if kept]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -149,6 +168,13 @@ def setup_line(summaries: list[dict], reference: str | None) -> str:
     'max \\|fused - unfused\\| / max \\|unfused\\| over the eval split (the saved deploy '
     'checkpoint against the last training checkpoint, inference mode), the largest over the '
     'seeds.'
+    + (
+      ' int8: the fused model after post-training quantization (int8 weights, one scale '
+      'per output channel; int8 activations, static ranges calibrated on '
+      f'{first.get("int8_calibration_batches", "?")} training batches).'
+      if _has_int8(summaries)
+      else ''
+    )
   )
 
 
@@ -174,6 +200,7 @@ def csv_text(summaries: list[dict]) -> str:
           run['seed'],
           100 * run['top1'],
           100 * run['top1_fused'],
+          100 * run['top1_int8'] if 'top1_int8' in run else '',
           run['logit_rel_error'],
           s['train_params'],
           s['deploy_params'],
@@ -196,16 +223,22 @@ def plot(path: pathlib.Path, summaries: list[dict]) -> None:
   FigureCanvasAgg(figure)  # The Agg backend, whatever pyplot's default.
   accuracy_axes, speed_axes = figure.subplots(1, 2)
 
-  for offset, key, color, label in (
-    (-0.2, 'top1', 'tab:blue', 'training-time (unfused)'),
-    (0.2, 'top1_fused', 'tab:orange', 'fused'),
-  ):
-    means = [s[key].mean for s in summaries]
-    errors = [0.0 if math.isnan(s[key].half_width) else s[key].half_width for s in summaries]
+  kinds = [('top1', 'tab:blue', 'training-time (unfused)'), ('top1_fused', 'tab:orange', 'fused')]
+  if _has_int8(summaries):
+    kinds.append(('top1_int8', 'tab:purple', 'fused, int8'))
+  width = 0.8 / len(kinds)
+  for index, (key, color, label) in enumerate(kinds):
+    values = [s[key] for s in summaries]  # None: a row whose runs were not quantized.
+    means = [0.0 if value is None else value.mean for value in values]
+    errors = [
+      0.0 if value is None or math.isnan(value.half_width) else value.half_width for value in values
+    ]
+    offset = (index - (len(kinds) - 1) / 2) * width
     bars = accuracy_axes.bar(
-      x + offset, means, 0.4, yerr=errors, capsize=3, color=color, label=label
+      x + offset, means, width, yerr=errors, capsize=3, color=color, label=label
     )
-    accuracy_axes.bar_label(bars, fmt='%.1f', padding=2, fontsize=7, rotation=90)
+    labels = ['' if value is None else f'{value.mean:.1f}' for value in values]
+    accuracy_axes.bar_label(bars, labels=labels, padding=2, fontsize=7, rotation=90)
   accuracy_axes.set_ylim(0, 125)
   accuracy_axes.set_yticks(range(0, 101, 20))
   accuracy_axes.set_ylabel('eval top-1 (%), mean and 95% interval over seeds')

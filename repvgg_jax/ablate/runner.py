@@ -53,6 +53,7 @@ from repvgg_jax.ablate import report as ablation_report  # noqa: E402
 from repvgg_jax.ablate import stats  # noqa: E402
 from repvgg_jax.bench import timing as bench_timing  # noqa: E402
 from repvgg_jax.data import datasets as data  # noqa: E402
+from repvgg_jax.interop import quantize  # noqa: E402
 from repvgg_jax.model import normalize_branches, variants  # noqa: E402
 from repvgg_jax.perf import compile_options, host_memory  # noqa: E402
 from repvgg_jax.train import checkpointing, trainer  # noqa: E402
@@ -213,6 +214,18 @@ def _flat_settings(settings, prefix: str = ''):
       yield f'{prefix}{key}', value
 
 
+def int8_batches(config) -> int:
+  """Calibration batches of every run's int8 top-1 (``ablation.int8_calibration_batches``);
+  0: no int8 column."""
+  count = config.ablation.get('int8_calibration_batches', 0)
+  if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+    raise AblationError(
+      f'ablation.int8_calibration_batches must be a number of batches (0: no int8 top-1), '
+      f'got {count!r}.'
+    )
+  return count
+
+
 def bench_settings(config) -> dict[str, int]:
   """The benchmark set-up (image size 0 means the dataset's)."""
   ablation = config.ablation
@@ -309,6 +322,7 @@ def check_ablation(config, workdir: pathlib.Path) -> dict[str, dict[int, object]
   }
   reference_row(config, sets)
   bench_settings(config)
+  int8_batches(config)
   for name, by_seed in runs.items():
     if (workdir / name / ROW_FILE).exists():
       raise AblationError(
@@ -365,8 +379,32 @@ def logit_error(config, directory: pathlib.Path) -> float:
   return _max_logit_error(config, forward, variables, fused, config.eval_batch_size)
 
 
-def run_row(name: str, config, directory: pathlib.Path, label: str | None = None) -> dict:
+def int8_results(config, directory: pathlib.Path, calibration_batches: int) -> dict:
+  """The run's saved fused model after int8 post-training quantization
+  (`quantize.quantize_and_evaluate`: int8 weights per output channel, static int8
+  activation ranges calibrated on ``calibration_batches`` training batches): its
+  top-1 over the eval split and its relative logit error to the float model."""
+  fused = _restore_latest(directory / 'deploy')
+  _, results = quantize.quantize_and_evaluate(
+    config, {'params': fused['params']}, calibration_batches=calibration_batches
+  )
+  return {
+    'top1_int8': results['int8_top1'],
+    'int8_logit_rel_error': results['logit_relative_error'],
+    'int8_calibration_batches': calibration_batches,
+  }
+
+
+def run_row(
+  name: str,
+  config,
+  directory: pathlib.Path,
+  label: str | None = None,
+  int8_calibration_batches: int = 0,
+) -> dict:
   """Trains (or resumes) one row with one seed and measures it; returns its record.
+  With ``int8_calibration_batches``, the record has the int8 model's top-1 too
+  (`int8_results`).
 
   Raises:
     Preempted: a SIGTERM stopped the training after a checkpoint.
@@ -383,6 +421,9 @@ def run_row(name: str, config, directory: pathlib.Path, label: str | None = None
     )
   train_seconds = time.perf_counter() - start
   size = config.dataset.image_size
+  int8 = {}
+  if int8_calibration_batches:
+    int8 = int8_results(config, directory, int8_calibration_batches)
   return {
     'row': name,
     'seed': config.seed,
@@ -395,26 +436,36 @@ def run_row(name: str, config, directory: pathlib.Path, label: str | None = None
     'deploy_params': count_params(trainer.build_model(config, deploy=True), size),
     'train_seconds': train_seconds,
     'logit_rel_error': logit_error(config, directory),
+    **int8,
   }
 
 
 def _done_line(record: dict) -> str:
+  int8 = f', int8 {record["top1_int8"]:.2%}' if 'top1_int8' in record else ''
   return (
-    f'top-1 {record["top1"]:.2%} (fused {record["top1_fused"]:.2%}), '
+    f'top-1 {record["top1"]:.2%} (fused {record["top1_fused"]:.2%}{int8}), '
     f'logit rel. error {record["logit_rel_error"]:.1e}'
   )
 
 
-def _ablate_run(tag: str, name: str, config, directory: pathlib.Path, label: str, log) -> dict:
-  """Reuses or runs one (row, seed), saving its record; logs one line or two."""
+def _ablate_run(
+  tag: str, name: str, config, directory: pathlib.Path, label: str, int8: int, log
+) -> dict:
+  """Reuses or runs one (row, seed), saving its record; logs one line or two. A
+  finished run without the int8 top-1 asked for (or with another calibration) gets it."""
   record = load_row(directory)
   if record is not None:
-    log(f'{tag}: done before, skipped ({directory / ROW_FILE}): {_done_line(record)}')
+    if int8 and record.get('int8_calibration_batches') != int8:
+      record.update(int8_results(config, directory, int8))
+      jsonfiles.write_json(directory / ROW_FILE, record)
+      log(f'{tag}: done before, int8 top-1 added: {_done_line(record)}')
+    else:
+      log(f'{tag}: done before, skipped ({directory / ROW_FILE}): {_done_line(record)}')
     return record
   resume = ' (continuing from its checkpoint)' if _has_checkpoint(directory) else ''
   log(f'{tag}: {label}: training in {directory}{resume}')
   start = time.perf_counter()
-  record = run_row(name, config, directory, label)
+  record = run_row(name, config, directory, label, int8)
   log(f'{tag}: {_done_line(record)}; {time.perf_counter() - start:,.0f} s')
   jsonfiles.write_json(directory / ROW_FILE, record)
   return record
@@ -441,7 +492,7 @@ def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None]
   """
   workdir = pathlib.Path(workdir).absolute()
   runs = check_ablation(config, workdir)
-  settings = bench_settings(config)
+  settings, int8 = bench_settings(config), int8_batches(config)
   workdir.mkdir(parents=True, exist_ok=True)
   labels = {
     name: row_label(by_seed[seeds(config)[0]], _split_row(name, row)[1])
@@ -453,7 +504,7 @@ def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None]
       index += 1
       tag = f'[{index}/{count}] {name}, seed {seed}'
       directory = run_dir(workdir, name, seed)
-      record = _ablate_run(tag, name, by_seed[seed], directory, labels[name], log)
+      record = _ablate_run(tag, name, by_seed[seed], directory, labels[name], int8, log)
       records.setdefault(name, []).append(record)
   first = seeds(config)[0]
   log(f'Timing the rows round robin ({settings["runs"]} rounds of batch {settings["batch"]})')

@@ -282,6 +282,39 @@ def evaluate(config, forward: Mapping[str, Any]) -> dict[str, Any]:
   }
 
 
+def quantize_and_evaluate(
+  config, variables, mode: str = 'static', *, calibration_batches: int = 8, ranges=None
+) -> tuple[dict, dict[str, Any]]:
+  """Quantizes the fused ``variables`` of ``config``'s model and evaluates it in fp32
+  and int8 over the eval split (`evaluate`).
+
+  Static ranges are calibrated on the first ``calibration_batches`` training
+  batches of ``config.seed`` (as training prepares them), unless ``ranges`` gives
+  them. Returns ``(int8 variables, evaluate's results)``.
+  """
+  deploy_model = model_from_config(config, deploy=True)
+  calibration = ()
+  if ranges is None and mode == 'static':
+    batches = datasets.train_batches(
+      config.dataset, global_batch_size=config.batch_size, seed=config.seed
+    )
+    calibration = (next(batches)['image'] for _ in range(calibration_batches))
+  qmodel, qvariables = quantize(
+    deploy_model,
+    variables,
+    calibration,
+    mode,
+    image_size=config.dataset.image_size,
+    ranges=ranges,
+  )
+  fp32, int8 = jax.jit(deploy_model.apply), jax.jit(qmodel.apply)
+  results = evaluate(
+    config,
+    {'fp32': lambda x: fp32(variables, x), 'int8': lambda x: int8(qvariables, x)},
+  )
+  return qvariables, results
+
+
 def _fused_variables(source: pathlib.Path) -> tuple[dict, dict]:
   """The fused variables of a checkpoint (a training one is fused here) and its metadata."""
   state, saved = checkpoint_io.restore(source)
@@ -362,19 +395,8 @@ def quantize_checkpoint(
   _check_architecture(deploy_model, variables, config, source)
   image_size = config.dataset.image_size
   ranges = None if recalibrate else learned_ranges(config, workdir, saved.get('step'))
-  calibration = ()
-  if ranges is None and mode == 'static':
-    batches = datasets.train_batches(
-      config.dataset, global_batch_size=config.batch_size, seed=config.seed
-    )
-    calibration = (next(batches)['image'] for _ in range(calibration_batches))
-  qmodel, qvariables = quantize(
-    deploy_model, variables, calibration, mode, image_size=image_size, ranges=ranges
-  )
-  fp32, int8 = jax.jit(deploy_model.apply), jax.jit(qmodel.apply)
-  results = evaluate(
-    config,
-    {'fp32': lambda x: fp32(variables, x), 'int8': lambda x: int8(qvariables, x)},
+  qvariables, results = quantize_and_evaluate(
+    config, variables, mode, calibration_batches=calibration_batches, ranges=ranges
   )
   calibrated = calibration_batches if mode == 'static' and ranges is None else 0
   meta = {
