@@ -1,22 +1,24 @@
-"""Branch-set ablation on the embedded digits: 7 branch sets of RepVGG-A0 and
-QARepVGG-A0's block, 3 seeds each, offline.
+"""Branch-set ablation on the embedded digits: 7 branch sets of RepVGG-A0,
+QARepVGG-A0's block and the reference's custom L2, 3 seeds each, offline.
 
   python -m repvgg_jax.ablate --config configs/ablation_digits.py [--workdir DIR]
   python -m repvgg_jax.ablate --config configs/ablation_digits.py --config.ablation.only=none,paper
 
 Trains RepVGG-A0 once per row of ablation.branch_sets (the paper's Table 6 rows,
-then ACNet's, the Diverse Branch Block's and MobileOne's sets) and seed (0, 1, 2)
-with the same schedule (and QARepVGG-A0, row 'qarepvgg'), in DIR/<row>/seed<s>
-(default DIR: workdirs/ablation_digits). It prints one progress line per run
-(top-1 unfused and fused, logit error) and the table at the end (mean and 95%
-interval over the seeds, the paired difference to row 'paper', speeds timed
-round robin), and writes DIR/ablation.md, DIR/ablation.csv and DIR/ablation.png.
-A rerun skips finished runs and continues an interrupted one from its checkpoint.
+then ACNet's, the Diverse Branch Block's and MobileOne's sets, QARepVGG-A0 as row
+'qarepvgg', the custom L2 as row 'custom_l2') and seed (0, 1, 2) with the same
+schedule, in DIR/<row>/seed<s> (default DIR: workdirs/ablation_digits). It
+prints one progress line per run (top-1 unfused, fused and int8, logit error)
+and the table at the end (mean and 95% interval over the seeds, the paired
+difference to row 'paper', speeds timed round robin), and writes
+DIR/ablation.md, DIR/ablation.csv and DIR/ablation.png. A rerun skips finished
+runs and continues an interrupted one from its checkpoint.
 
 Hardware: any CPU. Measured from a clean workdir on the 2-core development CPU
-(2026-12-06): the two-row subset above with three seeds in 4 min 4 s, 28-44 s a
-run; the eight rows make 24 runs, about 16 minutes at that rate (not measured
-with seeds; one seed took 9 min 18 s on 2026-12-02). See docs/ablations.md.
+(2026-12-06): the two-row subset above with three seeds in 4 min 2 s, 31-42 s a
+run with its int8 evaluation. The nine rows make 27 runs; at the paper's
+learning rate (configs/ablation_digits_hard.py, the same steps) they took 23
+minutes. See docs/ablations.md.
 """
 
 import ml_collections

@@ -132,6 +132,8 @@ def test_reports_have_one_row_per_branch_set_and_every_seed_in_the_csv(finished)
   assert rows[2][1] == 'conv3x3+conv1x1+identity' and rows[2][7] == 'reference'
   assert all(' ± ' in row[5] and ' ± ' in row[6] for row in rows)
   assert 'minus paper (pp)' in text.splitlines()[4]
+  assert "on sklearn_digits (train split 'train', eval split 'test'), 3 training steps" in text
+  assert 'at a peak learning rate of 0.05 per 256 images, seeds 0, 1;' in text
   with open(workdir / 'ablation.csv') as f:
     lines = list(csv.reader(f))
   assert tuple(lines[0]) == ablation_report.CSV_COLUMNS

@@ -156,9 +156,13 @@ def setup_line(summaries: list[dict], reference: str | None) -> str:
     if reference
     else ''
   )
+  dataset = config['dataset']
   return (
-    f'{summary["model"]} on {summary["dataset"]}, {summary["steps"]} training steps '
-    f'({summary["epochs"]:.3g} epochs) of batch {config["batch_size"]} per run, seeds '
+    f'{summary["model"]} on {summary["dataset"]} (train split '
+    f'{dataset.get("train_split")!r}, eval split {dataset.get("eval_split")!r}), '
+    f'{summary["steps"]} training steps ({summary["epochs"]:.3g} epochs) of batch '
+    f'{config["batch_size"]} per run at a peak learning rate of '
+    f'{config["optimizer"]["learning_rate"]:g} per 256 images, seeds '
     f'{seeds}; top-1 over the eval split, mean ± half-width of its 95% Student t '
     f'interval over the seeds. {compared}Speed: inference, batch {settings["batch"]} at '
     f'{settings["size"]}x{settings["size"]}, {speed["backend"]} ({speed["device"]}), trained '

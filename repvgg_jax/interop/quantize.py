@@ -315,14 +315,6 @@ def quantize_and_evaluate(
   return qvariables, results
 
 
-def _fused_variables(source: pathlib.Path) -> tuple[dict, dict]:
-  """The fused variables of a checkpoint (a training one is fused here) and its metadata."""
-  state, saved = checkpoint_io.restore(source)
-  if 'batch_stats' in state:
-    return fusion.fuse_params({k: state[k] for k in ('params', 'batch_stats')}), saved
-  return {'params': state['params']}, saved
-
-
 def _check_architecture(deploy_model, variables, config, source) -> None:
   """The checkpoint must hold the deploy form of its config's model."""
   images = jax.ShapeDtypeStruct((1, 32, 32, deploy_model.in_channels), jnp.float32)
@@ -390,7 +382,7 @@ def quantize_checkpoint(
   checkpoint_io.check_output_dir(output_dir)
   source = pathlib.Path(source)
   config, workdir = training_config(source, config_file)
-  variables, saved = _fused_variables(source)
+  variables, saved = checkpoint_io.fused_variables(source)
   deploy_model = model_from_config(config, deploy=True)
   _check_architecture(deploy_model, variables, config, source)
   image_size = config.dataset.image_size

@@ -91,12 +91,9 @@ def initial_params(config, abstract_params):
   """
   path = pathlib.Path(config.qat.init_from)
   try:
-    state, _ = checkpoint_io.restore(path)
+    variables, _ = checkpoint_io.fused_variables(path)  # A training checkpoint is fused.
   except (FileNotFoundError, ValueError) as error:
     raise ValueError(f'qat.init_from: {error}') from None
-  variables = {k: state[k] for k in ('params', 'batch_stats') if k in state}
-  if 'batch_stats' in variables:  # A training-time checkpoint: fused first.
-    variables = fusion.fuse_params(variables)
   shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), flax.core.unfreeze(tree))
   if shapes(variables['params']) != shapes(abstract_params):
     found = fusion.identify_variant(variables['params']) or 'another architecture'
