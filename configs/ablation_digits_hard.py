@@ -8,8 +8,13 @@ paper's, 0.1 per 256 images (0.025 at batch 64), instead of a quarter of it. Sam
 rows (Table 6's, the wider family, QARepVGG's block, the custom L2), 3 seeds,
 5 epochs; it prints one progress line per run and the table at the end, and
 writes DIR/ablation.md, DIR/ablation.csv and DIR/ablation.png (default DIR:
-workdirs/ablation_digits_hard). docs/ablations.md has the table, why this
-setting was picked, and the one measured before it.
+workdirs/ablation_digits_hard).
+
+Hardware: any CPU; 23 minutes for the 27 runs on the 2-core development CPU
+(2026-12-06). Expected fused top-1, mean of 3 seeds: none 43%, 1x1 82%,
+identity 98%, paper 95%; the plain stacks vary most with the seed.
+docs/ablations.md has the table, why this setting was picked, and the one
+measured before it.
 """
 
 from configs import ablation_digits

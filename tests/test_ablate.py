@@ -9,7 +9,6 @@ import pathlib
 import re
 import shutil
 
-import helpers
 import ml_collections
 import pytest
 from helpers import apply_overrides, run_in_repo, tiny_config
@@ -28,6 +27,7 @@ SETS = {
   'paper': branches.PAPER_BRANCHES,
 }
 NUM_EVAL = 360  # Digits test split.
+INT8 = {'ablation.int8_calibration_batches': 1}
 # One xdist worker runs this file (--dist loadgroup in pyproject.toml): one ablation fixture.
 pytestmark = pytest.mark.xdist_group('ablation')
 
@@ -70,8 +70,9 @@ def finished(tmp_path_factory, digits_dir):
   """An ablation with two seeds that crashed in its second run, then was run again to the end.
 
   The first run finishes 'none' with seed 0 and crashes in 'identity' with seed 0
-  after the checkpoint of step 2 (of 3). The second run skips 'none', continues
-  'identity' from step 2 and trains the rest: 'paper', then all three with seed 1.
+  after the checkpoint of step 2 (of 3). The second run, with the int8 column on,
+  only quantizes 'none', continues 'identity' from step 2 and trains the rest:
+  'paper', then all three with seed 1.
   """
   workdir = tmp_path_factory.mktemp('ablation')
   first_lines, lines, trained = [], [], []
@@ -97,7 +98,7 @@ def finished(tmp_path_factory, digits_dir):
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(trainer, 'train_and_evaluate', record_training)
-    config = ablation_config(digits_dir, **{'ablation.bench_runs': 3})
+    config = ablation_config(digits_dir, **INT8, **{'ablation.bench_runs': 3})
     text = ablate.run_ablation(config, workdir, log=lines.append)
   return Finished(workdir, text, first_lines, lines, trained, first_none)
 
@@ -129,9 +130,9 @@ def test_reports_have_one_row_per_branch_set_and_every_seed_in_the_csv(finished)
   assert text == (workdir / 'ablation.md').read_text()
   rows = table_rows(text)
   assert [row[0].strip('| ') for row in rows] == list(SETS)
-  assert rows[2][1] == 'conv3x3+conv1x1+identity' and rows[2][7] == 'reference'
-  assert all(' ± ' in row[5] and ' ± ' in row[6] for row in rows)
-  assert 'minus paper (pp)' in text.splitlines()[4]
+  assert rows[2][1] == 'conv3x3+conv1x1+identity' and rows[2][8] == 'reference'
+  assert all(' ± ' in row[5] and ' ± ' in row[6] and ' ± ' in row[7] for row in rows)
+  assert '| top-1 int8 (%) | fused top-1 minus paper (pp) |' in text.splitlines()[4]
   assert "on sklearn_digits (train split 'train', eval split 'test'), 3 training steps" in text
   assert 'at a peak learning rate of 0.05 per 256 images, seeds 0, 1;' in text
   with open(workdir / 'ablation.csv') as f:
@@ -155,7 +156,7 @@ def test_the_table_is_the_mean_interval_and_paired_difference_of_the_seeds(finis
       differences = [values[0] - paper[0], values[1] - paper[1]]
       d_mean, d_half = sum(differences) / 2, t * abs(differences[0] - differences[1]) / 2
       cell = f'{d_mean:+.2f} ± {d_half:.2f}'
-      assert rows[name][7] == (f'**{cell}**' if abs(d_mean) > d_half else cell)
+      assert rows[name][8] == (f'**{cell}**' if abs(d_mean) > d_half else cell)
 
 
 def test_fused_model_matches_and_only_training_time_params_differ(finished):
@@ -175,10 +176,10 @@ def test_fused_model_matches_and_only_training_time_params_differ(finished):
 
 def test_speeds_come_from_one_round_robin_loop(finished):
   for row in table_rows(finished.markdown):
-    for cell in (row[9], row[10]):
+    for cell in (row[10], row[11]):
       median, q1, q3 = (float(v.replace(',', '')) for v in re.findall(r'[\d,]+', cell))
       assert 0 < q1 <= median <= q3
-    assert float(row[11].strip(' |x')) > 0
+    assert float(row[12].strip(' |x')) > 0
   assert finished.lines[-1].startswith('Timing the rows round robin (3 rounds')
 
 
@@ -196,7 +197,7 @@ def test_interrupted_ablation_continues_where_it_stopped(finished):
     'paper/seed1',
   ]
   lines = finished.lines
-  assert lines[0].startswith('[1/6] none, seed 0: done before, skipped')
+  assert lines[0].startswith('[1/6] none, seed 0: done before, int8 top-1 added')
   assert (
     lines[1].startswith('[2/6] identity, seed 0') and 'continuing from its checkpoint' in lines[1]
   )
@@ -222,6 +223,7 @@ def test_rerun_skips_finished_runs(finished, digits_dir, no_training):
     digits_dir,
     log_every_steps=1,
     checkpoint_every_steps=1,
+    **INT8,
     **{'ablation.bench_runs': 3},
   )
   markdown = ablate.run_ablation(config, workdir, log=lines.append)
@@ -229,47 +231,61 @@ def test_rerun_skips_finished_runs(finished, digits_dir, no_training):
   assert without_speed_columns(markdown) == without_speed_columns(finished.markdown)
   assert [p.stat().st_mtime_ns for p in paths] == before
   assert len(lines) == 7 and all('done before, skipped' in line for line in lines[:6])
+  assert all(', int8 ' in line for line in lines[:6])
 
 
-def test_int8_top1_is_added_to_finished_runs_measured_once_and_reported(
-  finished, digits_dir, tmp_path, no_training, monkeypatch
+def test_int8_top1_is_in_every_record_as_the_quantize_command_measures_it(finished, tmp_path):
+  runs = records(finished.workdir)
+  assert all(run['int8_calibration_batches'] == 1 for name in SETS for run in runs[name])
+  # 'none' seed 0 finished before the int8 column was asked for, and got it added.
+  none = runs['none'][0]
+  assert {k: v for k, v in none.items() if 'int8' not in k} == finished.first_none
+  for name, seed in (('none', 0), ('paper', 1)):
+    meta = quantize.quantize_checkpoint(
+      finished.workdir / name / f'seed{seed}', tmp_path / f'{name}{seed}', calibration_batches=1
+    )
+    assert runs[name][seed]['top1_int8'] == meta['int8_top1']
+    assert runs[name][seed]['int8_logit_rel_error'] == meta['logit_relative_error']
+    assert meta['fp32_top1'] == runs[name][seed]['top1_fused']
+  rows = {row[0].strip('| '): row for row in table_rows(finished.markdown)}
+  for name, (a, b) in runs.items():
+    mean = 50 * (a['top1_int8'] + b['top1_int8'])
+    assert rows[name][7].startswith(f'{mean:.2f} ± ')
+  assert 'calibrated on 1 training batches' in finished.markdown
+  with open(finished.workdir / 'ablation.csv') as f:
+    cells = [float(line['top-1 int8 (%)']) for line in csv.DictReader(f)]
+  assert cells == [100 * run['top1_int8'] for name in SETS for run in runs[name]]
+
+
+def test_another_int8_calibration_requantizes_and_none_leaves_the_column_out(
+  finished, digits_dir, tmp_path, no_training
 ):
   workdir = tmp_path / 'ablation'
   shutil.copytree(finished.workdir, workdir)
-  config = ablation_config(digits_dir, **{'ablation.int8_calibration_batches': 2})
   lines = []
+  config = ablation_config(digits_dir, **{'ablation.int8_calibration_batches': 2})
   markdown = ablate.run_ablation(config, workdir, log=lines.append)
   assert all('done before, int8 top-1 added' in line for line in lines[:6])
-  runs = records(workdir)
-  # The record's figure is the quantized model's, measured as the quantize command does.
-  paper = ablate.row_config(config, SETS['paper'], 1)
-  fused, _ = helpers.restore_checkpoint(workdir / 'paper' / 'seed1' / 'deploy')
-  _, expected = quantize.quantize_and_evaluate(
-    paper, {'params': fused['params']}, calibration_batches=2
-  )
-  assert runs['paper'][1]['top1_int8'] == expected['int8_top1']
-  assert runs['paper'][1]['int8_logit_rel_error'] == expected['logit_relative_error']
-  assert expected['fp32_top1'] == runs['paper'][1]['top1_fused']
-  header = markdown.splitlines()[4]
-  assert '| top-1 int8 (%) |' in header and 'calibrated on 2 training batches' in markdown
-  rows = {row[0].strip('| '): row for row in table_rows(markdown)}
-  for name, (a, b) in runs.items():
-    assert a['int8_calibration_batches'] == b['int8_calibration_batches'] == 2
-    mean = 50 * (a['top1_int8'] + b['top1_int8'])
-    assert rows[name][7].startswith(f'{mean:.2f} ± ')
-    assert len(rows[name]) == len(ablation_report.COLUMNS)
-  assert rows['paper'][8] == 'reference'
+  assert all(run['int8_calibration_batches'] == 2 for r in records(workdir).values() for run in r)
+  assert 'calibrated on 2 training batches' in markdown
+  before = records(workdir)
+  markdown = ablate.run_ablation(ablation_config(digits_dir), workdir, log=lambda line: None)
+  assert 'int8' not in markdown  # Not asked for: not reported, and kept in the records.
+  assert len(table_rows(markdown)[0]) == len(ablation_report.COLUMNS) - 1
   with open(workdir / 'ablation.csv') as f:
-    lines_csv = list(csv.DictReader(f))
-  assert [float(line['top-1 int8 (%)']) for line in lines_csv] == [
-    100 * run['top1_int8'] for name in SETS for run in runs[name]
-  ]
-  # A second run with the same setting measures nothing again.
-  lines.clear()
-  monkeypatch.setattr(ablate, 'int8_results', lambda *a: pytest.fail('quantized again'))
-  again = ablate.run_ablation(config, workdir, log=lines.append)
-  assert all('done before, skipped' in line and 'int8 ' in line for line in lines[:6])
-  assert without_speed_columns(again) == without_speed_columns(markdown)
+    assert {line['top-1 int8 (%)'] for line in csv.DictReader(f)} == {''}
+  assert records(workdir) == before
+
+
+def test_a_run_without_its_fused_model_fails_the_int8_evaluation_in_one_line(
+  finished, digits_dir, tmp_path, no_training
+):
+  workdir = tmp_path / 'ablation'
+  shutil.copytree(finished.workdir, workdir)
+  shutil.rmtree(workdir / 'paper' / 'seed1' / 'deploy')
+  config = ablation_config(digits_dir, **{'ablation.int8_calibration_batches': 2})
+  with pytest.raises(ablate.AblationError, match=r'seed1: the int8 evaluation failed: No checkp'):
+    ablate.run_ablation(config, workdir, log=lambda line: None)
 
 
 def test_only_some_rows_leave_the_difference_out_without_the_reference(finished, digits_dir):
@@ -279,6 +295,7 @@ def test_only_some_rows_leave_the_difference_out_without_the_reference(finished,
     patch.setattr(trainer, 'train_and_evaluate', lambda *a: pytest.fail('trained'))
     markdown = ablate.run_ablation(config, workdir, log=lambda line: None)
   assert [row[7] for row in table_rows(markdown)] == ['–', '–']
+  assert 'int8' not in markdown  # ablation.int8_calibration_batches is 0 here.
 
 
 @pytest.mark.parametrize(

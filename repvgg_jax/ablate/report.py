@@ -112,7 +112,7 @@ def _has_int8(summaries: list[dict]) -> bool:
 
 
 def markdown_table(summaries: list[dict], reference: str | None) -> str:
-  """The table; without the int8 column where no run was quantized."""
+  """The table; without the int8 column where no row has all its runs quantized."""
   columns = [c.replace('|', '\\|') for c in COLUMNS]
   columns[COLUMNS.index('fused top-1 minus reference (pp)')] = (
     f'fused top-1 minus {reference or "reference"} (pp)'

@@ -214,6 +214,9 @@ def _flat_settings(settings, prefix: str = ''):
       yield f'{prefix}{key}', value
 
 
+_INT8_KEYS = ('top1_int8', 'int8_logit_rel_error', 'int8_calibration_batches')
+
+
 def int8_batches(config) -> int:
   """Calibration batches of every run's int8 top-1 (``ablation.int8_calibration_batches``);
   0: no int8 column."""
@@ -348,8 +351,12 @@ def count_params(model, image_size: int) -> int:
 
 
 def _restore_latest(directory: pathlib.Path):
-  ckpt = checkpointing.Checkpoints(directory)
+  if not directory.is_dir():
+    raise FileNotFoundError(f'No checkpoint in {directory}.')
+  ckpt = checkpointing.Checkpoints(directory, read_only=True)
   try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f'No checkpoint in {directory}.')
     return ckpt.restore()[0]
   finally:
     ckpt.close()
@@ -380,14 +387,28 @@ def logit_error(config, directory: pathlib.Path) -> float:
 
 
 def int8_results(config, directory: pathlib.Path, calibration_batches: int) -> dict:
-  """The run's saved fused model after int8 post-training quantization
-  (`quantize.quantize_and_evaluate`: int8 weights per output channel, static int8
-  activation ranges calibrated on ``calibration_batches`` training batches): its
-  top-1 over the eval split and its relative logit error to the float model."""
-  fused = _restore_latest(directory / 'deploy')
-  _, results = quantize.quantize_and_evaluate(
-    config, {'params': fused['params']}, calibration_batches=calibration_batches
-  )
+  """The run's saved fused model after int8 post-training quantization.
+
+  Args:
+    config: the run's training config.
+    directory: the run's directory; its ``deploy/`` checkpoint is quantized.
+    calibration_batches: training batches that calibrate the static activation
+      ranges (`quantize.quantize_and_evaluate`; int8 weights per output channel).
+
+  Returns:
+    ``top1_int8`` (over the eval split), ``int8_logit_rel_error`` (to the float
+    model) and ``int8_calibration_batches``, for the run's record.
+
+  Raises:
+    AblationError: no fused model in ``directory``, or one that cannot be quantized.
+  """
+  try:
+    fused = _restore_latest(directory / 'deploy')
+    _, results = quantize.quantize_and_evaluate(
+      config, {'params': fused['params']}, calibration_batches=calibration_batches
+    )
+  except (FileNotFoundError, ValueError) as error:  # QuantizationError is a ValueError.
+    raise AblationError(f'{directory}: the int8 evaluation failed: {error}') from None
   return {
     'top1_int8': results['int8_top1'],
     'int8_logit_rel_error': results['logit_relative_error'],
@@ -510,7 +531,13 @@ def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None]
   log(f'Timing the rows round robin ({settings["runs"]} rounds of batch {settings["batch"]})')
   speeds = time_rows({name: by_seed[first] for name, by_seed in runs.items()}, workdir, settings)
   reference = reference_row(config, runs)
+  if not int8:  # Runs quantized by an earlier invocation keep their figures, unreported.
+    records = {name: [_without_int8(run) for run in runs] for name, runs in records.items()}
   return ablation_report.write_reports(workdir, records, speeds, reference)
+
+
+def _without_int8(record: dict) -> dict:
+  return {key: value for key, value in record.items() if key not in _INT8_KEYS}
 
 
 def time_rows(configs: dict, workdir: pathlib.Path, settings: dict) -> dict[str, dict]:

@@ -286,11 +286,19 @@ def quantize_and_evaluate(
   config, variables, mode: str = 'static', *, calibration_batches: int = 8, ranges=None
 ) -> tuple[dict, dict[str, Any]]:
   """Quantizes the fused ``variables`` of ``config``'s model and evaluates it in fp32
-  and int8 over the eval split (`evaluate`).
+  and int8 over the eval split.
 
-  Static ranges are calibrated on the first ``calibration_batches`` training
-  batches of ``config.seed`` (as training prepares them), unless ``ranges`` gives
-  them. Returns ``(int8 variables, evaluate's results)``.
+  Args:
+    config: the training config (model, dataset, batch size, seed).
+    variables: the fused variables, ``{'params': ...}``.
+    mode: ``'static'`` or ``'dynamic'`` activation ranges.
+    calibration_batches: static ranges are calibrated on the first this many
+      training batches of ``config.seed``, prepared as training prepares them.
+    ranges: static ranges to use instead (those quantization-aware training learned).
+
+  Returns:
+    ``(int8 variables, results)``: results as `evaluate`'s (``fp32_top1``,
+    ``int8_top1``, ``logit_relative_error``, ``eval_examples``).
   """
   deploy_model = model_from_config(config, deploy=True)
   calibration = ()
