@@ -14,6 +14,7 @@ import pytest
 from helpers import apply_overrides, run_in_repo, tiny_config
 
 from repvgg_jax.ablate import report as ablation_report
+from repvgg_jax.ablate import rows as ablation_rows
 from repvgg_jax.ablate import runner as ablate
 from repvgg_jax.ablate import stats
 from repvgg_jax.interop import quantize
@@ -381,7 +382,7 @@ def test_a_row_may_change_training_settings(tmp_path):
   l2 = ablate.row_config(config, rows['l2'], 3, name='l2')
   assert l2.optimizer.custom_l2 and l2.model.branches == branches.PAPER_BRANCHES and l2.seed == 3
   assert not ablate.row_config(config, rows['paper']).optimizer.custom_l2
-  settings = ablate._split_row('l2', rows['l2'])[1]
+  settings = ablation_rows.split_row('l2', rows['l2'])[1]
   assert ablate.row_label(l2, settings) == 'conv3x3+conv1x1+identity optimizer.custom_l2=True'
 
 

@@ -17,7 +17,8 @@ and its saved fused model over the eval split. Then the rows' speeds are timed
 together, round robin (`time_rows`). The results go to
 ``<workdir>/ablation.md`` (mean and 95% interval over the seeds, the paired
 difference to the reference row), ``ablation.csv`` (every seed) and
-``ablation.png`` (`repvgg_jax.ablate.report`, `repvgg_jax.ablate.stats`).
+``ablation.png`` (`repvgg_jax.ablate.report`, `repvgg_jax.ablate.stats`). The rows
+and the config of each run come from `repvgg_jax.ablate.rows`.
 
 Resuming: a finished run's results are kept in
 ``<workdir>/<row>/seed<seed>/ablation_row.json`` and a rerun skips it; an
@@ -40,7 +41,6 @@ quiet_startup()  # As in train.py.
 import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
-import re  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
@@ -51,239 +51,37 @@ import numpy as np  # noqa: E402
 from repvgg_jax import jsonfiles  # noqa: E402
 from repvgg_jax.ablate import report as ablation_report  # noqa: E402
 from repvgg_jax.ablate import stats  # noqa: E402
+from repvgg_jax.ablate.rows import (  # noqa: E402
+  AblationError,
+  as_json,
+  bench_settings,
+  branch_sets,
+  config_changes,
+  int8_batches,
+  reference_row,
+  row_config,
+  row_label,
+  seeds,
+  split_row,
+)
 from repvgg_jax.bench import timing as bench_timing  # noqa: E402
 from repvgg_jax.data import datasets as data  # noqa: E402
 from repvgg_jax.interop import quantize  # noqa: E402
-from repvgg_jax.model import normalize_branches, variants  # noqa: E402
 from repvgg_jax.perf import compile_options, host_memory  # noqa: E402
 from repvgg_jax.train import checkpointing, trainer  # noqa: E402
 
 ROW_FILE = 'ablation_row.json'
-# Row names become directory names.
-_ROW_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.+-]*')
-# Config fields that change neither what a row trains nor what it measures.
-_IRRELEVANT_FIELDS = frozenset(
-  {
-    'progress_bar',
-    'log_every_steps',
-    'checkpoint_every_steps',
-    'steps_per_call',
-    'keep_checkpoints',
-    'dataset.data_dir',
-    'dataset.manual_dir',
-    'dataset.download',
-  }
-)
-
-
-class AblationError(trainer.ConfigError):
-  """An ablation config that cannot run, or a workdir of another ablation."""
+# A run's int8 figures (`int8_results`).
+_INT8_KEYS = ('top1_int8', 'int8_logit_rel_error', 'int8_calibration_batches')
 
 
 class Preempted(RuntimeError):
   """A SIGTERM stopped a row after it saved a checkpoint."""
 
 
-def branch_sets(config) -> dict[str, tuple]:
-  """The rows of ``config.ablation.branch_sets`` in order, validated.
-
-  ``config.ablation.only`` (comma-separated row names) keeps some of them.
-
-  Raises:
-    AblationError: no ablation section, no rows, a bad row name, a branch set
-      that is empty or names an unknown branch kind (the error lists the known
-      ones), or ``only`` naming an unknown row.
-  """
-  if 'ablation' not in config or 'branch_sets' not in config.ablation:
-    raise AblationError(
-      'The config has no ablation.branch_sets: use an ablation config such as '
-      'configs/ablation_digits.py, which maps row names to branch sets.'
-    )
-  sets = config.ablation.branch_sets
-  rows = dict(sets.items() if hasattr(sets, 'items') else sets or ())
-  if not rows:
-    raise AblationError('ablation.branch_sets is empty: give at least one row name -> branch set.')
-  for name, row in rows.items():
-    if not _ROW_NAME.fullmatch(name):
-      raise AblationError(
-        f'Row name {name!r} cannot name a directory: use letters, digits and _ . + - only.'
-      )
-    branches, _ = _split_row(name, row)
-    if not branches:
-      raise AblationError(f'ablation.branch_sets.{name} is empty: name at least one branch kind.')
-    if isinstance(branches, str) and branches not in variants.BLOCK_KINDS:
-      raise AblationError(
-        f'ablation.branch_sets.{name} is {branches!r}: give a set of branch kinds or a block '
-        f'kind ({", ".join(variants.BLOCK_KINDS)}).'
-      )
-    try:
-      if not isinstance(branches, str):
-        normalize_branches(branches)
-    except ValueError as error:
-      raise AblationError(f'ablation.branch_sets.{name}: {error}') from None
-  only = [name.strip() for name in config.ablation.get('only', '').split(',') if name.strip()]
-  unknown = [name for name in only if name not in rows]
-  if unknown:
-    raise AblationError(f'ablation.only names unknown rows {unknown}; the rows are {list(rows)}.')
-  return {name: branches for name, branches in rows.items() if not only or name in only}
-
-
-def seeds(config) -> list[int]:
-  """The seeds every row trains with: ``config.seed`` and the ``ablation.seeds - 1`` after it."""
-  count = config.ablation.get('seeds', 1)
-  if not isinstance(count, int) or count < 1:
-    raise AblationError(f'ablation.seeds must be a positive number of seeds, got {count!r}.')
-  return [config.seed + index for index in range(count)]
-
-
-def reference_row(config, rows: dict) -> str | None:
-  """The row the others are compared with (``ablation.reference``), if it is run."""
-  name = config.ablation.get('reference', '')
-  all_rows = dict(config.ablation.branch_sets.items())
-  if name and name not in all_rows:
-    raise AblationError(
-      f'ablation.reference names the unknown row {name!r}; the rows are {list(all_rows)}.'
-    )
-  return name if name in rows else None
-
-
 def run_dir(workdir: pathlib.Path, name: str, seed: int) -> pathlib.Path:
   """Where one row trains with one seed."""
   return workdir / name / f'seed{seed}'
-
-
-def _split_row(name: str, row) -> tuple:
-  """``(branches, settings)`` of a row: a branch set or block kind alone, or a mapping
-  of ``branches`` and config settings that the row changes (``optimizer: {...}``)."""
-  if not hasattr(row, 'items'):
-    return row, {}
-  settings = dict(row.items())
-  if 'branches' not in settings:
-    raise AblationError(
-      f'ablation.branch_sets.{name} is a mapping without branches: give '
-      "{'branches': (...), 'optimizer': {...}}, the branch set and the settings it changes."
-    )
-  return settings.pop('branches'), settings
-
-
-def _apply_settings(config, settings, where: str) -> None:
-  """Sets ``settings`` (nested mappings) in ``config``; every field must exist there."""
-  for key, value in settings.items():
-    if key not in config:
-      raise AblationError(f'{where}.{key}: the training config has no such field.')
-    if hasattr(value, 'items'):
-      _apply_settings(config[key], value, f'{where}.{key}')
-    else:
-      config[key] = value
-
-
-def row_config(config, row, seed: int | None = None, *, name: str = '<row>'):
-  """The training config of one row: ``config`` with its branches (or, for a
-  block kind, that kind's variant of the same shape) and the settings it changes,
-  ``seed`` (default: the config's) and no ablation part."""
-  branches, settings = _split_row(name, row)
-  row = config.copy_and_resolve_references()
-  with row.unlocked():
-    del row['ablation']
-    if seed is not None:
-      row.seed = seed
-    if isinstance(branches, str):
-      row.model.name = variants.with_block(row.model.name, branches)
-      row.model.branches = None
-    else:
-      row.model.branches = tuple(branches)
-  _apply_settings(row, settings, f'ablation.branch_sets.{name}')
-  return row
-
-
-def row_label(config, settings=None) -> str:
-  """The row's blocks: its branch kinds, after the block kind where it is not RepVGG's;
-  then the settings the row changes (``optimizer.custom_l2=True``)."""
-  variant = variants.get_variant(config.model.name)
-  branches = config.model.branches or variant.block_kind.branches
-  label = ablation_report.branches_label(_as_json(branches))
-  label = label if variant.block == 'repvgg' else f'{variant.block_kind.prefix}: {label}'
-  return ' '.join([label, *(f'{key}={value}' for key, value in _flat_settings(settings or {}))])
-
-
-def _flat_settings(settings, prefix: str = ''):
-  for key, value in settings.items():
-    if hasattr(value, 'items'):
-      yield from _flat_settings(value, f'{prefix}{key}.')
-    else:
-      yield f'{prefix}{key}', value
-
-
-_INT8_KEYS = ('top1_int8', 'int8_logit_rel_error', 'int8_calibration_batches')
-
-
-def int8_batches(config) -> int:
-  """Calibration batches of every run's int8 top-1 (``ablation.int8_calibration_batches``);
-  0: no int8 column."""
-  count = config.ablation.get('int8_calibration_batches', 0)
-  if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-    raise AblationError(
-      f'ablation.int8_calibration_batches must be a number of batches (0: no int8 top-1), '
-      f'got {count!r}.'
-    )
-  return count
-
-
-def bench_settings(config) -> dict[str, int]:
-  """The benchmark set-up (image size 0 means the dataset's)."""
-  ablation = config.ablation
-  settings = {
-    'batch': ablation.bench_batch_size,
-    'size': ablation.bench_image_size or config.dataset.image_size,
-    'runs': ablation.bench_runs,
-    'warmup': ablation.bench_warmup,
-  }
-  if min(settings['batch'], settings['size'], settings['runs']) < 1 or settings['warmup'] < 0:
-    raise AblationError(f'The benchmark settings must be positive, got {settings}.')
-  return settings
-
-
-def _as_json(value):
-  return json.loads(json.dumps(value))
-
-
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
-# Fields added to the config after rows may have been saved: a saved config
-# without one ran as with this value.
-_ADDED_FIELDS = {
-  'qat.enabled': False,
-  'qat.init_from': None,
-  'init_from': None,
-  'freeze_stages': 0,
-  'optimizer.backbone_lr_multiplier': 1.0,
-  'dataset.val_fraction': 0.0,
-  'dataset.skip_bad_images': False,
-  'dataset.randaugment_layers': 0,
-  'dataset.randaugment_magnitude': 15,
-  'optimizer.cutmix_alpha': 0.0,
-  'ema_decay': 0.0,
-  'optimizer.custom_l2': False,
-}
-
-
-def config_changes(saved: dict, current: dict) -> list[str]:
-  """``'field: saved -> current'`` for every field that changes a row's result."""
-  saved, current = {**_ADDED_FIELDS, **_flatten(saved)}, _flatten(current)
-  keys = sorted((saved.keys() | current.keys()) - _IRRELEVANT_FIELDS)
-  return [
-    f'{key}: {saved.get(key, "(absent)")} -> {current.get(key, "(absent)")}'
-    for key in keys
-    if saved.get(key) != current.get(key)
-  ]
 
 
 def _has_checkpoint(row_dir: pathlib.Path) -> bool:
@@ -338,7 +136,7 @@ def check_ablation(config, workdir: pathlib.Path) -> dict[str, dict[int, object]
       except trainer.ConfigError as error:
         raise AblationError(f'Row {name!r}: {error}') from None
       directory = run_dir(workdir, name, seed)
-      _check_unchanged(f'{name} (seed {seed})', directory, _as_json(row.to_dict()))
+      _check_unchanged(f'{name} (seed {seed})', directory, as_json(row.to_dict()))
   data.class_names(config.dataset)  # Fails at once when the dataset is missing.
   return runs
 
@@ -449,7 +247,7 @@ def run_row(
     'row': name,
     'seed': config.seed,
     'branches': label or row_label(config),
-    'config': _as_json(config.to_dict()),
+    'config': as_json(config.to_dict()),
     'summary': summary,
     'top1': summary['eval_top1'],
     'top1_fused': summary['eval_top1_fused'],
@@ -516,7 +314,7 @@ def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None]
   settings, int8 = bench_settings(config), int8_batches(config)
   workdir.mkdir(parents=True, exist_ok=True)
   labels = {
-    name: row_label(by_seed[seeds(config)[0]], _split_row(name, row)[1])
+    name: row_label(by_seed[seeds(config)[0]], split_row(name, row)[1])
     for (name, by_seed), row in zip(runs.items(), branch_sets(config).values(), strict=True)
   }
   count, index, records = sum(len(by_seed) for by_seed in runs.values()), 0, {}
