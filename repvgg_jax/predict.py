@@ -96,17 +96,16 @@ def _from_checkpoint(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
   from repvgg_jax.model import fusion
 
   try:
-    state, saved = checkpoint_io.restore(path)
+    variables, saved = checkpoint_io.fused_variables(path)  # A training one is fused here.
   except (FileNotFoundError, ConversionError) as error:
     raise PredictError(str(error)) from None
+  except fusion.FusionError as error:
+    raise PredictError(f'{path}: {error}') from None
   except Exception as error:  # noqa: BLE001 - orbax's many ways of failing on a damaged one.
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
     raise PredictError(
       f'{path}: the checkpoint cannot be read ({type(error).__name__}: {first_line[:200]}).'
     ) from None
-  variables = {key: state[key] for key in ('params', 'batch_stats') if key in state}
-  if 'batch_stats' in variables:  # A training checkpoint: fused here.
-    variables = fusion.fuse_params(variables)
   if 'linear' not in variables['params']:
     raise PredictError(f'{path} holds a backbone without a classifier: nothing to predict.')
   model = _deploy_model(path, variables['params'])
