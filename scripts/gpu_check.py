@@ -70,8 +70,9 @@ class Run:
     return self.deadline - time.monotonic()
 
   def row(self, row: dict) -> None:
-    with open(self.out / 'results.jsonl', 'a') as file:
-      file.write(json.dumps(row) + '\n')
+    from repvgg_jax import jsonfiles
+
+    jsonfiles.append_jsonl(self.out / 'results.jsonl', row)
 
   def say(self, *lines: str) -> None:
     for line in lines:

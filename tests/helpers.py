@@ -215,8 +215,7 @@ def write_digits_folder(root, *, limit=None, seed=0):
       elif kind == 2:
         image = tf.concat([image, tf.fill((height, width, 1), tf.constant(255, tf.uint8))], -1)
       folder = pathlib.Path(root) / ('val' if split == 'test' else 'train') / str(labels[index])
-      folder.mkdir(parents=True, exist_ok=True)
-      (folder / f'{index:04d}.png').write_bytes(tf.io.encode_png(image).numpy())
+      write_image(folder / f'{index:04d}.png', image.numpy())
   return pathlib.Path(root)
 
 

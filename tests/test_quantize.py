@@ -11,7 +11,6 @@ import pytest
 from helpers import random_variables, relative_error, tiny_config
 
 import repvgg_jax
-from repvgg_jax.data import datasets as data
 from repvgg_jax.interop import convert, export
 from repvgg_jax.interop import quantize as quant
 from repvgg_jax.train import trainer
@@ -82,12 +81,10 @@ def test_bad_input_is_refused_in_one_line(fused):
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, digits_dir):
   """A tiny QARepVGG trained for a few steps on the digits."""
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  data.get_builder(tiny_config(data_dir).dataset)
   path = tmp_path_factory.mktemp('qa')
-  config = tiny_config(data_dir, **{'model.name': 'QARepVGG-A0', 'num_train_steps': 4})
+  config = tiny_config(digits_dir, **{'model.name': 'QARepVGG-A0', 'num_train_steps': 4})
   trainer.train_and_evaluate(config, path)
   return path
 

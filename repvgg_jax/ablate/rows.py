@@ -148,15 +148,7 @@ def row_label(config, settings=None) -> str:
   branches = config.model.branches or variant.block_kind.branches
   label = ablation_report.branches_label(as_json(branches))
   label = label if variant.block == 'repvgg' else f'{variant.block_kind.prefix}: {label}'
-  return ' '.join([label, *(f'{key}={value}' for key, value in _flat_settings(settings or {}))])
-
-
-def _flat_settings(settings, prefix: str = ''):
-  for key, value in settings.items():
-    if hasattr(value, 'items'):
-      yield from _flat_settings(value, f'{prefix}{key}.')
-    else:
-      yield f'{prefix}{key}', value
+  return ' '.join([label, *(f'{key}={value}' for key, value in _flatten(settings or {}).items())])
 
 
 def int8_batches(config) -> int:
@@ -189,10 +181,11 @@ def as_json(value):
   return json.loads(json.dumps(value))
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict:
+def _flatten(tree, prefix: str = '') -> dict:
+  """``{'a.b': value}`` of nested mappings (dicts or ConfigDicts)."""
   flat = {}
   for key, value in tree.items():
-    if isinstance(value, dict):
+    if hasattr(value, 'items'):
       flat.update(_flatten(value, f'{prefix}{key}.'))
     else:
       flat[f'{prefix}{key}'] = value

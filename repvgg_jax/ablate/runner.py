@@ -114,12 +114,16 @@ def _check_unchanged(name: str, row_dir: pathlib.Path, current: dict) -> None:
     )
 
 
-def check_ablation(config, workdir: pathlib.Path) -> dict[str, dict[int, object]]:
-  """Validates everything before anything trains; returns row -> seed -> run config."""
+def check_ablation(config, workdir: pathlib.Path) -> tuple[dict[str, dict[int, object]], dict]:
+  """Validates everything before anything trains; returns row -> seed -> run config,
+  and row -> its label (`row_label`)."""
   sets = branch_sets(config)
   runs = {
     name: {seed: row_config(config, row, seed, name=name) for seed in seeds(config)}
     for name, row in sets.items()
+  }
+  labels = {
+    name: row_label(runs[name][config.seed], split_row(name, row)[1]) for name, row in sets.items()
   }
   reference_row(config, sets)
   bench_settings(config)
@@ -138,7 +142,7 @@ def check_ablation(config, workdir: pathlib.Path) -> dict[str, dict[int, object]
       directory = run_dir(workdir, name, seed)
       _check_unchanged(f'{name} (seed {seed})', directory, as_json(row.to_dict()))
   data.class_names(config.dataset)  # Fails at once when the dataset is missing.
-  return runs
+  return runs, labels
 
 
 def count_params(model, image_size: int) -> int:
@@ -160,28 +164,23 @@ def _restore_latest(directory: pathlib.Path):
     ckpt.close()
 
 
-def _max_logit_error(config, forward: dict, variables, fused, batch_size: int) -> float:
-  """``max |fused - unfused| / max |unfused|`` over the logits of the whole eval split."""
-  error, scale = 0.0, 0.0
-  for batch in data.eval_batches(config.dataset, global_batch_size=batch_size):
-    mask = batch['mask']
-    unfused = np.asarray(forward['train'](variables, batch['image']), np.float64)[mask]
-    deploy = np.asarray(forward['deploy'](fused, batch['image']), np.float64)[mask]
-    error = max(error, float(np.abs(deploy - unfused).max(initial=0.0)))
-    scale = max(scale, float(np.abs(unfused).max(initial=0.0)))
-  return error / scale
-
-
 def logit_error(config, directory: pathlib.Path) -> float:
-  """How far the run's saved fused model is from its trained one (`_max_logit_error`):
-  the last training checkpoint against the saved deploy checkpoint, in inference mode."""
+  """How far the run's saved fused model is from its trained one: ``max |fused -
+  unfused| / max |unfused|`` over the logits of the whole eval split, the last
+  training checkpoint against the saved deploy checkpoint, in inference mode."""
   state = _restore_latest(directory / 'checkpoints')
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   fused = _restore_latest(directory / 'deploy')
-  jit = compile_options.jit
-  model, deploy = trainer.build_model(config), trainer.build_model(config, deploy=True)
-  forward = {'train': jit(model.apply), 'deploy': jit(deploy.apply)}
-  return _max_logit_error(config, forward, variables, fused, config.eval_batch_size)
+  train_forward = compile_options.jit(trainer.build_model(config).apply)
+  deploy_forward = compile_options.jit(trainer.build_model(config, deploy=True).apply)
+  error, scale = 0.0, 0.0
+  for batch in data.eval_batches(config.dataset, global_batch_size=config.eval_batch_size):
+    mask = batch['mask']
+    unfused = np.asarray(train_forward(variables, batch['image']), np.float64)[mask]
+    deploy = np.asarray(deploy_forward(fused, batch['image']), np.float64)[mask]
+    error = max(error, float(np.abs(deploy - unfused).max(initial=0.0)))
+    scale = max(scale, float(np.abs(unfused).max(initial=0.0)))
+  return error / scale
 
 
 def int8_results(config, directory: pathlib.Path, calibration_batches: int) -> dict:
@@ -218,7 +217,7 @@ def run_row(
   name: str,
   config,
   directory: pathlib.Path,
-  label: str | None = None,
+  label: str,
   int8_calibration_batches: int = 0,
 ) -> dict:
   """Trains (or resumes) one row with one seed and measures it; returns its record.
@@ -246,7 +245,7 @@ def run_row(
   return {
     'row': name,
     'seed': config.seed,
-    'branches': label or row_label(config),
+    'branches': label,
     'config': as_json(config.to_dict()),
     'summary': summary,
     'top1': summary['eval_top1'],
@@ -310,13 +309,9 @@ def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None]
     Preempted: a SIGTERM stopped a run after its checkpoint.
   """
   workdir = pathlib.Path(workdir).absolute()
-  runs = check_ablation(config, workdir)
+  runs, labels = check_ablation(config, workdir)
   settings, int8 = bench_settings(config), int8_batches(config)
   workdir.mkdir(parents=True, exist_ok=True)
-  labels = {
-    name: row_label(by_seed[seeds(config)[0]], split_row(name, row)[1])
-    for (name, by_seed), row in zip(runs.items(), branch_sets(config).values(), strict=True)
-  }
   count, index, records = sum(len(by_seed) for by_seed in runs.values()), 0, {}
   for seed in seeds(config):  # Seed by seed: the first seed's rows are all done first.
     for name, by_seed in runs.items():
@@ -325,9 +320,9 @@ def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None]
       directory = run_dir(workdir, name, seed)
       record = _ablate_run(tag, name, by_seed[seed], directory, labels[name], int8, log)
       records.setdefault(name, []).append(record)
-  first = seeds(config)[0]
   log(f'Timing the rows round robin ({settings["runs"]} rounds of batch {settings["batch"]})')
-  speeds = time_rows({name: by_seed[first] for name, by_seed in runs.items()}, workdir, settings)
+  first = {name: by_seed[config.seed] for name, by_seed in runs.items()}  # The first seed's.
+  speeds = time_rows(first, workdir, settings)
   reference = reference_row(config, runs)
   if not int8:  # Runs quantized by an earlier invocation keep their figures, unreported.
     records = {name: [_without_int8(run) for run in runs] for name, runs in records.items()}
@@ -363,14 +358,13 @@ def time_rows(configs: dict, workdir: pathlib.Path, settings: dict) -> dict[str,
   deploy_forward, _ = bench_timing.compiled_forward(
     trainer.build_model(first, deploy=True), fused[names[0]], images
   )
-  seconds = {name: ([], []) for name in names}
-  for round_index in range(settings['warmup'] + settings['runs']):
-    for name in names:
-      slow = bench_timing.time_once(*unfused[name], images)
-      fast = bench_timing.time_once(deploy_forward, fused[name], images)
-      if round_index >= settings['warmup']:
-        seconds[name][0].append(slow)
-        seconds[name][1].append(fast)
+  calls = {}  # In timing order: each row's unfused model, then its fused one.
+  for name in names:
+    forward, variables = unfused[name]
+    calls[name, 'unfused'] = lambda f=forward, v=variables: jax.block_until_ready(f(v, images))
+    calls[name, 'fused'] = lambda v=fused[name]: jax.block_until_ready(deploy_forward(v, images))
+  timed = bench_timing.interleaved_medians(calls, settings['runs'], settings['warmup'])
+  seconds = {name: (timed[name, 'unfused'][1], timed[name, 'fused'][1]) for name in names}
   batch = settings['batch']
   return {
     name: {

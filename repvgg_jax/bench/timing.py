@@ -88,12 +88,6 @@ def temp_bytes(compiled) -> int | None:
   return getattr(memory, 'temp_size_in_bytes', None) if memory is not None else None
 
 
-def time_once(fn, variables, images) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn(variables, images))
-  return time.perf_counter() - start
-
-
 def machine() -> dict:
   """What the figures were measured on."""
   info = {

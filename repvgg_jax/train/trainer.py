@@ -169,6 +169,8 @@ def dataset_classes(config) -> tuple[tuple[str, ...] | None, object]:
     DatasetNotFoundError: the dataset is missing (says where to put it).
     ConfigError: a bad image folder, or a number of classes that does not fit.
   """
+  if config.dataset.in_memory and data.is_folder(config.dataset):  # Before any scan.
+    raise ConfigError('dataset.in_memory reads tfds datasets only: set it False for a folder.')
   try:
     classes = data.class_names(config.dataset)
   except data.FolderError as error:
@@ -183,8 +185,6 @@ def dataset_classes(config) -> tuple[tuple[str, ...] | None, object]:
       f'dataset.num_classes is {config.dataset.num_classes} but {config.dataset.name} has '
       f'{len(classes)} classes: set --config.dataset.num_classes={len(classes)}.'
     )
-  if config.dataset.in_memory and data.is_folder(config.dataset):
-    raise ConfigError('dataset.in_memory reads tfds datasets only: set it False for a folder.')
   return classes, config
 
 
@@ -237,11 +237,19 @@ def _state_tree(state: steps.TrainState) -> dict:
   return tree if state.ema is None else {**tree, 'ema': state.ema}
 
 
+# The settings that shape the optimizer's state, and their values where a checkpoint
+# (or a config) predates them.
+_OPTIMIZER_META_DEFAULTS = {'freeze_stages': 0, 'backbone_lr_multiplier': 1.0}
+
+
 def optimizer_meta(config) -> dict:
   """The settings that shape the optimizer's state, kept in every checkpoint's metadata."""
+  defaults = _OPTIMIZER_META_DEFAULTS
   return {
-    'freeze_stages': config.get('freeze_stages', 0),
-    'backbone_lr_multiplier': config.optimizer.get('backbone_lr_multiplier', 1.0),
+    'freeze_stages': config.get('freeze_stages', defaults['freeze_stages']),
+    'backbone_lr_multiplier': config.optimizer.get(
+      'backbone_lr_multiplier', defaults['backbone_lr_multiplier']
+    ),
   }
 
 
@@ -257,7 +265,7 @@ def _resume_problem(config, meta: dict, saved, abstract, classes) -> str | None:
       f'ema_decay={config.get("ema_decay", 0.0)}'
     )
   for key, value in optimizer_meta(config).items():
-    was = meta.get(key, {'freeze_stages': 0, 'backbone_lr_multiplier': 1.0}[key])
+    was = meta.get(key, _OPTIMIZER_META_DEFAULTS[key])
     if was != value:  # Another optimizer state: start a new workdir from this one instead.
       return (
         f'was trained with {key}={was}, the config has {value} (for a new stage of fine-'
@@ -343,24 +351,26 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
 
 def evaluate(config, eval_fn, fuse_fn, state, sharding) -> dict[str, float]:
   """Top-1 and top-5 of the training-time and fused models over the eval split; with
-  a moving average of the weights, of its two models too (``eval/ema_...``)."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  metrics = _evaluate(config, eval_fn, fuse_fn, variables, sharding, 'eval/')
+  a moving average of the weights, of its two models too (``eval/ema_...``), in the
+  same pass over the images."""
+  weights = {'eval/': {'params': state.params, 'batch_stats': state.batch_stats}}
   if state.ema is not None:
-    metrics |= _evaluate(config, eval_fn, fuse_fn, state.ema, sharding, 'eval/ema_')
-  return metrics
-
-
-def _evaluate(config, eval_fn, fuse_fn, variables, sharding, prefix: str) -> dict[str, float]:
-  deploy_variables = fuse_fn(variables)
-  totals = None
+    weights['eval/ema_'] = state.ema
+  fused = {prefix: fuse_fn(variables) for prefix, variables in weights.items()}
+  totals = dict.fromkeys(weights)
   for batch in data.eval_batches(config.dataset, global_batch_size=config.eval_batch_size):
-    counts = eval_fn(variables, deploy_variables, _global_batch(batch, sharding))
-    totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
-  totals = jax.device_get(totals)
-  count = max(int(totals['count']), 1)
-  names = ('top1', 'top5', 'loss', 'top1_fused', 'top5_fused')
-  return {f'{prefix}{name}': float(totals[name]) / count for name in names}
+    batch = _global_batch(batch, sharding)
+    for prefix, variables in weights.items():
+      counts = eval_fn(variables, fused[prefix], batch)
+      totals[prefix] = (
+        counts if totals[prefix] is None else jax.tree.map(jnp.add, totals[prefix], counts)
+      )
+  metrics = {}
+  for prefix, total in jax.device_get(totals).items():
+    count = max(int(total['count']), 1)
+    names = ('top1', 'top5', 'loss', 'top1_fused', 'top5_fused')
+    metrics |= {f'{prefix}{name}': float(total[name]) / count for name in names}
+  return metrics
 
 
 def _compile_steps(config, model, eval_model, deploy_model, mesh):
