@@ -151,6 +151,21 @@ def test_train_step_bench_with_several_steps_per_call():
     bench_models.benchmark_train_step(TINY, batch=4, size=16, conv_impl='xla', steps_per_call=2)
 
 
+def test_train_step_bench_with_frozen_stages(capsys):
+  row = bench_models.benchmark_train_step(
+    TINY, batch=4, size=16, runs=1, warmup=0, num_classes=10, freeze_stages=2
+  )
+  assert row['freeze_stages'] == 2 and row['jax']['images_per_sec'] > 0
+  assert 'training step, stages 0-1 frozen' in bench_report.format_train(row)
+  refused = [(['--freeze-stages', '6'], '--freeze-stages must be from 0 to 5')]
+  if importlib.util.find_spec('torch'):
+    refused.append((['--freeze-stages', '1', '--torch'], 'leave out --freeze-stages'))
+  for args, message in refused:
+    with pytest.raises(SystemExit):
+      bench.main(['train', '--model', 'A0', *args])
+    assert message in capsys.readouterr().err
+
+
 def test_roofline_and_layers_report_positive_figures(tmp_path):
   assert bench.main(['roofline', '--json', str(tmp_path / 'roof.jsonl')]) == 0
   (roof,) = jsonfiles.read_jsonl(tmp_path / 'roof.jsonl')

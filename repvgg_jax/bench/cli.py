@@ -34,7 +34,7 @@ from repvgg_jax.bench import report as bench_report
 from repvgg_jax.bench import timing
 from repvgg_jax.bench.models import TORCH_LAYOUTS, benchmark, benchmark_train_step
 from repvgg_jax.bench.timing import benchmark_layers, machine, peak_of
-from repvgg_jax.model import variants
+from repvgg_jax.model import network, variants
 from repvgg_jax.perf import CONV_IMPLS, host_memory
 from repvgg_jax.startup import quiet_startup
 
@@ -288,6 +288,12 @@ def _parser() -> argparse.ArgumentParser:
     help='steps per call, as config.steps_per_call (> 1: one step per call timed beside it)',
   )
   train.add_argument(
+    '--freeze-stages',
+    type=int,
+    default=0,
+    help='leading stages frozen, as config.freeze_stages (fine-tuning)',
+  )
+  train.add_argument(
     '--torch-layouts',
     default=','.join(TORCH_LAYOUTS),
     type=_layouts,
@@ -354,6 +360,12 @@ def main(argv=None) -> int:
       jsonfiles.append_jsonl(args.json, row)
     return 0
   with_torch = _with_torch(parser, args.torch, [args.model])
+  if args.command == 'train' and args.freeze_stages:
+    if not 0 < args.freeze_stages <= network.NUM_STAGES:
+      parser.error(f'--freeze-stages must be from 0 to {network.NUM_STAGES}.')
+    if args.torch:
+      parser.error('--torch: the PyTorch step trains every stage; leave out --freeze-stages.')
+    with_torch = False
   common = dict(runs=args.runs, warmup=args.warmup, dtype=args.dtype, conv_impl=args.conv_impl)
   if args.command == 'train':
     row = benchmark_train_step(
@@ -365,6 +377,7 @@ def main(argv=None) -> int:
       with_torch=with_torch,
       torch_layouts=args.torch_layouts,
       steps_per_call=args.steps_per_call,
+      freeze_stages=args.freeze_stages,
       **common,
     )
     _emit(row, bench_report.format_train(row), args.json)

@@ -249,6 +249,7 @@ def benchmark_train_step(
   torch_layouts: tuple[str, ...] = TORCH_LAYOUTS,
   peak_gflops: float | None = None,
   steps_per_call: int = 1,
+  freeze_stages: int = 0,
 ) -> dict:
   """Images/s of the trainer's SGD step, data parallel over every device.
 
@@ -259,12 +260,13 @@ def benchmark_train_step(
   whole batch, as single-process PyTorch does. With ``steps_per_call`` > 1 each
   call runs that many steps on as many batches (`steps.train_steps`, as the
   trainer's ``config.steps_per_call``), timed per step, and one step per call
-  is timed beside it (``jax_single``).
+  is timed beside it (``jax_single``). ``freeze_stages`` > 0 times fine-tuning
+  with the first stages frozen, as ``config.freeze_stages`` does.
 
   Returns:
     A dict with ``jax`` timings (images/s, GFLOP/s counting the backward pass
-    as twice the forward, temporary memory), with torch the ``torch`` timings
-    and ``jax_over_torch``, and the set-up.
+    as twice the forward even where frozen stages skip it, temporary memory),
+    with torch the ``torch`` timings and ``jax_over_torch``, and the set-up.
   """
   from repvgg_jax.train import steps
 
@@ -277,10 +279,13 @@ def benchmark_train_step(
     num_classes=num_classes,
     dtype=jnp.dtype(dtype),
     conv=perf.conv_layer(conv_impl, train=True),
+    frozen_stages=freeze_stages,
   )
   options = {'num_classes': num_classes, 'bn_group_size': bn_group_size}
   tx = optax.chain(
-    optax.add_decayed_weights(1e-4, mask=optim.weight_decay_mask), optax.sgd(0.1, momentum=0.9)
+    optax.add_decayed_weights(1e-4, mask=optim.weight_decay_mask),
+    optax.sgd(0.1, momentum=0.9),
+    optax.masked(optax.set_to_zero(), lambda p: optim.frozen_mask(p, freeze_stages)),
   )
   replicated = NamedSharding(mesh, P())
   variables = model.clone(conv=nn.Conv).init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
@@ -339,6 +344,7 @@ def benchmark_train_step(
     'runs': runs,
     'host_memory': host_memory.state(),
     'steps_per_call': steps_per_call,
+    'freeze_stages': freeze_stages,
   }
   for key, (_, compiled) in programs.items():
     count = steps_per_call if key == 'jax' else 1

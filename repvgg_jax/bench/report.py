@@ -70,8 +70,10 @@ def format_infer(row: dict) -> str:
 
 def format_train(row: dict) -> str:
   count = row.get('steps_per_call', 1)
+  frozen = row.get('freeze_stages', 0)
+  frozen = f', stages 0-{frozen - 1} frozen' if frozen else ''
   lines = [
-    _setup(row) + f', {row["num_classes"]} classes, training step',
+    _setup(row) + f', {row["num_classes"]} classes, training step{frozen}',
     f'{"step":<36}{"images/s":>10}{"ms/step":>10}{"GFLOP/s":>9}{"roofline":>9}{"temp memory":>13}',
   ]
   labels = {'jax': 'JAX' if count == 1 else f'JAX, {count} steps per call'}
