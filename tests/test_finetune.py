@@ -94,6 +94,31 @@ def test_frozen_stages_keep_weights_and_statistics(source, images, tmp_path):
         assert changed(ckpt[part][key], start[part][key]), (part, key)
 
 
+def test_frozen_stages_get_no_gradient_and_no_backward_pass():
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+
+  def gradient(frozen_stages):
+    model = create_model('RepVGG-A0', num_classes=10, frozen_stages=frozen_stages)
+    variables = model.init(jax.random.key(1), images)
+
+    def loss(params):
+      logits, _ = model.apply(
+        {**variables, 'params': params}, images, train=True, mutable=['batch_stats']
+      )
+      return jnp.sum(logits**2)
+
+    return jax.grad(loss), variables['params']
+
+  grad, params = gradient(2)
+  for key, leaves in grad(params).items():
+    frozen = key.startswith(('stage0_', 'stage1_'))
+    assert all(bool(jnp.all(leaf == 0)) == frozen for leaf in jax.tree.leaves(leaves)), key
+  convolutions = lambda fn: str(jax.make_jaxpr(fn)(params)).count('conv_general_dilated')
+  # Stages 0-1 hold 3 of A0's 22 blocks, a 3x3 and a 1x1 convolution each: the
+  # backward pass drops their 6 weight and 6 input gradients.
+  assert convolutions(grad) == convolutions(gradient(0)[0]) - 12
+
+
 def _training_state(directory):
   path = directory / 'checkpoints' if (directory / 'checkpoints').is_dir() else directory
   return restore_checkpoint(path)[0]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -59,8 +60,9 @@ class RepVGG(nn.Module):
       blocks after the last of them are left out.
     frozen_stages: the first ``frozen_stages`` stages run in inference mode
       even in training (BatchNorm on its running statistics, which stay as
-      they are): fine-tuning with a frozen stem; the optimizer keeps their
-      parameters fixed (`repvgg_jax.train.optim`).
+      they are) and pass no gradient back, so the backward pass skips them:
+      fine-tuning with a frozen stem; the optimizer keeps their parameters
+      fixed (`repvgg_jax.train.optim`).
   """
 
   variant: variants.Variant
@@ -102,6 +104,7 @@ class RepVGG(nn.Module):
     kind = self.variant.block_kind
     branches = self.branches or (kind.branches,) * NUM_STAGES
     for block in blocks:
+      frozen = block.stage < self.frozen_stages
       x = RepVGGBlock(
         block.out_channels,
         block.stride,
@@ -113,7 +116,10 @@ class RepVGG(nn.Module):
         self.conv,
         post_norm=kind.post_norm,
         name=block_name(block.stage, block.index),
-      )(x, train=train and block.stage >= self.frozen_stages)
+      )(x, train=train and not frozen)
+      if train and frozen:
+        # Nothing trains below: the backward pass ends at the first trained block.
+        x = jax.lax.stop_gradient(x)
       if block.index == self.variant.stage_depths[block.stage] - 1:
         stage_outputs.append(x)
     return x, stage_outputs
@@ -246,7 +252,7 @@ def create_model(
     out_indices: the stages (0-4) whose outputs a backbone (``num_classes=0``)
       returns, as timm's ``out_indices``; the blocks after the last are left out.
     frozen_stages: leading stages (0-5) that run BatchNorm in inference mode
-      also in training (`RepVGG.frozen_stages`).
+      also in training and pass no gradient back (`RepVGG.frozen_stages`).
     name: the module's name, for a submodule of a larger network (as any
       Linen module's ``name=``).
 
