@@ -9,8 +9,6 @@ which every process yields the same number of batches, so jitted multi-host step
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
 from collections.abc import Iterator
 
@@ -20,8 +18,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from repvgg_jax.data import batching, folder, in_memory, input_pipeline
 from repvgg_jax.data import digits as digits_dataset
-from repvgg_jax.data import folder, in_memory, input_pipeline
 
 # Built offline from scikit-learn on first use; importing the module registered it with tfds.
 OFFLINE_DATASETS = (digits_dataset.SklearnDigits.name,)
@@ -153,21 +151,6 @@ def class_names(config) -> tuple[str, ...] | None:
   return tuple(names) if names else None
 
 
-def _train_split_size(config) -> tuple[int, str]:
-  if is_folder(config):
-    return len(folder.scan(config).split('train').paths), 'train/'
-  return _num_examples(get_builder(config), config.train_split), repr(config.train_split)
-
-
-def _steps_per_epoch(config, global_batch_size: int) -> int:
-  total, split = _train_split_size(config)
-  if total < global_batch_size:
-    raise ValueError(
-      f'The global batch of {global_batch_size} is larger than the {total} examples of {split}.'
-    )
-  return total // global_batch_size
-
-
 def steps_per_epoch(config, global_batch_size: int) -> int:
   """Full global batches per pass over the training split; the remainder is dropped.
 
@@ -175,7 +158,14 @@ def steps_per_epoch(config, global_batch_size: int) -> int:
   (``tfds.split_for_jax_process`` with ``drop_remainder=True``) holds at least this many
   local batches, and each epoch reads exactly this many from a fresh shuffle of it.
   """
-  return _steps_per_epoch(config, global_batch_size)
+  split = folder.SPLITS[0] if is_folder(config) else config.train_split
+  total = num_examples(config, split)
+  if total < global_batch_size:
+    where = 'train/' if is_folder(config) else repr(split)
+    raise ValueError(
+      f'The global batch of {global_batch_size} is larger than the {total} examples of {where}.'
+    )
+  return total // global_batch_size
 
 
 def _process_and_local_batch(
@@ -193,14 +183,7 @@ def _process_and_local_batch(
 
 
 def _deterministic_read_config(shuffle_seed: int | None = None) -> tfds.ReadConfig:
-  options = tf.data.Options()
-  options.deterministic = True  # Parallel map and interleave keep the input order.
-  return tfds.ReadConfig(options=options, shuffle_seed=shuffle_seed)
-
-
-def _derived_seed(*entropy: int, words: int = 1) -> np.ndarray:
-  """Well-mixed uint32 words from integers, so that nearby seeds give unrelated streams."""
-  return np.random.SeedSequence(list(entropy)).generate_state(words)
+  return tfds.ReadConfig(options=batching.deterministic_options(), shuffle_seed=shuffle_seed)
 
 
 def _epoch_batches(
@@ -216,7 +199,7 @@ def _epoch_batches(
   process_index: int,
 ) -> Iterator[Batch]:
   """Batches ``first_batch`` to ``steps - 1`` of one epoch of this process's share."""
-  shuffle_seed = int(_derived_seed(seed, epoch)[0])
+  shuffle_seed = int(batching.derived_seed(seed, epoch)[0])
   read_config = _deterministic_read_config(shuffle_seed)
   dataset = builder.as_dataset(
     split=split,
@@ -228,7 +211,9 @@ def _epoch_batches(
     config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False
   )
   dataset = dataset.take(steps * local_batch).enumerate().skip(first_batch * local_batch)
-  epoch_key = tf.constant(_derived_seed(seed, epoch, process_index, words=2).astype(np.int64))
+  epoch_key = tf.constant(
+    batching.derived_seed(seed, epoch, process_index, words=2).astype(np.int64)
+  )
   decode_image = builder.info.features['image'].decode_example
 
   def preprocess(index, example):
@@ -277,7 +262,7 @@ def train_batches(
       f'Unknown train_augment {config.train_augment!r}; '
       f'known: {input_pipeline.TRAIN_AUGMENTATIONS}.'
     )
-  steps = _steps_per_epoch(config, global_batch_size)
+  steps = steps_per_epoch(config, global_batch_size)
   if is_folder(config):
     return folder.train_batches(
       folder.scan(config),
@@ -313,15 +298,14 @@ def train_batches(
     )
 
   def batches() -> Iterator[Batch]:
-    first_epoch, first_batch = divmod(start_step, steps)
-    for epoch in itertools.count(first_epoch):
+    for epoch, first_batch in batching.epochs_from(start_step, steps):
       yield from _epoch_batches(
         builder,
         config,
         split,
         seed=seed,
         epoch=epoch,
-        first_batch=first_batch if epoch == first_epoch else 0,
+        first_batch=first_batch,
         steps=steps,
         local_batch=local_batch,
         process_index=process_index,
@@ -365,8 +349,8 @@ def eval_batches(
       process_count=process_count,
     )
   builder = get_builder(config)
-  share = math.ceil(_num_examples(builder, config.eval_split) / process_count)
-  num_batches = math.ceil(share / local_batch)
+  total = _num_examples(builder, config.eval_split)
+  num_batches = batching.eval_batch_count(total, process_count, local_batch)
   split = tfds.split_for_jax_process(
     config.eval_split,
     process_index=process_index,
@@ -382,11 +366,7 @@ def eval_batches(
     return {'image': image, 'label': tf.cast(example['label'], tf.int32), 'mask': True}
 
   dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  padding = tf.data.Dataset.from_tensors(
-    {'image': tf.zeros((size, size, 3)), 'label': tf.constant(0), 'mask': False}
-  ).repeat()
-  # take() also caps the share at its expected size under tfds.testing.mock_data, whose fake
+  # Capped at the share's expected size, also under tfds.testing.mock_data, whose fake
   # splits ignore the process slicing.
-  dataset = dataset.concatenate(padding).take(num_batches * local_batch)
-  dataset = dataset.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  dataset = batching.padded_batches(dataset, size, local_batch, num_batches)
   return iter(tfds.as_numpy(dataset.with_options(read_config.options)))

@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from repvgg_jax.data import input_pipeline
+from repvgg_jax.data import batching, input_pipeline
 
 NAME = 'folder'  # config.dataset.name of an image folder.
 SPLITS = ('train', 'val')
@@ -245,12 +245,6 @@ def decode(path: tf.Tensor) -> tf.Tensor:
   return tf.ensure_shape(image, (None, None, 3))
 
 
-def _options() -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True  # Parallel map keeps the order.
-  return options
-
-
 def _checked(batches: Iterator, paths_of_batch) -> Iterator:
   """``batches``, with a decoding failure reported as the file that caused it."""
   for index in itertools.count():
@@ -291,14 +285,13 @@ def train_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
   """This process's part of every training batch from ``start_step`` on, forever (see
   the module docstring); the arguments are those of `datasets.train_batches`."""
-  first_epoch, first_batch = divmod(start_step, steps)
-  for epoch in itertools.count(first_epoch):
+  for epoch, first_batch in batching.epochs_from(start_step, steps):
     yield from _epoch_batches(
       dataset.split('train'),
       config,
       seed=seed,
       epoch=epoch,
-      first_batch=first_batch if epoch == first_epoch else 0,
+      first_batch=first_batch,
       steps=steps,
       global_batch_size=global_batch_size,
       process_index=process_index,
@@ -323,7 +316,7 @@ def _epoch_batches(
   columns = slice(process_index * local, (process_index + 1) * local)
   examples, positions = _epoch_positions(len(split.paths), steps, global_batch_size, seed, epoch)
   examples, positions = examples[first_batch:, columns], positions[first_batch:, columns]
-  epoch_key = np.random.SeedSequence([seed, epoch, 1]).generate_state(2).astype(np.int64)
+  epoch_key = batching.derived_seed(seed, epoch, 1, words=2).astype(np.int64)
 
   def preprocess(path, label, position):
     example_seed = tf.random.experimental.stateless_fold_in(tf.constant(epoch_key), position)
@@ -337,7 +330,8 @@ def _epoch_batches(
   data = data.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   data = data.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   batch_paths = lambda index: split.paths[examples[index]]
-  yield from _checked(data.with_options(_options()).as_numpy_iterator(), batch_paths)
+  data = data.with_options(batching.deterministic_options())
+  yield from _checked(data.as_numpy_iterator(), batch_paths)
 
 
 def eval_batches(
@@ -348,7 +342,7 @@ def eval_batches(
   split = dataset.split('val')
   local = global_batch_size // process_count
   share = math.ceil(len(split.paths) / process_count)
-  num_batches = math.ceil(share / local)
+  num_batches = batching.eval_batch_count(len(split.paths), process_count, local)
   paths = split.paths[process_index * share : (process_index + 1) * share]
   labels = split.labels[process_index * share : (process_index + 1) * share]
   size, method = config.image_size, config.eval_preprocess
@@ -359,10 +353,7 @@ def eval_batches(
 
   data = tf.data.Dataset.from_tensor_slices((paths, labels))
   data = data.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  padding = tf.data.Dataset.from_tensors(
-    {'image': tf.zeros((size, size, 3)), 'label': tf.constant(0, tf.int32), 'mask': False}
-  ).repeat()
-  data = data.concatenate(padding).take(num_batches * local)
-  data = data.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  data = batching.padded_batches(data, size, local, num_batches)
+  data = data.with_options(batching.deterministic_options())
   batch_paths = lambda i: paths[i * local : (i + 1) * local]
-  return _checked(data.with_options(_options()).as_numpy_iterator(), batch_paths)
+  return _checked(data.as_numpy_iterator(), batch_paths)

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from repvgg_jax.data import input_pipeline
+from repvgg_jax.data import batching, input_pipeline
 
 AUGMENTATIONS = ('pad_crop', 'none')
 _MEAN = np.array(input_pipeline.MEAN_RGB, np.float32)
@@ -116,11 +116,9 @@ def train_batches(
   drawn from ``(seed, e, process_index)``; batch ``b`` of it draws its crops and flips from
   ``(seed, e, process_index, b)``.
   """
-  epoch, first_batch = divmod(start_step, steps_per_epoch)
-  while True:
+  for epoch, first_batch in batching.epochs_from(start_step, steps_per_epoch):
     order = np.random.default_rng([seed, epoch, process_index]).permutation(len(labels))
     for index in range(first_batch, steps_per_epoch):
       chosen = order[index * local_batch : (index + 1) * local_batch]
       rng = np.random.default_rng([seed, epoch, process_index, index])
       yield {'image': augment(images[chosen], rng, config), 'label': labels[chosen]}
-    epoch, first_batch = epoch + 1, 0
