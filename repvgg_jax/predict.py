@@ -43,43 +43,30 @@ class Predictor:
   classes: tuple[str, ...]
 
 
-def _json_file(path: pathlib.Path) -> dict | list | None:
-  return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _workdir(path: pathlib.Path) -> pathlib.Path | None:
-  """The training workdir of ``path`` (itself, or one of its two parents), or None."""
-  for workdir in (path, path.parent, path.parent.parent):
-    config = _json_file(workdir / 'config.json')
-    if isinstance(config, dict) and 'dataset' in config and 'model' in config:
-      return workdir
-  return None
-
-
-def _run_settings(path: pathlib.Path, saved: dict) -> dict:
+def _run_settings(saved: dict, run: tuple[pathlib.Path, dict] | None) -> dict:
   """Image size, evaluation preprocessing and class names: from the source's
-  metadata, else from its workdir's config.json and classes.json."""
+  metadata, else from its training run's config.json and classes.json."""
+  from repvgg_jax.train import run_files
+
   settings = {key: saved.get(key) for key in ('image_size', 'eval_preprocess', 'classes')}
-  workdir = _workdir(path)
-  if workdir is not None:
-    dataset = _json_file(workdir / 'config.json')['dataset']
+  if run is not None:
+    workdir, config = run
+    dataset = config['dataset']
     settings['image_size'] = settings['image_size'] or dataset.get('image_size')
     settings['eval_preprocess'] = settings['eval_preprocess'] or dataset.get('eval_preprocess')
-    settings['classes'] = settings['classes'] or _json_file(workdir / 'classes.json')
+    settings['classes'] = settings['classes'] or run_files.read_classes(workdir)
   return settings
 
 
-def _deploy_model(path: pathlib.Path, params):
-  """The deploy model of ``params``: as its workdir's config built it, else the variant
-  whose shapes the tree has."""
+def _deploy_model(path: pathlib.Path, params, run: tuple[pathlib.Path, dict] | None):
+  """The deploy model of ``params``: as its training run's config built it, else the
+  variant whose shapes the tree has."""
   import ml_collections
 
   from repvgg_jax.model import create_model, fusion, model_from_config
 
-  workdir = _workdir(path)
-  if workdir is not None:
-    config = ml_collections.ConfigDict(_json_file(workdir / 'config.json'))
-    return model_from_config(config, deploy=True)
+  if run is not None:
+    return model_from_config(ml_collections.ConfigDict(run[1]), deploy=True)
   name = fusion.identify_variant(params)
   if name is None:
     raise PredictError(f'{path} holds no known variant and has no config.json beside it.')
@@ -88,7 +75,9 @@ def _deploy_model(path: pathlib.Path, params):
   return create_model(name, deploy=True, num_classes=num_classes, in_channels=in_channels)
 
 
-def _from_checkpoint(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
+def _from_checkpoint(
+  path: pathlib.Path, run: tuple[pathlib.Path, dict] | None
+) -> tuple[Callable, str, dict, int]:
   import jax
 
   from repvgg_jax.interop import checkpoint_io
@@ -108,11 +97,9 @@ def _from_checkpoint(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
     ) from None
   if 'linear' not in variables['params']:
     raise PredictError(f'{path} holds a backbone without a classifier: nothing to predict.')
-  model = _deploy_model(path, variables['params'])
-  probe = jax.ShapeDtypeStruct((1, 32, 32, model.in_channels), np.float32)  # Any size.
-  expected = jax.eval_shape(model.init, jax.random.key(0), probe)
+  model = _deploy_model(path, variables['params'], run)
   shapes = lambda tree: jax.tree.map(np.shape, tree)
-  if shapes(expected['params']) != shapes(variables['params']):
+  if shapes(model.abstract_variables()['params']) != shapes(variables['params']):
     raise PredictError(f'{path} does not hold the {model.variant.name} its config.json describes.')
   apply = jax.jit(lambda images: model.apply(variables, images))
   return apply, model.variant.name, saved, model.num_classes
@@ -121,7 +108,7 @@ def _from_checkpoint(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
 def _from_export(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
   from repvgg_jax.interop import export
 
-  meta = _json_file(path / export.META_FILE)
+  meta = json.loads((path / export.META_FILE).read_text())
   if not (path / export.JAX_FILE).is_file():
     raise PredictError(
       f'{path} has no {export.JAX_FILE}: export with --formats jax (others run outside jax).'
@@ -136,13 +123,17 @@ def load(source: str | pathlib.Path) -> Predictor:
     PredictError: nothing usable at ``source``.
   """
   from repvgg_jax.interop import export
+  from repvgg_jax.train import run_files
 
   path = pathlib.Path(source)
   if not path.exists():
     raise PredictError(f'No checkpoint, workdir or export at {path}.')
-  exported = (path / export.META_FILE).is_file()
-  apply, model, saved, num_classes = (_from_export if exported else _from_checkpoint)(path)
-  settings = _run_settings(path, saved)
+  run = run_files.training_run(path)
+  if (path / export.META_FILE).is_file():
+    apply, model, saved, num_classes = _from_export(path)
+  else:
+    apply, model, saved, num_classes = _from_checkpoint(path, run)
+  settings = _run_settings(saved, run)
   classes = settings['classes'] or [str(index) for index in range(num_classes)]
   if len(classes) != num_classes:
     raise PredictError(

@@ -13,7 +13,7 @@ from helpers import CLASSES, checkpoint_params, make_folder, restore_checkpoint,
 from repvgg_jax import predict
 from repvgg_jax.interop import export
 from repvgg_jax.model import create_model
-from repvgg_jax.train import checkpointing, trainer
+from repvgg_jax.train import checkpointing, run_files, trainer
 
 STEPS = {'num_train_steps': 4, 'checkpoint_every_steps': 2}
 
@@ -76,7 +76,7 @@ def test_another_number_of_classes_gets_a_new_classifier(source, images, tmp_pat
   assert_trees_equal(blocks(params), blocks(checkpoint_params(source)[0]))
   assert params['linear']['kernel'].shape[-1] == 3 and summary['steps'] == 6
   assert meta['classes'] == list(CLASSES)
-  assert json.loads((tmp_path / trainer.CLASSES_FILE).read_text()) == list(CLASSES)
+  assert json.loads((tmp_path / run_files.CLASSES_FILE).read_text()) == list(CLASSES)
 
 
 def test_frozen_stages_keep_weights_and_statistics(source, images, tmp_path):

@@ -68,7 +68,7 @@ from repvgg_jax.bench import timing as bench_timing  # noqa: E402
 from repvgg_jax.data import datasets as data  # noqa: E402
 from repvgg_jax.interop import quantize  # noqa: E402
 from repvgg_jax.perf import compile_options, host_memory  # noqa: E402
-from repvgg_jax.train import checkpointing, trainer  # noqa: E402
+from repvgg_jax.train import checkpointing, run_files, trainer  # noqa: E402
 
 ROW_FILE = 'ablation_row.json'
 # A run's int8 figures (`int8_results`).
@@ -100,8 +100,8 @@ def _check_unchanged(name: str, row_dir: pathlib.Path, current: dict) -> None:
   record = load_row(row_dir)
   if record is not None:
     saved, source = record['config'], row_dir / ROW_FILE
-  elif _has_checkpoint(row_dir) and (row_dir / 'config.json').exists():
-    saved, source = json.loads((row_dir / 'config.json').read_text()), row_dir / 'config.json'
+  elif _has_checkpoint(row_dir) and (saved := run_files.read_config(row_dir)) is not None:
+    source = row_dir / run_files.CONFIG_FILE
   else:
     return
   changes = config_changes(saved, current)
@@ -147,9 +147,8 @@ def check_ablation(config, workdir: pathlib.Path) -> tuple[dict[str, dict[int, o
 
 def count_params(model, image_size: int) -> int:
   """Trainable parameters of ``model`` (BatchNorm statistics are not parameters)."""
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), images)
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes['params']))
+  params = model.abstract_variables(image_size)['params']
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
 def _restore_latest(directory: pathlib.Path):

@@ -162,7 +162,7 @@ def benchmark_layers(
   and kernel), which is what a training step pays per layer.
   """
   deploy = create_model(name, deploy=True)
-  params = jax.eval_shape(deploy.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))['params']
+  params = deploy.abstract_variables(size)['params']
   rows, seen = [], set()
   for side, block in fusion.block_layers(params, size):
     layer = (side, block.in_channels, block.out_channels, block.groups, block.stride)

@@ -36,7 +36,7 @@ from repvgg_jax.model import PAPER_BRANCHES, create_model, fusion, model_from_co
 from repvgg_jax.model.branches import POST_NORM_KEY, get_branch
 from repvgg_jax.model.network import NUM_STAGES
 from repvgg_jax.perf import compile_options
-from repvgg_jax.train import checkpointing
+from repvgg_jax.train import checkpointing, run_files
 
 WRAPPER_KEYS = ('state_dict', 'model', 'model_state_dict', 'module')
 
@@ -220,9 +220,9 @@ def fuse_checkpoint(path, output_dir, model: str | None = None) -> dict:
 
 def _models_of(workdir: pathlib.Path, variables, name: str | None):
   """The training-time and deploy models of a checkpoint: from its config.json when present."""
-  config_path = workdir / 'config.json'
-  if config_path.is_file():
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  config = run_files.read_config(workdir)
+  if config is not None:
+    config = ml_collections.ConfigDict(config)
     return model_from_config(config), model_from_config(config, deploy=True)
   if name is None:
     raise ConversionError(f'No config.json in {workdir}: give the variant with --model.')

@@ -40,6 +40,7 @@ import qwix
 from repvgg_jax.data import datasets
 from repvgg_jax.interop import checkpoint_io, export
 from repvgg_jax.model import create_model, fusion, model_from_config, trees, variants
+from repvgg_jax.train import run_files
 
 MODES = ('static', 'dynamic')
 WEIGHTS_FILE = 'int8.msgpack'
@@ -251,10 +252,10 @@ def training_config(source: pathlib.Path, config_file=None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(), None
-  for directory in (source, *list(source.absolute().parents)[:2]):
-    if (directory / 'config.json').is_file():
-      config = json.loads((directory / 'config.json').read_text())
-      return ml_collections.ConfigDict(config), directory
+  run = run_files.training_run(source)
+  if run is not None:
+    workdir, config = run
+    return ml_collections.ConfigDict(config), workdir
   raise QuantizationError(
     f'{source} lies in no training workdir (no config.json): give the training config that '
     'names its dataset with --config, e.g. --config configs/digits.py.'
@@ -325,8 +326,7 @@ def quantize_and_evaluate(
 
 def _check_architecture(deploy_model, variables, config, source) -> None:
   """The checkpoint must hold the deploy form of its config's model."""
-  images = jax.ShapeDtypeStruct((1, 32, 32, deploy_model.in_channels), jnp.float32)
-  expected = jax.eval_shape(deploy_model.init, jax.random.key(0), images)['params']
+  expected = deploy_model.abstract_variables()['params']
   shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), flax.core.unfreeze(tree))
   if shapes(expected) != shapes(variables['params']):
     found = fusion.identify_variant(variables['params']) or 'another architecture'

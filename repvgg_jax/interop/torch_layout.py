@@ -27,7 +27,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -204,8 +203,7 @@ def from_torch(state_dict: Mapping[str, Any], model: str | None = None) -> tuple
 
 def _expected_shapes(info: dict) -> dict:
   model = create_model(info['model'], num_classes=info['num_classes'], deploy=info['deploy'])
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-  return leaf_shapes(shapes)
+  return leaf_shapes(model.abstract_variables())
 
 
 def _check_against_model(variables: dict, info: dict, unexpected: list[str]) -> None:

@@ -88,6 +88,12 @@ class RepVGG(nn.Module):
     last = NUM_STAGES - 1 if self.num_classes else max(self.out_indices)
     return [block for block in self.variant.blocks() if block.stage <= last]
 
+  def abstract_variables(self, image_size: int = 32) -> dict:
+    """The variables' shapes and dtypes (`jax.ShapeDtypeStruct` leaves), computing
+    nothing; they are the same at every image size."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, self.in_channels), jnp.float32)
+    return jax.eval_shape(self.init, jax.random.key(0), images)
+
   def feature_info(self) -> tuple[variants.FeatureInfo, ...]:
     """Stage, channels and reduction of each output of a backbone (``num_classes=0``),
     in the order the model returns them."""

@@ -35,12 +35,11 @@ from repvgg_jax.train import (
   optim,
   qat,
   reporting,
+  run_files,
   steps,
   workdir_lock,
 )
 from repvgg_jax.train.reporting import TrainingDivergedError
-
-CLASSES_FILE = 'classes.json'  # The dataset's class names, in label order, in the workdir.
 
 
 class ConfigError(ValueError):
@@ -489,8 +488,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
       _close_quietly(ckpt)
       raise
   if jax.process_index() == 0:
-    jsonfiles.write_json(workdir / 'config.json', config.to_dict())
-    jsonfiles.write_json(workdir / CLASSES_FILE, meta['classes'])
+    jsonfiles.write_json(workdir / run_files.CONFIG_FILE, config.to_dict())
+    jsonfiles.write_json(workdir / run_files.CLASSES_FILE, meta['classes'])
   eval_models = build_model(config), build_model(config, deploy=True)
   train_fns, eval_fn, fuse_fn, sharded = _compile_steps(config, model, *eval_models, mesh)
   # Jitted, the logged rate is one small program rather than one per operation of the schedule.

@@ -1,0 +1,43 @@
+"""The files a training run keeps in its workdir beside the checkpoints, and
+finding the run that a checkpoint belongs to.
+
+``config.json`` is the run's whole config, resolved (the number of classes of
+an image folder included); ``classes.json`` the dataset's class names in label
+order. Conversion, quantization, prediction and ablations read them back.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+CONFIG_FILE = 'config.json'
+CLASSES_FILE = 'classes.json'
+
+
+def read_config(workdir: str | pathlib.Path) -> dict | None:
+  """The training config in ``workdir``'s config.json, or None where there is none
+  (a config has a ``model`` and a ``dataset``)."""
+  file = pathlib.Path(workdir) / CONFIG_FILE
+  if not file.is_file():
+    return None
+  config = json.loads(file.read_text())
+  return config if isinstance(config, dict) and {'model', 'dataset'} <= config.keys() else None
+
+
+def training_run(path: str | pathlib.Path) -> tuple[pathlib.Path, dict] | None:
+  """``(workdir, config)`` of the training run that ``path`` is or lies in: a workdir,
+  its ``checkpoints/`` or ``deploy/``, or one step of them (up to two folders up).
+  None where none of them holds a config.json."""
+  path = pathlib.Path(path).absolute()
+  for directory in (path, *list(path.parents)[:2]):
+    config = read_config(directory)
+    if config is not None:
+      return directory, config
+  return None
+
+
+def read_classes(workdir: str | pathlib.Path) -> list[str] | None:
+  """The class names in ``workdir``'s classes.json, or None where there is none."""
+  file = pathlib.Path(workdir) / CLASSES_FILE
+  return json.loads(file.read_text()) if file.is_file() else None
