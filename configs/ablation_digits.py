@@ -35,22 +35,38 @@ def get_config():
   # the paper's the plain stacks barely train in 5 epochs (configs/ablation_digits_hard.py).
   config.optimizer.learning_rate = 0.025
 
-  config.ablation = ml_collections.ConfigDict()
+  config.ablation = ablation_settings(
+    branch_sets(), seeds=3, bench_batch_size=64, bench_image_size=0, bench_runs=30, bench_warmup=3
+  )
+  return config
+
+
+def ablation_settings(
+  rows: dict,
+  *,
+  seeds: int,
+  bench_batch_size: int,
+  bench_image_size: int,
+  bench_runs: int,
+  bench_warmup: int,
+) -> ml_collections.ConfigDict:
+  """``config.ablation``: the rows (`branch_sets`) and how they are run and compared."""
+  ablation = ml_collections.ConfigDict()
   # Row name (a directory name) -> branch kinds of every block, a block kind ('qarepvgg':
   # the variant with QARepVGG's blocks), or {'branches': ..., <settings the row changes>};
   # rows run in this order.
-  config.ablation.branch_sets = ml_collections.ConfigDict(branch_sets(), sort_keys=False)
-  config.ablation.only = ''  # Comma-separated row names to run and report; '': all rows.
-  config.ablation.seeds = 3  # Runs per row, with seeds config.seed, config.seed + 1, ...
-  config.ablation.reference = 'paper'  # The row the others are compared with, seed by seed.
+  ablation.branch_sets = ml_collections.ConfigDict(rows, sort_keys=False)
+  ablation.only = ''  # Comma-separated row names to run and report; '': all rows.
+  ablation.seeds = seeds  # Runs per row, with seeds config.seed, config.seed + 1, ...
+  ablation.reference = 'paper'  # The row the others are compared with, seed by seed.
   # int8 post-training quantization of every fused model, static ranges calibrated on
   # this many training batches (the top-1 int8 column; 0: none).
-  config.ablation.int8_calibration_batches = 8
-  config.ablation.bench_batch_size = 64  # Images per timed inference batch.
-  config.ablation.bench_image_size = 0  # Timed image side in pixels; 0: the dataset's (32).
-  config.ablation.bench_runs = 30  # Rounds timing every row's two models (median, quartiles).
-  config.ablation.bench_warmup = 3  # Untimed runs of each model after compiling.
-  return config
+  ablation.int8_calibration_batches = 8
+  ablation.bench_batch_size = bench_batch_size  # Images per timed inference batch.
+  ablation.bench_image_size = bench_image_size  # Timed image side in pixels; 0: the dataset's.
+  ablation.bench_runs = bench_runs  # Rounds timing every row's two models (median, quartiles).
+  ablation.bench_warmup = bench_warmup  # Untimed runs of each model after compiling.
+  return ablation
 
 
 def branch_sets(mobileone_k: int = 2) -> dict[str, tuple[str, ...] | str | dict]:
