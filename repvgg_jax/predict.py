@@ -85,7 +85,7 @@ def _from_checkpoint(
   from repvgg_jax.model import fusion
 
   try:
-    variables, saved = checkpoint_io.fused_variables(path)  # A training one is fused here.
+    variables, _, saved = checkpoint_io.fused_variables(path)  # A training one is fused here.
   except (FileNotFoundError, ConversionError) as error:
     raise PredictError(str(error)) from None
   except fusion.FusionError as error:

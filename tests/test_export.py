@@ -7,10 +7,12 @@ import jax
 import numpy as np
 import onnxruntime
 import pytest
-from helpers import random_variables, relative_error
+from helpers import random_variables, relative_error, tiny_config
 
 import repvgg_jax
 from repvgg_jax.interop import convert, export
+from repvgg_jax.model import model_from_config
+from repvgg_jax.train import run_files, trainer
 
 
 @pytest.fixture(scope='module')
@@ -87,3 +89,30 @@ def test_an_artifact_for_another_image_size_says_so(tmp_path, training_checkpoin
   serve = export.load_jax_export(tmp_path / 'out')
   with pytest.raises(ValueError, match='32'):
     serve(np.zeros((2, 64, 64, 3), np.float32))
+
+
+def test_a_scaled_variant_exports_as_its_run_built_it(tmp_path, digits_dir):
+  """The tiny test model (A0 with 1 block per stage, a quarter as wide) is no
+  variant of the paper: its run's config.json says what it is."""
+  workdir = tmp_path / 'run'
+  config = tiny_config(digits_dir, num_train_steps=2, checkpoint_every_steps=2)
+  trainer.train_and_evaluate(config, workdir)
+  images = np.random.default_rng(7).standard_normal((3, 32, 32, 3), np.float32)
+  deploy_model = model_from_config(config, deploy=True)
+  for source, out in ((workdir, 'deploy'), (workdir / 'checkpoints', 'training')):
+    meta = convert.export_checkpoint(source, tmp_path / out, formats=('jax', 'onnx'))
+    assert meta['model'] == 'RepVGG-A0-custom' and meta['image_size'] == 32
+    assert meta['classes'] == [str(digit) for digit in range(10)]
+    assert max(meta['verify'].values()) <= 1e-5, meta['verify']
+    assert set(meta['verify']) == {'jax', 'onnx'} | (
+      {'fused_vs_training'} if out == 'training' else set()
+    )
+  variables = convert.checkpoint_io.fused_variables(workdir)[0]
+  expected = deploy_model.apply(variables, images)
+  assert relative_error(export.load_jax_export(tmp_path / 'deploy')(images), expected) <= 1e-5
+
+  run_config = json.loads((workdir / run_files.CONFIG_FILE).read_text())
+  run_config['model']['num_blocks'] = [2, 1, 1, 1]
+  (workdir / run_files.CONFIG_FILE).write_text(json.dumps(run_config))
+  with pytest.raises(convert.ConversionError, match='does not hold the RepVGG-A0-custom that'):
+    convert.export_checkpoint(workdir, tmp_path / 'changed')

@@ -49,13 +49,15 @@ def restore(path: pathlib.Path) -> tuple[dict, dict]:
     ckpt.close()
 
 
-def fused_variables(path) -> tuple[dict, dict]:
-  """``(deploy variables, saved metadata)`` of the checkpoint at ``path``: a training
-  checkpoint is fused here, a deploy one is read as it is."""
+def fused_variables(path) -> tuple[dict, dict | None, dict]:
+  """``(deploy variables, training variables or None, saved metadata)`` of the
+  checkpoint at ``path``: a training checkpoint is fused here, a deploy one is read
+  as it is."""
   state, saved = restore(pathlib.Path(path))
   if 'batch_stats' in state:
-    return fusion.fuse_params({k: state[k] for k in ('params', 'batch_stats')}), saved
-  return {'params': state['params']}, saved
+    training = {k: state[k] for k in ('params', 'batch_stats')}
+    return fusion.fuse_params(training), training, saved
+  return {'params': state['params']}, None, saved
 
 
 def deploy_variables(path: pathlib.Path, model: str | None):

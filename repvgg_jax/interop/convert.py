@@ -268,17 +268,17 @@ def export_checkpoint(
   if (pathlib.Path(path) / quantize.META_FILE).is_file():
     return _export_int8(pathlib.Path(path), output_dir, image_size, formats, platforms, verify)
   formats = formats or export.FORMATS
-  name, variables, training, saved = checkpoint_io.deploy_variables(pathlib.Path(path), model)
-  options = _model_options(variables['params'], conv_impl)
-  deploy_model = create_model(name, deploy=True, **options)
+  deploy_model, variables, training_model, training, saved = _export_models(
+    pathlib.Path(path), model, conv_impl
+  )
   image_size = image_size or saved.get('image_size') or 224
   meta = {
     'model': deploy_model.variant.name,
-    'num_classes': options['num_classes'],
+    'num_classes': deploy_model.num_classes,
     'source': str(path),
     'fused_from_training_checkpoint': training is not None,
   }
-  meta.update(_preprocess(options['in_channels']))
+  meta.update(_preprocess(deploy_model.in_channels))
   # What predict needs to feed and name it, where the training run recorded it.
   meta.update({key: saved[key] for key in ('eval_preprocess', 'classes') if saved.get(key)})
   output = export.write_export(
@@ -288,8 +288,6 @@ def export_checkpoint(
   if verify:
     meta['verify'] = _verify_export(output, deploy_model, variables, image_size, formats)
     if training is not None:  # And the deploy model against the checkpoint's training-time one.
-      branches = _branches_per_stage(training['params'])
-      training_model = create_model(name, branches=branches, **options)
       images = _random_images(image_size, batch=3)
       meta['verify']['fused_vs_training'] = max_relative_difference(
         _flat(compile_options.jit(deploy_model.apply)(variables, images)),
@@ -297,6 +295,45 @@ def export_checkpoint(
       )
     jsonfiles.write_json(output / export.META_FILE, meta)
   return meta
+
+
+def _export_models(path: pathlib.Path, model: str | None, conv_impl: str):
+  """``(deploy model, its variables, training-time model, its variables, saved
+  metadata)`` of the checkpoint to export; the training-time pair is None for a
+  deploy checkpoint. The models are those of the training run's config.json where
+  the checkpoint lies in a run and ``model`` is not given (a scaled variant
+  included), else ``model``, the one the checkpoint names or the one it has the
+  shapes of."""
+  conv = perf.conv_layer(conv_impl, train=False)
+  run = run_files.training_run(path) if model is None else None
+  if run is None:
+    name, variables, training, saved = checkpoint_io.deploy_variables(path, model)
+    options = _model_options(variables['params'], conv_impl)
+    deploy_model = create_model(name, deploy=True, **options)
+    training_model = None
+    if training is not None:
+      branches = _branches_per_stage(training['params'])
+      training_model = create_model(name, branches=branches, **options)
+    return deploy_model, variables, training_model, training, saved
+  variables, training, saved = checkpoint_io.fused_variables(path)
+  config = ml_collections.ConfigDict(run[1])
+  config.model.dtype = 'float32'  # Deployed in float32, whatever the run computed in.
+  deploy_model = model_from_config(config, deploy=True, conv=conv)
+  shapes = lambda tree: jax.tree.map(np.shape, tree)
+  if shapes(deploy_model.abstract_variables()['params']) != shapes(variables['params']):
+    raise ConversionError(
+      f'{path} does not hold the {deploy_model.variant.name} that {run[0]}/'
+      f'{run_files.CONFIG_FILE} describes: give the variant with --model.'
+    )
+  training_model = None if training is None else model_from_config(config)
+  # What the checkpoint does not record (a training one has no image size), the run says.
+  recorded = {
+    'image_size': config.dataset.get('image_size'),
+    'eval_preprocess': config.dataset.get('eval_preprocess'),
+    'classes': run_files.read_classes(run[0]),
+  }
+  saved = {**recorded, **{key: value for key, value in saved.items() if value is not None}}
+  return deploy_model, variables, training_model, training, saved
 
 
 def _preprocess(in_channels: int) -> dict:

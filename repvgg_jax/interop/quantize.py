@@ -390,7 +390,7 @@ def quantize_checkpoint(
   checkpoint_io.check_output_dir(output_dir)
   source = pathlib.Path(source)
   config, workdir = training_config(source, config_file)
-  variables, saved = checkpoint_io.fused_variables(source)
+  variables, _, saved = checkpoint_io.fused_variables(source)
   deploy_model = model_from_config(config, deploy=True)
   _check_architecture(deploy_model, variables, config, source)
   image_size = config.dataset.image_size

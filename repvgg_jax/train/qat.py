@@ -91,7 +91,7 @@ def initial_params(config, abstract_params):
   """
   path = pathlib.Path(config.qat.init_from)
   try:
-    variables, _ = checkpoint_io.fused_variables(path)  # A training checkpoint is fused.
+    variables, _, _ = checkpoint_io.fused_variables(path)  # A training checkpoint is fused.
   except (FileNotFoundError, ValueError) as error:
     raise ValueError(f'qat.init_from: {error}') from None
   shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), flax.core.unfreeze(tree))
