@@ -10,11 +10,15 @@ order of importance, each skipped with a note once the time budget is spent:
 1. Fused against unfused for the 13 variants, batch 128, 224x224, float32
    (TF32 on the GPU) then bfloat16 (`bench.models.benchmark`): the ratio that
    must not fall under 1.5x.
-2. B2, the first variant whose fused model was slower: its compiled fused and
-   unfused programs (cuDNN's custom calls and their algorithms), and the levers:
-   bias and ReLU kept out of the convolution (an optimization barrier), and
-   XLA's autotuning off and at its highest level (each a child process, as
-   ``XLA_FLAGS`` is read at start-up).
+2. The levers, on B2 (the first variant whose fused model was slower), B3g4
+   (the slowest) and B1 (under 1.5x) in float32 and B2 in bfloat16: the fused
+   model compiled without XLA's cuDNN conv-bias-ReLU fusion (the
+   ``cudnn-fused-convolution-rewriter`` pass disabled for that program only),
+   and with its bias and ReLU kept out of the convolution (an optimization
+   barrier), beside the fused and unfused models as they are; B2's compiled
+   programs (cuDNN's custom calls); then B2 again in child processes (flags are
+   read at start-up): XLA's autotuning off, and cuDNN's candidate engines and
+   their times for every convolution written to ``autotune_b2.txt``.
 3. The raised bars: B0's training step at batch 256 in bfloat16 and A0's fused
    inference at batch 256 in bfloat16, against the measured bfloat16 peak.
 4. ``train.py`` end to end on JPEGs in ImageNet's folder layout made here
@@ -55,7 +59,16 @@ VARIANTS = (
   'B3g2',
   'B3g4',
 )
-AUTOTUNE_LEVELS = (0, 4)
+# The levers: (variant, dtype), B2 in float32 first.
+LEVER_RUNS = (('B2', 'float32'), ('B3g4', 'float32'), ('B1', 'float32'), ('B2', 'bfloat16'))
+# XLA's pass that turns convolution + bias + ReLU into one cuDNN call (a cuDNN graph);
+# without it each convolution is a plain cuDNN call and the bias and ReLU an XLA fusion.
+CONV_FUSION_OFF = {'xla_disable_hlo_passes': 'cudnn-fused-convolution-rewriter'}
+# Child processes of the B2 levers: {label: XLA_FLAGS added, with {out} the output folder}.
+CHILD_FLAGS = {
+  'autotune level 0': '--xla_gpu_autotune_level=0',
+  'autotune log': '--xla_gpu_dump_autotune_logs_to={out}/autotune_b2.txt',
+}
 
 
 class Run:
@@ -166,8 +179,11 @@ def _separate_bias_conv():
   return SeparateBiasConv
 
 
-def b2_levers(run: Run, name: str = 'B2') -> None:
-  """The compiled programs of ``name``, and its fused rate with the bias kept apart."""
+def levers(run: Run, name: str = 'B2', dtype: str = 'float32', dump: bool = False) -> list[str]:
+  """The fused model of ``name`` as it is, without XLA's cuDNN conv fusion and with
+  its bias kept apart, beside the unfused one, timed in the same rounds: a table
+  row. With ``dump``, writes the compiled programs and returns a line on the
+  convolution calls of each."""
   import jax
   import jax.numpy as jnp
 
@@ -177,51 +193,79 @@ def b2_levers(run: Run, name: str = 'B2') -> None:
 
   sizes = _sizes(run)
   images = jnp.zeros((sizes['batch'], sizes['size'], sizes['size'], 3), jnp.float32)
-  training = create_model(name)
+  training = create_model(name, dtype=jnp.dtype(dtype))
   variables = randomized_variables(training, images)
   deploy_variables = fuse_params(variables)
+  deploy = create_model(name, deploy=True, dtype=jnp.dtype(dtype))
+  barrier = deploy.clone(conv=_separate_bias_conv())
   forms = {
-    'unfused': (training, variables),
-    'fused': (create_model(name, deploy=True), deploy_variables),
+    'unfused': (training, variables, None),
+    'fused': (deploy, deploy_variables, None),
+    'fused, no cuDNN conv fusion': (deploy, deploy_variables, CONV_FUSION_OFF),
+    'fused, bias apart': (barrier, deploy_variables, None),
   }
-  run.say('', f'## 2. {name}: cuDNN calls and the levers', '')
-  timed = {}
-  for form, (model, v) in forms.items():
-    compiled, _ = timing.compiled_forward(model, v, images)
-    text = compiled.as_text()
-    (run.out / f'hlo_{name.lower()}_{form}.txt').write_text(text)
-    calls = [line.strip() for line in text.splitlines() if 'custom-call' in line and 'conv' in line]
-    run.say(
-      f'{form}: {len(calls)} convolution custom calls, e.g. `{calls[0][:300] if calls else ""}`'
-    )
+  timed, notes = {}, []
+  for form, (model, v, options) in forms.items():
+    forward = jax.jit(lambda v, x, m=model: m.apply(v, x), compiler_options=options)
+    compiled = forward.lower(v, images).compile()
     timed[form] = lambda c=compiled, v=v: jax.block_until_ready(c(v, images))
-  barrier = create_model(name, deploy=True, conv=_separate_bias_conv())
-  compiled, _ = timing.compiled_forward(barrier, deploy_variables, images)
-  timed['fused, bias apart'] = lambda: jax.block_until_ready(compiled(deploy_variables, images))
+    if dump and form != 'fused, bias apart':
+      text = compiled.as_text()
+      slug = form.replace(', ', '_').replace(' ', '_')
+      (run.out / f'hlo_{name.lower()}_{slug}.txt').write_text(text)
+      calls = [
+        line.strip() for line in text.splitlines() if 'custom-call' in line and 'conv' in line
+      ]
+      example = calls[0][:300] if calls else ''
+      notes.append(f'- {form}: {len(calls)} convolution custom calls, e.g. `{example}`')
   medians = timing.interleaved_medians(timed, sizes['runs'], sizes['warmup'])
-  for form, (seconds, all_seconds) in medians.items():
-    rate = sizes['batch'] / seconds
+  flags = os.environ.get('XLA_FLAGS', '')
+  rates = {form: sizes['batch'] / seconds for form, (seconds, _) in medians.items()}
+  for form, (_, all_seconds) in medians.items():
     run.row(
       {
-        'kind': 'b2_lever',
+        'kind': 'lever',
         'model': name,
+        'dtype': dtype,
         'form': form,
-        'images_per_sec': rate,
+        'images_per_sec': rates[form],
+        'over_unfused': rates[form] / rates['unfused'],
         'all_seconds': all_seconds,
-        'xla_flags': os.environ.get('XLA_FLAGS', ''),
+        'xla_flags': flags,
       }
     )
-    run.say(f'- {form}: {rate:,.0f} img/s (XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r})')
+  cells = ' | '.join(f'{rate:,.0f} ({rate / rates["unfused"]:.2f}x)' for rate in rates.values())
+  run.say(f'| {name} | {dtype} | {cells} | {flags} |')
+  return notes
 
 
-def autotune_levels(run: Run) -> None:
-  """`b2_levers` again in a child process per XLA autotune level (flags are read at start)."""
-  for level in AUTOTUNE_LEVELS:
+def all_levers(run: Run) -> None:
+  run.say('', '## 2. The levers: images/s (over unfused)', '')
+  run.say(
+    '| model | dtype | unfused | fused | fused, no cuDNN conv fusion | fused, bias apart '
+    '| XLA_FLAGS |',
+    '|---|---|---:|---:|---:|---:|---|',
+  )
+  notes = []
+  for index, (name, dtype) in enumerate(LEVER_RUNS):
     if run.left() < 90:
-      run.say(f'- autotune level {level}: skipped (time budget spent)')
+      run.say(f'| {name} | {dtype} | (skipped: time budget spent) | | | | |')
       continue
-    flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_gpu_autotune_level={level}'.strip()
-    scratch = pathlib.Path(os.environ.get('TMPDIR', '/tmp')) / f'gpu_check_autotune{level}'
+    notes += levers(run, name, dtype, dump=index == 0)  # B2's compiled programs.
+  child_levers(run)
+  run.say('', f'{LEVER_RUNS[0][0]}, {LEVER_RUNS[0][1]}, compiled (hlo_*.txt):', '', *notes)
+
+
+def child_levers(run: Run) -> None:
+  """`levers` of B2 in a child process per entry of `CHILD_FLAGS` (flags are read at start)."""
+  for label, added in CHILD_FLAGS.items():
+    if run.left() < 90:
+      run.say(f'- {label}: skipped (time budget spent)')
+      continue
+    flags = f'{os.environ.get("XLA_FLAGS", "")} {added.format(out=run.out)}'.strip()
+    scratch = (
+      pathlib.Path(os.environ.get('TMPDIR', '/tmp')) / f'gpu_check_{label.replace(" ", "_")}'
+    )
     child = [sys.executable, __file__, '--out', str(scratch), '--only', 'levers']
     child += ['--budget', str(int(run.left() - 30))] + (['--smoke'] if run.smoke else [])
     result = subprocess.run(
@@ -231,10 +275,10 @@ def autotune_levels(run: Run) -> None:
       text=True,
       timeout=max(60, run.left()),
     )
-    lines = [line for line in result.stdout.splitlines() if line.startswith('- ')]
-    run.say(*(f'{line} [autotune level {level}]' for line in lines))
+    lines = [line for line in result.stdout.splitlines() if line.startswith('| B2')]
+    run.say(*lines)
     if result.returncode:
-      run.say(f'- autotune level {level}: failed: {result.stderr.strip()[-300:]}')
+      run.say(f'- {label}: failed: {result.stderr.strip()[-300:]}')
 
 
 def raised_bars(run: Run) -> None:
@@ -329,14 +373,13 @@ def main(argv=None) -> int:
   parser.add_argument('--only', choices=['levers'], help=argparse.SUPPRESS)  # Child processes.
   args = parser.parse_args(argv)
   run = Run(pathlib.Path(args.out), args.budget, args.smoke)
-  if args.only == 'levers':  # A child of autotune_levels: its lines go to the parent.
-    b2_levers(run)
+  if args.only == 'levers':  # A child of child_levers: its lines go to the parent.
+    levers(run)
     return 0
   versions(run)
   fused_against_unfused(run, VARIANTS[:2] if args.smoke else VARIANTS)
   if run.left() > 60:
-    b2_levers(run)
-    autotune_levels(run)
+    all_levers(run)
   if run.left() > 60:
     raised_bars(run)
   if run.left() > 60:

@@ -12,11 +12,16 @@ def test_the_gpu_check_runs_every_step_in_smoke_mode(tmp_path):
   result = run_in_repo('scripts/gpu_check.py', '--out', str(tmp_path), '--smoke', timeout=900)
   assert result.returncode == 0, result.stderr[-2000:]
   summary = (tmp_path / 'summary.md').read_text()
-  for heading in ('## 1. Fused against unfused', '## 2. B2', '## 3. The raised bars', '## 4.'):
+  for heading in ('## 1. Fused against unfused', '## 2. The levers', '## 3. The raised', '## 4.'):
     assert heading in summary
-  assert 'skipped' not in summary and '[autotune level 4]' in summary
+  assert 'skipped' not in summary and 'failed' not in summary
+  # The levers: four models in the table, and B2 again under each child's XLA_FLAGS.
+  assert '| B3g4 | float32 |' in summary and '| B2 | bfloat16 |' in summary
+  assert '--xla_gpu_autotune_level=0 |' in summary and 'autotune_b2.txt |' in summary
   rows = [json.loads(line) for line in (tmp_path / 'results.jsonl').read_text().splitlines()]
   kinds = {row.get('kind') for row in rows}
-  assert {'machine', 'infer', 'b2_lever', 'roofline', 'train', 'end_to_end'} <= kinds
+  assert {'machine', 'infer', 'lever', 'roofline', 'train', 'end_to_end'} <= kinds
+  lever = next(r for r in rows if r.get('form') == 'fused, no cuDNN conv fusion')
+  assert lever['images_per_sec'] > 0 and lever['over_unfused'] > 0
   assert next(r for r in rows if r.get('kind') == 'end_to_end')['returncode'] == 0
   assert (tmp_path / 'hlo_b2_fused.txt').stat().st_size > 0
