@@ -66,9 +66,9 @@ from repvgg_jax.ablate.rows import (  # noqa: E402
 )
 from repvgg_jax.bench import timing as bench_timing  # noqa: E402
 from repvgg_jax.data import datasets as data  # noqa: E402
-from repvgg_jax.interop import quantize  # noqa: E402
+from repvgg_jax.interop import checkpoint_io, quantize  # noqa: E402
 from repvgg_jax.perf import compile_options, host_memory  # noqa: E402
-from repvgg_jax.train import checkpointing, run_files, trainer  # noqa: E402
+from repvgg_jax.train import run_files, trainer  # noqa: E402
 
 ROW_FILE = 'ablation_row.json'
 # A run's int8 figures (`int8_results`).
@@ -151,25 +151,13 @@ def count_params(model, image_size: int) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
-def _restore_latest(directory: pathlib.Path):
-  if not directory.is_dir():
-    raise FileNotFoundError(f'No checkpoint in {directory}.')
-  ckpt = checkpointing.Checkpoints(directory, read_only=True)
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f'No checkpoint in {directory}.')
-    return ckpt.restore()[0]
-  finally:
-    ckpt.close()
-
-
 def logit_error(config, directory: pathlib.Path) -> float:
   """How far the run's saved fused model is from its trained one: ``max |fused -
   unfused| / max |unfused|`` over the logits of the whole eval split, the last
   training checkpoint against the saved deploy checkpoint, in inference mode."""
-  state = _restore_latest(directory / 'checkpoints')
+  state = checkpoint_io.restore(directory / 'checkpoints')[0]
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-  fused = _restore_latest(directory / 'deploy')
+  fused = checkpoint_io.restore(directory / 'deploy')[0]
   train_forward = compile_options.jit(trainer.build_model(config).apply)
   deploy_forward = compile_options.jit(trainer.build_model(config, deploy=True).apply)
   error, scale = 0.0, 0.0
@@ -199,7 +187,7 @@ def int8_results(config, directory: pathlib.Path, calibration_batches: int) -> d
     AblationError: no fused model in ``directory``, or one that cannot be quantized.
   """
   try:
-    fused = _restore_latest(directory / 'deploy')
+    fused = checkpoint_io.restore(directory / 'deploy')[0]
     _, results = quantize.quantize_and_evaluate(
       config, {'params': fused['params']}, calibration_batches=calibration_batches
     )
@@ -349,11 +337,11 @@ def time_rows(configs: dict, workdir: pathlib.Path, settings: dict) -> dict[str,
   unfused, fused = {}, {}
   for name, config in configs.items():
     directory = run_dir(workdir, name, config.seed)
-    state = _restore_latest(directory / 'checkpoints')
+    state = checkpoint_io.restore(directory / 'checkpoints')[0]
     variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
     forward, _ = bench_timing.compiled_forward(trainer.build_model(config), variables, images)
     unfused[name] = (forward, variables)
-    fused[name] = _restore_latest(directory / 'deploy')
+    fused[name] = checkpoint_io.restore(directory / 'deploy')[0]
   deploy_forward, _ = bench_timing.compiled_forward(
     trainer.build_model(first, deploy=True), fused[names[0]], images
   )
