@@ -49,6 +49,21 @@ def test_mixup_and_cutmix_share_the_batches():
   assert kinds == {'cutmix', 'mixup'}
 
 
+@pytest.mark.parametrize('seed', range(4))
+def test_the_mix_of_a_batch_is_the_chosen_one_exactly(seed):
+  images, labels = constant_batch()
+  choice_rng, mix_rng = jax.random.split(jax.random.key(seed))
+  use_cutmix = bool(jax.random.bernoulli(choice_rng, steps.CUTMIX_SHARE))
+  chosen = (steps.cutmix if use_cutmix else steps.mixup)(
+    mix_rng, images, labels, 5, 1.0 if use_cutmix else 0.2
+  )
+  mixed = jax.jit(steps.mix_batch, static_argnums=(3, 4, 5))(
+    jax.random.key(seed), images, labels, 5, 0.2, 1.0
+  )
+  for actual, expected in zip(mixed, chosen, strict=True):
+    np.testing.assert_array_equal(actual, expected)
+
+
 def test_train_step_updates_the_moving_average():
   config = tiny_config()
   model = trainer.build_model(config, train=True)

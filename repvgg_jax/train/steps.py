@@ -81,10 +81,11 @@ def mix_batch(rng, images, labels, num_classes: int, mixup_alpha: float, cutmix_
     return mixup(mix_rng, images, labels, num_classes, mixup_alpha)
   if mixup_alpha <= 0:
     return cutmix(mix_rng, images, labels, num_classes, cutmix_alpha)
-  mixed = mixup(mix_rng, images, labels, num_classes, mixup_alpha)
-  cut = cutmix(mix_rng, images, labels, num_classes, cutmix_alpha)
-  use_cutmix = jax.random.bernoulli(choice_rng, CUTMIX_SHARE)
-  return jax.tree.map(lambda a, b: jnp.where(use_cutmix, a, b), cut, mixed)
+  return jax.lax.cond(  # Only the chosen one is computed.
+    jax.random.bernoulli(choice_rng, CUTMIX_SHARE),
+    lambda: cutmix(mix_rng, images, labels, num_classes, cutmix_alpha),
+    lambda: mixup(mix_rng, images, labels, num_classes, mixup_alpha),
+  )
 
 
 def update_ema(ema, state, decay: float):
