@@ -62,6 +62,9 @@ def test_the_mix_of_a_batch_is_the_chosen_one_exactly(seed):
   )
   for actual, expected in zip(mixed, chosen, strict=True):
     np.testing.assert_array_equal(actual, expected)
+  # Either mix keeps the images' dtype, so that both branches agree for any of them.
+  half = steps.mix_batch(jax.random.key(seed), images.astype(jnp.bfloat16), labels, 5, 0.2, 1.0)
+  assert half[0].dtype == jnp.bfloat16 and half[1].dtype == jnp.float32
 
 
 def test_train_step_updates_the_moving_average():

@@ -43,10 +43,11 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
 
 
 def mixup(rng, images, labels, num_classes: int, alpha: float):
-  """Mixes each example with the batch reversed, weight ~ Beta(alpha, alpha)."""
+  """Mixes each example with the batch reversed, weight ~ Beta(alpha, alpha); the
+  images keep their dtype, as in `cutmix`."""
   weight = jax.random.beta(rng, alpha, alpha)
   targets = jax.nn.one_hot(labels, num_classes)
-  mixed = weight * images + (1 - weight) * images[::-1]
+  mixed = (weight * images + (1 - weight) * images[::-1]).astype(images.dtype)
   return mixed, weight * targets + (1 - weight) * targets[::-1]
 
 
