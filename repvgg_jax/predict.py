@@ -43,21 +43,6 @@ class Predictor:
   classes: tuple[str, ...]
 
 
-def _run_settings(saved: dict, run: tuple[pathlib.Path, dict] | None) -> dict:
-  """Image size, evaluation preprocessing and class names: from the source's
-  metadata, else from its training run's config.json and classes.json."""
-  from repvgg_jax.train import run_files
-
-  settings = {key: saved.get(key) for key in ('image_size', 'eval_preprocess', 'classes')}
-  if run is not None:
-    workdir, config = run
-    dataset = config['dataset']
-    settings['image_size'] = settings['image_size'] or dataset.get('image_size')
-    settings['eval_preprocess'] = settings['eval_preprocess'] or dataset.get('eval_preprocess')
-    settings['classes'] = settings['classes'] or run_files.read_classes(workdir)
-  return settings
-
-
 def _deploy_model(path: pathlib.Path, params, run: tuple[pathlib.Path, dict] | None):
   """The deploy model of ``params``: as its training run's config built it, else the
   variant whose shapes the tree has."""
@@ -98,8 +83,7 @@ def _from_checkpoint(
   if 'linear' not in variables['params']:
     raise PredictError(f'{path} holds a backbone without a classifier: nothing to predict.')
   model = _deploy_model(path, variables['params'], run)
-  shapes = lambda tree: jax.tree.map(np.shape, tree)
-  if shapes(model.abstract_variables()['params']) != shapes(variables['params']):
+  if not model.matches(variables['params']):
     raise PredictError(f'{path} does not hold the {model.variant.name} its config.json describes.')
   apply = jax.jit(lambda images: model.apply(variables, images))
   return apply, model.variant.name, saved, model.num_classes
@@ -133,7 +117,7 @@ def load(source: str | pathlib.Path) -> Predictor:
     apply, model, saved, num_classes = _from_export(path)
   else:
     apply, model, saved, num_classes = _from_checkpoint(path, run)
-  settings = _run_settings(saved, run)
+  settings = run_files.feeding(saved, run)
   classes = settings['classes'] or [str(index) for index in range(num_classes)]
   if len(classes) != num_classes:
     raise PredictError(

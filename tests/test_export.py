@@ -111,8 +111,19 @@ def test_a_scaled_variant_exports_as_its_run_built_it(tmp_path, digits_dir):
   expected = deploy_model.apply(variables, images)
   assert relative_error(export.load_jax_export(tmp_path / 'deploy')(images), expected) <= 1e-5
 
-  run_config = json.loads((workdir / run_files.CONFIG_FILE).read_text())
-  run_config['model']['num_blocks'] = [2, 1, 1, 1]
-  (workdir / run_files.CONFIG_FILE).write_text(json.dumps(run_config))
-  with pytest.raises(convert.ConversionError, match='does not hold the RepVGG-A0-custom that'):
-    convert.export_checkpoint(workdir, tmp_path / 'changed')
+  # A config.json that no longer describes the checkpoint is refused, before any artifact.
+  config_file = workdir / run_files.CONFIG_FILE
+  original = config_file.read_text()
+  changes = [
+    ('num_blocks', [2, 1, 1, 1], workdir, 'does not hold the RepVGG-A0-custom that'),
+    # The same fused shapes: the training checkpoint's own shapes tell.
+    ('branches', ['conv3x3'], workdir / 'checkpoints', 'does not hold the RepVGG-A0-custom'),
+    ('name', 'QARepVGG-A0', workdir, 'holds a RepVGG-A0, but .* describes a QARepVGG-A0'),
+  ]
+  for index, (key, value, source, message) in enumerate(changes):
+    changed = json.loads(original)
+    changed['model'][key] = value
+    config_file.write_text(json.dumps(changed))
+    with pytest.raises(convert.ConversionError, match=message):
+      convert.export_checkpoint(source, tmp_path / f'changed{index}')
+    assert not (tmp_path / f'changed{index}').exists()

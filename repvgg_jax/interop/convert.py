@@ -319,20 +319,22 @@ def _export_models(path: pathlib.Path, model: str | None, conv_impl: str):
   config = ml_collections.ConfigDict(run[1])
   config.model.dtype = 'float32'  # Deployed in float32, whatever the run computed in.
   deploy_model = model_from_config(config, deploy=True, conv=conv)
-  shapes = lambda tree: jax.tree.map(np.shape, tree)
-  if shapes(deploy_model.abstract_variables()['params']) != shapes(variables['params']):
-    raise ConversionError(
-      f'{path} does not hold the {deploy_model.variant.name} that {run[0]}/'
-      f'{run_files.CONFIG_FILE} describes: give the variant with --model.'
-    )
   training_model = None if training is None else model_from_config(config)
+  described = f'{run[0]}/{run_files.CONFIG_FILE}'
+  if saved.get('model', config.model.name) != config.model.name:
+    raise ConversionError(
+      f'{path} holds a {saved["model"]}, but {described} describes a {config.model.name}: '
+      'give the variant with --model.'
+    )
+  if not deploy_model.matches(variables['params']) or not (
+    training is None or training_model.matches(training['params'])
+  ):
+    raise ConversionError(
+      f'{path} does not hold the {deploy_model.variant.name} that {described} describes: '
+      'give the variant with --model.'
+    )
   # What the checkpoint does not record (a training one has no image size), the run says.
-  recorded = {
-    'image_size': config.dataset.get('image_size'),
-    'eval_preprocess': config.dataset.get('eval_preprocess'),
-    'classes': run_files.read_classes(run[0]),
-  }
-  saved = {**recorded, **{key: value for key, value in saved.items() if value is not None}}
+  saved = {**saved, **run_files.feeding(saved, run)}
   return deploy_model, variables, training_model, training, saved
 
 

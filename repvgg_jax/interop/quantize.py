@@ -326,9 +326,7 @@ def quantize_and_evaluate(
 
 def _check_architecture(deploy_model, variables, config, source) -> None:
   """The checkpoint must hold the deploy form of its config's model."""
-  expected = deploy_model.abstract_variables()['params']
-  shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), flax.core.unfreeze(tree))
-  if shapes(expected) != shapes(variables['params']):
+  if not deploy_model.matches(variables['params']):
     found = fusion.identify_variant(variables['params']) or 'another architecture'
     raise QuantizationError(
       f'{source} holds {found}, not the {config.model.name} ({config.dataset.num_classes} '

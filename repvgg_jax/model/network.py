@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -93,6 +94,11 @@ class RepVGG(nn.Module):
     nothing; they are the same at every image size."""
     images = jax.ShapeDtypeStruct((1, image_size, image_size, self.in_channels), jnp.float32)
     return jax.eval_shape(self.init, jax.random.key(0), images)
+
+  def matches(self, params) -> bool:
+    """Whether ``params`` has exactly the tree and the shapes of this model's parameters."""
+    shapes = lambda tree: jax.tree.map(lambda leaf: tuple(leaf.shape), flax.core.unfreeze(tree))
+    return shapes(self.abstract_variables()['params']) == shapes(params)
 
   def feature_info(self) -> tuple[variants.FeatureInfo, ...]:
     """Stage, channels and reduction of each output of a backbone (``num_classes=0``),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Mapping
 
 CONFIG_FILE = 'config.json'
 CLASSES_FILE = 'classes.json'
@@ -41,3 +42,16 @@ def read_classes(workdir: str | pathlib.Path) -> list[str] | None:
   """The class names in ``workdir``'s classes.json, or None where there is none."""
   file = pathlib.Path(workdir) / CLASSES_FILE
   return json.loads(file.read_text()) if file.is_file() else None
+
+
+def feeding(saved: Mapping, run: tuple[pathlib.Path, dict] | None) -> dict:
+  """``image_size``, ``eval_preprocess`` and ``classes``: what a checkpoint's model
+  is fed and how its outputs are named. From the checkpoint's metadata ``saved``,
+  else from its training ``run`` (`training_run`), else None."""
+  settings = {key: saved.get(key) for key in ('image_size', 'eval_preprocess', 'classes')}
+  if run is not None:
+    workdir, config = run
+    from_run = {key: config['dataset'].get(key) for key in ('image_size', 'eval_preprocess')}
+    from_run['classes'] = read_classes(workdir)
+    settings = {key: value or from_run[key] for key, value in settings.items()}
+  return settings
