@@ -304,7 +304,6 @@ def _export_models(path: pathlib.Path, model: str | None, conv_impl: str):
   the checkpoint lies in a run and ``model`` is not given (a scaled variant
   included), else ``model``, the one the checkpoint names or the one it has the
   shapes of."""
-  conv = perf.conv_layer(conv_impl, train=False)
   run = run_files.training_run(path) if model is None else None
   if run is None:
     name, variables, training, saved = checkpoint_io.deploy_variables(path, model)
@@ -318,7 +317,9 @@ def _export_models(path: pathlib.Path, model: str | None, conv_impl: str):
   variables, training, saved = checkpoint_io.fused_variables(path)
   config = ml_collections.ConfigDict(run[1])
   config.model.dtype = 'float32'  # Deployed in float32, whatever the run computed in.
-  deploy_model = model_from_config(config, deploy=True, conv=conv)
+  deploy_model = model_from_config(
+    config, deploy=True, conv=perf.conv_layer(conv_impl, train=False)
+  )
   training_model = None if training is None else model_from_config(config)
   described = f'{run[0]}/{run_files.CONFIG_FILE}'
   if saved.get('model', config.model.name) != config.model.name:
