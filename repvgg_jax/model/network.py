@@ -12,13 +12,12 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repvgg_jax.model import variants
+from repvgg_jax.model import trees, variants
 from repvgg_jax.model.blocks import (
   RepVGGBlock,
   active_branches,
@@ -97,8 +96,7 @@ class RepVGG(nn.Module):
 
   def matches(self, params) -> bool:
     """Whether ``params`` has exactly the tree and the shapes of this model's parameters."""
-    shapes = lambda tree: jax.tree.map(lambda leaf: tuple(leaf.shape), flax.core.unfreeze(tree))
-    return shapes(self.abstract_variables()['params']) == shapes(params)
+    return trees.same_shapes(self.abstract_variables()['params'], params)
 
   def feature_info(self) -> tuple[variants.FeatureInfo, ...]:
     """Stage, channels and reduction of each output of a backbone (``num_classes=0``),

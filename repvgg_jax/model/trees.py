@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,13 @@ def branch_layout(name: str) -> frozenset[Path]:
   images = jax.ShapeDtypeStruct((1, 5, 5, 4), jnp.float32)
   shapes = jax.eval_shape(lambda x: probe.init(jax.random.key(0), x), images)
   return frozenset(leaf_paths(shapes['params']['branch']))
+
+
+def same_shapes(a: Tree, b: Tree) -> bool:
+  """Whether two trees (plain or frozen dicts, arrays or `jax.ShapeDtypeStruct` leaves)
+  have the same keys and leaf shapes."""
+  shapes = lambda tree: jax.tree.map(lambda leaf: tuple(leaf.shape), flax.core.unfreeze(tree))
+  return shapes(a) == shapes(b)
 
 
 def leaf_paths(tree: Tree, path: Path = ()) -> list[Path]:

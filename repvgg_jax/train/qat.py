@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import pathlib
 
-import flax
 import jax
 import jax.numpy as jnp
 import qwix
 
 from repvgg_jax.interop import checkpoint_io, quantize
-from repvgg_jax.model import fusion
+from repvgg_jax.model import fusion, trees
 
 
 class QuantizationAwareModel:
@@ -94,8 +93,7 @@ def initial_params(config, abstract_params):
     variables, _, _ = checkpoint_io.fused_variables(path)  # A training checkpoint is fused.
   except (FileNotFoundError, ValueError) as error:
     raise ValueError(f'qat.init_from: {error}') from None
-  shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), flax.core.unfreeze(tree))
-  if shapes(variables['params']) != shapes(abstract_params):
+  if not trees.same_shapes(variables['params'], abstract_params):
     found = fusion.identify_variant(variables['params']) or 'another architecture'
     raise ValueError(
       f'qat.init_from: {path} holds {found}, not the deploy form of {config.model.name} with '

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from repvgg_jax import jsonfiles, perf
 from repvgg_jax.data import datasets as data
 from repvgg_jax.data import in_memory
-from repvgg_jax.model import fusion, model_from_config, variants
+from repvgg_jax.model import fusion, model_from_config, trees, variants
 from repvgg_jax.perf import compile_options, xla_cpu
 from repvgg_jax.train import (
   checkpointing,
@@ -272,9 +272,8 @@ def _resume_problem(config, meta: dict, saved, abstract, classes) -> str | None:
       )
   if classes and meta.get('classes') and list(meta['classes']) != list(classes):
     return 'was trained on other class names than the dataset has now'
-  shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
   for part in ('params', 'batch_stats'):
-    if shapes(saved[part]) != shapes(abstract[part]):
+    if not trees.same_shapes(saved[part], abstract[part]):
       return (
         f'does not fit the configured model ({config.model.name}, '
         f'{config.dataset.num_classes} classes, branches '
