@@ -127,3 +127,26 @@ def test_a_scaled_variant_exports_as_its_run_built_it(tmp_path, digits_dir):
     with pytest.raises(convert.ConversionError, match=message):
       convert.export_checkpoint(source, tmp_path / f'changed{index}')
     assert not (tmp_path / f'changed{index}').exists()
+
+
+def test_a_named_variant_still_takes_its_runs_image_size_and_classes(tmp_path, training_checkpoint):
+  """``--model`` names the variant; the training run around the checkpoint still says
+  what a training checkpoint does not record: the image size, preprocessing and classes."""
+  _, model, variables = training_checkpoint
+  run = tmp_path / 'run'
+  convert._save(run / 'checkpoints', variables, {'model': 'RepVGG-A0', 'deploy': False})
+  run_config = {
+    'model': {'name': 'RepVGG-A0'},
+    'dataset': {'image_size': 48, 'eval_preprocess': 'resize'},
+  }
+  (run / run_files.CONFIG_FILE).write_text(json.dumps(run_config))
+  classes = [f'class {index}' for index in range(10)]
+  (run / run_files.CLASSES_FILE).write_text(json.dumps(classes))
+  meta = convert.export_checkpoint(
+    run / 'checkpoints', tmp_path / 'out', model='A0', formats=('jax',), verify=False
+  )
+  assert (meta['model'], meta['image_size']) == ('RepVGG-A0', 48)
+  assert meta['eval_preprocess'] == 'resize' and meta['classes'] == classes
+  images = np.random.default_rng(9).standard_normal((2, 48, 48, 3), np.float32)
+  expected = model.apply(variables, images)
+  assert relative_error(export.load_jax_export(tmp_path / 'out')(images), expected) <= 1e-5

@@ -303,17 +303,30 @@ def _export_models(path: pathlib.Path, model: str | None, conv_impl: str):
   deploy checkpoint. The models are those of the training run's config.json where
   the checkpoint lies in a run and ``model`` is not given (a scaled variant
   included), else ``model``, the one the checkpoint names or the one it has the
-  shapes of."""
-  run = run_files.training_run(path) if model is None else None
-  if run is None:
-    name, variables, training, saved = checkpoint_io.deploy_variables(path, model)
-    options = _model_options(variables['params'], conv_impl)
-    deploy_model = create_model(name, deploy=True, **options)
-    training_model = None
-    if training is not None:
-      branches = _branches_per_stage(training['params'])
-      training_model = create_model(name, branches=branches, **options)
-    return deploy_model, variables, training_model, training, saved
+  shapes of. What the checkpoint does not record (a training one has no image
+  size or classes), its run, if any, supplies."""
+  run = run_files.training_run(path)
+  if run is None or model is not None:
+    *models, saved = _named_models(path, model, conv_impl)
+  else:
+    *models, saved = _run_models(path, run, conv_impl)
+  return *models, {**saved, **run_files.feeding(saved, run)}
+
+
+def _named_models(path: pathlib.Path, model: str | None, conv_impl: str):
+  """`_export_models` of a variant of the paper: ``model`` or the checkpoint's."""
+  name, variables, training, saved = checkpoint_io.deploy_variables(path, model)
+  options = _model_options(variables['params'], conv_impl)
+  deploy_model = create_model(name, deploy=True, **options)
+  training_model = None
+  if training is not None:
+    branches = _branches_per_stage(training['params'])
+    training_model = create_model(name, branches=branches, **options)
+  return deploy_model, variables, training_model, training, saved
+
+
+def _run_models(path: pathlib.Path, run: tuple[pathlib.Path, dict], conv_impl: str):
+  """`_export_models` as the training ``run``'s config.json builds them."""
   variables, training, saved = checkpoint_io.fused_variables(path)
   config = ml_collections.ConfigDict(run[1])
   config.model.dtype = 'float32'  # Deployed in float32, whatever the run computed in.
@@ -334,8 +347,6 @@ def _export_models(path: pathlib.Path, model: str | None, conv_impl: str):
       f'{path} does not hold the {deploy_model.variant.name} that {described} describes: '
       'give the variant with --model.'
     )
-  # What the checkpoint does not record (a training one has no image size), the run says.
-  saved = {**saved, **run_files.feeding(saved, run)}
   return deploy_model, variables, training_model, training, saved
 
 
