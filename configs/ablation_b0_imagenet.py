@@ -31,7 +31,7 @@ as the paper row) costs about the paper row's 121. All eight: about 1,370
 1080Ti-hours, i.e. roughly 170-270 GPU-hours on A100/H100-class GPUs in bfloat16
 (assuming 5-8x a 1080Ti), or about 21-34 hours on 8 such GPUs, plus the one-off
 ImageNet preparation (hours).
-Measured since on one NVIDIA H200 (README, "Measured on a GPU"): B0 with both
+Measured since on one NVIDIA H200 (docs/performance.md, "Measured on a GPU"): B0 with both
 branches trains at 9,259 images/s in bfloat16 at batch 256 per GPU, so that row's
 steps take 4.6 GPU-hours, not the 15-24 estimated here; the other branch sets
 and 32 images per GPU were not timed, and decoding JPEGs at that rate needs

@@ -406,6 +406,13 @@ def test_command_line_reports_a_bad_branch_set(tmp_path):
   assert not (tmp_path / 'work').exists()
 
 
+def test_help_lists_the_flags():
+  proc = run_in_repo('-m', 'repvgg_jax.ablate', '--help')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for flag in ('--config', '--workdir', '--[no]reuse_host_memory'):
+    assert flag in proc.stdout
+
+
 @pytest.mark.parametrize(
   'name', ['ablation_digits', 'ablation_digits_hard', 'ablation_b0_imagenet']
 )

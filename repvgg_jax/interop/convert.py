@@ -1,4 +1,4 @@
-"""Checkpoint conversion: ``python -m repvgg_jax.convert {import,fuse,export} ...``.
+"""Checkpoint conversion: ``python -m repvgg_jax.convert {import,fuse,export,quantize} ...``.
 
     # PyTorch weights, reference or timm keys (.pth/.pt through torch, .safetensors, .npz) -> orbax.
     python -m repvgg_jax.convert import RepVGG-A0-train.pth out/a0
@@ -6,12 +6,15 @@
     python -m repvgg_jax.convert fuse workdirs/digits out/digits-deploy
     # A deploy (or training) checkpoint -> jax.export artifact, TF SavedModel, ONNX.
     python -m repvgg_jax.convert export workdirs/digits out/digits-serving [--formats onnx]
+    # A trained or deploy checkpoint -> int8 (Qwix), top-1 of both on the eval split.
+    python -m repvgg_jax.convert quantize workdirs/digits out/digits-int8
 
 ``import`` and ``fuse`` write an orbax checkpoint (step 0) holding
 ``{'params'[, 'batch_stats']}`` and JSON metadata (model, deploy,
-num_classes); ``export`` writes the artifacts of `repvgg_jax.interop.export`. Each
-runs the source and the result on a random batch and reports the largest
-relative difference of their outputs.
+num_classes); ``export`` writes the artifacts of `repvgg_jax.interop.export`. These
+three run the source and the result on a random batch and report the largest
+relative difference of their outputs; ``quantize`` evaluates both models
+(`repvgg_jax.interop.quantize`).
 """
 
 from __future__ import annotations

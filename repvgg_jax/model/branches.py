@@ -320,6 +320,7 @@ class Conv1x1(nn.Module):
       self.features,
       (1, 1),
       strides=self.strides,
+      padding=((0, 0), (0, 0)),
       feature_group_count=self.groups,
       use_bias=False,
       name='conv',
