@@ -6,8 +6,9 @@ the heavy models, the longer recipe. Run one with
   python train.py --config configs/b0.py --workdir /path/to/workdir
 
 The recipe (paper and the reference trainer): SGD momentum 0.9, learning rate
-0.1 per 256 images with per-step cosine decay and no warm-up, weight decay
-1e-4 except on biases and the BatchNorms of the conv branches, 120 epochs,
+0.1 per 256 images with per-step cosine decay and no warm-up (biases at twice
+that rate), weight decay 1e-4 except on biases and the BatchNorms of the conv
+branches, 120 epochs,
 random-resized crop + flip at 224, evaluation at resize 256 / centre crop 224,
 BatchNorm statistics per 32 images (the reference's per-GPU BatchNorm).
 """
@@ -60,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 0.1  # Peak learning rate per 256 images (scaled linearly).
   config.optimizer.warmup_epochs = 0.0  # Linear warm-up before the cosine decay, in epochs.
+  # False: the cosine spans the whole run, the warm-up replacing its first steps (timm's
+  # CosineLRScheduler with warmup_prefix=False, the reference's 200-epoch trainer).
+  config.optimizer.warmup_prefix = True  # True: the cosine starts after the warm-up.
   config.optimizer.momentum = 0.9  # SGD momentum.
   config.optimizer.nesterov = False  # Nesterov momentum.
   config.optimizer.weight_decay = 1e-4  # L2 on kernels and the identity BN scale (see optim.py).
@@ -69,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.mixup_alpha = 0.0  # Mixup Beta(alpha, alpha); 0: no mixup.
   config.optimizer.cutmix_alpha = 0.0  # CutMix Beta(alpha, alpha); 0: none (both: half each).
   config.optimizer.backbone_lr_multiplier = 1.0  # Learning-rate factor of all but the classifier.
+  # The reference's train.py gives biases (BatchNorm shifts, the classifier's) twice the
+  # rate: "Just a Caffe-style common practice. Made no difference." in its words.
+  config.optimizer.bias_lr_multiplier = 2.0  # Learning-rate factor of every bias.
 
   # Fine-tuning (repvgg_jax/train/finetune.py): weights to start from instead of random ones.
   config.init_from = config_dict.placeholder(str)  # Workdir, checkpoint, .pth, hf-hub:...
@@ -105,11 +112,18 @@ def long_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   - 5 warm-up epochs: ``TRAIN.WARMUP_EPOCHS 5`` of every training command in its
     README;
   - SGD, learning rate 0.1 per 256 images, weight decay 1e-4, cosine: as the
-    120-epoch recipe (its README's command for the paper's models).
+    120-epoch recipe (its README's command for the paper's models), but with
+    that trainer's optimizer and schedule: Nesterov momentum
+    (``train/optimizer.py``), the same rate for biases as for the rest, and
+    timm's ``CosineLRScheduler`` over the whole run with the warm-up in place
+    of its first steps (``train/lr_scheduler.py``).
   No moving average (``TRAIN.EMA_ALPHA`` 0).
   """
   config.num_epochs = 200.0
   config.optimizer.warmup_epochs = 5.0
+  config.optimizer.warmup_prefix = False
+  config.optimizer.nesterov = True
+  config.optimizer.bias_lr_multiplier = 1.0
   config.optimizer.label_smoothing = 0.1
   config.optimizer.mixup_alpha = 0.2
   config.dataset.randaugment_layers = 2

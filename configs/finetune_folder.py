@@ -43,6 +43,7 @@ def get_config(preset: str = 'small') -> ml_collections.ConfigDict:
   config.batch_size = 64
   config.eval_batch_size = 100
   config.optimizer.learning_rate = 0.02  # Per 256 images; a fifth of training from scratch.
+  config.optimizer.bias_lr_multiplier = 1.0  # One rate for every parameter when fine-tuning.
   config.log_every_steps = 20
   config.eval_every_epochs = 1.0
   config.checkpoint_every_steps = 200

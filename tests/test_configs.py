@@ -34,6 +34,8 @@ def test_variant_configs_follow_the_paper(name):
   assert config.dataset.name == 'imagenet2012' and config.model.bn_group_size == 32
   assert config.num_epochs == 120 and config.optimizer.label_smoothing == 0
   assert config.optimizer.mixup_alpha == 0 and config.dataset.randaugment_layers == 0
+  # The reference's train.py: plain momentum, biases at twice the rate.
+  assert not config.optimizer.nesterov and config.optimizer.bias_lr_multiplier == 2
   doc = importlib.import_module(f'configs.{name}').__doc__
   assert f'python train.py --config configs/{name}.py' in doc
   assert 'top-1' in doc and 'GPU' in doc
@@ -48,6 +50,9 @@ def test_200_epoch_configs_follow_the_official_recipe(name):
   assert config.optimizer.cutmix_alpha == 0 and config.ema_decay == 0
   assert (config.dataset.randaugment_layers, config.dataset.randaugment_magnitude) == (2, 15)
   assert config.batch_size == 256 and config.optimizer.learning_rate == 0.1
+  # Its Swin-based trainer: Nesterov SGD, one rate for all, timm's cosine over the whole run.
+  assert config.optimizer.nesterov and config.optimizer.bias_lr_multiplier == 1
+  assert not config.optimizer.warmup_prefix
   doc = importlib.import_module(f'configs.{name}').__doc__
   assert f'python train.py --config configs/{name}.py' in doc and 'DingXiaoH/RepVGG' in doc
 

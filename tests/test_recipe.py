@@ -312,3 +312,56 @@ def test_custom_l2_trains_otherwise_than_plain_decay(digits_dir, tmp_path):
   assert not np.array_equal(plain['conv3x3']['conv']['kernel'], custom['conv3x3']['conv']['kernel'])
   # One step: the same forward pass, so the classifier's update is the same.
   np.testing.assert_array_equal(runs[False]['linear']['kernel'], runs[True]['linear']['kernel'])
+
+
+def test_the_warm_up_starts_the_cosine_or_takes_its_first_steps():
+  """`optimizer.warmup_prefix`: the cosine after the warm-up (True) or over the whole run,
+  as timm's CosineLRScheduler with ``warmup_prefix=False`` (the reference's main.py)."""
+  from configs import default
+  from repvgg_jax.train import optim
+
+  config = default.get_config()
+  config.optimizer.warmup_epochs = 2.0
+  peak, warmup, total = 0.1, 20, 100  # 10 steps per epoch.
+  after = optim.learning_rate_schedule(config, 10, total)
+  config.optimizer.warmup_prefix = False
+  whole = optim.learning_rate_schedule(config, 10, total)
+  for step in (0, 7, 19):
+    assert float(after(step)) == pytest.approx(peak * step / warmup, rel=1e-6)
+    assert float(whole(step)) == pytest.approx(peak * step / warmup, rel=1e-6)
+  for step in (20, 47, 99, 100):
+    cosine_after = 0.5 * peak * (1 + np.cos(np.pi * (step - warmup) / (total - warmup)))
+    assert float(after(step)) == pytest.approx(cosine_after, rel=1e-5, abs=1e-7)
+    cosine_whole = 0.5 * peak * (1 + np.cos(np.pi * step / total))
+    assert float(whole(step)) == pytest.approx(cosine_whole, rel=1e-5, abs=1e-7)
+  assert float(whole(60)) < float(after(60))  # Apart by 4% of the peak there.
+
+
+def test_biases_move_at_their_multiple_of_the_rate():
+  """`optimizer.bias_lr_multiplier`: every bias's update is that multiple of what it is
+  without, over steps with momentum too; every other parameter's is the same."""
+  from helpers import random_variables
+
+  from configs import default
+  from repvgg_jax.model import create_model
+  from repvgg_jax.train import optim
+
+  params = random_variables(create_model('A0', num_classes=10), (1, 32, 32, 3))['params']
+  grads = [jax.tree.map(lambda p, k=k: jnp.full_like(p, 0.5 - k) * p, params) for k in range(3)]
+
+  def updates(multiplier):
+    config = default.get_config()
+    config.optimizer.bias_lr_multiplier = multiplier
+    optimizer = optim.make_optimizer(config, steps_per_epoch=10, total_steps=100)
+    state, current = optimizer.init(params), params
+    for grad in grads:
+      update, state = optimizer.update(grad, state, current)
+    return update
+
+  plain, doubled = updates(1.0), updates(2.0)
+  paths = jax.tree_util.tree_leaves_with_path(plain)
+  biases = [jax.tree_util.keystr(path) for path, _ in paths if path[-1].key == 'bias']
+  assert "['linear']['bias']" in biases and "['stage1_block1']['identity']['bias']" in biases
+  for (path, one), two in zip(paths, jax.tree.leaves(doubled), strict=True):
+    factor = 2.0 if path[-1].key == 'bias' else 1.0
+    np.testing.assert_array_equal(two, factor * one, err_msg=jax.tree_util.keystr(path))

@@ -38,18 +38,24 @@ def test_trains_evaluates_and_checkpoints_on_the_configs_cadence(digits_config, 
   assert momentum and all(bool(buffer.abs().sum() > 0) for buffer in momentum)
 
 
-def test_weight_decay_follows_the_reference_rule(digits_config):
+def test_weight_decay_and_bias_rate_follow_the_reference_rules(digits_config):
   from repvgg_jax.interop import torch_reference
 
   model = torch_reference.RepVGG('RepVGG-A0', num_classes=10)
-  decay, no_decay = torch_train._optimizer(model, digits_config, torch).param_groups
+  config = digits_config.copy_and_resolve_references()
+  config.optimizer.bias_lr_multiplier = 2.0  # The reference's train.py.
+  decay, no_decay, biases = torch_train._optimizer(model, config, torch).param_groups
   names = {id(p): name for name, p in model.named_parameters()}
   decayed = {names[id(p)] for p in decay['params']}
   assert decay['weight_decay'] == 1e-4 and no_decay['weight_decay'] == 0.0
   assert 'stage1.0.rbr_dense.conv.weight' in decayed and 'linear.weight' in decayed
   assert 'stage1.1.rbr_identity.weight' in decayed  # The identity BN's scale, as the reference.
   assert not any('bias' in name or '.bn.' in name for name in decayed)
-  assert len(decayed) + len(no_decay['params']) == len(names)
+  biased = {names[id(p)] for p in biases['params']}
+  assert biases['weight_decay'] == 0.0 and biases['lr_scale'] == 2.0
+  assert biased == {name for name in names.values() if 'bias' in name}
+  assert decay['lr_scale'] == no_decay['lr_scale'] == 1.0
+  assert len(decayed) + len(no_decay['params']) + len(biased) == len(names)
 
 
 @pytest.mark.parametrize(
@@ -58,6 +64,8 @@ def test_weight_decay_follows_the_reference_rule(digits_config):
     ('optimizer.mixup_alpha', 0.2, 'mixup_alpha'),
     ('model.bn_group_size', 8, 'bn_group_size'),
     ('model.dtype', 'bfloat16', 'dtype'),
+    ('optimizer.custom_l2', True, 'custom_l2'),
+    ('optimizer.backbone_lr_multiplier', 0.1, 'backbone_lr_multiplier'),
   ],
 )
 def test_what_the_loop_does_not_do_is_refused(field, value, message):

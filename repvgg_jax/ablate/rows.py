@@ -200,6 +200,8 @@ _ADDED_FIELDS = {
   'init_from': None,
   'freeze_stages': 0,
   'optimizer.backbone_lr_multiplier': 1.0,
+  'optimizer.bias_lr_multiplier': 1.0,
+  'optimizer.warmup_prefix': True,
   'dataset.val_fraction': 0.0,
   'dataset.skip_bad_images': False,
   'dataset.randaugment_layers': 0,

@@ -49,6 +49,12 @@ def check_supported(config) -> None:
     'QARepVGG blocks': get_variant(config.model.name).block != 'repvgg',
     'model.bn_group_size > 0': config.model.bn_group_size > 0,
     'optimizer.mixup_alpha > 0': config.optimizer.mixup_alpha > 0,
+    'optimizer.cutmix_alpha > 0': config.optimizer.cutmix_alpha > 0,
+    'optimizer.custom_l2': config.optimizer.custom_l2,
+    'optimizer.backbone_lr_multiplier other than 1': config.optimizer.backbone_lr_multiplier != 1,
+    'freeze_stages > 0': config.freeze_stages > 0,
+    'init_from': config.init_from is not None,
+    'ema_decay > 0': config.ema_decay > 0,
     'model.dtype other than float32': config.model.dtype != 'float32',
     'model.num_blocks or width_multipliers overrides': bool(
       config.model.get('num_blocks') or config.model.get('width_multipliers')
@@ -60,13 +66,16 @@ def check_supported(config) -> None:
 
 
 def _optimizer(model, config, torch):
-  """SGD with the reference's rule: weight decay on every name without 'bias' or 'bn'."""
-  decay, no_decay = [], []
+  """SGD with the reference's rules: weight decay on every name without 'bias' or 'bn',
+  and ``optimizer.bias_lr_multiplier`` times the learning rate (``lr_scale``) on biases."""
+  decay, no_decay, biases = [], [], []
   for name, parameter in model.named_parameters():
-    (no_decay if 'bias' in name or 'bn' in name else decay).append(parameter)
+    group = biases if 'bias' in name else no_decay if 'bn' in name else decay
+    group.append(parameter)
   groups = [
-    {'params': decay, 'weight_decay': config.optimizer.weight_decay},
-    {'params': no_decay, 'weight_decay': 0.0},
+    {'params': decay, 'weight_decay': config.optimizer.weight_decay, 'lr_scale': 1.0},
+    {'params': no_decay, 'weight_decay': 0.0, 'lr_scale': 1.0},
+    {'params': biases, 'weight_decay': 0.0, 'lr_scale': config.optimizer.bias_lr_multiplier},
   ]
   return torch.optim.SGD(
     groups, lr=0.0, momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov
@@ -124,7 +133,7 @@ def train(config, workdir, layout: str = 'channels_last', log=print) -> dict:
   for step in range(1, schedule.total_steps + 1):
     batch = next(batches)
     for group in optimizer.param_groups:
-      group['lr'] = float(lr_fn(step - 1))
+      group['lr'] = float(lr_fn(step - 1)) * group['lr_scale']
     x, y = _tensor(batch['image'], torch, layout), torch.from_numpy(batch['label'].astype('int64'))
     optimizer.zero_grad(set_to_none=True)
     logits = model(x)

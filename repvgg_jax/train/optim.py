@@ -18,20 +18,32 @@ REFERENCE_BATCH_SIZE = 256
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-  """Per-step cosine decay to 0, after an optional linear warm-up.
+  """Per-step cosine decay to 0, after an optional linear warm-up from 0.
+
+  With ``optimizer.warmup_prefix`` (the default) the cosine runs over the steps
+  after the warm-up. Without it the cosine runs over the whole run and the
+  warm-up takes the place of its first steps, as timm's ``CosineLRScheduler``
+  (``warmup_prefix=False``), which the reference's 200-epoch trainer uses.
 
   Args:
     config: the run's config (``optimizer.learning_rate`` per 256 images,
-      ``optimizer.warmup_epochs``, ``batch_size``).
+      ``optimizer.warmup_epochs``, ``optimizer.warmup_prefix``, ``batch_size``).
     steps_per_epoch: optimizer steps in one epoch.
     total_steps: steps of the whole run; the cosine ends there.
   """
   peak = config.optimizer.learning_rate * config.batch_size / REFERENCE_BATCH_SIZE
   warmup_steps = int(config.optimizer.warmup_epochs * steps_per_epoch)
-  cosine = optax.cosine_decay_schedule(peak, decay_steps=max(1, total_steps - warmup_steps))
   if warmup_steps == 0:
-    return cosine
+    return optax.cosine_decay_schedule(peak, decay_steps=max(1, total_steps))
   warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+  if config.optimizer.get('warmup_prefix', True):
+    cosine = optax.cosine_decay_schedule(peak, decay_steps=max(1, total_steps - warmup_steps))
+  else:
+    whole_run = optax.cosine_decay_schedule(peak, decay_steps=max(1, total_steps))
+
+    def cosine(count):  # `join_schedules` counts from the warm-up's end.
+      return whole_run(count + warmup_steps)
+
   return optax.join_schedules([warmup, cosine], [warmup_steps])
 
 
@@ -91,6 +103,13 @@ def weight_decay_mask(params: Any, custom_l2: bool = False) -> Any:
   return traverse_util.unflatten_dict(mask)
 
 
+def bias_mask(params: Any) -> Any:
+  """True for every bias (the reference's names with 'bias': BatchNorm shifts and the
+  classifier's bias), which its first trainer gives twice the learning rate."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({path: path[-1] == 'bias' for path in flat})
+
+
 def _by_top_key(params: Any, predicate) -> Any:
   """A mask of ``params``: ``predicate(key)`` for every leaf under the top-level ``key``."""
   flat = traverse_util.flatten_dict(params)
@@ -116,9 +135,11 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.Grad
   """SGD with momentum and coupled L2 weight decay, as PyTorch's ``SGD(weight_decay=...)``.
 
   The decay is added to the gradient before momentum, like PyTorch, not
-  decoupled as in AdamW. For fine-tuning, the backbone's updates are scaled by
-  ``optimizer.backbone_lr_multiplier`` (the same as a smaller learning rate:
-  momentum is linear) and those of the first ``freeze_stages`` stages are zero.
+  decoupled as in AdamW. The biases' updates are scaled by
+  ``optimizer.bias_lr_multiplier`` (the same as a per-parameter learning rate
+  in PyTorch: momentum is linear). For fine-tuning, the backbone's updates are
+  scaled by ``optimizer.backbone_lr_multiplier`` and those of the first
+  ``freeze_stages`` stages are zero.
   """
   schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
   parts = [
@@ -128,9 +149,12 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.Grad
     ),
     optax.sgd(schedule, momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov),
   ]
-  multiplier = config.optimizer.get('backbone_lr_multiplier', 1.0)
-  if multiplier != 1.0:
-    parts.append(optax.masked(optax.scale(multiplier), backbone_mask))
+  for multiplier, mask in (
+    (config.optimizer.get('bias_lr_multiplier', 1.0), bias_mask),
+    (config.optimizer.get('backbone_lr_multiplier', 1.0), backbone_mask),
+  ):
+    if multiplier != 1.0:
+      parts.append(optax.masked(optax.scale(multiplier), mask))
   frozen_stages = config.get('freeze_stages', 0)
   if frozen_stages:
     parts.append(optax.masked(optax.set_to_zero(), lambda p: frozen_mask(p, frozen_stages)))
