@@ -24,7 +24,9 @@ order of importance, each skipped with a note once the time budget is spent:
 4. ``train.py`` end to end on JPEGs in ImageNet's folder layout made here
    (`bench.input.make_jpegs`), B0 in bfloat16, against the model-only rate of
    step 3, and ``bench input``'s per-core rate on this machine's cores. Needs
-   TensorFlow (requirements.txt); skipped with a note without it.
+   TensorFlow and the rest of `END_TO_END_NEEDS`; skipped with a note naming
+   what to install without them (not requirements.txt on an image with a newer
+   JAX: it pins jax 0.10).
 
 Only the model and the bench's timing code are imported for steps 1-3, so
 they run on an image that has JAX, Flax and optax but not TensorFlow.
@@ -33,6 +35,7 @@ they run on an image that has JAX, Flax and optax but not TensorFlow.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -65,6 +68,17 @@ LEVER_RUNS = (('B2', 'float32'), ('B3g4', 'float32'), ('B1', 'float32'), ('B2', 
 # without it each convolution is a plain cuDNN call and the bias and ReLU an XLA fusion.
 CONV_FUSION_OFF = {'xla_disable_hlo_passes': 'cudnn-fused-convolution-rewriter'}
 # Child processes of the B2 levers: {label: XLA_FLAGS added, with {out} the output folder}.
+# What step 4 needs beyond steps 1-3's JAX, Flax and optax: {module: pip package}.
+END_TO_END_NEEDS = {
+  'tensorflow': 'tensorflow-cpu',
+  'tensorflow_datasets': 'tensorflow-datasets',
+  'ml_collections': 'ml-collections',
+  'orbax': 'orbax-checkpoint',
+  'absl': 'absl-py',
+  'qwix': 'qwix',
+  'sklearn': 'scikit-learn',
+  'tqdm': 'tqdm',
+}
 CHILD_FLAGS = {
   'autotune level 0': '--xla_gpu_autotune_level=0',
   'autotune log': '--xla_gpu_dump_autotune_logs_to={out}/autotune_b2.txt',
@@ -107,7 +121,10 @@ def versions(run: Run) -> None:
   from repvgg_jax.bench import timing
 
   packages = {}
-  for name in ('jax', 'jaxlib', 'flax', 'optax', 'tensorflow', 'nvidia-cudnn-cu12'):
+  for name in (
+    *('jax', 'jaxlib', 'flax', 'optax', 'tensorflow'),
+    *('jax-cuda12-plugin', 'jax-cuda13-plugin', 'nvidia-cudnn-cu12', 'nvidia-cudnn-cu13'),
+  ):
     try:
       from importlib import metadata
 
@@ -306,10 +323,11 @@ def raised_bars(run: Run) -> None:
 
 def end_to_end(run: Run) -> None:
   run.say('', '## 4. train.py on JPEGs, end to end', '')
-  try:
-    import tensorflow  # noqa: F401
-  except ImportError:
-    run.say('skipped: TensorFlow is not installed (pip install -r requirements.txt).')
+  missing = [name for name in END_TO_END_NEEDS if importlib.util.find_spec(name) is None]
+  if missing:
+    # Not requirements.txt on an image with a newer JAX: it would install jax 0.10 beside it.
+    packages = ' '.join(END_TO_END_NEEDS[name] for name in missing)
+    run.say(f'skipped: {", ".join(missing)} not installed (pip install {packages}).')
     return
   from repvgg_jax.bench import input as bench_input
 

@@ -49,13 +49,17 @@ def count_macs(fn: Callable, *args) -> int:
         lhs = eqn.invars[0].aval.shape
         total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contracted)
       for param in eqn.params.values():
-        if isinstance(param, jax_core.ClosedJaxpr):
-          total += walk(param.jaxpr)
-        elif isinstance(param, jax_core.Jaxpr):
-          total += walk(param)
+        if isinstance(param, jax_core.ClosedJaxpr | jax_core.Jaxpr):
+          total += walk(_open(param))
     return total
 
-  return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return walk(_open(jax.make_jaxpr(fn)(*args)))
+
+
+def _open(jaxpr):
+  """The ``Jaxpr`` of a ``ClosedJaxpr``, or the ``Jaxpr`` itself (JAX 0.11 made the two
+  one class, whose legacy ``.jaxpr`` is to go)."""
+  return getattr(jaxpr, 'jaxpr', jaxpr)
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup: int):
