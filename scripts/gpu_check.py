@@ -73,11 +73,12 @@ END_TO_END_NEEDS = {
   'tensorflow': 'tensorflow-cpu',
   'tensorflow_datasets': 'tensorflow-datasets',
   'ml_collections': 'ml-collections',
-  'orbax': 'orbax-checkpoint',
+  'orbax.checkpoint': 'orbax-checkpoint',
   'absl': 'absl-py',
   'qwix': 'qwix',
   'sklearn': 'scikit-learn',
   'tqdm': 'tqdm',
+  'importlib_resources': 'importlib_resources',  # tensorflow-datasets 4.9.10's.
 }
 CHILD_FLAGS = {
   'autotune level 0': '--xla_gpu_autotune_level=0',
@@ -321,9 +322,17 @@ def raised_bars(run: Run) -> None:
   run.model_rate = train['jax']['images_per_sec']
 
 
+def _installed(module: str) -> bool:
+  """Whether ``module`` can be imported (a dotted name's parents included)."""
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:
+    return False
+
+
 def end_to_end(run: Run) -> None:
   run.say('', '## 4. train.py on JPEGs, end to end', '')
-  missing = [name for name in END_TO_END_NEEDS if importlib.util.find_spec(name) is None]
+  missing = [name for name in END_TO_END_NEEDS if not _installed(name)]
   if missing:
     # Not requirements.txt on an image with a newer JAX: it would install jax 0.10 beside it.
     packages = ' '.join(END_TO_END_NEEDS[name] for name in missing)

@@ -131,13 +131,14 @@ def test_a_scaled_variant_exports_as_its_run_built_it(tmp_path, digits_dir):
 
 def test_a_named_variant_still_takes_its_runs_image_size_and_classes(tmp_path, training_checkpoint):
   """``--model`` names the variant; the training run around the checkpoint still says
-  what a training checkpoint does not record: the image size, preprocessing and classes."""
+  what a training checkpoint does not record: the image size, preprocessing and classes.
+  A run of another variant or number of classes says nothing."""
   _, model, variables = training_checkpoint
   run = tmp_path / 'run'
   convert._save(run / 'checkpoints', variables, {'model': 'RepVGG-A0', 'deploy': False})
   run_config = {
     'model': {'name': 'RepVGG-A0'},
-    'dataset': {'image_size': 48, 'eval_preprocess': 'resize'},
+    'dataset': {'image_size': 48, 'eval_preprocess': 'resize', 'num_classes': 10},
   }
   (run / run_files.CONFIG_FILE).write_text(json.dumps(run_config))
   classes = [f'class {index}' for index in range(10)]
@@ -150,3 +151,12 @@ def test_a_named_variant_still_takes_its_runs_image_size_and_classes(tmp_path, t
   images = np.random.default_rng(9).standard_normal((2, 48, 48, 3), np.float32)
   expected = model.apply(variables, images)
   assert relative_error(export.load_jax_export(tmp_path / 'out')(images), expected) <= 1e-5
+
+  for index, (key, value) in enumerate([('num_classes', 20), ('name', 'RepVGG-B0')]):
+    other = json.loads(json.dumps(run_config))
+    other['model' if key == 'name' else 'dataset'][key] = value
+    (run / run_files.CONFIG_FILE).write_text(json.dumps(other))
+    meta = convert.export_checkpoint(
+      run / 'checkpoints', tmp_path / f'other{index}', model='A0', formats=('jax',), verify=False
+    )
+    assert meta['image_size'] == 224 and 'classes' not in meta and 'eval_preprocess' not in meta

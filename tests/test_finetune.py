@@ -156,8 +156,16 @@ def test_a_resumed_run_keeps_its_own_weights(source, digits_dir, tmp_path, capfd
     ({'freeze_stages': 2, 'init_from': None}, 'freeze_stages=2 would keep randomly initialised'),
     ({'freeze_stages': 6}, 'freeze_stages must be from 0 to 5'),
     ({'optimizer.backbone_lr_multiplier': -1.0}, 'backbone_lr_multiplier must be >= 0'),
+    ({'optimizer.bias_lr_multiplier': -2.0}, 'bias_lr_multiplier must be >= 0, got -2.0'),
   ],
-  ids=['missing', 'other architecture', 'frozen random', 'too many stages', 'negative rate'],
+  ids=[
+    'missing',
+    'other architecture',
+    'frozen random',
+    'too many stages',
+    'negative rate',
+    'negative bias rate',
+  ],
 )
 def test_bad_fine_tuning_fails_before_training(source, images, tmp_path, overrides, message):
   config = folder_run(images, init_from=str(source))
@@ -195,6 +203,12 @@ def test_resuming_with_other_settings_or_classes_is_refused_and_keeps_the_run(
   changes = [
     ({'freeze_stages': 1}, 'was trained with freeze_stages=0, the config has 1'),
     ({'optimizer.backbone_lr_multiplier': 0.5}, 'backbone_lr_multiplier=1.0, the config has 0.5'),
+    # Runs before the field existed had 1.0; the ImageNet configs now have 2.0.
+    (
+      {'optimizer.bias_lr_multiplier': 2.0},
+      'bias_lr_multiplier=1.0, the config has 2.0: resume it with '
+      '--config.optimizer.bias_lr_multiplier=1.0',
+    ),
   ]
   for overrides, message in changes:
     with pytest.raises(trainer.ConfigError, match=message):

@@ -285,6 +285,7 @@ def benchmark_train_step(
   tx = optax.chain(
     optax.add_decayed_weights(1e-4, mask=optim.weight_decay_mask),
     optax.sgd(0.1, momentum=0.9),
+    optax.masked(optax.scale(2.0), optim.bias_mask),  # The paper recipe's rate for biases.
     optax.masked(optax.set_to_zero(), lambda p: optim.frozen_mask(p, freeze_stages)),
   )
   replicated = NamedSharding(mesh, P())

@@ -59,7 +59,7 @@ def count_macs(fn: Callable, *args) -> int:
 def _open(jaxpr):
   """The ``Jaxpr`` of a ``ClosedJaxpr``, or the ``Jaxpr`` itself (JAX 0.11 made the two
   one class, whose legacy ``.jaxpr`` is to go)."""
-  return getattr(jaxpr, 'jaxpr', jaxpr)
+  return jaxpr if isinstance(jaxpr, jax_core.Jaxpr) else jaxpr.jaxpr
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup: int):

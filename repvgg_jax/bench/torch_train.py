@@ -55,6 +55,7 @@ def check_supported(config) -> None:
     'freeze_stages > 0': config.freeze_stages > 0,
     'init_from': config.init_from is not None,
     'ema_decay > 0': config.ema_decay > 0,
+    'qat.enabled': config.qat.enabled,
     'model.dtype other than float32': config.model.dtype != 'float32',
     'model.num_blocks or width_multipliers overrides': bool(
       config.model.get('num_blocks') or config.model.get('width_multipliers')

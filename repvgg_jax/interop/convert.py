@@ -35,7 +35,7 @@ from repvgg_jax import jsonfiles, perf
 from repvgg_jax.data import input_pipeline
 from repvgg_jax.interop import checkpoint_io, export, hub, onnx_export, quantize, torch_layout
 from repvgg_jax.interop.torch_layout import ConversionError
-from repvgg_jax.model import PAPER_BRANCHES, create_model, fusion, model_from_config
+from repvgg_jax.model import PAPER_BRANCHES, create_model, fusion, get_variant, model_from_config
 from repvgg_jax.model.branches import POST_NORM_KEY, get_branch
 from repvgg_jax.model.network import NUM_STAGES
 from repvgg_jax.perf import compile_options
@@ -311,9 +311,21 @@ def _export_models(path: pathlib.Path, model: str | None, conv_impl: str):
   run = run_files.training_run(path)
   if run is None or model is not None:
     *models, saved = _named_models(path, model, conv_impl)
+    if run is not None and not _describes(run[1], models[0]):
+      run = None  # A run around the checkpoint, but not the one that trained it.
   else:
     *models, saved = _run_models(path, run, conv_impl)
   return *models, {**saved, **run_files.feeding(saved, run)}
+
+
+def _describes(config: dict, deploy_model) -> bool:
+  """Whether a run's ``config`` trains the variant and classes of ``deploy_model``."""
+  try:
+    name = get_variant(config['model']['name']).name
+  except (KeyError, TypeError, ValueError):
+    return False
+  classes = config['dataset'].get('num_classes')
+  return name == deploy_model.variant.name and classes == deploy_model.num_classes
 
 
 def _named_models(path: pathlib.Path, model: str | None, conv_impl: str):

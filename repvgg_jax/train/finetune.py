@@ -29,9 +29,10 @@ def check_config(config) -> str | None:
       f'freeze_stages={frozen} would keep randomly initialised stages fixed: give the weights '
       'to start from with --config.init_from=..., or set freeze_stages=0.'
     )
-  multiplier = config.optimizer.get('backbone_lr_multiplier', 1.0)
-  if multiplier < 0:
-    return f'optimizer.backbone_lr_multiplier must be >= 0, got {multiplier}.'
+  for field in ('backbone_lr_multiplier', 'bias_lr_multiplier'):
+    multiplier = config.optimizer.get(field, 1.0)
+    if multiplier < 0:
+      return f'optimizer.{field} must be >= 0, got {multiplier}.'
   if config.get('init_from') and 'qat' in config and config.qat.enabled:
     return 'QAT starts from qat.init_from (a fused model); leave init_from unset with qat.enabled.'
   return None

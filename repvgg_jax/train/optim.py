@@ -23,7 +23,8 @@ def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> op
   With ``optimizer.warmup_prefix`` (the default) the cosine runs over the steps
   after the warm-up. Without it the cosine runs over the whole run and the
   warm-up takes the place of its first steps, as timm's ``CosineLRScheduler``
-  (``warmup_prefix=False``), which the reference's 200-epoch trainer uses.
+  (``warmup_prefix=False``), which the reference's 200-epoch trainer uses (it
+  updates the rate after each step, so its rates trail these by one step).
 
   Args:
     config: the run's config (``optimizer.learning_rate`` per 256 images,

@@ -18,11 +18,14 @@ CLASSES_FILE = 'classes.json'
 
 def read_config(workdir: str | pathlib.Path) -> dict | None:
   """The training config in ``workdir``'s config.json, or None where there is none
-  (a config has a ``model`` and a ``dataset``)."""
+  (a config is JSON with a ``model`` and a ``dataset``)."""
   file = pathlib.Path(workdir) / CONFIG_FILE
   if not file.is_file():
     return None
-  config = json.loads(file.read_text())
+  try:
+    config = json.loads(file.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError):  # Not a config, whatever its name.
+    return None
   return config if isinstance(config, dict) and {'model', 'dataset'} <= config.keys() else None
 
 

@@ -238,18 +238,28 @@ def _state_tree(state: steps.TrainState) -> dict:
 
 # The settings that shape the optimizer's state, and their values where a checkpoint
 # (or a config) predates them.
-_OPTIMIZER_META_DEFAULTS = {'freeze_stages': 0, 'backbone_lr_multiplier': 1.0}
+# The settings that shape the optimizer's state (a checkpoint without one had this value),
+# and their config fields.
+_OPTIMIZER_META_DEFAULTS = {
+  'freeze_stages': 0,
+  'backbone_lr_multiplier': 1.0,
+  'bias_lr_multiplier': 1.0,
+}
+_OPTIMIZER_META_FIELDS = {
+  'freeze_stages': 'freeze_stages',
+  'backbone_lr_multiplier': 'optimizer.backbone_lr_multiplier',
+  'bias_lr_multiplier': 'optimizer.bias_lr_multiplier',
+}
 
 
 def optimizer_meta(config) -> dict:
   """The settings that shape the optimizer's state, kept in every checkpoint's metadata."""
-  defaults = _OPTIMIZER_META_DEFAULTS
-  return {
-    'freeze_stages': config.get('freeze_stages', defaults['freeze_stages']),
-    'backbone_lr_multiplier': config.optimizer.get(
-      'backbone_lr_multiplier', defaults['backbone_lr_multiplier']
-    ),
-  }
+  meta = {}
+  for key, default in _OPTIMIZER_META_DEFAULTS.items():
+    *parents, leaf = _OPTIMIZER_META_FIELDS[key].split('.')
+    section = config[parents[0]] if parents else config
+    meta[key] = section.get(leaf, default)
+  return meta
 
 
 def _resume_problem(config, meta: dict, saved, abstract, classes) -> str | None:
@@ -267,8 +277,9 @@ def _resume_problem(config, meta: dict, saved, abstract, classes) -> str | None:
     was = meta.get(key, _OPTIMIZER_META_DEFAULTS[key])
     if was != value:  # Another optimizer state: start a new workdir from this one instead.
       return (
-        f'was trained with {key}={was}, the config has {value} (for a new stage of fine-'
-        'tuning, give a new --workdir with --config.init_from=this workdir)'
+        f'was trained with {key}={was}, the config has {value}: resume it with '
+        f'--config.{_OPTIMIZER_META_FIELDS[key]}={was}, or for a new stage of fine-tuning '
+        'give a new --workdir with --config.init_from=this workdir'
       )
   if classes and meta.get('classes') and list(meta['classes']) != list(classes):
     return 'was trained on other class names than the dataset has now'
