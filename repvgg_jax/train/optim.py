@@ -104,22 +104,21 @@ def weight_decay_mask(params: Any, custom_l2: bool = False) -> Any:
   return traverse_util.unflatten_dict(mask)
 
 
+def _mask(params: Any, predicate) -> Any:
+  """A mask of ``params``: ``predicate(path)`` for every leaf, ``path`` its keys."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({path: predicate(path) for path in flat})
+
+
 def bias_mask(params: Any) -> Any:
   """True for every bias (the reference's names with 'bias': BatchNorm shifts and the
   classifier's bias), which its first trainer gives twice the learning rate."""
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({path: path[-1] == 'bias' for path in flat})
-
-
-def _by_top_key(params: Any, predicate) -> Any:
-  """A mask of ``params``: ``predicate(key)`` for every leaf under the top-level ``key``."""
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({path: predicate(path[0]) for path in flat})
+  return _mask(params, lambda path: path[-1] == 'bias')
 
 
 def backbone_mask(params: Any) -> Any:
   """True for every parameter but the classifier's."""
-  return _by_top_key(params, lambda key: key != CLASSIFIER)
+  return _mask(params, lambda path: path[0] != CLASSIFIER)
 
 
 def frozen_mask(params: Any, frozen_stages: int) -> Any:
@@ -129,7 +128,7 @@ def frozen_mask(params: Any, frozen_stages: int) -> Any:
     position = trees.block_position(key)
     return position is not None and position[0] < frozen_stages
 
-  return _by_top_key(params, frozen)
+  return _mask(params, lambda path: frozen(path[0]))
 
 
 def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:

@@ -238,28 +238,21 @@ def _state_tree(state: steps.TrainState) -> dict:
 
 # The settings that shape the optimizer's state, and their values where a checkpoint
 # (or a config) predates them.
-# The settings that shape the optimizer's state (a checkpoint without one had this value),
-# and their config fields.
-_OPTIMIZER_META_DEFAULTS = {
-  'freeze_stages': 0,
-  'backbone_lr_multiplier': 1.0,
-  'bias_lr_multiplier': 1.0,
-}
-_OPTIMIZER_META_FIELDS = {
-  'freeze_stages': 'freeze_stages',
-  'backbone_lr_multiplier': 'optimizer.backbone_lr_multiplier',
-  'bias_lr_multiplier': 'optimizer.bias_lr_multiplier',
+# The settings that shape the optimizer's state: key -> (its config section, the value of
+# a checkpoint from before the key was kept).
+_OPTIMIZER_SETTINGS = {
+  'freeze_stages': (None, 0),
+  'backbone_lr_multiplier': ('optimizer', 1.0),
+  'bias_lr_multiplier': ('optimizer', 1.0),
 }
 
 
 def optimizer_meta(config) -> dict:
   """The settings that shape the optimizer's state, kept in every checkpoint's metadata."""
-  meta = {}
-  for key, default in _OPTIMIZER_META_DEFAULTS.items():
-    *parents, leaf = _OPTIMIZER_META_FIELDS[key].split('.')
-    section = config[parents[0]] if parents else config
-    meta[key] = section.get(leaf, default)
-  return meta
+  return {
+    key: (config[section] if section else config).get(key, default)
+    for key, (section, default) in _OPTIMIZER_SETTINGS.items()
+  }
 
 
 def _resume_problem(config, meta: dict, saved, abstract, classes) -> str | None:
@@ -274,12 +267,14 @@ def _resume_problem(config, meta: dict, saved, abstract, classes) -> str | None:
       f'ema_decay={config.get("ema_decay", 0.0)}'
     )
   for key, value in optimizer_meta(config).items():
-    was = meta.get(key, _OPTIMIZER_META_DEFAULTS[key])
+    section, default = _OPTIMIZER_SETTINGS[key]
+    was = meta.get(key, default)
     if was != value:  # Another optimizer state: start a new workdir from this one instead.
+      field = f'{section}.{key}' if section else key
       return (
         f'was trained with {key}={was}, the config has {value}: resume it with '
-        f'--config.{_OPTIMIZER_META_FIELDS[key]}={was}, or for a new stage of fine-tuning '
-        'give a new --workdir with --config.init_from=this workdir'
+        f'--config.{field}={was}, or for a new stage of fine-tuning give a new --workdir '
+        'with --config.init_from=this workdir'
       )
   if classes and meta.get('classes') and list(meta['classes']) != list(classes):
     return 'was trained on other class names than the dataset has now'
