@@ -236,10 +236,8 @@ def _state_tree(state: steps.TrainState) -> dict:
   return tree if state.ema is None else {**tree, 'ema': state.ema}
 
 
-# The settings that shape the optimizer's state, and their values where a checkpoint
-# (or a config) predates them.
-# The settings that shape the optimizer's state: key -> (its config section, the value of
-# a checkpoint from before the key was kept).
+# The settings that shape the optimizer's state: key -> (its config section, its value where
+# a checkpoint or a config predates it).
 _OPTIMIZER_SETTINGS = {
   'freeze_stages': (None, 0),
   'backbone_lr_multiplier': ('optimizer', 1.0),
