@@ -11,7 +11,7 @@ import shutil
 
 import ml_collections
 import pytest
-from helpers import apply_overrides, run_in_repo, tiny_config
+from helpers import CLASSES, apply_overrides, make_folder, run_in_repo, tiny_config
 
 from repvgg_jax.ablate import report as ablation_report
 from repvgg_jax.ablate import rows as ablation_rows
@@ -461,3 +461,30 @@ def test_intervals_and_paired_differences():
   assert stats.quartiles([4, 1, 3, 2, 5]) == (2.0, 3.0, 4.0)
   one_seed = {'row': 'none', 'difference': stats.paired_difference({0: 97.5}, {0: 96.0})}
   assert ablation_report._difference(one_seed, 'paper') == '+1.50'  # No interval to show.
+
+
+def test_an_image_folder_ablation_takes_its_classes_and_directory(tmp_path):
+  """A folder config leaves dataset.num_classes None: every run is measured and saved
+  with the folder's number of classes, a rerun reuses it, another folder is refused."""
+  root = make_folder(tmp_path / 'images', per_class=(6, 2))
+  overrides = {
+    'dataset.name': 'folder',
+    'dataset.data_dir': str(root),
+    'dataset.num_classes': None,
+    'dataset.in_memory': False,
+    'num_train_steps': 2,
+    'ablation.seeds': 1,
+  }
+  config = ablation_config(None, {'paper': branches.PAPER_BRANCHES}, **overrides)
+  text = ablate.run_ablation(config, tmp_path / 'work', log=lambda line: None)
+  record = json.loads((tmp_path / 'work' / 'paper' / 'seed0' / ablate.ROW_FILE).read_text())
+  assert record['config']['dataset']['num_classes'] == len(CLASSES)
+  assert record['logit_rel_error'] < 1e-5
+  assert f'images of {root}' in text
+  lines = []
+  ablate.run_ablation(config, tmp_path / 'work', log=lines.append)
+  assert any('paper, seed 0: done before, skipped' in line for line in lines), lines
+  shutil.copytree(root, tmp_path / 'other')
+  other = apply_overrides(config, {'dataset.data_dir': str(tmp_path / 'other')})
+  with pytest.raises(ablate.AblationError, match=r'dataset\.data_dir: .*images -> .*other'):
+    ablate.run_ablation(other, tmp_path / 'work')

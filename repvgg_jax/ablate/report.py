@@ -11,6 +11,7 @@ import pathlib
 import numpy as np
 
 from repvgg_jax.ablate import stats
+from repvgg_jax.data import folder
 
 COLUMNS = (
   'branch set',
@@ -157,9 +158,12 @@ def setup_line(summaries: list[dict], reference: str | None) -> str:
     else ''
   )
   dataset = config['dataset']
+  if dataset.get('name') == folder.NAME:  # An image folder: its train/ and val/.
+    splits = f'images of {dataset.get("data_dir")}'
+  else:
+    splits = f'train split {dataset.get("train_split")!r}, eval split {dataset.get("eval_split")!r}'
   return (
-    f'{summary["model"]} on {summary["dataset"]} (train split '
-    f'{dataset.get("train_split")!r}, eval split {dataset.get("eval_split")!r}), '
+    f'{summary["model"]} on {summary["dataset"]} ({splits}), '
     f'{summary["steps"]} training steps ({summary["epochs"]:.3g} epochs) of batch '
     f'{config["batch_size"]} per run at a peak learning rate of '
     f'{config["optimizer"]["learning_rate"]:g} per 256 images, seeds '

@@ -10,12 +10,14 @@ import json
 import re
 
 from repvgg_jax.ablate import report as ablation_report
+from repvgg_jax.data import folder
 from repvgg_jax.model import normalize_branches, variants
 from repvgg_jax.train import trainer
 
 # Row names become directory names.
 _ROW_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.+-]*')
-# Config fields that change neither what a row trains nor what it measures.
+# Config fields that change neither what a row trains nor what it measures (but an
+# image folder's data_dir: `config_changes`).
 _IRRELEVANT_FIELDS = frozenset(
   {
     'progress_bar',
@@ -215,7 +217,10 @@ _ADDED_FIELDS = {
 def config_changes(saved: dict, current: dict) -> list[str]:
   """``'field: saved -> current'`` for every field that changes a row's result."""
   saved, current = {**_ADDED_FIELDS, **_flatten(saved)}, _flatten(current)
-  keys = sorted((saved.keys() | current.keys()) - _IRRELEVANT_FIELDS)
+  irrelevant = _IRRELEVANT_FIELDS
+  if folder.NAME in (saved.get('dataset.name'), current.get('dataset.name')):
+    irrelevant -= {'dataset.data_dir'}  # An image folder's directory is its data.
+  keys = sorted((saved.keys() | current.keys()) - irrelevant)
   return [
     f'{key}: {saved.get(key, "(absent)")} -> {current.get(key, "(absent)")}'
     for key in keys

@@ -68,7 +68,7 @@ from repvgg_jax.bench import timing as bench_timing  # noqa: E402
 from repvgg_jax.data import datasets as data  # noqa: E402
 from repvgg_jax.interop import checkpoint_io, quantize  # noqa: E402
 from repvgg_jax.perf import compile_options, host_memory  # noqa: E402
-from repvgg_jax.train import run_files, trainer  # noqa: E402
+from repvgg_jax.train import checkpointing, run_files, trainer, workdir_lock  # noqa: E402
 
 ROW_FILE = 'ablation_row.json'
 # A run's int8 figures (`int8_results`).
@@ -134,14 +134,21 @@ def check_ablation(config, workdir: pathlib.Path) -> tuple[dict[str, dict[int, o
         f'Row {name!r} in {workdir} was run by a version without seeds ({workdir / name}): '
         'use another --workdir, or delete that directory to run the row again.'
       )
-    for seed, row in by_seed.items():
+    for row in by_seed.values():
       try:
         trainer.check_config(row)
       except trainer.ConfigError as error:
         raise AblationError(f'Row {name!r}: {error}') from None
-      directory = run_dir(workdir, name, seed)
-      _check_unchanged(f'{name} (seed {seed})', directory, as_json(row.to_dict()))
-  data.class_names(config.dataset)  # Fails at once when the dataset is missing.
+  # Fails at once when the dataset is missing. Every run gets the number of classes
+  # that training fills in for an image folder (its saved config holds it), so that
+  # the measurements after training build its model and a rerun finds it unchanged.
+  num_classes = trainer.dataset_classes(config)[1].dataset.num_classes
+  for name, by_seed in runs.items():
+    for seed, row in by_seed.items():
+      row.dataset.num_classes = num_classes
+      _check_unchanged(
+        f'{name} (seed {seed})', run_dir(workdir, name, seed), as_json(row.to_dict())
+      )
   return runs, labels
 
 
@@ -392,7 +399,14 @@ def main(argv) -> int:
   start = time.perf_counter()
   try:
     table = run_ablation(config, workdir, log=lambda line: print(line, flush=True))
-  except (data.DatasetNotFoundError, trainer.ConfigError, trainer.TrainingDivergedError) as error:
+  except (
+    data.DatasetNotFoundError,
+    data.FolderError,
+    trainer.ConfigError,
+    trainer.TrainingDivergedError,
+    workdir_lock.WorkdirBusyError,
+    checkpointing.CheckpointWriteError,
+  ) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
   except Preempted as error:
