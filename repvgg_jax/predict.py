@@ -51,7 +51,7 @@ def _deploy_model(path: pathlib.Path, params, run: tuple[pathlib.Path, dict] | N
   from repvgg_jax.model import create_model, fusion, model_from_config
 
   if run is not None:
-    return model_from_config(ml_collections.ConfigDict(run[1]), deploy=True)
+    return model_from_config(ml_collections.ConfigDict(run[1]), deploy=True, dtype='float32')
   name = fusion.identify_variant(params)
   if name is None:
     raise PredictError(f'{path} holds no known variant and has no config.json beside it.')
@@ -97,6 +97,8 @@ def _from_export(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
     raise PredictError(
       f'{path} has no {export.JAX_FILE}: export with --formats jax (others run outside jax).'
     )
+  if not meta.get('num_classes'):
+    raise PredictError(f'{path} holds a backbone without a classifier: nothing to predict.')
   return export.load_jax_export(path), meta.get('model', '?'), meta, int(meta['num_classes'])
 
 

@@ -118,6 +118,10 @@ def test_fuse_a_trained_checkpoint(tmp_path):
   assert convert.main(['fuse', str(tmp_path / 'work'), str(tmp_path / 'fused')]) == 0
   fused, meta = restore(tmp_path / 'fused')
   assert meta['deploy'] and meta['step'] == 2 and meta['num_classes'] == 10
+  # What its run feeds it and calls its classes, as the run's own deploy/ keeps.
+  own_meta = restore(tmp_path / 'work' / 'deploy')[1]
+  for key in ('image_size', 'eval_preprocess', 'classes'):
+    assert meta[key] == own_meta[key], key
   assert meta['verify']['max_relative_logit_difference'] <= 1e-5
   own, _ = restore(tmp_path / 'work' / 'deploy')  # What the trainer exported itself.
   assert_same_tree(fused, own)

@@ -160,3 +160,42 @@ def test_a_named_variant_still_takes_its_runs_image_size_and_classes(tmp_path, t
       run / 'checkpoints', tmp_path / f'other{index}', model='A0', formats=('jax',), verify=False
     )
     assert meta['image_size'] == 224 and 'classes' not in meta and 'eval_preprocess' not in meta
+
+
+def test_a_grey_backbone_cut_short_fuses_and_exports_its_stages(tmp_path, capsys):
+  """A backbone of 1-channel images up to stage 2, outside any run: `convert fuse`
+  with --model and `convert export` in every format; each artifact (the SavedModel's
+  loader included) gives the three stage outputs in order. `predict` refuses it."""
+  from repvgg_jax import predict
+
+  backbone = repvgg_jax.create_model('A0', num_classes=0, in_channels=1, out_indices=(0, 1, 2))
+  variables = random_variables(backbone, (1, 32, 32, 1), seed=4)
+  convert._save(tmp_path / 'ckpt', variables, {'deploy': False, 'num_classes': 0})
+  fused = ['fuse', str(tmp_path / 'ckpt'), str(tmp_path / 'fused'), '--model', 'A0']
+  assert convert.main(fused) == 0, capsys.readouterr().err
+  out = tmp_path / 'serving'
+  assert convert.main(['export', str(tmp_path / 'fused'), str(out), '--image-size', '32']) == 0
+  meta = json.loads((out / 'export.json').read_text())
+  assert set(meta['verify']) == {'jax', 'tf', 'onnx'} and max(meta['verify'].values()) <= 1e-5
+  images = np.random.default_rng(2).standard_normal((2, 32, 32, 1), np.float32)
+  expected = backbone.apply(variables, images)
+  outputs = export.load_saved_model(out)(images)
+  assert [o.shape for o in outputs] == [(2, 16, 16, 48), (2, 8, 8, 48), (2, 4, 4, 96)]
+  for got, want in zip(outputs, expected, strict=True):
+    assert relative_error(got, want) <= 1e-5
+  with pytest.raises(predict.PredictError, match='a backbone without a classifier'):
+    predict.load(out)
+
+
+def test_an_artifact_for_another_backend_is_written_and_left_unverified(
+  tmp_path, training_checkpoint, capsys
+):
+  path, _, _ = training_checkpoint
+  out = tmp_path / 'cuda'
+  command = ['export', str(path), str(out), '--formats', 'jax,onnx', '--platforms', 'cuda']
+  assert convert.main(command) == 0, capsys.readouterr().err
+  meta = json.loads((out / 'export.json').read_text())
+  assert set(meta['verify']) == {'onnx', 'fused_vs_training'}
+  assert max(meta['verify'].values()) <= 1e-5
+  assert meta['not_verified'] == {'jax': 'lowered for cuda; this machine runs cpu: load it there'}
+  assert 'Not verified, jax: lowered for cuda' in capsys.readouterr().out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pathlib
 
 from repvgg_jax.interop.torch_layout import ConversionError
-from repvgg_jax.model import fusion, variants
+from repvgg_jax.model import fusion
 from repvgg_jax.train import checkpointing
 
 
@@ -70,8 +70,8 @@ def deploy_variables(path: pathlib.Path, model: str | None):
   if 'batch_stats' in state:
     training = {k: state[k] for k in ('params', 'batch_stats')}
     return name, fusion.fuse_params(training, model=name), training, saved
-  looks_like = fusion.identify_variant(state['params'])  # RepVGG's name: QARepVGG fuses into it.
-  if looks_like != variants.with_block(name, 'repvgg'):
+  if not fusion.has_shapes_of(state['params'], name):
+    looks_like = fusion.identify_variant(state['params'])
     raise ConversionError(f'{path} holds {looks_like or "no known variant"}, not {name}.')
   return name, {'params': state['params']}, None, saved
 

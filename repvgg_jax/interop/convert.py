@@ -118,8 +118,9 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   return _unwrap(_read_file(path))
 
 
-def _logits(model, variables, images):
-  return np.asarray(compile_options.jit(model.apply)(variables, images), np.float64)
+def _outputs(model, variables, images) -> np.ndarray:
+  """The model's logits (or a backbone's stage outputs) as one float64 row per image."""
+  return _flat(compile_options.jit(model.apply)(variables, images))
 
 
 def max_relative_difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -128,8 +129,8 @@ def max_relative_difference(a: np.ndarray, b: np.ndarray) -> float:
   return float(diff.max())
 
 
-def _random_images(size: int = 64, batch: int = 4) -> jax.Array:
-  return jax.random.normal(jax.random.key(0), (batch, size, size, 3))
+def _random_images(size: int = 64, batch: int = 4, channels: int = 3) -> jax.Array:
+  return jax.random.normal(jax.random.key(0), (batch, size, size, channels))
 
 
 def import_weights(path, output_dir, model: str | None = None, verify: bool = True) -> dict:
@@ -204,10 +205,12 @@ def fuse_checkpoint(path, output_dir, model: str | None = None) -> dict:
   state, saved = ckpt.restore(step=step)
   variables = {k: state[k] for k in ('params', 'batch_stats') if k in state}
   fused = fusion.fuse_params(variables, model=model)  # Refuses deploy checkpoints.
-  train_model, deploy_model = _models_of(workdir, variables, model or saved.get('model'))
-  images = _random_images()
+  train_model, deploy_model, run = _models_of(
+    workdir, variables, fused, model or saved.get('model')
+  )
+  images = _random_images(channels=train_model.in_channels)
   difference = max_relative_difference(
-    _logits(deploy_model, fused, images), _logits(train_model, variables, images)
+    _outputs(deploy_model, fused, images), _outputs(train_model, variables, images)
   )
   meta = {
     'model': train_model.variant.name,
@@ -217,23 +220,30 @@ def fuse_checkpoint(path, output_dir, model: str | None = None) -> dict:
     'step': int(np.asarray(state.get('step', saved.get('step', 0)))),
     'verify': {'max_relative_logit_difference': difference},
   }
+  # What predict and export need to feed and name it, as a run's own deploy/ keeps.
+  meta.update({k: v for k, v in run_files.feeding(saved, run).items() if v is not None})
   _save(output_dir, fused, meta)
   return meta
 
 
-def _models_of(workdir: pathlib.Path, variables, name: str | None):
-  """The training-time and deploy models of a checkpoint: from its config.json when present."""
+def _models_of(workdir: pathlib.Path, variables, fused, name: str | None):
+  """The training-time and deploy models of a checkpoint (``variables``, fused into
+  ``fused``) and its training run ``(workdir, config)``: from the run's config.json
+  when present, else the variant ``name`` with the checkpoint's classes, input
+  channels and stages (a backbone's), and no run."""
   config = run_files.read_config(workdir)
   if config is not None:
-    config = ml_collections.ConfigDict(config)
-    return model_from_config(config), model_from_config(config, deploy=True)
+    run_config = ml_collections.ConfigDict(config)
+    models = model_from_config(run_config), model_from_config(run_config, deploy=True)
+    return *models, (workdir, config)
   if name is None:
     raise ConversionError(f'No config.json in {workdir}: give the variant with --model.')
-  num_classes = variables['params']['linear']['kernel'].shape[1]
+  options = _model_options(fused['params'], 'xla')
   branches = _branches_per_stage(variables['params'])
   return (
-    create_model(name, num_classes=num_classes, branches=branches),
-    create_model(name, num_classes=num_classes, deploy=True),
+    create_model(name, branches=branches, **options),
+    create_model(name, deploy=True, **options),
+    None,
   )
 
 
@@ -289,12 +299,13 @@ def export_checkpoint(
   )
   meta = json.loads((output / export.META_FILE).read_text())
   if verify:
-    meta['verify'] = _verify_export(output, deploy_model, variables, image_size, formats)
+    runnable, skipped = _runnable_here(formats, platforms)
+    meta.update({'not_verified': skipped} if skipped else {})
+    meta['verify'] = _verify_export(output, deploy_model, variables, image_size, runnable)
     if training is not None:  # And the deploy model against the checkpoint's training-time one.
-      images = _random_images(image_size, batch=3)
+      images = _random_images(image_size, batch=3, channels=deploy_model.in_channels)
       meta['verify']['fused_vs_training'] = max_relative_difference(
-        _flat(compile_options.jit(deploy_model.apply)(variables, images)),
-        _flat(compile_options.jit(training_model.apply)(training, images)),
+        _outputs(deploy_model, variables, images), _outputs(training_model, training, images)
       )
     jsonfiles.write_json(output / export.META_FILE, meta)
   return meta
@@ -344,11 +355,10 @@ def _run_models(path: pathlib.Path, run: tuple[pathlib.Path, dict], conv_impl: s
   """`_export_models` as the training ``run``'s config.json builds them."""
   variables, training, saved = checkpoint_io.fused_variables(path)
   config = ml_collections.ConfigDict(run[1])
-  config.model.dtype = 'float32'  # Deployed in float32, whatever the run computed in.
   deploy_model = model_from_config(
-    config, deploy=True, conv=perf.conv_layer(conv_impl, train=False)
+    config, deploy=True, conv=perf.conv_layer(conv_impl, train=False), dtype='float32'
   )
-  training_model = None if training is None else model_from_config(config)
+  training_model = None if training is None else model_from_config(config, dtype='float32')
   described = f'{run[0]}/{run_files.CONFIG_FILE}'
   if saved.get('model', config.model.name) != config.model.name:
     raise ConversionError(
@@ -398,11 +408,14 @@ def _export_int8(path: pathlib.Path, output_dir, image_size, formats, platforms,
   output = export.write_export(output_dir, qmodel, qvariables, image_size, meta, formats, platforms)
   meta = json.loads((output / export.META_FILE).read_text())
   if verify:
-    images = _random_images(image_size, batch=3)
+    images = _random_images(image_size, batch=3, channels=qmeta['in_channels'])
+    runnable, skipped = _runnable_here(formats, platforms)
+    meta.update({'not_verified': skipped} if skipped else {})
     meta['verify'] = {
-      'jax': max_relative_difference(
+      fmt: max_relative_difference(
         _flat(export.load_jax_export(output)(images)), _flat(qmodel.apply(qvariables, images))
       )
+      for fmt in runnable  # jax alone.
     }
     jsonfiles.write_json(output / export.META_FILE, meta)
   return meta
@@ -421,10 +434,22 @@ def _model_options(params, conv_impl: str) -> dict:
   }
 
 
+def _runnable_here(formats, platforms) -> tuple[tuple[str, ...], dict[str, str]]:
+  """The formats whose artifacts this machine can run (ONNX always; jax.export and
+  the SavedModel where they were lowered for its backend), and why each other is not
+  verified here."""
+  backend = jax.default_backend()
+  here = ('cuda', 'rocm') if backend == 'gpu' else (backend,)
+  if not platforms or set(here) & set(platforms):
+    return tuple(formats), {}
+  why = f'lowered for {",".join(platforms)}; this machine runs {backend}: load it there'
+  return tuple(f for f in formats if f == 'onnx'), {f: why for f in formats if f != 'onnx'}
+
+
 def _verify_export(output, deploy_model, variables, image_size, formats) -> dict:
   """Reloads each artifact and compares it with the deploy model on a batch of 3."""
-  images = _random_images(image_size, batch=3)
-  expected = _flat(compile_options.jit(deploy_model.apply)(variables, images))
+  images = _random_images(image_size, batch=3, channels=deploy_model.in_channels)
+  expected = _outputs(deploy_model, variables, images)
   loaders = {
     'jax': export.load_jax_export,
     'tf': export.load_saved_model,
@@ -550,6 +575,9 @@ def _summary(args, meta: dict) -> str:
       f'Wrote {artifacts} of the {kind} {meta["model"]} ({meta["num_classes"]} classes, '
       f'{meta["image_size"]}x{meta["image_size"]} images) to {args.output}.\n'
       f'Verification: {json.dumps(meta.get("verify", "skipped"))}'
+      + ''.join(
+        f'\nNot verified, {fmt}: {why}' for fmt, why in meta.get('not_verified', {}).items()
+      )
     )
   kind = 'deploy' if meta['deploy'] else 'training-time'
   return (

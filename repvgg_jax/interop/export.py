@@ -102,8 +102,9 @@ def export_saved_model(
   tf.saved_model.save(module, str(directory), signatures={'serving_default': serve})
 
 
-def load_saved_model(directory) -> Callable[[Any], np.ndarray]:
-  """The ``serving_default`` function of a SavedModel written by `export_saved_model`."""
+def load_saved_model(directory) -> Callable[[Any], np.ndarray | tuple[np.ndarray, ...]]:
+  """The ``serving_default`` function of a SavedModel written by `export_saved_model`:
+  the logits, or a backbone's stage outputs as a tuple in the model's order."""
   import tensorflow as tf
 
   tf.config.set_visible_devices([], 'GPU')
@@ -115,7 +116,10 @@ def load_saved_model(directory) -> Callable[[Any], np.ndarray]:
 
   def call(images):
     outputs = serve(images=tf.constant(np.asarray(images, np.float32)))
-    return next(iter(outputs.values())).numpy()
+    # 'output_0', 'output_1', ...: the signature names them by position, in no order.
+    ordered = sorted(outputs.items(), key=lambda item: int(item[0].rpartition('_')[2]))
+    arrays = tuple(value.numpy() for _, value in ordered)
+    return arrays[0] if len(arrays) == 1 else arrays
 
   call.loaded = loaded  # Keeps the variables alive as long as the function.
   return call

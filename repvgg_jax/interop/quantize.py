@@ -301,7 +301,7 @@ def quantize_and_evaluate(
     ``(int8 variables, results)``: results as `evaluate`'s (``fp32_top1``,
     ``int8_top1``, ``logit_relative_error``, ``eval_examples``).
   """
-  deploy_model = model_from_config(config, deploy=True)
+  deploy_model = model_from_config(config, deploy=True, dtype='float32')
   calibration = ()
   if ranges is None and mode == 'static':
     batches = datasets.train_batches(
@@ -389,7 +389,7 @@ def quantize_checkpoint(
   source = pathlib.Path(source)
   config, workdir = training_config(source, config_file)
   variables, _, saved = checkpoint_io.fused_variables(source)
-  deploy_model = model_from_config(config, deploy=True)
+  deploy_model = model_from_config(config, deploy=True, dtype='float32')
   _check_architecture(deploy_model, variables, config, source)
   image_size = config.dataset.image_size
   ranges = None if recalibrate else learned_ranges(config, workdir, saved.get('step'))

@@ -263,10 +263,29 @@ def identify_variant(params: Tree) -> str | None:
   except FusionError:
     return None
   kind = block_kind(params) or 'repvgg'
+  in_channels = signature[0].in_channels if signature else 3  # Of the images: any number.
   for name, variant in variants.VARIANTS.items():
-    if variant.block == kind and list(variant.blocks()) == signature:
+    if variant.block == kind and list(variant.blocks(in_channels)) == signature:
       return name
   return None
+
+
+def has_shapes_of(network: Tree, model: str) -> bool:
+  """Whether one RepVGG's parameter tree (training-time or deploy) has the blocks of
+  the variant ``model``: all of them, or for a backbone (no classifier) those up to
+  the last stage it holds (``out_indices`` may cut it short); any input channels.
+  A deploy tree fits both kinds of block, which fuse into the same model."""
+  expected = variants.get_variant(model)
+  try:
+    found = architecture(network)
+  except FusionError:
+    return False
+  if not found:
+    return False
+  last = found[-1].stage if 'linear' not in network else len(expected.stage_depths) - 1
+  kind = block_kind(network)
+  blocks = expected.blocks(found[0].in_channels)
+  return kind in (None, expected.block) and [b for b in blocks if b.stage <= last] == found
 
 
 def block_kind(params: Tree) -> str | None:
@@ -353,16 +372,11 @@ def _check_networks(params: Tree, model: str | None) -> None:
     )
   for path in networks:
     network = trees.subtree(params, path)
-    found = architecture(network)  # Raises when blocks are missing or do not chain.
-    if model is not None:
-      expected = variants.get_variant(model)
-      # A backbone (no classifier) built up to a stage by out_indices holds the blocks before it.
-      last = found[-1].stage if 'linear' not in network else len(expected.stage_depths) - 1
-      kind = block_kind(network)
-      same_kind = kind is None or kind == expected.block
-      if not same_kind or [b for b in expected.blocks() if b.stage <= last] != found:
-        name = identify_variant(network) or 'no known variant'
-        where = f' at {_where(path)}' if path else ''
-        raise FusionError(
-          f'The variables{where} have the shapes of {name}, not of {expected.name}.'
-        )
+    architecture(network)  # Raises when blocks are missing or do not chain.
+    if model is not None and not has_shapes_of(network, model):
+      name = identify_variant(network) or 'no known variant'
+      where = f' at {_where(path)}' if path else ''
+      raise FusionError(
+        f'The variables{where} have the shapes of {name}, not of '
+        f'{variants.get_variant(model).name}.'
+      )

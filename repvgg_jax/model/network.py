@@ -86,7 +86,7 @@ class RepVGG(nn.Module):
   def blocks(self) -> list[variants.Block]:
     """The blocks this model runs: all of them, or a backbone's up to its last output."""
     last = NUM_STAGES - 1 if self.num_classes else max(self.out_indices)
-    return [block for block in self.variant.blocks() if block.stage <= last]
+    return [block for block in self.variant.blocks(self.in_channels) if block.stage <= last]
 
   def abstract_variables(self, image_size: int = 32) -> dict:
     """The variables' shapes and dtypes (`jax.ShapeDtypeStruct` leaves), computing
@@ -201,10 +201,11 @@ def normalize_branches(branches) -> tuple[tuple[str, ...], ...]:
   return tuple(result)
 
 
-def model_from_config(config, *, deploy: bool = False, conv=nn.Conv) -> RepVGG:
+def model_from_config(config, *, deploy: bool = False, conv=nn.Conv, dtype=None) -> RepVGG:
   """The RepVGG of a training config: ``config.model`` (``name``, ``branches``,
   ``dtype``; ``num_blocks`` and ``width_multipliers`` scale the variant when set)
-  and ``config.dataset.num_classes``."""
+  and ``config.dataset.num_classes``. ``dtype`` replaces the run's computation
+  dtype (the fused model is deployed, quantized and exported in float32)."""
   variant = variants.get_variant(config.model.name)
   overrides = {
     key: tuple(config.model.get(key))
@@ -218,7 +219,7 @@ def model_from_config(config, *, deploy: bool = False, conv=nn.Conv) -> RepVGG:
     num_classes=config.dataset.num_classes,
     deploy=deploy,
     branches=config.model.branches,
-    dtype=jnp.dtype(config.model.dtype),
+    dtype=jnp.dtype(dtype or config.model.dtype),
     conv=conv,
     frozen_stages=config.get('freeze_stages', 0),
   )

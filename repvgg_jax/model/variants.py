@@ -108,9 +108,8 @@ class Variant:
     running = sum(self.num_blocks[: stage - 1]) + index + 1
     return self.groups if running % 2 == 0 else 1
 
-  def blocks(self):
-    """Yields each `Block`, stage by stage."""
-    in_channels = 3
+  def blocks(self, in_channels: int = 3):
+    """Yields each `Block`, stage by stage, the first reading ``in_channels``."""
     for stage, (depth, width) in enumerate(zip(self.stage_depths, self.stage_widths, strict=True)):
       for index in range(depth):
         stride = 2 if index == 0 else 1
