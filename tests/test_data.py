@@ -1,12 +1,14 @@
 """Datasets: the offline digits builder, resumable training batches, padded multi-process eval."""
 
 import itertools
+import math
 import os
 import time
 
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from repvgg_jax.data import datasets as data
@@ -175,6 +177,50 @@ def test_eval_batches_cover_every_example_once_over_processes(digits):
   assert sorted(seen) == sorted(expected)
 
 
+def _torchvision_window(height, width, rng):
+  """``(h, w)`` as torchvision's RandomResizedCrop.get_params draws it; None: fallback."""
+  for _ in range(10):
+    area = height * width * rng.uniform(0.08, 1.0)
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+    if 0 < w <= width and 0 < h <= height:
+      return h, w
+  return None
+
+
+def test_the_inception_window_is_drawn_as_torchvisions():
+  """Over 1,500 seeds, the share of the image the window takes has the mean and
+  quartiles of torchvision's draws (TF's bounding-box sampler gives 0.36, not 0.43,
+  on this shape); every window lies inside; one that cannot fit is the centre."""
+  window = tf.function(lambda shape, seed: input_pipeline.inception_window(shape, seed))
+  height, width = 375, 500
+  shape = tf.constant([height, width, 3])
+  shares = []
+  for index in range(1500):
+    begin, size = (t.numpy() for t in window(shape, tf.constant([index, 3])))
+    assert begin.min() >= 0 and begin[0] + size[0] <= height and begin[1] + size[1] <= width
+    shares.append(size[0] * size[1] / (height * width))
+  rng = np.random.default_rng(0)
+  draws = [_torchvision_window(height, width, rng) for _ in range(20000)]
+  expected = [h * w / (height * width) for h, w in draws]  # This shape always fits.
+  assert abs(np.mean(shares) - np.mean(expected)) < 0.015
+  quartiles = [0.25, 0.5, 0.75]
+  np.testing.assert_allclose(
+    np.quantile(shares, quartiles), np.quantile(expected, quartiles), atol=0.03
+  )
+  begin, size = window(tf.constant([10, 1000, 3]), tf.constant([0, 0]))  # Nothing fits.
+  assert begin.numpy().tolist() == [0, 493, 0] and size.numpy().tolist() == [10, 13, -1]
+
+
+@pytest.mark.parametrize('field', ['train_split', 'eval_split'])
+def test_splits_joined_with_plus_are_refused_over_several_processes(field):
+  joined = _config(**{field: 'test[:5]+test[100:105]'})
+  data.check_splits(joined, process_count=1)  # One process reads the whole of it.
+  with pytest.raises(ValueError, match=rf'dataset.{field} .* joins splits with \+, which 4 '):
+    data.check_splits(joined, process_count=4)
+  data.check_splits(_config(**{field: 'test[:50%]'}), process_count=4)
+
+
 def test_eval_resize_leaves_images_at_the_input_size_alone():
   image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
   resized = input_pipeline.preprocess_for_eval(image, 32, method='resize')
@@ -300,6 +346,7 @@ def test_missing_imagenet_fails_fast_naming_the_archives_and_where_they_go(tmp_p
     ('imagenet2012', 'inception_crop', 'resize_crop', 'validation', False),
     ('cifar10', 'pad_crop', 'resize', 'test', False),
     ('cifar10', 'pad_crop', 'resize', 'test', True),
+    ('mnist', 'pad_crop', 'resize', 'test', False),  # Greyscale, repeated to RGB.
   ],
 )
 def test_mock_data_datasets_train_and_evaluate(

@@ -1,5 +1,6 @@
 """Image-folder datasets: layout, decoding of any mode, determinism, sharding, bad input."""
 
+import os
 import pathlib
 
 import numpy as np
@@ -119,8 +120,14 @@ def truncate(path: pathlib.Path) -> None:
       lambda root: (make_folder(root) / 'train/fox/00.png').write_text('not an image'),
       '00.png is neither a JPEG nor a PNG',
     ),
+    (  # A Latin-1 name, as an old zip archive leaves it.
+      lambda root: (make_folder(root) / 'train/dog/01.png').rename(
+        root / 'train/dog' / os.fsdecode(b'caf\xe9.png')
+      ),
+      'has a name that is not UTF-8',
+    ),
   ],
-  ids=['missing', 'empty', 'empty class', 'other classes', 'no val', 'png', 'jpeg', 'text'],
+  ids=['missing', 'empty', 'empty class', 'other classes', 'no val', 'png', 'jpeg', 'text', 'name'],
 )
 def test_bad_folders_fail_in_one_line_naming_the_problem(tmp_path, damage, message):
   root = tmp_path / 'images'

@@ -123,6 +123,11 @@ def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
   return cardinality
 
 
+def _rgb(image: tf.Tensor) -> tf.Tensor:
+  """A dataset's image as RGB: greyscale ones (MNIST's, Fashion-MNIST's) repeated."""
+  return tf.image.grayscale_to_rgb(image) if image.shape[-1] == 1 else image
+
+
 def is_folder(config) -> bool:
   """Whether the dataset config reads an image folder (`repvgg_jax.data.folder`)."""
   return config.name == folder.NAME
@@ -149,6 +154,25 @@ def class_names(config) -> tuple[str, ...] | None:
   label = features['label'] if features is not None and 'label' in features else None
   names = getattr(label, 'names', None)
   return tuple(names) if names else None
+
+
+def check_splits(config, process_count: int | None = None) -> None:
+  """Refuses splits joined with ``+`` over several processes: tfds divides each part
+  among the processes on its own, so that the shares are not the equal ones that the
+  batch counts here rest on (training would read short epochs, evaluation drop images).
+
+  Raises:
+    ValueError: naming the split and what to give instead.
+  """
+  count = jax.process_count() if process_count is None else process_count
+  if is_folder(config) or count == 1:
+    return
+  for field in ('train_split', 'eval_split'):
+    if '+' in config[field]:
+      raise ValueError(
+        f'dataset.{field} {config[field]!r} joins splits with +, which {count} processes '
+        "cannot share evenly: give one split or one slice (e.g. 'train[:90%]')."
+      )
 
 
 def steps_per_epoch(config, global_batch_size: int) -> int:
@@ -219,7 +243,7 @@ def _epoch_batches(
   def preprocess(index, example):
     example_seed = tf.random.experimental.stateless_fold_in(epoch_key, index)
     image = input_pipeline.preprocess_for_train(
-      decode_image(example['image']), example_seed, config
+      _rgb(decode_image(example['image'])), example_seed, config
     )
     return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
 
@@ -362,7 +386,7 @@ def eval_batches(
   size, method = config.image_size, config.eval_preprocess
 
   def preprocess(example):
-    image = input_pipeline.preprocess_for_eval(example['image'], size, method=method)
+    image = input_pipeline.preprocess_for_eval(_rgb(example['image']), size, method=method)
     return {'image': image, 'label': tf.cast(example['label'], tf.int32), 'mask': True}
 
   dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)

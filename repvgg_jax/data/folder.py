@@ -153,6 +153,10 @@ def check_file(path: pathlib.Path) -> str | None:
   bytes is decoded to tell: decoding every file would take hours on ImageNet.
   """
   try:
+    str(path).encode('utf-8')  # TensorFlow takes paths as UTF-8 strings.
+  except UnicodeEncodeError:
+    return 'has a name that is not UTF-8 (from an old archive?): rename it'
+  try:
     size = path.stat().st_size
     with open(path, 'rb') as file:
       head = file.read(8)

@@ -13,6 +13,8 @@ function of its seeds and a resumed run sees the same pixels.
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 from repvgg_jax.data import randaugment
@@ -91,23 +93,42 @@ def preprocess_for_eval(
 
 
 def inception_window(shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """``(begin, size)`` of a random window of 8% to 100% of an image's area and 3/4 to
-  4/3 aspect (``shape``: the image's ``(H, W, C)``; ``seed``: shape ``(2,)``).
+  """``(begin, size)`` for `tf.slice` of a random window of an image (``shape``: its
+  ``(H, W, C)``; ``seed``: shape ``(2,)``), drawn as torchvision's
+  ``RandomResizedCrop.get_params`` draws it.
 
-  After 10 failed attempts at a window that fits, the whole image (torchvision falls
-  back to a centre crop instead; it happens for very elongated images only).
+  Up to 10 attempts, each an area of 8% to 100% of the image (uniform) and a
+  width/height ratio of 3/4 to 4/3 (log-uniform), rounded to whole pixels; the
+  first that fits is placed uniformly at random. Where none fits (very elongated
+  images), the centre of the image, cut to the nearest ratio in the range.
   """
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-    shape,
-    bounding_boxes=tf.zeros((1, 0, 4)),
-    seed=seed,
-    min_object_covered=0.0,  # The area range alone bounds the crop.
-    aspect_ratio_range=INCEPTION_ASPECT_RATIO_RANGE,
-    area_range=INCEPTION_AREA_RANGE,
-    max_attempts=10,
-    use_image_if_no_bounding_boxes=True,
+  height, width = shape[0], shape[1]
+  area_seed, ratio_seed, top_seed, left_seed = tf.unstack(
+    tf.random.experimental.stateless_split(seed, num=4)
   )
-  return begin, size
+  attempts, (low, high) = 10, INCEPTION_ASPECT_RATIO_RANGE
+  area = tf.cast(height * width, tf.float32) * tf.random.stateless_uniform(
+    [attempts], area_seed, *INCEPTION_AREA_RANGE
+  )
+  log_ratio = tf.random.stateless_uniform([attempts], ratio_seed, math.log(low), math.log(high))
+  ratio = tf.exp(log_ratio)
+  widths = tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32)
+  heights = tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32)
+  fits = (widths > 0) & (widths <= width) & (heights > 0) & (heights <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32))  # The first attempt that fits.
+  # The fallback: the whole image, or its centre at the nearest ratio in the range.
+  image_ratio = tf.cast(width, tf.float32) / tf.cast(height, tf.float32)
+  rounded = lambda x: tf.cast(tf.round(x), tf.int32)
+  whole_h = tf.where(image_ratio < low, rounded(tf.cast(width, tf.float32) / low), height)
+  whole_w = tf.where(image_ratio > high, rounded(tf.cast(height, tf.float32) * high), width)
+  found = tf.reduce_any(fits)
+  crop_h = tf.where(found, heights[first], whole_h)
+  crop_w = tf.where(found, widths[first], whole_w)
+  random_top = tf.random.stateless_uniform([], top_seed, 0, height - crop_h + 1, tf.int32)
+  random_left = tf.random.stateless_uniform([], left_seed, 0, width - crop_w + 1, tf.int32)
+  top = tf.where(found, random_top, (height - crop_h) // 2)
+  left = tf.where(found, random_left, (width - crop_w) // 2)
+  return tf.stack([top, left, 0]), tf.stack([crop_h, crop_w, -1])
 
 
 def inception_crop(image: tf.Tensor, seed: tf.Tensor, image_size: int) -> tf.Tensor:
