@@ -121,3 +121,12 @@ def test_missing_blocks_are_named(a0):
   without_stage = {k: v for k, v in variables['params'].items() if not k.startswith('stage2')}
   with pytest.raises(FusionError, match='lacks blocks stage2_block0:'):
     repvgg_jax.fuse_params({**variables, 'params': without_stage})
+
+
+def test_one_blocks_own_variables_point_to_fuse_block():
+  block = repvgg_jax.RepVGGBlock(8)
+  variables = block.init(jax.random.key(0), jnp.zeros((1, 8, 8, 8)))
+  with pytest.raises(
+    FusionError, match=r'params is one block itself .*: fuse it with fuse_block\('
+  ):
+    repvgg_jax.fuse_params(variables)

@@ -96,6 +96,9 @@ def test_convert_quantize_keeps_the_ranges_qat_learned(fine_tuned, tmp_path):
     ({'qat.init_from': None}, 'qat.enabled needs qat.init_from'),
     ({'model.bn_group_size': 8}, 'set model.bn_group_size=0'),
     ({'model.name': 'RepVGG-B1g2'}, 'QAT of grouped variants'),
+    ({'freeze_stages': 2}, 'QAT fine-tunes the whole fused model, no stage frozen'),
+    # conv_impl does not apply: QAT's quantized convolutions are XLA's.
+    ({'steps_per_call': 2, 'model.conv_impl': 'im2col'}, r'steps_per_call=1 \(QAT convolves'),
     (
       {'dataset.num_classes': 10, 'model.width_multipliers': (0.5, 0.5)},
       'holds another architecture, not the deploy form',

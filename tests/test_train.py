@@ -120,6 +120,9 @@ MOCK_DATASETS = {
     'dataset.in_memory': False,  # Random-sized mock images: tf.data crops them.
   },
   'cifar10': {'dataset.num_classes': 10, 'dataset.eval_split': 'test', 'dataset.flip': True},
+  # Greyscale, repeated to RGB. The third run in a process: the checkpoint due at the
+  # evaluation must be written before it (saved in the background, it failed here).
+  'mnist': {'dataset.num_classes': 10, 'dataset.eval_split': 'test', 'dataset.in_memory': False},
 }
 
 
@@ -521,6 +524,11 @@ def test_misspelled_config_field_fails(tmp_path):
     ({'num_train_steps': 0, 'num_epochs': 0.0}, 'num_epochs must be positive'),
     ({'dataset.num_classes': 5}, 'num_classes is 5 but sklearn_digits has 10 classes'),
     ({'steps_per_call': 2}, 'up to 35x slower inside the loop'),  # conv_impl 'xla'.
+    ({'keep_checkpoints': 0}, 'keep_checkpoints must be at least 1'),
+    ({'dataset.eval_preprocess': 'center_crop'}, "dataset.eval_preprocess is 'center_crop': ch"),
+    ({'dataset.train_augment': 'random_crop'}, "dataset.train_augment is 'random_crop': choose"),
+    ({'num_train_steps': 0, 'num_epochs': 0.005}, 'num_epochs=0.005 is 0 steps of 89 per epoch'),
+    ({'batch_size': 2000}, 'global batch of 2000 is larger than the 1437 examples'),
   ],
 )
 def test_bad_config_values(tmp_path, digits_dir, overrides, message):
@@ -538,13 +546,33 @@ def test_workdir_of_another_model_is_refused(tmp_path, digits_dir, two_steps):
   finished, first = two_steps
   shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
   before = checkpoint_files(tmp_path)
-  # Running a finished run again trains nothing and evaluates the last checkpoint.
+  metrics = tmp_path / 'metrics.jsonl'
+  logged = jsonfiles.read_jsonl(metrics)
+  with open(metrics, 'a') as f:  # The last line cut short, as by a full disk.
+    f.write('{"step": 2, "train/lo')
+  # Running a finished run again trains nothing and evaluates the last checkpoint,
+  # logging nothing twice.
   again = trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=2), tmp_path)
   assert again['steps'] == 2 and again['eval_top1'] == first['eval_top1']
+  assert again['train_images_per_sec'] == first['train_images_per_sec']
   assert checkpoint_files(tmp_path) == before  # Nothing trained, nothing saved.
+  assert jsonfiles.read_jsonl(metrics) == logged
   other = tiny_config(digits_dir, num_train_steps=4, **{'model.name': 'RepVGG-B0'})
   with pytest.raises(trainer.ConfigError, match='checkpoint .* is of RepVGG-A0'):
     trainer.train_and_evaluate(other, tmp_path)
+
+
+def test_a_failed_evaluation_keeps_the_checkpoint_due_at_its_step(
+  tmp_path, digits_dir, monkeypatch
+):
+  def fail(*args):
+    raise RuntimeError('a damaged validation image')
+
+  monkeypatch.setattr(trainer, 'evaluate', fail)
+  with pytest.raises(RuntimeError, match='damaged'):
+    trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=2), tmp_path)
+  ckpt = checkpointing.Checkpoints(tmp_path / 'checkpoints', read_only=True)
+  assert list(ckpt.manager.all_steps()) == [2]
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, digits_dir, monkeypatch):

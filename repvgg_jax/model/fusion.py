@@ -334,6 +334,11 @@ def fuse_params(variables: Tree, *, model: str | None = None) -> dict:
       f'These variables are already fused ({_where(fused_blocks[0])} holds a single reparam '
       'conv): use them with the deploy model as they are.'
     )
+  if not blocks and trees.has_block_layout(params):
+    raise FusionError(
+      f'params is one block itself (branches {sorted(params)}): fuse it with '
+      "fuse_block(variables['params'], variables['batch_stats']), or wrap it in a module."
+    )
   if not blocks:
     raise FusionError(
       'No RepVGG block in params (a block is a mapping of branch kinds such as conv3x3, '

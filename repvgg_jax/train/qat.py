@@ -70,6 +70,8 @@ def check_config(config, variant) -> str | None:
     )
   if config.model.bn_group_size:
     return 'QAT trains the deploy model, which has no BatchNorm: set model.bn_group_size=0.'
+  if config.get('freeze_stages', 0):
+    return 'QAT fine-tunes the whole fused model, no stage frozen: set freeze_stages=0.'
   if variant.groups > 1:
     return (
       f'QAT of grouped variants ({variant.name}) is not supported: the quantized convolution '

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
@@ -26,18 +27,24 @@ class MetricsWriter:
   def __init__(self, workdir: pathlib.Path, enabled: bool = True, start_step: int = 0):
     self.enabled = enabled
     self._jsonl = workdir / 'metrics.jsonl'
+    self.kept: list[dict] = []  # The records of the steps up to ``start_step``.
     if enabled:
       # A run resumed from a checkpoint logs the steps after it again: forget their
       # earlier entries, so that each step is logged once.
       if self._jsonl.exists():
-        records = jsonfiles.read_jsonl(self._jsonl)
-        jsonfiles.write_jsonl(self._jsonl, [r for r in records if r.get('step', 0) <= start_step])
+        records = _complete_records(self._jsonl)
+        self.kept = [r for r in records if r.get('step', 0) <= start_step]
+        jsonfiles.write_jsonl(self._jsonl, self.kept)
       for events in sorted((workdir / 'tensorboard').glob('events.out.tfevents.*')):
         _forget_events_after(events, start_step)
       self._tensorboard = tf.summary.create_file_writer(str(workdir / 'tensorboard'))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
-    if not self.enabled:
+    """Logs ``metrics`` at ``step``, unless the run logged them there before its
+    restart (a finished run run again evaluates its last step again, identically)."""
+    if not self.enabled or any(
+      r.get('step') == step and metrics.keys() <= r.keys() for r in self.kept
+    ):
       return
     record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
     jsonfiles.append_jsonl(self._jsonl, record)
@@ -49,6 +56,20 @@ class MetricsWriter:
   def close(self) -> None:
     if self.enabled:
       self._tensorboard.close()
+
+
+def _complete_records(path: pathlib.Path) -> list[dict]:
+  """The records of a metrics file; a line cut short (by a crash or a full disk) is
+  dropped with a warning, as TensorBoard drops its torn record."""
+  records = []
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      print(f'warning: {path}:{number} is cut short; dropped: {line[:80]}', file=sys.stderr)
+  return records
 
 
 def _forget_events_after(path: pathlib.Path, step: int) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import json
 import pathlib
 import signal
 import sys
@@ -26,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from repvgg_jax import jsonfiles, perf
 from repvgg_jax.data import datasets as data
-from repvgg_jax.data import in_memory
+from repvgg_jax.data import in_memory, input_pipeline
 from repvgg_jax.model import fusion, model_from_config, trees, variants
 from repvgg_jax.perf import compile_options, xla_cpu
 from repvgg_jax.train import (
@@ -157,6 +158,41 @@ def check_config(config) -> None:
     raise ConfigError(f'ema_decay must be in [0, 1) (0: no average), got {config.ema_decay}.')
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}.")
+  if config.keep_checkpoints < 1:
+    raise ConfigError(
+      f'keep_checkpoints must be at least 1 (the latest, which a resume needs), got '
+      f'{config.keep_checkpoints}.'
+    )
+  try:
+    data.check_splits(config.dataset)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  choices = (
+    ('train_augment', input_pipeline.TRAIN_AUGMENTATIONS),
+    ('eval_preprocess', input_pipeline.EVAL_PREPROCESSING),
+  )
+  for field, known in choices:  # Else the first evaluation would fail, an epoch in.
+    if config.dataset[field] not in known:
+      raise ConfigError(
+        f'dataset.{field} is {config.dataset[field]!r}: choose one of {", ".join(known)}.'
+      )
+
+
+def _check_schedule(config, schedule: Schedule) -> None:
+  """Refuses a run of no step; warns where the warm-up leaves no cosine decay."""
+  if schedule.total_steps < 1:
+    raise ConfigError(
+      f'num_epochs={config.num_epochs} is {schedule.total_steps} steps of '
+      f'{schedule.steps_per_epoch} per epoch: raise it, or set num_train_steps.'
+    )
+  warmup = int(config.optimizer.warmup_epochs * schedule.steps_per_epoch)
+  if warmup >= schedule.total_steps and jax.process_index() == 0:
+    print(
+      f'warning: the warm-up ({warmup} steps, optimizer.warmup_epochs='
+      f'{config.optimizer.warmup_epochs}) lasts the whole run ({schedule.total_steps} '
+      'steps): the learning rate never reaches its peak nor decays.',
+      file=sys.stderr,
+    )
 
 
 def dataset_classes(config) -> tuple[tuple[str, ...] | None, object]:
@@ -191,11 +227,12 @@ def check_steps_per_call(config, params, backend: str | None = None) -> None:
   """Refuses several steps per call where XLA's CPU convolution would run in the loop
   (`perf.xla_cpu.check_steps_per_call`)."""
   layers = fusion.block_layers(params, config.dataset.image_size)
-  fix = "set steps_per_call=1, or model.conv_impl='im2col'"
+  if qat_enabled(config):  # Its quantized convolutions are XLA's, whatever conv_impl says.
+    impl, fix = 'xla', 'set steps_per_call=1 (QAT convolves with XLA)'
+  else:
+    impl, fix = config.model.conv_impl, "set steps_per_call=1, or model.conv_impl='im2col'"
   try:
-    xla_cpu.check_steps_per_call(
-      config.model.conv_impl, layers, config.steps_per_call, fix, backend
-    )
+    xla_cpu.check_steps_per_call(impl, layers, config.steps_per_call, fix, backend)
   except ValueError as error:
     raise ConfigError(str(error)) from None
 
@@ -465,10 +502,12 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
       in_memory.check_supported(data.get_builder(config.dataset), config.dataset)
     except ValueError as error:
       raise ConfigError(str(error)) from None
-  steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
-  if steps_per_epoch < 1:
-    raise ConfigError(f'batch_size {config.batch_size} exceeds the training split.')
+  try:
+    steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
+  except ValueError as error:  # A batch larger than the training split.
+    raise ConfigError(f'{error} Lower batch_size (--config.batch_size=...).') from None
   schedule = Schedule.from_config(config, steps_per_epoch)
+  _check_schedule(config, schedule)
   mesh = Mesh(np.array(jax.devices()), ('data',))
   model = build_model(config, train=True)
   tx = optim.make_optimizer(config, steps_per_epoch, schedule.total_steps)
@@ -519,6 +558,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     run.close()
     _close_quietly(ckpt)
   summary = run.summary(step)
+  if step == start_step:  # Nothing trained (a finished run run again): its rate stands.
+    summary['train_images_per_sec'] = _logged_rate(workdir, step)
   if preempted:
     return {**summary, 'preempted': True}
   _save_deploy(config, workdir, fuse_fn, state, step, meta)
@@ -546,25 +587,43 @@ def _loop(config, schedule, run, ckpt, state, step, preemption, compiled, meta):
     if save or evaluate_now or schedule.due(step, schedule.log_every):
       ckpt.check()  # A failed background save stops the run here, not at the next save.
       run.log_train(step, ckpt.latest_step())
+    if save:
+      _save(ckpt, state, step, meta, run)
+      if evaluate_now:  # Written before the evaluation: one that fails costs no training.
+        ckpt.wait()
     if evaluate_now:
       run.log_eval(step, evaluate(config, eval_fn, fuse_fn, state, sharded))
     # All processes must stop together: they agree at log steps when there are several.
     check_stop = jax.process_count() == 1 or schedule.due(step, schedule.log_every)
     stop = check_stop and preemption.agreed()
-    if save or stop:
-      if not _finite(state.params):
-        raise TrainingDivergedError(
-          f'The parameters are not finite after step {step}: not checkpointed; the last good '
-          f'checkpoint (step {ckpt.latest_step()}) is kept. Lower optimizer.learning_rate.'
-        )
-      ckpt.save(step, _state_tree(state), {**meta, 'step': step})
-      run.throughput.lap(0)
+    if stop and not save:
+      _save(ckpt, state, step, meta, run)
     if stop:
       run.bar.write(f'SIGTERM: saved the checkpoint of step {step} in {ckpt.directory}; stopping.')
       return state, step, True
   if not run.eval_metrics:  # Restarted after the last step: evaluate for the summary.
     run.log_eval(step, evaluate(config, eval_fn, fuse_fn, state, sharded))
   return state, step, False
+
+
+def _save(ckpt: checkpointing.Checkpoints, state, step: int, meta: dict, run) -> None:
+  """Checkpoints ``state`` at ``step`` in the background; refuses non-finite parameters."""
+  if not _finite(state.params):
+    raise TrainingDivergedError(
+      f'The parameters are not finite after step {step}: not checkpointed; the last good '
+      f'checkpoint (step {ckpt.latest_step()}) is kept. Lower optimizer.learning_rate.'
+    )
+  ckpt.save(step, _state_tree(state), {**meta, 'step': step})
+  run.throughput.lap(0)  # Checkpointing time is not training time.
+
+
+def _logged_rate(workdir: pathlib.Path, step: int) -> float | None:
+  """The training rate that ``workdir``'s summary.json gives for a run of ``step`` steps."""
+  try:
+    summary = json.loads((workdir / 'summary.json').read_text())
+  except (OSError, ValueError):
+    return None
+  return summary.get('train_images_per_sec') if summary.get('steps') == step else None
 
 
 def _close_quietly(ckpt: checkpointing.Checkpoints) -> None:
