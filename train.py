@@ -62,8 +62,7 @@ def main(argv):
   if FLAGS.distributed:
     # Slurm, Open MPI, Kubernetes and Cloud TPU are detected; elsewhere pass the flags.
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from repvgg_jax.data import datasets as data
-  from repvgg_jax.train import checkpointing, trainer, workdir_lock
+  from repvgg_jax.train import trainer
 
   workdir = FLAGS.workdir or os.path.join(
     'workdirs',
@@ -83,14 +82,7 @@ def main(argv):
   )
   try:
     summary = trainer.train_and_evaluate(FLAGS.config, workdir)
-  except (
-    data.DatasetNotFoundError,
-    data.FolderError,
-    trainer.ConfigError,
-    trainer.TrainingDivergedError,
-    workdir_lock.WorkdirBusyError,
-    checkpointing.CheckpointWriteError,
-  ) as error:
+  except trainer.RUN_ERRORS as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
   if summary.get('preempted'):

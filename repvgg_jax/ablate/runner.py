@@ -68,7 +68,7 @@ from repvgg_jax.bench import timing as bench_timing  # noqa: E402
 from repvgg_jax.data import datasets as data  # noqa: E402
 from repvgg_jax.interop import checkpoint_io, quantize  # noqa: E402
 from repvgg_jax.perf import compile_options, host_memory  # noqa: E402
-from repvgg_jax.train import checkpointing, run_files, trainer, workdir_lock  # noqa: E402
+from repvgg_jax.train import run_files, trainer  # noqa: E402
 
 ROW_FILE = 'ablation_row.json'
 # A run's int8 figures (`int8_results`).
@@ -399,14 +399,7 @@ def main(argv) -> int:
   start = time.perf_counter()
   try:
     table = run_ablation(config, workdir, log=lambda line: print(line, flush=True))
-  except (
-    data.DatasetNotFoundError,
-    data.FolderError,
-    trainer.ConfigError,
-    trainer.TrainingDivergedError,
-    workdir_lock.WorkdirBusyError,
-    checkpointing.CheckpointWriteError,
-  ) as error:
+  except trainer.RUN_ERRORS as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
   except Preempted as error:

@@ -47,6 +47,17 @@ class ConfigError(ValueError):
   """A config that cannot work, or a workdir holding another model's checkpoints."""
 
 
+# What stops a run with a message that says the fix: the commands print it in one line.
+RUN_ERRORS = (
+  data.DatasetNotFoundError,
+  data.FolderError,
+  ConfigError,
+  TrainingDivergedError,
+  workdir_lock.WorkdirBusyError,
+  checkpointing.CheckpointWriteError,
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """Every duration of a run in steps, and the one test of 'is it time?'."""
