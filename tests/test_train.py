@@ -528,7 +528,7 @@ def test_misspelled_config_field_fails(tmp_path):
     ({'dataset.eval_preprocess': 'center_crop'}, "dataset.eval_preprocess is 'center_crop': ch"),
     ({'dataset.train_augment': 'random_crop'}, "dataset.train_augment is 'random_crop': choose"),
     ({'num_train_steps': 0, 'num_epochs': 0.005}, 'num_epochs=0.005 is 0 steps of 89 per epoch'),
-    ({'batch_size': 2000}, 'global batch of 2000 is larger than the 1437 examples'),
+    ({'batch_size': 2000}, "larger than the 1437 examples of 'train': lower batch_size"),
   ],
 )
 def test_bad_config_values(tmp_path, digits_dir, overrides, message):

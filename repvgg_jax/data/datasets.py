@@ -187,7 +187,8 @@ def steps_per_epoch(config, global_batch_size: int) -> int:
   if total < global_batch_size:
     where = 'train/' if is_folder(config) else repr(split)
     raise ValueError(
-      f'The global batch of {global_batch_size} is larger than the {total} examples of {where}.'
+      f'The global batch of {global_batch_size} is larger than the {total} examples of '
+      f'{where}: lower batch_size (--config.batch_size=...).'
     )
   return total // global_batch_size
 

@@ -234,7 +234,10 @@ def _models_of(workdir: pathlib.Path, variables, fused, name: str | None):
   config = run_files.read_config(workdir)
   if config is not None:
     run_config = ml_collections.ConfigDict(config)
-    models = model_from_config(run_config), model_from_config(run_config, deploy=True)
+    models = (  # In float32, as exported, whatever the run computed in.
+      model_from_config(run_config, dtype='float32'),
+      model_from_config(run_config, deploy=True, dtype='float32'),
+    )
     return *models, (workdir, config)
   if name is None:
     raise ConversionError(f'No config.json in {workdir}: give the variant with --model.')
@@ -435,15 +438,16 @@ def _model_options(params, conv_impl: str) -> dict:
 
 
 def _runnable_here(formats, platforms) -> tuple[tuple[str, ...], dict[str, str]]:
-  """The formats whose artifacts this machine can run (ONNX always; jax.export and
-  the SavedModel where they were lowered for its backend), and why each other is not
-  verified here."""
+  """The formats whose artifacts this machine can run, and why each other is not verified
+  here: ONNX always; jax.export where it was lowered for this backend; the SavedModel,
+  which TensorFlow runs on its CPU here (`export.load_saved_model`), where lowered for cpu."""
   backend = jax.default_backend()
   here = ('cuda', 'rocm') if backend == 'gpu' else (backend,)
-  if not platforms or set(here) & set(platforms):
-    return tuple(formats), {}
-  why = f'lowered for {",".join(platforms)}; this machine runs {backend}: load it there'
-  return tuple(f for f in formats if f == 'onnx'), {f: why for f in formats if f != 'onnx'}
+  lowered = tuple(platforms) if platforms else here
+  runs = {'onnx': True, 'jax': bool(set(here) & set(lowered)), 'tf': 'cpu' in lowered}
+  why = f'lowered for {",".join(lowered)}; this machine runs it on {{}}: load it where it runs'
+  skipped = {f: why.format('cpu' if f == 'tf' else backend) for f in formats if not runs[f]}
+  return tuple(f for f in formats if runs[f]), skipped
 
 
 def _verify_export(output, deploy_model, variables, image_size, formats) -> dict:

@@ -515,8 +515,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
       raise ConfigError(str(error)) from None
   try:
     steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
-  except ValueError as error:  # A batch larger than the training split.
-    raise ConfigError(f'{error} Lower batch_size (--config.batch_size=...).') from None
+  except ValueError as error:  # A batch larger than the training split, an unknown split.
+    raise ConfigError(str(error)) from None
   schedule = Schedule.from_config(config, steps_per_epoch)
   _check_schedule(config, schedule)
   mesh = Mesh(np.array(jax.devices()), ('data',))
