@@ -43,7 +43,7 @@ class MetricsWriter:
     """Logs ``metrics`` at ``step``, unless the run logged them there before its
     restart (a finished run run again evaluates its last step again, identically)."""
     if not self.enabled or any(
-      r.get('step') == step and metrics.keys() <= r.keys() for r in self.kept
+      r.get('step') == step and metrics.keys() <= r.keys() for r in self._kept_at(step)
     ):
       return
     record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
@@ -52,6 +52,10 @@ class MetricsWriter:
       for name, value in metrics.items():
         tf.summary.scalar(name, float(value))
     self._tensorboard.flush()
+
+  def _kept_at(self, step: int) -> list[dict]:
+    """The kept records that may hold ``step``: none after the restored step."""
+    return self.kept if self.kept and step <= self.kept[-1].get('step', 0) else []
 
   def close(self) -> None:
     if self.enabled:
