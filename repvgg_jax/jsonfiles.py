@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 
 
 def write_json(path: str | os.PathLike, value) -> None:
@@ -30,6 +31,15 @@ def write_jsonl(path: str | os.PathLike, records) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-  """The records of a JSON-lines file, blank lines skipped."""
+  """The records of a JSON-lines file, blank lines skipped. A line cut short (the
+  append of a crash or a full disk) is dropped with a warning on stderr."""
+  records = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        print(f'warning: {path}:{number} is cut short; dropped: {line[:80]}', file=sys.stderr)
+  return records

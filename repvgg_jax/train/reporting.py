@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
@@ -32,7 +31,7 @@ class MetricsWriter:
       # A run resumed from a checkpoint logs the steps after it again: forget their
       # earlier entries, so that each step is logged once.
       if self._jsonl.exists():
-        records = _complete_records(self._jsonl)
+        records = jsonfiles.read_jsonl(self._jsonl)  # A torn last line dropped.
         self.kept = [r for r in records if r.get('step', 0) <= start_step]
         jsonfiles.write_jsonl(self._jsonl, self.kept)
       for events in sorted((workdir / 'tensorboard').glob('events.out.tfevents.*')):
@@ -60,20 +59,6 @@ class MetricsWriter:
   def close(self) -> None:
     if self.enabled:
       self._tensorboard.close()
-
-
-def _complete_records(path: pathlib.Path) -> list[dict]:
-  """The records of a metrics file; a line cut short (by a crash or a full disk) is
-  dropped with a warning, as TensorBoard drops its torn record."""
-  records = []
-  for number, line in enumerate(path.read_text().splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      print(f'warning: {path}:{number} is cut short; dropped: {line[:80]}', file=sys.stderr)
-  return records
 
 
 def _forget_events_after(path: pathlib.Path, step: int) -> None:
