@@ -416,18 +416,26 @@ def _free_port():
 
 
 def test_two_processes(tmp_path, digits_dir):
-  port = _free_port()
-  overrides = {'num_train_steps': 3, 'batch_size': 16}
-  procs = [
-    start_runner(tmp_path, digits_dir, overrides, devices=2, process=(i, 2, port)) for i in (0, 1)
-  ]
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for proc, (_, err) in zip(procs, outputs, strict=True):
-    assert proc.returncode == 0, err[-3000:]
-  summary = json.loads((tmp_path / 'summary.json').read_text())
+  def run(overrides):
+    port = _free_port()
+    procs = [
+      start_runner(tmp_path, digits_dir, overrides, devices=2, process=(i, 2, port)) for i in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+      assert proc.returncode == 0, err[-3000:]
+    return json.loads((tmp_path / 'summary.json').read_text())
+
+  summary = run({'num_train_steps': 3, 'batch_size': 16})
   assert summary['num_processes'] == 2 and summary['num_devices'] == 4
   assert summary['steps'] == 3
   assert 0 <= summary['eval_top1'] <= 1
+  # Resumed at step 3, due an evaluation that the first process finds logged: both
+  # processes skip it (the second, which reads no metrics, follows the first).
+  per_epoch = data.steps_per_epoch(tiny_config(digits_dir).dataset, 16)
+  run({'num_train_steps': 4, 'batch_size': 16, 'eval_every_epochs': 3 / per_epoch})
+  records = jsonfiles.read_jsonl(tmp_path / 'metrics.jsonl')
+  assert [r['step'] for r in records if 'eval/top1' in r] == [3, 4]
 
 
 def test_bn_groups_compute_statistics_per_group():
@@ -562,17 +570,25 @@ def test_workdir_of_another_model_is_refused(tmp_path, digits_dir, two_steps):
     trainer.train_and_evaluate(other, tmp_path)
 
 
-def test_a_failed_evaluation_keeps_the_checkpoint_due_at_its_step(
+def test_a_failed_evaluation_keeps_its_checkpoint_and_is_redone_on_resume(
   tmp_path, digits_dir, monkeypatch
 ):
   def fail(*args):
     raise RuntimeError('a damaged validation image')
 
-  monkeypatch.setattr(trainer, 'evaluate', fail)
-  with pytest.raises(RuntimeError, match='damaged'):
-    trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=2), tmp_path)
+  per_epoch = data.steps_per_epoch(tiny_config(digits_dir).dataset, 16)
+  config = tiny_config(digits_dir, num_train_steps=4, eval_every_epochs=2 / per_epoch)
+  with monkeypatch.context() as patched:
+    patched.setattr(trainer, 'evaluate', fail)
+    with pytest.raises(RuntimeError, match='damaged'):
+      trainer.train_and_evaluate(config, tmp_path)
   ckpt = checkpointing.Checkpoints(tmp_path / 'checkpoints', read_only=True)
   assert list(ckpt.manager.all_steps()) == [2]
+  ckpt.close()
+  # The resumed run evaluates the step it resumes at before it trains on.
+  trainer.train_and_evaluate(config, tmp_path)
+  records = jsonfiles.read_jsonl(tmp_path / 'metrics.jsonl')
+  assert [r['step'] for r in records if 'eval/top1' in r] == [2, 4]
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, digits_dir, monkeypatch):

@@ -52,6 +52,10 @@ class MetricsWriter:
         tf.summary.scalar(name, float(value))
     self._tensorboard.flush()
 
+  def logged(self, step: int, name: str) -> bool:
+    """Whether the run logged ``name`` at ``step`` before its restart (first process)."""
+    return any(r.get('step') == step and name in r for r in self._kept_at(step))
+
   def _kept_at(self, step: int) -> list[dict]:
     """The kept records that may hold ``step``: none after the restored step."""
     return self.kept if self.kept and step <= self.kept[-1].get('step', 0) else []

@@ -586,6 +586,8 @@ def _loop(config, schedule, run, ckpt, state, step, preemption, compiled, meta):
     config.dataset, global_batch_size=config.batch_size, seed=config.seed, start_step=step
   )
   mixup_rng = jax.random.key(config.seed + 1)
+  if _evaluation_missed(run, schedule, step):
+    run.log_eval(step, evaluate(config, eval_fn, fuse_fn, state, sharded))
   while step < schedule.total_steps:
     count = schedule.steps_in_call(step)
     train_fn, batch_sharding = train_fns[count]
@@ -615,6 +617,19 @@ def _loop(config, schedule, run, ckpt, state, step, preemption, compiled, meta):
   if not run.eval_metrics:  # Restarted after the last step: evaluate for the summary.
     run.log_eval(step, evaluate(config, eval_fn, fuse_fn, state, sharded))
   return state, step, False
+
+
+def _evaluation_missed(run, schedule, step: int) -> bool:
+  """Whether the run resumes at a step due an evaluation that its earlier run did not
+  log (it failed, or the run was killed, after the checkpoint it follows was written)."""
+  if not 0 < step < schedule.total_steps or not schedule.due(step, schedule.eval_every):
+    return False  # The last step is evaluated after the loop in any case.
+  missed = not run.writer.logged(step, 'eval/top1')
+  if jax.process_count() > 1:  # Only the first process reads the metrics: it decides.
+    from jax.experimental import multihost_utils
+
+    missed = bool(multihost_utils.broadcast_one_to_all(np.array(missed)))
+  return missed
 
 
 def _save(ckpt: checkpointing.Checkpoints, state, step: int, meta: dict, run) -> None:
