@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.train_split = 'train'  # tfds split to train on.
   config.dataset.eval_split = 'validation'  # tfds split to evaluate on.
   config.dataset.train_augment = 'inception_crop'  # 'inception_crop', 'pad_crop' or 'none'.
+  config.dataset.crop_sampler = 'torchvision'  # Inception crop's window: 'torchvision' or 'tf'.
   config.dataset.pad_pixels = 4  # Padding of 'pad_crop', in pixels.
   config.dataset.flip = True  # Random horizontal flips in training.
   config.dataset.randaugment_layers = 0  # RandAugment operations per training image; 0: none.

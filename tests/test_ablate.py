@@ -488,3 +488,18 @@ def test_an_image_folder_ablation_takes_its_classes_and_directory(tmp_path):
   other = apply_overrides(config, {'dataset.data_dir': str(tmp_path / 'other')})
   with pytest.raises(ablate.AblationError, match=r'dataset\.data_dir: .*images -> .*other'):
     ablate.run_ablation(other, tmp_path / 'work')
+
+
+@pytest.mark.parametrize(
+  ('augment', 'changed'), [('inception_crop', True), ('pad_crop', False), ('none', False)]
+)
+def test_a_row_saved_before_the_crop_sampler_counts_as_tfs(augment, changed):
+  """Rows saved before `dataset.crop_sampler` existed drew inception crops with TF's
+  sampler: they differ from a torchvision run, and only where an inception crop ran."""
+  current = ablation_rows.as_json(tiny_config(**{'dataset.train_augment': augment}).to_dict())
+  saved = json.loads(json.dumps(current))
+  del saved['dataset']['crop_sampler']
+  changes = ablation_rows.config_changes(saved, current)
+  assert changes == (['dataset.crop_sampler: tf -> torchvision'] if changed else [])
+  saved['dataset']['crop_sampler'] = 'torchvision'
+  assert ablation_rows.config_changes(saved, current) == []

@@ -33,6 +33,7 @@ def _config(**overrides) -> ml_collections.ConfigDict:
       'eval_split': 'test',
       'num_classes': 10,
       'train_augment': 'pad_crop',
+      'crop_sampler': 'torchvision',
       'pad_pixels': 4,
       'flip': True,
       'eval_preprocess': 'resize',
@@ -210,6 +211,23 @@ def test_the_inception_window_is_drawn_as_torchvisions():
   )
   begin, size = window(tf.constant([10, 1000, 3]), tf.constant([0, 0]))  # Nothing fits.
   assert begin.numpy().tolist() == [0, 493, 0] and size.numpy().tolist() == [10, 13, -1]
+
+
+def test_the_tf_crop_sampler_draws_smaller_windows_and_falls_back_to_the_whole_image():
+  """``crop_sampler='tf'``, as runs before torchvision's sampler drew: a mean share
+  of 0.36 on this shape (torchvision's: 0.43), every window inside the image."""
+  window = tf.function(lambda shape, seed: input_pipeline.inception_window(shape, seed, 'tf'))
+  height, width = 375, 500
+  shares = []
+  for index in range(400):
+    begin, size = (t.numpy() for t in window(tf.constant([height, width, 3]), [index, 3]))
+    assert begin.min() >= 0 and begin[0] + size[0] <= height and begin[1] + size[1] <= width
+    shares.append(size[0] * size[1] / (height * width))
+  assert 0.32 < np.mean(shares) < 0.40
+  begin, size = window(tf.constant([10, 1000, 3]), tf.constant([0, 0]))
+  assert begin.numpy().tolist() == [0, 0, 0] and size.numpy().tolist() == [10, 1000, -1]
+  with pytest.raises(ValueError, match="Unknown crop_sampler 'pil'"):
+    input_pipeline.inception_window(tf.constant([10, 10, 3]), tf.constant([0, 0]), 'pil')
 
 
 @pytest.mark.parametrize('field', ['train_split', 'eval_split'])

@@ -535,6 +535,7 @@ def test_misspelled_config_field_fails(tmp_path):
     ({'keep_checkpoints': 0}, 'keep_checkpoints must be at least 1'),
     ({'dataset.eval_preprocess': 'center_crop'}, "dataset.eval_preprocess is 'center_crop': ch"),
     ({'dataset.train_augment': 'random_crop'}, "dataset.train_augment is 'random_crop': choose"),
+    ({'dataset.crop_sampler': 'pil'}, "dataset.crop_sampler is 'pil': choose one of torchvision"),
     ({'num_train_steps': 0, 'num_epochs': 0.005}, 'num_epochs=0.005 is 0 steps of 89 per epoch'),
     ({'batch_size': 2000}, "larger than the 1437 examples of 'train': lower batch_size"),
   ],

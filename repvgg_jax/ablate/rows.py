@@ -17,7 +17,7 @@ from repvgg_jax.train import trainer
 # Row names become directory names.
 _ROW_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.+-]*')
 # Config fields that change neither what a row trains nor what it measures (but an
-# image folder's data_dir: `config_changes`).
+# image folder's data_dir, and the crop sampler of an inception crop: `config_changes`).
 _IRRELEVANT_FIELDS = frozenset(
   {
     'progress_bar',
@@ -211,6 +211,7 @@ _ADDED_FIELDS = {
   'optimizer.cutmix_alpha': 0.0,
   'ema_decay': 0.0,
   'optimizer.custom_l2': False,
+  'dataset.crop_sampler': 'tf',  # The inception crop's window before torchvision's.
 }
 
 
@@ -220,6 +221,11 @@ def config_changes(saved: dict, current: dict) -> list[str]:
   irrelevant = _IRRELEVANT_FIELDS
   if folder.NAME in (saved.get('dataset.name'), current.get('dataset.name')):
     irrelevant -= {'dataset.data_dir'}  # An image folder's directory is its data.
+  if 'inception_crop' not in (
+    saved.get('dataset.train_augment'),
+    current.get('dataset.train_augment'),
+  ):
+    irrelevant |= {'dataset.crop_sampler'}  # It draws the inception crop's window only.
   keys = sorted((saved.keys() | current.keys()) - irrelevant)
   return [
     f'{key}: {saved.get(key, "(absent)")} -> {current.get(key, "(absent)")}'

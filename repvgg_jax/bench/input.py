@@ -58,6 +58,7 @@ def _preprocess(form: str, image_size: int):
   config = ml_collections.ConfigDict(
     {
       'train_augment': 'inception_crop',
+      'crop_sampler': 'torchvision',
       'image_size': image_size,
       'flip': True,
       'randaugment_layers': 2 if augment else 0,

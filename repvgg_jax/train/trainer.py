@@ -180,6 +180,7 @@ def check_config(config) -> None:
     raise ConfigError(str(error)) from None
   choices = (
     ('train_augment', input_pipeline.TRAIN_AUGMENTATIONS),
+    ('crop_sampler', input_pipeline.CROP_SAMPLERS),
     ('eval_preprocess', input_pipeline.EVAL_PREPROCESSING),
   )
   for field, known in choices:  # Else the first evaluation would fail, an epoch in.
