@@ -574,22 +574,37 @@ def test_workdir_of_another_model_is_refused(tmp_path, digits_dir, two_steps):
 def test_a_failed_evaluation_keeps_its_checkpoint_and_is_redone_on_resume(
   tmp_path, digits_dir, monkeypatch
 ):
-  def fail(*args):
-    raise RuntimeError('a damaged validation image')
+  """Evaluations at steps 2 and 4. The first run fails at step 2's, after its
+  checkpoint; the second redoes it and fails at step 4's, the last; the third
+  evaluates step 4 and takes the training rate from the metrics."""
+  evaluate, calls = trainer.evaluate, []
+
+  def fail_after(successes):
+    def evaluate_or_fail(*args):
+      calls.append(None)
+      if len(calls) > successes:
+        raise RuntimeError('a damaged validation image')
+      return evaluate(*args)
+
+    return evaluate_or_fail
 
   per_epoch = data.steps_per_epoch(tiny_config(digits_dir).dataset, 16)
   config = tiny_config(digits_dir, num_train_steps=4, eval_every_epochs=2 / per_epoch)
-  with monkeypatch.context() as patched:
-    patched.setattr(trainer, 'evaluate', fail)
-    with pytest.raises(RuntimeError, match='damaged'):
-      trainer.train_and_evaluate(config, tmp_path)
-  ckpt = checkpointing.Checkpoints(tmp_path / 'checkpoints', read_only=True)
-  assert list(ckpt.manager.all_steps()) == [2]
-  ckpt.close()
-  # The resumed run evaluates the step it resumes at before it trains on.
-  trainer.train_and_evaluate(config, tmp_path)
+  for successes in (0, 1):
+    calls.clear()
+    with monkeypatch.context() as patched:
+      patched.setattr(trainer, 'evaluate', fail_after(successes))
+      with pytest.raises(RuntimeError, match='damaged'):
+        trainer.train_and_evaluate(config, tmp_path)
+    ckpt = checkpointing.Checkpoints(tmp_path / 'checkpoints', read_only=True)
+    assert ckpt.latest_step() == 2 * (successes + 1)
+    ckpt.close()
+  summary = trainer.train_and_evaluate(config, tmp_path)
   records = jsonfiles.read_jsonl(tmp_path / 'metrics.jsonl')
   assert [r['step'] for r in records if 'eval/top1' in r] == [2, 4]
+  # The logged intervals but the first: here the one of steps 3 and 4.
+  rates = [r['train/images_per_sec'] for r in records if 'train/images_per_sec' in r]
+  assert summary['train_images_per_sec'] == pytest.approx(rates[-1], rel=1e-12)
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, digits_dir, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import pathlib
@@ -192,6 +193,16 @@ class RunLog:
       )
     )
     self.throughput.lap(0)  # Evaluation time is not training time.
+
+  def logged_rate(self) -> float | None:
+    """Images per second over the training intervals logged before the restart, as
+    `summary` counts them: the first (compilation) left out, each weighted by its time."""
+    logged = [r for r in self.writer.kept if 'train/images_per_sec' in r]
+    images = seconds = 0.0
+    for before, record in itertools.pairwise(logged):
+      count = (record['step'] - before['step']) * self.config.batch_size
+      images, seconds = images + count, seconds + count / record['train/images_per_sec']
+    return images / seconds if seconds else None
 
   def summary(self, step: int) -> dict:
     m = self.eval_metrics

@@ -571,7 +571,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     _close_quietly(ckpt)
   summary = run.summary(step)
   if step == start_step:  # Nothing trained (a finished run run again): its rate stands.
-    summary['train_images_per_sec'] = _logged_rate(workdir, step)
+    summary['train_images_per_sec'] = _logged_rate(workdir, step, run)
   if preempted:
     return {**summary, 'preempted': True}
   _save_deploy(config, workdir, fuse_fn, state, step, meta)
@@ -644,13 +644,16 @@ def _save(ckpt: checkpointing.Checkpoints, state, step: int, meta: dict, run) ->
   run.throughput.lap(0)  # Checkpointing time is not training time.
 
 
-def _logged_rate(workdir: pathlib.Path, step: int) -> float | None:
-  """The training rate that ``workdir``'s summary.json gives for a run of ``step`` steps."""
+def _logged_rate(workdir: pathlib.Path, step: int, run: reporting.RunLog) -> float | None:
+  """The training rate of a finished run of ``step`` steps: the one its summary.json
+  gives, or where it wrote none (its final evaluation failed), its metrics'."""
   try:
     summary = json.loads((workdir / 'summary.json').read_text())
   except (OSError, ValueError):
-    return None
-  return summary.get('train_images_per_sec') if summary.get('steps') == step else None
+    summary = {}
+  if summary.get('steps') == step:
+    return summary.get('train_images_per_sec')
+  return run.logged_rate()
 
 
 def _close_quietly(ckpt: checkpointing.Checkpoints) -> None:
