@@ -406,6 +406,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, digits_dir, monkeypatch)
   _, meta = checkpoint_params(tmp_path)
   assert meta['step'] == 6
   assert not (tmp_path / 'summary.json').exists()
+  records = jsonfiles.read_jsonl(tmp_path / 'metrics.jsonl')
+  assert [r['step'] for r in records if 'train/loss' in r] == [5, 6]  # Step 6's too.
   assert signal.getsignal(signal.SIGTERM) == previous_handler  # The trainer's is removed.
 
 

@@ -610,6 +610,8 @@ def _loop(config, schedule, run, ckpt, state, step, preemption, compiled, meta):
     # All processes must stop together: they agree at log steps when there are several.
     check_stop = jax.process_count() == 1 or schedule.due(step, schedule.log_every)
     stop = check_stop and preemption.agreed()
+    if stop and run.pending:  # The steps since the last log are logged, not lost.
+      run.log_train(step, ckpt.latest_step())
     if stop and not save:
       _save(ckpt, state, step, meta, run)
     if stop:
