@@ -233,21 +233,33 @@ def _models_of(workdir: pathlib.Path, variables, fused, name: str | None):
   channels and stages (a backbone's), and no run."""
   config = run_files.read_config(workdir)
   if config is not None:
-    run_config = ml_collections.ConfigDict(config)
-    models = (  # In float32, as exported, whatever the run computed in.
-      model_from_config(run_config, dtype='float32'),
-      model_from_config(run_config, deploy=True, dtype='float32'),
-    )
-    return *models, (workdir, config)
+    return *_config_models(config, 'xla'), (workdir, config)
   if name is None:
     raise ConversionError(f'No config.json in {workdir}: give the variant with --model.')
-  options = _model_options(fused['params'], 'xla')
-  branches = _branches_per_stage(variables['params'])
+  return *_tree_models(name, fused['params'], variables['params'], 'xla'), None
+
+
+def _config_models(config: dict, conv_impl: str):
+  """``(training-time model, deploy model)`` of a run's ``config``, in float32 as
+  exported whatever the run computed in; the deploy one with ``conv_impl``."""
+  config = ml_collections.ConfigDict(config)
+  conv = perf.conv_layer(conv_impl, train=False)
   return (
-    create_model(name, branches=branches, **options),
-    create_model(name, deploy=True, **options),
-    None,
+    model_from_config(config, dtype='float32'),
+    model_from_config(config, deploy=True, conv=conv, dtype='float32'),
   )
+
+
+def _tree_models(name: str, fused_params, training_params, conv_impl: str):
+  """``(training-time model, deploy model)`` of the variant ``name`` with the classes,
+  input channels and stages of ``fused_params``; the training-time one has the branches
+  of ``training_params`` (None: no training-time model)."""
+  options = _model_options(fused_params, conv_impl)
+  training_model = None
+  if training_params is not None:
+    branches = _branches_per_stage(training_params)
+    training_model = create_model(name, branches=branches, **options)
+  return training_model, create_model(name, deploy=True, **options)
 
 
 def _branches_per_stage(params) -> list[tuple[str, ...]]:
@@ -345,27 +357,21 @@ def _describes(config: dict, deploy_model) -> bool:
 def _named_models(path: pathlib.Path, model: str | None, conv_impl: str):
   """`_export_models` of a variant of the paper: ``model`` or the checkpoint's."""
   name, variables, training, saved = checkpoint_io.deploy_variables(path, model)
-  options = _model_options(variables['params'], conv_impl)
-  deploy_model = create_model(name, deploy=True, **options)
-  training_model = None
-  if training is not None:
-    branches = _branches_per_stage(training['params'])
-    training_model = create_model(name, branches=branches, **options)
+  training_params = None if training is None else training['params']
+  training_model, deploy_model = _tree_models(name, variables['params'], training_params, conv_impl)
   return deploy_model, variables, training_model, training, saved
 
 
 def _run_models(path: pathlib.Path, run: tuple[pathlib.Path, dict], conv_impl: str):
   """`_export_models` as the training ``run``'s config.json builds them."""
   variables, training, saved = checkpoint_io.fused_variables(path)
-  config = ml_collections.ConfigDict(run[1])
-  deploy_model = model_from_config(
-    config, deploy=True, conv=perf.conv_layer(conv_impl, train=False), dtype='float32'
-  )
-  training_model = None if training is None else model_from_config(config, dtype='float32')
+  training_model, deploy_model = _config_models(run[1], conv_impl)
+  training_model = None if training is None else training_model
   described = f'{run[0]}/{run_files.CONFIG_FILE}'
-  if saved.get('model', config.model.name) != config.model.name:
+  name = run[1]['model']['name']
+  if saved.get('model', name) != name:
     raise ConversionError(
-      f'{path} holds a {saved["model"]}, but {described} describes a {config.model.name}: '
+      f'{path} holds a {saved["model"]}, but {described} describes a {name}: '
       'give the variant with --model.'
     )
   if not deploy_model.matches(variables['params']) or not (
