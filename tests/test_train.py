@@ -417,25 +417,25 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes(tmp_path, digits_dir):
-  def run(overrides):
-    port = _free_port()
-    procs = [
-      start_runner(tmp_path, digits_dir, overrides, devices=2, process=(i, 2, port)) for i in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for proc, (_, err) in zip(procs, outputs, strict=True):
-      assert proc.returncode == 0, err[-3000:]
-    return json.loads((tmp_path / 'summary.json').read_text())
-
-  summary = run({'num_train_steps': 3, 'batch_size': 16})
-  assert summary['num_processes'] == 2 and summary['num_devices'] == 4
-  assert summary['steps'] == 3
-  assert 0 <= summary['eval_top1'] <= 1
-  # Resumed at step 3, due an evaluation that the first process finds logged: both
-  # processes skip it (the second, which reads no metrics, follows the first).
+def test_two_processes_resume_a_one_process_run(tmp_path, digits_dir):
+  """Three steps on this process's one device, then a fourth in two processes of two
+  devices each. Step 3, where the second run resumes, is due an evaluation that the
+  first process finds logged: both processes skip it (the second, which reads no
+  metrics, follows the first); a process evaluating alone would wait forever."""
+  train_in_process(digits_dir, tmp_path, {'num_train_steps': 3})
   per_epoch = data.steps_per_epoch(tiny_config(digits_dir).dataset, 16)
-  run({'num_train_steps': 4, 'batch_size': 16, 'eval_every_epochs': 3 / per_epoch})
+  overrides = {'num_train_steps': 4, 'eval_every_epochs': 3 / per_epoch}
+  port = _free_port()
+  procs = [
+    start_runner(tmp_path, digits_dir, overrides, devices=2, process=(i, 2, port)) for i in (0, 1)
+  ]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for proc, (_, err) in zip(procs, outputs, strict=True):
+    assert proc.returncode == 0, err[-3000:]
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  assert summary['num_processes'] == 2 and summary['num_devices'] == 4
+  assert summary['steps'] == 4
+  assert 0 <= summary['eval_top1'] <= 1
   records = jsonfiles.read_jsonl(tmp_path / 'metrics.jsonl')
   assert [r['step'] for r in records if 'eval/top1' in r] == [3, 4]
 
