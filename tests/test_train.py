@@ -553,7 +553,7 @@ def checkpoint_files(workdir):
   return {path: path.stat().st_mtime_ns for path in files if path.is_file()}
 
 
-def test_workdir_of_another_model_is_refused(tmp_path, digits_dir, two_steps):
+def test_workdir_of_another_model_is_refused(tmp_path, digits_dir, two_steps, capsys):
   finished, first = two_steps
   shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
   before = checkpoint_files(tmp_path)
@@ -568,6 +568,17 @@ def test_workdir_of_another_model_is_refused(tmp_path, digits_dir, two_steps):
   assert again['train_images_per_sec'] == first['train_images_per_sec']
   assert checkpoint_files(tmp_path) == before  # Nothing trained, nothing saved.
   assert jsonfiles.read_jsonl(metrics) == logged
+  # Another batch size or seed resumes, with a warning for each.
+  trainer.train_and_evaluate(
+    tiny_config(digits_dir, num_train_steps=2, batch_size=8, seed=5), tmp_path
+  )
+  warnings = [line for line in capsys.readouterr().err.splitlines() if 'warning: resum' in line]
+  assert warnings == [
+    'warning: resuming a run trained with batch_size=16 with batch_size=8: the data order and '
+    'the schedule of epochs change (--config.batch_size=16 resumes it exactly).',
+    'warning: resuming a run trained with seed=0 with seed=5: the data order changes '
+    '(--config.seed=0 resumes it exactly).',
+  ]
   other = tiny_config(digits_dir, num_train_steps=4, **{'model.name': 'RepVGG-B0'})
   with pytest.raises(trainer.ConfigError, match='checkpoint .* is of RepVGG-A0'):
     trainer.train_and_evaluate(other, tmp_path)

@@ -302,6 +302,23 @@ def optimizer_meta(config) -> dict:
   }
 
 
+# Settings that a resume may change, but then does not continue the run exactly:
+# the data order follows them (and the steps of an epoch the batch size).
+_ORDER_SETTINGS = ('batch_size', 'seed')
+
+
+def _order_changes(config, meta: dict) -> list[str]:
+  """A warning for each of `_ORDER_SETTINGS` that ``config`` changes from the checkpoint's."""
+  return [
+    f'warning: resuming a run trained with {key}={meta[key]} with {key}={config[key]}: '
+    'the data order'
+    + (' and the schedule of epochs change' if key == 'batch_size' else ' changes')
+    + f' (--config.{key}={meta[key]} resumes it exactly).'
+    for key in _ORDER_SETTINGS
+    if key in meta and meta[key] != config[key]
+  ]
+
+
 def _resume_problem(config, meta: dict, saved, abstract, classes) -> str | None:
   """Why a checkpoint (its metadata and saved shapes) cannot resume ``config``, or None."""
   saved_model = meta.get('model')
@@ -354,6 +371,9 @@ def _restore(ckpt: checkpointing.Checkpoints, state: steps.TrainState, config, r
         f'The checkpoint in {ckpt.directory} {problem}: use another --workdir, or the config '
         'it was trained with.'
       )
+    if jax.process_index() == 0:
+      for line in _order_changes(config, ckpt.restore_meta(step)):
+        report(line)
     tree, _ = ckpt.restore(abstract, step=step)
     return tree
 
@@ -534,6 +554,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     'model': config.model.name,
     'classes': list(classes) if classes else None,
     **optimizer_meta(config),
+    **{key: config[key] for key in _ORDER_SETTINGS},
   }
   if start_step == 0 and (qat_enabled(config) or config.get('init_from')):  # Not resumed.
     try:
