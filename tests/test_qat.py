@@ -10,7 +10,7 @@ import pytest
 import qwix
 from helpers import checkpoint_params, restore_checkpoint, tiny_config
 
-from repvgg_jax.interop import convert, quantize
+from repvgg_jax.interop import checkpoint_io, convert, quantize
 from repvgg_jax.train import trainer
 
 QAT = {'qat.enabled': True, 'num_train_steps': 4, 'checkpoint_every_steps': 2}
@@ -88,6 +88,32 @@ def test_convert_quantize_keeps_the_ranges_qat_learned(fine_tuned, tmp_path):
   assert convert.main(['quantize', str(workdir), str(tmp_path / 'r'), '--recalibrate']) == 0
   meta = json.loads((tmp_path / 'r' / 'quantize.json').read_text())
   assert meta['calibration_batches'] == 8 and 'calibrated on 8' in meta['activations']
+  # The same ranges from the run's training checkpoint (it is fused already), and
+  # with the run's config given as a file.
+  config_file = tmp_path / 'run_config.py'
+  run_config = str(workdir / 'config.json')
+  config_file.write_text(
+    'import json, ml_collections\n'
+    'def get_config():\n'
+    f'  return ml_collections.ConfigDict(json.load(open({run_config!r})))\n'
+  )
+  sources = {
+    's': [str(workdir / 'checkpoints' / '4')],
+    'c': [str(workdir), '--config', str(config_file)],
+  }
+  for name, args in sources.items():
+    assert convert.main(['quantize', args[0], str(tmp_path / name), *args[1:]]) == 0
+    meta = json.loads((tmp_path / name / 'quantize.json').read_text())
+    assert meta['calibration_batches'] == 0 and meta['int8_top1'] == summary['eval_top1']
+
+
+def test_a_qat_training_checkpoint_reads_as_a_deploy_one(fine_tuned):
+  """Its params are fused and its batch_stats are activation ranges: nothing to fuse."""
+  workdir, _, _ = fine_tuned
+  variables, training, saved = checkpoint_io.fused_variables(workdir / 'checkpoints')
+  deploy, _ = restore_checkpoint(workdir / 'deploy')
+  assert training is None and sorted(variables) == ['params'] and saved['step'] == 4
+  jax.tree.map(np.testing.assert_array_equal, variables['params'], deploy['params'])
 
 
 @pytest.mark.parametrize(
@@ -97,6 +123,7 @@ def test_convert_quantize_keeps_the_ranges_qat_learned(fine_tuned, tmp_path):
     ({'model.bn_group_size': 8}, 'set model.bn_group_size=0'),
     ({'model.name': 'RepVGG-B1g2'}, 'QAT of grouped variants'),
     ({'freeze_stages': 2}, 'QAT fine-tunes the whole fused model, no stage frozen'),
+    ({'ema_decay': 0.5}, 'QAT keeps no moving average of the weights'),
     # conv_impl does not apply: QAT's quantized convolutions are XLA's.
     ({'steps_per_call': 2, 'model.conv_impl': 'im2col'}, r'steps_per_call=1 \(QAT convolves'),
     (

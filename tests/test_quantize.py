@@ -114,14 +114,19 @@ def test_convert_quantize_a_workdir_then_export_it(workdir, tmp_path, capsys):
 
 
 def test_convert_quantize_bad_input(workdir, tmp_path, capsys):
+  (tmp_path / 'no_get_config.py').write_text('import ml_collections\n')
+  (tmp_path / 'broken.py').write_text('def get_config(:\n')
   cases = [
-    (['--mode', 'fast'], "Unknown quantization mode 'fast'"),
-    (['--config', str(tmp_path / 'none.py')], 'No config file'),
+    (workdir, ['--mode', 'fast'], "Unknown quantization mode 'fast'"),
+    (workdir, ['--config', str(tmp_path / 'none.py')], 'No config file'),
+    (workdir, ['--config', str(tmp_path / 'no_get_config.py')], "has no attribute 'get_config'"),
+    (workdir, ['--config', str(tmp_path / 'broken.py')], 'does not load: SyntaxError'),
+    (tmp_path / 'typo', [], f'No checkpoint at {tmp_path / "typo"}'),
   ]
-  for extra, message in cases:
-    assert convert.main(['quantize', str(workdir), str(tmp_path / 'q'), *extra]) == 1
+  for source, extra, message in cases:
+    assert convert.main(['quantize', str(source), str(tmp_path / 'q'), *extra]) == 1
     err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
+    assert message in err and len(err.strip().splitlines()) == 1, err
   assert not (tmp_path / 'q').exists()
   # A checkpoint outside a workdir needs the config that names its dataset.
   lonely = tmp_path / 'deploy'

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pathlib
 
 from repvgg_jax.interop.torch_layout import ConversionError
-from repvgg_jax.model import fusion
+from repvgg_jax.model import fusion, trees
 from repvgg_jax.train import checkpointing
 
 
@@ -54,10 +54,20 @@ def fused_variables(path) -> tuple[dict, dict | None, dict]:
   checkpoint at ``path``: a training checkpoint is fused here, a deploy one is read
   as it is."""
   state, saved = restore(pathlib.Path(path))
-  if 'batch_stats' in state:
-    training = {k: state[k] for k in ('params', 'batch_stats')}
+  training = _training_variables(state)
+  if training is not None:
     return fusion.fuse_params(training), training, saved
   return {'params': state['params']}, None, saved
+
+
+def _training_variables(state: dict) -> dict | None:
+  """The multi-branch variables of a checkpoint's ``state``, or None where its params
+  are fused already: a deploy checkpoint, or a quantization-aware run's training one
+  (its ``batch_stats`` are the activation ranges it learns, not BatchNorm's)."""
+  unfused, fused = trees.find_blocks(state['params'])
+  if 'batch_stats' not in state or (fused and not unfused):
+    return None
+  return {k: state[k] for k in ('params', 'batch_stats')}
 
 
 def deploy_variables(path: pathlib.Path, model: str | None):
@@ -67,8 +77,8 @@ def deploy_variables(path: pathlib.Path, model: str | None):
   name = model or saved.get('model') or fusion.identify_variant(state['params'])
   if name is None:
     raise ConversionError(f'{path} does not say which variant it holds: give it with --model.')
-  if 'batch_stats' in state:
-    training = {k: state[k] for k in ('params', 'batch_stats')}
+  training = _training_variables(state)
+  if training is not None:
     return name, fusion.fuse_params(training, model=name), training, saved
   if not fusion.has_shapes_of(state['params'], name):
     looks_like = fusion.identify_variant(state['params'])

@@ -242,24 +242,36 @@ def load_int8(path):
 
 
 def training_config(source: pathlib.Path, config_file=None):
-  """``(config, workdir)`` of a checkpoint: ``config_file`` (a config .py; no
-  workdir), else the ``config.json`` of the workdir that ``source`` is or lies
-  in (up to two levels up)."""
-  if config_file is not None:
-    spec = importlib.util.spec_from_file_location('quantize_config', config_file)
-    if spec is None or not pathlib.Path(config_file).is_file():
-      raise QuantizationError(f'No config file {config_file}.')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(), None
+  """``(config, workdir)`` of a checkpoint: ``config_file`` (a config .py) or else the
+  ``config.json`` of the training workdir that ``source`` is or lies in (up to two
+  levels up), and that workdir (None outside one)."""
+  if not source.exists():
+    raise QuantizationError(f'No checkpoint at {source}.')
   run = run_files.training_run(source)
+  workdir = None if run is None else run[0]
+  if config_file is not None:
+    return _load_config(pathlib.Path(config_file)), workdir
   if run is not None:
-    workdir, config = run
-    return ml_collections.ConfigDict(config), workdir
+    return ml_collections.ConfigDict(run[1]), workdir
   raise QuantizationError(
     f'{source} lies in no training workdir (no config.json): give the training config that '
     'names its dataset with --config, e.g. --config configs/digits.py.'
   )
+
+
+def _load_config(path: pathlib.Path):
+  """``get_config()`` of the config file at ``path``; a broken one fails in one line."""
+  spec = importlib.util.spec_from_file_location('quantize_config', path)
+  if spec is None or not path.is_file():
+    raise QuantizationError(f'No config file {path}.')
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    return module.get_config()
+  except Exception as error:  # Whatever the file does wrong, said in one line.
+    raise QuantizationError(
+      f'The config file {path} does not load: {type(error).__name__}: {error}.'
+    ) from None
 
 
 def evaluate(config, forward: Mapping[str, Any]) -> dict[str, Any]:
@@ -334,17 +346,18 @@ def _check_architecture(deploy_model, variables, config, source) -> None:
     )
 
 
-def learned_ranges(config, workdir, step):
-  """The activation ranges a QAT run (``config.qat.enabled``) learned by ``step``:
-  its training checkpoint's ``batch_stats``; None for other runs, or where that
-  checkpoint is not the one the deploy checkpoint was saved from."""
-  if workdir is None or not config.get('qat', {}).get('enabled'):
+def learned_ranges(workdir, step):
+  """The activation ranges that the quantization-aware run in ``workdir`` (its
+  config.json says ``qat.enabled``) learned by ``step``: the ``batch_stats`` of its
+  training checkpoint of that step. None for other runs, or where that step is gone."""
+  run_config = None if workdir is None else run_files.read_config(workdir)
+  if step is None or not (run_config or {}).get('qat', {}).get('enabled'):
     return None
   try:
-    state, saved = checkpoint_io.restore(workdir / 'checkpoints')
+    state, _ = checkpoint_io.restore(workdir / 'checkpoints' / str(step))
   except (FileNotFoundError, ValueError):
     return None
-  return state.get('batch_stats') if saved.get('step') == step else None
+  return state.get('batch_stats')
 
 
 def _how(mode: str, calibrated: int, learned: bool, step) -> dict:
@@ -392,7 +405,7 @@ def quantize_checkpoint(
   deploy_model = model_from_config(config, deploy=True, dtype='float32')
   _check_architecture(deploy_model, variables, config, source)
   image_size = config.dataset.image_size
-  ranges = None if recalibrate else learned_ranges(config, workdir, saved.get('step'))
+  ranges = None if recalibrate else learned_ranges(workdir, saved.get('step'))
   qvariables, results = quantize_and_evaluate(
     config, variables, mode, calibration_batches=calibration_batches, ranges=ranges
   )

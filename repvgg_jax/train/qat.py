@@ -72,6 +72,11 @@ def check_config(config, variant) -> str | None:
     return 'QAT trains the deploy model, which has no BatchNorm: set model.bn_group_size=0.'
   if config.get('freeze_stages', 0):
     return 'QAT fine-tunes the whole fused model, no stage frozen: set freeze_stages=0.'
+  if config.get('ema_decay', 0.0):
+    return (
+      'QAT keeps no moving average of the weights (its activation ranges are counts and '
+      'sums, not weights to average): set ema_decay=0.'
+    )
   if variant.groups > 1:
     return (
       f'QAT of grouped variants ({variant.name}) is not supported: the quantized convolution '
