@@ -363,16 +363,16 @@ def _restore(ckpt: checkpointing.Checkpoints, state: steps.TrainState, config, r
   )
 
   def read(step: int):
-    problem = _resume_problem(
-      config, ckpt.restore_meta(step), ckpt.abstract_state(step), abstract, classes
-    )
+    # Every process reads as many times: orbax's reads wait for all of them.
+    meta = ckpt.restore_meta(step)
+    problem = _resume_problem(config, meta, ckpt.abstract_state(step), abstract, classes)
     if problem:
       raise checkpointing.CheckpointMismatch(
         f'The checkpoint in {ckpt.directory} {problem}: use another --workdir, or the config '
         'it was trained with.'
       )
     if jax.process_index() == 0:
-      for line in _order_changes(config, ckpt.restore_meta(step)):
+      for line in _order_changes(config, meta):
         report(line)
     tree, _ = ckpt.restore(abstract, step=step)
     return tree
