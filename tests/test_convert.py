@@ -45,9 +45,26 @@ def test_import_writes_a_verified_checkpoint(tmp_path, a0_state_dict, suffix, ca
   assert_same_tree(variables, torch_layout.from_torch(a0_state_dict)[0])
 
 
-def test_containers_and_module_prefixes_are_unwrapped(a0_state_dict):
-  wrapped = {'epoch': 3, 'state_dict': {f'module.{k}': v for k, v in a0_state_dict.items()}}
-  assert convert._unwrap(wrapped).keys() == a0_state_dict.keys()
+def test_containers_and_module_prefixes_are_unwrapped(a0_state_dict, tmp_path):
+  prefixed = {f'module.{k}': v for k, v in a0_state_dict.items()}
+  for wrapped in ({'epoch': 3, 'state_dict': prefixed}, {'model': {'state_dict': prefixed}}):
+    assert convert._unwrap(wrapped, tmp_path / 'w.pth').keys() == a0_state_dict.keys()
+  with pytest.raises(torch_layout.ConversionError, match=r"no arrays .* keys: \['epoch', 'sta"):
+    convert._unwrap({'state_dict_ema': prefixed, 'epoch': 3}, tmp_path / 'w.pth')
+  with pytest.raises(torch_layout.ConversionError, match='holds a list, not a state dict'):
+    convert._unwrap([prefixed], tmp_path / 'w.pth')
+
+
+def test_bfloat16_safetensors_import_and_verify(tmp_path, a0_state_dict, capsys):
+  import ml_dtypes
+  from safetensors.numpy import save_file
+
+  path = tmp_path / 'bf16.safetensors'
+  save_file({k: np.asarray(v).astype(ml_dtypes.bfloat16) for k, v in a0_state_dict.items()}, path)
+  assert convert.main(['import', str(path), str(tmp_path / 'out'), '--model', 'a0']) == 0
+  _, meta = restore(tmp_path / 'out')
+  assert meta['model'] == 'RepVGG-A0'  # As the library names it, however it was typed.
+  assert meta['verify']['max_relative_logit_difference'] <= 1e-5  # Both in bf16's values.
 
 
 def test_truncated_file(tmp_path, a0_state_dict):
@@ -84,6 +101,20 @@ def test_pth_without_torch_says_what_to_do(tmp_path):
   (tmp_path / 'w.pth').write_bytes(b'not read')
   with pytest.raises(torch_layout.ConversionError, match='needs PyTorch'):
     convert.load_state_dict(tmp_path / 'w.pth')
+
+
+@pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='torch is not installed')
+def test_a_pth_that_is_no_state_dict_or_no_torch_file_is_named(tmp_path):
+  import torch
+
+  torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
+  with pytest.raises(torch_layout.ConversionError, match='tensor.pth holds a Tensor, not a state'):
+    convert.load_state_dict(tmp_path / 'tensor.pth')
+  (tmp_path / 'page.pth').write_text('<html>Not Found</html>')
+  with pytest.raises(
+    torch_layout.ConversionError, match=r"not a PyTorch file \(it starts with b'<h'"
+  ):
+    convert.load_state_dict(tmp_path / 'page.pth')
 
 
 @pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='torch is not installed')

@@ -70,6 +70,24 @@ def test_weights_into_a_backbone_give_the_classifiers_stage_outputs(a0_weights):
     assert relative_error(actual, wanted) <= 1e-6
 
 
+def test_a_backbone_cut_short_loads_into_one_cut_as_short(tmp_path):
+  """Weights of A0's stages 0-3 alone are of no known variant: the model checks them."""
+  full = repvgg_jax.create_model('A0', num_classes=0)
+  variables = random_variables(full, IMAGES, seed=4)
+  short = {
+    name: {k: v for k, v in tree.items() if not k.startswith('stage4')}
+    for name, tree in variables.items()
+  }
+  np.savez(tmp_path / 'short.npz', **torch_layout.to_torch(short))
+  backbone = repvgg_jax.create_model('A0', num_classes=0, out_indices=(0, 1, 2, 3))
+  loaded = load_pretrained(init(backbone), tmp_path / 'short.npz')
+  x = jax.random.normal(jax.random.key(1), IMAGES)
+  for actual, wanted in zip(backbone.apply(loaded, x), full.apply(variables, x)[:4], strict=True):
+    assert relative_error(actual, wanted) <= 1e-6
+  with pytest.raises(ConversionError, match='do not fit the RepVGG at the top of the tree: missing'):
+    load_pretrained(init(full), tmp_path / 'short.npz')
+
+
 def test_weights_into_a_named_subtree_training_time_and_fused(a0_weights):
   path, source = a0_weights
   x = jax.random.normal(jax.random.key(2), IMAGES)
@@ -190,7 +208,7 @@ def test_a_hub_reference_not_cached_offline_says_what_to_download(tmp_path, monk
   assert '\n' not in message
   assert f'hf download {HUB_REPO} model.safetensors' in message
   assert 'models--timm--repvgg_a0.rvgg_in1k' in message and str(tmp_path / 'empty') in message
-  for malformed in ('hf-hub:repvgg_a0', f'hf-hub:{HUB_REPO}@'):
+  for malformed in ('hf-hub:repvgg_a0', f'hf-hub:{HUB_REPO}@', 'hf-hub:timm/repvgg a0'):
     with pytest.raises(ConversionError, match='write hf-hub:ORG/NAME'):
       repvgg_jax.create_model('A0', pretrained=malformed)
   with pytest.raises(ConversionError, match='model.safetensors --revision v2`'):

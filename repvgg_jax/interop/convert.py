@@ -63,6 +63,8 @@ def _read_file(path: pathlib.Path) -> Mapping[str, Any]:
           f'Reading {path.name} needs PyTorch (pip install torch); or save the state dict '
           'as .safetensors or .npz, which need no torch.'
         ) from None
+      if (why := _not_torch_file(path)) is not None:
+        raise ConversionError(f'Cannot read {path}: it is not a PyTorch file ({why}).')
       return torch.load(path, map_location='cpu', weights_only=True)
   except ConversionError:
     raise
@@ -83,14 +85,25 @@ def _read_reason(error: Exception) -> str:
   text = ' '.join(str(error).split())
   if 'weights_only' in text or 'Weights only load failed' in text:
     return 'PyTorch found no state dict it can load without running code'
-  return text[:200] or type(error).__name__
+  return text[:200] if len(text) > 8 else f'{type(error).__name__}: {text}'
 
 
-def _unwrap(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """The state dict inside training-script containers, without ``module.`` prefixes."""
-  for key in WRAPPER_KEYS:
-    while isinstance(tree.get(key), Mapping):
-      tree = tree[key]
+def _not_torch_file(path: pathlib.Path) -> str | None:
+  """Why ``path`` cannot be a torch.save file (a zip archive, or a pickle), or None."""
+  with open(path, 'rb') as f:
+    head = f.read(2)
+  if head == b'PK' or head[:1] == b'\x80':
+    return None
+  return f'it starts with {head!r}, as neither a zip archive nor a pickle does'
+
+
+def _unwrap(tree: Any, path: pathlib.Path) -> dict[str, np.ndarray]:
+  """The state dict inside training-script containers (`WRAPPER_KEYS`, nested in any
+  order), without ``module.`` prefixes; floats other than float16/32/64 as float32."""
+  if not isinstance(tree, Mapping):
+    raise ConversionError(f'{path} holds a {type(tree).__name__}, not a state dict.')
+  while inner := next((tree[k] for k in WRAPPER_KEYS if isinstance(tree.get(k), Mapping)), None):
+    tree = inner
   out = {}
   for key, value in tree.items():
     if not hasattr(value, 'shape'):
@@ -99,7 +112,16 @@ def _unwrap(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
     if hasattr(value, 'numpy'):  # A torch tensor; numpy has no bfloat16.
       value = value.float() if value.is_floating_point() else value
       value = value.numpy()
-    out[key] = np.asarray(value)
+    value = np.asarray(value)
+    if value.dtype.kind == 'V' or value.dtype.name == 'bfloat16':  # safetensors' bfloat16.
+      value = value.astype(np.float32)
+    out[key] = value
+  if not out:
+    raise ConversionError(
+      f'{path} holds no arrays at its top level or inside {"/".join(WRAPPER_KEYS)}; its keys: '
+      f'{sorted(map(str, tree))[:10]}. Save the state dict itself (an EMA copy under another '
+      'key: save that one).'
+    )
   return out
 
 
@@ -115,7 +137,7 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   path = hub.resolve(path)
   if not path.is_file():
     raise FileNotFoundError(f'No weight file at {path}.')
-  return _unwrap(_read_file(path))
+  return _unwrap(_read_file(path), path)
 
 
 def _outputs(model, variables, images) -> np.ndarray:
@@ -181,7 +203,9 @@ def _source_outputs(state_dict, info, images) -> tuple[np.ndarray, str]:
     from repvgg_jax.interop import torch_reference
   except ImportError:
     if info['num_classes'] == 0:
-      raise ConversionError('Verifying a backbone without classifier needs torch.') from None
+      raise ConversionError(
+        'Verifying a backbone without classifier needs torch: install it, or pass --no-verify.'
+      ) from None
     nchw = np.asarray(images).transpose(0, 3, 1, 2)
     reference = torch_layout.to_reference_keys(state_dict)
     outputs, source = torch_layout.reference_forward(reference, nchw), 'lax (torch not installed)'

@@ -35,10 +35,19 @@ def resolve(source: str | os.PathLike) -> pathlib.Path:
   if not is_reference(source):
     return pathlib.Path(source)
   repo, at, revision = source[len(PREFIX) :].partition('@')
+  malformed = ConversionError(
+    f'{source!r} is not a hub reference: write hf-hub:ORG/NAME[@REVISION].'
+  )
   if repo.count('/') != 1 or not all(repo.split('/')) or (at and not revision):
-    raise ConversionError(f'{source!r} is not a hub reference: write hf-hub:ORG/NAME[@REVISION].')
+    raise malformed
   from huggingface_hub import errors as hub_errors
   from huggingface_hub import hf_hub_download
+  from huggingface_hub.utils import validate_repo_id
+
+  try:
+    validate_repo_id(repo)  # The hub's own rules (characters, '--', '..').
+  except hub_errors.HFValidationError:
+    raise malformed from None
 
   offline = os.environ.get('HF_HUB_OFFLINE', '').upper() in _TRUE
   cache = os.environ.get('HF_HUB_CACHE') or None

@@ -37,7 +37,8 @@ def read_weights(source: str | pathlib.Path) -> dict:
   """
   path = hub.resolve(source)
   if path.is_file():
-    variables, _ = torch_layout.from_torch(convert.load_state_dict(path))
+    # Checked against the model they are loaded into, which may take a backbone cut short.
+    variables, _ = torch_layout.from_torch(convert.load_state_dict(path), named=False)
     return variables
   if not path.is_dir():
     raise FileNotFoundError(f'No weights at {path}: give a weight file or a checkpoint directory.')

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from repvgg_jax.model import create_model, fusion
+from repvgg_jax.model import create_model, fusion, variants
 
 BRANCH_NAMES = {  # Reference branch -> this project's branch.
   'rbr_dense': 'conv3x3',
@@ -141,13 +141,18 @@ def _ignored(key: str) -> bool:
   return key.endswith('num_batches_tracked')
 
 
-def from_torch(state_dict: Mapping[str, Any], model: str | None = None) -> tuple[dict, dict]:
+def from_torch(
+  state_dict: Mapping[str, Any], model: str | None = None, *, named: bool = True
+) -> tuple[dict, dict]:
   """Converts a PyTorch state dict (training-time or deploy, either key style) to Flax variables.
 
   Args:
     state_dict: key -> array (numpy, or anything ``np.asarray`` takes), in the
       reference's or timm's key style (told apart by the keys).
     model: the variant; when None it is recognised from the shapes.
+    named: whether the weights must be of a known variant (``model``, or the one
+      recognised). Else, weights of none (a backbone cut short) come back with
+      ``info['model']`` None and unchecked: the model they are loaded into checks.
 
   Returns:
     ``(variables, info)``: ``{'params'[, 'batch_stats']}`` for
@@ -178,8 +183,8 @@ def from_torch(state_dict: Mapping[str, Any], model: str | None = None) -> tuple
       'implementation or of timm.'
     )
   looks_like = fusion.identify_variant(variables['params'])
-  name = model or looks_like
-  if name is None:
+  name = variants.get_variant(model).name if model else looks_like
+  if name is None and named:
     missing = fusion.missing_blocks(variables['params'])
     raise ConversionError(
       'The checkpoint matches no known variant (blocks per stage, widths and groups)'
@@ -197,7 +202,8 @@ def from_torch(state_dict: Mapping[str, Any], model: str | None = None) -> tuple
     'looks_like': looks_like,
     'key_style': style,
   }
-  _check_against_model(variables, info, unexpected)
+  if name is not None:
+    _check_against_model(variables, info, unexpected)
   return variables, info
 
 
