@@ -90,6 +90,8 @@ def _from_checkpoint(
 
 
 def _from_export(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
+  import jax
+
   from repvgg_jax.interop import export
 
   meta = json.loads((path / export.META_FILE).read_text())
@@ -99,6 +101,14 @@ def _from_export(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
     )
   if not meta.get('num_classes'):
     raise PredictError(f'{path} holds a backbone without a classifier: nothing to predict.')
+  backend = jax.default_backend()
+  here = {'cuda', 'rocm'} if backend == 'gpu' else {backend}
+  platforms = meta.get('platforms') or []
+  if platforms and not here & set(platforms):
+    raise PredictError(
+      f'{path} was exported for {",".join(platforms)}, and this machine runs {backend}: '
+      f'predict where it runs, or export again with --platforms {backend}.'
+    )
   return export.load_jax_export(path), meta.get('model', '?'), meta, int(meta['num_classes'])
 
 
@@ -148,6 +158,8 @@ def preprocess(paths: Sequence[str | pathlib.Path], image_size: int, method: str
   images = []
   for path in paths:
     path = pathlib.Path(path)
+    if path.is_dir():
+      raise PredictError(f'{path} is a directory: give its images, e.g. {path}/*.jpg.')
     problem = 'does not exist' if not path.is_file() else folder.check_file(path)
     if problem:
       raise PredictError(f'{path} {problem}.')

@@ -344,6 +344,38 @@ def test_unknown_model_and_bad_sizes_are_refused(capsys):
   assert "unknown layout(s) ['nhwc']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+  ('args', 'message'),
+  [
+    (['layers', '--dtype', 'bfloat16'], 'unrecognized arguments: --dtype bfloat16'),
+    (['train', '--num-classes', '0'], '--num-classes and --steps-per-call must be positive'),
+    (['train', '--steps-per-call', '0'], '--num-classes and --steps-per-call must be positive'),
+    (['train', '--bn-group-size', '-5'], '--bn-group-size >= 0'),
+    (['train', '--batch', '4', '--bn-group-size', '3'], 'does not split into BatchNorm groups'),
+    (['suite', '--runs', '0', '--models', 'A0'], '--figure-size and --figure-batch must be'),
+    (['suite', '--figure-batch', '0', '--models', 'A0'], '--figure-size and --figure-batch'),
+    (['--json', '/nonexistent/dir/rows.jsonl'], '--json /nonexistent/dir/rows.jsonl: no dir'),
+    (  # XLA's convolutions in a multi-step call on a CPU, refused as the trainer does.
+      ['train', '--batch', '1', '--size', '224', '--steps-per-call', '2', '--no-torch'],
+      'use --steps-per-call 1 or --conv-impl im2col',
+    ),
+  ],
+)
+def test_settings_that_cannot_run_are_refused_in_one_line(args, message, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    bench.main(args)
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err and err.startswith('usage: python -m repvgg_jax.bench'), err
+
+
+@pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='needs torch')
+def test_pytorch_is_compared_in_float32_only(capsys):
+  with pytest.raises(SystemExit):
+    bench.main(['--dtype', 'bfloat16', '--torch'])
+  assert 'the PyTorch reference runs float32 only, not bfloat16' in capsys.readouterr().err
+
+
 def test_help_lists_the_subcommands(capsys):
   with pytest.raises(SystemExit) as exit_:
     bench.main(['--help'])

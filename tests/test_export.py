@@ -201,3 +201,7 @@ def test_an_artifact_for_another_backend_is_written_and_left_unverified(
   why = 'lowered for cuda; this machine runs it on cpu: load it where it runs'
   assert meta['not_verified'] == {'jax': why}
   assert 'Not verified, jax: lowered for cuda' in capsys.readouterr().out
+  from repvgg_jax import predict
+
+  with pytest.raises(predict.PredictError, match='exported for cuda, and this machine runs cpu'):
+    predict.load(out)

@@ -281,6 +281,7 @@ def test_predict_names_what_it_cannot_use(fine_tuned, images, tmp_path, capsys):
     ([str(tmp_path / 'nothing'), good], 'No checkpoint, workdir or export at'),
     ([str(fine_tuned), str(tmp_path / 'missing.png')], 'missing.png does not exist'),
     ([str(fine_tuned), str(text)], 'notes.png is neither a JPEG nor a PNG'),
+    ([str(fine_tuned), str(images / 'val')], 'val is a directory: give its images, e.g.'),
   ]
   for argv, message in cases:
     assert predict.main(argv) == 1

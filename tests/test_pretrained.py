@@ -84,7 +84,9 @@ def test_a_backbone_cut_short_loads_into_one_cut_as_short(tmp_path):
   x = jax.random.normal(jax.random.key(1), IMAGES)
   for actual, wanted in zip(backbone.apply(loaded, x), full.apply(variables, x)[:4], strict=True):
     assert relative_error(actual, wanted) <= 1e-6
-  with pytest.raises(ConversionError, match='do not fit the RepVGG at the top of the tree: missing'):
+  with pytest.raises(
+    ConversionError, match='do not fit the RepVGG at the top of the tree: missing'
+  ):
     load_pretrained(init(full), tmp_path / 'short.npz')
 
 

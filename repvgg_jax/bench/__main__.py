@@ -2,6 +2,10 @@
 
 import sys
 
-from repvgg_jax.bench import cli
+from repvgg_jax.startup import quiet_startup
+
+quiet_startup()  # Before TensorFlow loads (with `cli`), as train.py does.
+
+from repvgg_jax.bench import cli  # noqa: E402
 
 sys.exit(cli.main())

@@ -32,7 +32,12 @@ from repvgg_jax.bench import deploy as bench_deploy
 from repvgg_jax.bench import input as bench_input
 from repvgg_jax.bench import report as bench_report
 from repvgg_jax.bench import timing
-from repvgg_jax.bench.models import TORCH_LAYOUTS, benchmark, benchmark_train_step
+from repvgg_jax.bench.models import (
+  TORCH_LAYOUTS,
+  SettingsError,
+  benchmark,
+  benchmark_train_step,
+)
 from repvgg_jax.bench.timing import benchmark_layers, machine, peak_of
 from repvgg_jax.model import network, variants
 from repvgg_jax.perf import CONV_IMPLS, host_memory
@@ -217,20 +222,23 @@ def _add_torch_flag(parser, what: str) -> None:
   )
 
 
-def _add_common(parser, batch: int, size: int) -> None:
+def _add_common(parser, batch: int, size: int, *, whole_model: bool = True) -> None:
+  """The flags of ``infer``, ``train`` and (without those of a ``whole_model``:
+  dtype, convolutions, PyTorch) ``layers``."""
   parser.add_argument('--model', default='A0', help='variant name (see --list)')
   parser.add_argument('--batch', type=int, default=batch, help='images per batch')
   parser.add_argument('--size', type=int, default=size, help='image height and width')
   parser.add_argument('--runs', type=int, default=5, help='timed runs of each function')
   parser.add_argument('--warmup', type=int, default=2, help='untimed runs after compiling')
-  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-  parser.add_argument(
-    '--conv-impl',
-    default='auto',
-    choices=CONV_IMPLS,
-    help='convolution implementation (auto: per layer, by backend and feature-map size)',
-  )
-  _add_torch_flag(parser, 'also time the same network in PyTorch')
+  if whole_model:
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+    parser.add_argument(
+      '--conv-impl',
+      default='auto',
+      choices=CONV_IMPLS,
+      help='convolution implementation (auto: per layer, by backend and feature-map size)',
+    )
+    _add_torch_flag(parser, 'also time the same network in PyTorch (float32 only)')
   parser.add_argument('--json', help='append the result as JSON lines to this file')
   _add_host_memory(parser)
 
@@ -265,7 +273,9 @@ def _add_deploy_commands(sub) -> None:
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-    description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    prog='python -m repvgg_jax.bench',
+    description=__doc__.split('\n')[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   parser.add_argument('--list', action='store_true', help='list the variants and exit')
   sub = parser.add_subparsers(dest='command')
@@ -304,7 +314,7 @@ def _parser() -> argparse.ArgumentParser:
   roof.add_argument('--json', help='append the result as JSON lines to this file')
   _add_host_memory(roof)
   layers = sub.add_parser('layers', help="per-layer XLA, im2col and Winograd, and 'auto's choice")
-  _add_common(layers, 32, 224)
+  _add_common(layers, 32, 224, whole_model=False)  # Float32, every implementation.
   layers.add_argument('--train', action='store_true', help='time forward and backward')
   _add_deploy_commands(sub)
   suite = sub.add_parser('suite', help='everything, as JSON lines, markdown and Figure 1')
@@ -331,13 +341,16 @@ def main(argv=None) -> int:
   if args.list:
     print('\n'.join(variants.list_models()))
     return 0
+  _check_json(parser, getattr(args, 'json', None))
   if args.reuse_host_memory and not host_memory.reuse_freed_memory():
     print('--reuse-host-memory: not applied (glibc on a CPU-only run only).', file=sys.stderr)
   if args.command == 'suite':
     names = variants.list_models('repvgg') if args.models == 'all' else args.models.split(',')
     for name in names:
       _check_model(parser, name)
-    with_torch = _with_torch(parser, args.torch, names)
+    if min(args.runs, args.figure_size, 1 if args.figure_batch is None else args.figure_batch) < 1:
+      parser.error('--runs, --figure-size and --figure-batch must be positive.')
+    with_torch = _with_torch(parser, args.torch)  # Figure 1's models run in JAX only.
     run_suite(
       args.out, args.runs, args.warmup, args.figure_batch, args.figure_size, names, with_torch
     )
@@ -360,6 +373,12 @@ def main(argv=None) -> int:
       jsonfiles.append_jsonl(args.json, row)
     return 0
   with_torch = _with_torch(parser, args.torch, [args.model])
+  if args.dtype != 'float32' and with_torch:
+    if args.torch:
+      parser.error(f'--torch: the PyTorch reference runs float32 only, not {args.dtype}.')
+    with_torch = False  # Not compared with float32 PyTorch unasked.
+  if args.command == 'train':
+    with_torch = _check_train(parser, args, with_torch)
   if args.command == 'train' and args.freeze_stages:
     if not 0 < args.freeze_stages <= network.NUM_STAGES:
       parser.error(f'--freeze-stages must be from 0 to {network.NUM_STAGES}.')
@@ -368,18 +387,21 @@ def main(argv=None) -> int:
     with_torch = False
   common = dict(runs=args.runs, warmup=args.warmup, dtype=args.dtype, conv_impl=args.conv_impl)
   if args.command == 'train':
-    row = benchmark_train_step(
-      args.model,
-      args.batch,
-      args.size,
-      num_classes=args.num_classes,
-      bn_group_size=args.bn_group_size,
-      with_torch=with_torch,
-      torch_layouts=args.torch_layouts,
-      steps_per_call=args.steps_per_call,
-      freeze_stages=args.freeze_stages,
-      **common,
-    )
+    try:
+      row = benchmark_train_step(
+        args.model,
+        args.batch,
+        args.size,
+        num_classes=args.num_classes,
+        bn_group_size=args.bn_group_size,
+        with_torch=with_torch,
+        torch_layouts=args.torch_layouts,
+        steps_per_call=args.steps_per_call,
+        freeze_stages=args.freeze_stages,
+        **common,
+      )
+    except SettingsError as error:
+      parser.error(str(error))
     _emit(row, bench_report.format_train(row), args.json)
   else:
     row = benchmark(
@@ -392,6 +414,32 @@ def main(argv=None) -> int:
     )
     _emit(row, bench_report.format_infer(row), args.json)
   return 0
+
+
+def _check_train(parser, args, with_torch: bool) -> bool:
+  """Refuses ``train`` settings that cannot run; returns whether PyTorch still runs
+  (its channels-last training step crashes on CPUs at large images: left out)."""
+  if args.num_classes < 1 or args.steps_per_call < 1 or args.bn_group_size < 0:
+    parser.error('--num-classes and --steps-per-call must be positive, --bn-group-size >= 0.')
+  if args.bn_group_size and args.batch % args.bn_group_size:
+    parser.error(
+      f'--batch {args.batch} does not split into BatchNorm groups of {args.bn_group_size}.'
+    )
+  if with_torch and jax.default_backend() == 'cpu' and args.size > 32:
+    if 'channels_last' in args.torch_layouts:
+      print(
+        "PyTorch's channels-last training step crashes on CPUs at large images "
+        f'(seen at 224): timed in NCHW only at {args.size}.',
+        file=sys.stderr,
+      )
+    args.torch_layouts = tuple(layout for layout in args.torch_layouts if layout == 'nchw')
+  return with_torch and bool(args.torch_layouts)
+
+
+def _check_json(parser, path) -> None:
+  """A ``--json`` file goes into a directory that exists (else the figures are lost)."""
+  if path and not pathlib.Path(path).absolute().parent.is_dir():
+    parser.error(f'--json {path}: no directory {pathlib.Path(path).absolute().parent}.')
 
 
 def _run_deployment_bench(parser, args) -> int:

@@ -24,6 +24,10 @@ from repvgg_jax.train import optim
 TORCH_LAYOUTS = ('nchw', 'channels_last')
 
 
+class SettingsError(ValueError):
+  """Settings a benchmark cannot run with; the message says the fix."""
+
+
 def randomized_variables(model, images, seed: int = 0):
   """Initialised variables with random BatchNorm statistics, as a trained model has.
 
@@ -290,12 +294,15 @@ def benchmark_train_step(
   )
   replicated = NamedSharding(mesh, P())
   variables = model.clone(conv=nn.Conv).init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  xla_cpu.check_steps_per_call(
-    conv_impl,
-    fusion.block_layers(variables['params'], size),
-    steps_per_call,
-    'use --steps-per-call 1 or --conv-impl im2col',
-  )
+  try:
+    xla_cpu.check_steps_per_call(
+      conv_impl,
+      fusion.block_layers(variables['params'], size),
+      steps_per_call,
+      'use --steps-per-call 1 or --conv-impl im2col',
+    )
+  except ValueError as error:
+    raise SettingsError(str(error)) from None
   state = jax.device_put(
     steps.TrainState.create(
       apply_fn=model.apply,
