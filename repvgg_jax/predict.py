@@ -101,13 +101,14 @@ def _from_export(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
     )
   if not meta.get('num_classes'):
     raise PredictError(f'{path} holds a backbone without a classifier: nothing to predict.')
-  backend = jax.default_backend()
-  here = {'cuda', 'rocm'} if backend == 'gpu' else {backend}
+  here = jax.export.default_export_platform()  # cpu, cuda, rocm or tpu.
   platforms = meta.get('platforms') or []
-  if platforms and not here & set(platforms):
+  # Older exports recorded JAX's backend name, 'gpu' for cuda and rocm alike.
+  runs_here = here in platforms or ('gpu' in platforms and here in ('cuda', 'rocm'))
+  if platforms and not runs_here:
     raise PredictError(
-      f'{path} was exported for {",".join(platforms)}, and this machine runs {backend}: '
-      f'predict where it runs, or export again with --platforms {backend}.'
+      f'{path} was exported for {",".join(platforms)}, and this machine runs {here}: '
+      f'predict where it runs, or export again with --platforms {here}.'
     )
   return export.load_jax_export(path), meta.get('model', '?'), meta, int(meta['num_classes'])
 

@@ -374,6 +374,9 @@ def test_pytorch_is_compared_in_float32_only(capsys):
   with pytest.raises(SystemExit):
     bench.main(['--dtype', 'bfloat16', '--torch'])
   assert 'the PyTorch reference runs float32 only, not bfloat16' in capsys.readouterr().err
+  with pytest.raises(SystemExit):  # It crashes the process on CPUs at 224.
+    bench.main(['train', '--size', '224', '--torch', '--torch-layouts', 'channels_last'])
+  assert 'use --torch-layouts nchw at 224' in capsys.readouterr().err
 
 
 def test_help_lists_the_subcommands(capsys):

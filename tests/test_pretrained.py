@@ -88,6 +88,9 @@ def test_a_backbone_cut_short_loads_into_one_cut_as_short(tmp_path):
     ConversionError, match='do not fit the RepVGG at the top of the tree: missing'
   ):
     load_pretrained(init(full), tmp_path / 'short.npz')
+  np.savez(tmp_path / 'neck.npz', **torch_layout.to_torch(short), **{'neck.conv.weight': x})
+  with pytest.raises(ConversionError, match=r"keys of no RepVGG layer: \['neck.conv.weight'\]"):
+    load_pretrained(init(backbone), tmp_path / 'neck.npz')
 
 
 def test_weights_into_a_named_subtree_training_time_and_fused(a0_weights):

@@ -587,9 +587,9 @@ def test_workdir_of_another_model_is_refused(tmp_path, digits_dir, two_steps, ca
 def test_a_failed_evaluation_keeps_its_checkpoint_and_is_redone_on_resume(
   tmp_path, digits_dir, monkeypatch
 ):
-  """Evaluations at steps 2 and 4. The first run fails at step 2's, after its
-  checkpoint; the second redoes it and fails at step 4's, the last; the third
-  evaluates step 4 and takes the training rate from the metrics."""
+  """Evaluations at steps 2, 4 and 6. The first run fails at step 2's, after its
+  checkpoint; the second redoes it and fails at step 6's, the last; the third
+  evaluates step 6 and reports the training rate that the second one measured."""
   evaluate, calls = trainer.evaluate, []
 
   def fail_after(successes):
@@ -602,22 +602,22 @@ def test_a_failed_evaluation_keeps_its_checkpoint_and_is_redone_on_resume(
     return evaluate_or_fail
 
   per_epoch = data.steps_per_epoch(tiny_config(digits_dir).dataset, 16)
-  config = tiny_config(digits_dir, num_train_steps=4, eval_every_epochs=2 / per_epoch)
-  for successes in (0, 1):
+  config = tiny_config(digits_dir, num_train_steps=6, eval_every_epochs=2 / per_epoch)
+  for successes, failed_at in ((0, 2), (2, 6)):
     calls.clear()
     with monkeypatch.context() as patched:
       patched.setattr(trainer, 'evaluate', fail_after(successes))
       with pytest.raises(RuntimeError, match='damaged'):
         trainer.train_and_evaluate(config, tmp_path)
     ckpt = checkpointing.Checkpoints(tmp_path / 'checkpoints', read_only=True)
-    assert ckpt.latest_step() == 2 * (successes + 1)
+    assert ckpt.latest_step() == failed_at
     ckpt.close()
   summary = trainer.train_and_evaluate(config, tmp_path)
   records = jsonfiles.read_jsonl(tmp_path / 'metrics.jsonl')
-  assert [r['step'] for r in records if 'eval/top1' in r] == [2, 4]
-  # The logged intervals but the first: here the one of steps 3 and 4.
-  rates = [r['train/images_per_sec'] for r in records if 'train/images_per_sec' in r]
-  assert summary['train_images_per_sec'] == pytest.approx(rates[-1], rel=1e-12)
+  assert [r['step'] for r in records if 'eval/top1' in r] == [2, 4, 6]
+  # The second run's intervals but its first (which compiled): steps 5 and 6.
+  rates = {r['step']: r['train/images_per_sec'] for r in records if 'train/loss' in r}
+  assert summary['train_images_per_sec'] == pytest.approx(rates[6], rel=1e-12)
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, digits_dir, monkeypatch):

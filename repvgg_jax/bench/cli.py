@@ -427,13 +427,12 @@ def _check_train(parser, args, with_torch: bool) -> bool:
     )
   if with_torch and jax.default_backend() == 'cpu' and args.size > 32:
     if 'channels_last' in args.torch_layouts:
-      print(
-        "PyTorch's channels-last training step crashes on CPUs at large images "
-        f'(seen at 224): timed in NCHW only at {args.size}.',
-        file=sys.stderr,
-      )
-    args.torch_layouts = tuple(layout for layout in args.torch_layouts if layout == 'nchw')
-  return with_torch and bool(args.torch_layouts)
+      crashes = "PyTorch's channels-last training step crashes on CPUs at large images"
+      if args.torch_layouts == ('channels_last',):
+        parser.error(f'{crashes} (seen at 224): use --torch-layouts nchw at {args.size}.')
+      print(f'{crashes} (seen at 224): timed in NCHW only at {args.size}.', file=sys.stderr)
+    args.torch_layouts = ('nchw',)
+  return with_torch
 
 
 def _check_json(parser, path) -> None:

@@ -29,7 +29,7 @@ TRAIN_AUGMENTATIONS = ('inception_crop', 'pad_crop', 'none')
 INCEPTION_AREA_RANGE = (0.08, 1.0)
 INCEPTION_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 # How the inception crop draws its window: as torchvision does, or with TF's
-# bounding-box sampler (smaller windows; runs made before 2026-12-06 used it).
+# bounding-box sampler (smaller windows; runs made before commit aaba54e used it).
 CROP_SAMPLERS = ('torchvision', 'tf')
 
 

@@ -164,7 +164,7 @@ def write_export(
       'image_size': image_size,
       'input': f'float32 NHWC [batch, {image_size}, {image_size}, {model.in_channels}]',
       'artifacts': {fmt: ARTIFACTS[fmt] for fmt in formats},
-      'platforms': list(platforms) if platforms else [jax.default_backend()],
+      'platforms': list(platforms) if platforms else [jax.export.default_export_platform()],
     }
     (staging / META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
   return output

@@ -204,6 +204,11 @@ def from_torch(
   }
   if name is not None:
     _check_against_model(variables, info, unexpected)
+  elif unexpected:  # Unnamed weights are checked by their model, which never sees these.
+    raise ConversionError(
+      f'The checkpoint has keys of no RepVGG layer: {unexpected[:10]}; save the RepVGG '
+      'alone, or give its variant.'
+    )
   return variables, info
 
 

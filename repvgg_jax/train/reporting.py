@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import pathlib
@@ -194,15 +193,10 @@ class RunLog:
     )
     self.throughput.lap(0)  # Evaluation time is not training time.
 
-  def logged_rate(self) -> float | None:
-    """Images per second over the training intervals logged before the restart, as
-    `summary` counts them: the first (compilation) left out, each weighted by its time."""
-    logged = [r for r in self.writer.kept if 'train/images_per_sec' in r]
-    images = seconds = 0.0
-    for before, record in itertools.pairwise(logged):
-      count = (record['step'] - before['step']) * self.config.batch_size
-      images, seconds = images + count, seconds + count / record['train/images_per_sec']
-    return images / seconds if seconds else None
+  def images_per_sec(self) -> float | None:
+    """The training rate of this process's run so far, its first interval (which
+    compiles) left out; None before a second interval."""
+    return self.train_images / self.train_seconds if self.train_seconds else None
 
   def summary(self, step: int) -> dict:
     m = self.eval_metrics
@@ -221,9 +215,7 @@ class RunLog:
         for name in ('top1', 'top5', 'top1_fused')
         if f'eval/ema_{name}' in m
       },
-      'train_images_per_sec': self.train_images / self.train_seconds
-      if self.train_seconds
-      else None,
+      'train_images_per_sec': self.images_per_sec(),
       'num_devices': jax.device_count(),
       'num_processes': jax.process_count(),
     }

@@ -353,7 +353,8 @@ def _resume_problem(config, meta: dict, saved, abstract, classes) -> str | None:
 
 
 def _restore(ckpt: checkpointing.Checkpoints, state: steps.TrainState, config, report, classes):
-  """The newest readable checkpoint loaded into ``state``'s structure, or ``state`` itself.
+  """``(state, metadata)`` of the newest readable checkpoint, loaded into ``state``'s
+  structure; ``(state, {})`` where there is none.
 
   Unreadable steps are moved aside and reported (`Checkpoints.restore_newest_readable`);
   a checkpoint of another model or setting is refused (ConfigError) and kept.
@@ -375,21 +376,23 @@ def _restore(ckpt: checkpointing.Checkpoints, state: steps.TrainState, config, r
       for line in _order_changes(config, meta):
         report(line)
     tree, _ = ckpt.restore(abstract, step=step)
-    return tree
+    return tree, meta
 
   try:
-    tree = ckpt.restore_newest_readable(read, report)
+    restored = ckpt.restore_newest_readable(read, report)
   except (checkpointing.CheckpointMismatch, checkpointing.CorruptCheckpointsError) as error:
     raise ConfigError(str(error)) from None
-  if tree is None:
-    return state
-  return state.replace(
+  if restored is None:
+    return state, {}
+  tree, meta = restored
+  restored_state = state.replace(
     step=tree['step'],
     params=tree['params'],
     batch_stats=tree['batch_stats'],
     opt_state=tree['opt_state'],
     ema=tree.get('ema'),
   )
+  return restored_state, meta
 
 
 class _Preemption:
@@ -548,7 +551,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   check_steps_per_call(config, state.params)
   ckpt = checkpointing.Checkpoints(workdir / 'checkpoints', keep=config.keep_checkpoints)
   report = lambda line: print(line, file=sys.stderr)
-  state = _restore(ckpt, state, config, report, classes)
+  state, restored_meta = _restore(ckpt, state, config, report, classes)
   start_step = int(jax.device_get(state.step))
   meta = {
     'model': config.model.name,
@@ -592,7 +595,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     _close_quietly(ckpt)
   summary = run.summary(step)
   if step == start_step:  # Nothing trained (a finished run run again): its rate stands.
-    summary['train_images_per_sec'] = _logged_rate(workdir, step, run)
+    summary['train_images_per_sec'] = _logged_rate(workdir, step, restored_meta)
   if preempted:
     return {**summary, 'preempted': True}
   _save_deploy(config, workdir, fuse_fn, state, step, meta)
@@ -663,20 +666,23 @@ def _save(ckpt: checkpointing.Checkpoints, state, step: int, meta: dict, run) ->
       f'The parameters are not finite after step {step}: not checkpointed; the last good '
       f'checkpoint (step {ckpt.latest_step()}) is kept. Lower optimizer.learning_rate.'
     )
-  ckpt.save(step, _state_tree(state), {**meta, 'step': step})
+  # With the rate so far, which a rerun reports if the final evaluation fails.
+  rate = {'train_images_per_sec': run.images_per_sec()}
+  ckpt.save(step, _state_tree(state), {**meta, 'step': step, **rate})
   run.throughput.lap(0)  # Checkpointing time is not training time.
 
 
-def _logged_rate(workdir: pathlib.Path, step: int, run: reporting.RunLog) -> float | None:
+def _logged_rate(workdir: pathlib.Path, step: int, checkpoint_meta: dict) -> float | None:
   """The training rate of a finished run of ``step`` steps: the one its summary.json
-  gives, or where it wrote none (its final evaluation failed), its metrics'."""
+  gives, or where it wrote none (its final evaluation failed), the one its last
+  checkpoint (``checkpoint_meta``) was saved with."""
   try:
     summary = json.loads((workdir / 'summary.json').read_text())
   except (OSError, ValueError):
     summary = {}
   if summary.get('steps') == step:
     return summary.get('train_images_per_sec')
-  return run.logged_rate()
+  return checkpoint_meta.get('train_images_per_sec')
 
 
 def _close_quietly(ckpt: checkpointing.Checkpoints) -> None:
