@@ -101,11 +101,9 @@ def _from_export(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
     )
   if not meta.get('num_classes'):
     raise PredictError(f'{path} holds a backbone without a classifier: nothing to predict.')
-  here = jax.export.default_export_platform()  # cpu, cuda, rocm or tpu.
   platforms = meta.get('platforms') or []
-  # Older exports recorded JAX's backend name, 'gpu' for cuda and rocm alike.
-  runs_here = here in platforms or ('gpu' in platforms and here in ('cuda', 'rocm'))
-  if platforms and not runs_here:
+  if platforms and not export.runs_here(platforms):
+    here = jax.export.default_export_platform()
     raise PredictError(
       f'{path} was exported for {",".join(platforms)}, and this machine runs {here}: '
       f'predict where it runs, or export again with --platforms {here}.'

@@ -472,9 +472,8 @@ def _runnable_here(formats, platforms) -> tuple[tuple[str, ...], dict[str, str]]
   here: ONNX always; jax.export where it was lowered for this backend; the SavedModel,
   which TensorFlow runs on its CPU here (`export.load_saved_model`), where lowered for cpu."""
   backend = jax.default_backend()
-  here = ('cuda', 'rocm') if backend == 'gpu' else (backend,)
-  lowered = tuple(platforms) if platforms else here
-  runs = {'onnx': True, 'jax': bool(set(here) & set(lowered)), 'tf': 'cpu' in lowered}
+  lowered = tuple(platforms) if platforms else (jax.export.default_export_platform(),)
+  runs = {'onnx': True, 'jax': export.runs_here(lowered), 'tf': 'cpu' in lowered}
   why = f'lowered for {",".join(lowered)}; this machine runs it on {{}}: load it where it runs'
   skipped = {f: why.format('cpu' if f == 'tf' else backend) for f in formats if not runs[f]}
   return tuple(f for f in formats if runs[f]), skipped

@@ -66,6 +66,13 @@ def export_jax(model, variables, image_size: int, platforms: Sequence[str] | Non
   return bytes(exported.serialize())
 
 
+def runs_here(platforms: Sequence[str]) -> bool:
+  """Whether a `jax.export` artifact lowered for ``platforms`` runs on this machine's
+  backend. Exports before 070f24c recorded 'gpu' (JAX's backend name) for cuda and rocm."""
+  here = jax.export.default_export_platform()  # cpu, cuda, rocm or tpu.
+  return here in platforms or ('gpu' in platforms and here in ('cuda', 'rocm'))
+
+
 def load_jax_export(path: str | os.PathLike) -> Callable[[Any], jax.Array]:
   """The function stored by `export_jax` (a file, or an export directory)."""
   path = pathlib.Path(path)
