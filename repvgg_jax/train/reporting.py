@@ -41,9 +41,7 @@ class MetricsWriter:
   def write(self, step: int, metrics: dict[str, float]) -> None:
     """Logs ``metrics`` at ``step``, unless the run logged them there before its
     restart (a finished run run again evaluates its last step again, identically)."""
-    if not self.enabled or any(
-      r.get('step') == step and metrics.keys() <= r.keys() for r in self._kept_at(step)
-    ):
+    if not self.enabled or self.logged(step, metrics):
       return
     record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
     jsonfiles.append_jsonl(self._jsonl, record)
@@ -52,13 +50,12 @@ class MetricsWriter:
         tf.summary.scalar(name, float(value))
     self._tensorboard.flush()
 
-  def logged(self, step: int, name: str) -> bool:
-    """Whether the run logged ``name`` at ``step`` before its restart (first process)."""
-    return any(r.get('step') == step and name in r for r in self._kept_at(step))
-
-  def _kept_at(self, step: int) -> list[dict]:
-    """The kept records that may hold ``step``: none after the restored step."""
-    return self.kept if self.kept and step <= self.kept[-1].get('step', 0) else []
+  def logged(self, step: int, names) -> bool:
+    """Whether the run logged all of ``names`` in one record at ``step`` before its
+    restart (first process). Only steps up to the restored one are looked for."""
+    if not self.kept or step > self.kept[-1].get('step', 0):
+      return False
+    return any(r.get('step') == step and set(names) <= r.keys() for r in self.kept)
 
   def close(self) -> None:
     if self.enabled:

@@ -651,7 +651,7 @@ def _evaluation_missed(run, schedule, step: int) -> bool:
   log (it failed, or the run was killed, after the checkpoint it follows was written)."""
   if not 0 < step < schedule.total_steps or not schedule.due(step, schedule.eval_every):
     return False  # The last step is evaluated after the loop in any case.
-  missed = not run.writer.logged(step, 'eval/top1')
+  missed = not run.writer.logged(step, ['eval/top1'])
   if jax.process_count() > 1:  # Only the first process reads the metrics: it decides.
     from jax.experimental import multihost_utils
 
