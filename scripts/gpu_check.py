@@ -43,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,7 +68,6 @@ LEVER_RUNS = (('B2', 'float32'), ('B3g4', 'float32'), ('B1', 'float32'), ('B2', 
 # XLA's pass that turns convolution + bias + ReLU into one cuDNN call (a cuDNN graph);
 # without it each convolution is a plain cuDNN call and the bias and ReLU an XLA fusion.
 CONV_FUSION_OFF = {'xla_disable_hlo_passes': 'cudnn-fused-convolution-rewriter'}
-# Child processes of the B2 levers: {label: XLA_FLAGS added, with {out} the output folder}.
 # What step 4 needs beyond steps 1-3's JAX, Flax and optax: {module: pip package}.
 END_TO_END_NEEDS = {
   'tensorflow': 'tensorflow-cpu',
@@ -80,6 +80,7 @@ END_TO_END_NEEDS = {
   'tqdm': 'tqdm',
   'importlib_resources': 'importlib_resources',  # tensorflow-datasets 4.9.10's.
 }
+# Child processes of the B2 levers: {label: XLA_FLAGS added, with {out} the output folder}.
 CHILD_FLAGS = {
   'autotune level 0': '--xla_gpu_autotune_level=0',
   'autotune log': '--xla_gpu_dump_autotune_logs_to={out}/autotune_b2.txt',
@@ -380,6 +381,9 @@ def end_to_end(run: Run) -> None:
   (run.out / 'train_log.txt').write_text(result.stdout + result.stderr)
   summary = json.loads((workdir / 'summary.json').read_text()) if result.returncode == 0 else {}
   rate = summary.get('train_images_per_sec')
+  if result.returncode:
+    tail = result.stderr.strip()[-300:]
+    run.say(f'train.py failed (exit {result.returncode}, train_log.txt): {tail}')
   run.row({'kind': 'end_to_end', 'returncode': result.returncode, **summary})
   model_rate = getattr(run, 'model_rate', None)
   run.say(
@@ -389,6 +393,19 @@ def end_to_end(run: Run) -> None:
   for row in rows:
     run.row(row)
   run.say('', bench_input.format_input(rows))
+
+
+def guarded(run: Run, step, *args) -> None:
+  """``step(run, *args)``; an error ends that step only: the device is lent once, so
+  the later steps still run. The error is said in one line, its traceback kept in
+  ``errors.txt``."""
+  try:
+    step(run, *args)
+  except Exception as error:  # noqa: BLE001 - every step's failure is reported, not raised.
+    with open(run.out / 'errors.txt', 'a') as errors:
+      errors.write(f'# {step.__name__}\n{traceback.format_exc()}\n')
+    message = (str(error).strip().splitlines() or [''])[0][:300]
+    run.say('', f'{step.__name__} failed: {type(error).__name__}: {message} (errors.txt)')
 
 
 def main(argv=None) -> int:
@@ -404,13 +421,10 @@ def main(argv=None) -> int:
     levers(run)
     return 0
   versions(run)
-  fused_against_unfused(run, VARIANTS[:2] if args.smoke else VARIANTS)
-  if run.left() > 60:
-    all_levers(run)
-  if run.left() > 60:
-    raised_bars(run)
-  if run.left() > 60:
-    end_to_end(run)
+  guarded(run, fused_against_unfused, VARIANTS[:2] if args.smoke else VARIANTS)
+  for step in (all_levers, raised_bars, end_to_end):
+    if run.left() > 60:
+      guarded(run, step)
   run.say('', f'done with {run.left():.0f} s of the budget left')
   return 0
 

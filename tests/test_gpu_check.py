@@ -1,7 +1,9 @@
 """scripts/gpu_check.py, the GPU checks' one script, runs end to end on a CPU with --smoke
 (slow: about three minutes on 2 cores; run with -m slow before handing it to a GPU)."""
 
+import importlib.util
 import json
+import pathlib
 
 import pytest
 from helpers import run_in_repo
@@ -25,3 +27,30 @@ def test_the_gpu_check_runs_every_step_in_smoke_mode(tmp_path):
   assert lever['images_per_sec'] > 0 and lever['over_unfused'] > 0
   assert next(r for r in rows if r.get('kind') == 'end_to_end')['returncode'] == 0
   assert (tmp_path / 'hlo_b2_fused.txt').stat().st_size > 0
+
+
+def _gpu_check_module():
+  path = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'gpu_check.py'
+  spec = importlib.util.spec_from_file_location('gpu_check', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_a_failing_step_is_reported_and_the_later_steps_still_run(tmp_path, monkeypatch):
+  gpu_check = _gpu_check_module()
+  ran = []
+
+  def fails(run, *args):
+    raise RuntimeError('Unknown flag xla_disable_hlo_passes\nsecond line')
+
+  monkeypatch.setattr(gpu_check, 'versions', lambda run: None)
+  monkeypatch.setattr(gpu_check, 'fused_against_unfused', lambda run, names: ran.append(1))
+  monkeypatch.setattr(gpu_check, 'all_levers', fails)
+  monkeypatch.setattr(gpu_check, 'raised_bars', lambda run: ran.append(3))
+  monkeypatch.setattr(gpu_check, 'end_to_end', lambda run: ran.append(4))
+  assert gpu_check.main(['--out', str(tmp_path), '--budget', '600']) == 0
+  assert ran == [1, 3, 4]
+  summary = (tmp_path / 'summary.md').read_text()
+  assert 'fails failed: RuntimeError: Unknown flag xla_disable_hlo_passes (errors.txt)' in summary
+  assert 'second line' in (tmp_path / 'errors.txt').read_text()
