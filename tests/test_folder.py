@@ -84,13 +84,35 @@ def test_val_fraction_holds_out_the_same_images_whatever_the_seed(tmp_path):
   config = folder_config(tmp_path, **{'dataset.val_fraction': 0.2, 'seed': 5})
   dataset = folder.scan(config)
   train, val = dataset.splits['train'], dataset.splits['val']
-  assert len(val.paths) == 6 and len(train.paths) == 24 and dataset.classes == CLASSES
+  assert len(val.paths) + len(train.paths) == 30 and dataset.classes == CLASSES
   assert not set(val.paths) & set(train.paths)
-  assert list(np.bincount(val.labels)) == [2, 2, 2]
+  assert all(1 <= count <= 9 for count in np.bincount(val.labels, minlength=3))
   folder._scan.cache_clear()
   assert list(
     folder.scan(folder_config(tmp_path, **{'dataset.val_fraction': 0.2})).splits['val'].paths
   ) == list(val.paths)
+
+
+def held_out(names: dict[str, int], fraction=0.2, root=pathlib.Path('/data')):
+  """``{split: set of 'class/file'}`` that `_held_out` makes of ``names`` files per class."""
+  classes = {c: [root / c / f'{i:04d}.jpg' for i in range(n)] for c, n in names.items()}
+  splits = folder._held_out(root, classes, fraction)
+  return {k: {f'{c}/{f.name}' for c, fs in v.items() for f in fs} for k, v in splits.items()}
+
+
+def test_adding_images_or_classes_never_moves_a_trained_image_into_val():
+  before = held_out({'dog': 100, 'cat': 60})
+  assert 25 <= len(before['val']) <= 40  # About 20% of 160 (32).
+  for after in (
+    held_out({'dog': 150, 'cat': 60}),
+    held_out({'aardvark': 30, 'dog': 100, 'cat': 60}),
+    held_out({'dog': 100, 'cat': 60}, root=pathlib.Path('/elsewhere')),
+  ):
+    assert not before['train'] & after['val']
+    assert before['val'] <= after['val'] and before['train'] <= after['train']
+  # A tiny class keeps one image on each side: the lowest and the highest share.
+  assert len(held_out({'owl': 2}, fraction=0.01)['val']) == 1
+  assert len(held_out({'owl': 3}, fraction=0.99)['train']) == 1
 
 
 def truncate(path: pathlib.Path) -> None:
@@ -145,6 +167,27 @@ def test_skip_bad_images_leaves_them_out_and_counts_them(tmp_path):
   assert dataset.skipped == (str(root / 'train/dog/01.png'),)
   assert len(dataset.splits['train'].paths) == 20
   assert str(root / 'train/dog/01.png') not in set(dataset.splits['train'].paths)
+
+
+def test_hidden_files_and_folders_in_a_class_are_not_images(tmp_path):
+  root = make_folder(tmp_path)
+  for hidden in ('train/cat/.ipynb_checkpoints/00-checkpoint.png', 'train/cat/.00.png'):
+    (root / hidden).parent.mkdir(exist_ok=True)
+    (root / hidden).write_bytes((root / 'train/cat/00.png').read_bytes())
+  (root / 'train/cat/sub').mkdir()
+  (root / 'train/cat/sub/extra.png').write_bytes((root / 'train/cat/00.png').read_bytes())
+  paths = folder.scan(folder_config(root)).splits['train'].paths
+  assert len(paths) == 22 and str(root / 'train/cat/sub/extra.png') in set(paths)
+
+
+@pytest.mark.parametrize('split', ['train', 'val'])
+def test_skipping_every_image_of_a_class_fails_in_one_line(tmp_path, split):
+  root = make_folder(tmp_path)
+  for path in (root / split / 'dog').iterdir():
+    truncate(path)
+  config = folder_config(root, **{'dataset.skip_bad_images': True})
+  with pytest.raises(folder.FolderError, match=f"class 'dog' has no readable {split} images"):
+    folder.scan(config)
 
 
 def test_a_file_that_fails_to_decode_is_named(tmp_path):

@@ -2,9 +2,12 @@
 
 The layout of torchvision's ``ImageFolder`` and of timm's and the reference's
 ``train.py``: one subdirectory per class, JPEG or PNG files of any size and
-mode (grey and RGBA become RGB). Without ``val/``, ``dataset.val_fraction``
-holds out that share of every class's images (the same ones whatever the run's
-seed), from ``train/`` or from class folders directly under ``DIR``.
+mode (grey and RGBA become RGB); hidden files and folders are ignored. Without
+``val/``, ``dataset.val_fraction`` holds out about that share of every class's
+images, from ``train/`` or from class folders directly under ``DIR``. Each
+image's side is decided by a hash of its path within its class folder, so the
+held-out images are the same whatever the seed, and adding images or classes
+never moves an image that was trained on into validation.
 
 Batches go through the ImageNet pipeline (`repvgg_jax.data.input_pipeline`)
 and, like the tfds ones, are a pure function of ``(seed, step)``: every epoch
@@ -17,7 +20,8 @@ The files are checked before training starts: a missing or empty directory, a
 class folder without images, classes that differ between ``train/`` and
 ``val/``, and files that are not whole JPEGs or PNGs (wrong signature, or
 truncated: no end marker) each fail in one line, or, with
-``dataset.skip_bad_images``, the bad files are left out and counted.
+``dataset.skip_bad_images``, the bad files are left out and counted (a class
+left without readable images in a split still fails).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import itertools
 import math
 import os
@@ -40,8 +45,6 @@ from repvgg_jax.data import batching, input_pipeline
 NAME = 'folder'  # config.dataset.name of an image folder.
 SPLITS = ('train', 'val')
 EXTENSIONS = ('.jpg', '.jpeg', '.png')
-# Where a held-out validation split comes from; fixed, so every seed sees the same one.
-_VAL_SPLIT_SEED = 20_170_511
 _TAIL_BYTES = 1024  # Where a whole file's end marker must be.
 
 
@@ -72,15 +75,18 @@ class FolderDataset:
     return self.splits[name]
 
 
-def _is_image(path: pathlib.Path) -> bool:
-  return path.suffix.lower() in EXTENSIONS and not path.name.startswith('.')
+def _is_image(path: pathlib.Path, folder: pathlib.Path) -> bool:
+  """Whether ``path`` in the class ``folder`` is an image: its extension, and not hidden
+  (nor in a hidden folder, as ``.ipynb_checkpoints/`` or a thumbnail cache)."""
+  hidden = any(part.startswith('.') for part in path.relative_to(folder).parts)
+  return path.suffix.lower() in EXTENSIONS and not hidden and path.is_file()
 
 
 def _class_folders(directory: pathlib.Path) -> dict[str, list[pathlib.Path]]:
   """``{class: sorted image files}`` of the class subdirectories of ``directory``."""
   classes = {}
   for folder in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith('.')):
-    files = sorted(p for p in folder.rglob('*') if p.is_file() and _is_image(p))
+    files = sorted(p for p in folder.rglob('*') if _is_image(p, folder))
     if not files:
       raise FolderError(
         f'The class folder {folder} holds no {"/".join(EXTENSIONS)} images: add some, or '
@@ -95,28 +101,39 @@ def _class_folders(directory: pathlib.Path) -> dict[str, list[pathlib.Path]]:
   return classes
 
 
+def _validation_share(class_name: str, relative_path: str) -> float:
+  """Where a file falls in [0, 1): a hash of its class and path within the class folder,
+  so that it does not depend on the other files, the seed or where the folder lies."""
+  digest = hashlib.sha256(f'{class_name}/{relative_path}'.encode()).digest()
+  return int.from_bytes(digest[:8], 'big') / 2**64
+
+
 def _held_out(
-  classes: dict[str, list[pathlib.Path]], fraction: float
-) -> tuple[dict[str, list], dict[str, list]]:
-  """``classes`` split into (train, val): ``fraction`` of every class, at least one image,
-  chosen by a fixed permutation."""
+  directory: pathlib.Path, classes: dict[str, list[pathlib.Path]], fraction: float
+) -> dict[str, dict[str, list]]:
+  """``classes`` (the class folders of ``directory``) split into train and val: a file
+  is held out where its `_validation_share` is under ``fraction``. A class keeps at
+  least one image on each side: the lowest share is held out where none is under
+  ``fraction``, the highest trained on where all are."""
   train, val = {}, {}
-  for index, (name, files) in enumerate(classes.items()):
+  for name, files in classes.items():
     if len(files) < 2:
       raise FolderError(
-        f'The class {name!r} has {len(files)} image, too few to hold some out for validation: '
-        'add images, or give a val/ folder.'
+        f'The class {name!r} has {len(files)} readable image, too few to hold some out for '
+        'validation: add images, or give a val/ folder.'
       )
-    count = min(len(files) - 1, max(1, round(fraction * len(files))))
-    order = np.random.default_rng([_VAL_SPLIT_SEED, index]).permutation(len(files))
-    chosen = set(order[:count].tolist())
-    val[name] = [f for i, f in enumerate(files) if i in chosen]
-    train[name] = [f for i, f in enumerate(files) if i not in chosen]
-  return train, val
+    shares = [_validation_share(name, f.relative_to(directory / name).as_posix()) for f in files]
+    order = np.argsort(shares, kind='stable')
+    count = sum(share < fraction for share in shares)
+    held = set(order[: min(max(count, 1), len(files) - 1)].tolist())
+    val[name] = [f for i, f in enumerate(files) if i in held]
+    train[name] = [f for i, f in enumerate(files) if i not in held]
+  return {'train': train, 'val': val}
 
 
-def _layout(root: pathlib.Path, val_fraction: float) -> dict[str, dict[str, list]]:
-  """``{split: {class: files}}`` of the folder at ``root``, before any file is read."""
+def _layout(root: pathlib.Path, val_fraction: float) -> tuple[pathlib.Path, dict]:
+  """The directory of the training class folders and ``{split: {class: files}}`` of the
+  folder at ``root``, before any file is read; without ``val/``, only ``train``."""
   if not root.is_dir():
     raise FolderError(
       f'dataset.data_dir {root} is not a directory: give the folder that holds train/<class>/ '
@@ -125,7 +142,8 @@ def _layout(root: pathlib.Path, val_fraction: float) -> dict[str, dict[str, list
   has_train, has_val = (root / 'train').is_dir(), (root / 'val').is_dir()
   if has_val and not has_train:
     raise FolderError(f'{root} has val/ but no train/: add train/<class>/ folders.')
-  train = _class_folders(root / 'train' if has_train else root)
+  directory = root / 'train' if has_train else root
+  train = _class_folders(directory)
   if has_val and val_fraction:
     logging.warning('%s has val/: dataset.val_fraction=%s is not used.', root, val_fraction)
   if has_val:
@@ -136,14 +154,13 @@ def _layout(root: pathlib.Path, val_fraction: float) -> dict[str, dict[str, list
         f'train/ and val/ of {root} have different classes (only in train/: {only_train}; '
         f'only in val/: {only_val}): give both the same class folders.'
       )
-    return {'train': train, 'val': val}
+    return directory, {'train': train, 'val': val}
   if not 0 < val_fraction < 1:
     raise FolderError(
       f'{root} has no val/ folder: add val/<class>/ folders, or hold out a share of the '
       'images with --config.dataset.val_fraction=0.1 (between 0 and 1).'
     )
-  train, val = _held_out(train, val_fraction)
-  return {'train': train, 'val': val}
+  return directory, {'train': train}
 
 
 def check_file(path: pathlib.Path) -> str | None:
@@ -193,7 +210,7 @@ def _bad_files(files: list[pathlib.Path]) -> list[tuple[pathlib.Path, str]]:
 
 @functools.lru_cache(maxsize=8)
 def _scan(root: pathlib.Path, val_fraction: float, skip_bad_images: bool) -> FolderDataset:
-  layout = _layout(root, val_fraction)
+  directory, layout = _layout(root, val_fraction)
   every_file = [f for split in layout.values() for files in split.values() for f in files]
   bad = _bad_files(every_file)
   if bad and not skip_bad_images:
@@ -204,17 +221,22 @@ def _scan(root: pathlib.Path, val_fraction: float, skip_bad_images: bool) -> Fol
       '--config.dataset.skip_bad_images=True.'
     )
   excluded = {f for f, _ in bad}
+  layout = {
+    split: {cls: [f for f in files if f not in excluded] for cls, files in per_class.items()}
+    for split, per_class in layout.items()
+  }
+  if 'val' not in layout:  # Held out from the readable images.
+    layout = _held_out(directory, layout['train'], val_fraction)
   classes = tuple(sorted(layout['train']))
   splits = {}
   for name, per_class in layout.items():
-    pairs = [
-      (str(f), label)
-      for label, cls in enumerate(classes)
-      for f in per_class[cls]
-      if f not in excluded
-    ]
-    if not pairs:
-      raise FolderError(f'The {name} split of {root} has no readable images left.')
+    for cls in classes:
+      if not per_class[cls]:
+        raise FolderError(
+          f'The class {cls!r} has no readable {name} images left in {root} (every one is '
+          'unreadable): replace them, or remove the class.'
+        )
+    pairs = [(str(f), label) for label, cls in enumerate(classes) for f in per_class[cls]]
     paths, labels = zip(*pairs, strict=True)
     splits[name] = Split(np.array(paths), np.array(labels, np.int32))
   if bad:
