@@ -174,6 +174,11 @@ def check_config(config) -> None:
       f'keep_checkpoints must be at least 1 (the latest, which a resume needs), got '
       f'{config.keep_checkpoints}.'
     )
+  if config.dataset.image_size < 1 or config.dataset.get('pad_pixels', 0) < 0:
+    raise ConfigError(
+      'dataset.image_size must be at least 1 and dataset.pad_pixels at least 0, got '
+      f'{config.dataset.image_size} and {config.dataset.get("pad_pixels")}.'
+    )
   try:
     data.check_splits(config.dataset)
   except ValueError as error:
