@@ -388,3 +388,25 @@ def test_registering_a_family_member_name_is_refused():
   with pytest.raises(ValueError, match='parallel3x3_k'):
     branches.register_branch(branches.conv_bn_kind('parallel3x3_k7', (3, 3)))
   assert 'parallel3x3_k7' not in branches.BRANCH_KINDS
+
+
+@pytest.mark.parametrize(
+  'branch_sets',
+  [
+    [('conv1x1_nobn',)] + [('conv3x3', 'conv1x1', 'identity')] * 4,  # Stage 0 without BN.
+    ('conv1x1_nobn',),  # No BatchNorm anywhere: init makes no batch_stats.
+    ('conv1x1_identity',),
+  ],
+  ids=['one stage', 'conv1x1_nobn', 'conv1x1_identity'],
+)
+def test_blocks_without_batchnorm_fuse(branch_sets):
+  model = repvgg_jax.create_model('A0', num_classes=10, branches=branch_sets, precision='highest')
+  variables = random_variables(model, (1, 16, 16, 3), seed=3)
+  stats = variables.get('batch_stats', {})
+  assert 'stage0_block0' not in stats and ('stage1_block0' in stats) == (len(branch_sets) == 5)
+  fused = repvgg_jax.fuse_params(variables)
+  deploy = repvgg_jax.create_model('A0', num_classes=10, deploy=True, precision='highest')
+  images = normal((2, 16, 16, 3), seed=1)
+  assert relative_error(deploy.apply(fused, images), model.apply(variables, images)) <= 1e-5
+  block = variables['params']['stage0_block0']
+  assert set(fusion.fuse_block(block, None)['reparam']) == {'kernel', 'bias'}

@@ -30,12 +30,13 @@ class FusionError(ValueError):
   """The variables cannot be fused (already fused, incomplete or inconsistent)."""
 
 
-def fuse_block(block_params: Tree, block_stats: Tree, *, name: str = 'block') -> dict:
+def fuse_block(block_params: Tree, block_stats: Tree | None, *, name: str = 'block') -> dict:
   """Fuses one training-time block into its deploy parameters.
 
   Args:
     block_params: the block's params subtree, one entry per branch kind.
-    block_stats: the block's batch_stats subtree.
+    block_stats: the block's batch_stats subtree (None or ``{}`` for a block
+      without BatchNorm, as one of ``conv1x1_nobn`` and ``conv1x1_identity``).
     name: the block's name, for error messages.
 
   Returns:
@@ -46,6 +47,7 @@ def fuse_block(block_params: Tree, block_stats: Tree, *, name: str = 'block') ->
     FusionError: the block is already fused, has an unknown branch, lacks
       statistics, or its branches disagree in shape.
   """
+  block_stats = {} if block_stats is None else block_stats
   _check_block(block_params, block_stats, name)
   return {FUSED_KEY: _fuse_branches(block_params, block_stats)}
 
@@ -155,14 +157,18 @@ def _check_block(block_params: Tree, block_stats: Tree, name: str) -> None:
     layout = sorted(map('/'.join, layout))
     if found != layout:
       raise FusionError(f'{where} holds {found}, not the layers of a {branch} branch: {layout}.')
-    has_norm = any(path[-1] == 'scale' for path in trees.leaf_paths(params))
-    if has_norm and branch not in block_stats:
+    if _has_norm(params) and branch not in block_stats:
       raise FusionError(
         f'{where} has no batch_stats: fuse_params needs the BatchNorm statistics of the '
         "trained model (variables['batch_stats'])."
       )
     _check_stats_shapes(params, block_stats.get(branch, {}), where)
   block_channels(block_params, name)
+
+
+def _has_norm(params: Tree) -> bool:
+  """Whether ``params`` (a block's or a branch's) holds a BatchNorm."""
+  return any(path[-1] == 'scale' for path in trees.leaf_paths(params))
 
 
 def _check_stats_shapes(params: Tree, stats: Tree, where: str) -> None:
@@ -344,17 +350,18 @@ def fuse_params(variables: Tree, *, model: str | None = None) -> dict:
       'No RepVGG block in params (a block is a mapping of branch kinds such as conv3x3, '
       f'conv1x1, identity); top-level keys: {sorted(params)}.'
     )
-  if 'batch_stats' not in variables:
+  normed = [path for path in blocks if _has_norm(trees.subtree(params, path))]
+  if normed and 'batch_stats' not in variables:
     raise FusionError(
       "fuse_params needs variables['batch_stats'] (the BatchNorm running statistics) "
       "besides variables['params']."
     )
   _check_networks(params, model)
-  stats = variables['batch_stats']
+  stats = variables.get('batch_stats', {})
   fused = {}
   for path in blocks:
     block_stats = trees.subtree(stats, path)
-    if block_stats is None:
+    if block_stats is None and path in normed:
       raise FusionError(
         f'batch_stats has no entry for {_where(path)}: it comes from another model.'
       )
