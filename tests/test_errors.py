@@ -52,6 +52,18 @@ def test_fusing_a_fused_tree(a0):
     repvgg_jax.fuse_params({**fused, 'batch_stats': variables['batch_stats']})
 
 
+def test_training_variables_on_the_deploy_model_and_the_reverse(a0):
+  model, variables = a0
+  deploy = repvgg_jax.create_model('A0', deploy=True)
+  images = jnp.zeros((1, 32, 32, 3))
+  with pytest.raises(ValueError, match=r'stage0_block0 is a deploy block.*fuse_params\(variables'):
+    deploy.apply(variables, images)
+  fused = repvgg_jax.fuse_params(variables)
+  with pytest.raises(ValueError, match=r'block, but its params are fused.*deploy=True'):
+    model.apply(fused, images)
+  assert deploy.apply(fused, images).shape == model.apply(variables, images).shape == (1, 1000)
+
+
 def test_fusing_without_batch_stats(a0):
   _, variables = a0
   with pytest.raises(FusionError, match=r"needs variables\['batch_stats'\]"):

@@ -70,6 +70,7 @@ class RepVGGBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     kinds = self._branch_kinds(x.shape[-1])
+    self._check_variables()
     conv, norm = layer_partials(train, self.dtype, self.precision, self.conv)
     if self.deploy:
       x = conv(
@@ -90,9 +91,31 @@ class RepVGGBlock(nn.Module):
       out = norm(name=branches_lib.POST_NORM_KEY)(out)
     return nn.relu(out)
 
+  def _where(self) -> str:
+    return f'RepVGGBlock {"/".join(self.scope.path) or self.name or ""}'.rstrip()
+
+  def _check_variables(self) -> None:
+    """Refuses, with the fix, fused parameters for a training-time block and the reverse
+    (the likeliest mix-up: Flax would only say that a parameter is missing)."""
+    if self.is_initializing() or 'params' not in self.variables:
+      return
+    fused = self.has_variable('params', branches_lib.FUSED_KEY)
+    if self.deploy and not fused:
+      raise ValueError(
+        f'{self._where()} is a deploy block, but its params are training-time branches '
+        f'{sorted(self.variables["params"])}: fuse the variables first, '
+        'repvgg_jax.fuse_params(variables).'
+      )
+    if fused and not self.deploy:
+      raise ValueError(
+        f'{self._where()} is a training-time block, but its params are fused '
+        f'({branches_lib.FUSED_KEY!r}): apply them to the deploy model '
+        '(create_model(..., deploy=True)).'
+      )
+
   def _branch_kinds(self, in_channels: int) -> list[branches_lib.BranchKind]:
     """The branches of a block of this shape; ValueError for a shape no block has."""
-    where = f'RepVGGBlock {"/".join(self.scope.path) or self.name or ""}'.rstrip()
+    where = self._where()
     for field in ('features', 'strides', 'groups'):
       value = getattr(self, field)
       if not isinstance(value, (int, np.integer)) or value < 1:
