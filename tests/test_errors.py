@@ -1,7 +1,10 @@
 """Bad inputs fail with messages that name the problem and the fix."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from helpers import random_variables
 
@@ -111,6 +114,7 @@ def test_not_variables():
     (('conv3x3', 'conv3x3'), 'repeats a branch kind'),
     ([('conv3x3',)] * 4, 'one set per stage'),
     ('conv3x3', 'must be a sequence of branch names'),
+    ([None] * 5, 'branches of stage 0 must be a sequence of branch names, got None'),
   ],
 )
 def test_bad_branch_sets(branches, message):
@@ -142,3 +146,40 @@ def test_one_blocks_own_variables_point_to_fuse_block():
     FusionError, match=r'params is one block itself .*: fuse it with fuse_block\('
   ):
     repvgg_jax.fuse_params(variables)
+
+
+@pytest.mark.parametrize(
+  'options,message',
+  [
+    ({'num_classes': True}, 'num_classes must be an int >= 0'),
+    ({'num_classes': 0, 'out_indices': None}, 'out_indices must be distinct stages'),
+    ({'num_classes': 0, 'out_indices': (1.0,)}, 'out_indices must be distinct stages'),
+    ({'in_channels': 0}, 'in_channels must be a positive int, got 0'),
+    ({'dtype': None}, 'dtype must be float32 or bfloat16, got None'),
+  ],
+)
+def test_bad_model_options(options, message):
+  with pytest.raises(ValueError, match=message):
+    repvgg_jax.create_model('A0', **options)
+
+
+def test_numpy_integers_are_counts():
+  model = repvgg_jax.create_model('A0', num_classes=np.int64(10))
+  assert model.num_classes == 10 and type(model.num_classes) is int
+  backbone = repvgg_jax.create_model('A0', num_classes=0, out_indices=[np.int64(4), 2])
+  assert backbone.out_indices == (2, 4) and all(type(s) is int for s in backbone.out_indices)
+
+
+@pytest.mark.parametrize(
+  'fields,message',
+  [
+    ({'num_blocks': (1, 1, 1)}, r'num_blocks must be 4 positive ints .*got \(1, 1, 1\)'),
+    ({'num_blocks': (1, 0, 1, 1)}, 'num_blocks must be 4 positive ints'),
+    ({'width_multipliers': (0.01, 1)}, r'width_multipliers \(0.01, 1\) leave a stage without'),
+    ({'groups': 0}, 'groups must be a positive int'),
+    ({'block': 'resnet'}, "block must be one of .*got 'resnet'"),
+  ],
+)
+def test_bad_variants(fields, message):
+  with pytest.raises(ValueError, match=f'RepVGG-A0: {message}'):
+    dataclasses.replace(repvgg_jax.get_variant('A0'), **fields)

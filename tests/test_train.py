@@ -535,6 +535,7 @@ def test_misspelled_config_field_fails(tmp_path):
     ({'dataset.num_classes': 5}, 'num_classes is 5 but sklearn_digits has 10 classes'),
     ({'steps_per_call': 2}, 'up to 35x slower inside the loop'),  # conv_impl 'xla'.
     ({'keep_checkpoints': 0}, 'keep_checkpoints must be at least 1'),
+    ({'model.num_blocks': (1, 1, 1)}, 'model: RepVGG-A0-custom: num_blocks must be 4 positive'),
     ({'dataset.image_size': 0}, 'image_size must be at least 1 .* got 0 and 2'),
     ({'dataset.pad_pixels': -1}, 'pad_pixels at least 0, got 32 and -1'),
     ({'dataset.eval_preprocess': 'center_crop'}, "dataset.eval_preprocess is 'center_crop': ch"),

@@ -189,6 +189,10 @@ def normalize_branches(branches) -> tuple[tuple[str, ...], ...]:
     )
   result = []
   for stage, names in enumerate(per_stage):
+    if isinstance(names, str) or not isinstance(names, Sequence):
+      raise ValueError(
+        f'The branches of stage {stage} must be a sequence of branch names, got {names!r}.'
+      )
     names = tuple(names)
     if len(set(names)) != len(names):
       raise ValueError(f'Stage {stage} repeats a branch kind: {names}.')
@@ -271,16 +275,19 @@ def create_model(
     A `RepVGG` Linen module.
   """
   variant = variants.get_variant(variant)
-  if not isinstance(num_classes, int) or num_classes < 0:
+  if not variants.is_count(num_classes) or num_classes < 0:
     raise ValueError(f'num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}.')
   out_indices = _check_out_indices(out_indices, num_classes)
-  if not isinstance(frozen_stages, int) or not 0 <= frozen_stages <= NUM_STAGES:
+  if not variants.is_count(frozen_stages) or not 0 <= frozen_stages <= NUM_STAGES:
     raise ValueError(f'frozen_stages must be an int from 0 to {NUM_STAGES}, got {frozen_stages!r}.')
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-    raise ValueError(f'dtype must be float32 or bfloat16, got {jnp.dtype(dtype)}.')
+  if not variants.is_count(in_channels) or in_channels < 1:
+    raise ValueError(f'in_channels must be a positive int, got {in_channels!r}.')
+  if dtype is None or jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    got = None if dtype is None else jnp.dtype(dtype)
+    raise ValueError(f'dtype must be float32 or bfloat16, got {got}.')
   return RepVGG(
     variant=variant,
-    num_classes=num_classes,
+    num_classes=int(num_classes),
     branches=None if branches is None else normalize_branches(branches),
     deploy=deploy,
     dtype=jnp.dtype(dtype),
@@ -295,8 +302,13 @@ def create_model(
 
 def _check_out_indices(out_indices: Sequence[int], num_classes: int) -> tuple[int, ...]:
   """``out_indices`` as a sorted tuple of distinct stages, or a ValueError."""
-  stages = tuple(out_indices) if not isinstance(out_indices, int) else (out_indices,)
   everything = tuple(range(NUM_STAGES))
+  if variants.is_count(out_indices):
+    stages = (int(out_indices),)
+  elif isinstance(out_indices, Sequence) and all(variants.is_count(s) for s in out_indices):
+    stages = tuple(map(int, out_indices))
+  else:
+    stages = ()  # Refused below.
   if not stages or any(s not in everything for s in stages) or len(set(stages)) != len(stages):
     raise ValueError(
       f'out_indices must be distinct stages among {everything}, got {out_indices!r}.'

@@ -13,8 +13,11 @@ fuse into the same deploy network.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from typing import NamedTuple
+
+import numpy as np
 
 from repvgg_jax.model import branches as branches_lib
 
@@ -57,6 +60,11 @@ BLOCK_KINDS = {
 }
 
 
+def is_count(value) -> bool:
+  """Whether ``value`` is an integer (Python's or numpy's), not a bool."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """One RepVGG architecture.
@@ -75,6 +83,24 @@ class Variant:
   width_multipliers: tuple[float, float]
   groups: int = 1
   block: str = 'repvgg'
+
+  def __post_init__(self):
+    counts, widths = tuple(self.num_blocks), tuple(self.width_multipliers)
+    problem = None
+    if len(counts) != 4 or not all(is_count(n) and n >= 1 for n in counts):
+      problem = f'num_blocks must be 4 positive ints (stages 1-4), got {self.num_blocks!r}'
+    elif len(widths) != 2 or not all(
+      isinstance(w, numbers.Real) and not isinstance(w, bool) and w > 0 for w in widths
+    ):
+      problem = f'width_multipliers must be 2 positive numbers (a, b), got {widths!r}'
+    elif min(self.stage_widths) < 1:
+      problem = f'width_multipliers {widths!r} leave a stage without channels'
+    elif not is_count(self.groups) or self.groups < 1:
+      problem = f'groups must be a positive int, got {self.groups!r}'
+    elif self.block not in BLOCK_KINDS:
+      problem = f'block must be one of {sorted(BLOCK_KINDS)}, got {self.block!r}'
+    if problem:
+      raise ValueError(f'{self.name}: {problem}.')
 
   @property
   def block_kind(self) -> BlockKind:

@@ -152,6 +152,10 @@ def check_config(config) -> None:
     variant = variants.get_variant(config.model.name)
   except ValueError as error:
     raise ConfigError(f'model.name: {error}') from None
+  try:  # A scaled variant's num_blocks and width_multipliers, the branch sets.
+    model_from_config(config, dtype='float32')
+  except ValueError as error:
+    raise ConfigError(f'model: {error}') from None
   problem = qat.check_config(config, variant) if qat_enabled(config) else None
   problem = problem or finetune.check_config(config)
   if problem:
