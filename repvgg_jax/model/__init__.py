@@ -16,7 +16,13 @@ from repvgg_jax.model.branches import (
   register_branch_family,
 )
 from repvgg_jax.model.fusion import FusionError, fuse_block, fuse_params, identify_variant
-from repvgg_jax.model.network import RepVGG, create_model, model_from_config, normalize_branches
+from repvgg_jax.model.network import (
+  RepVGG,
+  create_model,
+  model_from_config,
+  normalize_branches,
+  variant_from_config,
+)
 from repvgg_jax.model.variants import Block, FeatureInfo, Variant, get_variant, list_models
 
 __all__ = [
@@ -44,4 +50,5 @@ __all__ = [
   'normalize_branches',
   'register_branch',
   'register_branch_family',
+  'variant_from_config',
 ]

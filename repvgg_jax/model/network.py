@@ -205,21 +205,31 @@ def normalize_branches(branches) -> tuple[tuple[str, ...], ...]:
   return tuple(result)
 
 
-def model_from_config(config, *, deploy: bool = False, conv=nn.Conv, dtype=None) -> RepVGG:
-  """The RepVGG of a training config: ``config.model`` (``name``, ``branches``,
-  ``dtype``; ``num_blocks`` and ``width_multipliers`` scale the variant when set)
-  and ``config.dataset.num_classes``. ``dtype`` replaces the run's computation
-  dtype (the fused model is deployed, quantized and exported in float32)."""
+def variant_from_config(config) -> variants.Variant:
+  """The variant of ``config.model``: ``name``, scaled where ``num_blocks`` or
+  ``width_multipliers`` are set (e.g. for quick experiments and tests).
+
+  Raises:
+    ValueError: an unknown name, or a scale no network has.
+  """
   variant = variants.get_variant(config.model.name)
   overrides = {
     key: tuple(config.model.get(key))
     for key in ('num_blocks', 'width_multipliers')
     if config.model.get(key) is not None
   }
-  if overrides:  # A scaled variant, e.g. for quick experiments and tests.
+  if overrides:
     variant = dataclasses.replace(variant, name=f'{variant.name}-custom', **overrides)
+  return variant
+
+
+def model_from_config(config, *, deploy: bool = False, conv=nn.Conv, dtype=None) -> RepVGG:
+  """The RepVGG of a training config: ``config.model`` (``name``, ``branches``,
+  ``dtype``; ``num_blocks`` and ``width_multipliers`` scale the variant when set)
+  and ``config.dataset.num_classes``. ``dtype`` replaces the run's computation
+  dtype (the fused model is deployed, quantized and exported in float32)."""
   return create_model(
-    variant,
+    variant_from_config(config),
     num_classes=config.dataset.num_classes,
     deploy=deploy,
     branches=config.model.branches,

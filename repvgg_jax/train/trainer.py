@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 from repvgg_jax import jsonfiles, perf
 from repvgg_jax.data import datasets as data
 from repvgg_jax.data import in_memory, input_pipeline
-from repvgg_jax.model import fusion, model_from_config, trees, variants
+from repvgg_jax.model import fusion, model_from_config, trees, variant_from_config
 from repvgg_jax.perf import compile_options, xla_cpu
 from repvgg_jax.train import (
   checkpointing,
@@ -148,12 +148,8 @@ def check_config(config) -> None:
       f'{config.batch_size // group} BatchNorm groups of {group} cannot be spread evenly '
       f'over {devices} devices: make batch_size / bn_group_size a multiple of {devices}.'
     )
-  try:
-    variant = variants.get_variant(config.model.name)
-  except ValueError as error:
-    raise ConfigError(f'model.name: {error}') from None
-  try:  # A scaled variant's num_blocks and width_multipliers, the branch sets.
-    model_from_config(config, dtype='float32')
+  try:  # Its name, and where they are set num_blocks and width_multipliers.
+    variant = variant_from_config(config)
   except ValueError as error:
     raise ConfigError(f'model: {error}') from None
   problem = qat.check_config(config, variant) if qat_enabled(config) else None
