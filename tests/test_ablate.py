@@ -465,7 +465,8 @@ def test_intervals_and_paired_differences():
 
 def test_an_image_folder_ablation_takes_its_classes_and_directory(tmp_path):
   """A folder config leaves dataset.num_classes None: every run is measured and saved
-  with the folder's number of classes, a rerun reuses it, another folder is refused."""
+  with the folder's number of classes, a rerun reuses it, another folder is refused.
+  A row of another width is timed with its own fused model."""
   root = make_folder(tmp_path / 'images', per_class=(6, 2))
   overrides = {
     'dataset.name': 'folder',
@@ -475,8 +476,11 @@ def test_an_image_folder_ablation_takes_its_classes_and_directory(tmp_path):
     'num_train_steps': 2,
     'ablation.seeds': 1,
   }
-  config = ablation_config(None, {'paper': branches.PAPER_BRANCHES}, **overrides)
+  wider = {'branches': branches.PAPER_BRANCHES, 'model': {'width_multipliers': (0.5, 0.25)}}
+  sets = {'paper': branches.PAPER_BRANCHES, 'wider': wider}
+  config = ablation_config(None, sets, **overrides)
   text = ablate.run_ablation(config, tmp_path / 'work', log=lambda line: None)
+  assert re.search(r'\| conv3x3\+conv1x1\+identity model\.width_multipliers=.*\| [\d,.]+ ', text)
   record = json.loads((tmp_path / 'work' / 'paper' / 'seed0' / ablate.ROW_FILE).read_text())
   assert record['config']['dataset']['num_classes'] == len(CLASSES)
   assert record['logit_rel_error'] < 1e-5

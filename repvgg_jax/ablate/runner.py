@@ -327,6 +327,13 @@ def _without_int8(record: dict) -> dict:
   return {key: value for key, value in record.items() if key not in _INT8_KEYS}
 
 
+def _deploy_network(config) -> str:
+  """What the fused model of a row's config depends on: its model settings but the
+  branches, and its classes."""
+  model = {key: value for key, value in config.model.to_dict().items() if key != 'branches'}
+  return json.dumps([model, config.dataset.num_classes], sort_keys=True, default=str)
+
+
 def time_rows(configs: dict, workdir: pathlib.Path, settings: dict) -> dict[str, dict]:
   """Images/s of every row's unfused and fused model, timed in one round-robin loop.
 
@@ -334,14 +341,15 @@ def time_rows(configs: dict, workdir: pathlib.Path, settings: dict) -> dict[str,
   row after row, on the same random images; ``settings['runs']`` rounds follow
   ``settings['warmup']`` untimed ones. Every figure thus sees the same machine
   load, every row's fused/unfused ratio comes from the same rounds, and the
-  fused models, one deploy network, should come out at one speed. Returns per
-  row the quartiles of both rates and the median of the per-round ratios.
+  fused models of rows that differ in branches only, one deploy network (and
+  one compiled program), should come out at one speed. Returns per row the
+  quartiles of both rates and the median of the per-round ratios.
   """
   names = list(configs)
   first = configs[names[0]]
   shape = (settings['batch'], settings['size'], settings['size'], 3)
   images = jax.random.normal(jax.random.key(first.seed), shape, jnp.float32)
-  unfused, fused = {}, {}
+  unfused, fused, deploy_forwards = {}, {}, {}
   for name, config in configs.items():
     directory = run_dir(workdir, name, config.seed)
     state = checkpoint_io.restore(directory / 'checkpoints')[0]
@@ -349,14 +357,15 @@ def time_rows(configs: dict, workdir: pathlib.Path, settings: dict) -> dict[str,
     forward, _ = bench_timing.compiled_forward(trainer.build_model(config), variables, images)
     unfused[name] = (forward, variables)
     fused[name] = checkpoint_io.restore(directory / 'deploy')[0]
-  deploy_forward, _ = bench_timing.compiled_forward(
-    trainer.build_model(first, deploy=True), fused[names[0]], images
-  )
+    network = _deploy_network(config)  # A row may set another model (its name, widths ...).
+    if network not in deploy_forwards:
+      deploy_model = trainer.build_model(config, deploy=True)
+      deploy_forwards[network] = bench_timing.compiled_forward(deploy_model, fused[name], images)[0]
+    fused[name] = (deploy_forwards[network], fused[name])
   calls = {}  # In timing order: each row's unfused model, then its fused one.
   for name in names:
-    forward, variables = unfused[name]
-    calls[name, 'unfused'] = lambda f=forward, v=variables: jax.block_until_ready(f(v, images))
-    calls[name, 'fused'] = lambda v=fused[name]: jax.block_until_ready(deploy_forward(v, images))
+    for form, (forward, variables) in (('unfused', unfused[name]), ('fused', fused[name])):
+      calls[name, form] = lambda f=forward, v=variables: jax.block_until_ready(f(v, images))
   timed = bench_timing.interleaved_medians(calls, settings['runs'], settings['warmup'])
   seconds = {name: (timed[name, 'unfused'][1], timed[name, 'fused'][1]) for name in names}
   batch = settings['batch']
