@@ -4,7 +4,7 @@
 
 Each row of ablation.branch_sets (those of configs/ablation_digits.py) trains B0
 for 120 epochs with the recipe of configs/b0.py (SGD 0.9, batch 256, lr 0.1
-cosine, weight decay 1e-4, BatchNorm per 32 images), in DIR/<row>. It prints one
+cosine, weight decay 1e-4, BatchNorm per 32 images), in DIR/<row>/seed<s>. It prints one
 progress line per row and the table at the end, and writes DIR/ablation.md,
 DIR/ablation.csv and DIR/ablation.png (DIR: the --workdir); speed is inference
 on one device at batch 128, 224x224, in the model's dtype (float32 by default,
@@ -27,10 +27,11 @@ Table 6 rows. For acnet, dbb and mobileone (K=4) we scaled the paper row by the
 ratio of unfused speeds measured in a digits ablation run with K=4 (CPU, 32x32:
 810/721, 810/436 and 810/195 images/s; a GPU at 224x224 will differ), giving about 136,
 225 and 500 1080Ti-hours. The qarepvgg row (QARepVGG-B0, the same convolutions
-as the paper row) costs about the paper row's 121. All eight: about 1,370
-1080Ti-hours, i.e. roughly 170-270 GPU-hours on A100/H100-class GPUs in bfloat16
-(assuming 5-8x a 1080Ti), or about 21-34 hours on 8 such GPUs, plus the one-off
-ImageNet preparation (hours).
+as the paper row) and the custom_l2 row (the paper's blocks) cost about the paper
+row's 121 each. All nine: about 1,480 1080Ti-hours, i.e. roughly 185-300
+GPU-hours on A100/H100-class GPUs in bfloat16 (assuming 5-8x a 1080Ti), or about
+23-37 hours on 8 such GPUs, per seed, plus the one-off ImageNet preparation
+(hours).
 Measured since on one NVIDIA H200 (docs/performance.md, "Measured on a GPU"): B0 with both
 branches trains at 9,259 images/s in bfloat16 at batch 256 per GPU, so that row's
 steps take 4.6 GPU-hours, not the 15-24 estimated here; the other branch sets

@@ -348,6 +348,17 @@ def test_a_workdir_of_the_layout_without_seeds_is_refused(tmp_path, digits_dir, 
       r'ablation\.branch_sets\.l2\.optimizer\.custom_l3: the training config has no such',
     ),
     (None, {'ablation.reference': 'both'}, "ablation.reference names the unknown row 'both'"),
+    (None, {'model.name': 'RepVGG-Z9'}, "model.name: Unknown model name 'RepVGG-Z9'"),
+    (
+      {'l2': {'branches': ('conv3x3',), 'optimizer': 0.1}},
+      {},
+      r'ablation\.branch_sets\.l2\.optimizer: ',
+    ),
+    (
+      {'l2': {'branches': ('conv3x3',), 'optimizer': {'custom_l2': 'yes'}}},
+      {},
+      r'ablation\.branch_sets\.l2\.optimizer\.custom_l2: ',
+    ),
     (
       None,
       {'ablation.int8_calibration_batches': -1},

@@ -15,7 +15,7 @@ from repvgg_jax.model import normalize_branches, variants
 from repvgg_jax.train import trainer
 
 # Row names become directory names.
-_ROW_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.+-]*')
+_ROW_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_+-]*')  # No '.': ConfigDict keys.
 # Config fields that change neither what a row trains nor what it measures (but an
 # image folder's data_dir, and the crop sampler of an inception crop: `config_changes`).
 _IRRELEVANT_FIELDS = frozenset(
@@ -58,7 +58,7 @@ def branch_sets(config) -> dict[str, tuple]:
   for name, row in rows.items():
     if not _ROW_NAME.fullmatch(name):
       raise AblationError(
-        f'Row name {name!r} cannot name a directory: use letters, digits and _ . + - only.'
+        f'Row name {name!r} cannot name a directory: use letters, digits and _ + - only.'
       )
     branches, _ = split_row(name, row)
     if not branches:
@@ -118,10 +118,13 @@ def _apply_settings(config, settings, where: str) -> None:
   for key, value in settings.items():
     if key not in config:
       raise AblationError(f'{where}.{key}: the training config has no such field.')
-    if hasattr(value, 'items'):
+    if hasattr(value, 'items') and hasattr(config[key], 'items'):
       _apply_settings(config[key], value, f'{where}.{key}')
-    else:
+      continue
+    try:
       config[key] = value
+    except (TypeError, ValueError) as error:  # ConfigDict's type check: one line.
+      raise AblationError(f'{where}.{key}: {str(error).splitlines()[0]}') from None
 
 
 def row_config(config, row, seed: int | None = None, *, name: str = '<row>'):
@@ -168,6 +171,13 @@ def int8_batches(config) -> int:
 def bench_settings(config) -> dict[str, int]:
   """The benchmark set-up (image size 0 means the dataset's)."""
   ablation = config.ablation
+  fields = ('bench_batch_size', 'bench_image_size', 'bench_runs', 'bench_warmup')
+  missing = [field for field in fields if field not in ablation]
+  if missing:
+    raise AblationError(
+      f'The ablation config lacks {", ".join(f"ablation.{m}" for m in missing)}: add them '
+      '(configs/ablation_digits.py has them all).'
+    )
   settings = {
     'batch': ablation.bench_batch_size,
     'size': ablation.bench_image_size or config.dataset.image_size,

@@ -67,6 +67,7 @@ from repvgg_jax.ablate.rows import (  # noqa: E402
 from repvgg_jax.bench import timing as bench_timing  # noqa: E402
 from repvgg_jax.data import datasets as data  # noqa: E402
 from repvgg_jax.interop import checkpoint_io, quantize  # noqa: E402
+from repvgg_jax.model import variants  # noqa: E402
 from repvgg_jax.perf import compile_options, host_memory  # noqa: E402
 from repvgg_jax.train import run_files, trainer  # noqa: E402
 
@@ -117,13 +118,14 @@ def _check_unchanged(name: str, row_dir: pathlib.Path, current: dict) -> None:
 def check_ablation(config, workdir: pathlib.Path) -> tuple[dict[str, dict[int, object]], dict]:
   """Validates everything before anything trains; returns row -> seed -> run config,
   and row -> its label (`row_label`)."""
+  try:  # Rows of a block kind take its variant of this name.
+    variants.get_variant(config.model.name)
+  except ValueError as error:
+    raise AblationError(f'model.name: {error}') from None
   sets = branch_sets(config)
   runs = {
     name: {seed: row_config(config, row, seed, name=name) for seed in seeds(config)}
     for name, row in sets.items()
-  }
-  labels = {
-    name: row_label(runs[name][config.seed], split_row(name, row)[1]) for name, row in sets.items()
   }
   reference_row(config, sets)
   bench_settings(config)
@@ -139,6 +141,9 @@ def check_ablation(config, workdir: pathlib.Path) -> tuple[dict[str, dict[int, o
         trainer.check_config(row)
       except trainer.ConfigError as error:
         raise AblationError(f'Row {name!r}: {error}') from None
+  labels = {
+    name: row_label(runs[name][config.seed], split_row(name, row)[1]) for name, row in sets.items()
+  }
   # Fails at once when the dataset is missing. Every run gets the number of classes
   # that training fills in for an image folder (its saved config holds it), so that
   # the measurements after training build its model and a rerun finds it unchanged.
