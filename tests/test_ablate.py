@@ -518,3 +518,20 @@ def test_a_row_saved_before_the_crop_sampler_counts_as_tfs(augment, changed):
   assert changes == (['dataset.crop_sampler: tf -> torchvision'] if changed else [])
   saved['dataset']['crop_sampler'] = 'torchvision'
   assert ablation_rows.config_changes(saved, current) == []
+
+
+def test_a_diverging_row_lets_the_others_finish_then_names_itself(tmp_path, digits_dir):
+  """'wild' diverges (its training loss NaN), 'dead' too (its weights finite, its outputs
+  NaN at the final evaluation): neither is saved nor blocks 'paper'."""
+  rate = lambda lr: {'branches': ('conv3x3',), 'optimizer': {'learning_rate': lr}}
+  sets = {'wild': rate(1e30), 'dead': rate(1e4), 'paper': branches.PAPER_BRANCHES}
+  config = ablation_config(digits_dir, sets, **{'ablation.seeds': 1})
+  lines = []
+  message = r"'wild' \(seed 0\), 'dead' \(seed 0\) diverged; every other run is done.*only=paper;"
+  with pytest.raises(trainer.TrainingDivergedError, match=message):
+    ablate.run_ablation(config, tmp_path / 'work', log=lines.append)
+  assert any(line.startswith("[1/3] wild, seed 0: Row 'wild': ") for line in lines), lines
+  assert any('dead, seed 0: ' in line and 'evaluation loss is nan' in line for line in lines)
+  assert (tmp_path / 'work' / 'paper' / 'seed0' / ablate.ROW_FILE).exists()
+  assert not (tmp_path / 'work' / 'wild' / 'seed0' / ablate.ROW_FILE).exists()
+  assert not (tmp_path / 'work' / 'ablation.md').exists()

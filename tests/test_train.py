@@ -12,8 +12,10 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -621,6 +623,15 @@ def test_a_failed_evaluation_keeps_its_checkpoint_and_is_redone_on_resume(
   # The second run's intervals but its first (which compiled): steps 5 and 6.
   rates = {r['step']: r['train/images_per_sec'] for r in records if 'train/loss' in r}
   assert summary['train_images_per_sec'] == pytest.approx(rates[6], rel=1e-12)
+
+
+def test_statistics_that_are_not_finite_are_not_checkpointed():
+  state = types.SimpleNamespace(
+    params={'kernel': jnp.ones(2)}, batch_stats={'var': jnp.array([1.0, jnp.inf])}
+  )
+  ckpt = types.SimpleNamespace(latest_step=lambda: 4)
+  with pytest.raises(trainer.TrainingDivergedError, match='batch_stats are not finite after'):
+    trainer._save(ckpt, state, 6, {}, run=None)
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, digits_dir, monkeypatch):

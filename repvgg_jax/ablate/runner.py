@@ -304,7 +304,8 @@ def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None]
     AblationError: a bad ablation config, or runs made with another config
       (checked for all of them before anything trains).
     trainer.ConfigError, data.DatasetNotFoundError: as `trainer.train_and_evaluate`.
-    trainer.TrainingDivergedError: a run diverged (earlier runs are kept).
+    trainer.TrainingDivergedError: runs diverged: raised once every other run is
+      done (and kept), naming the rows, before the timing and the reports.
     Preempted: a SIGTERM stopped a run after its checkpoint.
   """
   workdir = pathlib.Path(workdir).absolute()
@@ -312,13 +313,28 @@ def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None]
   settings, int8 = bench_settings(config), int8_batches(config)
   workdir.mkdir(parents=True, exist_ok=True)
   count, index, records = sum(len(by_seed) for by_seed in runs.values()), 0, {}
+  diverged = {}  # Row -> its seeds that diverged; the other runs still go on.
   for seed in seeds(config):  # Seed by seed: the first seed's rows are all done first.
     for name, by_seed in runs.items():
       index += 1
       tag = f'[{index}/{count}] {name}, seed {seed}'
       directory = run_dir(workdir, name, seed)
-      record = _ablate_run(tag, name, by_seed[seed], directory, labels[name], int8, log)
+      try:
+        record = _ablate_run(tag, name, by_seed[seed], directory, labels[name], int8, log)
+      except trainer.TrainingDivergedError as error:
+        log(f'{tag}: {error}')
+        diverged.setdefault(name, []).append(seed)
+        continue
       records.setdefault(name, []).append(record)
+  if diverged:
+    others = ','.join(name for name in runs if name not in diverged)
+    which = ', '.join(
+      f'{name!r} (seed {", ".join(map(str, row_seeds))})' for name, row_seeds in diverged.items()
+    )
+    raise trainer.TrainingDivergedError(
+      f'{which} diverged; every other run is done. A table of the others: '
+      f'--config.ablation.only={others or "<other rows>"}; or change the settings of these.'
+    )
   log(f'Timing the rows round robin ({settings["runs"]} rounds of batch {settings["batch"]})')
   first = {name: by_seed[config.seed] for name, by_seed in runs.items()}  # The first seed's.
   speeds = time_rows(first, workdir, settings)

@@ -177,6 +177,11 @@ class RunLog:
     self.bar.update(step, metrics)
 
   def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+    if not math.isfinite(metrics['eval/loss']):  # Finite weights whose activations overflow.
+      raise TrainingDivergedError(
+        f"The evaluation loss is {metrics['eval/loss']} at step {step}: the model's outputs "
+        'are not finite. Lower optimizer.learning_rate and train again in a new --workdir.'
+      )
     self.eval_metrics = m = metrics
     self.writer.write(step, m)
     self.bar.write(

@@ -665,12 +665,14 @@ def _evaluation_missed(run, schedule, step: int) -> bool:
 
 
 def _save(ckpt: checkpointing.Checkpoints, state, step: int, meta: dict, run) -> None:
-  """Checkpoints ``state`` at ``step`` in the background; refuses non-finite parameters."""
-  if not _finite(state.params):
-    raise TrainingDivergedError(
-      f'The parameters are not finite after step {step}: not checkpointed; the last good '
-      f'checkpoint (step {ckpt.latest_step()}) is kept. Lower optimizer.learning_rate.'
-    )
+  """Checkpoints ``state`` at ``step`` in the background; refuses non-finite parameters
+  or BatchNorm statistics (activations that overflowed leave the parameters finite)."""
+  for part in ('params', 'batch_stats'):
+    if not _finite(getattr(state, part)):
+      raise TrainingDivergedError(
+        f'The {part} are not finite after step {step}: not checkpointed; the last good '
+        f'checkpoint (step {ckpt.latest_step()}) is kept. Lower optimizer.learning_rate.'
+      )
   # With the rate so far, which a rerun reports if the final evaluation fails.
   rate = {'train_images_per_sec': run.images_per_sec()}
   ckpt.save(step, _state_tree(state), {**meta, 'step': step, **rate})
