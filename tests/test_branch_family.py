@@ -8,6 +8,7 @@ conv implementations, then whole A0 models per ablation set.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -410,3 +411,35 @@ def test_blocks_without_batchnorm_fuse(branch_sets):
   assert relative_error(deploy.apply(fused, images), model.apply(variables, images)) <= 1e-5
   block = variables['params']['stage0_block0']
   assert set(fusion.fuse_block(block, None)['reparam']) == {'kernel', 'bias'}
+
+
+class _LayerScale(nn.Module):
+  """``x * scale``, per channel: a parameter named as BatchNorm's, but no BatchNorm."""
+
+  @nn.compact
+  def __call__(self, x):
+    return x * self.param('scale', nn.initializers.ones, (x.shape[-1],))
+
+
+def _layer_scale_fuse(params, batch_stats, in_per_group):
+  assert not batch_stats  # It keeps no statistics.
+  scale = params['scale']
+  return branches.identity_kernel(scale.shape[0], in_per_group, scale.dtype) * scale, 0 * scale
+
+
+def test_a_kind_with_a_scale_that_is_no_batchnorm_fuses():
+  kind = branches.BranchKind(
+    'layer_scale_test',
+    lambda features, strides, groups, conv, norm, name: _LayerScale(name=name),
+    _layer_scale_fuse,
+    applies=branches.IDENTITY.applies,
+  )
+  if 'layer_scale_test' not in branches.BRANCH_KINDS:
+    branches.register_branch(kind)
+  model = repvgg_jax.create_model('A0', num_classes=10, branches=('conv3x3', 'layer_scale_test'))
+  variables = random_variables(model, (1, 16, 16, 3), seed=4)
+  assert 'layer_scale_test' not in variables['batch_stats']['stage1_block1']
+  fused = repvgg_jax.fuse_params(variables)
+  deploy = repvgg_jax.create_model('A0', num_classes=10, deploy=True)
+  images = normal((2, 16, 16, 3), seed=2)
+  assert relative_error(deploy.apply(fused, images), model.apply(variables, images)) <= 1e-5

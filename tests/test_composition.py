@@ -290,7 +290,7 @@ def test_frozen_trees_mixed_trees_and_backbones_built_to_a_stage():
 
 
 def test_branch_layouts_are_read_apart_from_the_module_that_asks():
-  trees.branch_layout.cache_clear()
+  trees._branch_variables.cache_clear()
 
   class Asks(nn.Module):
     @nn.compact

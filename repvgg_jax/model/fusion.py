@@ -157,41 +157,52 @@ def _check_block(block_params: Tree, block_stats: Tree, name: str) -> None:
     layout = sorted(map('/'.join, layout))
     if found != layout:
       raise FusionError(f'{where} holds {found}, not the layers of a {branch} branch: {layout}.')
-    if _has_norm(params) and branch not in block_stats:
+    if _norms(branch) and branch not in block_stats:
       raise FusionError(
         f'{where} has no batch_stats: fuse_params needs the BatchNorm statistics of the '
         "trained model (variables['batch_stats'])."
       )
-    _check_stats_shapes(params, block_stats.get(branch, {}), where)
+    _check_stats_shapes(params, block_stats.get(branch, {}), _norms(branch), where)
   block_channels(block_params, name)
 
 
-def _has_norm(params: Tree) -> bool:
-  """Whether ``params`` (a block's or a branch's) holds a BatchNorm."""
-  return any(path[-1] == 'scale' for path in trees.leaf_paths(params))
+def _norms(branch: str) -> frozenset[trees.Path]:
+  """The paths of the BatchNorms in a block's entry ``branch`` (none for an unknown
+  kind, which `_check_block` names)."""
+  if branch == POST_NORM_KEY:
+    return frozenset({()})
+  try:
+    branches_lib.get_branch(branch)
+  except ValueError:
+    return frozenset()
+  return trees.branch_norms(branch)
 
 
-def _check_stats_shapes(params: Tree, stats: Tree, where: str) -> None:
-  """Every BatchNorm must have statistics of its scale's shape.
+def _has_norm(block_params: Tree) -> bool:
+  """Whether a block holds a BatchNorm, whose statistics its fusion needs."""
+  return any(_norms(branch) for branch in block_params)
+
+
+def _check_stats_shapes(params: Tree, stats: Tree, norms, where: str) -> None:
+  """Every BatchNorm (at the paths ``norms`` in the branch) must have statistics of its
+  scale's shape.
 
   Whether the scale fits the conv before it is the branch kind's check
   (`BranchKind.channels`, in `block_channels`).
   """
-  if 'scale' in params:
+  for path in sorted(norms):
+    here = '/'.join((where, *path))
+    norm_stats, scale = trees.subtree(stats, path), trees.subtree(params, (*path, 'scale'))
+    if norm_stats is None:
+      raise FusionError(f'{here}: batch_stats lacks this BatchNorm.')
     for stat in ('mean', 'var'):
-      if stat not in stats:
-        raise FusionError(f'{where}: batch_stats lacks {stat!r}.')
-      if stats[stat].shape != params['scale'].shape:
+      if stat not in norm_stats:
+        raise FusionError(f'{here}: batch_stats lacks {stat!r}.')
+      if scale is not None and norm_stats[stat].shape != scale.shape:
         raise FusionError(
-          f'{where}: batch_stats {stat!r} has shape {stats[stat].shape} but the BatchNorm '
-          f'scale has {params["scale"].shape}: params and batch_stats come from '
-          'different models.'
+          f'{here}: batch_stats {stat!r} has shape {norm_stats[stat].shape} but the BatchNorm '
+          f'scale has {scale.shape}: params and batch_stats come from different models.'
         )
-  for key, value in params.items():
-    if isinstance(value, Mapping):
-      if key not in stats and 'scale' in value:
-        raise FusionError(f'{where}/{key}: batch_stats lacks this BatchNorm.')
-      _check_stats_shapes(value, stats.get(key, {}), f'{where}/{key}')
 
 
 def missing_blocks(params: Tree) -> list[str]:

@@ -56,15 +56,31 @@ class _BranchProbe(nn.Module):
 
 
 @functools.cache
-def branch_layout(name: str) -> frozenset[Path]:
-  """The leaf paths of the parameters of branch kind ``name``, as its module
-  builds them (``{('conv', 'kernel'), ('bn', 'scale'), ('bn', 'bias')}`` for
-  ``conv3x3``); they do not depend on the block's shape (read at 4 -> 4
-  channels, stride 1)."""
+def _branch_variables(name: str) -> dict[str, frozenset[Path]]:
+  """``{collection: leaf paths}`` of a lone branch of kind ``name``, read at 4 -> 4
+  channels, stride 1 (they do not depend on the block's shape)."""
   probe = _BranchProbe(name, parent=None)  # Unbound, even when called inside a module.
   images = jax.ShapeDtypeStruct((1, 5, 5, 4), jnp.float32)
   shapes = jax.eval_shape(lambda x: probe.init(jax.random.key(0), x), images)
-  return frozenset(leaf_paths(shapes['params']['branch']))
+  return {
+    collection: frozenset(leaf_paths(tree.get('branch', {}))) for collection, tree in shapes.items()
+  }
+
+
+def branch_layout(name: str) -> frozenset[Path]:
+  """The leaf paths of the parameters of branch kind ``name``, as its module
+  builds them (``{('conv', 'kernel'), ('bn', 'scale'), ('bn', 'bias')}`` for
+  ``conv3x3``)."""
+  return _branch_variables(name)['params']
+
+
+def branch_norms(name: str) -> frozenset[Path]:
+  """The paths of the BatchNorms in a branch of kind ``name``, the layers that keep
+  running statistics: ``{('bn',)}`` for ``conv3x3``, ``{()}`` for ``identity``
+  (the branch is one), none for ``conv1x1_nobn``. A parameter called ``scale``
+  in another layer is no BatchNorm."""
+  stats = _branch_variables(name).get('batch_stats', frozenset())
+  return frozenset(path[:-1] for path in stats)
 
 
 def same_shapes(a: Tree, b: Tree) -> bool:
