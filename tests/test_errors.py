@@ -104,6 +104,23 @@ def test_expected_variant_is_checked(a0):
 def test_not_variables():
   with pytest.raises(FusionError, match="takes {'params', 'batch_stats'}"):
     repvgg_jax.fuse_params({'weights': {}})
+  for params, got in ((None, 'NoneType'), ([1], 'list')):
+    with pytest.raises(FusionError, match=f"'params'\\] must be a mapping .*got a {got}"):
+      repvgg_jax.fuse_params({'params': params})
+
+
+@pytest.mark.parametrize(
+  'options,message',
+  [
+    ({'branches': None}, 'branches must be a sequence of names, got None'),
+    ({'branches': ('conv3x3', 'conv3x3')}, 'branches repeats a branch kind'),
+    ({'groups': True}, 'groups must be a positive int, got True'),
+  ],
+)
+def test_bad_block_options(options, message):
+  block = repvgg_jax.RepVGGBlock(8, **options)
+  with pytest.raises(ValueError, match=message):
+    block.init(jax.random.key(0), jnp.zeros((1, 8, 8, 8)))
 
 
 @pytest.mark.parametrize(

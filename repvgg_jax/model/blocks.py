@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repvgg_jax.model import branches as branches_lib
+from repvgg_jax.model import variants
 
 Array = Any
 
@@ -118,15 +119,17 @@ class RepVGGBlock(nn.Module):
     where = self._where()
     for field in ('features', 'strides', 'groups'):
       value = getattr(self, field)
-      if not isinstance(value, (int, np.integer)) or value < 1:
+      if not variants.is_count(value) or value < 1:
         raise ValueError(f'{where}: {field} must be a positive int, got {value!r}.')
     if in_channels % self.groups or self.features % self.groups:
       raise ValueError(
         f'{where}: groups={self.groups} must divide the {in_channels} input channels and '
         f'the {self.features} output channels.'
       )
-    if isinstance(self.branches, str):
+    if isinstance(self.branches, str) or not isinstance(self.branches, Sequence):
       raise ValueError(f'{where}: branches must be a sequence of names, got {self.branches!r}.')
+    if len(set(self.branches)) != len(self.branches):
+      raise ValueError(f'{where}: branches repeats a branch kind: {tuple(self.branches)}.')
     kinds = active_branches(self.branches, in_channels, self.features, self.strides)
     if not kinds:
       raise ValueError(

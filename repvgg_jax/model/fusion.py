@@ -340,6 +340,9 @@ def fuse_params(variables: Tree, *, model: str | None = None) -> dict:
       batch_stats, mixes shapes of different models, or (with ``model``)
       holds another variant.
   """
+  if isinstance(variables, Mapping) and not isinstance(variables.get('params', {}), Mapping):
+    got = type(variables['params']).__name__
+    raise FusionError(f"variables['params'] must be a mapping of parameters, got a {got}.")
   if not isinstance(variables, Mapping) or 'params' not in variables:
     got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
     raise FusionError(f"fuse_params takes {{'params', 'batch_stats'}} variables, got {got}.")

@@ -60,7 +60,8 @@ class RepVGG(nn.Module):
       blocks after the last of them are left out.
     frozen_stages: the first ``frozen_stages`` stages run in inference mode
       even in training (BatchNorm on its running statistics, which stay as
-      they are) and pass no gradient back, so the backward pass skips them:
+      they are) and pass no gradient back (neither to layers before the
+      model), so the backward pass skips them:
       fine-tuning with a frozen stem; the optimizer keeps their parameters
       fixed (`repvgg_jax.train.optim`).
   """
