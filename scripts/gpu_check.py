@@ -381,15 +381,17 @@ def end_to_end(run: Run) -> None:
   (run.out / 'train_log.txt').write_text(result.stdout + result.stderr)
   summary = json.loads((workdir / 'summary.json').read_text()) if result.returncode == 0 else {}
   rate = summary.get('train_images_per_sec')
-  if result.returncode:
-    tail = result.stderr.strip()[-300:]
-    run.say(f'train.py failed (exit {result.returncode}, train_log.txt): {tail}')
   run.row({'kind': 'end_to_end', 'returncode': result.returncode, **summary})
   model_rate = getattr(run, 'model_rate', None)
-  run.say(
-    f'train.py: {rate or 0:,.0f} img/s over {steps} steps (model only: {model_rate or 0:,.0f})'
-  )
-  rows = bench_input.benchmark_input(128 if run.smoke else 512, sizes['size'], 2, rate or 1.0)
+  if result.returncode:  # The input bench below still runs: it needs no train.py.
+    last = (result.stderr.strip().splitlines() or [''])[-1][:300]
+    run.say(f'train.py failed (exit {result.returncode}; train_log.txt): {last}')
+  else:
+    run.say(
+      f'train.py: {rate or 0:,.0f} img/s over {steps} steps (model only: {model_rate or 0:,.0f})'
+    )
+  goal = rate or model_rate or 1.0  # The rate the input pipeline must reach.
+  rows = bench_input.benchmark_input(128 if run.smoke else 512, sizes['size'], 2, goal)
   for row in rows:
     run.row(row)
   run.say('', bench_input.format_input(rows))

@@ -527,7 +527,7 @@ def test_a_diverging_row_lets_the_others_finish_then_names_itself(tmp_path, digi
   sets = {'wild': rate(1e30), 'dead': rate(1e4), 'paper': branches.PAPER_BRANCHES}
   config = ablation_config(digits_dir, sets, **{'ablation.seeds': 1})
   lines = []
-  message = r"'wild' \(seed 0\), 'dead' \(seed 0\) diverged; every other run is done.*only=paper;"
+  message = r"'wild' \(seed 0\), 'dead' \(seed 0\) diverged; every other run is done.*only=paper\)"
   with pytest.raises(trainer.TrainingDivergedError, match=message):
     ablate.run_ablation(config, tmp_path / 'work', log=lines.append)
   assert any(line.startswith("[1/3] wild, seed 0: Row 'wild': ") for line in lines), lines

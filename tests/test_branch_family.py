@@ -427,15 +427,14 @@ def _layer_scale_fuse(params, batch_stats, in_per_group):
   return branches.identity_kernel(scale.shape[0], in_per_group, scale.dtype) * scale, 0 * scale
 
 
-def test_a_kind_with_a_scale_that_is_no_batchnorm_fuses():
+def test_a_kind_with_a_scale_that_is_no_batchnorm_fuses(monkeypatch):
   kind = branches.BranchKind(
     'layer_scale_test',
     lambda features, strides, groups, conv, norm, name: _LayerScale(name=name),
     _layer_scale_fuse,
     applies=branches.IDENTITY.applies,
   )
-  if 'layer_scale_test' not in branches.BRANCH_KINDS:
-    branches.register_branch(kind)
+  monkeypatch.setitem(branches.BRANCH_KINDS, kind.name, kind)  # Registered for this test.
   model = repvgg_jax.create_model('A0', num_classes=10, branches=('conv3x3', 'layer_scale_test'))
   variables = random_variables(model, (1, 16, 16, 3), seed=4)
   assert 'layer_scale_test' not in variables['batch_stats']['stage1_block1']

@@ -112,7 +112,7 @@ def test_not_variables():
 @pytest.mark.parametrize(
   'options,message',
   [
-    ({'branches': None}, 'branches must be a sequence of names, got None'),
+    ({'branches': None}, 'branches must be a collection of branch names, got None'),
     ({'branches': ('conv3x3', 'conv3x3')}, 'branches repeats a branch kind'),
     ({'groups': True}, 'groups must be a positive int, got True'),
   ],
@@ -131,7 +131,7 @@ def test_bad_block_options(options, message):
     (('conv3x3', 'conv3x3'), 'repeats a branch kind'),
     ([('conv3x3',)] * 4, 'one set per stage'),
     ('conv3x3', 'must be a sequence of branch names'),
-    ([None] * 5, 'branches of stage 0 must be a sequence of branch names, got None'),
+    ([None] * 5, 'branches of stage 0 must be a collection of branch names, got None'),
   ],
 )
 def test_bad_branch_sets(branches, message):
@@ -183,8 +183,10 @@ def test_bad_model_options(options, message):
 def test_numpy_integers_are_counts():
   model = repvgg_jax.create_model('A0', num_classes=np.int64(10))
   assert model.num_classes == 10 and type(model.num_classes) is int
-  backbone = repvgg_jax.create_model('A0', num_classes=0, out_indices=[np.int64(4), 2])
+  backbone = repvgg_jax.create_model('A0', num_classes=0, out_indices=np.array([4, 2]))
   assert backbone.out_indices == (2, 4) and all(type(s) is int for s in backbone.out_indices)
+  sets = repvgg_jax.create_model('A0', branches=[frozenset({'conv3x3', 'identity'})] * 5)
+  assert all(set(names) == {'conv3x3', 'identity'} for names in sets.branches)
 
 
 @pytest.mark.parametrize(
@@ -192,6 +194,7 @@ def test_numpy_integers_are_counts():
   [
     ({'num_blocks': (1, 1, 1)}, r'num_blocks must be 4 positive ints .*got \(1, 1, 1\)'),
     ({'num_blocks': (1, 0, 1, 1)}, 'num_blocks must be 4 positive ints'),
+    ({'num_blocks': 3}, r'num_blocks must be 4 positive ints .*got 3\.'),
     ({'width_multipliers': (0.01, 1)}, r'width_multipliers \(0.01, 1\) leave a stage without'),
     ({'groups': 0}, 'groups must be a positive int'),
     ({'block': 'resnet'}, "block must be one of .*got 'resnet'"),

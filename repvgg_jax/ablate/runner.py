@@ -331,9 +331,10 @@ def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None]
     which = ', '.join(
       f'{name!r} (seed {", ".join(map(str, row_seeds))})' for name, row_seeds in diverged.items()
     )
+    table = f'table the others with --config.ablation.only={others}' if others else 'no row left'
     raise trainer.TrainingDivergedError(
-      f'{which} diverged; every other run is done. A table of the others: '
-      f'--config.ablation.only={others or "<other rows>"}; or change the settings of these.'
+      f'{which} diverged; every other run is done ({table}). To change the settings of a '
+      f'diverged row, delete its directory in {workdir} first.'
     )
   log(f'Timing the rows round robin ({settings["runs"]} rounds of batch {settings["batch"]})')
   first = {name: by_seed[config.seed] for name, by_seed in runs.items()}  # The first seed's.

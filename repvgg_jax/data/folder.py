@@ -7,7 +7,9 @@ mode (grey and RGBA become RGB); hidden files and folders are ignored. Without
 images, from ``train/`` or from class folders directly under ``DIR``. Each
 image's side is decided by a hash of its path within its class folder, so the
 held-out images are the same whatever the seed, and adding images or classes
-never moves an image that was trained on into validation.
+never moves an image that was trained on into validation (but in a class
+whose every image falls under the fraction: one of them is kept to train on,
+the one with the highest hash, which an added image can take over).
 
 Batches go through the ImageNet pipeline (`repvgg_jax.data.input_pipeline`)
 and, like the tfds ones, are a pure function of ``(seed, step)``: every epoch

@@ -126,14 +126,11 @@ class RepVGGBlock(nn.Module):
         f'{where}: groups={self.groups} must divide the {in_channels} input channels and '
         f'the {self.features} output channels.'
       )
-    if isinstance(self.branches, str) or not isinstance(self.branches, Sequence):
-      raise ValueError(f'{where}: branches must be a sequence of names, got {self.branches!r}.')
-    if len(set(self.branches)) != len(self.branches):
-      raise ValueError(f'{where}: branches repeats a branch kind: {tuple(self.branches)}.')
-    kinds = active_branches(self.branches, in_channels, self.features, self.strides)
+    names = branches_lib.branch_names(self.branches, f'{where}: branches')
+    kinds = active_branches(names, in_channels, self.features, self.strides)
     if not kinds:
       raise ValueError(
-        f'{where}: none of the branches {tuple(self.branches)} applies to a block from '
+        f'{where}: none of the branches {names} applies to a block from '
         f'{in_channels} to {self.features} channels at stride {self.strides}: add a '
         "convolutional branch such as 'conv3x3'."
       )

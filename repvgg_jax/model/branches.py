@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -166,6 +166,17 @@ def known_branches() -> str:
   """The registered kinds and families, for error messages."""
   families = '; families: ' + ', '.join(BRANCH_FAMILIES) if BRANCH_FAMILIES else ''
   return ', '.join(sorted(BRANCH_KINDS)) + families
+
+
+def branch_names(names, what: str) -> tuple[str, ...]:
+  """``names`` (any collection of branch-kind names but a string) as a tuple; a
+  ValueError naming ``what`` for anything else, or for a name given twice."""
+  if isinstance(names, str) or not isinstance(names, Collection):
+    raise ValueError(f'{what} must be a collection of branch names, got {names!r}.')
+  names = tuple(names)
+  if len(set(names)) != len(names):
+    raise ValueError(f'{what} repeats a branch kind: {names}.')
+  return names
 
 
 def get_branch(name: str) -> BranchKind:

@@ -9,7 +9,7 @@ block holds the fused 3x3 conv ``reparam`` with a bias.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from repvgg_jax.model import branches as branches_lib
 from repvgg_jax.model import trees, variants
 from repvgg_jax.model.blocks import (
   RepVGGBlock,
@@ -190,13 +191,7 @@ def normalize_branches(branches) -> tuple[tuple[str, ...], ...]:
     )
   result = []
   for stage, names in enumerate(per_stage):
-    if isinstance(names, str) or not isinstance(names, Sequence):
-      raise ValueError(
-        f'The branches of stage {stage} must be a sequence of branch names, got {names!r}.'
-      )
-    names = tuple(names)
-    if len(set(names)) != len(names):
-      raise ValueError(f'Stage {stage} repeats a branch kind: {names}.')
+    names = branches_lib.branch_names(names, f'The branches of stage {stage}')
     if not active_branches(names, 3, 4, 2):
       raise ValueError(
         f'Stage {stage} has branches {names}, none of which can change the resolution '
@@ -316,7 +311,7 @@ def _check_out_indices(out_indices: Sequence[int], num_classes: int) -> tuple[in
   everything = tuple(range(NUM_STAGES))
   if variants.is_count(out_indices):
     stages = (int(out_indices),)
-  elif isinstance(out_indices, Sequence) and all(variants.is_count(s) for s in out_indices):
+  elif isinstance(out_indices, Collection) and all(variants.is_count(s) for s in out_indices):
     stages = tuple(map(int, out_indices))
   else:
     stages = ()  # Refused below.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import re
+from collections.abc import Collection
 from typing import NamedTuple
 
 import numpy as np
@@ -85,7 +86,8 @@ class Variant:
   block: str = 'repvgg'
 
   def __post_init__(self):
-    counts, widths = tuple(self.num_blocks), tuple(self.width_multipliers)
+    listed = lambda value: tuple(value) if isinstance(value, Collection) else (value,)
+    counts, widths = listed(self.num_blocks), listed(self.width_multipliers)
     problem = None
     if len(counts) != 4 or not all(is_count(n) and n >= 1 for n in counts):
       problem = f'num_blocks must be 4 positive ints (stages 1-4), got {self.num_blocks!r}'
