@@ -71,7 +71,7 @@ def branch_layout(name: str) -> frozenset[Path]:
   """The leaf paths of the parameters of branch kind ``name``, as its module
   builds them (``{('conv', 'kernel'), ('bn', 'scale'), ('bn', 'bias')}`` for
   ``conv3x3``)."""
-  return _branch_variables(name)['params']
+  return _branch_variables(name).get('params', frozenset())
 
 
 def branch_norms(name: str) -> frozenset[Path]:
