@@ -379,12 +379,6 @@ def main(argv=None) -> int:
     with_torch = False  # Not compared with float32 PyTorch unasked.
   if args.command == 'train':
     with_torch = _check_train(parser, args, with_torch)
-  if args.command == 'train' and args.freeze_stages:
-    if not 0 < args.freeze_stages <= network.NUM_STAGES:
-      parser.error(f'--freeze-stages must be from 0 to {network.NUM_STAGES}.')
-    if args.torch:
-      parser.error('--torch: the PyTorch step trains every stage; leave out --freeze-stages.')
-    with_torch = False
   common = dict(runs=args.runs, warmup=args.warmup, dtype=args.dtype, conv_impl=args.conv_impl)
   if args.command == 'train':
     try:
@@ -418,7 +412,8 @@ def main(argv=None) -> int:
 
 def _check_train(parser, args, with_torch: bool) -> bool:
   """Refuses ``train`` settings that cannot run; returns whether PyTorch still runs
-  (its channels-last training step crashes on CPUs at large images: left out)."""
+  (not with frozen stages; its channels-last training step crashes on CPUs at large
+  images: left out)."""
   if args.num_classes < 1 or args.steps_per_call < 1 or args.bn_group_size < 0:
     parser.error('--num-classes and --steps-per-call must be positive, --bn-group-size >= 0.')
   if args.bn_group_size and args.batch % args.bn_group_size:
@@ -432,6 +427,12 @@ def _check_train(parser, args, with_torch: bool) -> bool:
         parser.error(f'{crashes} (seen at 224): use --torch-layouts nchw at {args.size}.')
       print(f'{crashes} (seen at 224): timed in NCHW only at {args.size}.', file=sys.stderr)
     args.torch_layouts = ('nchw',)
+  if args.freeze_stages:
+    if not 0 < args.freeze_stages <= network.NUM_STAGES:
+      parser.error(f'--freeze-stages must be from 0 to {network.NUM_STAGES}.')
+    if args.torch:
+      parser.error('--torch: the PyTorch step trains every stage; leave out --freeze-stages.')
+    with_torch = False
   return with_torch
 
 
