@@ -9,7 +9,8 @@ grey and RGBA become RGB), or only ``<class>/*`` folders with
 this package, a .pth/.safetensors/.npz file (the reference's or timm's keys) or
 a hub reference such as ``hf-hub:timm/repvgg_a0.rvgg_in1k``; the backbone must
 match ``model.name`` exactly, and the classifier is re-initialised when the
-number of classes differs (one log line says which). The number of classes is
+classes differ in number, or in names where the source recorded them (one log
+line says which). The number of classes is
 that of the folder. Then ``python -m repvgg_jax.predict W IMAGE...`` names the
 classes of new images with the fused model.
 

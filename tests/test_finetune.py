@@ -13,7 +13,7 @@ from helpers import CLASSES, checkpoint_params, make_folder, restore_checkpoint,
 from repvgg_jax import predict
 from repvgg_jax.interop import export
 from repvgg_jax.model import create_model
-from repvgg_jax.train import checkpointing, run_files, trainer
+from repvgg_jax.train import checkpointing, finetune, run_files, trainer
 
 STEPS = {'num_train_steps': 4, 'checkpoint_every_steps': 2}
 
@@ -77,6 +77,31 @@ def test_another_number_of_classes_gets_a_new_classifier(source, images, tmp_pat
   assert params['linear']['kernel'].shape[-1] == 3 and summary['steps'] == 6
   assert meta['classes'] == list(CLASSES)
   assert json.loads((tmp_path / run_files.CLASSES_FILE).read_text()) == list(CLASSES)
+
+
+@pytest.mark.parametrize('reorder', [lambda names: names[::-1], lambda names: names[:9] + ['x']])
+def test_a_source_of_other_class_names_gets_a_new_classifier(source, digits_dir, tmp_path, reorder):
+  renamed = tmp_path / 'renamed'
+  shutil.copytree(source, renamed)
+  names = json.loads((source / run_files.CLASSES_FILE).read_text())
+  (renamed / run_files.CLASSES_FILE).write_text(json.dumps(reorder(names)))
+  config = tiny_config(digits_dir, init_from=str(renamed))
+  model = trainer.build_model(config, train=True)
+  size = config.dataset.image_size
+  fresh = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  loaded, line = finetune.initial_variables(config, fresh, names)
+  assert 'the classifier starts from random weights: the source was trained on other' in line
+  assert_trees_equal(loaded['params']['linear'], fresh['params']['linear'])
+  assert_trees_equal(blocks(loaded['params']), blocks(checkpoint_params(source)[0]))
+  # The same names, or none recorded (a weight file, a checkpoint copied alone), keep it.
+  (renamed / run_files.CLASSES_FILE).unlink()
+  for recorded in (names, None):
+    if recorded:
+      (renamed / run_files.CLASSES_FILE).write_text(json.dumps(recorded))
+    loaded, line = finetune.initial_variables(config, fresh, names)
+    assert line.endswith('its classifier included.'), line
+    assert_trees_equal(loaded['params']['linear'], checkpoint_params(source)[0]['linear'])
+    (renamed / run_files.CLASSES_FILE).unlink(missing_ok=True)
 
 
 def test_frozen_stages_keep_weights_and_statistics(source, images, tmp_path):

@@ -5,18 +5,23 @@ package, a PyTorch ``.pth``/``.pt``, ``.safetensors`` or ``.npz`` file (the
 reference's or timm's keys), or an ``hf-hub:`` reference; whatever
 ``python -m repvgg_jax.convert import`` reads (`repvgg_jax.interop.pretrained`).
 Every backbone tensor must match in name and shape; the classifier is kept
-only when its number of classes is the config's, else it is re-initialised.
+only when it classifies the dataset's classes: the same number of them, and the
+same names in the same order where the source's run recorded its names (a
+workdir's ``classes.json``). Else it is re-initialised.
 ``config.freeze_stages`` and ``optimizer.backbone_lr_multiplier`` are applied by
 the model and the optimizer; a resumed run restores its own checkpoint instead.
 """
 
 from __future__ import annotations
 
+import pathlib
 import warnings
+from collections.abc import Sequence
 
 from repvgg_jax.interop import pretrained
 from repvgg_jax.interop.torch_layout import ConversionError
 from repvgg_jax.model import fusion, network, variants
+from repvgg_jax.train import run_files
 
 
 def check_config(config) -> str | None:
@@ -38,9 +43,15 @@ def check_config(config) -> str | None:
   return None
 
 
-def initial_variables(config, variables: dict) -> tuple[dict, str]:
+def initial_variables(
+  config, variables: dict, classes: Sequence[str] | None = None
+) -> tuple[dict, str]:
   """``variables`` (the model's, freshly initialised) with the weights of
   ``config.init_from``, and one line saying what was loaded.
+
+  ``classes`` are the dataset's class names, where it names them: a source run
+  that recorded other names (or the same in another order) gets no say in the
+  classifier, whose outputs would mean other classes.
 
   Raises:
     ValueError: nothing readable at ``init_from``, or weights of another
@@ -51,19 +62,43 @@ def initial_variables(config, variables: dict) -> tuple[dict, str]:
     weights = pretrained.read_weights(source)
     _check_variant(config, weights['params'], source)
     classifier = weights['params'].get(pretrained.CLASSIFIER)
+    count = None if classifier is None else classifier['kernel'].shape[-1]
+    renamed = _renamed_classes(source, classes) if count == len(classes or ()) else None
+    if renamed:  # The model's own initialisation in its place.
+      own = variables['params'][pretrained.CLASSIFIER]
+      weights = {**weights, 'params': {**weights['params'], pretrained.CLASSIFIER: own}}
     with warnings.catch_warnings():  # Said in the returned line instead.
       warnings.filterwarnings('ignore', message='The weights have .* classes')
       loaded = pretrained.load_weights(variables, weights, source=source)
   except (FileNotFoundError, ConversionError) as error:
     raise ValueError(f'init_from: {error}') from None
   line = f'Initialised {config.model.name} from {source}'
-  classes = None if classifier is None else classifier['kernel'].shape[-1]
-  if classes == config.dataset.num_classes:
+  if renamed:
+    return loaded, f'{line}; the classifier starts from random weights: {renamed}.'
+  if count == config.dataset.num_classes:
     return loaded, f'{line}, its classifier included.'
-  had = f'has {classes} classes' if classes else 'has no classifier'
+  had = f'has {count} classes' if count else 'has no classifier'
   return loaded, (
     f'{line}; the classifier starts from random weights: the source {had}, the config '
     f'{config.dataset.num_classes}.'
+  )
+
+
+def _renamed_classes(source, classes: Sequence[str]) -> str | None:
+  """How the class names recorded by the run at ``source`` differ from ``classes``
+  (the first position where they do), or None: the same, or not recorded."""
+  path = pathlib.Path(source)
+  run = run_files.training_run(path) if path.is_dir() else None
+  recorded = None if run is None else run_files.read_classes(run[0])
+  if recorded is None or list(recorded) == list(classes):
+    return None
+  differ = [i for i, (a, b) in enumerate(zip(recorded, classes)) if a != b]
+  if not differ:  # A record that does not fit its own classifier.
+    return f'the source recorded {len(recorded)} class names, the dataset has {len(classes)}'
+  at = differ[0]
+  return (
+    f'the source was trained on other classes (output {at} is {recorded[at]!r} there, '
+    f'{classes[at]!r} here)'
   )
 
 

@@ -485,15 +485,16 @@ def _compile_steps(config, model, eval_model, deploy_model, mesh):
   return train_fns, eval_fn, fuse_fn, sharded
 
 
-def _fine_tune_from(config, state: steps.TrainState, replicated: NamedSharding):
+def _fine_tune_from(config, state: steps.TrainState, replicated: NamedSharding, classes):
   """``state`` with the weights to start from: ``config.qat.init_from`` (a fused
-  model) for QAT, else ``config.init_from`` (`repvgg_jax.train.finetune`)."""
+  model) for QAT, else ``config.init_from`` (`repvgg_jax.train.finetune`), for a
+  dataset of ``classes``."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   try:
     if qat_enabled(config):
       variables['params'] = qat.initial_params(config, state.params)
     else:
-      variables, line = finetune.initial_variables(config, jax.device_get(variables))
+      variables, line = finetune.initial_variables(config, jax.device_get(variables), classes)
       print(line, file=sys.stderr)
   except ValueError as error:
     raise ConfigError(str(error)) from None
@@ -566,7 +567,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   }
   if start_step == 0 and (qat_enabled(config) or config.get('init_from')):  # Not resumed.
     try:
-      state = _fine_tune_from(config, state, NamedSharding(mesh, P()))
+      state = _fine_tune_from(config, state, NamedSharding(mesh, P()), classes)
     except ConfigError:
       _close_quietly(ckpt)
       raise
