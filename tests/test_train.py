@@ -477,10 +477,20 @@ def test_missing_imagenet_fails_at_once_with_instructions(tmp_path):
   assert time.time() - start < 120  # Imports only: no download attempt, no compilation.
 
 
-def test_unknown_dataset_is_one_line(tmp_path):
-  config = tiny_config(str(tmp_path), **{'dataset.name': 'imagenet_typo'})
-  with pytest.raises(data.DatasetNotFoundError, match="Unknown dataset 'imagenet_typo'.*sklearn"):
+@pytest.mark.parametrize(
+  'name, message',
+  [
+    ('imagenet_typo', "Unknown dataset 'imagenet_typo'.*sklearn"),
+    ('cifar-10', "Cannot build dataset 'cifar-10': Parsing builder name string cifar-10 failed"),
+    ('mnist/foo', "Cannot build dataset 'mnist/foo': BuilderConfig foo not found"),
+    ('mnist:99.0.0', "Cannot build dataset 'mnist:99.0.0': .*99.0.0"),
+  ],
+)
+def test_unknown_dataset_is_one_line(tmp_path, name, message):
+  config = tiny_config(str(tmp_path), **{'dataset.name': name})
+  with pytest.raises(data.DatasetNotFoundError, match=message) as error:
     trainer.train_and_evaluate(config, tmp_path / 'w')
+  assert '\n' not in str(error.value)
 
 
 @pytest.mark.parametrize(
@@ -545,6 +555,9 @@ def test_misspelled_config_field_fails(tmp_path):
     ({'dataset.crop_sampler': 'pil'}, "dataset.crop_sampler is 'pil': choose one of torchvision"),
     ({'num_train_steps': 0, 'num_epochs': 0.005}, 'num_epochs=0.005 is 0 steps of 89 per epoch'),
     ({'batch_size': 2000}, "larger than the 1437 examples of 'train': lower batch_size"),
+    ({'dataset.eval_split': 'validation'}, "dataset.eval_split: Unknown split 'validation'"),
+    ({'seed': -1}, 'seed must be a non-negative integer, got -1'),
+    ({'dataset.shuffle_buffer': 0}, 'dataset.shuffle_buffer must be at least 1'),
   ],
 )
 def test_bad_config_values(tmp_path, digits_dir, overrides, message):

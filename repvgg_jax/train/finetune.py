@@ -92,7 +92,7 @@ def _renamed_classes(source, classes: Sequence[str]) -> str | None:
   recorded = None if run is None else run_files.read_classes(run[0])
   if recorded is None or list(recorded) == list(classes):
     return None
-  differ = [i for i, (a, b) in enumerate(zip(recorded, classes)) if a != b]
+  differ = [i for i, (a, b) in enumerate(zip(recorded, classes, strict=False)) if a != b]
   if not differ:  # A record that does not fit its own classifier.
     return f'the source recorded {len(recorded)} class names, the dataset has {len(classes)}'
   at = differ[0]

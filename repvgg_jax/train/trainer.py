@@ -174,6 +174,13 @@ def check_config(config) -> None:
       f'keep_checkpoints must be at least 1 (the latest, which a resume needs), got '
       f'{config.keep_checkpoints}.'
     )
+  if config.seed < 0:  # NumPy's seeds of the input pipeline are non-negative.
+    raise ConfigError(f'seed must be a non-negative integer, got {config.seed}.')
+  if config.dataset.get('shuffle_buffer', 1) < 1:
+    raise ConfigError(
+      f'dataset.shuffle_buffer must be at least 1 (1: no shuffling), got '
+      f'{config.dataset.shuffle_buffer}.'
+    )
   if config.dataset.image_size < 1 or config.dataset.get('pad_pixels', 0) < 0:
     raise ConfigError(
       'dataset.image_size must be at least 1 and dataset.pad_pixels at least 0, got '
@@ -547,6 +554,11 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
   except ValueError as error:  # A batch larger than the training split, an unknown split.
     raise ConfigError(str(error)) from None
+  if not data.is_folder(config.dataset):  # Else the first evaluation fails, an epoch in.
+    try:
+      data.num_examples(config.dataset, config.dataset.eval_split)
+    except ValueError as error:
+      raise ConfigError(f'dataset.eval_split: {error}') from None
   schedule = Schedule.from_config(config, steps_per_epoch)
   _check_schedule(config, schedule)
   mesh = Mesh(np.array(jax.devices()), ('data',))
