@@ -247,6 +247,23 @@ def test_eval_resize_leaves_images_at_the_input_size_alone():
     input_pipeline.preprocess_for_eval(image, 32, method='crop')
 
 
+@pytest.mark.parametrize('shape', [(300, 451), (451, 300), (375, 500), (333, 333), (229, 1001)])
+@pytest.mark.parametrize('size', [224, 320])
+def test_eval_resize_and_crop_take_torchvision_sizes_and_offsets(shape, size):
+  """As the reference: Resize(int(256 / 224 * size)) then CenterCrop(size), whose
+  sizes and offsets torchvision computes with int() and Python's round()."""
+  resize = int(256 / 224 * size)
+  short, long = sorted(shape)
+  expected = [resize if side == short else int(resize * long / short) for side in shape]
+  image = tf.zeros((*shape, 3), tf.uint8)
+  resized = input_pipeline.resize_shorter_side(image, resize)
+  assert list(resized.shape[:2]) == expected
+  rows, cols = np.meshgrid(np.arange(expected[0]), np.arange(expected[1]), indexing='ij')
+  cropped = input_pipeline.center_crop(tf.constant(np.stack([rows, cols], -1)), size).numpy()
+  offsets = [int(round((side - size) / 2.0)) for side in expected]
+  assert cropped.shape == (size, size, 2) and list(cropped[0, 0]) == offsets
+
+
 def test_pad_crop_shifts_the_zero_padded_image():
   image = np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8)
   padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))

@@ -189,7 +189,9 @@ def test_pixel_operations_match_pil_within_rounding(name, ours, theirs):
   pixels = noise()
   got = np.round(ours(tf.constant(pixels, tf.float32)).numpy())
   expected = np.asarray(theirs(Image.fromarray(pixels)), np.float32)
-  assert np.abs(got - expected).max() <= 1, name
+  # PIL rounds and truncates as it goes; float32 lands on the other side of an
+  # integer for a few pixels at most (rounding only at the end: 16-61% off by 1).
+  assert np.abs(got - expected).max() <= 1 and (got != expected).mean() < 0.02, name
 
 
 @pytest.mark.parametrize(
@@ -200,6 +202,11 @@ def test_pixel_operations_match_pil_within_rounding(name, ours, theirs):
       'shear_x',
       lambda t: randaugment._affine(t, [1.0, 0.2, 0.0, 0.0, 1.0, 0.0]),
       (1, 0.2, 0, 0, 1, 0),
+    ),
+    (
+      'shear_y',
+      lambda t: randaugment._affine(t, [1.0, 0.0, 0.0, -0.25, 1.0, 0.0]),
+      (1, 0, 0, -0.25, 1, 0),
     ),
     (
       'translate_y',
@@ -220,7 +227,8 @@ def test_geometric_operations_match_pil_away_from_the_fill_border(name, ours, ma
   difference = np.abs(
     np.round(ours(tf.constant(pixels, tf.float32)).numpy()) - np.asarray(expected, np.float32)
   )
-  assert np.median(difference) <= 1 and (difference > 3).mean() < 0.05, name
+  # Off only at the fill border (pixel centres as PIL's; half a pixel off: 9-31% differ by > 1).
+  assert np.median(difference) == 0 and (difference > 1).mean() < 0.05, name
 
 
 def test_every_operation_runs_at_every_level_and_keeps_the_range():

@@ -40,20 +40,22 @@ def normalize_image(image: tf.Tensor) -> tf.Tensor:
 
 
 def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Resizes so that the shorter side is ``size``, keeping the aspect ratio."""
+  """Resizes so that the shorter side is ``size``, keeping the aspect ratio; the longer
+  side is ``int(size * long / short)``, as torchvision's ``Resize(size)``."""
   shape = tf.shape(image)
-  height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-  scale = tf.cast(size, tf.float32) / tf.minimum(height, width)
-  new_height = tf.cast(tf.round(height * scale), tf.int32)
-  new_width = tf.cast(tf.round(width * scale), tf.int32)
+  height, width = shape[0], shape[1]
+  short = tf.minimum(height, width)
+  new_height = tf.where(height == short, size, size * height // short)
+  new_width = tf.where(height == short, size * width // short, size)
   return tf.image.resize(image, (new_height, new_width), method='bilinear', antialias=True)
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """The central ``size`` x ``size`` square."""
+  """The central ``size`` x ``size`` square, its offsets ``round(margin / 2)`` (ties to
+  even) as torchvision's ``CenterCrop``."""
   shape = tf.shape(image)
-  top = (shape[0] - size) // 2
-  left = (shape[1] - size) // 2
+  halve = lambda margin: margin // 2 + margin % 2 * (margin // 2 % 2)  # Python's round.
+  top, left = halve(shape[0] - size), halve(shape[1] - size)
   return image[top : top + size, left : left + size]
 
 
@@ -84,7 +86,7 @@ def preprocess_for_eval(
     An ``(image_size, image_size, 3)`` float32 image.
   """
   if method == 'resize_crop':
-    resize_size = int(round(image_size / CROP_FRACTION))
+    resize_size = int(image_size / CROP_FRACTION)  # As the reference's int(256 / 224 * size).
     image = resize_shorter_side(tf.cast(image, tf.float32), resize_size)
     image = center_crop(image, image_size)
   elif method == 'resize':

@@ -55,19 +55,28 @@ CUTOUT_FILL = (125.0, 122.0, 113.0)  # ImageNet's mean colour in [0, 255].
 
 
 def _grey(image: tf.Tensor) -> tf.Tensor:
-  """ITU-R 601-2 luma of a float RGB image, ``(H, W, 1)``, as PIL's ``convert('L')``."""
-  return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
+  """ITU-R 601-2 luma of a float RGB image, ``(H, W, 1)``, rounded to integers as
+  PIL's ``convert('L')``."""
+  luma = tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
+  return tf.floor(luma + 0.5)
 
 
 def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  """PIL's ``ImageEnhance``: ``degenerate + factor * (image - degenerate)``, clipped."""
-  return tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 255.0)
+  """PIL's ``ImageEnhance``: ``degenerate + factor * (image - degenerate)``, clipped
+  and truncated to integers as PIL's ``Image.blend``."""
+  return tf.floor(tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 255.0))
 
 
 def _affine(image: tf.Tensor, matrix) -> tf.Tensor:
   """``image`` sampled at ``matrix`` (a, b, c, d, e, f) applied to each output pixel's
-  ``(x, y)``: the input pixel ``(a x + b y + c, d x + e y + f)``, as PIL's AFFINE."""
-  transform = tf.cast(tf.stack([*matrix, 0.0, 0.0]), tf.float32)[None]
+  ``(x, y)``: the input point ``(a x + b y + c, d x + e y + f)``, as PIL's AFFINE.
+
+  PIL's coordinates put pixel ``i``'s centre at ``i + 0.5``; TensorFlow's, which
+  sample at pixel indices, at ``i``. The matrix is moved from the one to the other.
+  """
+  a, b, c, d, e, f = (tf.cast(value, tf.float32) for value in matrix)
+  c, f = c + 0.5 * (a + b - 1.0), f + 0.5 * (d + e - 1.0)
+  transform = tf.stack([a, b, c, d, e, f, 0.0, 0.0])[None]
   shape = tf.shape(image)[:2]
   out = tf.raw_ops.ImageProjectiveTransformV3(
     images=image[None],
@@ -85,7 +94,8 @@ def auto_contrast(image: tf.Tensor) -> tf.Tensor:
   low = tf.reduce_min(image, axis=(0, 1), keepdims=True)
   high = tf.reduce_max(image, axis=(0, 1), keepdims=True)
   scale = tf.where(high > low, 255.0 / tf.maximum(high - low, 1e-6), 1.0)
-  return tf.where(high > low, (image - low) * scale, image)
+  # Truncated, as PIL's lookup table; a hair added against float32 falling short of an integer.
+  return tf.where(high > low, tf.floor((image - low) * scale + 1e-4), image)
 
 
 def _equalize_channel(channel: tf.Tensor) -> tf.Tensor:
@@ -105,7 +115,8 @@ def equalize(image: tf.Tensor) -> tf.Tensor:
 
 
 def rotate(image: tf.Tensor, degrees: tf.Tensor) -> tf.Tensor:
-  """Counter-clockwise by ``degrees`` about the centre, as PIL's ``rotate``."""
+  """Counter-clockwise by ``degrees`` about the centre, as PIL's ``rotate`` (PIL's
+  coordinates: the centre is at half the width and height)."""
   angle = -degrees * math.pi / 180.0
   cos, sin = tf.cos(angle), tf.sin(angle)
   height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32))
@@ -133,7 +144,7 @@ def color(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
 
 
 def contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  mean = tf.reduce_mean(tf.floor(_grey(image) + 0.5))
+  mean = tf.floor(tf.reduce_mean(_grey(image)) + 0.5)  # An integer grey, as PIL's.
   return _blend(tf.fill(tf.shape(image), mean), image, factor)
 
 
