@@ -2,6 +2,7 @@
 resumption after SIGKILL and SIGTERM, several processes, and clear errors."""
 
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -17,6 +18,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -351,8 +353,39 @@ def test_a_workdir_with_no_readable_checkpoint_stops_in_one_line(tmp_path, digit
   shutil.copytree(two_steps[0], tmp_path, dirs_exist_ok=True)
   for step_dir in (tmp_path / 'checkpoints').iterdir():
     _corrupt(step_dir)
-  with pytest.raises(trainer.ConfigError, match='No checkpoint in .* can be read .*corrupt'):
+  files = lambda: {
+    str(p.relative_to(tmp_path)).replace('.corrupt', '') for p in tmp_path.rglob('*')
+  }
+  before = files()
+  for _ in range(2):  # The same command again (a scheduler's retry) must not start afresh.
+    with pytest.raises(trainer.ConfigError, match='No checkpoint in .* can be read .*corrupt'):
+      trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=2), tmp_path)
+  assert files() - before <= {'lock'}  # Nothing written but the lock; only renamed.
+
+
+def test_a_failed_fused_model_save_names_the_kept_training_checkpoint(
+  tmp_path, digits_dir, two_steps, monkeypatch
+):
+  shutil.copytree(two_steps[0], tmp_path, dirs_exist_ok=True)
+  shutil.rmtree(tmp_path / 'deploy')
+  save = ocp.CheckpointManager.save
+
+  def full_disk(manager, *args, **kwargs):
+    if pathlib.Path(manager.directory).name == 'deploy':
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return save(manager, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', full_disk)
+  with pytest.raises(checkpointing.CheckpointWriteError) as error:
     trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=2), tmp_path)
+  assert str(error.value) == (
+    f'Saving the fused model of step 2 to {tmp_path / "deploy"} failed: [Errno 28] No space '
+    'left on device. The training checkpoint of step 2 is kept; fix the cause and run the '
+    'same command to write the fused model.'
+  )
+  monkeypatch.undo()
+  trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=2), tmp_path)
+  assert (tmp_path / 'deploy' / '2').is_dir()
 
 
 def test_a_failed_save_stops_the_run_in_one_line(tmp_path, digits_dir):

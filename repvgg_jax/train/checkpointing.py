@@ -147,7 +147,8 @@ class Checkpoints:
       ``read``'s result, or None when there is no checkpoint.
 
     Raises:
-      CorruptCheckpointsError: there were checkpoints and none could be read.
+      CorruptCheckpointsError: there were checkpoints and none could be read, now or
+        when an earlier run moved them aside.
     """
     moved = []
     for step in sorted(self.manager.all_steps(), reverse=True):
@@ -162,6 +163,9 @@ class Checkpoints:
           f'Checkpoint {step} in {self.directory} cannot be read ({reason}); '
           f'moved to {moved[-1].name}.'
         )
+    # Moved aside now, or by an earlier run: starting afresh here would overwrite the
+    # run's logs and deploy model, and leave the moved steps nowhere to go back to.
+    moved = moved or sorted(self.directory.glob(f'*{CORRUPT}*'))
     if moved:
       raise CorruptCheckpointsError(
         f'No checkpoint in {self.directory} can be read (moved aside: '

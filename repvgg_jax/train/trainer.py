@@ -737,7 +737,15 @@ def _save_deploy(config, workdir: pathlib.Path, fuse_fn, state, step: int, meta:
   }
   for name, variables in models.items():
     ckpt = checkpointing.Checkpoints(workdir / name, keep=1)
-    if ckpt.latest_step() != step:
-      ckpt.save(step, fuse_fn(variables), {**meta, 'ema': name == 'deploy_ema'})
-      ckpt.wait()
-    ckpt.close()
+    try:
+      if ckpt.latest_step() != step:
+        ckpt.save(step, fuse_fn(variables), {**meta, 'ema': name == 'deploy_ema'})
+        ckpt.wait()
+    except checkpointing.CheckpointWriteError as error:  # It names no training checkpoint.
+      raise checkpointing.CheckpointWriteError(
+        f'Saving the fused model of step {step} to {workdir / name} failed: '
+        f'{checkpointing.root_cause(error.__cause__ or error)}. The training checkpoint of '
+        f'step {step} is kept; fix the cause and run the same command to write the fused model.'
+      ) from error
+    finally:
+      ckpt.close()
