@@ -29,8 +29,9 @@ SETS = {
 }
 NUM_EVAL = 360  # Digits test split.
 INT8 = {'ablation.int8_calibration_batches': 1}
-# One xdist worker runs this file (--dist loadgroup in pyproject.toml): one ablation fixture.
-pytestmark = pytest.mark.xdist_group('ablation')
+# The tests of the `finished` ablation share one xdist worker (--dist loadgroup in
+# pyproject.toml), and with it one ablation; the others go to whichever worker is free.
+shares_the_ablation = pytest.mark.xdist_group('ablation')
 
 
 def ablation_config(data_dir, sets=None, **overrides):
@@ -126,6 +127,7 @@ def table_rows(markdown):
   return [line.split(' | ') for line in markdown.splitlines() if line.startswith('| ')][1:]
 
 
+@shares_the_ablation
 def test_reports_have_one_row_per_branch_set_and_every_seed_in_the_csv(finished):
   workdir, text = finished.workdir, finished.markdown
   assert text == (workdir / 'ablation.md').read_text()
@@ -144,6 +146,7 @@ def test_reports_have_one_row_per_branch_set_and_every_seed_in_the_csv(finished)
   assert png.startswith(b'\x89PNG') and len(png) > 10_000
 
 
+@shares_the_ablation
 def test_the_table_is_the_mean_interval_and_paired_difference_of_the_seeds(finished):
   runs = records(finished.workdir)
   rows = {row[0].strip('| '): row for row in table_rows(finished.markdown)}
@@ -160,6 +163,7 @@ def test_the_table_is_the_mean_interval_and_paired_difference_of_the_seeds(finis
       assert rows[name][8] == (f'**{cell}**' if abs(d_mean) > d_half else cell)
 
 
+@shares_the_ablation
 def test_fused_model_matches_and_only_training_time_params_differ(finished):
   runs = records(finished.workdir)
   for name in SETS:
@@ -175,6 +179,7 @@ def test_fused_model_matches_and_only_training_time_params_differ(finished):
   assert train_params[0] > runs['none'][0]['deploy_params']  # BatchNorm scales and offsets.
 
 
+@shares_the_ablation
 def test_speeds_come_from_one_round_robin_loop(finished):
   for row in table_rows(finished.markdown):
     for cell in (row[10], row[11]):
@@ -184,6 +189,7 @@ def test_speeds_come_from_one_round_robin_loop(finished):
   assert finished.lines[-1].startswith('Timing the rows round robin (3 rounds')
 
 
+@shares_the_ablation
 def test_interrupted_ablation_continues_where_it_stopped(finished):
   assert [line.split(':')[0] for line in finished.first_lines] == [
     '[1/6] none, seed 0',
@@ -214,6 +220,7 @@ def without_speed_columns(markdown):
   return [line.split(' | ')[:9] for line in markdown.splitlines()]
 
 
+@shares_the_ablation
 def test_rerun_skips_finished_runs(finished, digits_dir, no_training):
   workdir = finished.workdir
   paths = [workdir / name / f'seed{s}' / ablate.ROW_FILE for name in SETS for s in (0, 1)]
@@ -235,6 +242,7 @@ def test_rerun_skips_finished_runs(finished, digits_dir, no_training):
   assert all(', int8 ' in line for line in lines[:6])
 
 
+@shares_the_ablation
 def test_int8_top1_is_in_every_record_as_the_quantize_command_measures_it(finished, tmp_path):
   runs = records(finished.workdir)
   assert all(run['int8_calibration_batches'] == 1 for name in SETS for run in runs[name])
@@ -258,6 +266,7 @@ def test_int8_top1_is_in_every_record_as_the_quantize_command_measures_it(finish
   assert cells == [100 * run['top1_int8'] for name in SETS for run in runs[name]]
 
 
+@shares_the_ablation
 def test_another_int8_calibration_requantizes_and_none_leaves_the_column_out(
   finished, digits_dir, tmp_path, no_training
 ):
@@ -278,6 +287,7 @@ def test_another_int8_calibration_requantizes_and_none_leaves_the_column_out(
   assert records(workdir) == before
 
 
+@shares_the_ablation
 def test_a_run_without_its_fused_model_fails_the_int8_evaluation_in_one_line(
   finished, digits_dir, tmp_path, no_training
 ):
@@ -289,6 +299,7 @@ def test_a_run_without_its_fused_model_fails_the_int8_evaluation_in_one_line(
     ablate.run_ablation(config, workdir, log=lambda line: None)
 
 
+@shares_the_ablation
 def test_only_some_rows_leave_the_difference_out_without_the_reference(finished, digits_dir):
   workdir = finished.workdir
   config = ablation_config(digits_dir, **{'ablation.only': 'none,identity'})
@@ -299,6 +310,7 @@ def test_only_some_rows_leave_the_difference_out_without_the_reference(finished,
   assert 'int8' not in markdown  # ablation.int8_calibration_batches is 0 here.
 
 
+@shares_the_ablation
 @pytest.mark.parametrize(
   'change,message',
   [
