@@ -2,6 +2,7 @@
 that reload and compute what the trained model computes."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -40,7 +41,7 @@ def test_export_reloads_in_jax_tensorflow_and_onnxruntime(tmp_path, training_che
   assert meta['fused_from_training_checkpoint']
   assert set(meta['verify']) == {'jax', 'tf', 'onnx', 'fused_vs_training'}
   assert max(meta['verify'].values()) <= 1e-5
-  assert meta['onnx'] == {'opset': 17, 'input': 'images', 'checker': 'passed'}
+  assert meta['onnx'] == {'opset': 17, 'ir_version': 8, 'input': 'images', 'checker': 'passed'}
   assert meta['preprocess'] == {
     'scale': '1/255',
     'mean': [0.485, 0.456, 0.406],
@@ -79,7 +80,38 @@ def test_export_refuses_bad_requests(tmp_path, training_checkpoint, capsys):
 
   assert convert.main(['export', str(tmp_path / 'nothing'), str(tmp_path / 'c')]) == 1
   assert 'No checkpoint at' in capsys.readouterr().err
-  assert not any((tmp_path / name).exists() for name in 'abc')
+
+  for size in ('0', '-8'):  # 0 was taken for "the checkpoint's"; -8 failed at verification.
+    assert convert.main(['export', str(path), str(tmp_path / 'd'), '--image-size', size]) == 1
+    assert capsys.readouterr().err == (
+      f'error: The image size must be a positive int, got {size}.\n'
+    )
+  assert not any((tmp_path / name).exists() for name in 'abcd')
+
+
+def test_an_export_that_fails_its_check_leaves_nothing(tmp_path, training_checkpoint, monkeypatch):
+  """As onnxruntime refusing the file: the directory, checked before it is renamed
+  into place, never appears half-verified."""
+
+  def refuse(path):
+    raise RuntimeError('Unsupported model IR version')
+
+  monkeypatch.setattr(convert.onnx_export, 'load_onnx', refuse)
+  with pytest.raises(RuntimeError, match='IR version'):
+    convert.export_checkpoint(training_checkpoint[0], tmp_path / 'out', formats=('onnx',))
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_in_a_folder_that_cannot_be_written_is_refused(
+  tmp_path, training_checkpoint, monkeypatch
+):
+  locked = tmp_path / 'locked'
+  locked.mkdir(mode=0o555)
+  access = os.access  # Root writes into 0o555 folders; a read-only mount refuses even root.
+  monkeypatch.setattr(os, 'access', lambda path, mode: path != locked and access(path, mode))
+  with pytest.raises(convert.ConversionError, match=f'{locked} is not writable: choose'):
+    convert.export_checkpoint(training_checkpoint[0], locked / 'new' / 'out')
+  assert list(locked.iterdir()) == []
 
 
 def test_an_artifact_for_another_image_size_says_so(tmp_path, training_checkpoint):

@@ -3,6 +3,7 @@ and refusing an output directory that cannot take their result."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 from repvgg_jax.interop.torch_layout import ConversionError
@@ -88,7 +89,7 @@ def deploy_variables(path: pathlib.Path, model: str | None):
 
 def check_output_dir(output_dir) -> None:
   """Fails before any work where ``output_dir`` cannot receive the result: not empty,
-  a file, or below a file.
+  a file, below a file, or in a folder that cannot be written.
 
   Raises:
     ConversionError: saying which, and to choose a new output directory.
@@ -103,3 +104,7 @@ def check_output_dir(output_dir) -> None:
       )
     if parent.exists():
       break
+  # The output is a sibling written first, then renamed: its folder must take new entries.
+  nearest = next(parent for parent in output.parents if parent.exists())
+  if not os.access(nearest, os.W_OK | os.X_OK):
+    raise ConversionError(f'{nearest} is not writable: choose an output directory you can write.')

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from repvgg_jax import jsonfiles, perf
+from repvgg_jax import perf
 from repvgg_jax.data import input_pipeline
 from repvgg_jax.interop import checkpoint_io, export, hub, onnx_export, quantize, torch_layout
 from repvgg_jax.interop.torch_layout import ConversionError
@@ -323,7 +323,7 @@ def export_checkpoint(
   deploy_model, variables, training_model, training, saved = _export_models(
     pathlib.Path(path), model, conv_impl
   )
-  image_size = image_size or saved.get('image_size') or 224
+  image_size = image_size if image_size is not None else saved.get('image_size') or 224
   meta = {
     'model': deploy_model.variant.name,
     'num_classes': deploy_model.num_classes,
@@ -333,21 +333,29 @@ def export_checkpoint(
   meta.update(_preprocess(deploy_model.in_channels))
   # What predict needs to feed and name it, where the training run recorded it.
   meta.update({key: saved[key] for key in ('eval_preprocess', 'classes') if saved.get(key)})
-  output = export.write_export(
-    output_dir, deploy_model, variables, image_size, meta, formats, platforms
-  )
-  meta = json.loads((output / export.META_FILE).read_text())
-  if verify:
+
+  def check(staging: pathlib.Path) -> dict:
     runnable, skipped = _runnable_here(formats, platforms)
-    meta.update({'not_verified': skipped} if skipped else {})
-    meta['verify'] = _verify_export(output, deploy_model, variables, image_size, runnable)
+    checked = {'not_verified': skipped} if skipped else {}
+    checked['verify'] = _verify_export(staging, deploy_model, variables, image_size, runnable)
     if training is not None:  # And the deploy model against the checkpoint's training-time one.
       images = _random_images(image_size, batch=3, channels=deploy_model.in_channels)
-      meta['verify']['fused_vs_training'] = max_relative_difference(
+      checked['verify']['fused_vs_training'] = max_relative_difference(
         _outputs(deploy_model, variables, images), _outputs(training_model, training, images)
       )
-    jsonfiles.write_json(output / export.META_FILE, meta)
-  return meta
+    return checked
+
+  output = export.write_export(
+    output_dir,
+    deploy_model,
+    variables,
+    image_size,
+    meta,
+    formats,
+    platforms,
+    check if verify else None,
+  )
+  return json.loads((output / export.META_FILE).read_text())
 
 
 def _export_models(path: pathlib.Path, model: str | None, conv_impl: str):
@@ -430,7 +438,7 @@ def _export_int8(path: pathlib.Path, output_dir, image_size, formats, platforms,
       'float deploy checkpoint for TF or ONNX.'
     )
   qmodel, qvariables, qmeta = quantize.load_int8(path)
-  image_size = image_size or qmeta.get('image_size') or 224
+  image_size = image_size if image_size is not None else qmeta.get('image_size') or 224
   meta = {
     'model': qmeta['model'],
     'num_classes': qmeta['num_classes'],
@@ -438,20 +446,23 @@ def _export_int8(path: pathlib.Path, output_dir, image_size, formats, platforms,
     'int8': {key: qmeta[key] for key in ('mode', 'fp32_top1', 'int8_top1') if key in qmeta},
     **_preprocess(qmeta['in_channels']),
   }
-  output = export.write_export(output_dir, qmodel, qvariables, image_size, meta, formats, platforms)
-  meta = json.loads((output / export.META_FILE).read_text())
-  if verify:
+
+  def check(staging: pathlib.Path) -> dict:
     images = _random_images(image_size, batch=3, channels=qmeta['in_channels'])
     runnable, skipped = _runnable_here(formats, platforms)
-    meta.update({'not_verified': skipped} if skipped else {})
-    meta['verify'] = {
+    checked = {'not_verified': skipped} if skipped else {}
+    checked['verify'] = {
       fmt: max_relative_difference(
-        _flat(export.load_jax_export(output)(images)), _flat(qmodel.apply(qvariables, images))
+        _flat(export.load_jax_export(staging)(images)), _flat(qmodel.apply(qvariables, images))
       )
       for fmt in runnable  # jax alone.
     }
-    jsonfiles.write_json(output / export.META_FILE, meta)
-  return meta
+    return checked
+
+  output = export.write_export(
+    output_dir, qmodel, qvariables, image_size, meta, formats, platforms, check if verify else None
+  )
+  return json.loads((output / export.META_FILE).read_text())
 
 
 def _model_options(params, conv_impl: str) -> dict:
@@ -626,7 +637,7 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
     meta = _run(args)
-  except (ConversionError, FileNotFoundError, fusion.FusionError, ValueError) as error:
+  except (ConversionError, OSError, fusion.FusionError, ValueError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
   print(_summary(args, meta))

@@ -140,15 +140,21 @@ def write_export(
   meta: dict,
   formats: Sequence[str] = FORMATS,
   platforms: Sequence[str] | None = None,
+  verify: Callable[[pathlib.Path], dict] | None = None,
 ) -> pathlib.Path:
   """Writes the chosen artifacts and ``export.json`` into the new directory ``output_dir``.
 
   Everything is written into a temporary sibling directory that is renamed
   when complete, so an interrupted export leaves no half-written artifact.
+  ``verify`` (optional) checks the artifacts there, before the rename: what it
+  returns joins ``export.json``, and what it raises leaves nothing behind.
 
   Raises:
-    ValueError: an unknown format, or ``output_dir`` exists and is not empty.
+    ValueError: an unknown format, ``output_dir`` exists and is not empty, or
+      ``image_size`` is not a positive int.
   """
+  if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+    raise ValueError(f'The image size must be a positive int, got {image_size!r}.')
   unknown = set(formats) - set(FORMATS)
   if unknown or not formats:
     raise ValueError(f'Unknown export formats {sorted(unknown)}; choose from {FORMATS}.')
@@ -164,7 +170,12 @@ def write_export(
       onnx_export.write_onnx(staging / ONNX_FILE, variables, image_size)
       meta = {
         **meta,
-        'onnx': {'opset': onnx_export.OPSET, 'input': onnx_export.INPUT, 'checker': 'passed'},
+        'onnx': {
+          'opset': onnx_export.OPSET,
+          'ir_version': onnx_export.IR_VERSION,
+          'input': onnx_export.INPUT,
+          'checker': 'passed',
+        },
       }
     meta = {
       **meta,
@@ -174,6 +185,9 @@ def write_export(
       'platforms': list(platforms) if platforms else [jax.export.default_export_platform()],
     }
     (staging / META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
+    if verify is not None:
+      meta.update(verify(staging))
+      (staging / META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
   return output
 
 

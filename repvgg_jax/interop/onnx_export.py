@@ -9,7 +9,8 @@ own conv+bias+ReLU kernels. No tracing of JAX is involved.
 The input ``images`` is float32 NHWC ``[batch, size, size, channels]``,
 normalized as in training, like the other artifacts (a ``Transpose`` to NCHW
 opens the graph). The
-batch is dynamic. The output is ``logits`` ``[batch, classes]``, or for a
+batch is dynamic. The file has IR version 8, the oldest opset 17 allows, so
+that older runtimes read it too. The output is ``logits`` ``[batch, classes]``, or for a
 backbone (``num_classes=0``) ``stage0``, ``stage1``, ... in NHWC, one for each
 stage the tree holds.
 """
@@ -27,6 +28,9 @@ from repvgg_jax.interop import torch_layout
 from repvgg_jax.model import fusion
 
 OPSET = 17
+# The oldest IR that opset 17 allows, not the installed onnx's newest: a runtime
+# refuses a file of a newer IR than it knows (onnxruntime 1.20 reads up to 10).
+IR_VERSION = 8
 INPUT = 'images'
 FILE = 'model.onnx'  # Its name in an export directory.
 
@@ -53,7 +57,10 @@ def deploy_graph(variables: Mapping[str, Any], image_size: int, name: str = 'rep
     nodes + head_nodes, name, [images], outputs, initializer=weights + head_weights
   )
   model = helper.make_model(
-    graph, opset_imports=[helper.make_opsetid('', OPSET)], producer_name='repvgg_jax'
+    graph,
+    opset_imports=[helper.make_opsetid('', OPSET)],
+    producer_name='repvgg_jax',
+    ir_version=IR_VERSION,
   )
   onnx.checker.check_model(model, full_check=True)
   return model
