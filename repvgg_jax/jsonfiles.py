@@ -10,10 +10,7 @@ import sys
 
 def write_json(path: str | os.PathLike, value) -> None:
   """Writes ``value`` as indented JSON, atomically (a temporary file renamed into place)."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + '\n')
-  os.replace(tmp, path)
+  _replace(path, json.dumps(value, indent=2, sort_keys=True) + '\n')
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
@@ -24,10 +21,20 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
 
 def write_jsonl(path: str | os.PathLike, records) -> None:
   """Replaces a JSON-lines file with ``records``, atomically."""
+  _replace(path, ''.join(json.dumps(record) + '\n' for record in records))
+
+
+def _replace(path: str | os.PathLike, text: str) -> None:
+  """``path`` with the content ``text``, written to a temporary file renamed into
+  place; a failed write (a full disk) leaves ``path`` as it was and no temporary file."""
   path = pathlib.Path(path)
   tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(''.join(json.dumps(record) + '\n' for record in records))
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(text)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -388,6 +388,30 @@ def test_a_failed_fused_model_save_names_the_kept_training_checkpoint(
   assert (tmp_path / 'deploy' / '2').is_dir()
 
 
+def test_a_workdir_that_cannot_be_made_or_written_is_one_line(tmp_path, digits_dir, monkeypatch):
+  (tmp_path / 'afile').write_text('user data')
+  with pytest.raises(trainer.FileSystemError) as error:
+    trainer.train_and_evaluate(tiny_config(digits_dir), tmp_path / 'afile')
+  assert str(error.value) == (
+    f'[Errno 17] File exists ({tmp_path / "afile"}): free space or fix the permissions there, '
+    'or use another --workdir.'
+  )
+  assert (tmp_path / 'afile').read_text() == 'user data'
+  # A full disk at the first file the run writes (config.json): no temporary file is left.
+  write_text = pathlib.Path.write_text
+
+  def full_disk(path, text, *args, **kwargs):
+    if path.name.endswith('.json.tmp'):
+      write_text(path, text[:10])
+      raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+    return write_text(path, text, *args, **kwargs)
+
+  monkeypatch.setattr(pathlib.Path, 'write_text', full_disk)
+  with pytest.raises(trainer.FileSystemError, match=r'\[Errno 28\] No space left on device \('):
+    trainer.train_and_evaluate(tiny_config(digits_dir), tmp_path / 'run')
+  assert not list((tmp_path / 'run').glob('*.tmp'))
+
+
 def test_a_failed_save_stops_the_run_in_one_line(tmp_path, digits_dir):
   """Files may not grow past 4 KB (as on a full disk): the first save of the resumed run
   fails, the run stops with one line naming the cause, the earlier checkpoints stay."""

@@ -47,6 +47,11 @@ class ConfigError(ValueError):
   """A config that cannot work, or a workdir holding another model's checkpoints."""
 
 
+class FileSystemError(OSError):
+  """A file the run reads or writes cannot be: a file where the workdir should be, a
+  read-only or full disk, missing permissions (checkpoint saves: `CheckpointWriteError`)."""
+
+
 # What stops a run with a message that says the fix: the commands print it in one line.
 RUN_ERRORS = (
   data.DatasetNotFoundError,
@@ -55,6 +60,7 @@ RUN_ERRORS = (
   TrainingDivergedError,
   workdir_lock.WorkdirBusyError,
   checkpointing.CheckpointWriteError,
+  FileSystemError,
 )
 
 
@@ -533,13 +539,23 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     CheckpointWriteError: a checkpoint could not be written (the run stops at once).
     ConfigError: a config that cannot work, or a checkpoint of another model.
     WorkdirBusyError: another run is using ``workdir``.
+    FileSystemError: a file of the run cannot be made, read or written.
   """
   workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() != 0:  # The first process holds the lock for all of them.
-    return _train_and_evaluate(config, workdir)
-  with workdir_lock.workdir_lock(workdir):
-    return _train_and_evaluate(config, workdir)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() != 0:  # The first process holds the lock for all of them.
+      return _train_and_evaluate(config, workdir)
+    with workdir_lock.workdir_lock(workdir):
+      return _train_and_evaluate(config, workdir)
+  except (checkpointing.CheckpointWriteError, data.DatasetNotFoundError):
+    raise  # Their messages name the fix already.
+  except OSError as error:
+    where = f' ({error.filename})' if getattr(error, 'filename', None) else ''
+    raise FileSystemError(
+      f'{checkpointing.root_cause(error)}{where}: free space or fix the permissions there, or '
+      'use another --workdir.'
+    ) from error
 
 
 def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
