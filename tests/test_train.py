@@ -654,6 +654,20 @@ def test_workdir_of_another_model_is_refused(tmp_path, digits_dir, two_steps, ca
     'warning: resuming a run trained with seed=0 with seed=5: the data order changes '
     '(--config.seed=0 resumes it exactly).',
   ]
+  # Another length: the schedule changes (a longer run trains on, a shorter one stops).
+  summary = trainer.train_and_evaluate(tiny_config(digits_dir, num_train_steps=1), tmp_path)
+  assert summary['steps'] == 2
+  (line,) = [line for line in capsys.readouterr().err.splitlines() if 'warning: resum' in line]
+  assert line == (
+    'warning: resuming a run of 2 steps as one of 1: the learning-rate schedule changes from '
+    'here on; step 2 is past it, so nothing is trained (num_train_steps or num_epochs as before '
+    'resumes it exactly).'
+  )
+  longer = trainer._order_changes(tiny_config(), {'total_steps': 2, 'step': 2}, 6)
+  assert longer == [
+    'warning: resuming a run of 2 steps as one of 6: the learning-rate schedule changes from '
+    'here on (num_train_steps or num_epochs as before resumes it exactly).'
+  ]
   other = tiny_config(digits_dir, num_train_steps=4, **{'model.name': 'RepVGG-B0'})
   with pytest.raises(trainer.ConfigError, match='checkpoint .* is of RepVGG-A0'):
     trainer.train_and_evaluate(other, tmp_path)

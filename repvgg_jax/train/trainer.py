@@ -325,9 +325,10 @@ def optimizer_meta(config) -> dict:
 _ORDER_SETTINGS = ('batch_size', 'seed')
 
 
-def _order_changes(config, meta: dict) -> list[str]:
-  """A warning for each of `_ORDER_SETTINGS` that ``config`` changes from the checkpoint's."""
-  return [
+def _order_changes(config, meta: dict, total_steps: int) -> list[str]:
+  """A warning for each of `_ORDER_SETTINGS` that ``config`` changes from the checkpoint's,
+  and for another length of the run (``total_steps``)."""
+  lines = [
     f'warning: resuming a run trained with {key}={meta[key]} with {key}={config[key]}: '
     'the data order'
     + (' and the schedule of epochs change' if key == 'batch_size' else ' changes')
@@ -335,6 +336,18 @@ def _order_changes(config, meta: dict) -> list[str]:
     for key in _ORDER_SETTINGS
     if key in meta and meta[key] != config[key]
   ]
+  planned = meta.get('total_steps', total_steps)  # Not recorded before 2026-12-06.
+  if planned != total_steps:
+    step = meta.get('step')
+    past = (
+      f'; step {step} is past it, so nothing is trained' if step and step >= total_steps else ''
+    )
+    lines.append(
+      f'warning: resuming a run of {planned} steps as one of {total_steps}: the learning-rate '
+      f'schedule changes from here on{past} (num_train_steps or num_epochs as before resumes '
+      'it exactly).'
+    )
+  return lines
 
 
 def _resume_problem(config, meta: dict, saved, abstract, classes) -> str | None:
@@ -370,7 +383,9 @@ def _resume_problem(config, meta: dict, saved, abstract, classes) -> str | None:
   return None
 
 
-def _restore(ckpt: checkpointing.Checkpoints, state: steps.TrainState, config, report, classes):
+def _restore(
+  ckpt: checkpointing.Checkpoints, state: steps.TrainState, config, report, classes, total_steps
+):
   """``(state, metadata)`` of the newest readable checkpoint, loaded into ``state``'s
   structure; ``(state, {})`` where there is none.
 
@@ -391,7 +406,7 @@ def _restore(ckpt: checkpointing.Checkpoints, state: steps.TrainState, config, r
         'it was trained with.'
       )
     if jax.process_index() == 0:
-      for line in _order_changes(config, meta):
+      for line in _order_changes(config, meta, total_steps):
         report(line)
     tree, _ = ckpt.restore(abstract, step=step)
     return tree, meta
@@ -585,13 +600,14 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   check_steps_per_call(config, state.params)
   ckpt = checkpointing.Checkpoints(workdir / 'checkpoints', keep=config.keep_checkpoints)
   report = lambda line: print(line, file=sys.stderr)
-  state, restored_meta = _restore(ckpt, state, config, report, classes)
+  state, restored_meta = _restore(ckpt, state, config, report, classes, schedule.total_steps)
   start_step = int(jax.device_get(state.step))
   meta = {
     'model': config.model.name,
     'classes': list(classes) if classes else None,
     **optimizer_meta(config),
     **{key: config[key] for key in _ORDER_SETTINGS},
+    'total_steps': schedule.total_steps,
   }
   if start_step == 0 and (qat_enabled(config) or config.get('init_from')):  # Not resumed.
     try:
