@@ -484,10 +484,20 @@ def test_two_processes_resume_a_one_process_run(tmp_path, digits_dir):
   train_in_process(digits_dir, tmp_path, {'num_train_steps': 3})
   per_epoch = data.steps_per_epoch(tiny_config(digits_dir).dataset, 16)
   overrides = {'num_train_steps': 4, 'eval_every_epochs': 3 / per_epoch}
-  port = _free_port()
-  procs = [
-    start_runner(tmp_path, digits_dir, overrides, devices=2, process=(i, 2, port)) for i in (0, 1)
-  ]
+
+  def start_both():
+    port = _free_port()
+    return [
+      start_runner(tmp_path, digits_dir, overrides, devices=2, process=(i, 2, port)) for i in (0, 1)
+    ]
+
+  # A busy workdir stops both processes at once, not the first alone.
+  with workdir_lock.workdir_lock(tmp_path):
+    procs = start_both()
+    outputs = [p.communicate(timeout=120) for p in procs]
+  for proc, (_, err) in zip(procs, outputs, strict=True):
+    assert proc.returncode != 0 and 'WorkdirBusyError' in err, err[-3000:]
+  procs = start_both()
   outputs = [p.communicate(timeout=300) for p in procs]
   for proc, (_, err) in zip(procs, outputs, strict=True):
     assert proc.returncode == 0, err[-3000:]

@@ -559,9 +559,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   workdir = pathlib.Path(workdir).absolute()
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() != 0:  # The first process holds the lock for all of them.
-      return _train_and_evaluate(config, workdir)
-    with workdir_lock.workdir_lock(workdir):
+    with _locked_for_all_processes(workdir):
       return _train_and_evaluate(config, workdir)
   except (checkpointing.CheckpointWriteError, data.DatasetNotFoundError):
     raise  # Their messages name the fix already.
@@ -571,6 +569,36 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
       f'{checkpointing.root_cause(error)}{where}: free space or fix the permissions there, or '
       'use another --workdir.'
     ) from error
+
+
+@contextlib.contextmanager
+def _locked_for_all_processes(workdir: pathlib.Path):
+  """Holds ``workdir``'s lock in the first process for all of them. Every process
+  learns whether it got it before any work: a busy workdir stops them all at once
+  (the others would otherwise wait on the first in a collective until it timed out).
+
+  Raises:
+    WorkdirBusyError: in every process, where another run holds the lock.
+  """
+  if jax.process_count() == 1:
+    with workdir_lock.workdir_lock(workdir):
+      yield
+    return
+  from jax.experimental import multihost_utils
+
+  with contextlib.ExitStack() as stack:
+    busy = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(workdir_lock.workdir_lock(workdir))
+      except workdir_lock.WorkdirBusyError as error:
+        busy = error
+    if not multihost_utils.broadcast_one_to_all(np.array(busy is None)):
+      raise busy or workdir_lock.WorkdirBusyError(
+        f'{workdir} is in use by another run (found by the first process): wait for that run '
+        'to end or stop it, or use another --workdir.'
+      )
+    yield
 
 
 def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
