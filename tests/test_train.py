@@ -5,6 +5,7 @@ import dataclasses
 import errno
 import functools
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -432,6 +433,24 @@ def test_a_failed_save_stops_the_run_in_one_line(tmp_path, digits_dir):
   assert all(after.get(path) == mtime for path, mtime in before.items())  # All kept as they were.
   _, meta = checkpoint_params(tmp_path)
   assert meta['step'] == 4
+
+
+def test_what_a_failed_save_leaves_to_asyncio_is_not_printed():
+  """On a real full disk a write of the failed save may end in a task nobody awaits;
+  asyncio logs it ("Future exception was never retrieved") after our one line."""
+  full = OSError(errno.ENOSPC, 'No space left on device')
+  record = lambda name, error: logging.LogRecord(
+    name,
+    logging.ERROR,
+    'base_events.py',
+    1,
+    'Future exception was never retrieved',
+    (),
+    (type(error), error, None),
+  )
+  shown = checkpointing._not_a_failed_save  # The filter `Checkpoints` puts on asyncio's logger.
+  assert not shown(record('asyncio', full))
+  assert shown(record('asyncio', ValueError('a bug of ours'))) and shown(record('absl', full))
 
 
 def test_an_interrupted_save_is_removed_and_finished_steps_are_kept(tmp_path):

@@ -45,7 +45,12 @@ def _not_a_failed_save(record: logging.LogRecord) -> bool:
   failed save itself, in one line (`CheckpointWriteError`)."""
   if record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname:
     return False
-  return not _is_failed_save_noise(record.exc_info[1] if record.exc_info else None)
+  error = record.exc_info[1] if record.exc_info else None
+  # A write of the save's that failed (a full disk) in a task nobody awaits any more:
+  # asyncio's "Future exception was never retrieved". Only orbax's writes run on asyncio here.
+  if record.name == 'asyncio' and isinstance(error, OSError):
+    return False
+  return not _is_failed_save_noise(error)
 
 
 def _quiet_failed_saves() -> None:
