@@ -124,8 +124,9 @@ def test_a_qat_training_checkpoint_reads_as_a_deploy_one(fine_tuned):
     ({'model.name': 'RepVGG-B1g2'}, 'QAT of grouped variants'),
     ({'freeze_stages': 2}, 'QAT fine-tunes the whole fused model, no stage frozen'),
     ({'ema_decay': 0.5}, 'QAT keeps no moving average of the weights'),
-    # conv_impl does not apply: QAT's quantized convolutions are XLA's.
-    ({'steps_per_call': 2, 'model.conv_impl': 'im2col'}, r'steps_per_call=1 \(QAT convolves'),
+    # QAT's quantized convolutions are XLA's: another conv_impl is refused, not ignored.
+    ({'steps_per_call': 2}, r'steps_per_call=1 \(QAT convolves'),
+    ({'model.conv_impl': 'im2col'}, "QAT computes XLA's convolutions .* not 'im2col'"),
     (
       {'dataset.num_classes': 10, 'model.width_multipliers': (0.5, 0.5)},
       'holds another architecture, not the deploy form',

@@ -624,6 +624,7 @@ def test_misspelled_config_field_fails(tmp_path):
     ({'model.name': 'RepVGG-Z9'}, 'Unknown model name'),
     ({'model.bn_group_size': 5}, 'does not split into BatchNorm groups of model.bn_group_size=5'),
     ({'model.dtype': 'float16'}, "model.dtype must be 'float32' or 'bfloat16'"),
+    ({'model.conv_impl': 'foo'}, "model.conv_impl must be one of auto, xla, .* got 'foo'"),
     ({'dataset.train_augment': 'inception_crop'}, 'set --config.dataset.in_memory=False'),
     ({'steps_per_call': 0}, 'steps_per_call must be a positive number, got 0'),
     ({'batch_size': 0}, 'batch_size must be a positive number, got 0'),

@@ -175,6 +175,16 @@ def check_config(config) -> None:
     raise ConfigError(f'ema_decay must be in [0, 1) (0: no average), got {config.ema_decay}.')
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}.")
+  conv_impl = config.model.get('conv_impl', 'auto')
+  if conv_impl not in perf.CONV_IMPLS:
+    raise ConfigError(
+      f'model.conv_impl must be one of {", ".join(perf.CONV_IMPLS)}, got {conv_impl!r}.'
+    )
+  if qat_enabled(config) and conv_impl not in ('auto', 'xla'):  # Else silently XLA's.
+    raise ConfigError(
+      f"QAT computes XLA's convolutions (Qwix quantizes those), not {conv_impl!r}: set "
+      "model.conv_impl='xla'."
+    )
   if config.keep_checkpoints < 1:
     raise ConfigError(
       f'keep_checkpoints must be at least 1 (the latest, which a resume needs), got '
