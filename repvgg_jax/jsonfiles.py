@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -33,7 +34,8 @@ def _replace(path: str | os.PathLike, text: str) -> None:
     tmp.write_text(text)
     os.replace(tmp, path)
   except BaseException:
-    tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # The write's own error is the one to report.
+      tmp.unlink(missing_ok=True)
     raise
 
 

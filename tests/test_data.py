@@ -264,6 +264,16 @@ def test_eval_resize_and_crop_take_torchvision_sizes_and_offsets(shape, size):
   assert cropped.shape == (size, size, 2) and list(cropped[0, 0]) == offsets
 
 
+def test_eval_resizes_to_the_references_size(monkeypatch):
+  """int(256 / 224 * size), as the reference's build.py (rounding gave 366 and 439)."""
+  sizes, resize = [], input_pipeline.resize_shorter_side
+  record = lambda image, size: sizes.append(size) or resize(image, size)
+  monkeypatch.setattr(input_pipeline, 'resize_shorter_side', record)
+  for size in (224, 320, 384):
+    input_pipeline.preprocess_for_eval(np.zeros((400, 500, 3), np.uint8), size)
+  assert sizes == [256, 365, 438]
+
+
 def test_pad_crop_shifts_the_zero_padded_image():
   image = np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8)
   padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))

@@ -84,7 +84,8 @@ def test_export_refuses_bad_requests(tmp_path, training_checkpoint, capsys):
   for size in ('0', '-8'):  # 0 was taken for "the checkpoint's"; -8 failed at verification.
     assert convert.main(['export', str(path), str(tmp_path / 'd'), '--image-size', size]) == 1
     assert capsys.readouterr().err == (
-      f'error: The image size must be a positive int, got {size}.\n'
+      f'error: The image size must be a positive int, got {size}: leave --image-size out for '
+      "the checkpoint's.\n"
     )
   assert not any((tmp_path / name).exists() for name in 'abcd')
 

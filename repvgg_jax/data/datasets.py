@@ -94,9 +94,9 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
     ) from None
   except (ValueError, AssertionError) as error:  # A malformed name, or no such config or version.
     reason = str(error).splitlines()[0].split('": ')[-1] if str(error) else type(error).__name__
-    reason = reason.split(' Here are ')[0]  # tfds's list of close names follows on other lines.
+    reason = reason.split(' Here are ')[0].rstrip('.')  # tfds's close names: on other lines.
     raise DatasetNotFoundError(
-      f'Cannot build dataset {config.name!r}: {reason} Give a tfds name, or name/config or '
+      f'Cannot build dataset {config.name!r}: {reason}. Give a tfds name, or name/config or '
       'name:version as `tfds.builder` takes them (e.g. cifar10, or imagenet2012:5.1.0).'
     ) from None
   if builder.is_prepared() or _tfds_is_mocked():

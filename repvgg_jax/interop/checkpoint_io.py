@@ -87,9 +87,11 @@ def deploy_variables(path: pathlib.Path, model: str | None):
   return name, {'params': state['params']}, None, saved
 
 
-def check_output_dir(output_dir) -> None:
+def check_output_dir(output_dir, *, in_place: bool = False) -> None:
   """Fails before any work where ``output_dir`` cannot receive the result: not empty,
-  a file, below a file, or in a folder that cannot be written.
+  a file, below a file, or in a folder that cannot be written. ``in_place``: the
+  result is written into ``output_dir`` (an orbax checkpoint), which may then be an
+  existing folder under a read-only one; else into a sibling renamed onto it.
 
   Raises:
     ConversionError: saying which, and to choose a new output directory.
@@ -104,7 +106,8 @@ def check_output_dir(output_dir) -> None:
       )
     if parent.exists():
       break
-  # The output is a sibling written first, then renamed: its folder must take new entries.
-  nearest = next(parent for parent in output.parents if parent.exists())
+  # The folder that must take new entries: the output's own, or the one it is made in.
+  mine = in_place and output.is_dir()
+  nearest = output if mine else next(parent for parent in output.parents if parent.exists())
   if not os.access(nearest, os.W_OK | os.X_OK):
     raise ConversionError(f'{nearest} is not writable: choose an output directory you can write.')

@@ -154,7 +154,10 @@ def write_export(
       ``image_size`` is not a positive int.
   """
   if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-    raise ValueError(f'The image size must be a positive int, got {image_size!r}.')
+    raise ValueError(
+      f'The image size must be a positive int, got {image_size!r}: leave --image-size out '
+      "for the checkpoint's."
+    )
   unknown = set(formats) - set(FORMATS)
   if unknown or not formats:
     raise ValueError(f'Unknown export formats {sorted(unknown)}; choose from {FORMATS}.')

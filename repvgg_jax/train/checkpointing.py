@@ -30,6 +30,10 @@ CORRUPT = '.corrupt'
 _UNFINISHED = '.orbax-checkpoint-tmp'
 
 
+# The saves that failed in this process (`Checkpoints._write_errors`), step by step.
+_failed_saves: list[int | None] = []
+
+
 def _is_failed_save_noise(error: BaseException | None) -> bool:
   """Whether ``error`` is what the threads of a failed background save raise as they
   wind down: writes into the unfinished step, and callbacks on their closed event loops."""
@@ -46,9 +50,9 @@ def _not_a_failed_save(record: logging.LogRecord) -> bool:
   if record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname:
     return False
   error = record.exc_info[1] if record.exc_info else None
-  # A write of the save's that failed (a full disk) in a task nobody awaits any more:
-  # asyncio's "Future exception was never retrieved". Only orbax's writes run on asyncio here.
-  if record.name == 'asyncio' and isinstance(error, OSError):
+  # After a failed save, a write of it that failed too (a full disk) in a task nobody
+  # awaits any more: asyncio's "Future exception was never retrieved".
+  if _failed_saves and record.name == 'asyncio' and isinstance(error, OSError):
     return False
   return not _is_failed_save_noise(error)
 
@@ -229,6 +233,7 @@ class Checkpoints:
       yield
     except Exception as error:  # noqa: BLE001 (orbax, tensorstore and the OS raise many kinds)
       failed = getattr(self, '_saving', None)
+      _failed_saves.append(failed)
       good = [s for s in self.finished_steps() if s != failed]
       last = f'step {good[-1]}' if good else 'none'
       raise CheckpointWriteError(

@@ -6,8 +6,9 @@ reference's or timm's keys), or an ``hf-hub:`` reference; whatever
 ``python -m repvgg_jax.convert import`` reads (`repvgg_jax.interop.pretrained`).
 Every backbone tensor must match in name and shape; the classifier is kept
 only when it classifies the dataset's classes: the same number of them, and the
-same names in the same order where the source's run recorded its names (a
-workdir's ``classes.json``). Else it is re-initialised.
+same names in the same order where the source recorded its names (a checkpoint
+of this package: its metadata, or its workdir's ``classes.json``). Else it is
+re-initialised.
 ``config.freeze_stages`` and ``optimizer.backbone_lr_multiplier`` are applied by
 the model and the optimizer; a resumed run restores its own checkpoint instead.
 """
@@ -18,7 +19,7 @@ import pathlib
 import warnings
 from collections.abc import Sequence
 
-from repvgg_jax.interop import pretrained
+from repvgg_jax.interop import checkpoint_io, pretrained
 from repvgg_jax.interop.torch_layout import ConversionError
 from repvgg_jax.model import fusion, network, variants
 from repvgg_jax.train import run_files
@@ -85,11 +86,9 @@ def initial_variables(
 
 
 def _renamed_classes(source, classes: Sequence[str]) -> str | None:
-  """How the class names recorded by the run at ``source`` differ from ``classes``
+  """How the class names that the run at ``source`` recorded differ from ``classes``
   (the first position where they do), or None: the same, or not recorded."""
-  path = pathlib.Path(source)
-  run = run_files.training_run(path) if path.is_dir() else None
-  recorded = None if run is None else run_files.read_classes(run[0])
+  recorded = _recorded_classes(source)
   if recorded is None or list(recorded) == list(classes):
     return None
   differ = [i for i, (a, b) in enumerate(zip(recorded, classes, strict=False)) if a != b]
@@ -100,6 +99,24 @@ def _renamed_classes(source, classes: Sequence[str]) -> str | None:
     f'the source was trained on other classes (output {at} is {recorded[at]!r} there, '
     f'{classes[at]!r} here)'
   )
+
+
+def _recorded_classes(source) -> list[str] | None:
+  """The class names of a checkpoint of this package at ``source`` (a workdir, its
+  checkpoints or one step): its metadata's, else its run's ``classes.json``."""
+  path = pathlib.Path(source)
+  if not path.is_dir():
+    return None  # A weight file or a hub reference: no names.
+  ckpt, step, _ = checkpoint_io.training_checkpoint(path)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    saved = {} if step is None else ckpt.restore_meta(step)
+  finally:
+    ckpt.close()
+  try:
+    return run_files.feeding(saved, run_files.training_run(path))['classes']
+  except ValueError as error:  # A classes.json that is not JSON.
+    raise ConversionError(f'the class names recorded with {path} cannot be read: {error}') from None
 
 
 def _check_variant(config, params, source) -> None:

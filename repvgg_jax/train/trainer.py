@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import functools
 import json
 import pathlib
@@ -350,7 +351,9 @@ def _order_changes(config, meta: dict, total_steps: int) -> list[str]:
   if planned != total_steps:
     step = meta.get('step')
     past = (
-      f'; step {step} is past it, so nothing is trained' if step and step >= total_steps else ''
+      f'; the run is at step {step} already, so nothing more is trained'
+      if step and step >= total_steps
+      else ''
     )
     lines.append(
       f'warning: resuming a run of {planned} steps as one of {total_steps}: the learning-rate '
@@ -574,11 +577,28 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   except (checkpointing.CheckpointWriteError, data.DatasetNotFoundError):
     raise  # Their messages name the fix already.
   except OSError as error:
-    where = f' ({error.filename})' if getattr(error, 'filename', None) else ''
-    raise FileSystemError(
-      f'{checkpointing.root_cause(error)}{where}: free space or fix the permissions there, or '
-      'use another --workdir.'
-    ) from error
+    if not _in_workdir(getattr(error, 'filename', None), workdir):
+      raise  # Not the run's own files (the network, a dataset's): their own message.
+    raise FileSystemError(_workdir_problem(error)) from error
+
+
+def _in_workdir(path, workdir: pathlib.Path) -> bool:
+  return bool(path) and pathlib.Path(path).absolute().is_relative_to(workdir)
+
+
+def _workdir_problem(error: OSError) -> str:
+  """One line: which file of the run, what went wrong, and the fix for that."""
+  fixes = {
+    errno.ENOSPC: 'free space on its disk',
+    errno.EDQUOT: 'free space within your quota',
+    errno.EACCES: 'make it writable',
+    errno.EPERM: 'make it writable',
+    errno.EROFS: 'give a workdir on a writable disk',
+    errno.EEXIST: 'move the file that stands there',
+    errno.ENOTDIR: 'move the file that stands in its path',
+  }
+  fix = fixes.get(error.errno, 'check its disk')
+  return f'{checkpointing.root_cause(error)}: {error.filename}: {fix}, or use another --workdir.'
 
 
 @contextlib.contextmanager
@@ -597,16 +617,16 @@ def _locked_for_all_processes(workdir: pathlib.Path):
   from jax.experimental import multihost_utils
 
   with contextlib.ExitStack() as stack:
-    busy = None
+    failed = None
     if jax.process_index() == 0:
       try:
         stack.enter_context(workdir_lock.workdir_lock(workdir))
-      except workdir_lock.WorkdirBusyError as error:
-        busy = error
-    if not multihost_utils.broadcast_one_to_all(np.array(busy is None)):
-      raise busy or workdir_lock.WorkdirBusyError(
-        f'{workdir} is in use by another run (found by the first process): wait for that run '
-        'to end or stop it, or use another --workdir.'
+      except Exception as error:  # noqa: BLE001 (busy, or no lock to take: the others must know)
+        failed = error
+    if not multihost_utils.broadcast_one_to_all(np.array(failed is None)):
+      raise failed or workdir_lock.WorkdirBusyError(
+        f'The first process could not take the lock of {workdir} (its error says why): wait '
+        'for the run that holds it, or use another --workdir.'
       )
     yield
 
@@ -812,10 +832,10 @@ def _save_deploy(config, workdir: pathlib.Path, fuse_fn, state, step: int, meta:
         ckpt.save(step, fuse_fn(variables), {**meta, 'ema': name == 'deploy_ema'})
         ckpt.wait()
     except checkpointing.CheckpointWriteError as error:  # It names no training checkpoint.
+      _close_quietly(ckpt)
       raise checkpointing.CheckpointWriteError(
         f'Saving the fused model of step {step} to {workdir / name} failed: '
         f'{checkpointing.root_cause(error.__cause__ or error)}. The training checkpoint of '
         f'step {step} is kept; fix the cause and run the same command to write the fused model.'
       ) from error
-    finally:
-      ckpt.close()
+    ckpt.close()
