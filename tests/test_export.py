@@ -90,7 +90,9 @@ def test_export_refuses_bad_requests(tmp_path, training_checkpoint, capsys):
   assert not any((tmp_path / name).exists() for name in 'abcd')
 
 
-def test_an_export_that_fails_its_check_leaves_nothing(tmp_path, training_checkpoint, monkeypatch):
+def test_an_export_that_fails_its_check_leaves_nothing(
+  tmp_path, training_checkpoint, monkeypatch, capsys
+):
   """As onnxruntime refusing the file: the directory, checked before it is renamed
   into place, never appears half-verified."""
 
@@ -98,8 +100,12 @@ def test_an_export_that_fails_its_check_leaves_nothing(tmp_path, training_checkp
     raise RuntimeError('Unsupported model IR version')
 
   monkeypatch.setattr(convert.onnx_export, 'load_onnx', refuse)
-  with pytest.raises(RuntimeError, match='IR version'):
-    convert.export_checkpoint(training_checkpoint[0], tmp_path / 'out', formats=('onnx',))
+  out = tmp_path / 'out'
+  assert convert.main(['export', str(training_checkpoint[0]), str(out), '--formats', 'onnx']) == 1
+  assert capsys.readouterr().err == (
+    'error: The onnx artifact does not run here (Unsupported model IR version); nothing was '
+    'written. Update that runtime, or pass --no-verify to write it unchecked.\n'
+  )
   assert list(tmp_path.iterdir()) == []
 
 

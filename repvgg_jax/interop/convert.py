@@ -453,7 +453,8 @@ def _export_int8(path: pathlib.Path, output_dir, image_size, formats, platforms,
     checked = {'not_verified': skipped} if skipped else {}
     checked['verify'] = {
       fmt: max_relative_difference(
-        _flat(export.load_jax_export(staging)(images)), _flat(qmodel.apply(qvariables, images))
+        _run_artifact(export.load_jax_export, staging, fmt, images),
+        _flat(qmodel.apply(qvariables, images)),
       )
       for fmt in runnable  # jax alone.
     }
@@ -500,8 +501,22 @@ def _verify_export(output, deploy_model, variables, image_size, formats) -> dict
     'onnx': onnx_export.load_onnx,
   }
   return {
-    fmt: max_relative_difference(_flat(loaders[fmt](output)(images)), expected) for fmt in formats
+    fmt: max_relative_difference(_run_artifact(loaders[fmt], output, fmt, images), expected)
+    for fmt in formats
   }
+
+
+def _run_artifact(load, output, fmt: str, images) -> np.ndarray:
+  """The outputs of the ``fmt`` artifact in ``output`` on ``images``; one line where the
+  runtime cannot load or run it (an onnxruntime too old for the file, say)."""
+  try:
+    return _flat(load(output)(images))
+  except Exception as error:  # noqa: BLE001 (onnxruntime, TensorFlow and XLA raise many kinds)
+    reason = ' '.join(str(error).split())[:300] or type(error).__name__
+    raise ConversionError(
+      f'The {fmt} artifact does not run here ({reason}); nothing was written. Update that '
+      'runtime, or pass --no-verify to write it unchecked.'
+    ) from error
 
 
 def _flat(outputs) -> np.ndarray:
