@@ -187,10 +187,9 @@ def write_export(
       'artifacts': {fmt: ARTIFACTS[fmt] for fmt in formats},
       'platforms': list(platforms) if platforms else [jax.export.default_export_platform()],
     }
-    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
-    if verify is not None:
+    if verify is not None:  # The artifacts alone: no loader reads export.json.
       meta.update(verify(staging))
-      (staging / META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
+    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
   return output
 
 
