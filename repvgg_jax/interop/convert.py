@@ -23,7 +23,7 @@ import argparse
 import json
 import pathlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -334,26 +334,18 @@ def export_checkpoint(
   # What predict needs to feed and name it, where the training run recorded it.
   meta.update({key: saved[key] for key in ('eval_preprocess', 'classes') if saved.get(key)})
 
-  def check(staging: pathlib.Path) -> dict:
-    runnable, skipped = _runnable_here(formats, platforms)
-    checked = {'not_verified': skipped} if skipped else {}
-    checked['verify'] = _verify_export(staging, deploy_model, variables, image_size, runnable)
+  def compare(staging: pathlib.Path, runnable) -> dict:
+    differences = _verify_export(staging, deploy_model, variables, image_size, runnable)
     if training is not None:  # And the deploy model against the checkpoint's training-time one.
       images = _random_images(image_size, batch=3, channels=deploy_model.in_channels)
-      checked['verify']['fused_vs_training'] = max_relative_difference(
+      differences['fused_vs_training'] = max_relative_difference(
         _outputs(deploy_model, variables, images), _outputs(training_model, training, images)
       )
-    return checked
+    return differences
 
+  check = _verification(formats, platforms, compare) if verify else None
   output = export.write_export(
-    output_dir,
-    deploy_model,
-    variables,
-    image_size,
-    meta,
-    formats,
-    platforms,
-    check if verify else None,
+    output_dir, deploy_model, variables, image_size, meta, formats, platforms, check
   )
   return json.loads((output / export.META_FILE).read_text())
 
@@ -447,21 +439,19 @@ def _export_int8(path: pathlib.Path, output_dir, image_size, formats, platforms,
     **_preprocess(qmeta['in_channels']),
   }
 
-  def check(staging: pathlib.Path) -> dict:
+  def compare(staging: pathlib.Path, runnable) -> dict:
     images = _random_images(image_size, batch=3, channels=qmeta['in_channels'])
-    runnable, skipped = _runnable_here(formats, platforms)
-    checked = {'not_verified': skipped} if skipped else {}
-    checked['verify'] = {
+    return {
       fmt: max_relative_difference(
         _run_artifact(export.load_jax_export, staging, fmt, images),
         _flat(qmodel.apply(qvariables, images)),
       )
       for fmt in runnable  # jax alone.
     }
-    return checked
 
+  check = _verification(formats, platforms, compare) if verify else None
   output = export.write_export(
-    output_dir, qmodel, qvariables, image_size, meta, formats, platforms, check if verify else None
+    output_dir, qmodel, qvariables, image_size, meta, formats, platforms, check
   )
   return json.loads((output / export.META_FILE).read_text())
 
@@ -489,6 +479,19 @@ def _runnable_here(formats, platforms) -> tuple[tuple[str, ...], dict[str, str]]
   why = f'lowered for {",".join(lowered)}; this machine runs it on {{}}: load it where it runs'
   skipped = {f: why.format('cpu' if f == 'tf' else backend) for f in formats if not runs[f]}
   return tuple(f for f in formats if runs[f]), skipped
+
+
+def _verification(formats, platforms, compare) -> Callable[[pathlib.Path], dict]:
+  """The check `export.write_export` runs on its staging directory: the differences
+  that ``compare(staging, formats)`` measures for the formats this machine runs, and
+  why each other one is not verified here."""
+
+  def check(staging: pathlib.Path) -> dict:
+    runnable, skipped = _runnable_here(formats, platforms)
+    checked = {'not_verified': skipped} if skipped else {}
+    return {**checked, 'verify': compare(staging, runnable)}
+
+  return check
 
 
 def _verify_export(output, deploy_model, variables, image_size, formats) -> dict:
