@@ -27,15 +27,22 @@ def write_jsonl(path: str | os.PathLike, records) -> None:
 
 def _replace(path: str | os.PathLike, text: str) -> None:
   """``path`` with the content ``text``, written to a temporary file renamed into
-  place; a failed write (a full disk) leaves ``path`` as it was and no temporary file."""
+  place; a failed write (a full disk) leaves ``path`` as it was and no temporary file.
+
+  Raises:
+    OSError: the write failed; its ``filename`` is ``path`` (not the temporary file's,
+      which no longer exists), its type and errno the failure's.
+  """
   path = pathlib.Path(path)
   tmp = path.with_name(path.name + '.tmp')
   try:
     tmp.write_text(text)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as error:
     with contextlib.suppress(OSError):  # The write's own error is the one to report.
       tmp.unlink(missing_ok=True)
+    if isinstance(error, OSError) and error.filename == str(tmp):
+      raise OSError(error.errno, error.strerror, str(path)) from error
     raise
 
 

@@ -408,10 +408,13 @@ def test_a_workdir_that_cannot_be_made_or_written_is_one_line(tmp_path, digits_d
     return write_text(path, text, *args, **kwargs)
 
   monkeypatch.setattr(pathlib.Path, 'write_text', full_disk)
-  with pytest.raises(
-    trainer.FileSystemError, match=r'\[Errno 28\] No space left on device: .*free'
-  ):
+  with pytest.raises(trainer.FileSystemError) as error:
     trainer.train_and_evaluate(tiny_config(digits_dir), tmp_path / 'run')
+  # The file named is the one the run writes, not its temporary file, which is gone.
+  assert str(error.value) == (
+    f'[Errno 28] No space left on device: {tmp_path / "run" / "config.json"}: free space on '
+    'its disk, or use another --workdir.'
+  )
   assert not list((tmp_path / 'run').glob('*.tmp'))
 
 
