@@ -666,6 +666,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     **optimizer_meta(config),
     **{key: config[key] for key in _ORDER_SETTINGS},
     'total_steps': schedule.total_steps,
+    # What the model is fed: predict and export read it from a checkpoint moved out of its run.
+    'image_size': config.dataset.image_size,
+    'eval_preprocess': config.dataset.eval_preprocess,
   }
   if start_step == 0 and (qat_enabled(config) or config.get('init_from')):  # Not resumed.
     try:
@@ -821,8 +824,6 @@ def _save_deploy(config, workdir: pathlib.Path, fuse_fn, state, step: int, meta:
     **meta,
     'deploy': True,
     'num_classes': config.dataset.num_classes,
-    'image_size': config.dataset.image_size,
-    'eval_preprocess': config.dataset.eval_preprocess,
     'step': step,
   }
   for name, variables in models.items():
