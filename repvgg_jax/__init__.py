@@ -5,7 +5,10 @@ The model (`repvgg_jax.model`) is re-exported here; the CPU speed-ups are
 `repvgg_jax.interop`.
 """
 
-from repvgg_jax import perf, startup
+from repvgg_jax import startup  # First: it notes the environment before JAX changes it.
+
+# isort: split
+from repvgg_jax import perf
 from repvgg_jax.factory import create_model
 from repvgg_jax.model import (
   BRANCH_FAMILIES,

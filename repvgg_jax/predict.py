@@ -94,7 +94,12 @@ def _from_export(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
 
   from repvgg_jax.interop import export
 
-  meta = json.loads((path / export.META_FILE).read_text())
+  try:
+    meta = json.loads((path / export.META_FILE).read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise PredictError(f'{path / export.META_FILE} is not JSON ({error}): export again.') from None
+  if not isinstance(meta, dict):
+    raise PredictError(f"{path / export.META_FILE} is not an export's record: export again.")
   if not (path / export.JAX_FILE).is_file():
     raise PredictError(
       f'{path} has no {export.JAX_FILE}: export with --formats jax (others run outside jax).'
@@ -108,27 +113,67 @@ def _from_export(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
       f'{path} was exported for {",".join(platforms)}, and this machine runs {here}: '
       f'predict where it runs, or export again with --platforms {here}.'
     )
-  return export.load_jax_export(path), meta.get('model', '?'), meta, int(meta['num_classes'])
+  try:
+    exported = jax.export.deserialize(bytearray((path / export.JAX_FILE).read_bytes()))
+    ((_, height, _, _),) = (aval.shape for aval in exported.in_avals)
+  except Exception as error:  # noqa: BLE001 - a damaged file fails in many ways.
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ''
+    raise PredictError(
+      f'{path / export.JAX_FILE} cannot be read ({type(error).__name__}: {reason}): export again.'
+    ) from None
+  # The artifact takes one size: the one it was traced with, whatever the record beside it says.
+  meta = {**meta, 'image_size': height}
+  return exported.call, meta.get('model', '?'), meta, int(meta['num_classes'])
 
 
-def load(source: str | pathlib.Path) -> Predictor:
+def load(
+  source: str | pathlib.Path, image_size: int | None = None, eval_preprocess: str | None = None
+) -> Predictor:
   """The fused classifier of ``source`` (see the module docstring).
 
+  Args:
+    source: a workdir, a deploy or training checkpoint, or an export directory.
+    image_size, eval_preprocess: how to feed it, where ``source`` and its run do not
+      record it (a checkpoint moved out of its workdir before it recorded them); for
+      what they record, the same or None. Reference weights imported by ``convert
+      import`` take ImageNet's: 224 and 'resize_crop'.
+
   Raises:
-    PredictError: nothing usable at ``source``.
+    PredictError: nothing usable at ``source``, or a feeding that contradicts it.
   """
+  from repvgg_jax.data import input_pipeline
   from repvgg_jax.interop import export
   from repvgg_jax.train import run_files
 
+  if image_size is not None and image_size < 1:
+    raise PredictError(f'The image size must be positive, got {image_size}.')
+  if eval_preprocess is not None and eval_preprocess not in input_pipeline.EVAL_PREPROCESSING:
+    raise PredictError(
+      f'Unknown eval preprocessing {eval_preprocess!r}: use one of '
+      f'{", ".join(input_pipeline.EVAL_PREPROCESSING)}.'
+    )
   path = pathlib.Path(source)
   if not path.exists():
     raise PredictError(f'No checkpoint, workdir or export at {path}.')
-  run = run_files.training_run(path)
-  if (path / export.META_FILE).is_file():
-    apply, model, saved, num_classes = _from_export(path)
-  else:
-    apply, model, saved, num_classes = _from_checkpoint(path, run)
-  settings = run_files.feeding(saved, run)
+  try:
+    run = run_files.training_run(path)
+    if (path / export.META_FILE).is_file():
+      apply, model, saved, num_classes = _from_export(path)
+    else:
+      apply, model, saved, num_classes = _from_checkpoint(path, run)
+    settings = run_files.feeding(saved, run)
+  except run_files.RunFileError as error:
+    raise PredictError(str(error)) from None
+  size = _feeding('image_size', settings['image_size'], image_size, path)
+  method = _feeding('eval_preprocess', settings['eval_preprocess'], eval_preprocess, path)
+  if size is None or method is None:
+    if _from_training(saved):
+      raise PredictError(
+        f'{path} records no image size or eval preprocessing, and no config.json of its run '
+        'is beside it: pass --image-size and --eval-preprocess as it was trained, or predict '
+        'from its workdir.'
+      )
+    size, method = size or DEFAULT_IMAGE_SIZE, method or DEFAULT_EVAL_PREPROCESS
   classes = settings['classes'] or [str(index) for index in range(num_classes)]
   if len(classes) != num_classes:
     raise PredictError(
@@ -137,10 +182,24 @@ def load(source: str | pathlib.Path) -> Predictor:
   return Predictor(
     apply=lambda images: np.asarray(apply(images), np.float32),
     model=model,
-    image_size=int(settings['image_size'] or DEFAULT_IMAGE_SIZE),
-    eval_preprocess=settings['eval_preprocess'] or DEFAULT_EVAL_PREPROCESS,
+    image_size=int(size),
+    eval_preprocess=method,
     classes=tuple(classes),
   )
+
+
+def _feeding(key: str, recorded, given, path: pathlib.Path):
+  """What ``source`` records for ``key``, else what the caller gave; refuses a contradiction."""
+  if recorded is not None and given is not None and given != recorded:
+    flag = '--' + key.replace('_', '-')
+    raise PredictError(f'{path} records {key} {recorded!r}, not {given!r}: leave {flag} out.')
+  return recorded if recorded is not None else given
+
+
+def _from_training(saved: dict) -> bool:
+  """Whether ``saved`` is the metadata of a ``train.py`` checkpoint (it records its run's
+  length and batch size), not of imported reference weights."""
+  return 'batch_size' in saved or 'total_steps' in saved
 
 
 def preprocess(paths: Sequence[str | pathlib.Path], image_size: int, method: str) -> np.ndarray:
@@ -165,7 +224,9 @@ def preprocess(paths: Sequence[str | pathlib.Path], image_size: int, method: str
     try:
       image = folder.decode(tf.constant(str(path)))
     except tf.errors.OpError as error:
-      raise PredictError(f'{path} cannot be decoded: {error.message.splitlines()[0]}') from None
+      raise PredictError(
+        f'{path} cannot be decoded ({folder.decode_failure(error)}): replace it.'
+      ) from None
     images.append(input_pipeline.preprocess_for_eval(image, image_size, method=method).numpy())
   return np.stack(images)
 
@@ -182,10 +243,15 @@ def top_classes(logits: np.ndarray, classes: Sequence[str], k: int) -> list[list
 
 
 def predict(
-  source: str | pathlib.Path, images: Sequence[str | pathlib.Path], top: int = 5, batch: int = 32
+  source: str | pathlib.Path,
+  images: Sequence[str | pathlib.Path],
+  top: int = 5,
+  batch: int = 32,
+  **feeding,
 ) -> list[dict]:
-  """``[{'image': path, 'top': top_classes}]`` of each image, in order."""
-  predictor = load(source)
+  """``[{'image': path, 'top': top_classes}]`` of each image, in order; ``feeding``
+  (``image_size``, ``eval_preprocess``) as `load` takes it."""
+  predictor = load(source, **feeding)
   results = []
   for start in range(0, len(images), batch):
     paths = images[start : start + batch]
@@ -205,6 +271,16 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--top', type=int, default=5, help='classes per image (default 5)')
   parser.add_argument('--batch-size', type=int, default=32, help='images per forward pass')
   parser.add_argument('--json', action='store_true', help='one JSON document on stdout')
+  parser.add_argument(
+    '--image-size',
+    type=int,
+    help="the run's image size, for a checkpoint that records none (one moved out of its "
+    'workdir before it recorded it)',
+  )
+  parser.add_argument(
+    '--eval-preprocess',
+    help="the run's dataset.eval_preprocess, for a checkpoint that records none",
+  )
   return parser
 
 
@@ -220,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print('error: --top and --batch-size must be positive.', file=sys.stderr)
     return 2
   try:
-    results = predict(args.source, args.images, args.top, args.batch_size)
+    feeding = {'image_size': args.image_size, 'eval_preprocess': args.eval_preprocess}
+    results = predict(args.source, args.images, args.top, args.batch_size, **feeding)
   except PredictError as error:
     print(f'error: {error}', file=sys.stderr)
     return 1

@@ -31,8 +31,14 @@ def hide_cuda_probe() -> None:
       logger.addFilter(_not_cuda_probe)
 
 
+# The level the user set, if any: JAX sets 1 when it is imported, so this is read
+# before (``repvgg_jax`` imports this module first).
+_USER_TF_LOG_LEVEL = os.environ.get('TF_CPP_MIN_LOG_LEVEL')
+
+
 def quiet_startup() -> None:
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  # TensorFlow's C++ log lines, errors included, are off: its errors reach us as exceptions.
+  os.environ['TF_CPP_MIN_LOG_LEVEL'] = _USER_TF_LOG_LEVEL or '3'
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   hide_cuda_probe()
 

@@ -233,6 +233,14 @@ def test_markdown_and_figure1(tmp_path):
   assert jsonfiles.read_jsonl(jsonl) == json.loads(json.dumps(rows))
 
 
+def test_the_roofline_times_pytorch_only_where_asked(monkeypatch):
+  cpu_row = {'backend': 'cpu', 'dtype': 'float32', 'matmul_by_size': {'8': 1.0}}
+  monkeypatch.setattr(bench_timing, 'roofline', lambda dtype, runs: dict(cpu_row))
+  assert 'torch_matmul_gflops_per_sec' not in bench.roofline(with_torch=False)
+  if importlib.util.find_spec('torch') is not None:
+    assert bench.roofline(with_torch=True, runs=1)['torch_matmul_gflops_per_sec'] > 0
+
+
 def test_suite_plans_and_writes_its_tables(tmp_path, monkeypatch):
   infers, trains = bench.suite_plan(on_cpu=False)  # The GPU plan: the issue's figures.
   assert ('A0', 256, 224, 'float32') in infers and ('B0', 256, 224, 'bfloat16') in infers
@@ -247,11 +255,28 @@ def test_suite_plans_and_writes_its_tables(tmp_path, monkeypatch):
     'conv_gflops_per_sec': 50.0,
     'conv_shape': [1, 8, 8, 8],
   }
-  monkeypatch.setattr(bench, 'roofline', lambda dtype: fake_roofline)
+  monkeypatch.setattr(bench, 'roofline', lambda dtype, with_torch: fake_roofline)
   plan = [(TINY, 2, 16, 'float32')], [(TINY, 4, 16, 10, 'float32', ('nchw',))]
   monkeypatch.setattr(bench, 'suite_plan', lambda on_cpu: plan)
   with_torch = importlib.util.find_spec('torch') is not None
+  # An earlier run's files stay whole and untouched while a run that fails midway
+  # leaves its rows so far aside.
+  earlier = {name: f'earlier {name}\n' for name in bench.SUITE_FILES}
+  for name, text in earlier.items():
+    (tmp_path / name).write_text(text)
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  with monkeypatch.context() as patch:
+    patch.setattr(bench, 'benchmark_train_step', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+      bench.run_suite(tmp_path, 1, 0, 2, 16, [TINY], with_torch)
+  assert {name: (tmp_path / name).read_text() for name in earlier} == earlier
+  partial = jsonfiles.read_jsonl(tmp_path / bench.SUITE_STAGING / 'results.jsonl')
+  assert [r['kind'] for r in partial] == ['roofline', 'infer']
   bench.run_suite(tmp_path, 1, 0, 2, 16, [TINY], with_torch)
+  assert not (tmp_path / bench.SUITE_STAGING).exists()
   rows = jsonfiles.read_jsonl(tmp_path / 'results.jsonl')
   assert [r['kind'] for r in rows] == ['roofline', 'infer', 'train']
   infer, train = rows[1], rows[2]
@@ -355,6 +380,10 @@ def test_unknown_model_and_bad_sizes_are_refused(capsys):
     (['suite', '--runs', '0', '--models', 'A0'], '--figure-size and --figure-batch must be'),
     (['suite', '--figure-batch', '0', '--models', 'A0'], '--figure-size and --figure-batch'),
     (['--json', '/nonexistent/dir/rows.jsonl'], '--json /nonexistent/dir/rows.jsonl: no dir'),
+    (['roofline', '--json', '/'], '--json / is a directory: give a file in it'),
+    (['suite', '--out', __file__, '--models', 'A0'], 'is a file: give a directory'),
+    (['infer', '--warmup', '-1'], '--warmup must be 0 or more'),
+    (['deploy', '--warmup', '-1'], '--warmup must be 0 or more'),
     (  # XLA's convolutions in a multi-step call on a CPU, refused as the trainer does.
       ['train', '--batch', '1', '--size', '224', '--steps-per-call', '2', '--no-torch'],
       'use --steps-per-call 1 or --conv-impl im2col',

@@ -2,7 +2,11 @@
 learning rate, resume, bad sources; class names in the workdir; and predict."""
 
 import json
+import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -296,11 +300,122 @@ def test_predict_reads_checkpoints_and_exports_alike(fine_tuned, images, tmp_pat
       )
 
 
+def test_predict_feeds_a_checkpoint_moved_out_of_its_workdir_as_it_was_trained(
+  fine_tuned, images, tmp_path, capsys, monkeypatch
+):
+  """A training checkpoint records its image size and preprocessing; one that records
+  none (written before it did) is refused unless they are given, never fed at 224."""
+  paths = sorted(str(p) for p in (images / 'val').rglob('*.png'))[:4]
+  reference = predict.predict(fine_tuned, paths)
+  # Without its config.json, the network is named by its shapes; the tiny one has no name.
+  deploy_model = trainer.build_model(folder_run(images), deploy=True)
+  monkeypatch.setattr(predict, '_deploy_model', lambda path, params, run: deploy_model)
+  ckpt = checkpointing.Checkpoints(fine_tuned / 'checkpoints', read_only=True)
+  step = ckpt.latest_step()
+  state, meta = ckpt.restore()
+  ckpt.close()
+  config = folder_run(images)
+  assert (meta['image_size'], meta['eval_preprocess']) == (32, config.dataset.eval_preprocess)
+  moved = tmp_path / 'moved'
+  shutil.copytree(fine_tuned / 'checkpoints' / str(step), moved / str(step))
+  old = tmp_path / 'old'
+  unrecorded = {k: v for k, v in meta.items() if k not in ('image_size', 'eval_preprocess')}
+  written = checkpointing.Checkpoints(old)
+  written.save(step, state, unrecorded)
+  written.close()
+  feeding = ['--image-size', '32', '--eval-preprocess', config.dataset.eval_preprocess]
+  for source, argv in ((moved, []), (old, feeding)):
+    assert predict.main([str(source), *paths, '--json', *argv]) == 0
+    results = json.loads(capsys.readouterr().out)
+    for result, expected in zip(results, reference, strict=True):
+      assert [c['class'] for c in result['top']] == [c['class'] for c in expected['top']]
+      np.testing.assert_allclose(
+        [c['probability'] for c in result['top']],
+        [c['probability'] for c in expected['top']],
+        atol=1e-5,
+      )
+  wrong = 'resize_crop' if config.dataset.eval_preprocess != 'resize_crop' else 'resize'
+  cases = [
+    ([str(old), paths[0]], 'records no image size or eval preprocessing, and no config.json'),
+    ([str(moved), paths[0], '--image-size', '224'], 'image_size 32, not 224: leave --image-size'),
+    ([str(fine_tuned), paths[0], '--eval-preprocess', wrong], 'leave --eval-preprocess out'),
+    ([str(old), paths[0], '--image-size', '0'], 'The image size must be positive, got 0.'),
+    ([str(old), paths[0], '--eval-preprocess', 'crop'], "Unknown eval preprocessing 'crop'"),
+  ]
+  for argv, message in cases:
+    assert predict.main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count('\n') == 1, err
+
+
+def test_predict_names_a_damaged_export_or_classes_file(fine_tuned, images, tmp_path, capsys):
+  config = folder_run(images)
+  model = trainer.build_model(config, deploy=True)
+  deploy = _training_state(fine_tuned / 'deploy')
+  good = tmp_path / 'export'
+  meta = {'model': 'tiny', 'num_classes': 3, 'classes': CLASSES, 'eval_preprocess': 'resize'}
+  export.write_export(good, model, deploy, 32, meta, formats=('jax',))
+  image = str(next((images / 'val').rglob('*.png')))
+  damages = {
+    'empty artifact': (export.JAX_FILE, b''),
+    'cut artifact': (export.JAX_FILE, (good / export.JAX_FILE).read_bytes()[:1000]),
+    'record not JSON': (export.META_FILE, b'{'),
+    'record a list': (export.META_FILE, b'[]'),
+  }
+  messages = {
+    'empty artifact': f'{export.JAX_FILE} cannot be read',
+    'cut artifact': f'{export.JAX_FILE} cannot be read',
+    'record not JSON': f'{export.META_FILE} is not JSON',
+    'record a list': f"{export.META_FILE} is not an export's record",
+  }
+  for name, (file, content) in damages.items():
+    damaged = tmp_path / name.replace(' ', '_')
+    shutil.copytree(good, damaged)
+    (damaged / file).write_bytes(content)
+    assert predict.main([str(damaged), image]) == 1
+    err = capsys.readouterr().err
+    assert messages[name] in err and 'export again' in err and err.count('\n') == 1, err
+  # The artifact's own input size wins over a record that says another.
+  resized = tmp_path / 'resized'
+  shutil.copytree(good, resized)
+  record = json.loads((resized / export.META_FILE).read_text())
+  (resized / export.META_FILE).write_text(json.dumps({**record, 'image_size': 224}))
+  assert predict.load(resized).image_size == 32
+  # A workdir whose classes.json is damaged: one line naming it and the fix.
+  workdir = tmp_path / 'workdir'
+  shutil.copytree(fine_tuned, workdir)
+  (workdir / run_files.CLASSES_FILE).write_text('{')
+  assert predict.main([str(workdir), image]) == 1
+  err = capsys.readouterr().err
+  assert f'{workdir / run_files.CLASSES_FILE} is not a list of class names (not JSON' in err
+  assert err.count('\n') == 1, err
+
+
+def test_the_command_prints_one_line_and_no_tensorflow_log_for_a_corrupt_image(
+  fine_tuned, images, tmp_path
+):
+  corrupt = tmp_path / 'corrupt.png'
+  corrupt_bytes = bytearray(next((images / 'val').rglob('*.png')).read_bytes())
+  corrupt_bytes[40:60] = b'\0' * 20
+  corrupt.write_bytes(bytes(corrupt_bytes))
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}  # As a user's.
+  command = [sys.executable, '-m', 'repvgg_jax.predict', str(fine_tuned), str(corrupt)]
+  done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1
+  assert done.stderr == f'error: {corrupt} cannot be decoded ({done.stderr.split("(", 1)[1]}'
+  assert done.stderr.count('\n') == 1 and done.stderr.endswith('): replace it.\n'), done.stderr
+
+
 def test_predict_names_what_it_cannot_use(fine_tuned, images, tmp_path, capsys):
   text = tmp_path / 'notes.png'
   text.write_text('not an image')
   good = str(next((images / 'val').rglob('*.png')))
+  corrupt = tmp_path / 'corrupt.png'
+  corrupt_bytes = bytearray(pathlib.Path(good).read_bytes())
+  corrupt_bytes[40:60] = b'\0' * 20  # Whole at both ends: only decoding tells.
+  corrupt.write_bytes(bytes(corrupt_bytes))
   cases = [
+    ([str(fine_tuned), str(corrupt)], 'corrupt.png cannot be decoded ('),
     ([str(tmp_path / 'nothing'), good], 'No checkpoint, workdir or export at'),
     ([str(fine_tuned), str(tmp_path / 'missing.png')], 'missing.png does not exist'),
     ([str(fine_tuned), str(text)], 'notes.png is neither a JPEG nor a PNG'),
@@ -310,3 +425,4 @@ def test_predict_names_what_it_cannot_use(fine_tuned, images, tmp_path, capsys):
     assert predict.main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and err.count('\n') == 1, err
+    assert '{{' not in err and '[Op:' not in err, err  # TensorFlow's wrapping, stripped.

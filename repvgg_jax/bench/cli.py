@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import shutil
 import sys
 
 import jax
@@ -44,11 +46,13 @@ from repvgg_jax.perf import CONV_IMPLS, host_memory
 from repvgg_jax.startup import quiet_startup
 
 
-def roofline(dtype: str = 'float32', runs: int = 5) -> dict:
-  """The machine's peaks (`timing.roofline`); on CPUs, with torch installed, PyTorch's
-  float32 matmul peak beside them, for reference only (MKL's can beat XLA's)."""
+def roofline(dtype: str = 'float32', runs: int = 5, with_torch: bool | None = None) -> dict:
+  """The machine's peaks (`timing.roofline`); on CPUs, with torch (``with_torch``; None:
+  when it is installed), PyTorch's float32 matmul peak beside them, for reference only
+  (MKL's can beat XLA's)."""
   row = timing.roofline(dtype, runs)
-  if row['backend'] == 'cpu' and row['dtype'] == 'float32' and _torch_available():
+  with_torch = _torch_available() if with_torch is None else with_torch
+  if row['backend'] == 'cpu' and row['dtype'] == 'float32' and with_torch:
     from repvgg_jax.bench import torch_side
 
     sizes = [int(n) for n in row['matmul_by_size']]
@@ -85,6 +89,10 @@ def _emit(row: dict, text: str, json_path) -> dict:
   return row
 
 
+SUITE_FILES = ('results.jsonl', 'figure1.jsonl', 'results.md', 'figure1.png')
+SUITE_STAGING = '.in_progress'
+
+
 def suite_plan(on_cpu: bool):
   """What the suite times: ``(infers, trains)``.
 
@@ -116,17 +124,19 @@ def run_suite(out_dir, runs: int, warmup: int, figure_batch, figure_size: int, m
   bfloat16; B0 training in bfloat16 at batch 256, 224x224; then Figure 1
   (``figure_batch`` None: 128, as the paper's). Shares of the roofline are
   taken against the peak of the row's dtype. The files in ``out_dir`` are
-  rewritten: they describe this one run.
+  replaced at the end, all together: they describe this one run. Until then the
+  rows go to ``out_dir/.in_progress/``, which an interrupted run leaves (its rows so
+  far) beside the earlier run's files, untouched.
   """
   out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  results = out / 'results.jsonl'
-  for path in (results, out / 'figure1.jsonl'):
-    path.unlink(missing_ok=True)
+  staging = out / SUITE_STAGING
+  shutil.rmtree(staging, ignore_errors=True)  # An interrupted run's rows.
+  staging.mkdir(parents=True)
+  results = staging / 'results.jsonl'
   on_cpu = jax.default_backend() == 'cpu'
   peaks = {}
   for dtype in ('float32',) if on_cpu else ('float32', 'bfloat16'):
-    roof = roofline(dtype)
+    roof = roofline(dtype, with_torch=with_torch)
     _emit(roof, bench_report.format_roofline(roof), results)
     peaks[dtype] = peak_of(roof)
   infers, trains = suite_plan(on_cpu)
@@ -162,17 +172,20 @@ def run_suite(out_dir, runs: int, warmup: int, figure_batch, figure_size: int, m
   for name in models:
     row = benchmark(name, figure_batch, figure_size, runs=3, warmup=1, peak_gflops=peak)
     row['kind'] = 'infer'
-    figure_rows.append(_emit(row, bench_report.format_infer(row), out / 'figure1.jsonl'))
-  bench_report.plot_figure1(figure_rows, out / 'figure1.png')
+    figure_rows.append(_emit(row, bench_report.format_infer(row), staging / 'figure1.jsonl'))
+  bench_report.plot_figure1(figure_rows, staging / 'figure1.png')
   rows = jsonfiles.read_jsonl(results)
-  (out / 'results.md').write_text(
+  (staging / 'results.md').write_text(
     f'Measured on {json.dumps(machine())}\n\n'
     + bench_report.markdown(rows)
     + '\n'
     + f'Figure 1 data (batch {figure_batch}, {figure_size}x{figure_size}):\n\n'
     + bench_report.markdown(figure_rows)
   )
-  print(f'Wrote {results}, {out / "results.md"}, {out / "figure1.png"}.')
+  for name in SUITE_FILES:
+    os.replace(staging / name, out / name)
+  staging.rmdir()
+  print(f'Wrote {", ".join(str(out / name) for name in SUITE_FILES)}.')
 
 
 def _layouts(text: str) -> tuple[str, ...]:
@@ -344,7 +357,11 @@ def main(argv=None) -> int:
   _check_json(parser, getattr(args, 'json', None))
   if args.reuse_host_memory and not host_memory.reuse_freed_memory():
     print('--reuse-host-memory: not applied (glibc on a CPU-only run only).', file=sys.stderr)
+  if min(getattr(args, 'warmup', 0), 0) < 0:
+    parser.error('--warmup must be 0 or more.')
   if args.command == 'suite':
+    if pathlib.Path(args.out).exists() and not pathlib.Path(args.out).is_dir():
+      parser.error(f'--out {args.out} is a file: give a directory for the results.')
     names = variants.list_models('repvgg') if args.models == 'all' else args.models.split(',')
     for name in names:
       _check_model(parser, name)
@@ -440,6 +457,8 @@ def _check_json(parser, path) -> None:
   """A ``--json`` file goes into a directory that exists (else the figures are lost)."""
   if path and not pathlib.Path(path).absolute().parent.is_dir():
     parser.error(f'--json {path}: no directory {pathlib.Path(path).absolute().parent}.')
+  if path and pathlib.Path(path).is_dir():
+    parser.error(f'--json {path} is a directory: give a file in it, e.g. {path}/rows.jsonl.')
 
 
 def _run_deployment_bench(parser, args) -> int:

@@ -36,6 +36,7 @@ import itertools
 import math
 import os
 import pathlib
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -273,6 +274,15 @@ def decode(path: tf.Tensor) -> tf.Tensor:
   return tf.ensure_shape(image, (None, None, 3))
 
 
+def decode_failure(error: tf.errors.OpError) -> str:
+  """TensorFlow's reason, without the op and function names it wraps it in (an eager
+  op's ``{{function_node __wrapped__DecodeImage_...}} ... [Op:DecodeImage] name:``)."""
+  text = error.message.strip().splitlines()[0] if error.message.strip() else ''
+  text = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', text)
+  text = re.sub(r'\s*\[Op:\w+\].*$', '', text)
+  return text.strip().rstrip('.') or type(error).__name__
+
+
 def _checked(batches: Iterator, paths_of_batch) -> Iterator:
   """``batches``, with a decoding failure reported as the file that caused it."""
   for index in itertools.count():
@@ -286,7 +296,7 @@ def _checked(batches: Iterator, paths_of_batch) -> Iterator:
           decode(tf.constant(path))
         except tf.errors.OpError:
           raise FolderError(
-            f'{path} cannot be decoded ({error.message.splitlines()[0]}): replace or remove it.'
+            f'{path} cannot be decoded ({decode_failure(error)}): replace or remove it.'
           ) from None
       raise
     yield batch

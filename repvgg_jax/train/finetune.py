@@ -115,8 +115,8 @@ def _recorded_classes(source) -> list[str] | None:
     ckpt.close()
   try:
     return run_files.feeding(saved, run_files.training_run(path))['classes']
-  except ValueError as error:  # A classes.json that is not JSON.
-    raise ConversionError(f'the class names recorded with {path} cannot be read: {error}') from None
+  except run_files.RunFileError as error:  # A classes.json that is not a list of names.
+    raise ConversionError(str(error)) from None
 
 
 def _check_variant(config, params, source) -> None:

@@ -41,10 +41,32 @@ def training_run(path: str | pathlib.Path) -> tuple[pathlib.Path, dict] | None:
   return None
 
 
+class RunFileError(ValueError):
+  """A file of the run that cannot be read as what it should be; names it and the fix."""
+
+
 def read_classes(workdir: str | pathlib.Path) -> list[str] | None:
-  """The class names in ``workdir``'s classes.json, or None where there is none."""
+  """The class names in ``workdir``'s classes.json, or None where there is none.
+
+  Raises:
+    RunFileError: the file is not a JSON list of names (nor ``null``, for a dataset
+      without names).
+  """
   file = pathlib.Path(workdir) / CLASSES_FILE
-  return json.loads(file.read_text()) if file.is_file() else None
+  if not file.is_file():
+    return None
+  try:
+    classes = json.loads(file.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    problem = f'not JSON: {error}'
+  else:
+    if classes is None or (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+      return classes
+    problem = f'a JSON {type(classes).__name__}'
+  raise RunFileError(
+    f'{file} is not a list of class names ({problem}): restore it, or delete it to name '
+    'the classes by index.'
+  )
 
 
 def feeding(saved: Mapping, run: tuple[pathlib.Path, dict] | None) -> dict:
