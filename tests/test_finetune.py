@@ -414,8 +414,12 @@ def test_predict_names_what_it_cannot_use(fine_tuned, images, tmp_path, capsys):
   corrupt_bytes = bytearray(pathlib.Path(good).read_bytes())
   corrupt_bytes[40:60] = b'\0' * 20  # Whole at both ends: only decoding tells.
   corrupt.write_bytes(bytes(corrupt_bytes))
+  step = next((fine_tuned / 'deploy').iterdir())
+  renamed = tmp_path / 'mymodel'
+  shutil.copytree(step, renamed)
   cases = [
     ([str(fine_tuned), str(corrupt)], 'corrupt.png cannot be decoded ('),
+    ([str(renamed), good], 'mymodel is one step of a checkpoint, but its folder is not named'),
     ([str(tmp_path / 'nothing'), good], 'No checkpoint, workdir or export at'),
     ([str(fine_tuned), str(tmp_path / 'missing.png')], 'missing.png does not exist'),
     ([str(fine_tuned), str(text)], 'notes.png is neither a JPEG nor a PNG'),

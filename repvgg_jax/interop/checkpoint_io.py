@@ -26,6 +26,17 @@ def training_checkpoint(
   return checkpointing.Checkpoints(path, read_only=True), None, path.parent
 
 
+def no_checkpoint(path: pathlib.Path, kind: str = 'orbax') -> ConversionError:
+  """The error for ``path`` holding no ``kind`` checkpoint; one step of a checkpoint
+  under a folder not named by its step (orbax finds steps by their numbers) is told so."""
+  if (path / '_CHECKPOINT_METADATA').is_file() and not path.name.isdigit():
+    return ConversionError(
+      f'{path} is one step of a checkpoint, but its folder is not named by its step: '
+      'rename it to the step number (e.g. 330), or give the folder that holds it.'
+    )
+  return ConversionError(f'No {kind} checkpoint in {path}.')
+
+
 def _export_source(path: pathlib.Path) -> tuple[checkpointing.Checkpoints, int | None]:
   """The checkpoint to export: a workdir's deploy (else training) checkpoints, or the path."""
   for sub in ('deploy', 'checkpoints'):
@@ -44,7 +55,7 @@ def restore(path: pathlib.Path) -> tuple[dict, dict]:
   ckpt, step = _export_source(path)
   try:
     if ckpt.latest_step() is None:
-      raise ConversionError(f'No orbax checkpoint in {path}.')
+      raise no_checkpoint(path)
     return ckpt.restore(step=step)
   finally:
     ckpt.close()

@@ -225,7 +225,7 @@ def fuse_checkpoint(path, output_dir, model: str | None = None) -> dict:
     raise FileNotFoundError(f'No checkpoint at {path}.')
   ckpt, step, workdir = checkpoint_io.training_checkpoint(path)
   if ckpt.latest_step() is None:
-    raise ConversionError(f'No orbax training checkpoint in {path}.')
+    raise checkpoint_io.no_checkpoint(path, 'orbax training')
   state, saved = ckpt.restore(step=step)
   variables = {k: state[k] for k in ('params', 'batch_stats') if k in state}
   fused = fusion.fuse_params(variables, model=model)  # Refuses deploy checkpoints.

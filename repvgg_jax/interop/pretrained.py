@@ -45,7 +45,7 @@ def read_weights(source: str | pathlib.Path) -> dict:
   ckpt, step, _ = checkpoint_io.training_checkpoint(path)
   try:
     if ckpt.latest_step() is None:
-      raise ConversionError(f'No orbax checkpoint in {path}.')
+      raise checkpoint_io.no_checkpoint(path)
     state, _ = ckpt.restore(step=step)
   finally:
     ckpt.close()
