@@ -309,6 +309,35 @@ def test_custom_l2_is_the_references_and_holds_the_bn_factor_constant():
   assert custom['linear']['kernel'] and custom['stage1_block1']['identity']['scale']
 
 
+def test_the_step_takes_custom_l2_on_the_running_statistics_its_forward_pass_updated():
+  """As the reference's train.py: the model runs (updating BatchNorm's running
+  variance), then ``get_custom_L2`` reads that variance."""
+  import optax
+  from helpers import random_variables
+
+  from repvgg_jax.model import create_model
+  from repvgg_jax.train import optim
+
+  model = create_model('A0', num_classes=10)
+  variables = random_variables(model, (1, 32, 32, 3))
+  state = steps.TrainState.create(
+    apply_fn=model.apply,
+    params=variables['params'],
+    tx=optax.sgd(0.0),
+    batch_stats=variables['batch_stats'],
+  )
+  images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3)) * 3.0
+  batch = {'image': images, 'label': jnp.arange(8) % 10}
+  kwargs = {'model': model, 'num_classes': 10}
+  new, plain = steps.train_step(state, batch, jax.random.key(2), **kwargs)
+  _, with_l2 = steps.train_step(state, batch, jax.random.key(2), custom_l2=0.5, **kwargs)
+  after = optim.equivalent_kernel_l2(state.params, new.batch_stats)
+  before = optim.equivalent_kernel_l2(state.params, state.batch_stats)
+  added = float(with_l2['loss'] - plain['loss'])
+  assert added == pytest.approx(0.5 * float(after), rel=1e-4)
+  assert abs(float(after - before)) > 1e-3 * float(after)  # The two readings differ here.
+
+
 def test_custom_l2_trains_otherwise_than_plain_decay(digits_dir, tmp_path):
   runs = {}
   for custom in (False, True):

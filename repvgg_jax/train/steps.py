@@ -156,8 +156,8 @@ def train_step(
     variables = {'params': params, 'batch_stats': state.batch_stats}
     logits, updates = apply_in_groups(model, variables, images, bn_group_size)
     loss = cross_entropy(logits, targets, num_classes, label_smoothing)
-    if custom_l2:
-      loss = loss + custom_l2 * optim.equivalent_kernel_l2(params, state.batch_stats)
+    if custom_l2:  # After the forward pass, on its running statistics, as the reference.
+      loss = loss + custom_l2 * optim.equivalent_kernel_l2(params, updates['batch_stats'])
     return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
