@@ -31,7 +31,8 @@ def _replace(path: str | os.PathLike, text: str) -> None:
 
   Raises:
     OSError: the write failed; its ``filename`` is ``path`` (not the temporary file's,
-      which no longer exists), its type and errno the failure's.
+      which no longer exists, nor none, as a write's own error has), its type and
+      errno the failure's.
   """
   path = pathlib.Path(path)
   tmp = path.with_name(path.name + '.tmp')
@@ -41,7 +42,7 @@ def _replace(path: str | os.PathLike, text: str) -> None:
   except BaseException as error:
     with contextlib.suppress(OSError):  # The write's own error is the one to report.
       tmp.unlink(missing_ok=True)
-    if isinstance(error, OSError) and error.filename == str(tmp):
+    if isinstance(error, OSError) and error.filename in (None, str(tmp)):  # None: a full disk.
       raise OSError(error.errno, error.strerror, str(path)) from error
     raise
 

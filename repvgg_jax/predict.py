@@ -197,9 +197,9 @@ def _feeding(key: str, recorded, given, path: pathlib.Path):
 
 
 def _from_training(saved: dict) -> bool:
-  """Whether ``saved`` is the metadata of a ``train.py`` checkpoint (it records its run's
-  length and batch size), not of imported reference weights."""
-  return 'batch_size' in saved or 'total_steps' in saved
+  """Whether ``saved`` is the metadata of a ``train.py`` checkpoint: not of weights that
+  ``convert`` wrote, which record their ``source``."""
+  return 'source' not in saved
 
 
 def preprocess(paths: Sequence[str | pathlib.Path], image_size: int, method: str) -> np.ndarray:
@@ -289,7 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   from repvgg_jax.startup import quiet_startup
 
-  quiet_startup()  # Before TensorFlow and JAX load.
+  # Before TensorFlow and JAX load. Errors off too: decoding a damaged image logs one, and
+  # every failure here reaches the user as an exception's line.
+  quiet_startup(log_level='3')
   logging.set_verbosity(logging.ERROR)  # Orbax's notes on opening a checkpoint read-only.
   args = _parser().parse_args(argv)
   if args.top < 1 or args.batch_size < 1:

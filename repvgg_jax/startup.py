@@ -36,9 +36,15 @@ def hide_cuda_probe() -> None:
 _USER_TF_LOG_LEVEL = os.environ.get('TF_CPP_MIN_LOG_LEVEL')
 
 
-def quiet_startup() -> None:
-  # TensorFlow's C++ log lines, errors included, are off: its errors reach us as exceptions.
-  os.environ['TF_CPP_MIN_LOG_LEVEL'] = _USER_TF_LOG_LEVEL or '3'
+def quiet_startup(log_level: str = '2') -> None:
+  """Quiets TensorFlow and the CUDA probe; call it before either starts.
+
+  Args:
+    log_level: ``TF_CPP_MIN_LOG_LEVEL`` unless the user set one: '2' keeps the C++
+      errors (XLA's and TensorFlow's share it: XLA's cuDNN errors that an exception
+      refers to), '3' drops them too.
+  """
+  os.environ['TF_CPP_MIN_LOG_LEVEL'] = _USER_TF_LOG_LEVEL or log_level
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   hide_cuda_probe()
 

@@ -255,7 +255,10 @@ def test_suite_plans_and_writes_its_tables(tmp_path, monkeypatch):
     'conv_gflops_per_sec': 50.0,
     'conv_shape': [1, 8, 8, 8],
   }
-  monkeypatch.setattr(bench, 'roofline', lambda dtype, with_torch: fake_roofline)
+  asked = []
+  monkeypatch.setattr(
+    bench, 'roofline', lambda dtype, with_torch: asked.append(with_torch) or fake_roofline
+  )
   plan = [(TINY, 2, 16, 'float32')], [(TINY, 4, 16, 10, 'float32', ('nchw',))]
   monkeypatch.setattr(bench, 'suite_plan', lambda on_cpu: plan)
   with_torch = importlib.util.find_spec('torch') is not None
@@ -277,6 +280,7 @@ def test_suite_plans_and_writes_its_tables(tmp_path, monkeypatch):
   assert [r['kind'] for r in partial] == ['roofline', 'infer']
   bench.run_suite(tmp_path, 1, 0, 2, 16, [TINY], with_torch)
   assert not (tmp_path / bench.SUITE_STAGING).exists()
+  assert asked == [with_torch, with_torch]
   rows = jsonfiles.read_jsonl(tmp_path / 'results.jsonl')
   assert [r['kind'] for r in rows] == ['roofline', 'infer', 'train']
   infer, train = rows[1], rows[2]

@@ -170,7 +170,7 @@ def test_a_scaled_variant_exports_as_its_run_built_it(tmp_path, digits_dir):
 
 def test_a_named_variant_still_takes_its_runs_image_size_and_classes(tmp_path, training_checkpoint):
   """``--model`` names the variant; the training run around the checkpoint still says
-  what a training checkpoint does not record: the image size, preprocessing and classes.
+  what a checkpoint does not record (this one: the image size, preprocessing and classes).
   A run of another variant or number of classes says nothing."""
   _, model, variables = training_checkpoint
   run = tmp_path / 'run'

@@ -319,7 +319,9 @@ def test_predict_feeds_a_checkpoint_moved_out_of_its_workdir_as_it_was_trained(
   moved = tmp_path / 'moved'
   shutil.copytree(fine_tuned / 'checkpoints' / str(step), moved / str(step))
   old = tmp_path / 'old'
-  unrecorded = {k: v for k, v in meta.items() if k not in ('image_size', 'eval_preprocess')}
+  # As written before ebd9b3d, or before the run's length and order were recorded.
+  newer = ('image_size', 'eval_preprocess', 'total_steps', 'batch_size', 'seed')
+  unrecorded = {k: v for k, v in meta.items() if k not in newer}
   written = checkpointing.Checkpoints(old)
   written.save(step, state, unrecorded)
   written.close()
@@ -381,14 +383,22 @@ def test_predict_names_a_damaged_export_or_classes_file(fine_tuned, images, tmp_
   record = json.loads((resized / export.META_FILE).read_text())
   (resized / export.META_FILE).write_text(json.dumps({**record, 'image_size': 224}))
   assert predict.load(resized).image_size == 32
-  # A workdir whose classes.json is damaged: one line naming it and the fix.
+  # A damaged classes.json: unused where the checkpoint records the names, else named.
   workdir = tmp_path / 'workdir'
   shutil.copytree(fine_tuned, workdir)
   (workdir / run_files.CLASSES_FILE).write_text('{')
-  assert predict.main([str(workdir), image]) == 1
-  err = capsys.readouterr().err
-  assert f'{workdir / run_files.CLASSES_FILE} is not a list of class names (not JSON' in err
-  assert err.count('\n') == 1, err
+  assert predict.load(workdir).classes == tuple(CLASSES)
+  run = run_files.training_run(workdir)
+  with pytest.raises(run_files.RunFileError) as error:
+    run_files.feeding({}, run)
+  assert str(error.value) == (
+    f'{workdir / run_files.CLASSES_FILE} is not a list of class names (not JSON: Expecting '
+    'property name enclosed in double quotes: line 1 column 2 (char 1)): restore it, or delete '
+    'it to name the classes by index.'
+  )
+  (workdir / run_files.CLASSES_FILE).write_text('{"0": "cat"}')
+  with pytest.raises(run_files.RunFileError, match=r'\(a JSON dict\): restore it'):
+    run_files.feeding({}, run)
 
 
 def test_the_command_prints_one_line_and_no_tensorflow_log_for_a_corrupt_image(
@@ -419,7 +429,11 @@ def test_predict_names_what_it_cannot_use(fine_tuned, images, tmp_path, capsys):
   shutil.copytree(step, renamed)
   cases = [
     ([str(fine_tuned), str(corrupt)], 'corrupt.png cannot be decoded ('),
-    ([str(renamed), good], 'mymodel is one step of a checkpoint, but its folder is not named'),
+    (
+      [str(renamed), good],
+      f'mymodel is one step of a checkpoint, but its folder is not named '
+      f'by its step: rename it to {step.name}, its step',
+    ),
     ([str(tmp_path / 'nothing'), good], 'No checkpoint, workdir or export at'),
     ([str(fine_tuned), str(tmp_path / 'missing.png')], 'missing.png does not exist'),
     ([str(fine_tuned), str(text)], 'notes.png is neither a JPEG nor a PNG'),

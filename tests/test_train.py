@@ -404,7 +404,7 @@ def test_a_workdir_that_cannot_be_made_or_written_is_one_line(tmp_path, digits_d
   def full_disk(path, text, *args, **kwargs):
     if path.name.endswith('.json.tmp'):
       write_text(path, text[:10])
-      raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+      raise OSError(errno.ENOSPC, 'No space left on device')  # A write's own: no file named.
     return write_text(path, text, *args, **kwargs)
 
   monkeypatch.setattr(pathlib.Path, 'write_text', full_disk)

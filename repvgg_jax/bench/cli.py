@@ -51,8 +51,11 @@ def roofline(dtype: str = 'float32', runs: int = 5, with_torch: bool | None = No
   when it is installed), PyTorch's float32 matmul peak beside them, for reference only
   (MKL's can beat XLA's)."""
   row = timing.roofline(dtype, runs)
-  with_torch = _torch_available() if with_torch is None else with_torch
-  if row['backend'] == 'cpu' and row['dtype'] == 'float32' and with_torch:
+  if (
+    row['backend'] == 'cpu'
+    and row['dtype'] == 'float32'
+    and (_torch_available() if with_torch is None else with_torch)
+  ):
     from repvgg_jax.bench import torch_side
 
     sizes = [int(n) for n in row['matmul_by_size']]
@@ -130,7 +133,8 @@ def run_suite(out_dir, runs: int, warmup: int, figure_batch, figure_size: int, m
   """
   out = pathlib.Path(out_dir)
   staging = out / SUITE_STAGING
-  shutil.rmtree(staging, ignore_errors=True)  # An interrupted run's rows.
+  if staging.exists():
+    shutil.rmtree(staging)  # An interrupted run's rows.
   staging.mkdir(parents=True)
   results = staging / 'results.jsonl'
   on_cpu = jax.default_backend() == 'cpu'
@@ -458,7 +462,9 @@ def _check_json(parser, path) -> None:
   if path and not pathlib.Path(path).absolute().parent.is_dir():
     parser.error(f'--json {path}: no directory {pathlib.Path(path).absolute().parent}.')
   if path and pathlib.Path(path).is_dir():
-    parser.error(f'--json {path} is a directory: give a file in it, e.g. {path}/rows.jsonl.')
+    parser.error(
+      f'--json {path} is a directory: give a file in it, e.g. {pathlib.Path(path) / "rows.jsonl"}.'
+    )
 
 
 def _run_deployment_bench(parser, args) -> int:

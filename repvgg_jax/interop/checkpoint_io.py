@@ -3,6 +3,7 @@ and refusing an output directory that cannot take their result."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
@@ -30,9 +31,14 @@ def no_checkpoint(path: pathlib.Path, kind: str = 'orbax') -> ConversionError:
   """The error for ``path`` holding no ``kind`` checkpoint; one step of a checkpoint
   under a folder not named by its step (orbax finds steps by their numbers) is told so."""
   if (path / '_CHECKPOINT_METADATA').is_file() and not path.name.isdigit():
+    try:
+      step = json.loads((path / checkpointing.META / 'metadata').read_text())['step']
+    except (OSError, ValueError, KeyError, TypeError):
+      step = None
+    number = f'{step}, its step' if isinstance(step, int) else 'its step number'
     return ConversionError(
       f'{path} is one step of a checkpoint, but its folder is not named by its step: '
-      'rename it to the step number (e.g. 330), or give the folder that holds it.'
+      f'rename it to {number} (orbax finds steps by their numbers).'
     )
   return ConversionError(f'No {kind} checkpoint in {path}.')
 

@@ -356,8 +356,8 @@ def _export_models(path: pathlib.Path, model: str | None, conv_impl: str):
   deploy checkpoint. The models are those of the training run's config.json where
   the checkpoint lies in a run and ``model`` is not given (a scaled variant
   included), else ``model``, the one the checkpoint names or the one it has the
-  shapes of. What the checkpoint does not record (a training one has no image
-  size or classes), its run, if any, supplies."""
+  shapes of. What the checkpoint does not record (one written before it recorded its
+  image size), its run, if any, supplies."""
   run = run_files.training_run(path)
   if run is None or model is not None:
     *models, saved = _named_models(path, model, conv_impl)

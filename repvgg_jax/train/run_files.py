@@ -62,7 +62,10 @@ def read_classes(workdir: str | pathlib.Path) -> list[str] | None:
   else:
     if classes is None or (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
       return classes
-    problem = f'a JSON {type(classes).__name__}'
+    if isinstance(classes, list):
+      problem = 'names that are not all strings'
+    else:
+      problem = f'a JSON {type(classes).__name__}'
   raise RunFileError(
     f'{file} is not a list of class names ({problem}): restore it, or delete it to name '
     'the classes by index.'
@@ -77,6 +80,7 @@ def feeding(saved: Mapping, run: tuple[pathlib.Path, dict] | None) -> dict:
   if run is not None:
     workdir, config = run
     from_run = {key: config['dataset'].get(key) for key in ('image_size', 'eval_preprocess')}
-    from_run['classes'] = read_classes(workdir)
-    settings = {key: value or from_run[key] for key, value in settings.items()}
+    if not settings['classes']:  # Read only where needed: the checkpoint's own names win.
+      from_run['classes'] = read_classes(workdir)
+    settings = {key: value or from_run.get(key) for key, value in settings.items()}
   return settings
