@@ -61,7 +61,10 @@ def test_the_mix_of_a_batch_is_the_chosen_one_exactly(seed):
     jax.random.key(seed), images, labels, 5, 0.2, 1.0
   )
   for actual, expected in zip(mixed, chosen, strict=True):
-    np.testing.assert_array_equal(actual, expected)
+    # Within float32 rounding: under jit XLA may fuse mixup's blend into fused
+    # multiply-adds, which round once where the eager ops round twice (seen on AMD EPYC).
+    # Another branch or key would differ by far more.
+    np.testing.assert_allclose(actual, expected, rtol=2e-6, atol=0)
   # Either mix keeps the images' dtype, so that both branches agree for any of them.
   half = steps.mix_batch(jax.random.key(seed), images.astype(jnp.bfloat16), labels, 5, 0.2, 1.0)
   assert half[0].dtype == jnp.bfloat16 and half[1].dtype == jnp.float32
