@@ -281,6 +281,16 @@ def test_predict_gives_the_fused_models_probabilities_by_class_name(fine_tuned, 
   assert line.startswith(f'{paths[0]}: ') and line.count('%') == 2
 
 
+def assert_same_predictions(results, reference):
+  for result, expected in zip(results, reference, strict=True):
+    assert [c['class'] for c in result['top']] == [c['class'] for c in expected['top']]
+    np.testing.assert_allclose(
+      [c['probability'] for c in result['top']],
+      [c['probability'] for c in expected['top']],
+      atol=1e-5,
+    )
+
+
 def test_predict_reads_checkpoints_and_exports_alike(fine_tuned, images, tmp_path):
   paths = sorted(str(p) for p in (images / 'val').rglob('*.png'))[:4]
   reference = predict.predict(fine_tuned, paths)
@@ -291,13 +301,7 @@ def test_predict_reads_checkpoints_and_exports_alike(fine_tuned, images, tmp_pat
   export.write_export(tmp_path / 'export', model, deploy, 32, meta, formats=('jax',))
   for source in (fine_tuned / 'deploy', fine_tuned / 'checkpoints', tmp_path / 'export'):
     results = predict.predict(source, paths)
-    for result, expected in zip(results, reference, strict=True):
-      assert [c['class'] for c in result['top']] == [c['class'] for c in expected['top']]
-      np.testing.assert_allclose(
-        [c['probability'] for c in result['top']],
-        [c['probability'] for c in expected['top']],
-        atol=1e-5,
-      )
+    assert_same_predictions(results, reference)
 
 
 def test_predict_feeds_a_checkpoint_moved_out_of_its_workdir_as_it_was_trained(
@@ -329,13 +333,7 @@ def test_predict_feeds_a_checkpoint_moved_out_of_its_workdir_as_it_was_trained(
   for source, argv in ((moved, []), (old, feeding)):
     assert predict.main([str(source), *paths, '--json', *argv]) == 0
     results = json.loads(capsys.readouterr().out)
-    for result, expected in zip(results, reference, strict=True):
-      assert [c['class'] for c in result['top']] == [c['class'] for c in expected['top']]
-      np.testing.assert_allclose(
-        [c['probability'] for c in result['top']],
-        [c['probability'] for c in expected['top']],
-        atol=1e-5,
-      )
+    assert_same_predictions(results, reference)
   wrong = 'resize_crop' if config.dataset.eval_preprocess != 'resize_crop' else 'resize'
   cases = [
     ([str(old), paths[0]], 'records no image size or eval preprocessing, and no config.json'),
