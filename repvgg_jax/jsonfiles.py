@@ -42,8 +42,8 @@ def _replace(path: str | os.PathLike, text: str) -> None:
   except BaseException as error:
     with contextlib.suppress(OSError):  # The write's own error is the one to report.
       tmp.unlink(missing_ok=True)
-    if isinstance(error, OSError) and error.filename in (None, str(tmp)):  # None: a full disk.
-      raise OSError(error.errno, error.strerror, str(path)) from error
+    if isinstance(error, OSError) and error.errno and error.filename in (None, str(tmp)):
+      raise OSError(error.errno, error.strerror, str(path)) from error  # None: a full disk.
     raise
 
 
