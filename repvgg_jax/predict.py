@@ -114,7 +114,7 @@ def _from_export(path: pathlib.Path) -> tuple[Callable, str, dict, int]:
       f'predict where it runs, or export again with --platforms {here}.'
     )
   try:
-    exported = jax.export.deserialize(bytearray((path / export.JAX_FILE).read_bytes()))
+    exported = export.read_jax_export(path)
     ((_, height, _, _),) = (aval.shape for aval in exported.in_avals)
   except Exception as error:  # noqa: BLE001 - a damaged file fails in many ways.
     reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ''

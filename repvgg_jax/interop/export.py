@@ -73,12 +73,18 @@ def runs_here(platforms: Sequence[str]) -> bool:
   return here in platforms or ('gpu' in platforms and here in ('cuda', 'rocm'))
 
 
-def load_jax_export(path: str | os.PathLike) -> Callable[[Any], jax.Array]:
-  """The function stored by `export_jax` (a file, or an export directory)."""
+def read_jax_export(path: str | os.PathLike) -> jax.export.Exported:
+  """The `jax.export.Exported` stored by `export_jax` (a file, or an export directory):
+  its ``call``, and its ``in_avals`` (the image shape it takes)."""
   path = pathlib.Path(path)
   if path.is_dir():
     path = path / JAX_FILE
-  return jax.export.deserialize(bytearray(path.read_bytes())).call
+  return jax.export.deserialize(bytearray(path.read_bytes()))
+
+
+def load_jax_export(path: str | os.PathLike) -> Callable[[Any], jax.Array]:
+  """The function stored by `export_jax` (a file, or an export directory)."""
+  return read_jax_export(path).call
 
 
 def export_saved_model(
