@@ -5,6 +5,7 @@ A thin entry point: flags, device set-up, then
 """
 
 import os
+import signal
 import sys
 
 from repvgg_jax.perf import host_memory
@@ -85,8 +86,14 @@ def main(argv):
   except trainer.RUN_ERRORS as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
-  if summary.get('preempted'):
-    return 143  # Stopped by SIGTERM after saving; run the same command to resume.
+  except KeyboardInterrupt:  # A second Ctrl-C, or one before the training loop.
+    print(
+      f'\nInterrupted: the same command resumes from the last checkpoint in {workdir}.',
+      file=sys.stderr,
+    )
+    return 128 + signal.SIGINT
+  if summary.get('preempted'):  # Stopped after saving; the same command resumes.
+    return 128 + signal.Signals[summary['preempted']]  # 143 (SIGTERM) or 130 (Ctrl-C).
   rate = summary['train_images_per_sec']  # None when no step was timed (a short run).
   print(
     f'Done after {summary["steps"]} steps: eval top-1 {summary["eval_top1"]:.2%}, '

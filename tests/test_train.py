@@ -478,23 +478,55 @@ def test_an_interrupted_save_is_removed_and_finished_steps_are_kept(tmp_path):
   ckpt.close()
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, digits_dir, monkeypatch):
+def test_a_checkpoint_opened_to_read_logs_no_warning(tmp_path, caplog):
+  """Orbax warns about each option a reader does not use, and about the reading itself:
+  noise in every command that fuses, exports or evaluates a checkpoint."""
+  ckpt = checkpointing.Checkpoints(tmp_path)
+  ckpt.save(1, {'w': np.arange(3.0)}, {'step': 1})
+  ckpt.close()
+  with caplog.at_level(logging.WARNING):
+    reader = checkpointing.Checkpoints(tmp_path, keep=3, read_only=True)
+    assert reader.latest_step() == 1
+    reader.close()
+  assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, digits_dir, monkeypatch, signum):
   # The signal arrives while the batch of step 6 is read: that step finishes, then the run stops.
-  def sigterm_at_step_6(step, batch):
+  def signal_at_step_6(step, batch):
     if step == 6:
-      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signum)
     return batch
 
-  intercept_batches(monkeypatch, sigterm_at_step_6)
-  previous_handler = signal.getsignal(signal.SIGTERM)
+  intercept_batches(monkeypatch, signal_at_step_6)
+  previous_handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
   summary = train_in_process(digits_dir, tmp_path, {**RESUME, 'checkpoint_every_steps': 1000})
-  assert summary['preempted'] and summary['steps'] == 6
+  assert summary['preempted'] == signum.name and summary['steps'] == 6
   _, meta = checkpoint_params(tmp_path)
   assert meta['step'] == 6
   assert not (tmp_path / 'summary.json').exists()
   records = jsonfiles.read_jsonl(tmp_path / 'metrics.jsonl')
   assert [r['step'] for r in records if 'train/loss' in r] == [5, 6]  # Step 6's too.
-  assert signal.getsignal(signal.SIGTERM) == previous_handler  # The trainer's is removed.
+  # The trainer's handlers are removed.
+  assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == previous_handlers
+
+
+def test_a_second_ctrl_c_interrupts_at_once(tmp_path, digits_dir, monkeypatch):
+  """The first Ctrl-C asks for a checkpoint after the step; a second one does not wait."""
+
+  def two_ctrl_c_at_step_6(step, batch):
+    if step == 6:
+      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signal.SIGINT)
+    return batch
+
+  intercept_batches(monkeypatch, two_ctrl_c_at_step_6)
+  previous_handler = signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt):
+    train_in_process(digits_dir, tmp_path, {**RESUME, 'checkpoint_every_steps': 4})
+  assert checkpoint_params(tmp_path)[1]['step'] == 4  # Nothing after the last periodic one.
+  assert signal.getsignal(signal.SIGINT) == previous_handler
 
 
 def _free_port():

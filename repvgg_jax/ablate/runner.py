@@ -41,6 +41,7 @@ quiet_startup()  # As in train.py.
 import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
+import signal  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
@@ -77,7 +78,12 @@ _INT8_KEYS = ('top1_int8', 'int8_logit_rel_error', 'int8_calibration_batches')
 
 
 class Preempted(RuntimeError):
-  """A SIGTERM stopped a row after it saved a checkpoint."""
+  """A SIGTERM or a Ctrl-C stopped a row after it saved a checkpoint; ``signal_name``
+  says which (``'SIGTERM'``, ``'SIGINT'``)."""
+
+  def __init__(self, message: str, signal_name: str = 'SIGTERM'):
+    super().__init__(message)
+    self.signal_name = signal_name
 
 
 def run_dir(workdir: pathlib.Path, name: str, seed: int) -> pathlib.Path:
@@ -224,7 +230,7 @@ def run_row(
   (`int8_results`).
 
   Raises:
-    Preempted: a SIGTERM stopped the training after a checkpoint.
+    Preempted: a SIGTERM or a Ctrl-C stopped the training after a checkpoint.
   """
   start = time.perf_counter()
   try:
@@ -233,8 +239,9 @@ def run_row(
     raise trainer.TrainingDivergedError(f'Row {name!r}: {error}') from error
   if summary.get('preempted'):
     raise Preempted(
-      f'SIGTERM: row {name!r} saved its checkpoint at step {summary["steps"]} in {directory}; '
-      'run the same command to continue.'
+      f'{summary["preempted"]}: row {name!r} saved its checkpoint at step {summary["steps"]} '
+      f'in {directory}; run the same command to continue.',
+      summary['preempted'],
     )
   train_seconds = time.perf_counter() - start
   size = config.dataset.image_size
@@ -306,7 +313,7 @@ def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None]
     trainer.ConfigError, data.DatasetNotFoundError: as `trainer.train_and_evaluate`.
     trainer.TrainingDivergedError: runs diverged: raised once every other run is
       done (and kept), naming the rows, before the timing and the reports.
-    Preempted: a SIGTERM stopped a run after its checkpoint.
+    Preempted: a SIGTERM or a Ctrl-C stopped a run after its checkpoint.
   """
   workdir = pathlib.Path(workdir).absolute()
   runs, labels = check_ablation(config, workdir)
@@ -435,7 +442,13 @@ def main(argv) -> int:
     return 1
   except Preempted as error:
     print(error, file=sys.stderr)
-    return 143
+    return 128 + signal.Signals[error.signal_name]
+  except KeyboardInterrupt:  # A second Ctrl-C, or one outside a training loop.
+    print(
+      f'\nInterrupted: the same command continues; finished runs in {workdir} are kept.',
+      file=sys.stderr,
+    )
+    return 128 + signal.SIGINT
   print(f'\n{table}')
   print(
     f'Done in {time.perf_counter() - start:,.0f} s. Wrote {workdir}/ablation.md, '

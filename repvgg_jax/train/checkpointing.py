@@ -57,7 +57,17 @@ def _not_a_failed_save(record: logging.LogRecord) -> bool:
   return not _is_failed_save_noise(error)
 
 
-def _quiet_failed_saves() -> None:
+def _not_a_read_only_notice(record: logging.LogRecord) -> bool:
+  """False for the warning orbax logs for each reader: `Checkpoints` opens a
+  checkpoint read-only (to fuse, export or evaluate it) when it is asked to."""
+  return not str(record.msg).startswith('Given directory is read only')
+
+
+def _quiet_orbax_noise() -> None:
+  """Filters orbax's read-only notices and the noise of failed saves out of the logs."""
+  absl_logger = logging.getLogger('absl')
+  if _not_a_read_only_notice not in absl_logger.filters:
+    absl_logger.addFilter(_not_a_read_only_notice)
   for name in ('absl', 'concurrent.futures', 'asyncio'):
     logger = logging.getLogger(name)
     if _not_a_failed_save not in logger.filters:
@@ -122,11 +132,15 @@ class Checkpoints:
 
   def __init__(self, directory: str | pathlib.Path, keep: int | None = None, read_only=False):
     self.directory = pathlib.Path(directory).absolute()
-    _quiet_failed_saves()
+    _quiet_orbax_noise()
     if not read_only:
       self._remove_unfinished_saves()
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only
+      max_to_keep=None if read_only else keep,
+      # Orbax sets these itself for a reader, with a logged warning each time.
+      save_interval_steps=0 if read_only else 1,
+      create=not read_only,
+      read_only=read_only,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, META))
 

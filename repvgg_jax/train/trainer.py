@@ -442,15 +442,28 @@ def _restore(
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag that the loop checks after each step."""
+  """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag that the loop checks after
+  each step; a second Ctrl-C interrupts at once (KeyboardInterrupt), as without it."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.received: str | None = None  # The name of the first signal, e.g. 'SIGTERM'.
+    self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+
+  @property
+  def requested(self) -> bool:
+    return self.received is not None
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    self.received = self.received or signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      sys.stderr.write(
+        '\nCtrl-C: the run saves a checkpoint after this step, then stops '
+        '(Ctrl-C again stops at once, losing the steps since the last checkpoint).\n'
+      )
 
   def agreed(self) -> bool:
     """Whether any process was asked to stop (all processes must stop together)."""
@@ -462,7 +475,8 @@ class _Preemption:
     return bool(np.any(flags))
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
@@ -558,8 +572,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   """Trains ``config`` in ``workdir``, resuming from its latest checkpoint.
 
   Returns:
-    The summary written to ``workdir/summary.json`` (with ``'preempted': True``
-    and no summary file when a SIGTERM stopped the run after a checkpoint).
+    The summary written to ``workdir/summary.json``; or, where a SIGTERM or a
+    Ctrl-C stopped the run after a checkpoint, the summary so far with
+    ``'preempted'``: the signal's name (``'SIGTERM'``, ``'SIGINT'``), and no file.
 
   Raises:
     data.DatasetNotFoundError: the dataset is not available (says where to put it).
@@ -708,7 +723,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   if step == start_step:  # Nothing trained (a finished run run again): its rate stands.
     summary['train_images_per_sec'] = _logged_rate(workdir, step, restored_meta)
   if preempted:
-    return {**summary, 'preempted': True}
+    return {**summary, 'preempted': preemption.received or 'SIGTERM'}
   _save_deploy(config, workdir, fuse_fn, state, step, meta)
   if jax.process_index() == 0:
     jsonfiles.write_json(workdir / 'summary.json', summary)
@@ -716,7 +731,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
 
 
 def _loop(config, schedule, run, ckpt, state, step, preemption, compiled, meta):
-  """Steps until the end or a SIGTERM; evaluates and checkpoints when due (with ``meta``)."""
+  """Steps until the end, a SIGTERM or a Ctrl-C; evaluates and checkpoints when due
+  (with ``meta``)."""
   train_fns, eval_fn, fuse_fn, sharded = compiled
   batches = data.train_batches(
     config.dataset, global_batch_size=config.batch_size, seed=config.seed, start_step=step
@@ -750,7 +766,9 @@ def _loop(config, schedule, run, ckpt, state, step, preemption, compiled, meta):
     if stop and not save:
       _save(ckpt, state, step, meta, run)
     if stop:
-      run.bar.write(f'SIGTERM: saved the checkpoint of step {step} in {ckpt.directory}; stopping.')
+      stopped_by = preemption.received or 'Another process stopping'
+      saved = f'saved the checkpoint of step {step} in {ckpt.directory}'
+      run.bar.write(f'{stopped_by}: {saved}; stopping.')
       return state, step, True
   if not run.eval_metrics:  # Restarted after the last step: evaluate for the summary.
     run.log_eval(step, evaluate(config, eval_fn, fuse_fn, state, sharded))
