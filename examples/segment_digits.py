@@ -211,20 +211,45 @@ def run(args) -> dict:
   }
 
 
+def positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'must be a positive int, got {value}')
+  return value
+
+
 def parse(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--model', default='RepVGG-A0', help='backbone variant')
-  parser.add_argument('--width', type=int, default=64, help='decoder channels')
-  parser.add_argument('--steps', type=int, default=300, help='training steps')
-  parser.add_argument('--batch-size', type=int, default=32, help='canvases per step')
-  parser.add_argument('--train-canvases', type=int, default=2000)
-  parser.add_argument('--test-canvases', type=int, default=256)
-  parser.add_argument('--speed-batch', type=int, default=64, help='canvases per timed call')
-  parser.add_argument('--repeats', type=int, default=10, help='timed calls of each network')
+  parser.add_argument('--width', type=positive_int, default=64, help='decoder channels')
+  parser.add_argument('--steps', type=positive_int, default=300, help='training steps')
+  parser.add_argument('--batch-size', type=positive_int, default=32, help='canvases per step')
+  parser.add_argument('--train-canvases', type=positive_int, default=2000)
+  parser.add_argument('--test-canvases', type=positive_int, default=256)
+  parser.add_argument(
+    '--speed-batch', type=positive_int, default=64, help='canvases per timed call'
+  )
+  parser.add_argument(
+    '--repeats', type=positive_int, default=10, help='timed calls of each network'
+  )
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--tiny', action='store_true', help='a narrow, shallow backbone (smoke test)')
   parser.add_argument('--out', type=pathlib.Path, help='also write the results here, as JSON')
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  # Checked before the run rather than found after it.
+  if args.batch_size > args.train_canvases:
+    parser.error(
+      f'--batch-size {args.batch_size} is more than the {args.train_canvases} training '
+      'canvases: lower it or raise --train-canvases'
+    )
+  if not args.tiny:
+    try:
+      repvgg_jax.get_variant(args.model)
+    except ValueError as error:
+      parser.error(f'--model: {error}')
+  if args.out and (args.out.is_dir() or not args.out.absolute().parent.is_dir()):
+    parser.error(f'--out {args.out}: name a file in an existing directory')
+  return args
 
 
 def main(argv=None) -> None:

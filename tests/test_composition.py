@@ -224,6 +224,34 @@ def test_the_segmentation_example_runs_and_fuses_exactly(tmp_path):
   assert results['images_per_second'] > 0 and results['images_per_second_fused'] > 0
 
 
+@pytest.mark.parametrize(
+  'argv, message',
+  [
+    (['--steps', '0'], 'argument --steps: must be a positive int, got 0'),
+    (['--repeats', '0'], 'argument --repeats: must be a positive int, got 0'),
+    (['--batch-size', '100', '--train-canvases', '64'], 'lower it or raise --train-canvases'),
+    (['--model', 'A9'], "--model: Unknown model name 'A9'"),
+    (['--out', 'no/such/dir/results.json'], 'name a file in an existing directory'),
+  ],
+)
+def test_the_segmentation_example_refuses_bad_flags_before_it_runs(
+  argv, message, capsys, monkeypatch
+):
+  import importlib.util
+  import pathlib
+  import sys
+
+  path = pathlib.Path(__file__).parents[1] / 'examples' / 'segment_digits.py'
+  spec = importlib.util.spec_from_file_location('segment_digits', path)
+  example = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, spec.name, example)  # Its dataclasses look themselves up.
+  spec.loader.exec_module(example)
+  with pytest.raises(SystemExit) as exit_info:
+    example.parse(argv)
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
+
+
 class Named(nn.Module):
   """Holds one layer, made by ``make``, under its own name: ``{name: {layer: ...}}``."""
 
