@@ -542,6 +542,9 @@ def test_a_diverging_row_lets_the_others_finish_then_names_itself(tmp_path, digi
   message = r"'wild' \(seed 0\), 'dead' \(seed 0\) diverged; every other run is done.*only=paper\)"
   with pytest.raises(trainer.TrainingDivergedError, match=message):
     ablate.run_ablation(config, tmp_path / 'work', log=lines.append)
+  # Only 'dead' kept a checkpoint (of finite weights), which a rerun would resume from.
+  with pytest.raises(trainer.TrainingDivergedError, match=r"settings of 'dead', delete its dir"):
+    ablate.run_ablation(config, tmp_path / 'work', log=lines.append)
   assert any(line.startswith("[1/3] wild, seed 0: Row 'wild': ") for line in lines), lines
   assert any('dead, seed 0: ' in line and 'evaluation loss is nan' in line for line in lines)
   assert (tmp_path / 'work' / 'paper' / 'seed0' / ablate.ROW_FILE).exists()

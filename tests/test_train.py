@@ -804,3 +804,12 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, digits_dir, monkeypatch):
   assert list(ckpt.manager.all_steps()) == [5]  # Step 10, not finite, was not saved.
   state, _ = ckpt.restore(step=5)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_is_not_told_to_resume(
+  tmp_path, digits_dir, monkeypatch
+):
+  intercept_batches(monkeypatch, lambda step, batch: {**batch, 'image': batch['image'] * np.nan})
+  message = r'loss is nan at step 5: no checkpoint was saved yet\. .* and run again\.$'
+  with pytest.raises(trainer.TrainingDivergedError, match=message):
+    trainer.train_and_evaluate(tiny_config(digits_dir, **RESUME), tmp_path)

@@ -339,9 +339,20 @@ def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None]
       f'{name!r} (seed {", ".join(map(str, row_seeds))})' for name, row_seeds in diverged.items()
     )
     table = f'table the others with --config.ablation.only={others}' if others else 'no row left'
+    kept = [
+      repr(name)
+      for name, row_seeds in diverged.items()
+      if any(_has_checkpoint(run_dir(workdir, name, seed)) for seed in row_seeds)
+    ]
+    advice = (
+      f'To change the settings of {", ".join(kept)}, delete '
+      f'{"its directory" if len(kept) == 1 else "their directories"} in {workdir} first: '
+      'a rerun resumes from the checkpoints kept there.'
+      if kept
+      else 'None of them saved a checkpoint: change their settings and run again.'
+    )
     raise trainer.TrainingDivergedError(
-      f'{which} diverged; every other run is done ({table}). To change the settings of a '
-      f'diverged row, delete its directory in {workdir} first.'
+      f'{which} diverged; every other run is done ({table}). {advice}'
     )
   log(f'Timing the rows round robin ({settings["runs"]} rounds of batch {settings["batch"]})')
   first = {name: by_seed[config.seed] for name, by_seed in runs.items()}  # The first seed's.

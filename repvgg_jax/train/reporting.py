@@ -169,9 +169,10 @@ class RunLog:
         if last_good is not None
         else 'no checkpoint was saved yet'
       )
+      again = 'run again to resume from it' if last_good is not None else 'run again'
       raise TrainingDivergedError(
         f'The training loss is {metrics["train/loss"]} at step {step}: {where}. Lower '
-        'optimizer.learning_rate (or check the data) and run again to resume from it.'
+        f'optimizer.learning_rate (or check the data) and {again}.'
       )
     self.writer.write(step, metrics)
     self.bar.update(step, metrics)
