@@ -73,9 +73,18 @@ def parse_flags(argv: list[str]) -> list[str]:
 def flag_error_line(error: Exception, argv: list[str]) -> str:
   """One line for an error raised while parsing ``argv``."""
   text = ' '.join(str(error).split())
+  path = _config_path(argv)
   if 'Failed loading config file' in text:
-    path = _config_path(argv)
     return f'cannot load the config file {path!r}: {_last_reason(text)}; check the path.'
+  if 'Error whilst parsing config file' in text:  # get_config raised; its traceback follows.
+    reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+    if path and ':' in path and reason.startswith('TypeError: get_config()'):
+      return f"the config file {path.split(':')[0]!r} takes no preset after ':' ({reason})."
+    return f'the config file {path!r} failed in get_config: {reason}'
+  if isinstance(error, SyntaxError):
+    return f'the config file {path!r} is not valid Python: {text}.'
+  if isinstance(error, AttributeError) and "has no attribute 'get_config'" in text:
+    return f'the config file {path!r} has no get_config(), which returns the config.'
   if isinstance(error, AttributeError | KeyError):
     override = _unknown_override(argv)
     if override:

@@ -645,6 +645,39 @@ def test_command_line_mistakes_are_one_line(args, line):
   assert proc.stderr.strip().splitlines() == [line]
 
 
+@pytest.mark.parametrize(
+  'source, line',
+  [
+    ('x = (\n', "the config file '{path}' is not valid Python: '(' was never closed"),
+    ('A = 1\n', "the config file '{path}' has no get_config(), which returns the config."),
+    (
+      'def get_config(preset):\n  raise ValueError(f"Unknown preset {preset!r}: a or b.")\n',
+      "the config file '{path}:c' failed in get_config: ValueError: Unknown preset 'c': a or b.",
+    ),
+    ('def get_config():\n  pass\n', "the config file '{path}' takes no preset after ':'"),
+  ],
+)
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections'.
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path, source, line):
+  """What `parse_flags` prints for a config file whose module or get_config fails."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  from repvgg_jax import startup
+
+  path = tmp_path / 'my_config.py'
+  path.write_text(source)
+  argument = f'{path}:c' if 'preset' in source or 'pass' in source else str(path)
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'a config', flag_values=flag_values)
+  with pytest.raises(Exception) as error:  # noqa: PT011 - each case fails its own way.
+    flag_values(['train.py', '--config', argument])
+    flag_values['config'].value.to_dict()
+  message = startup.flag_error_line(error.value, ['train.py', '--config', argument])
+  assert message.startswith(line.format(path=path)), message
+  assert '\n' not in message and 'Traceback' not in message
+
+
 @pytest.mark.parametrize('command', [['train.py'], ['-m', 'repvgg_jax.ablate']])
 def test_help_exits_zero(command):
   proc = run_in_repo(*command, '--help', timeout=120)
