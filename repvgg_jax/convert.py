@@ -2,7 +2,15 @@
 
 import sys
 
-from repvgg_jax.interop import convert
+from repvgg_jax.startup import quiet_startup
+
+
+def main() -> int:
+  quiet_startup()  # Before TensorFlow (the input pipeline, SavedModel export) loads.
+  from repvgg_jax.interop import convert
+
+  return convert.main()
+
 
 if __name__ == '__main__':
-  sys.exit(convert.main())
+  sys.exit(main())

@@ -172,9 +172,10 @@ def intercepted_train_batches(change):
   return intercepted
 
 
-def run_in_repo(*args: str, timeout: int = 300):
+def run_in_repo(*args: str, timeout: int = 300, unset: tuple[str, ...] = ()):
   """``python ARGS`` in the repository root on the CPU, its output captured (the
-  root on the module path, as after ``pip install -e .``)."""
+  root on the module path, as after ``pip install -e .``), without the environment
+  variables ``unset``."""
   import os
   import pathlib
   import subprocess
@@ -185,7 +186,11 @@ def run_in_repo(*args: str, timeout: int = 300):
   return subprocess.run(
     [sys.executable, *args],
     cwd=root,
-    env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join([str(root), *path])),
+    env={
+      **{key: value for key, value in os.environ.items() if key not in unset},
+      'JAX_PLATFORMS': 'cpu',
+      'PYTHONPATH': os.pathsep.join([str(root), *path]),
+    },
     capture_output=True,
     text=True,
     timeout=timeout,

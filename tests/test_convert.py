@@ -5,7 +5,7 @@ import importlib.util
 import jax
 import numpy as np
 import pytest
-from helpers import random_variables, tiny_config
+from helpers import random_variables, run_in_repo, tiny_config
 
 import repvgg_jax
 from repvgg_jax.interop import convert, torch_layout
@@ -167,3 +167,12 @@ def test_import_names_the_missing_blocks(a0_state_dict):
   assert len(partial) < len(a0_state_dict)
   with pytest.raises(torch_layout.ConversionError, match='lacks blocks stage3_block5'):
     torch_layout.from_torch(partial)
+
+
+def test_the_command_prints_its_error_alone(tmp_path):
+  """No TensorFlow start-up lines around it: the command quiets them as the others do.
+  Run as a user runs it, without the tests' TF_CPP_MIN_LOG_LEVEL."""
+  command = ('-m', 'repvgg_jax.convert', 'fuse', str(tmp_path / 'none'), str(tmp_path / 'out'))
+  proc = run_in_repo(*command, unset=('TF_CPP_MIN_LOG_LEVEL',))
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [f'error: No checkpoint at {tmp_path / "none"}.']

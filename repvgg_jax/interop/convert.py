@@ -538,7 +538,9 @@ def _save(output_dir, variables, meta) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = argparse.ArgumentParser(
+    prog='python -m repvgg_jax.convert', description=__doc__.split('\n')[0]
+  )
   commands = parser.add_subparsers(dest='command', required=True)
   imp = commands.add_parser('import', help='PyTorch weights (reference or timm) -> orbax')
   imp.add_argument(
