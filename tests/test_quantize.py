@@ -108,6 +108,10 @@ def test_convert_quantize_a_workdir_then_export_it(workdir, tmp_path, capsys):
   assert convert.main(['export', str(out), str(served)]) == 0
   exported = json.loads((served / 'export.json').read_text())
   assert exported['artifacts'] == {'jax': 'model.jax_export'} and exported['verify']['jax'] <= 1e-6
+  # What predict needs to feed it and name its outputs, as the float export has.
+  assert exported['eval_preprocess'] == 'resize' and exported['classes'] == [
+    str(i) for i in range(10)
+  ]
   qmodel, qvariables, _ = quant.load_int8(out)
   x = images(3)
   assert relative_error(export.load_jax_export(served)(x), qmodel.apply(qvariables, x)) <= 1e-6

@@ -438,6 +438,7 @@ def _export_int8(path: pathlib.Path, output_dir, image_size, formats, platforms,
     'int8': {key: qmeta[key] for key in ('mode', 'fp32_top1', 'int8_top1') if key in qmeta},
     **_preprocess(qmeta['in_channels']),
   }
+  meta.update({key: qmeta[key] for key in ('eval_preprocess', 'classes') if qmeta.get(key)})
 
   def compare(staging: pathlib.Path, runnable) -> dict:
     images = _random_images(image_size, batch=3, channels=qmeta['in_channels'])

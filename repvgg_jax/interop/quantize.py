@@ -416,6 +416,9 @@ def quantize_checkpoint(
     'num_classes': deploy_model.num_classes,
     'in_channels': deploy_model.in_channels,
     'image_size': image_size,
+    # What predict feeds an export of it, and how it names the outputs.
+    'eval_preprocess': config.dataset.eval_preprocess,
+    'classes': saved.get('classes') or (workdir and run_files.read_classes(workdir)) or None,
     **_how(mode, calibrated, ranges is not None, saved.get('step')),
     'calibration_batch_size': config.batch_size,
     **results,
