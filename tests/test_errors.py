@@ -25,6 +25,15 @@ def test_unknown_model_name_lists_the_known_ones():
     assert name in str(info.value)
 
 
+def test_a_module_given_for_a_model_name_is_named_by_its_type(a0):
+  """`fuse_params(model=create_model('B0'))`: one line, not the module's whole repr."""
+  model, variables = a0
+  with pytest.raises(TypeError, match=r"named by a string such as 'RepVGG-B0'.*got RepVGG\.$"):
+    repvgg_jax.fuse_params(variables, model=model)
+  with pytest.raises(TypeError, match=r'got int: 7\.$'):
+    repvgg_jax.create_model(7)
+
+
 @pytest.mark.parametrize(
   'shape,message',
   [

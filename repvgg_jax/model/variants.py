@@ -209,7 +209,12 @@ def get_variant(name: str | Variant) -> Variant:
   if isinstance(name, Variant):
     return name
   if not isinstance(name, str):
-    raise TypeError(f'A model name must be a string, got {type(name).__name__}: {name!r}.')
+    shown = repr(name)  # A module's repr is its whole configuration: named by its type only.
+    shown = f': {shown}' if len(shown) <= 80 and '\n' not in shown else ''
+    raise TypeError(
+      f"A model is named by a string such as 'RepVGG-B0' (or a Variant), got "
+      f'{type(name).__name__}{shown}.'
+    )
   variant = _BY_KEY.get(_normalize(name))
   if variant is None:
     known = ', '.join(list_models())
