@@ -208,6 +208,15 @@ def test_bad_fine_tuning_fails_before_training(source, images, tmp_path, overrid
   assert not (tmp_path / 'checkpoints').exists() or not any((tmp_path / 'checkpoints').iterdir())
 
 
+def test_a_fused_model_is_refused_with_advice_for_a_run(source, images, tmp_path):
+  config = folder_run(images, init_from=str(source / 'deploy'))
+  message = (
+    r"holds fused \(deploy\) weights, .*: give a run's workdir or checkpoints/ \(not deploy/\)"
+  )
+  with pytest.raises(trainer.ConfigError, match=message):
+    trainer.train_and_evaluate(config, tmp_path)
+
+
 def test_weights_of_another_variant_are_named(images, tmp_path):
   model = create_model('RepVGG-A0', num_classes=10)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
