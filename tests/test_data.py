@@ -53,6 +53,39 @@ def digits(tmp_path_factory) -> ml_collections.ConfigDict:
   return config
 
 
+def test_runs_sharing_a_data_dir_prepare_it_once(tmp_path, monkeypatch):
+  """Two preparations at once collided renaming their records into place (the local
+  processes of one run, two runs started together): the second now waits, then reads
+  what the first prepared. Threads stand for the processes: each opens the lock anew."""
+  import threading
+
+  prepare, prepared, inside, most_inside = data._prepare, [], [], []
+
+  def slow_prepare(builder, config):
+    inside.append(builder.name)
+    most_inside.append(len(inside))
+    time.sleep(0.5)  # Time for the other to arrive.
+    prepare(builder, config)
+    prepared.append(builder.name)
+    inside.pop()
+
+  monkeypatch.setattr(data, '_prepare', slow_prepare)
+  config, errors = _config(data_dir=str(tmp_path)), []
+
+  def run():
+    try:
+      assert data.get_builder(config).is_prepared()
+    except Exception as error:  # noqa: BLE001 - reported below, not lost in the thread.
+      errors.append(error)
+
+  threads = [threading.Thread(target=run) for _ in range(2)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert not errors and prepared == ['sklearn_digits'] and max(most_inside) == 1
+
+
 def _take(iterator, count):
   return list(itertools.islice(iterator, count))
 

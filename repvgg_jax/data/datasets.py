@@ -9,6 +9,8 @@ which every process yields the same number of batches, so jitted multi-host step
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from collections.abc import Iterator
 
@@ -101,6 +103,38 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
     ) from None
   if builder.is_prepared() or _tfds_is_mocked():
     return builder
+  with _preparing(builder):  # Processes sharing the data dir prepare it once, in turn.
+    builder = tfds.builder(config.name, data_dir=data_dir)
+    if not builder.is_prepared():
+      _prepare(builder, config)
+  return builder
+
+
+@contextlib.contextmanager
+def _preparing(builder: tfds.core.DatasetBuilder):
+  """Holds an exclusive lock on preparing ``builder``'s dataset in its data dir (a
+  local, writable one: tfds prepares a remote one, ``gs://...``, unguarded). Two processes
+  preparing at once (the local processes of a multi-process run, two runs started
+  together) would collide renaming their records into place."""
+  root, lock = str(builder.data_dir_root), None
+  if '://' not in root:
+    with contextlib.suppress(OSError):  # Preparing it there fails, if it does, on its own.
+      os.makedirs(root, exist_ok=True)
+      lock = open(os.path.join(root, f'.{builder.name}.prepare.lock'), 'w')  # noqa: SIM115
+  if lock is None:
+    yield
+    return
+  with lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.warning('Waiting for another process preparing %s in %s.', builder.name, root)
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    yield  # Closing the file releases the lock.
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, config) -> None:
+  """Downloads and prepares ``builder``'s dataset, or says why it cannot."""
   if builder.name in OFFLINE_DATASETS:
     builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(try_download_gcs=False)
@@ -115,7 +149,6 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
       'off. Let this run download and prepare it with --config.dataset.download=True, or '
       f'prepare it beforehand with `tfds build {config.name} --data_dir={builder.data_dir_root}`.'
     )
-  return builder
 
 
 def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
