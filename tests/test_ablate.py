@@ -385,10 +385,11 @@ def test_bad_config_fails_before_training(tmp_path, no_training, sets, overrides
   assert not (tmp_path / 'work').exists()
 
 
-def test_a_block_kind_row_trains_that_kinds_variant(tmp_path):
-  config = ablation_config(
-    str(tmp_path / 'tfds'), {'paper': branches.PAPER_BRANCHES, 'qa': 'qarepvgg'}
-  )
+# A config file's string, and the one-name tuple that the command line makes of it
+# (--config.ablation.branch_sets.qa=qarepvgg sets a field that holds a tuple).
+@pytest.mark.parametrize('kind', ['qarepvgg', ('qarepvgg',)])
+def test_a_block_kind_row_trains_that_kinds_variant(tmp_path, kind):
+  config = ablation_config(str(tmp_path / 'tfds'), {'paper': branches.PAPER_BRANCHES, 'qa': kind})
   rows = {name: ablate.row_config(config, row) for name, row in ablate.branch_sets(config).items()}
   assert (rows['qa'].model.name, rows['qa'].model.branches) == ('QARepVGG-A0', None)
   assert rows['paper'].model.name == 'RepVGG-A0'

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 
 from repvgg_jax.ablate import report as ablation_report
 from repvgg_jax.data import folder
@@ -103,14 +104,27 @@ def split_row(name: str, row) -> tuple:
   """``(branches, settings)`` of a row: a branch set or block kind alone, or a mapping
   of ``branches`` and config settings that the row changes (``optimizer: {...}``)."""
   if not hasattr(row, 'items'):
-    return row, {}
+    return _block_kind_alone(row), {}
   settings = dict(row.items())
   if 'branches' not in settings:
     raise AblationError(
       f'ablation.branch_sets.{name} is a mapping without branches: give '
       "{'branches': (...), 'optimizer': {...}}, the branch set and the settings it changes."
     )
-  return settings.pop('branches'), settings
+  return _block_kind_alone(settings.pop('branches')), settings
+
+
+def _block_kind_alone(branches):
+  """A block kind named alone in a sequence, as a block kind: the command line makes
+  ``--config.ablation.branch_sets.ROW=qarepvgg`` a one-name tuple, as the tuple it sets."""
+  if (
+    not isinstance(branches, str)
+    and isinstance(branches, Sequence)
+    and len(branches) == 1
+    and branches[0] in variants.BLOCK_KINDS
+  ):
+    return branches[0]
+  return branches
 
 
 def _apply_settings(config, settings, where: str) -> None:
