@@ -212,3 +212,10 @@ def test_numpy_integers_are_counts():
 def test_bad_variants(fields, message):
   with pytest.raises(ValueError, match=f'RepVGG-A0: {message}'):
     dataclasses.replace(repvgg_jax.get_variant('A0'), **fields)
+
+
+def test_a_variant_given_lists_holds_tuples_and_is_hashable():
+  variant = repvgg_jax.Variant('RepVGG-T', [1, np.int64(2), 1, 1], [0.25, 0.5])
+  assert variant.num_blocks == (1, 2, 1, 1) and type(variant.num_blocks[1]) is int
+  assert variant.width_multipliers == (0.25, 0.5)
+  assert hash(variant) == hash(repvgg_jax.Variant('RepVGG-T', (1, 2, 1, 1), (0.25, 0.5)))

@@ -103,6 +103,9 @@ class Variant:
       problem = f'block must be one of {sorted(BLOCK_KINDS)}, got {self.block!r}'
     if problem:
       raise ValueError(f'{self.name}: {problem}.')
+    # Tuples whatever sequence was given (a list from JSON): a variant is hashable.
+    object.__setattr__(self, 'num_blocks', tuple(int(n) for n in counts))
+    object.__setattr__(self, 'width_multipliers', widths)
 
   @property
   def block_kind(self) -> BlockKind:
