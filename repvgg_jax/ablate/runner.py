@@ -264,8 +264,9 @@ def run_row(
   }
 
 
-def _done_line(record: dict) -> str:
-  int8 = f', int8 {record["top1_int8"]:.2%}' if 'top1_int8' in record else ''
+def _done_line(record: dict, with_int8: bool = True) -> str:
+  """A finished run's figures; its int8 top-1 where it has one and it is asked for."""
+  int8 = f', int8 {record["top1_int8"]:.2%}' if with_int8 and 'top1_int8' in record else ''
   return (
     f'top-1 {record["top1"]:.2%} (fused {record["top1_fused"]:.2%}{int8}), '
     f'logit rel. error {record["logit_rel_error"]:.1e}'
@@ -284,7 +285,8 @@ def _ablate_run(
       jsonfiles.write_json(directory / ROW_FILE, record)
       log(f'{tag}: done before, int8 top-1 added: {_done_line(record)}')
     else:
-      log(f'{tag}: done before, skipped ({directory / ROW_FILE}): {_done_line(record)}')
+      done = _done_line(record, with_int8=bool(int8))  # As the table will show it.
+      log(f'{tag}: done before, skipped ({directory / ROW_FILE}): {done}')
     return record
   resume = ' (continuing from its checkpoint)' if _has_checkpoint(directory) else ''
   log(f'{tag}: {label}: training in {directory}{resume}')
