@@ -400,7 +400,9 @@ def _check_networks(params: Tree, model: str | None) -> None:
     network = trees.subtree(params, path)
     architecture(network)  # Raises when blocks are missing or do not chain.
     if model is not None and not has_shapes_of(network, model):
-      name = identify_variant(network) or 'no known variant'
+      # A backbone cut short may have the first stages of several variants.
+      fitting = [name for name in variants.VARIANTS if has_shapes_of(network, name)]
+      name = identify_variant(network) or ' or '.join(fitting) or 'no known variant'
       where = f' at {_where(path)}' if path else ''
       raise FusionError(
         f'The variables{where} have the shapes of {name}, not of '
