@@ -77,12 +77,13 @@ def flag_error_line(error: Exception, argv: list[str]) -> str:
   if 'Failed loading config file' in text:
     return f'cannot load the config file {path!r}: {_last_reason(text)}; check the path.'
   if 'Error whilst parsing config file' in text:  # get_config raised; its traceback follows.
-    reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
-    if path and ':' in path and reason.startswith('TypeError: get_config()'):
+    frames, reason = _traceback_end(str(error))
+    called = frames and frames[-1].startswith('File') and 'config_flags' in frames[-1]
+    if path and ':' in path and called and reason.startswith('TypeError: get_config()'):
       return f"the config file {path.split(':')[0]!r} takes no preset after ':' ({reason})."
     return f'the config file {path!r} failed in get_config: {reason}'
-  if isinstance(error, SyntaxError):
-    return f'the config file {path!r} is not valid Python: {text}.'
+  if isinstance(error, SyntaxError):  # The file's name is in the message: it may be an import.
+    return f'the config file {path!r} does not load: {text}.'
   if isinstance(error, AttributeError) and "has no attribute 'get_config'" in text:
     return f'the config file {path!r} has no get_config(), which returns the config.'
   if isinstance(error, AttributeError | KeyError):
@@ -90,6 +91,16 @@ def flag_error_line(error: Exception, argv: list[str]) -> str:
     if override:
       return override
   return text
+
+
+def _traceback_end(text: str) -> tuple[list[str], str]:
+  """The frame lines of a formatted traceback and its exception, in one line: from the
+  last line that names an exception (``ValueError: ...``) to the end."""
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  starts = [i for i, line in enumerate(lines) if re.match(r'[\w.]*(Error|Exception)\b', line)]
+  start = starts[-1] if starts else len(lines) - 1
+  frames = [line for line in lines[:start] if line.startswith('File ')]
+  return frames, ' '.join(lines[start:])
 
 
 def _last_reason(text: str) -> str:

@@ -86,6 +86,24 @@ def test_runs_sharing_a_data_dir_prepare_it_once(tmp_path, monkeypatch):
   assert not errors and prepared == ['sklearn_digits'] and max(most_inside) == 1
 
 
+def test_a_data_dir_that_cannot_be_locked_is_prepared_unguarded(tmp_path, monkeypatch):
+  """Some network file systems refuse locks: preparing goes on without one."""
+  import errno
+
+  def no_locks(file, operation):
+    raise OSError(errno.ENOLCK, 'No locks available')
+
+  monkeypatch.setattr(data.fcntl, 'flock', no_locks)
+  assert data.get_builder(_config(data_dir=str(tmp_path))).is_prepared()
+
+
+def test_a_dataset_that_cannot_be_prepared_leaves_no_data_dir(tmp_path):
+  config = _config(data_dir=str(tmp_path / 'typo'), name='mnist', download=False)
+  with pytest.raises(data.DatasetNotFoundError, match='downloads are off'):
+    data.get_builder(config)
+  assert not (tmp_path / 'typo').exists()
+
+
 def _take(iterator, count):
   return list(itertools.islice(iterator, count))
 

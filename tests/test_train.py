@@ -512,6 +512,33 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, digits_dir, mo
   assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == previous_handlers
 
 
+def test_every_process_stops_with_the_signal_another_received(monkeypatch):
+  """Process 1 of 2 got a Ctrl-C: process 0, which got none, stops as it does (exit 130)."""
+  from jax.experimental import multihost_utils
+
+  monkeypatch.setattr(trainer.jax, 'process_count', lambda: 2)
+  gathered = []
+  monkeypatch.setattr(
+    multihost_utils, 'process_allgather', lambda x: gathered.append(int(x)) or np.array([0, 2])
+  )
+  preemption = trainer._Preemption()
+  try:
+    assert preemption.agreed() and preemption.received == 'SIGINT' and gathered == [0]
+  finally:
+    preemption.restore()
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+  """A background job's SIGINT is ignored: the trainer does not take it over."""
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    preemption = trainer._Preemption()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    preemption.restore()
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_a_second_ctrl_c_interrupts_at_once(tmp_path, digits_dir, monkeypatch):
   """The first Ctrl-C asks for a checkpoint after the step; a second one does not wait."""
 
@@ -648,13 +675,17 @@ def test_command_line_mistakes_are_one_line(args, line):
 @pytest.mark.parametrize(
   'source, line',
   [
-    ('x = (\n', "the config file '{path}' is not valid Python: '(' was never closed"),
+    ('x = (\n', "the config file '{path}' does not load: '(' was never closed"),
     ('A = 1\n', "the config file '{path}' has no get_config(), which returns the config."),
     (
       'def get_config(preset):\n  raise ValueError(f"Unknown preset {preset!r}: a or b.")\n',
       "the config file '{path}:c' failed in get_config: ValueError: Unknown preset 'c': a or b.",
     ),
     ('def get_config():\n  pass\n', "the config file '{path}' takes no preset after ':'"),
+    (  # A mistake inside get_config is not the preset's.
+      'def get_config(preset):\n  return len(preset, 2)\n',
+      "the config file '{path}:c' failed in get_config: TypeError: len() takes",
+    ),
   ],
 )
 @pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections'.
@@ -667,7 +698,7 @@ def test_a_config_file_that_does_not_load_is_one_line(tmp_path, source, line):
 
   path = tmp_path / 'my_config.py'
   path.write_text(source)
-  argument = f'{path}:c' if 'preset' in source or 'pass' in source else str(path)
+  argument = f'{path}:c' if 'def get_config(' in source else str(path)
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'a config', flag_values=flag_values)
   with pytest.raises(Exception) as error:  # noqa: PT011 - each case fails its own way.

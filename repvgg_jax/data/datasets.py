@@ -45,8 +45,8 @@ def _tfds_is_mocked() -> bool:
   return getattr(prepare, '__module__', '') == 'tensorflow_datasets.testing.mocking'
 
 
-def _prepare_imagenet(builder: tfds.core.DatasetBuilder, manual_dir: str | None) -> None:
-  """Converts the ImageNet archives into tfds records, or says where to put them.
+def _imagenet_manual_dir(builder: tfds.core.DatasetBuilder, manual_dir: str | None) -> str:
+  """The folder that holds the ImageNet archives, or an error saying where to put them.
 
   tfds cannot download ImageNet (its licence needs a sign-up), so this fails at once, before
   any network access, when the archives are missing.
@@ -65,10 +65,7 @@ def _prepare_imagenet(builder: tfds.core.DatasetBuilder, manual_dir: str | None)
       'folder that holds them. The next run then converts them once into tfds records under '
       f'{builder.data_dir} (a few hours, about 150 GB); later runs read those records.'
     )
-  logging.info('Preparing imagenet2012 from %s; this takes a few hours, once.', manual_dir)
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
-  )
+  return manual_dir
 
 
 def get_builder(config) -> tfds.core.DatasetBuilder:
@@ -103,11 +100,26 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
     ) from None
   if builder.is_prepared() or _tfds_is_mocked():
     return builder
+  _check_preparable(builder, config)  # Before anything is written.
   with _preparing(builder):  # Processes sharing the data dir prepare it once, in turn.
     builder = tfds.builder(config.name, data_dir=data_dir)
     if not builder.is_prepared():
       _prepare(builder, config)
   return builder
+
+
+def _check_preparable(builder: tfds.core.DatasetBuilder, config) -> None:
+  """Says why ``builder``'s dataset cannot be prepared here, if it cannot."""
+  if builder.name in OFFLINE_DATASETS:
+    return
+  if builder.name == 'imagenet2012':
+    _imagenet_manual_dir(builder, config.manual_dir)
+  elif not config.download:
+    raise DatasetNotFoundError(
+      f'Dataset {config.name!r} is not prepared in {builder.data_dir_root} and downloads are '
+      'off. Let this run download and prepare it with --config.dataset.download=True, or '
+      f'prepare it beforehand with `tfds build {config.name} --data_dir={builder.data_dir_root}`.'
+    )
 
 
 @contextlib.contextmanager
@@ -126,29 +138,35 @@ def _preparing(builder: tfds.core.DatasetBuilder):
     return
   with lock:
     try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      logging.warning('Waiting for another process preparing %s in %s.', builder.name, root)
-      fcntl.flock(lock, fcntl.LOCK_EX)
+      _lock_exclusively(lock, f'preparing {builder.name} in {root}')
+    except OSError as error:  # A file system without locks (some NFS, Lustre mounts).
+      logging.warning('Preparing %s unguarded: %s (%s).', builder.name, lock.name, error)
     yield  # Closing the file releases the lock.
 
 
+def _lock_exclusively(file, what: str) -> None:
+  """Takes an exclusive lock on ``file``, saying so when another process holds it."""
+  try:
+    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    logging.warning('Waiting for another process %s.', what)
+    fcntl.flock(file, fcntl.LOCK_EX)
+
+
 def _prepare(builder: tfds.core.DatasetBuilder, config) -> None:
-  """Downloads and prepares ``builder``'s dataset, or says why it cannot."""
+  """Downloads and prepares ``builder``'s dataset (`_check_preparable` passed)."""
   if builder.name in OFFLINE_DATASETS:
     builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )
   elif builder.name == 'imagenet2012':
-    _prepare_imagenet(builder, config.manual_dir)
-  elif config.download:
-    builder.download_and_prepare()
-  else:
-    raise DatasetNotFoundError(
-      f'Dataset {config.name!r} is not prepared in {builder.data_dir_root} and downloads are '
-      'off. Let this run download and prepare it with --config.dataset.download=True, or '
-      f'prepare it beforehand with `tfds build {config.name} --data_dir={builder.data_dir_root}`.'
+    manual_dir = _imagenet_manual_dir(builder, config.manual_dir)
+    logging.info('Preparing imagenet2012 from %s; this takes a few hours, once.', manual_dir)
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
     )
+  else:
+    builder.download_and_prepare()
 
 
 def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:

@@ -331,8 +331,7 @@ def export_checkpoint(
     'fused_from_training_checkpoint': training is not None,
   }
   meta.update(_preprocess(deploy_model.in_channels))
-  # What predict needs to feed and name it, where the training run recorded it.
-  meta.update({key: saved[key] for key in ('eval_preprocess', 'classes') if saved.get(key)})
+  meta.update(_feeding(saved))
 
   def compare(staging: pathlib.Path, runnable) -> dict:
     differences = _verify_export(staging, deploy_model, variables, image_size, runnable)
@@ -408,6 +407,11 @@ def _run_models(path: pathlib.Path, run: tuple[pathlib.Path, dict], conv_impl: s
   return deploy_model, variables, training_model, training, saved
 
 
+def _feeding(saved: dict) -> dict:
+  """What predict needs to feed the model and name its outputs, where the run recorded it."""
+  return {key: saved[key] for key in ('eval_preprocess', 'classes') if saved.get(key)}
+
+
 def _preprocess(in_channels: int) -> dict:
   """export.json's ``preprocess``: what training fed an RGB model, (pixels / 255 - mean) / std."""
   if in_channels != 3:
@@ -438,7 +442,7 @@ def _export_int8(path: pathlib.Path, output_dir, image_size, formats, platforms,
     'int8': {key: qmeta[key] for key in ('mode', 'fp32_top1', 'int8_top1') if key in qmeta},
     **_preprocess(qmeta['in_channels']),
   }
-  meta.update({key: qmeta[key] for key in ('eval_preprocess', 'classes') if qmeta.get(key)})
+  meta.update(_feeding(qmeta))
 
   def compare(staging: pathlib.Path, runnable) -> dict:
     images = _random_images(image_size, batch=3, channels=qmeta['in_channels'])

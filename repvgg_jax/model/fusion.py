@@ -305,6 +305,20 @@ def has_shapes_of(network: Tree, model: str) -> bool:
   return kind in (None, expected.block) and [b for b in blocks if b.stage <= last] == found
 
 
+def _variants_it_starts(network: Tree) -> str:
+  """The variants whose first stages a backbone cut short has, for a message: several
+  share their first stages (a deploy tree fits RepVGG's and QARepVGG's alike)."""
+  kind = block_kind(network) or 'repvgg'
+  names = [
+    name
+    for name, variant in variants.VARIANTS.items()
+    if variant.block == kind and has_shapes_of(network, name)
+  ]
+  if len(names) > 3:
+    return f'{", ".join(names[:3])} and {len(names) - 3} other variants'
+  return ' or '.join(names) or 'no known variant'
+
+
 def block_kind(params: Tree) -> str | None:
   """The kind (a key of `variants.BLOCK_KINDS`) of a RepVGG's training-time
   blocks: QARepVGG's where they normalise their sum; None for a deploy tree."""
@@ -400,9 +414,7 @@ def _check_networks(params: Tree, model: str | None) -> None:
     network = trees.subtree(params, path)
     architecture(network)  # Raises when blocks are missing or do not chain.
     if model is not None and not has_shapes_of(network, model):
-      # A backbone cut short may have the first stages of several variants.
-      fitting = [name for name in variants.VARIANTS if has_shapes_of(network, name)]
-      name = identify_variant(network) or ' or '.join(fitting) or 'no known variant'
+      name = identify_variant(network) or _variants_it_starts(network)
       where = f' at {_where(path)}' if path else ''
       raise FusionError(
         f'The variables{where} have the shapes of {name}, not of '

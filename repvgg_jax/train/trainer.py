@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import functools
 import json
+import os
 import pathlib
 import signal
 import sys
@@ -442,14 +443,16 @@ def _restore(
 
 
 class _Preemption:
-  """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag that the loop checks after
-  each step; a second Ctrl-C interrupts at once (KeyboardInterrupt), as without it."""
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag that the loop checks between
+  calls of the step; a second Ctrl-C interrupts at once, as without it. A SIGINT that
+  the process ignores (a background job's) stays ignored."""
 
   def __init__(self):
     self.received: str | None = None  # The name of the first signal, e.g. 'SIGTERM'.
-    self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+    signals = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+      signals.append(signal.SIGINT)
+    self._previous = {signum: signal.signal(signum, self._handle) for signum in signals}
 
   @property
   def requested(self) -> bool:
@@ -459,20 +462,30 @@ class _Preemption:
     del frame
     self.received = self.received or signal.Signals(signum).name
     if signum == signal.SIGINT:
-      signal.signal(signal.SIGINT, signal.default_int_handler)
-      sys.stderr.write(
-        '\nCtrl-C: the run saves a checkpoint after this step, then stops '
-        '(Ctrl-C again stops at once, losing the steps since the last checkpoint).\n'
-      )
+      previous = self._previous[signal.SIGINT]
+      signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+      # To the file descriptor: the handler may run inside a write to sys.stderr (the
+      # progress bar's), which a second write there would break.
+      with contextlib.suppress(OSError):
+        os.write(
+          2,
+          b'\nCtrl-C: the run saves a checkpoint at its next stop and exits (Ctrl-C again '
+          b'stops at once, losing the steps since the last checkpoint).\n',
+        )
 
   def agreed(self) -> bool:
-    """Whether any process was asked to stop (all processes must stop together)."""
+    """Whether any process was asked to stop (all processes must stop together); the
+    signal of the first process that received one becomes every process's."""
     if jax.process_count() == 1:
       return self.requested
     from jax.experimental import multihost_utils
 
-    flags = multihost_utils.process_allgather(np.array(self.requested))
-    return bool(np.any(flags))
+    names = [signal.Signals.SIGTERM, signal.Signals.SIGINT]
+    mine = 0 if self.received is None else 1 + names.index(signal.Signals[self.received])
+    codes = np.asarray(multihost_utils.process_allgather(np.array(mine))).ravel()
+    if self.received is None and codes.any():
+      self.received = names[int(codes[np.flatnonzero(codes)[0]]) - 1].name
+    return bool(codes.any())
 
   def restore(self):
     for signum, previous in self._previous.items():
@@ -723,7 +736,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   if step == start_step:  # Nothing trained (a finished run run again): its rate stands.
     summary['train_images_per_sec'] = _logged_rate(workdir, step, restored_meta)
   if preempted:
-    return {**summary, 'preempted': preemption.received or 'SIGTERM'}
+    return {**summary, 'preempted': preemption.received}
   _save_deploy(config, workdir, fuse_fn, state, step, meta)
   if jax.process_index() == 0:
     jsonfiles.write_json(workdir / 'summary.json', summary)
@@ -766,7 +779,7 @@ def _loop(config, schedule, run, ckpt, state, step, preemption, compiled, meta):
     if stop and not save:
       _save(ckpt, state, step, meta, run)
     if stop:
-      stopped_by = preemption.received or 'Another process stopping'
+      stopped_by = preemption.received
       saved = f'saved the checkpoint of step {step} in {ckpt.directory}'
       run.bar.write(f'{stopped_by}: {saved}; stopping.')
       return state, step, True
