@@ -474,8 +474,8 @@ class _Preemption:
         )
 
   def agreed(self) -> bool:
-    """Whether any process was asked to stop (all processes must stop together); the
-    signal of the first process that received one becomes every process's."""
+    """Whether any process was asked to stop (all processes must stop together); a
+    process that received no signal takes that of the lowest-numbered one that did."""
     if jax.process_count() == 1:
       return self.requested
     from jax.experimental import multihost_utils
