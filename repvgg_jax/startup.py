@@ -78,7 +78,7 @@ def flag_error_line(error: Exception, argv: list[str]) -> str:
     return f'cannot load the config file {path!r}: {_last_reason(text)}; check the path.'
   if 'Error whilst parsing config file' in text:  # get_config raised; its traceback follows.
     frames, reason = _traceback_end(str(error))
-    called = frames and frames[-1].startswith('File') and 'config_flags' in frames[-1]
+    called = bool(frames) and 'config_flags' in frames[-1]  # The call itself failed.
     if path and ':' in path and called and reason.startswith('TypeError: get_config()'):
       return f"the config file {path.split(':')[0]!r} takes no preset after ':' ({reason})."
     return f'the config file {path!r} failed in get_config: {reason}'
