@@ -126,7 +126,7 @@ def _fitted(weights: dict, target: Mapping[str, Any], where: str) -> dict:
   fused for a deploy model, without a classifier it lacks or cannot take, and
   without the stages after a backbone's last."""
   params = weights['params']
-  deploy = lambda tree: any(fusion.FUSED_KEY in tree[key] for key in fusion.block_keys(tree))
+  deploy = fusion.has_fused_blocks
   if deploy(target) and not deploy(params):
     weights = fusion.fuse_params(weights)
   elif deploy(params) and not deploy(target):

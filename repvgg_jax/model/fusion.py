@@ -269,6 +269,11 @@ def block_layers(params: Tree, image_size: int) -> list[tuple[int, variants.Bloc
   return layers
 
 
+def has_fused_blocks(params: Tree) -> bool:
+  """Whether ``params`` holds fused (deploy) blocks."""
+  return any(FUSED_KEY in params[key] for key in block_keys(params))
+
+
 def identify_variant(params: Tree) -> str | None:
   """The name of the variant whose shapes ``params`` has, or None.
 

@@ -61,8 +61,7 @@ def initial_variables(
   source = config.init_from
   try:
     weights = pretrained.read_weights(source)
-    params = weights['params']
-    if any(fusion.FUSED_KEY in params[key] for key in fusion.block_keys(params)):
+    if fusion.has_fused_blocks(weights['params']):
       raise ConversionError(
         f'{source} holds fused (deploy) weights, and fine-tuning trains the training-time '
         "branches: give a run's workdir or checkpoints/ (not deploy/), or unfused weights."
