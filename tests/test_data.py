@@ -61,11 +61,11 @@ def test_runs_sharing_a_data_dir_prepare_it_once(tmp_path, monkeypatch):
 
   prepare, prepared, inside, most_inside = data._prepare, [], [], []
 
-  def slow_prepare(builder, config):
+  def slow_prepare(builder, download_config):
     inside.append(builder.name)
     most_inside.append(len(inside))
     time.sleep(0.5)  # Time for the other to arrive.
-    prepare(builder, config)
+    prepare(builder, download_config)
     prepared.append(builder.name)
     inside.pop()
 

@@ -100,26 +100,29 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
     ) from None
   if builder.is_prepared() or _tfds_is_mocked():
     return builder
-  _check_preparable(builder, config)  # Before anything is written.
+  download_config = _download_config(builder, config)  # Fails before anything is written.
   with _preparing(builder):  # Processes sharing the data dir prepare it once, in turn.
     builder = tfds.builder(config.name, data_dir=data_dir)
     if not builder.is_prepared():
-      _prepare(builder, config)
+      _prepare(builder, download_config)
   return builder
 
 
-def _check_preparable(builder: tfds.core.DatasetBuilder, config) -> None:
-  """Says why ``builder``'s dataset cannot be prepared here, if it cannot."""
+def _download_config(builder: tfds.core.DatasetBuilder, config):
+  """How tfds prepares ``builder``'s dataset here (None: its defaults, downloading);
+  a DatasetNotFoundError saying why where it cannot."""
   if builder.name in OFFLINE_DATASETS:
-    return
+    return tfds.download.DownloadConfig(try_download_gcs=False)
   if builder.name == 'imagenet2012':
-    _imagenet_manual_dir(builder, config.manual_dir)
-  elif not config.download:
-    raise DatasetNotFoundError(
-      f'Dataset {config.name!r} is not prepared in {builder.data_dir_root} and downloads are '
-      'off. Let this run download and prepare it with --config.dataset.download=True, or '
-      f'prepare it beforehand with `tfds build {config.name} --data_dir={builder.data_dir_root}`.'
-    )
+    manual_dir = _imagenet_manual_dir(builder, config.manual_dir)
+    return tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+  if config.download:
+    return None
+  raise DatasetNotFoundError(
+    f'Dataset {config.name!r} is not prepared in {builder.data_dir_root} and downloads are '
+    'off. Let this run download and prepare it with --config.dataset.download=True, or '
+    f'prepare it beforehand with `tfds build {config.name} --data_dir={builder.data_dir_root}`.'
+  )
 
 
 @contextlib.contextmanager
@@ -153,20 +156,15 @@ def _lock_exclusively(file, what: str) -> None:
     fcntl.flock(file, fcntl.LOCK_EX)
 
 
-def _prepare(builder: tfds.core.DatasetBuilder, config) -> None:
-  """Downloads and prepares ``builder``'s dataset (`_check_preparable` passed)."""
-  if builder.name in OFFLINE_DATASETS:
-    builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+def _prepare(builder: tfds.core.DatasetBuilder, download_config) -> None:
+  """Downloads and prepares ``builder``'s dataset as `_download_config` says."""
+  if download_config is not None and download_config.manual_dir:  # ImageNet's archives.
+    logging.info(
+      'Preparing %s from %s; this takes a few hours, once.',
+      builder.name,
+      download_config.manual_dir,
     )
-  elif builder.name == 'imagenet2012':
-    manual_dir = _imagenet_manual_dir(builder, config.manual_dir)
-    logging.info('Preparing imagenet2012 from %s; this takes a few hours, once.', manual_dir)
-    builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
-    )
-  else:
-    builder.download_and_prepare()
+  builder.download_and_prepare(download_config=download_config)
 
 
 def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
