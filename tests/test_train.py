@@ -644,6 +644,7 @@ def test_unknown_dataset_is_one_line(tmp_path, name, message):
   with pytest.raises(data.DatasetNotFoundError, match=message) as error:
     trainer.train_and_evaluate(config, tmp_path / 'w')
   assert '\n' not in str(error.value)
+  assert not (tmp_path / 'w').exists()  # A mistyped name leaves no workdir behind.
 
 
 @pytest.mark.parametrize(
@@ -752,8 +753,11 @@ def test_misspelled_config_field_fails(tmp_path):
   ],
 )
 def test_bad_config_values(tmp_path, digits_dir, overrides, message):
+  workdir = tmp_path / 'run'
   with pytest.raises(trainer.ConfigError, match=message):
-    trainer.train_and_evaluate(tiny_config(digits_dir, **overrides), tmp_path)
+    trainer.train_and_evaluate(tiny_config(digits_dir, **overrides), workdir)
+  # Refused before anything is written, but for what needs the model's parameters.
+  assert workdir.exists() == (overrides == {'steps_per_call': 2})
 
 
 def checkpoint_files(workdir):

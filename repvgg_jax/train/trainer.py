@@ -599,9 +599,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   """
   workdir = pathlib.Path(workdir).absolute()
   try:
+    config, classes, schedule = _validated(config)  # Before anything is written.
     workdir.mkdir(parents=True, exist_ok=True)
     with _locked_for_all_processes(workdir):
-      return _train_and_evaluate(config, workdir)
+      return _train_and_evaluate(config, classes, schedule, workdir)
   except (checkpointing.CheckpointWriteError, data.DatasetNotFoundError):
     raise  # Their messages name the fix already.
   except OSError as error:
@@ -659,7 +660,14 @@ def _locked_for_all_processes(workdir: pathlib.Path):
     yield
 
 
-def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
+def _validated(config) -> tuple[object, tuple[str, ...] | None, Schedule]:
+  """Every check that needs no model and no workdir: ``config`` with the dataset's
+  number of classes filled in, the class names, and the run's schedule.
+
+  Raises:
+    ConfigError: a setting that cannot work (with the fix).
+    DatasetNotFoundError: the dataset is missing (says where to put it).
+  """
   check_config(config)
   classes, config = dataset_classes(config)  # Fails at once when the dataset is missing.
   if config.dataset.in_memory:
@@ -678,6 +686,11 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
       raise ConfigError(f'dataset.eval_split: {error}') from None
   schedule = Schedule.from_config(config, steps_per_epoch)
   _check_schedule(config, schedule)
+  return config, classes, schedule
+
+
+def _train_and_evaluate(config, classes, schedule: Schedule, workdir: pathlib.Path) -> dict:
+  steps_per_epoch = schedule.steps_per_epoch
   mesh = Mesh(np.array(jax.devices()), ('data',))
   model = build_model(config, train=True)
   tx = optim.make_optimizer(config, steps_per_epoch, schedule.total_steps)
