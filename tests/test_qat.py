@@ -5,12 +5,14 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import qwix
 from helpers import checkpoint_params, restore_checkpoint, tiny_config
 
 from repvgg_jax.interop import checkpoint_io, convert, quantize
+from repvgg_jax.model import create_model
 from repvgg_jax.train import trainer
 
 QAT = {'qat.enabled': True, 'num_train_steps': 4, 'checkpoint_every_steps': 2}
@@ -114,6 +116,22 @@ def test_a_qat_training_checkpoint_reads_as_a_deploy_one(fine_tuned):
   deploy, _ = restore_checkpoint(workdir / 'deploy')
   assert training is None and sorted(variables) == ['params'] and saved['step'] == 4
   jax.tree.map(np.testing.assert_array_equal, variables['params'], deploy['params'])
+
+
+@pytest.mark.parametrize(
+  'saved, held',
+  [
+    ({'model': 'QARepVGG-A0'}, 'QARepVGG-A0'),  # Fused, its shapes are RepVGG-A0's.
+    ({'model': 'RepVGG-A0'}, 'RepVGG-A0'),
+    ({'model': 'RepVGG-A1'}, 'RepVGG-A0'),  # A name its shapes are not: they tell.
+    ({'model': 'RepVGG-Z9'}, 'RepVGG-A0'),
+    ({}, 'RepVGG-A0'),
+  ],
+)
+def test_the_variant_a_checkpoint_holds_is_its_own_where_its_shapes_agree(saved, held):
+  deploy = create_model('QARepVGG-A0', num_classes=10, deploy=True)
+  shapes = jax.eval_shape(deploy.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert checkpoint_io.variant_held(shapes['params'], saved) == held
 
 
 @pytest.mark.parametrize(

@@ -120,12 +120,19 @@ def test_convert_quantize_a_workdir_then_export_it(workdir, tmp_path, capsys):
 def test_convert_quantize_bad_input(workdir, tmp_path, capsys):
   (tmp_path / 'no_get_config.py').write_text('import ml_collections\n')
   (tmp_path / 'broken.py').write_text('def get_config(:\n')
+  (tmp_path / 'wider.py').write_text(
+    'import json\nimport ml_collections\n\n\ndef get_config():\n'
+    f'  config = json.loads({(workdir / "config.json").read_text()!r})\n'
+    "  config['model']['width_multipliers'] = [0.5, 0.5]\n"
+    '  return ml_collections.ConfigDict(config)\n'
+  )
   cases = [
     (workdir, ['--mode', 'fast'], "Unknown quantization mode 'fast'"),
     (workdir, ['--config', str(tmp_path / 'none.py')], 'No config file'),
     (workdir, ['--config', str(tmp_path / 'no_get_config.py')], "has no attribute 'get_config'"),
     (workdir, ['--config', str(tmp_path / 'broken.py')], 'does not load: SyntaxError'),
     (tmp_path / 'typo', [], f'No checkpoint at {tmp_path / "typo"}'),
+    (workdir, ['--config', str(tmp_path / 'wider.py')], 'holds another architecture, not the'),
   ]
   for source, extra, message in cases:
     assert convert.main(['quantize', str(source), str(tmp_path / 'q'), *extra]) == 1

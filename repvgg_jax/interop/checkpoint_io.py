@@ -8,7 +8,7 @@ import os
 import pathlib
 
 from repvgg_jax.interop.torch_layout import ConversionError
-from repvgg_jax.model import fusion, trees
+from repvgg_jax.model import fusion, trees, variants
 from repvgg_jax.train import checkpointing
 
 
@@ -76,6 +76,16 @@ def fused_variables(path) -> tuple[dict, dict | None, dict]:
   if training is not None:
     return fusion.fuse_params(training), training, saved
   return {'params': state['params']}, None, saved
+
+
+def variant_held(params, saved: dict) -> str | None:
+  """The variant whose weights ``params`` are: the one the checkpoint's metadata names
+  where its shapes are that variant's (a custom width is not), else the one its shapes
+  tell (a fused QARepVGG's are RepVGG's), or None."""
+  name = saved.get('model')
+  if isinstance(name, str) and name in variants.VARIANTS and fusion.has_shapes_of(params, name):
+    return name
+  return fusion.identify_variant(params)
 
 
 def _training_variables(state: dict) -> dict | None:

@@ -39,7 +39,7 @@ import qwix
 
 from repvgg_jax.data import datasets
 from repvgg_jax.interop import checkpoint_io, export
-from repvgg_jax.model import create_model, fusion, model_from_config, trees, variants
+from repvgg_jax.model import create_model, model_from_config, trees, variants
 from repvgg_jax.train import run_files
 
 MODES = ('static', 'dynamic')
@@ -336,10 +336,10 @@ def quantize_and_evaluate(
   return qvariables, results
 
 
-def _check_architecture(deploy_model, variables, config, source) -> None:
+def _check_architecture(deploy_model, variables, saved, config, source) -> None:
   """The checkpoint must hold the deploy form of its config's model."""
   if not deploy_model.matches(variables['params']):
-    found = fusion.identify_variant(variables['params']) or 'another architecture'
+    found = checkpoint_io.variant_held(variables['params'], saved) or 'another architecture'
     raise QuantizationError(
       f'{source} holds {found}, not the {config.model.name} ({config.dataset.num_classes} '
       'classes) of its config: give the config it was trained with (--config).'
@@ -403,7 +403,7 @@ def quantize_checkpoint(
   config, workdir = training_config(source, config_file)
   variables, _, saved = checkpoint_io.fused_variables(source)
   deploy_model = model_from_config(config, deploy=True, dtype='float32')
-  _check_architecture(deploy_model, variables, config, source)
+  _check_architecture(deploy_model, variables, saved, config, source)
   image_size = config.dataset.image_size
   ranges = None if recalibrate else learned_ranges(workdir, saved.get('step'))
   qvariables, results = quantize_and_evaluate(

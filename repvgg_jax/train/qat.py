@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import qwix
 
 from repvgg_jax.interop import checkpoint_io, quantize
-from repvgg_jax.model import fusion, trees
+from repvgg_jax.model import trees
 
 
 class QuantizationAwareModel:
@@ -97,11 +97,11 @@ def initial_params(config, abstract_params):
   """
   path = pathlib.Path(config.qat.init_from)
   try:
-    variables, _, _ = checkpoint_io.fused_variables(path)  # A training checkpoint is fused.
+    variables, _, saved = checkpoint_io.fused_variables(path)  # A training one is fused.
   except (FileNotFoundError, ValueError) as error:
     raise ValueError(f'qat.init_from: {error}') from None
   if not trees.same_shapes(variables['params'], abstract_params):
-    found = fusion.identify_variant(variables['params']) or 'another architecture'
+    found = checkpoint_io.variant_held(variables['params'], saved) or 'another architecture'
     raise ValueError(
       f'qat.init_from: {path} holds {found}, not the deploy form of {config.model.name} with '
       f'{config.dataset.num_classes} classes that the config fine-tunes.'
