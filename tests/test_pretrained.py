@@ -85,7 +85,7 @@ def test_a_backbone_cut_short_loads_into_one_cut_as_short(tmp_path):
   for actual, wanted in zip(backbone.apply(loaded, x), full.apply(variables, x)[:4], strict=True):
     assert relative_error(actual, wanted) <= 1e-6
   with pytest.raises(
-    ConversionError, match='do not fit the RepVGG at the top of the tree: missing'
+    ConversionError, match=r'short.npz do not fit the RepVGG-A0 at the top of the tree: missing'
   ):
     load_pretrained(init(full), tmp_path / 'short.npz')
   np.savez(tmp_path / 'neck.npz', **torch_layout.to_torch(short), **{'neck.conv.weight': x})
@@ -140,7 +140,11 @@ def test_a_classifier_of_another_size_keeps_its_own_head(a0_weights, tmp_path):
 def test_what_does_not_fit_is_refused_in_one_line(a0_weights, tmp_path):
   path, _ = a0_weights
   cases = [
-    (init(repvgg_jax.create_model('B0', num_classes=0)), '', 'do not fit the RepVGG at the top'),
+    (
+      init(repvgg_jax.create_model('B0', num_classes=0)),
+      '',
+      r'weights of .* \(RepVGG-A0\) do not fit the RepVGG-B0 at the top',
+    ),
     (init(Outer()), 'encoder', r"No RepVGG .* at encoder .*\['backbone', 'head'\]"),
     (init(Outer()), 'decoder', 'No RepVGG .* at decoder'),
   ]

@@ -143,7 +143,8 @@ def test_wrong_shape(a0_state_dict):
 
 
 def test_another_variant_is_named(a0_state_dict):
-  with pytest.raises(ConversionError, match='RepVGG-B0 .* looks like RepVGG-A0'):
+  message = 'RepVGG-B0 .*; it holds RepVGG-A0: give that variant, or none to have it recognised'
+  with pytest.raises(ConversionError, match=message):
     torch_layout.from_torch(a0_state_dict, model='RepVGG-B0')
 
 

@@ -101,11 +101,16 @@ def load_weights(
       f'No RepVGG (stage<s>_block<i> blocks) at {where} in the variables (keys there: {keys}): '
       "give at= the path of the model, e.g. at='backbone'."
     )
+  held = fusion.identify_variant(weights['params'])  # Before a backbone's stages are cut.
   weights = _fitted(weights, target, where)
   expected = torch_layout.leaf_shapes(_at(variables, path))
   problems = torch_layout.differences(expected, torch_layout.leaf_shapes(weights))
   if problems:
-    raise ConversionError(f'The weights of {source} do not fit the RepVGG at {where}: {problems}')
+    wanted = fusion.identify_variant(target)
+    raise ConversionError(
+      f'The weights of {source}{f" ({held})" if held else ""} do not fit the '
+      f'{wanted or "RepVGG"} at {where}: {problems}'
+    )
   result = dict(variables)
   for collection, tree in weights.items():
     tree = jax.tree.map(jnp.asarray, tree)

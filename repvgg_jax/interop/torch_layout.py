@@ -221,9 +221,15 @@ def _check_against_model(variables: dict, info: dict, unexpected: list[str]) -> 
   problems = differences(_expected_shapes(info), leaf_shapes(variables), unexpected)
   if problems:
     kind = 'deploy' if info['deploy'] else 'training-time'
+    looks_like = info['looks_like']
+    advice = (
+      f'it holds {looks_like}: give that variant, or none to have it recognised'
+      if looks_like and looks_like != info['model']
+      else f'it looks like {looks_like or "no known variant"}'
+    )
     raise ConversionError(
       f'The checkpoint does not fit the {kind} {info["model"]} with {info["num_classes"]} '
-      f'classes; it looks like {info["looks_like"] or "no known variant"}. {problems}'
+      f'classes; {advice}. {problems}'
     )
 
 
