@@ -418,6 +418,21 @@ def test_a_workdir_that_cannot_be_made_or_written_is_one_line(tmp_path, digits_d
   assert not list((tmp_path / 'run').glob('*.tmp'))
 
 
+def test_a_file_outside_the_workdir_that_fails_is_one_line(tmp_path):
+  """A data_dir that is a file: the error names it and the setting, no workdir is made."""
+  (tmp_path / 'afile').write_text('user data')
+  with pytest.raises(trainer.FileSystemError) as error:
+    trainer.train_and_evaluate(tiny_config(str(tmp_path / 'afile')), tmp_path / 'run')
+  assert str(error.value).startswith(f'[Errno 20] Not a directory: {tmp_path / "afile"}'), (
+    error.value
+  )
+  assert str(error.value).endswith(
+    'move the file that stands in its path, or change the setting that names it '
+    '(dataset.data_dir, init_from, ...).'
+  )
+  assert (tmp_path / 'afile').read_text() == 'user data' and not (tmp_path / 'run').exists()
+
+
 def test_a_failed_save_stops_the_run_in_one_line(tmp_path, digits_dir):
   """Files may not grow past 4 KB (as on a full disk): the first save of the resumed run
   fails, the run stops with one line naming the cause, the earlier checkpoints stay."""

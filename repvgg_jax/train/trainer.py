@@ -606,28 +606,30 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   except (checkpointing.CheckpointWriteError, data.DatasetNotFoundError):
     raise  # Their messages name the fix already.
   except OSError as error:
-    if not _in_workdir(getattr(error, 'filename', None), workdir):
-      raise  # Not the run's own files (the network, a dataset's): their own message.
-    raise FileSystemError(_workdir_problem(error)) from error
+    if not getattr(error, 'filename', None):
+      raise  # Not a file's (the network's): its own message.
+    raise FileSystemError(_file_problem(error, workdir)) from error
 
 
-def _in_workdir(path, workdir: pathlib.Path) -> bool:
-  return bool(path) and pathlib.Path(path).absolute().is_relative_to(workdir)
-
-
-def _workdir_problem(error: OSError) -> str:
-  """One line: which file of the run, what went wrong, and the fix for that."""
+def _file_problem(error: OSError, workdir: pathlib.Path) -> str:
+  """One line: which file, what went wrong, and the fix for that; for a file outside
+  the workdir (a dataset's, ``init_from``'s), the fix of the setting that names it."""
   fixes = {
     errno.ENOSPC: 'free space on its disk',
     errno.EDQUOT: 'free space within your quota',
     errno.EACCES: 'make it writable',
     errno.EPERM: 'make it writable',
-    errno.EROFS: 'give a workdir on a writable disk',
+    errno.EROFS: 'give a path on a writable disk',
     errno.EEXIST: 'move the file that stands there',
     errno.ENOTDIR: 'move the file that stands in its path',
   }
   fix = fixes.get(error.errno, 'check its disk')
-  return f'{checkpointing.root_cause(error)}: {error.filename}: {fix}, or use another --workdir.'
+  if pathlib.Path(error.filename).absolute().is_relative_to(workdir):
+    return f'{checkpointing.root_cause(error)}: {error.filename}: {fix}, or use another --workdir.'
+  if error.errno in (errno.EACCES, errno.EPERM):
+    fix = 'check its permissions'  # Read, or written (a dataset's files).
+  setting = 'the setting that names it (dataset.data_dir, init_from, ...)'
+  return f'{checkpointing.root_cause(error)}: {error.filename}: {fix}, or change {setting}.'
 
 
 @contextlib.contextmanager
