@@ -124,6 +124,10 @@ def test_not_variables():
     ({'branches': None}, 'branches must be a collection of branch names, got None'),
     ({'branches': ('conv3x3', 'conv3x3')}, 'branches repeats a branch kind'),
     ({'groups': True}, 'groups must be a positive int, got True'),
+    # Trains, but fusion has no kernel to fold it into: refused when built.
+    ({'branches': ('identity',)}, r"RepVGGBlock: the branches \('identity',\) have no convol"),
+    ({'branches': ('identity',), 'post_norm': True}, 'have no convolution kernel to fuse into'),
+    ({'branches': ('conv3x3', 'conv5x5')}, "RepVGGBlock: Unknown branch kind 'conv5x5'"),
   ],
 )
 def test_bad_block_options(options, message):

@@ -88,6 +88,7 @@ class RepVGGBlock(nn.Module):
     for kind in kinds:
       y = kind.build(self.features, self.strides, self.groups, conv, norm, name=kind.name)(x)
       out = y if out is None else out + y
+    self._check_kernel([kind.name for kind in kinds])
     if self.post_norm:
       out = norm(name=branches_lib.POST_NORM_KEY)(out)
     return nn.relu(out)
@@ -114,6 +115,19 @@ class RepVGGBlock(nn.Module):
         '(create_model(..., deploy=True)).'
       )
 
+  def _check_kernel(self, names: list[str]) -> None:
+    """Refuses branches with no convolution kernel between them (an identity alone):
+    they train, but there is nothing for fusion to fold them into."""
+    params = self.variables.get('params', {})
+    kernels = (
+      kernel for n in names for kernel in branches_lib.layer_leaves(params[n], 'kernel', 4)
+    )
+    if next(kernels, None) is None:
+      raise ValueError(
+        f'{self._where()}: the branches {tuple(names)} have no convolution kernel to fuse '
+        "into: add a convolutional branch such as 'conv3x3'."
+      )
+
   def _branch_kinds(self, in_channels: int) -> list[branches_lib.BranchKind]:
     """The branches of a block of this shape; ValueError for a shape no block has."""
     where = self._where()
@@ -127,7 +141,10 @@ class RepVGGBlock(nn.Module):
         f'the {self.features} output channels.'
       )
     names = branches_lib.branch_names(self.branches, f'{where}: branches')
-    kinds = active_branches(names, in_channels, self.features, self.strides)
+    try:
+      kinds = active_branches(names, in_channels, self.features, self.strides)
+    except ValueError as error:  # An unknown kind.
+      raise ValueError(f'{where}: {error}') from None
     if not kinds:
       raise ValueError(
         f'{where}: none of the branches {names} applies to a block from '
