@@ -6,6 +6,7 @@ mode; blocks at strides 1 and 2, groups 1, 2 and 4, odd and even sizes, both
 conv implementations, then whole A0 models per ablation set.
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -18,7 +19,7 @@ from helpers import random_variables, relative_error
 import repvgg_jax
 from repvgg_jax import model as model_lib
 from repvgg_jax import perf
-from repvgg_jax.model import branches, fusion, reparam_family
+from repvgg_jax.model import branches, fusion, reparam_family, trees
 
 FLOAT32_TOLERANCE = 1e-5
 NEW_KINDS = ('conv1x3', 'conv3x1', 'dbb_avg', 'dbb_1x1_3x3', 'parallel3x3_k4')
@@ -389,6 +390,47 @@ def test_registering_a_family_member_name_is_refused():
   with pytest.raises(ValueError, match='parallel3x3_k'):
     branches.register_branch(branches.conv_bn_kind('parallel3x3_k7', (3, 3)))
   assert 'parallel3x3_k7' not in branches.BRANCH_KINDS
+
+
+def test_registering_a_reserved_name_or_not_a_kind_is_refused():
+  for name in (branches.FUSED_KEY, branches.POST_NORM_KEY):
+    with pytest.raises(ValueError, match=f"'{name}' names the layer it is in block trees"):
+      branches.register_branch(branches.conv_bn_kind(name, (3, 3)))
+    assert name not in branches.BRANCH_KINDS
+  with pytest.raises(TypeError, match='register_branch takes a BranchKind, got str'):
+    branches.register_branch('conv7x7')
+
+
+def test_a_kind_whose_fuse_gives_another_shape_is_refused(monkeypatch):
+  """A 1x1 kernel left unpadded would be added to the 3x3 ones by broadcasting."""
+  one_by_one = branches.conv_bn_kind('unpadded_1x1_test', (1, 1))
+  unpadded = lambda params, stats, _: branches.fuse_conv_bn(
+    params['conv']['kernel'], params['bn'], stats['bn']
+  )
+  kind = dataclasses.replace(one_by_one, fuse=unpadded)
+  monkeypatch.setitem(branches.BRANCH_KINDS, kind.name, kind)  # Registered for this test.
+  block = repvgg_jax.RepVGGBlock(8, branches=('conv3x3', kind.name))
+  variables = block.init(jax.random.key(0), jnp.zeros((1, 6, 6, 8)))
+  message = (
+    r"Branch kind 'unpadded_1x1_test' fused into a kernel of shape \(1, 1, 8, 8\) and a bias "
+    r'of shape \(8,\), where its block needs \(3, 3, 8, 8\) and \(8,\)'
+  )
+  with pytest.raises(fusion.FusionError, match=message):
+    fusion.fuse_block(variables['params'], variables['batch_stats'])
+
+
+def test_a_kind_that_cannot_be_built_where_its_layout_is_read_is_named(monkeypatch):
+  def build(features, strides, groups, conv, norm, name):
+    raise ZeroDivisionError('float division by zero')
+
+  kind = dataclasses.replace(branches.conv_bn_kind('unbuildable_test', (1, 1)), build=build)
+  monkeypatch.setitem(branches.BRANCH_KINDS, kind.name, kind)
+  message = (
+    "Branch kind 'unbuildable_test' cannot be built from 64 to 64 channels at stride 1, where "
+    'its parameter layout is read: ZeroDivisionError: float division by zero.'
+  )
+  with pytest.raises(ValueError, match=message):
+    trees.branch_layout(kind.name)
 
 
 @pytest.mark.parametrize(

@@ -84,7 +84,10 @@ class BranchKind:
     name: the branch's key in the block's parameter tree (and in configs).
     build: ``build(features, strides, groups, conv, norm)`` returns the Linen
       module computing the branch (conv and norm are the block's layer
-      partials); the block names it ``name``.
+      partials); the block names it ``name``. Its layers' names must not
+      depend on the block's shape: `fuse_params` recognises blocks by the
+      layers of one built at 64 channels, stride 1 (a layout that changes with
+      the stride is two kinds, the other one its ``fallback``).
     fuse: ``fuse(params, batch_stats, in_per_group)`` maps the branch's
       subtrees to a ``(3, 3, in_per_group, features)`` kernel, where
       ``in_per_group = in_channels // groups``, and a ``(features,)`` bias.
@@ -142,6 +145,10 @@ def _family_of(name: str) -> tuple[BranchFamily, re.Match] | None:
 
 def register_branch(kind: BranchKind) -> BranchKind:
   """Adds a branch kind to the registry that blocks and `fuse_params` use."""
+  if not isinstance(kind, BranchKind):
+    raise TypeError(f'register_branch takes a BranchKind, got {type(kind).__name__}.')
+  if kind.name in (FUSED_KEY, POST_NORM_KEY):
+    raise ValueError(f'{kind.name!r} names the layer it is in block trees: choose another name.')
   if kind.name in BRANCH_KINDS:
     raise ValueError(f'A branch kind named {kind.name!r} is already registered.')
   family = _family_of(kind.name)

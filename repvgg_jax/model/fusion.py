@@ -58,16 +58,23 @@ def _fuse_branches(block_params: Tree, block_stats: Tree) -> dict:
 
   Compiled once per block shape: float64 arithmetic op by op is slow.
   """
-  in_per_group, _ = block_channels(block_params)
+  in_per_group, out_channels = block_channels(block_params)
   dtype = next(branches_lib.layer_leaves(block_params, 'kernel', 4)).dtype
+  shapes = (3, 3, in_per_group, out_channels), (out_channels,)
   with jax.enable_x64(True):
     as64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
-    fused = [
-      branches_lib.get_branch(branch).fuse(
+    fused = []
+    for branch, params in _branches(block_params).items():
+      kernel, bias = branches_lib.get_branch(branch).fuse(
         as64(params), as64(block_stats.get(branch, {})), in_per_group
       )
-      for branch, params in _branches(block_params).items()
-    ]
+      if (jnp.shape(kernel), jnp.shape(bias)) != shapes:  # Else summed by broadcasting.
+        raise FusionError(
+          f'Branch kind {branch!r} fused into a kernel of shape {jnp.shape(kernel)} and a bias '
+          f'of shape {jnp.shape(bias)}, where its block needs {shapes[0]} and {shapes[1]}: its '
+          'fuse must return a 3x3 kernel (branches.pad_to_3x3 pads a smaller one).'
+        )
+      fused.append((kernel, bias))
     kernel = sum(k for k, _ in fused)
     bias = sum(b for _, b in fused)
     if POST_NORM_KEY in block_params:  # BN(K x + b) = (K s) x + (b s + shift).

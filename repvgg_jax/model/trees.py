@@ -52,16 +52,31 @@ class _BranchProbe(nn.Module):
   @nn.compact
   def __call__(self, x):
     conv, norm = layer_partials(train=False)
-    return branches_lib.get_branch(self.kind).build(4, 1, 1, conv, norm, name='branch')(x)
+    kind = branches_lib.get_branch(self.kind)
+    return kind.build(_PROBE_CHANNELS, 1, 1, conv, norm, name='branch')(x)
+
+
+_PROBE_CHANNELS = 64  # Wide enough for a branch with a narrower inner layer.
 
 
 @functools.cache
 def _branch_variables(name: str) -> dict[str, frozenset[Path]]:
-  """``{collection: leaf paths}`` of a lone branch of kind ``name``, read at 4 -> 4
-  channels, stride 1 (they do not depend on the block's shape)."""
+  """``{collection: leaf paths}`` of a lone branch of kind ``name``, read at 64 -> 64
+  channels, stride 1 (a kind's layout must not depend on the block's shape).
+
+  Raises:
+    ValueError: the kind cannot be built at that shape.
+  """
   probe = _BranchProbe(name, parent=None)  # Unbound, even when called inside a module.
-  images = jax.ShapeDtypeStruct((1, 5, 5, 4), jnp.float32)
-  shapes = jax.eval_shape(lambda x: probe.init(jax.random.key(0), x), images)
+  images = jax.ShapeDtypeStruct((1, 5, 5, _PROBE_CHANNELS), jnp.float32)
+  try:
+    shapes = jax.eval_shape(lambda x: probe.init(jax.random.key(0), x), images)
+  except Exception as error:  # noqa: BLE001 (a user's kind may fail any way)
+    raise ValueError(
+      f'Branch kind {name!r} cannot be built from {_PROBE_CHANNELS} to {_PROBE_CHANNELS} '
+      f'channels at stride 1, where its parameter layout is read: {type(error).__name__}: '
+      f'{" ".join(str(error).split())[:200]}.'
+    ) from error
   return {
     collection: frozenset(leaf_paths(tree.get('branch', {}))) for collection, tree in shapes.items()
   }
