@@ -148,8 +148,24 @@ def truncate(path: pathlib.Path) -> None:
       ),
       'has a name that is not UTF-8',
     ),
+    (  # Read as two classes, Train and Val, were they not refused.
+      lambda root: make_folder(root, splits=('Train', 'Val')),
+      r'has Train/, a split folder \(it would be a class\): rename it train/ \(split folders',
+    ),
+    (
+      lambda root: make_folder(root, splits=('train', 'validation')),
+      r'has validation/, a split folder \(the validation split is read from val/\): rename it '
+      'val/',
+    ),
+    (
+      lambda root: (make_folder(root, splits=('',)), (root / 'test').mkdir()),
+      r'has test/, a split folder \(it would be a class\): move it out',
+    ),
   ],
-  ids=['missing', 'empty', 'empty class', 'other classes', 'no val', 'png', 'jpeg', 'text', 'name'],
+  ids=[
+    *('missing', 'empty', 'empty class', 'other classes', 'no val', 'png', 'jpeg', 'text'),
+    *('name', 'capitalised', 'validation', 'test'),
+  ],
 )
 def test_bad_folders_fail_in_one_line_naming_the_problem(tmp_path, damage, message):
   root = tmp_path / 'images'

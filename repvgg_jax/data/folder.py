@@ -134,6 +134,28 @@ def _held_out(
   return {'train': train, 'val': val}
 
 
+# Folder names, in lower case, that hold a split rather than a class, and the split.
+_SPLIT_FOLDERS = {'train': 'train', 'training': 'train', 'val': 'val', 'valid': 'val'}
+_SPLIT_FOLDERS |= {'validation': 'val', 'test': 'test'}
+
+
+def _check_split_names(root: pathlib.Path, has_train: bool, has_val: bool) -> None:
+  """Refuses split folders that would be read otherwise than meant: ``Train/`` and
+  ``Val/`` taken for two classes, a ``validation/`` beside ``train/`` left unread."""
+  if has_train and has_val:
+    return  # Other folders beside them are not read.
+  for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ('train', 'val')):
+    split = _SPLIT_FOLDERS.get(folder.name.lower())
+    if split is None or (has_train and split != 'val'):
+      continue
+    if split == 'test':
+      fix = 'move it out (a test split is not read), or rename it if it is a class'
+    else:
+      fix = f'rename it {split}/ (split folders are train/ and val/, in lower case)'
+    read_as = 'the validation split is read from val/' if has_train else 'it would be a class'
+    raise FolderError(f'{root} has {folder.name}/, a split folder ({read_as}): {fix}.')
+
+
 def _layout(root: pathlib.Path, val_fraction: float) -> tuple[pathlib.Path, dict]:
   """The directory of the training class folders and ``{split: {class: files}}`` of the
   folder at ``root``, before any file is read; without ``val/``, only ``train``."""
@@ -143,6 +165,7 @@ def _layout(root: pathlib.Path, val_fraction: float) -> tuple[pathlib.Path, dict
       'and val/<class>/ (or only class folders, with dataset.val_fraction).'
     )
   has_train, has_val = (root / 'train').is_dir(), (root / 'val').is_dir()
+  _check_split_names(root, has_train, has_val)
   if has_val and not has_train:
     raise FolderError(f'{root} has val/ but no train/: add train/<class>/ folders.')
   directory = root / 'train' if has_train else root
