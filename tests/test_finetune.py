@@ -161,11 +161,12 @@ def test_a_zero_backbone_learning_rate_trains_the_classifier_only(source, images
 
 
 def test_a_resumed_run_keeps_its_own_weights(source, digits_dir, tmp_path, capfd):
-  config = tiny_config(digits_dir, init_from=str(source), **STEPS)
+  config = tiny_config(digits_dir, init_from=str(source), freeze_stages=2, **STEPS)
   trainer.train_and_evaluate(config, tmp_path)
   first = checkpoint_params(tmp_path)[0]
   capfd.readouterr()
   config.num_train_steps = 6
+  config.init_from = None  # Not needed to resume, even with frozen stages.
   trainer.train_and_evaluate(config, tmp_path)
   assert 'Initialised' not in capfd.readouterr().err
   assert changed(checkpoint_params(tmp_path)[0], first)
@@ -247,8 +248,9 @@ def test_resuming_with_other_settings_or_classes_is_refused_and_keeps_the_run(
     ),
   ]
   for overrides, message in changes:
-    with pytest.raises(trainer.ConfigError, match=message):
+    with pytest.raises(trainer.ConfigError, match=message) as error:
       trainer.train_and_evaluate(folder_run(images, init_from=str(source), **overrides), tmp_path)
+    assert str(error.value).endswith('--config.init_from=this workdir.')  # Its own fix alone.
   renamed = tmp_path / 'renamed'
   shutil.copytree(images, renamed)
   for split in ('train', 'val'):

@@ -70,7 +70,7 @@ from repvgg_jax.data import datasets as data  # noqa: E402
 from repvgg_jax.interop import checkpoint_io, quantize  # noqa: E402
 from repvgg_jax.model import variants  # noqa: E402
 from repvgg_jax.perf import compile_options, host_memory  # noqa: E402
-from repvgg_jax.train import run_files, trainer  # noqa: E402
+from repvgg_jax.train import checkpointing, run_files, trainer  # noqa: E402
 
 ROW_FILE = 'ablation_row.json'
 # A run's int8 figures (`int8_results`).
@@ -92,8 +92,7 @@ def run_dir(workdir: pathlib.Path, name: str, seed: int) -> pathlib.Path:
 
 
 def _has_checkpoint(row_dir: pathlib.Path) -> bool:
-  directory = row_dir / 'checkpoints'
-  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+  return checkpointing.has_steps(row_dir / 'checkpoints')
 
 
 def load_row(row_dir: pathlib.Path) -> dict | None:

@@ -127,6 +127,13 @@ def root_cause(error: BaseException) -> str:
   return text[:200] or type(error).__name__
 
 
+def has_steps(directory: pathlib.Path) -> bool:
+  """Whether ``directory`` holds a checkpoint's steps (folders named by numbers),
+  read without orbax: a run in a workdir with any resumes rather than starts."""
+  directory = pathlib.Path(directory)
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 class Checkpoints:
   """A `CheckpointManager` over one directory, keeping the last ``keep`` steps."""
 

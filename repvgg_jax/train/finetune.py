@@ -25,12 +25,13 @@ from repvgg_jax.model import fusion, network, variants
 from repvgg_jax.train import run_files
 
 
-def check_config(config) -> str | None:
-  """What makes the fine-tuning settings of ``config`` unusable, as one line, or None."""
+def check_config(config, resuming: bool = False) -> str | None:
+  """What makes the fine-tuning settings of ``config`` unusable, as one line, or None
+  (``resuming``: from a checkpoint, which holds what ``init_from`` would give)."""
   frozen = config.get('freeze_stages', 0)
   if not 0 <= frozen <= network.NUM_STAGES:
     return f'freeze_stages must be from 0 to {network.NUM_STAGES} (stages), got {frozen}.'
-  if frozen and not config.get('init_from'):
+  if frozen and not config.get('init_from') and not resuming:
     return (
       f'freeze_stages={frozen} would keep randomly initialised stages fixed: give the weights '
       'to start from with --config.init_from=..., or set freeze_stages=0.'

@@ -61,9 +61,10 @@ class QuantizationAwareModel:
     return self
 
 
-def check_config(config, variant) -> str | None:
-  """What makes a QAT config unusable, as one line, or None."""
-  if not config.qat.init_from:
+def check_config(config, variant, resuming: bool = False) -> str | None:
+  """What makes a QAT config unusable, as one line, or None (``resuming``: from a
+  checkpoint, which holds what ``qat.init_from`` would give)."""
+  if not config.qat.init_from and not resuming:
     return (
       'qat.enabled needs qat.init_from: a trained workdir or a deploy (or training) checkpoint '
       'to fine-tune, e.g. --config.qat.init_from=workdirs/digits.'

@@ -126,8 +126,9 @@ def qat_enabled(config) -> bool:
   return 'qat' in config and bool(config.qat.enabled)
 
 
-def check_config(config) -> None:
-  """Fails early, with the fix, on settings that cannot work."""
+def check_config(config, *, resuming: bool = False) -> None:
+  """Fails early, with the fix, on settings that cannot work; ``resuming``: the run
+  goes on from a checkpoint (which holds the weights ``init_from`` would give)."""
   for field in ('batch_size', 'eval_batch_size', 'steps_per_call'):
     if config[field] < 1:
       raise ConfigError(f'{field} must be a positive number, got {config[field]}.')
@@ -160,8 +161,8 @@ def check_config(config) -> None:
     variant = variant_from_config(config)
   except ValueError as error:
     raise ConfigError(f'model: {error}') from None
-  problem = qat.check_config(config, variant) if qat_enabled(config) else None
-  problem = problem or finetune.check_config(config)
+  problem = qat.check_config(config, variant, resuming) if qat_enabled(config) else None
+  problem = problem or finetune.check_config(config, resuming)
   if problem:
     raise ConfigError(problem)
   for field in ('mixup_alpha', 'cutmix_alpha', 'label_smoothing'):
@@ -365,15 +366,18 @@ def _order_changes(config, meta: dict, total_steps: int) -> list[str]:
 
 
 def _resume_problem(config, meta: dict, saved, abstract, classes) -> str | None:
-  """Why a checkpoint (its metadata and saved shapes) cannot resume ``config``, or None."""
+  """Why a checkpoint (its metadata and saved shapes) cannot resume ``config``, and
+  the fix, or None."""
+  other_run = 'use another --workdir, or the config it was trained with'
+
   saved_model = meta.get('model')
   if saved_model and saved_model != config.model.name:
-    return f'is of {saved_model}, but the config trains {config.model.name}'
+    return f'is of {saved_model}, but the config trains {config.model.name}: {other_run}'
   if ('ema' in saved) != ('ema' in abstract):
     had = 'keeps a' if 'ema' in saved else 'has no'
     return (
       f'{had} moving average of the weights but the config has '
-      f'ema_decay={config.get("ema_decay", 0.0)}'
+      f'ema_decay={config.get("ema_decay", 0.0)}: {other_run}'
     )
   for key, value in optimizer_meta(config).items():
     section, default = _OPTIMIZER_SETTINGS[key]
@@ -386,13 +390,13 @@ def _resume_problem(config, meta: dict, saved, abstract, classes) -> str | None:
         'with --config.init_from=this workdir'
       )
   if classes and meta.get('classes') and list(meta['classes']) != list(classes):
-    return 'was trained on other class names than the dataset has now'
+    return f'was trained on other class names than the dataset has now: {other_run}'
   for part in ('params', 'batch_stats'):
     if not trees.same_shapes(saved[part], abstract[part]):
       return (
         f'does not fit the configured model ({config.model.name}, '
         f'{config.dataset.num_classes} classes, branches '
-        f'{config.model.branches or "of its block kind"}): its {part} differ in shape'
+        f'{config.model.branches or "of its block kind"}): its {part} differ in shape: ' + other_run
       )
   return None
 
@@ -415,10 +419,7 @@ def _restore(
     meta = ckpt.restore_meta(step)
     problem = _resume_problem(config, meta, ckpt.abstract_state(step), abstract, classes)
     if problem:
-      raise checkpointing.CheckpointMismatch(
-        f'The checkpoint in {ckpt.directory} {problem}: use another --workdir, or the config '
-        'it was trained with.'
-      )
+      raise checkpointing.CheckpointMismatch(f'The checkpoint in {ckpt.directory} {problem}.')
     if jax.process_index() == 0:
       for line in _order_changes(config, meta, total_steps):
         report(line)
@@ -599,7 +600,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   """
   workdir = pathlib.Path(workdir).absolute()
   try:
-    config, classes, schedule = _validated(config)  # Before anything is written.
+    resuming = checkpointing.has_steps(workdir / 'checkpoints')
+    config, classes, schedule = _validated(config, resuming)  # Before anything is written.
     workdir.mkdir(parents=True, exist_ok=True)
     with _locked_for_all_processes(workdir):
       return _train_and_evaluate(config, classes, schedule, workdir)
@@ -662,7 +664,7 @@ def _locked_for_all_processes(workdir: pathlib.Path):
     yield
 
 
-def _validated(config) -> tuple[object, tuple[str, ...] | None, Schedule]:
+def _validated(config, resuming: bool) -> tuple[object, tuple[str, ...] | None, Schedule]:
   """Every check that needs no model and no workdir: ``config`` with the dataset's
   number of classes filled in, the class names, and the run's schedule.
 
@@ -670,7 +672,7 @@ def _validated(config) -> tuple[object, tuple[str, ...] | None, Schedule]:
     ConfigError: a setting that cannot work (with the fix).
     DatasetNotFoundError: the dataset is missing (says where to put it).
   """
-  check_config(config)
+  check_config(config, resuming=resuming)
   classes, config = dataset_classes(config)  # Fails at once when the dataset is missing.
   if config.dataset.in_memory:
     try:
