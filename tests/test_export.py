@@ -3,6 +3,7 @@ that reload and compute what the trained model computes."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from helpers import random_variables, relative_error, tiny_config
 
 import repvgg_jax
-from repvgg_jax.interop import convert, export
+from repvgg_jax.interop import checkpoint_io, convert, export
 from repvgg_jax.model import model_from_config
 from repvgg_jax.train import run_files, trainer
 
@@ -244,3 +245,23 @@ def test_an_artifact_for_another_backend_is_written_and_left_unverified(
 
   with pytest.raises(predict.PredictError, match='exported for cuda, and this machine runs cpu'):
     predict.load(out)
+
+
+def test_a_fused_model_older_than_the_training_is_said_to_be(tmp_path, training_checkpoint, capsys):
+  """A run stopped after its last checkpoint but before fusing: deploy/ is read, and said
+  to be older, with the fix."""
+  path, _, variables = training_checkpoint
+  workdir = tmp_path / 'run'
+  shutil.copytree(path, workdir / 'checkpoints')
+  fused = repvgg_jax.fuse_params(variables)
+  convert._save(workdir / 'deploy', fused, {'model': 'RepVGG-A0', 'deploy': True})
+  read, _ = checkpoint_io.restore(workdir)
+  assert capsys.readouterr().err == ''  # Both of step 0.
+  (workdir / 'checkpoints' / '0').rename(workdir / 'checkpoints' / '120')
+  read, _ = checkpoint_io.restore(workdir)
+  jax.tree.map(np.testing.assert_array_equal, read['params'], fused['params'])
+  assert capsys.readouterr().err == (
+    f'warning: {workdir / "deploy"} holds the fused model of step 0, but training went on to '
+    'step 120: run its training command again to finish the run (and fuse it), or give '
+    f'{workdir / "checkpoints"} for the newest weights.\n'
+  )

@@ -92,7 +92,7 @@ def run_dir(workdir: pathlib.Path, name: str, seed: int) -> pathlib.Path:
 
 
 def _has_checkpoint(row_dir: pathlib.Path) -> bool:
-  return checkpointing.has_steps(row_dir / 'checkpoints')
+  return bool(checkpointing.saved_steps(row_dir / 'checkpoints'))
 
 
 def load_row(row_dir: pathlib.Path) -> dict | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 
 from repvgg_jax.interop.torch_layout import ConversionError
 from repvgg_jax.model import fusion, trees, variants
@@ -44,7 +45,17 @@ def no_checkpoint(path: pathlib.Path, kind: str = 'orbax') -> ConversionError:
 
 
 def _export_source(path: pathlib.Path) -> tuple[checkpointing.Checkpoints, int | None]:
-  """The checkpoint to export: a workdir's deploy (else training) checkpoints, or the path."""
+  """The checkpoint to export: a workdir's deploy (else training) checkpoints, or the path;
+  a workdir's deploy checkpoint older than its training one is said to be."""
+  if (path / 'deploy').is_dir():
+    fused, trained = (checkpointing.saved_steps(path / sub) for sub in ('deploy', 'checkpoints'))
+    if fused and trained and trained[-1] > fused[-1]:
+      print(
+        f'warning: {path / "deploy"} holds the fused model of step {fused[-1]}, but training '
+        f'went on to step {trained[-1]}: run its training command again to finish the run '
+        f'(and fuse it), or give {path / "checkpoints"} for the newest weights.',
+        file=sys.stderr,
+      )
   for sub in ('deploy', 'checkpoints'):
     if (path / sub).is_dir():
       return checkpointing.Checkpoints(path / sub, read_only=True), None

@@ -127,11 +127,13 @@ def root_cause(error: BaseException) -> str:
   return text[:200] or type(error).__name__
 
 
-def has_steps(directory: pathlib.Path) -> bool:
-  """Whether ``directory`` holds a checkpoint's steps (folders named by numbers),
+def saved_steps(directory: pathlib.Path) -> list[int]:
+  """The steps a checkpoint directory holds (its folders named by numbers), sorted,
   read without orbax: a run in a workdir with any resumes rather than starts."""
   directory = pathlib.Path(directory)
-  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 class Checkpoints:

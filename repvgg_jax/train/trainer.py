@@ -600,7 +600,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   """
   workdir = pathlib.Path(workdir).absolute()
   try:
-    resuming = checkpointing.has_steps(workdir / 'checkpoints')
+    resuming = bool(checkpointing.saved_steps(workdir / 'checkpoints'))
     config, classes, schedule = _validated(config, resuming)  # Before anything is written.
     workdir.mkdir(parents=True, exist_ok=True)
     with _locked_for_all_processes(workdir):
