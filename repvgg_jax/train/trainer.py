@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import pathlib
+import shutil
 import signal
 import sys
 
@@ -602,15 +603,32 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   try:
     resuming = bool(checkpointing.saved_steps(workdir / 'checkpoints'))
     config, classes, schedule = _validated(config, resuming)  # Before anything is written.
+    made = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
-    with _locked_for_all_processes(workdir):
-      return _train_and_evaluate(config, classes, schedule, workdir)
+    try:
+      with _locked_for_all_processes(workdir):
+        return _train_and_evaluate(config, classes, schedule, workdir)
+    except ConfigError:  # Refused before training (init_from's weights do not fit ...).
+      if made and jax.process_index() == 0:
+        _remove_if_unused(workdir)
+      raise
   except (checkpointing.CheckpointWriteError, data.DatasetNotFoundError):
     raise  # Their messages name the fix already.
   except OSError as error:
     if not getattr(error, 'filename', None):
       raise  # Not a file's (the network's): its own message.
     raise FileSystemError(_file_problem(error, workdir)) from error
+
+
+def _remove_if_unused(workdir: pathlib.Path) -> None:
+  """Removes a workdir this run made where it holds only its lock and an empty
+  checkpoint directory: a run refused before its first step leaves nothing behind."""
+  entries = {path.name for path in workdir.iterdir()}
+  checkpoints = workdir / 'checkpoints'
+  if entries <= {workdir_lock.LOCK_FILE, checkpoints.name} and not any(
+    checkpoints.iterdir() if checkpoints.is_dir() else ()
+  ):
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _file_problem(error: OSError, workdir: pathlib.Path) -> str:
