@@ -419,6 +419,21 @@ def test_a_kind_whose_fuse_gives_another_shape_is_refused(monkeypatch):
     fusion.fuse_block(variables['params'], variables['batch_stats'])
 
 
+@pytest.mark.parametrize('order', [1, -1])
+def test_a_kind_without_parameters_is_refused_when_built(monkeypatch, order):
+  """Fusion finds branches by their parameters: one without any would be dropped."""
+  kind = branches.BranchKind(
+    'bare_identity_test',
+    lambda features, strides, groups, conv, norm, name: lambda x: x,
+    lambda params, stats, in_per_group: None,
+    applies=branches.IDENTITY.applies,
+  )
+  monkeypatch.setitem(branches.BRANCH_KINDS, kind.name, kind)
+  block = repvgg_jax.RepVGGBlock(8, branches=('conv3x3', kind.name)[::order])
+  with pytest.raises(ValueError, match="the branch 'bare_identity_test' has no parameters"):
+    block.init(jax.random.key(0), jnp.zeros((1, 6, 6, 8)))
+
+
 def test_a_kind_that_cannot_be_built_where_its_layout_is_read_is_named(monkeypatch):
   def build(features, strides, groups, conv, norm, name):
     raise ZeroDivisionError('float division by zero')

@@ -165,12 +165,15 @@ def test_a_resumed_run_keeps_its_own_weights(source, digits_dir, tmp_path, capfd
   trainer.train_and_evaluate(config, tmp_path)
   first = checkpoint_params(tmp_path)[0]
   capfd.readouterr()
-  config.num_train_steps = 6
-  config.init_from = None  # Not needed to resume, even with frozen stages.
+  config.num_train_steps = 6  # The same command, longer: init_from is not read again.
   trainer.train_and_evaluate(config, tmp_path)
   assert 'Initialised' not in capfd.readouterr().err
   assert changed(checkpoint_params(tmp_path)[0], first)
   assert checkpoint_params(tmp_path)[1]['step'] == 6
+  config.num_train_steps, config.init_from = 8, None  # Not needed, even with frozen stages.
+  trainer.train_and_evaluate(config, tmp_path)
+  assert checkpoint_params(tmp_path)[1]['step'] == 8
+  assert run_files.read_config(tmp_path)['init_from'] == str(source)  # The record keeps it.
 
 
 @pytest.mark.parametrize(

@@ -150,21 +150,16 @@ def truncate(path: pathlib.Path) -> None:
     ),
     (  # Read as two classes, Train and Val, were they not refused.
       lambda root: make_folder(root, splits=('Train', 'Val')),
-      r'has Train/, a split folder \(it would be a class\): rename it train/ \(split folders',
+      r'has Train/, which would be read as a class: name the split folders train/ and val/',
     ),
     (
       lambda root: make_folder(root, splits=('train', 'validation')),
-      r'has validation/, a split folder \(the validation split is read from val/\): rename it '
-      'val/',
-    ),
-    (
-      lambda root: (make_folder(root, splits=('',)), (root / 'test').mkdir()),
-      r'has test/, a split folder \(it would be a class\): move it out',
+      'has validation/ beside train/, but the validation split is read from val/: rename it',
     ),
   ],
   ids=[
     *('missing', 'empty', 'empty class', 'other classes', 'no val', 'png', 'jpeg', 'text'),
-    *('name', 'capitalised', 'validation', 'test'),
+    *('name', 'capitalised', 'validation'),
   ],
 )
 def test_bad_folders_fail_in_one_line_naming_the_problem(tmp_path, damage, message):
@@ -173,6 +168,12 @@ def test_bad_folders_fail_in_one_line_naming_the_problem(tmp_path, damage, messa
   with pytest.raises(folder.FolderError, match=message) as error:
     folder.scan(folder_config(root))
   assert '\n' not in str(error.value)
+
+
+def test_classes_named_like_splits_are_classes_without_train(tmp_path):
+  root = make_folder(tmp_path, classes=('invalid', 'test', 'valid'), splits=('',))
+  dataset = folder.scan(folder_config(root, **{'dataset.val_fraction': 0.3}))
+  assert dataset.classes == ('invalid', 'test', 'valid')
 
 
 def test_skip_bad_images_leaves_them_out_and_counts_them(tmp_path):

@@ -14,7 +14,7 @@ from helpers import checkpoint_params, restore_checkpoint, tiny_config
 
 from repvgg_jax.interop import checkpoint_io, convert, quantize
 from repvgg_jax.model import create_model
-from repvgg_jax.train import trainer
+from repvgg_jax.train import run_files, trainer
 
 QAT = {'qat.enabled': True, 'num_train_steps': 4, 'checkpoint_every_steps': 2}
 
@@ -50,7 +50,8 @@ def test_qat_starts_from_the_fused_model_and_trains_it(fine_tuned, trained):
   assert set(state['batch_stats']['stage1_block0']['reparam']) == {'conv_general_dilated0_lhs'}
 
 
-def test_qat_resumes_bit_exactly(fine_tuned, digits_dir, tmp_path):
+@pytest.mark.parametrize('source', ['kept', 'left out'])
+def test_qat_resumes_bit_exactly(fine_tuned, digits_dir, tmp_path, source):
   workdir, config, _ = fine_tuned
   interrupted = tmp_path / 'interrupted'
   shutil.copytree(workdir, interrupted)
@@ -58,11 +59,13 @@ def test_qat_resumes_bit_exactly(fine_tuned, digits_dir, tmp_path):
   shutil.rmtree(interrupted / 'deploy')
   (interrupted / 'summary.json').unlink()
   resumed = copy.deepcopy(config)
-  resumed.qat.init_from = None  # Not needed to resume.
+  if source == 'left out':
+    resumed.qat.init_from = None  # Not needed to resume.
   trainer.train_and_evaluate(resumed, interrupted)
   expected, _ = checkpoint_params(workdir)
   actual, _ = checkpoint_params(interrupted)
   jax.tree.map(np.testing.assert_array_equal, actual, expected)
+  assert run_files.read_config(interrupted)['qat']['init_from'] == config.qat.init_from
 
 
 def test_the_fake_int8_forward_is_the_int8_models(fine_tuned):

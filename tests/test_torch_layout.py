@@ -148,6 +148,15 @@ def test_another_variant_is_named(a0_state_dict):
     torch_layout.from_torch(a0_state_dict, model='RepVGG-B0')
 
 
+def test_a_fused_qarepvgg_with_an_extra_key_is_not_sent_to_another_variant():
+  """Fused, QARepVGG-A0 has RepVGG-A0's shapes: the key is the problem, not the variant."""
+  _, state_dict = reference_state_dict('QARepVGG-A0', deploy=True, num_classes=10)
+  state_dict['neck.weight'] = np.zeros(3, np.float32)
+  with pytest.raises(ConversionError, match='it looks like RepVGG-A0. unexpected') as error:
+    torch_layout.from_torch(state_dict, model='QARepVGG-A0')
+  assert 'give that variant' not in str(error.value)
+
+
 def test_not_a_repvgg_checkpoint():
   with pytest.raises(ConversionError, match='not a RepVGG checkpoint of the reference'):
     torch_layout.from_torch({'conv1.weight': np.zeros((64, 3, 7, 7)), 'fc.bias': np.zeros(10)})

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import types
+import urllib.error
 
 import jax
 import jax.numpy as jnp
@@ -416,6 +417,27 @@ def test_a_workdir_that_cannot_be_made_or_written_is_one_line(tmp_path, digits_d
     'its disk, or use another --workdir.'
   )
   assert not list((tmp_path / 'run').glob('*.tmp'))
+
+
+def test_an_oserror_of_a_url_keeps_its_own_message(tmp_path, monkeypatch):
+  """A download's HTTP error is an OSError named by its URL: no file advice for it."""
+  failure = urllib.error.HTTPError('https://example.org/d.zip', 503, 'unavailable', {}, None)
+
+  def download_fails(config, resuming):
+    raise failure
+
+  monkeypatch.setattr(trainer, '_validated', download_fails)
+  with pytest.raises(urllib.error.HTTPError) as error:
+    trainer.train_and_evaluate(tiny_config(), tmp_path / 'run')
+  assert error.value is failure and not (tmp_path / 'run').exists()
+
+
+def test_saved_steps_are_the_folders_orbax_names_by_steps(tmp_path):
+  for name in ('0', '120', '007', '5.orbax-checkpoint-tmp-1', 'x3', '\u00b2'):
+    (tmp_path / name).mkdir()
+  (tmp_path / '9').write_text('a file')
+  assert checkpointing.saved_steps(tmp_path) == [0, 120]
+  assert checkpointing.saved_steps(tmp_path / 'none') == []
 
 
 def test_a_file_outside_the_workdir_that_fails_is_one_line(tmp_path):

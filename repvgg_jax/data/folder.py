@@ -134,26 +134,31 @@ def _held_out(
   return {'train': train, 'val': val}
 
 
-# Folder names, in lower case, that hold a split rather than a class, and the split.
-_SPLIT_FOLDERS = {'train': 'train', 'training': 'train', 'val': 'val', 'valid': 'val'}
-_SPLIT_FOLDERS |= {'validation': 'val', 'test': 'test'}
+# Folder names, in lower case, of a training and a validation split.
+_TRAIN_FOLDERS, _VAL_FOLDERS = {'train', 'training'}, {'val', 'valid', 'validation'}
 
 
 def _check_split_names(root: pathlib.Path, has_train: bool, has_val: bool) -> None:
-  """Refuses split folders that would be read otherwise than meant: ``Train/`` and
-  ``Val/`` taken for two classes, a ``validation/`` beside ``train/`` left unread."""
+  """Refuses split folders that would be read otherwise than meant: ``Train/`` (and
+  ``Val/``) taken for classes, a ``validation/`` beside ``train/`` left unread. Where
+  there is no ``train/``, folders named ``valid`` or ``test`` may well be classes."""
   if has_train and has_val:
     return  # Other folders beside them are not read.
-  for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ('train', 'val')):
-    split = _SPLIT_FOLDERS.get(folder.name.lower())
-    if split is None or (has_train and split != 'val'):
-      continue
-    if split == 'test':
-      fix = 'move it out (a test split is not read), or rename it if it is a class'
-    else:
-      fix = f'rename it {split}/ (split folders are train/ and val/, in lower case)'
-    read_as = 'the validation split is read from val/' if has_train else 'it would be a class'
-    raise FolderError(f'{root} has {folder.name}/, a split folder ({read_as}): {fix}.')
+  names = sorted(p.name for p in root.iterdir() if p.is_dir())
+  if has_train:
+    wrong = [name for name in names if name.lower() in _VAL_FOLDERS and name != 'val']
+    if wrong:
+      raise FolderError(
+        f'{root} has {wrong[0]}/ beside train/, but the validation split is read from val/: '
+        f'rename it val/.'
+      )
+  else:
+    wrong = [name for name in names if name.lower() in _TRAIN_FOLDERS]
+    if wrong:
+      raise FolderError(
+        f'{root} has {wrong[0]}/, which would be read as a class: name the split folders '
+        'train/ and val/ (lower case).'
+      )
 
 
 def _layout(root: pathlib.Path, val_fraction: float) -> tuple[pathlib.Path, dict]:

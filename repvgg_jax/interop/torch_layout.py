@@ -222,9 +222,10 @@ def _check_against_model(variables: dict, info: dict, unexpected: list[str]) -> 
   if problems:
     kind = 'deploy' if info['deploy'] else 'training-time'
     looks_like = info['looks_like']
-    advice = (
+    other = looks_like and not fusion.has_shapes_of(variables['params'], info['model'])
+    advice = (  # A fused QARepVGG has RepVGG's shapes: it is not another variant.
       f'it holds {looks_like}: give that variant, or none to have it recognised'
-      if looks_like and looks_like != info['model']
+      if other
       else f'it looks like {looks_like or "no known variant"}'
     )
     raise ConversionError(

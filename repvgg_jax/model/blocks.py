@@ -116,9 +116,16 @@ class RepVGGBlock(nn.Module):
       )
 
   def _check_kernel(self, names: list[str]) -> None:
-    """Refuses branches with no convolution kernel between them (an identity alone):
-    they train, but there is nothing for fusion to fold them into."""
+    """Refuses what trains but cannot be fused: a branch without parameters (fusion
+    finds a block's branches by them) and branches with no convolution kernel between
+    them (an identity alone: nothing to fold them into)."""
     params = self.variables.get('params', {})
+    bare = [name for name in names if name not in params]
+    if bare:
+      raise ValueError(
+        f'{self._where()}: the branch {bare[0]!r} has no parameters, and fusion finds a '
+        "block's branches by theirs: give its module one (a BatchNorm, a per-channel scale)."
+      )
     kernels = (
       kernel for n in names for kernel in branches_lib.layer_leaves(params[n], 'kernel', 4)
     )

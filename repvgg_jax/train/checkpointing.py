@@ -127,13 +127,18 @@ def root_cause(error: BaseException) -> str:
   return text[:200] or type(error).__name__
 
 
+_STEP_NAME = re.compile(r'0|[1-9][0-9]*')
+
+
 def saved_steps(directory: pathlib.Path) -> list[int]:
-  """The steps a checkpoint directory holds (its folders named by numbers), sorted,
-  read without orbax: a run in a workdir with any resumes rather than starts."""
+  """The steps a checkpoint directory holds (its folders named by numbers, as orbax
+  names them: ``0``, ``120``, not ``007``), sorted, read without orbax: a run in a
+  workdir with any resumes rather than starts."""
   directory = pathlib.Path(directory)
   if not directory.is_dir():
     return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+  named = (p for p in directory.iterdir() if _STEP_NAME.fullmatch(p.name) and p.is_dir())
+  return sorted(int(p.name) for p in named)
 
 
 class Checkpoints:

@@ -17,7 +17,6 @@ import functools
 import json
 import os
 import pathlib
-import shutil
 import signal
 import sys
 
@@ -601,34 +600,55 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   """
   workdir = pathlib.Path(workdir).absolute()
   try:
-    resuming = bool(checkpointing.saved_steps(workdir / 'checkpoints'))
-    config, classes, schedule = _validated(config, resuming)  # Before anything is written.
     made = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-      with _locked_for_all_processes(workdir):
-        return _train_and_evaluate(config, classes, schedule, workdir)
-    except ConfigError:  # Refused before training (init_from's weights do not fit ...).
-      if made and jax.process_index() == 0:
-        _remove_if_unused(workdir)
-      raise
+    if made:  # A new run is checked before its workdir is made: a refusal leaves none.
+      checked = _validated(config, resuming=False)
+    workdir.mkdir(parents=True, exist_ok=True)  # A file standing there: FileExistsError.
+    with _locked_for_all_processes(workdir):
+      try:
+        if not made:  # Under the lock: a busy workdir is said to be before a dataset scan.
+          resuming = bool(checkpointing.saved_steps(workdir / 'checkpoints'))
+          checked = _validated(config, resuming)
+        return _train_and_evaluate(*checked, workdir)
+      except (ConfigError, OSError):  # Refused before training (init_from does not fit ...).
+        if made and jax.process_index() == 0:
+          _remove_if_unused(workdir)
+        raise
   except (checkpointing.CheckpointWriteError, data.DatasetNotFoundError):
     raise  # Their messages name the fix already.
   except OSError as error:
-    if not getattr(error, 'filename', None):
-      raise  # Not a file's (the network's): its own message.
+    if not getattr(error, 'filename', None) or '://' in str(error.filename):
+      raise  # Not a file's (the network's, a URL's): its own message.
     raise FileSystemError(_file_problem(error, workdir)) from error
 
 
+def _with_saved_sources(config, workdir: pathlib.Path):
+  """``config`` with the ``init_from`` and ``qat.init_from`` of the run's config.json
+  where it gives none: a resume needs no source, but the run's record keeps it."""
+  saved = run_files.read_config(workdir) or {}
+  saved_qat = saved.get('qat') if isinstance(saved.get('qat'), dict) else {}
+  config = copy.deepcopy(config)
+  if 'init_from' in config and not config.init_from and saved.get('init_from'):
+    config.init_from = saved['init_from']
+  if 'qat' in config and not config.qat.init_from and saved_qat.get('init_from'):
+    config.qat.init_from = saved_qat['init_from']
+  return config
+
+
 def _remove_if_unused(workdir: pathlib.Path) -> None:
-  """Removes a workdir this run made where it holds only its lock and an empty
-  checkpoint directory: a run refused before its first step leaves nothing behind."""
-  entries = {path.name for path in workdir.iterdir()}
+  """Removes a workdir this run made, under its lock, where it holds only the lock
+  file and an empty checkpoint directory: a run refused before its first step
+  leaves nothing behind. Each removal fails, harmlessly, on anything else there."""
   checkpoints = workdir / 'checkpoints'
-  if entries <= {workdir_lock.LOCK_FILE, checkpoints.name} and not any(
-    checkpoints.iterdir() if checkpoints.is_dir() else ()
-  ):
-    shutil.rmtree(workdir, ignore_errors=True)
+  try:
+    if not {path.name for path in workdir.iterdir()} <= {workdir_lock.LOCK_FILE, checkpoints.name}:
+      return
+    if checkpoints.is_dir():
+      checkpoints.rmdir()
+    (workdir / workdir_lock.LOCK_FILE).unlink()
+    workdir.rmdir()
+  except OSError:
+    pass  # Something was written meanwhile: it stays.
 
 
 def _file_problem(error: OSError, workdir: pathlib.Path) -> str:
@@ -733,12 +753,16 @@ def _train_and_evaluate(config, classes, schedule: Schedule, workdir: pathlib.Pa
     'image_size': config.dataset.image_size,
     'eval_preprocess': config.dataset.eval_preprocess,
   }
-  if start_step == 0 and (qat_enabled(config) or config.get('init_from')):  # Not resumed.
+  if start_step == 0:  # Not resumed (a step folder may have held no readable step).
     try:
-      state = _fine_tune_from(config, state, NamedSharding(mesh, P()), classes)
+      check_config(config)  # With what a resume skips: a source to start from.
+      if qat_enabled(config) or config.get('init_from'):
+        state = _fine_tune_from(config, state, NamedSharding(mesh, P()), classes)
     except ConfigError:
       _close_quietly(ckpt)
       raise
+  else:
+    config = _with_saved_sources(config, workdir)
   if jax.process_index() == 0:
     jsonfiles.write_json(workdir / run_files.CONFIG_FILE, config.to_dict())
     jsonfiles.write_json(workdir / run_files.CLASSES_FILE, meta['classes'])
