@@ -150,7 +150,7 @@ def _check_split_names(root: pathlib.Path, has_train: bool, has_val: bool) -> No
     if wrong:
       raise FolderError(
         f'{root} has {wrong[0]}/ beside train/, but the validation split is read from val/: '
-        f'rename it val/.'
+        'rename it val/.'
       )
   else:
     wrong = [name for name in names if name.lower() in _TRAIN_FOLDERS]
