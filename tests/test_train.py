@@ -787,6 +787,12 @@ def test_misspelled_config_field_fails(tmp_path):
     ({'dataset.eval_split': 'validation'}, "dataset.eval_split: Unknown split 'validation'"),
     ({'seed': -1}, 'seed must be a non-negative integer, got -1'),
     ({'dataset.shuffle_buffer': 0}, 'dataset.shuffle_buffer must be at least 1'),
+    ({'optimizer.learning_rate': -0.1}, r'learning_rate must be positive \(the peak rate per'),
+    ({'optimizer.learning_rate': float('nan')}, 'learning_rate must be positive .* got nan'),
+    ({'optimizer.momentum': 1.5}, r'optimizer.momentum must be in \[0, 1\), got 1.5'),
+    ({'optimizer.weight_decay': -1e-4}, 'optimizer.weight_decay must be >= 0 .* got -0.0001'),
+    ({'optimizer.warmup_epochs': -1.0}, 'optimizer.warmup_epochs must be >= 0 .* got -1.0'),
+    ({'optimizer.label_smoothing': 1.0}, r'label_smoothing must be in \[0, 1\) .* got 1.0'),
   ],
 )
 def test_bad_config_values(tmp_path, digits_dir, overrides, message):

@@ -168,6 +168,7 @@ def check_config(config, *, resuming: bool = False) -> None:
   for field in ('mixup_alpha', 'cutmix_alpha', 'label_smoothing'):
     if config.optimizer.get(field, 0.0) < 0:
       raise ConfigError(f'optimizer.{field} must be >= 0 (0: off), got {config.optimizer[field]}.')
+  _check_optimizer(config.optimizer)
   layers = config.dataset.get('randaugment_layers', 0)
   if layers < 0 or (layers and config.dataset.randaugment_magnitude < 1):
     raise ConfigError(
@@ -363,6 +364,22 @@ def _order_changes(config, meta: dict, total_steps: int) -> list[str]:
       'it exactly).'
     )
   return lines
+
+
+def _check_optimizer(optimizer) -> None:
+  """Refuses rates, momentum, decay and warm-up that no SGD run means (negative,
+  NaN, or a momentum of 1 or more: the run would train nonsense without a word)."""
+  ranges = {  # field: (what it must be, test)
+    'learning_rate': ('positive (the peak rate per 256 images)', lambda x: x > 0),
+    'momentum': ('in [0, 1)', lambda x: 0 <= x < 1),
+    'weight_decay': ('>= 0 (0: none)', lambda x: x >= 0),
+    'warmup_epochs': ('>= 0 (0: none)', lambda x: x >= 0),
+    'label_smoothing': ('in [0, 1) (0: none)', lambda x: 0 <= x < 1),
+  }
+  for field, (wanted, holds) in ranges.items():
+    value = optimizer.get(field)
+    if value is not None and not holds(value):
+      raise ConfigError(f'optimizer.{field} must be {wanted}, got {value}.')
 
 
 def _resume_problem(config, meta: dict, saved, abstract, classes) -> str | None:
