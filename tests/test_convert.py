@@ -176,3 +176,29 @@ def test_the_command_prints_its_error_alone(tmp_path):
   proc = run_in_repo(*command, unset=('TF_CPP_MIN_LOG_LEVEL',))
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [f'error: No checkpoint at {tmp_path / "none"}.']
+
+
+def test_import_into_an_empty_directory_leaves_no_staging_behind(tmp_path, a0_state_dict):
+  np.savez(tmp_path / 'w.npz', **a0_state_dict)
+  (tmp_path / 'out').mkdir()  # An empty directory takes the result, as a missing one.
+  argv = ['import', str(tmp_path / 'w.npz'), str(tmp_path / 'out'), '--no-verify']
+  assert convert.main(argv) == 0
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['out', 'w.npz']
+  assert restore(tmp_path / 'out')[1]['model'] == 'RepVGG-A0'
+
+
+def test_a_sigterm_while_writing_leaves_no_half_written_output(tmp_path):
+  """The command's SIGTERM unwinds it: the staging directory goes, nothing is renamed."""
+  script = (
+    'import os, signal, sys, time\n'
+    'from repvgg_jax import convert\n'
+    'from repvgg_jax.interop import export\n'
+    'convert._unwind_on_sigterm()\n'
+    f'with export.staged_directory({str(tmp_path / "out")!r}) as staging:\n'
+    "  (staging / 'half').write_text('written')\n"
+    '  os.kill(os.getpid(), signal.SIGTERM)\n'
+    '  time.sleep(60)\n'
+  )
+  proc = run_in_repo('-c', script, timeout=120)
+  assert proc.returncode == 143, proc.stderr[-2000:]
+  assert list(tmp_path.iterdir()) == []

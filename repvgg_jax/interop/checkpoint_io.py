@@ -125,11 +125,10 @@ def deploy_variables(path: pathlib.Path, model: str | None):
   return name, {'params': state['params']}, None, saved
 
 
-def check_output_dir(output_dir, *, in_place: bool = False) -> None:
-  """Fails before any work where ``output_dir`` cannot receive the result: not empty,
-  a file, below a file, or in a folder that cannot be written. ``in_place``: the
-  result is written into ``output_dir`` (an orbax checkpoint), which may then be an
-  existing folder under a read-only one; else into a sibling renamed onto it.
+def check_output_dir(output_dir) -> None:
+  """Fails before any work where ``output_dir`` cannot receive the result, which is
+  written into a sibling renamed onto it: not empty, a file, below a file, or in a
+  folder that cannot be written.
 
   Raises:
     ConversionError: saying which, and to choose a new output directory.
@@ -144,8 +143,7 @@ def check_output_dir(output_dir, *, in_place: bool = False) -> None:
       )
     if parent.exists():
       break
-  # The folder that must take new entries: the output's own, or the one it is made in.
-  mine = in_place and output.is_dir()
-  nearest = output if mine else next(parent for parent in output.parents if parent.exists())
+  # The folder that takes the sibling and the rename.
+  nearest = next(parent for parent in output.parents if parent.exists())
   if not os.access(nearest, os.W_OK | os.X_OK):
     raise ConversionError(f'{nearest} is not writable: choose an output directory you can write.')

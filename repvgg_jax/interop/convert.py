@@ -157,7 +157,7 @@ def _random_images(size: int = 64, batch: int = 4, channels: int = 3) -> jax.Arr
 
 def import_weights(path, output_dir, model: str | None = None, verify: bool = True) -> dict:
   """Converts reference weights to an orbax checkpoint; returns the metadata written."""
-  checkpoint_io.check_output_dir(output_dir, in_place=True)
+  checkpoint_io.check_output_dir(output_dir)
   state_dict = load_state_dict(path)
   variables, info = torch_layout.from_torch(state_dict, model=model)
   meta = {**info, 'source': str(path)}
@@ -219,7 +219,7 @@ def _source_outputs(state_dict, info, images) -> tuple[np.ndarray, str]:
 
 def fuse_checkpoint(path, output_dir, model: str | None = None) -> dict:
   """Fuses a training checkpoint into a deploy checkpoint; returns the metadata written."""
-  checkpoint_io.check_output_dir(output_dir, in_place=True)
+  checkpoint_io.check_output_dir(output_dir)
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'No checkpoint at {path}.')
@@ -534,12 +534,14 @@ def _flat(outputs) -> np.ndarray:
 
 
 def _save(output_dir, variables, meta) -> None:
-  checkpoint_io.check_output_dir(output_dir, in_place=True)
-  output = pathlib.Path(output_dir).absolute()
-  ckpt = checkpointing.Checkpoints(output, keep=1)
-  ckpt.save(0, jax.tree.map(jnp.asarray, variables), meta)
-  ckpt.wait()
-  ckpt.close()
+  """Writes an orbax checkpoint (step 0) into a sibling of ``output_dir`` renamed onto
+  it: a command killed while saving leaves no half-written output to be refused."""
+  checkpoint_io.check_output_dir(output_dir)
+  with export.staged_directory(output_dir) as staging:
+    ckpt = checkpointing.Checkpoints(staging, keep=1)
+    ckpt.save(0, jax.tree.map(jnp.asarray, variables), meta)
+    ckpt.wait()
+    ckpt.close()
 
 
 def _parser() -> argparse.ArgumentParser:
