@@ -134,13 +134,15 @@ def test_damaged_pth_is_reported(tmp_path, a0_state_dict, damage):
 
 
 @pytest.mark.parametrize('suffix', ['.safetensors', '.npz'])
-def test_garbage_weights_files_are_named(tmp_path, suffix):
+@pytest.mark.parametrize('content', [b'\xff' * 64, b'\0' * 100])
+def test_garbage_weights_files_are_named(tmp_path, suffix, content):
   path = tmp_path / f'w{suffix}'
-  path.write_bytes(b'\xff' * 64)
+  path.write_bytes(content)
   with pytest.raises(
     torch_layout.ConversionError, match=f'Cannot read {path}: it is not a valid {suffix} weights'
-  ):
+  ) as error:
     convert.load_state_dict(path)
+  assert 'allow_pickle' not in str(error.value)  # Never the advice to run a file's code.
 
 
 def test_fuse_a_trained_checkpoint(tmp_path):

@@ -79,12 +79,14 @@ def _read_file(path: pathlib.Path) -> Mapping[str, Any]:
 
 
 def _read_reason(error: Exception) -> str:
-  """A short reason a weights file did not load. torch's own message advises loading
-  with ``weights_only=False``, which runs the file's code: never repeated for a file
-  that may not be trusted."""
+  """A short reason a weights file did not load. torch's and numpy's own messages
+  advise loading with ``weights_only=False`` or ``allow_pickle=True``, which run the
+  file's code: never repeated for a file that may not be trusted."""
   text = ' '.join(str(error).split())
   if 'weights_only' in text or 'Weights only load failed' in text:
     return 'PyTorch found no state dict it can load without running code'
+  if 'allow_pickle' in text:  # numpy's reading of anything that is not an .npy or .npz.
+    return 'numpy found no arrays it can load without running code'
   return text[:200] if len(text) > 8 else f'{type(error).__name__}: {text}'
 
 
