@@ -158,6 +158,9 @@ def test_what_does_not_fit_is_refused_in_one_line(a0_weights, tmp_path):
   np.savez(fused, **torch_layout.to_torch(deploy))
   with pytest.raises(ConversionError, match='weights are fused .* build it with deploy=True'):
     load_pretrained(init(repvgg_jax.create_model('A0', num_classes=0)), fused)
+  name = 'timm/repvgg_a0.rvgg_in1k'  # timm's name for its hub weights: the reference is said.
+  with pytest.raises(FileNotFoundError, match=f'No weights at {name} .*write hf-hub:{name}'):
+    load_pretrained(init(Outer()), name, at='encoder/backbone')
   with pytest.raises(FileNotFoundError, match='No weights at'):
     load_pretrained(init(Outer()), tmp_path / 'nothing.pth', at='encoder/backbone')
 

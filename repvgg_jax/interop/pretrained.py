@@ -41,7 +41,15 @@ def read_weights(source: str | pathlib.Path) -> dict:
     variables, _ = torch_layout.from_torch(convert.load_state_dict(path), named=False)
     return variables
   if not path.is_dir():
-    raise FileNotFoundError(f'No weights at {path}: give a weight file or a checkpoint directory.')
+    hint = (  # timm's own way to name its hub weights.
+      f' (a timm hub name? write hf-hub:{source})'
+      if str(source).count('/') == 1 and str(source).startswith('timm/')
+      else ''
+    )
+    raise FileNotFoundError(
+      f'No weights at {path}{hint}: give a weight file, a checkpoint directory or an '
+      'hf-hub: reference.'
+    )
   ckpt, step, _ = checkpoint_io.training_checkpoint(path)
   try:
     if ckpt.latest_step() is None:
