@@ -69,6 +69,11 @@ def _from_checkpoint(
   from repvgg_jax.interop.torch_layout import ConversionError
   from repvgg_jax.model import fusion
 
+  if (path / 'quantize.json').is_file():  # What `convert quantize` writes (quantize.META_FILE).
+    raise PredictError(
+      f'{path} holds an int8 model: export it (python -m repvgg_jax.convert export {path} DIR) '
+      'and predict with DIR.'
+    )
   try:
     variables, _, saved = checkpoint_io.fused_variables(path)  # A training one is fused here.
   except (FileNotFoundError, ConversionError) as error:

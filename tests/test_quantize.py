@@ -11,6 +11,7 @@ import pytest
 from helpers import random_variables, relative_error, tiny_config
 
 import repvgg_jax
+from repvgg_jax import predict
 from repvgg_jax.interop import convert, export
 from repvgg_jax.interop import quantize as quant
 from repvgg_jax.train import trainer
@@ -102,6 +103,8 @@ def test_convert_quantize_a_workdir_then_export_it(workdir, tmp_path, capsys):
   assert meta['top1_drop'] == pytest.approx(meta['fp32_top1'] - meta['int8_top1'])
   assert 0 < meta['logit_relative_error'] < 1
 
+  with pytest.raises(predict.PredictError, match=r'holds an int8 model: export it \(python -m'):
+    predict.load(out)
   served = tmp_path / 'served'
   assert convert.main(['export', str(out), str(served), '--formats', 'onnx']) == 1
   assert 'int8 model exports with --formats jax only' in capsys.readouterr().err
