@@ -1,6 +1,8 @@
 """python -m repvgg_jax.convert: import reference weights, fuse trained checkpoints."""
 
 import importlib.util
+import pickle
+import warnings
 
 import jax
 import numpy as np
@@ -115,6 +117,17 @@ def test_a_pth_that_is_no_state_dict_or_no_torch_file_is_named(tmp_path):
     torch_layout.ConversionError, match=r"not a PyTorch file \(it starts with b'<h'"
   ):
     convert.load_state_dict(tmp_path / 'page.pth')
+
+
+@pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='torch is not installed')
+def test_a_plain_pickle_is_refused_without_torchs_warning(tmp_path, a0_state_dict):
+  with open(tmp_path / 'w.pth', 'wb') as file:
+    pickle.dump(dict(a0_state_dict), file, protocol=4)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    with pytest.raises(torch_layout.ConversionError, match='Cannot read .*w.pth') as info:
+      convert.load_state_dict(tmp_path / 'w.pth')
+  assert not caught and 'weights_only' not in str(info.value)
 
 
 @pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='torch is not installed')

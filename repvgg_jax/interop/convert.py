@@ -23,6 +23,7 @@ import argparse
 import json
 import pathlib
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -65,7 +66,9 @@ def _read_file(path: pathlib.Path) -> Mapping[str, Any]:
         ) from None
       if (why := _not_torch_file(path)) is not None:
         raise ConversionError(f'Cannot read {path}: it is not a PyTorch file ({why}).')
-      return torch.load(path, map_location='cpu', weights_only=True)
+      with warnings.catch_warnings():  # On a plain pickle: two lines before the error.
+        warnings.simplefilter('ignore', UserWarning)
+        return torch.load(path, map_location='cpu', weights_only=True)
   except ConversionError:
     raise
   except Exception as error:  # noqa: BLE001 (safetensors raises its own SafetensorError)
