@@ -368,9 +368,10 @@ def _order_changes(config, meta: dict, total_steps: int) -> list[str]:
 
 def _check_optimizer(optimizer) -> None:
   """Refuses rates, momentum, decay and warm-up that no SGD run means (negative,
-  NaN, or a momentum of 1 or more: the run would train nonsense without a word)."""
+  NaN, or a momentum of 1 or more: the run would train nonsense without a word). A
+  rate of 0 keeps the weights, as a check of a fine-tuning set-up may want."""
   ranges = {  # field: (what it must be, test)
-    'learning_rate': ('positive (the peak rate per 256 images)', lambda x: x > 0),
+    'learning_rate': ('>= 0 (the peak rate per 256 images)', lambda x: x >= 0),
     'momentum': ('in [0, 1)', lambda x: 0 <= x < 1),
     'weight_decay': ('>= 0 (0: none)', lambda x: x >= 0),
     'warmup_epochs': ('>= 0 (0: none)', lambda x: x >= 0),
