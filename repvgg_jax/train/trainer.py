@@ -165,9 +165,6 @@ def check_config(config, *, resuming: bool = False) -> None:
   problem = problem or finetune.check_config(config, resuming)
   if problem:
     raise ConfigError(problem)
-  for field in ('mixup_alpha', 'cutmix_alpha', 'label_smoothing'):
-    if config.optimizer.get(field, 0.0) < 0:
-      raise ConfigError(f'optimizer.{field} must be >= 0 (0: off), got {config.optimizer[field]}.')
   _check_optimizer(config.optimizer)
   layers = config.dataset.get('randaugment_layers', 0)
   if layers < 0 or (layers and config.dataset.randaugment_magnitude < 1):
@@ -367,15 +364,17 @@ def _order_changes(config, meta: dict, total_steps: int) -> list[str]:
 
 
 def _check_optimizer(optimizer) -> None:
-  """Refuses rates, momentum, decay and warm-up that no SGD run means (negative,
-  NaN, or a momentum of 1 or more: the run would train nonsense without a word). A
-  rate of 0 keeps the weights, as a check of a fine-tuning set-up may want."""
+  """Refuses optimizer settings that no run means (negative, NaN, or a momentum of 1
+  or more: the run would train nonsense without a word). A rate of 0 keeps the
+  weights, as a check of a fine-tuning set-up may want."""
   ranges = {  # field: (what it must be, test)
     'learning_rate': ('>= 0 (the peak rate per 256 images)', lambda x: x >= 0),
     'momentum': ('in [0, 1)', lambda x: 0 <= x < 1),
     'weight_decay': ('>= 0 (0: none)', lambda x: x >= 0),
     'warmup_epochs': ('>= 0 (0: none)', lambda x: x >= 0),
     'label_smoothing': ('in [0, 1) (0: none)', lambda x: 0 <= x < 1),
+    'mixup_alpha': ('>= 0 (0: off)', lambda x: x >= 0),
+    'cutmix_alpha': ('>= 0 (0: off)', lambda x: x >= 0),
   }
   for field, (wanted, holds) in ranges.items():
     value = optimizer.get(field)
