@@ -6,14 +6,16 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tensorflow as tf
 from helpers import checkpoint_params, restore_checkpoint, tiny_config
 
+from repvgg_jax import fuse_params, jsonfiles
 from repvgg_jax.data import datasets as data
 from repvgg_jax.data import randaugment
 from repvgg_jax.model.variants import Variant
-from repvgg_jax.train import steps, trainer
+from repvgg_jax.train import config_checks, steps, trainer
 
 
 def constant_batch(size=8, side=16):
@@ -118,6 +120,27 @@ def test_the_average_is_checkpointed_resumed_evaluated_and_fused(digits_dir, tmp
   )
   deploy, meta = restore_checkpoint(tmp_path / 'straight' / 'deploy_ema')
   assert meta['ema'] and sorted(deploy['params']['stage1_block0']) == ['reparam']
+  # deploy_ema/ is the average fused, not the weights fused.
+  average = {'params': a['ema']['params'], 'batch_stats': a['ema']['batch_stats']}
+  for x, y in zip(jax.tree.leaves(deploy), jax.tree.leaves(fuse_params(average)), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  plain = fuse_params({'params': a['params'], 'batch_stats': a['batch_stats']})
+  pairs = zip(jax.tree.leaves(deploy), jax.tree.leaves(plain), strict=True)
+  assert not all(np.allclose(x, y, rtol=1e-3) for x, y in pairs)
+  # The logged eval/ema_loss is the average's, computed here on the eval split.
+  config = tiny_config(digits_dir, **EMA)
+  model = trainer.build_model(config)
+  losses, count = 0.0, 0
+  for batch in data.eval_batches(config.dataset, global_batch_size=config.eval_batch_size):
+    logits = model.apply(average, batch['image'], train=False)
+    per_image = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+    losses += float(jnp.where(batch['mask'], per_image, 0).sum())
+    count += int(batch['mask'].sum())
+  records = jsonfiles.read_jsonl(tmp_path / 'straight' / 'metrics.jsonl')
+  logged = [record for record in records if 'eval/ema_loss' in record]
+  assert logged[-1]['step'] == 4
+  assert logged[-1]['eval/ema_loss'] == pytest.approx(losses / count, rel=1e-4)
+  assert logged[-1]['eval/loss'] != pytest.approx(losses / count, rel=1e-4)
 
 
 def test_turning_the_average_on_for_an_old_run_is_refused_and_keeps_it(digits_dir, tmp_path):
@@ -141,7 +164,7 @@ def test_turning_the_average_on_for_an_old_run_is_refused_and_keeps_it(digits_di
 )
 def test_bad_recipe_settings_fail_in_one_line(overrides, message):
   with pytest.raises(trainer.ConfigError, match=message):
-    trainer.check_config(tiny_config(**overrides))
+    config_checks.check_config(tiny_config(**overrides))
 
 
 # RandAugment against PIL, the reference's image library.

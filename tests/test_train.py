@@ -39,7 +39,17 @@ from repvgg_jax import jsonfiles
 from repvgg_jax.data import datasets as data
 from repvgg_jax.model import fusion
 from repvgg_jax.perf import xla_cpu
-from repvgg_jax.train import checkpointing, reporting, steps, trainer, workdir_lock
+from repvgg_jax.train import (
+  checkpointing,
+  config_checks,
+  durations,
+  preemption,
+  reporting,
+  resume,
+  steps,
+  trainer,
+  workdir_lock,
+)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RUNNER = REPO / 'tests' / 'train_runner.py'
@@ -206,17 +216,18 @@ def test_xla_convolutions_in_a_multi_step_call_are_refused_on_cpus():
   params = jax.eval_shape(
     trainer.build_model(config).init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)
   )['params']
-  trainer.check_steps_per_call(config, params)  # 'auto' keeps XLA's convolution off 16x16 maps.
+  # 'auto' keeps XLA's convolution off 16x16 maps.
+  config_checks.check_steps_per_call(config, params)
   config.dataset.image_size = 224  # Its 28x28 and 14x14 stride-1 blocks would use it.
   layers = fusion.block_layers(params, 224)
   assert xla_cpu.xla_convolutions_in_training('auto', layers)[0] == 'block 4 (28x28, 96->96)'
   with pytest.raises(trainer.ConfigError, match="steps_per_call=1, or model.conv_impl='im2col'"):
-    trainer.check_steps_per_call(config, params)
-  trainer.check_steps_per_call(config, params, backend='gpu')
+    config_checks.check_steps_per_call(config, params)
+  config_checks.check_steps_per_call(config, params, backend='gpu')
 
 
 def test_steps_in_call_stop_before_every_log_evaluation_and_checkpoint():
-  schedule = trainer.Schedule(
+  schedule = durations.Schedule(
     total_steps=23,
     steps_per_epoch=10,
     log_every=5,
@@ -426,7 +437,7 @@ def test_an_oserror_of_a_url_keeps_its_own_message(tmp_path, monkeypatch):
   def download_fails(config, resuming):
     raise failure
 
-  monkeypatch.setattr(trainer, '_validated', download_fails)
+  monkeypatch.setattr(config_checks, 'validated', download_fails)
   with pytest.raises(urllib.error.HTTPError) as error:
     trainer.train_and_evaluate(tiny_config(), tmp_path / 'run')
   assert error.value is failure and not (tmp_path / 'run').exists()
@@ -558,20 +569,20 @@ def test_every_process_stops_with_the_signal_another_received(monkeypatch):
   monkeypatch.setattr(
     multihost_utils, 'process_allgather', lambda x: gathered.append(int(x)) or np.array([0, 2])
   )
-  preemption = trainer._Preemption()
+  stop_request = preemption.Preemption()
   try:
-    assert preemption.agreed() and preemption.received == 'SIGINT' and gathered == [0]
+    assert stop_request.agreed() and stop_request.received == 'SIGINT' and gathered == [0]
   finally:
-    preemption.restore()
+    stop_request.restore()
 
 
 def test_an_ignored_ctrl_c_stays_ignored():
   """A background job's SIGINT is ignored: the trainer does not take it over."""
   previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
   try:
-    preemption = trainer._Preemption()
+    stop_request = preemption.Preemption()
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    preemption.restore()
+    stop_request.restore()
   finally:
     signal.signal(signal.SIGINT, previous)
 
@@ -843,7 +854,7 @@ def test_workdir_of_another_model_is_refused(tmp_path, digits_dir, two_steps, ca
     'here on; the run is at step 2 already, so nothing more is trained (num_train_steps or '
     'num_epochs as before resumes it exactly).'
   )
-  longer = trainer._order_changes(tiny_config(), {'total_steps': 2, 'step': 2}, 6)
+  longer = resume.order_changes(tiny_config(), {'total_steps': 2, 'step': 2}, 6)
   assert longer == [
     'warning: resuming a run of 2 steps as one of 6: the learning-rate schedule changes from '
     'here on (num_train_steps or num_epochs as before resumes it exactly).'

@@ -70,7 +70,7 @@ from repvgg_jax.data import datasets as data  # noqa: E402
 from repvgg_jax.interop import checkpoint_io, quantize  # noqa: E402
 from repvgg_jax.model import variants  # noqa: E402
 from repvgg_jax.perf import compile_options, host_memory  # noqa: E402
-from repvgg_jax.train import checkpointing, run_files, trainer  # noqa: E402
+from repvgg_jax.train import checkpointing, config_checks, run_files, trainer  # noqa: E402
 
 ROW_FILE = 'ablation_row.json'
 # A run's int8 figures (`int8_results`).
@@ -143,7 +143,7 @@ def check_ablation(config, workdir: pathlib.Path) -> tuple[dict[str, dict[int, o
       )
     for row in by_seed.values():
       try:
-        trainer.check_config(row)
+        config_checks.check_config(row)
       except trainer.ConfigError as error:
         raise AblationError(f'Row {name!r}: {error}') from None
   labels = {
@@ -152,7 +152,7 @@ def check_ablation(config, workdir: pathlib.Path) -> tuple[dict[str, dict[int, o
   # Fails at once when the dataset is missing. Every run gets the number of classes
   # that training fills in for an image folder (its saved config holds it), so that
   # the measurements after training build its model and a rerun finds it unchanged.
-  num_classes = trainer.dataset_classes(config)[1].dataset.num_classes
+  num_classes = config_checks.dataset_classes(config)[1].dataset.num_classes
   for name, by_seed in runs.items():
     for seed, row in by_seed.items():
       row.dataset.num_classes = num_classes

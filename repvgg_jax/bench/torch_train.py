@@ -112,12 +112,12 @@ def train(config, workdir, layout: str = 'channels_last', log=print) -> dict:
 
   from repvgg_jax.data import datasets as data
   from repvgg_jax.interop import torch_reference
-  from repvgg_jax.train import optim, trainer
+  from repvgg_jax.train import durations, optim
 
   check_supported(config)
   torch.manual_seed(config.seed)
   steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
-  schedule = trainer.Schedule.from_config(config, steps_per_epoch)
+  schedule = durations.Schedule.from_config(config, steps_per_epoch)
   lr_fn = optim.learning_rate_schedule(config, steps_per_epoch, schedule.total_steps)
   model = torch_reference.RepVGG(config.model.name, num_classes=config.dataset.num_classes)
   if layout == 'channels_last':

@@ -4,6 +4,8 @@ Two runs in one workdir would resume from each other's checkpoints and
 interleave their logs. The lock is ``fcntl.flock`` on ``workdir/lock``, which
 the kernel releases when its process ends however it ends, so a lock left by a
 dead run is simply taken over; the file says which host and process hold it.
+With several processes the first holds it for all; a run refused before its
+first step removes the workdir it made.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import fcntl
 import os
 import pathlib
 import socket
+
+import jax
+import numpy as np
 
 LOCK_FILE = 'lock'
 
@@ -44,3 +49,49 @@ def workdir_lock(workdir: pathlib.Path):
     yield
   finally:
     os.close(fd)  # Releases the lock.
+
+
+def remove_if_unused(workdir: pathlib.Path) -> None:
+  """Removes a workdir this run made, under its lock, where it holds only the lock
+  file and an empty checkpoint directory: a run refused before its first step
+  leaves nothing behind. Each removal fails, harmlessly, on anything else there."""
+  checkpoints = workdir / 'checkpoints'
+  try:
+    if not {path.name for path in workdir.iterdir()} <= {LOCK_FILE, checkpoints.name}:
+      return
+    if checkpoints.is_dir():
+      checkpoints.rmdir()
+    (workdir / LOCK_FILE).unlink()
+    workdir.rmdir()
+  except OSError:
+    pass  # Something was written meanwhile: it stays.
+
+
+@contextlib.contextmanager
+def locked_for_all_processes(workdir: pathlib.Path):
+  """Holds ``workdir``'s lock in the first process for all of them. Every process
+  learns whether it got it before any work: a busy workdir stops them all at once
+  (the others would otherwise wait on the first in a collective until it timed out).
+
+  Raises:
+    WorkdirBusyError: in every process, where another run holds the lock.
+  """
+  if jax.process_count() == 1:
+    with workdir_lock(workdir):
+      yield
+    return
+  from jax.experimental import multihost_utils
+
+  with contextlib.ExitStack() as stack:
+    failed = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(workdir_lock(workdir))
+      except Exception as error:  # noqa: BLE001 (busy, or no lock to take: the others must know)
+        failed = error
+    if not multihost_utils.broadcast_one_to_all(np.array(failed is None)):
+      raise failed or WorkdirBusyError(
+        f'The first process could not take the lock of {workdir} (its error says why): wait '
+        'for the run that holds it, or use another --workdir.'
+      )
+    yield
