@@ -49,7 +49,14 @@ def _image_spec(image_size: int, in_channels: int = 3) -> str:
   return f'b, {image_size}, {image_size}, {in_channels}'
 
 
-def export_jax(model, variables, image_size: int, platforms: Sequence[str] | None = None) -> bytes:
+def export_jax(
+  model,
+  variables,
+  image_size: int,
+  platforms: Sequence[str] | None = None,
+  *,
+  fold_variables: bool = True,
+) -> bytes:
   """The serialized `jax.export` artifact of ``model.apply(variables, images)``.
 
   Args:
@@ -57,11 +64,22 @@ def export_jax(model, variables, image_size: int, platforms: Sequence[str] | Non
     variables: its variables, embedded in the artifact.
     image_size: height and width of the images it takes.
     platforms: e.g. ``('cpu', 'cuda')``; default: the current backend.
+    fold_variables: whether the compiler may compute what depends on the variables
+      alone once, when it compiles the artifact (their layout, say). False keeps every
+      operation as the model computes with its variables passed in: an int8 model's
+      scale arithmetic, folded, rounds otherwise and moves activations across an int8
+      step.
   """
   spec = jax.ShapeDtypeStruct(
     jax.export.symbolic_shape(_image_spec(image_size, model.in_channels)), jnp.float32
   )
-  serve = jax.jit(lambda images: model.apply(variables, images))
+
+  def serve(images):
+    # An optimization barrier hides the embedded constants from constant folding.
+    held = variables if fold_variables else jax.lax.optimization_barrier(variables)
+    return model.apply(held, images)
+
+  serve = jax.jit(serve)
   exported = jax.export.export(serve, platforms=platforms)(spec)
   return bytes(exported.serialize())
 
@@ -147,6 +165,7 @@ def write_export(
   formats: Sequence[str] = FORMATS,
   platforms: Sequence[str] | None = None,
   verify: Callable[[pathlib.Path], dict] | None = None,
+  fold_variables: bool = True,
 ) -> pathlib.Path:
   """Writes the chosen artifacts and ``export.json`` into the new directory ``output_dir``.
 
@@ -154,6 +173,7 @@ def write_export(
   when complete, so an interrupted export leaves no half-written artifact.
   ``verify`` (optional) checks the artifacts there, before the rename: what it
   returns joins ``export.json``, and what it raises leaves nothing behind.
+  ``fold_variables``: as for `export_jax`.
 
   Raises:
     ValueError: an unknown format, ``output_dir`` exists and is not empty, or
@@ -172,7 +192,8 @@ def write_export(
     raise ValueError(f'{output} is not empty: choose a new output directory.')
   with staged_directory(output) as staging:
     if 'jax' in formats:
-      (staging / JAX_FILE).write_bytes(export_jax(model, variables, image_size, platforms))
+      artifact = export_jax(model, variables, image_size, platforms, fold_variables=fold_variables)
+      (staging / JAX_FILE).write_bytes(artifact)
     if 'tf' in formats:
       export_saved_model(model, variables, image_size, staging / SAVED_MODEL_DIR, platforms)
     if 'onnx' in formats:
