@@ -158,7 +158,7 @@ def test_garbage_weights_files_are_named(tmp_path, suffix, content):
   assert 'allow_pickle' not in str(error.value)  # Never the advice to run a file's code.
 
 
-def test_fuse_a_trained_checkpoint(tmp_path):
+def test_fuse_a_trained_checkpoint(tmp_path, capsys):
   config = tiny_config(str(tmp_path / 'tfds'), num_train_steps=2)
   trainer.train_and_evaluate(config, tmp_path / 'work')
   assert convert.main(['fuse', str(tmp_path / 'work'), str(tmp_path / 'fused')]) == 0
@@ -174,7 +174,9 @@ def test_fuse_a_trained_checkpoint(tmp_path):
   # A step directory works too, and fusing a deploy checkpoint is refused.
   step_dir = tmp_path / 'work' / 'checkpoints' / '2'
   assert convert.main(['fuse', str(step_dir), str(tmp_path / 'fused2')]) == 0
+  capsys.readouterr()
   assert convert.main(['fuse', str(tmp_path / 'fused'), str(tmp_path / 'fused3')]) == 1
+  assert capsys.readouterr().err.startswith('error: These variables are already fused')
 
 
 def test_import_names_the_missing_blocks(a0_state_dict):

@@ -160,11 +160,16 @@ def test_a_zero_backbone_learning_rate_trains_the_classifier_only(source, images
   assert changed(params['linear'], checkpoint_params(tmp_path, 2)[0]['linear'])
 
 
-def test_a_resumed_run_keeps_its_own_weights(source, digits_dir, tmp_path, capfd):
+def test_a_resumed_run_keeps_its_own_weights(source, digits_dir, tmp_path, capfd, monkeypatch):
   config = tiny_config(digits_dir, init_from=str(source), freeze_stages=2, **STEPS)
   trainer.train_and_evaluate(config, tmp_path)
   first = checkpoint_params(tmp_path)[0]
   capfd.readouterr()
+
+  def read_again(*args):
+    raise AssertionError('a resumed run read init_from again')
+
+  monkeypatch.setattr(finetune, 'initial_variables', read_again)
   config.num_train_steps = 6  # The same command, longer: init_from is not read again.
   trainer.train_and_evaluate(config, tmp_path)
   assert 'Initialised' not in capfd.readouterr().err
