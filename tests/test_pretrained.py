@@ -192,8 +192,9 @@ def test_hub_references_load_offline_from_the_cache(a0_weights, tmp_path, monkey
   assert model.num_classes == 10
   assert jax.tree.all(jax.tree.map(np.array_equal, variables, source))
   # Another number of classes: the head is the model's own, and said so.
-  with pytest.warns(UserWarning, match="classifier 'linear' keeps its own initialisation"):
+  with pytest.warns(UserWarning, match="classifier 'linear' keeps its own initialisation") as w:
     _, five = repvgg_jax.create_model('A0', num_classes=5, pretrained=reference)
+  assert [record.filename for record in w] == [__file__]  # The caller's line, not ours.
   assert five['params']['linear']['kernel'].shape == (1280, 5)
   # The deploy model gets the fused weights; convert import reads the same reference.
   deploy, fused = repvgg_jax.create_model('A0', num_classes=10, deploy=True, pretrained=reference)

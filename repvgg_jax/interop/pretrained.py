@@ -13,6 +13,7 @@ workdir, its checkpoints or one step).
 from __future__ import annotations
 
 import pathlib
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -156,7 +157,7 @@ def _fitted(weights: dict, target: Mapping[str, Any], where: str) -> dict:
       warnings.warn(
         f'The weights have {classes[0]} classes, the model at {where} {classes[1]}: its '
         f'classifier {CLASSIFIER!r} keeps its own initialisation.',
-        stacklevel=3,
+        stacklevel=_outside_stacklevel(),
       )
   last_stage = max(fusion.block_position(key)[0] for key in fusion.block_keys(target))
   kept = {
@@ -168,3 +169,16 @@ def _fitted(weights: dict, target: Mapping[str, Any], where: str) -> dict:
   if 'batch_stats' in weights:
     result['batch_stats'] = {k: v for k, v in weights['batch_stats'].items() if k in kept}
   return result
+
+
+def _outside_stacklevel() -> int:
+  """The `warnings.warn` stacklevel that names its caller's first caller outside this
+  package: the user's line, whether it called `load_pretrained`, `load_weights` or
+  `create_model(pretrained=...)`."""
+  package = pathlib.Path(__file__).resolve().parents[1]
+  frame, level = sys._getframe(1), 1
+  while frame is not None and pathlib.Path(frame.f_code.co_filename).resolve().is_relative_to(
+    package
+  ):
+    frame, level = frame.f_back, level + 1
+  return level
