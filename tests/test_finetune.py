@@ -212,9 +212,10 @@ def test_bad_fine_tuning_fails_before_training(source, images, tmp_path, overrid
       target = target[parent]
     target[leaf] = value
   with pytest.raises(trainer.ConfigError, match=message) as error:
-    trainer.train_and_evaluate(config, tmp_path / 'run')
+    trainer.train_and_evaluate(config, tmp_path / 'runs' / 'run')
   assert '\n' not in str(error.value)
-  assert not (tmp_path / 'run').exists()  # Refused before or after it was made: none left.
+  # Refused before or after it was made: none left, nor the folder made for it.
+  assert not (tmp_path / 'runs').exists()
 
 
 def test_a_fused_model_is_refused_with_advice_for_a_run(source, images, tmp_path):

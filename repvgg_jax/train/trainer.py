@@ -215,7 +215,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   """
   workdir = pathlib.Path(workdir).absolute()
   try:
-    made = not workdir.exists()
+    missing = [path for path in (workdir, *workdir.parents) if not path.exists()]
+    made = bool(missing)
     if made:  # A new run is checked before its workdir is made: a refusal leaves none.
       checked = config_checks.validated(config, resuming=False)
     workdir.mkdir(parents=True, exist_ok=True)  # A file standing there: FileExistsError.
@@ -227,7 +228,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         return _train_and_evaluate(*checked, workdir)
       except (ConfigError, OSError):  # Refused before training (init_from does not fit ...).
         if made and jax.process_index() == 0:
-          workdir_lock.remove_if_unused(workdir)
+          workdir_lock.remove_if_unused(workdir, made_from=missing[-1])
         raise
   except (checkpointing.CheckpointWriteError, data.DatasetNotFoundError):
     raise  # Their messages name the fix already.

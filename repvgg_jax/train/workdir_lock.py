@@ -51,10 +51,11 @@ def workdir_lock(workdir: pathlib.Path):
     os.close(fd)  # Releases the lock.
 
 
-def remove_if_unused(workdir: pathlib.Path) -> None:
+def remove_if_unused(workdir: pathlib.Path, made_from: pathlib.Path | None = None) -> None:
   """Removes a workdir this run made, under its lock, where it holds only the lock
-  file and an empty checkpoint directory: a run refused before its first step
-  leaves nothing behind. Each removal fails, harmlessly, on anything else there."""
+  file and an empty checkpoint directory, and the empty folders above it that the
+  run made, up to ``made_from``: a run refused before its first step leaves nothing
+  behind. Each removal fails, harmlessly, on anything else there."""
   checkpoints = workdir / 'checkpoints'
   try:
     if not {path.name for path in workdir.iterdir()} <= {LOCK_FILE, checkpoints.name}:
@@ -63,6 +64,10 @@ def remove_if_unused(workdir: pathlib.Path) -> None:
       checkpoints.rmdir()
     (workdir / LOCK_FILE).unlink()
     workdir.rmdir()
+    for parent in workdir.parents if made_from and made_from != workdir else ():
+      if not parent.is_relative_to(made_from):
+        break
+      parent.rmdir()
   except OSError:
     pass  # Something was written meanwhile: it stays.
 
