@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import calibrated_variables, flat_leaves, relative_error
 
 import repvgg_jax
@@ -65,3 +66,17 @@ def test_light_codegen_initialises_the_same_parameters():
   light = compile_options.jit(model.init, light_codegen=True)(jax.random.key(3), images)
   default = compile_options.jit(model.init)(jax.random.key(3), images)
   np.testing.assert_array_equal(flat_leaves(light), flat_leaves(default))
+
+
+def test_jit_hands_its_options_to_xla(monkeypatch):
+  """The programs compared above differ: an option XLA does not know reaches it and fails."""
+  x = jnp.ones((4,))
+  bogus = {'xla_no_such_option_for_this_test': 1}
+  monkeypatch.setattr(compile_options, 'CPU_FAST_COMPILE', bogus)
+  with pytest.raises(Exception, match='xla_no_such_option_for_this_test'):
+    compile_options.jit(jnp.sin)(x)
+  monkeypatch.setattr(compile_options, 'CPU_FAST_COMPILE', {})
+  monkeypatch.setattr(compile_options, 'CPU_LIGHT_CODEGEN', bogus)
+  np.testing.assert_array_equal(compile_options.jit(jnp.cos)(x), jnp.cos(x))  # Not asked for.
+  with pytest.raises(Exception, match='xla_no_such_option_for_this_test'):
+    compile_options.jit(jnp.tan, light_codegen=True)(x)

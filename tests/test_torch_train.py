@@ -2,12 +2,15 @@
 
 import pathlib
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip('torch')
 
+import repvgg_jax  # noqa: E402
 from repvgg_jax.bench import torch_train  # noqa: E402
 from repvgg_jax.data import datasets as data  # noqa: E402
+from repvgg_jax.interop import torch_layout  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,6 +39,17 @@ def test_trains_evaluates_and_checkpoints_on_the_configs_cadence(digits_config, 
   saved = torch.load(tmp_path / '4.pt')
   momentum = [state['momentum_buffer'] for state in saved['optimizer']['state'].values()]
   assert momentum and all(bool(buffer.abs().sum() > 0) for buffer in momentum)
+  # The top-1 it reports is that of the weights it saved, evaluated here by the JAX model.
+  state = {key: value.numpy() for key, value in saved['model'].items()}
+  variables, info = torch_layout.from_torch(state, digits_config.model.name)
+  model = repvgg_jax.create_model(info['model'], num_classes=info['num_classes'])
+  correct = count = 0
+  config = digits_config.dataset
+  for batch in data.eval_batches(config, global_batch_size=digits_config.eval_batch_size):
+    hits = np.asarray(model.apply(variables, batch['image'])).argmax(-1) == batch['label']
+    correct += int((hits & batch['mask']).sum())
+    count += int(batch['mask'].sum())
+  assert abs(result['eval_top1'] - correct / count) <= 1 / count
 
 
 def test_weight_decay_and_bias_rate_follow_the_reference_rules(digits_config):
