@@ -71,12 +71,23 @@ def test_processes_read_their_part_of_the_same_global_batch(tmp_path):
 
 def test_eval_covers_every_image_once_over_processes(tmp_path):
   config = folder_config(make_folder(tmp_path))
-  labels = []
-  for p in range(2):
-    for batch in data.eval_batches(config, global_batch_size=4, process_index=p, process_count=2):
-      assert batch['image'].shape == (2, 32, 32, 3)
-      labels += list(batch['label'][batch['mask']])
-  assert sorted(labels) == [0] * 3 + [1] * 3 + [2] * 3
+
+  def seen(processes: int) -> list[tuple[int, bytes]]:
+    images = []
+    for p in range(processes):
+      batches = data.eval_batches(
+        config, global_batch_size=4, process_index=p, process_count=processes
+      )
+      for batch in batches:
+        assert batch['image'].shape == (4 // processes, 32, 32, 3)
+        kept = zip(batch['label'][batch['mask']], batch['image'][batch['mask']], strict=True)
+        images += [(int(label), image.tobytes()) for label, image in kept]
+    return sorted(images)
+
+  alone = seen(1)
+  assert [label for label, _ in alone] == [0] * 3 + [1] * 3 + [2] * 3
+  assert len({image for _, image in alone}) == 9  # Nine different images.
+  assert seen(2) == alone  # The same images over two processes, each once.
 
 
 def test_val_fraction_holds_out_the_same_images_whatever_the_seed(tmp_path):
