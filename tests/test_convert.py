@@ -10,7 +10,7 @@ import pytest
 from helpers import random_variables, run_in_repo, tiny_config
 
 import repvgg_jax
-from repvgg_jax.interop import convert, torch_layout
+from repvgg_jax.interop import convert, torch_layout, weight_files
 from repvgg_jax.train import checkpointing, trainer
 
 
@@ -50,11 +50,11 @@ def test_import_writes_a_verified_checkpoint(tmp_path, a0_state_dict, suffix, ca
 def test_containers_and_module_prefixes_are_unwrapped(a0_state_dict, tmp_path):
   prefixed = {f'module.{k}': v for k, v in a0_state_dict.items()}
   for wrapped in ({'epoch': 3, 'state_dict': prefixed}, {'model': {'state_dict': prefixed}}):
-    assert convert._unwrap(wrapped, tmp_path / 'w.pth').keys() == a0_state_dict.keys()
+    assert weight_files._unwrap(wrapped, tmp_path / 'w.pth').keys() == a0_state_dict.keys()
   with pytest.raises(torch_layout.ConversionError, match=r"no arrays .* keys: \['epoch', 'sta"):
-    convert._unwrap({'state_dict_ema': prefixed, 'epoch': 3}, tmp_path / 'w.pth')
+    weight_files._unwrap({'state_dict_ema': prefixed, 'epoch': 3}, tmp_path / 'w.pth')
   with pytest.raises(torch_layout.ConversionError, match='holds a list, not a state dict'):
-    convert._unwrap([prefixed], tmp_path / 'w.pth')
+    weight_files._unwrap([prefixed], tmp_path / 'w.pth')
 
 
 def test_bfloat16_safetensors_import_and_verify(tmp_path, a0_state_dict, capsys):
@@ -74,17 +74,17 @@ def test_truncated_file(tmp_path, a0_state_dict):
   np.savez(path, **a0_state_dict)
   path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
   with pytest.raises(torch_layout.ConversionError, match='Cannot read .* complete'):
-    convert.load_state_dict(path)
+    weight_files.load_state_dict(path)
   assert convert.main(['import', str(path), str(tmp_path / 'out')]) == 1
   assert not (tmp_path / 'out').exists()
 
 
 def test_bad_paths(tmp_path, a0_state_dict):
   with pytest.raises(FileNotFoundError, match='No weight file'):
-    convert.load_state_dict(tmp_path / 'missing.pth')
+    weight_files.load_state_dict(tmp_path / 'missing.pth')
   (tmp_path / 'weights.txt').write_text('hello')
   with pytest.raises(torch_layout.ConversionError, match='Unknown weight file type'):
-    convert.load_state_dict(tmp_path / 'weights.txt')
+    weight_files.load_state_dict(tmp_path / 'weights.txt')
   np.savez(tmp_path / 'w.npz', **a0_state_dict)
   (tmp_path / 'full').mkdir()
   (tmp_path / 'full' / 'keep.txt').write_text('mine')
@@ -102,7 +102,7 @@ def test_bad_paths(tmp_path, a0_state_dict):
 def test_pth_without_torch_says_what_to_do(tmp_path):
   (tmp_path / 'w.pth').write_bytes(b'not read')
   with pytest.raises(torch_layout.ConversionError, match='needs PyTorch'):
-    convert.load_state_dict(tmp_path / 'w.pth')
+    weight_files.load_state_dict(tmp_path / 'w.pth')
 
 
 @pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='torch is not installed')
@@ -111,12 +111,12 @@ def test_a_pth_that_is_no_state_dict_or_no_torch_file_is_named(tmp_path):
 
   torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
   with pytest.raises(torch_layout.ConversionError, match='tensor.pth holds a Tensor, not a state'):
-    convert.load_state_dict(tmp_path / 'tensor.pth')
+    weight_files.load_state_dict(tmp_path / 'tensor.pth')
   (tmp_path / 'page.pth').write_text('<html>Not Found</html>')
   with pytest.raises(
     torch_layout.ConversionError, match=r"not a PyTorch file \(it starts with b'<h'"
   ):
-    convert.load_state_dict(tmp_path / 'page.pth')
+    weight_files.load_state_dict(tmp_path / 'page.pth')
 
 
 @pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='torch is not installed')
@@ -126,7 +126,7 @@ def test_a_plain_pickle_is_refused_without_torchs_warning(tmp_path, a0_state_dic
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
     with pytest.raises(torch_layout.ConversionError, match='Cannot read .*w.pth') as info:
-      convert.load_state_dict(tmp_path / 'w.pth')
+      weight_files.load_state_dict(tmp_path / 'w.pth')
   assert not caught and 'weights_only' not in str(info.value)
 
 
@@ -142,7 +142,7 @@ def test_damaged_pth_is_reported(tmp_path, a0_state_dict, damage):
   else:
     path.write_bytes(b'\x80\x02not a pickle at all' * 10)
   with pytest.raises(torch_layout.ConversionError, match='Cannot read .*w.pth') as info:
-    convert.load_state_dict(path)
+    weight_files.load_state_dict(path)
   assert 'weights_only' not in str(info.value)  # Never the advice to run the file's code.
 
 
@@ -154,7 +154,7 @@ def test_garbage_weights_files_are_named(tmp_path, suffix, content):
   with pytest.raises(
     torch_layout.ConversionError, match=f'Cannot read {path}: it is not a valid {suffix} weights'
   ) as error:
-    convert.load_state_dict(path)
+    weight_files.load_state_dict(path)
   assert 'allow_pickle' not in str(error.value)  # Never the advice to run a file's code.
 
 

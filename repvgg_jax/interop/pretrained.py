@@ -22,7 +22,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from repvgg_jax.interop import checkpoint_io, convert, hub, torch_layout
+from repvgg_jax.interop import checkpoint_io, hub, torch_layout, weight_files
 from repvgg_jax.interop.torch_layout import ConversionError
 from repvgg_jax.model import fusion, trees
 
@@ -39,7 +39,7 @@ def read_weights(source: str | pathlib.Path) -> dict:
   path = hub.resolve(source)
   if path.is_file():
     # Checked against the model they are loaded into, which may take a backbone cut short.
-    variables, _ = torch_layout.from_torch(convert.load_state_dict(path), named=False)
+    variables, _ = torch_layout.from_torch(weight_files.load_state_dict(path), named=False)
     return variables
   if not path.is_dir():
     hint = (  # timm's own way to name its hub weights.
