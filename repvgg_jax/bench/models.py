@@ -239,6 +239,28 @@ def _train_program(model, options: dict, state, data, count: int, mesh):
   return run, compiled
 
 
+def _initial_state(model, size: int, mesh: Mesh, freeze_stages: int):
+  """The replicated train state of ``model`` with the paper's optimizer at a constant
+  rate: SGD, momentum 0.9, weight decay 1e-4 on kernels, twice the rate for biases,
+  nothing for frozen stages. Initialised through `nn.Conv`, as the trainer does."""
+  from repvgg_jax.train import steps
+
+  tx = optax.chain(
+    optax.add_decayed_weights(1e-4, mask=optim.weight_decay_mask),
+    optax.sgd(0.1, momentum=0.9),
+    optax.masked(optax.scale(2.0), optim.bias_mask),  # The paper recipe's rate for biases.
+    optax.masked(optax.set_to_zero(), lambda p: optim.frozen_mask(p, freeze_stages)),
+  )
+  variables = model.clone(conv=nn.Conv).init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  state = steps.TrainState.create(
+    apply_fn=model.apply,
+    params=variables['params'],
+    tx=tx,
+    batch_stats=variables['batch_stats'],
+  )
+  return jax.device_put(state, NamedSharding(mesh, P()))
+
+
 def benchmark_train_step(
   name: str,
   batch: int = 128,
@@ -272,7 +294,6 @@ def benchmark_train_step(
     as twice the forward even where frozen stages skip it, temporary memory),
     with torch the ``torch`` timings and ``jax_over_torch``, and the set-up.
   """
-  from repvgg_jax.train import steps
 
   mesh = Mesh(np.array(jax.devices()), ('data',))
   if batch % mesh.size:
@@ -286,32 +307,16 @@ def benchmark_train_step(
     frozen_stages=freeze_stages,
   )
   options = {'num_classes': num_classes, 'bn_group_size': bn_group_size}
-  tx = optax.chain(
-    optax.add_decayed_weights(1e-4, mask=optim.weight_decay_mask),
-    optax.sgd(0.1, momentum=0.9),
-    optax.masked(optax.scale(2.0), optim.bias_mask),  # The paper recipe's rate for biases.
-    optax.masked(optax.set_to_zero(), lambda p: optim.frozen_mask(p, freeze_stages)),
-  )
-  replicated = NamedSharding(mesh, P())
-  variables = model.clone(conv=nn.Conv).init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  state = _initial_state(model, size, mesh, freeze_stages)
   try:
     xla_cpu.check_steps_per_call(
       conv_impl,
-      fusion.block_layers(variables['params'], size),
+      fusion.block_layers(state.params, size),
       steps_per_call,
       'use --steps-per-call 1 or --conv-impl im2col',
     )
   except ValueError as error:
     raise SettingsError(str(error)) from None
-  state = jax.device_put(
-    steps.TrainState.create(
-      apply_fn=model.apply,
-      params=variables['params'],
-      tx=tx,
-      batch_stats=variables['batch_stats'],
-    ),
-    replicated,
-  )
   shape = (steps_per_call, batch)
   data = {
     'image': jax.random.normal(jax.random.key(2), (*shape, size, size, 3), jnp.float32),
