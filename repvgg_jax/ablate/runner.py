@@ -31,9 +31,6 @@ another workdir. Speeds are timed anew on every invocation.
 
 from __future__ import annotations
 
-import os
-import sys
-
 from repvgg_jax.startup import quiet_startup
 
 quiet_startup()  # As in train.py.
@@ -41,7 +38,6 @@ quiet_startup()  # As in train.py.
 import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
-import signal  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
@@ -69,7 +65,7 @@ from repvgg_jax.bench import timing as bench_timing  # noqa: E402
 from repvgg_jax.data import datasets as data  # noqa: E402
 from repvgg_jax.interop import checkpoint_io, quantize  # noqa: E402
 from repvgg_jax.model import variants  # noqa: E402
-from repvgg_jax.perf import compile_options, host_memory  # noqa: E402
+from repvgg_jax.perf import compile_options  # noqa: E402
 from repvgg_jax.train import checkpointing, config_checks, run_files, trainer  # noqa: E402
 
 ROW_FILE = 'ablation_row.json'
@@ -421,66 +417,3 @@ def time_rows(configs: dict, workdir: pathlib.Path, settings: dict) -> dict[str,
     }
     for name, (slow, fast) in seconds.items()
   }
-
-
-def main(argv) -> int:
-  from absl import app, flags, logging
-  from ml_collections import config_flags
-
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if flags.FLAGS.reuse_host_memory:
-    host_memory.reuse_freed_memory()  # Before JAX's backend and TensorFlow start threads.
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
-  import tensorflow as tf
-
-  tf.config.set_visible_devices([], 'GPU')  # TensorFlow must not take GPU memory that JAX needs.
-  config = flags.FLAGS.config
-  config_file = config_flags.get_config_filename(flags.FLAGS['config'])
-  workdir = flags.FLAGS.workdir or os.path.join(
-    'workdirs', os.path.splitext(os.path.basename(config_file))[0]
-  )
-  print(
-    f'Ablation of {config.model.name} on {config.dataset.name} with {jax.device_count()} '
-    f'{jax.default_backend()} device(s); workdir {workdir}',
-    flush=True,
-  )
-  start = time.perf_counter()
-  try:
-    table = run_ablation(config, workdir, log=lambda line: print(line, flush=True))
-  except trainer.RUN_ERRORS as error:
-    print(f'error: {error}', file=sys.stderr)
-    return 1
-  except Preempted as error:
-    print(error, file=sys.stderr)
-    return 128 + signal.Signals[error.signal_name]
-  except KeyboardInterrupt:  # A second Ctrl-C, or one outside a training loop.
-    print(
-      f'\nInterrupted: the same command continues; finished runs in {workdir} are kept.',
-      file=sys.stderr,
-    )
-    return 128 + signal.SIGINT
-  print(f'\n{table}')
-  print(
-    f'Done in {time.perf_counter() - start:,.0f} s. Wrote {workdir}/ablation.md, '
-    f'ablation.csv and ablation.png; each row is in {workdir}/<row>.'
-  )
-  return 0
-
-
-def define_flags() -> None:
-  """The command-line flags (defined only when run as a program, not on import)."""
-  from absl import flags
-  from ml_collections import config_flags
-
-  config_flags.DEFINE_config_file(
-    'config', None, 'Ablation config file, e.g. configs/ablation_digits.py.', lock_config=True
-  )
-  flags.DEFINE_string(
-    'workdir', None, 'Directory of the rows and the reports (default: workdirs/<config name>).'
-  )
-  flags.DEFINE_bool(
-    'reuse_host_memory', False, 'As train.py: keep freed host memory for reuse on CPU-only runs.'
-  )
-  flags.mark_flags_as_required(['config'])
