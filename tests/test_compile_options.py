@@ -70,6 +70,8 @@ def test_light_codegen_initialises_the_same_parameters():
 
 def test_jit_hands_its_options_to_xla(monkeypatch):
   """The programs compared above differ: an option XLA does not know reaches it and fails."""
+  if compile_options.compiler_options() is None:
+    pytest.skip('no compiler options here (several devices, another backend, XLA_FLAGS)')
   x = jnp.ones((4,))
   bogus = {'xla_no_such_option_for_this_test': 1}
   monkeypatch.setattr(compile_options, 'CPU_FAST_COMPILE', bogus)

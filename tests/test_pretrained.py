@@ -1,5 +1,7 @@
 """Pretrained weights into backbones and into a named part of a larger network."""
 
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -116,12 +118,19 @@ def test_weights_into_a_named_subtree_training_time_and_fused(a0_weights):
   assert relative_error(Outer(deploy=True).apply(deployed, x), Outer().apply(loaded, x)) <= 1e-5
 
 
-def test_a_classifier_of_another_size_keeps_its_own_head(a0_weights, tmp_path):
+def test_a_classifier_of_another_size_keeps_its_own_head(a0_weights, tmp_path, monkeypatch):
   path, source = a0_weights
   model = repvgg_jax.create_model('A0', num_classes=3)
   fresh = init(model)
   with pytest.warns(UserWarning, match="10 classes, the model at .* 3: its classifier 'linear'"):
     loaded = load_pretrained(fresh, path)
+  # Code given as text ('<string>', as `python -c` runs it) is the caller, wherever the
+  # working directory is (here inside the package, where '<string>' would resolve).
+  monkeypatch.chdir(pathlib.Path(repvgg_jax.__file__).parent)
+  snippet = compile('load_pretrained(fresh, path)', '<string>', 'exec')
+  with pytest.warns(UserWarning, match='its classifier') as warned:
+    exec(snippet, {'load_pretrained': load_pretrained, 'fresh': fresh, 'path': path})
+  assert [(record.filename, record.lineno) for record in warned] == [('<string>', 1)]
   np.testing.assert_array_equal(
     loaded['params']['linear']['kernel'], fresh['params']['linear']['kernel']
   )

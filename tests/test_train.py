@@ -331,6 +331,22 @@ def test_a_busy_workdir_is_refused_and_a_stale_lock_taken_over(tmp_path, digits_
   assert trainer.train_and_evaluate(config, tmp_path)['steps'] == 2
 
 
+def test_a_refused_run_removes_only_the_folders_it_made(tmp_path):
+  """Through '..' a path names folders that exist: they stay, the ones made go."""
+  (tmp_path / 'mine').mkdir()
+  workdir = tmp_path / 'new' / '..' / 'mine' / 'run'
+  made = workdir_lock.make_workdir(workdir)
+  assert made == [tmp_path / 'new', workdir] and workdir.is_dir()
+  (workdir / 'checkpoints').mkdir()
+  (workdir / workdir_lock.LOCK_FILE).write_text('')
+  workdir_lock.remove_if_unused(workdir, made)
+  assert [path.name for path in tmp_path.iterdir()] == ['mine']
+  assert not any((tmp_path / 'mine').iterdir())
+  (tmp_path / 'afile').write_text('user data')
+  with pytest.raises(FileExistsError):
+    workdir_lock.make_workdir(tmp_path / 'afile')
+
+
 def _corrupt(step_dir: pathlib.Path) -> None:
   """Truncates every data file of a checkpoint's arrays, as a full disk or a crash might."""
   files = [p for p in (step_dir / 'state').rglob('*') if p.is_file() and p.stat().st_size > 64]

@@ -176,9 +176,11 @@ def _outside_stacklevel() -> int:
   package: the user's line, whether it called `load_pretrained`, `load_weights` or
   `create_model(pretrained=...)`."""
   package = pathlib.Path(__file__).resolve().parents[1]
+
+  def ours(filename: str) -> bool:  # '<string>', '<stdin>': the user's code, not a path.
+    return not filename.startswith('<') and pathlib.Path(filename).resolve().is_relative_to(package)
+
   frame, level = sys._getframe(1), 1
-  while frame is not None and pathlib.Path(frame.f_code.co_filename).resolve().is_relative_to(
-    package
-  ):
+  while frame is not None and ours(frame.f_code.co_filename):
     frame, level = frame.f_back, level + 1
-  return level
+  return level if frame is not None else 1

@@ -215,11 +215,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   """
   workdir = pathlib.Path(workdir).absolute()
   try:
-    missing = [path for path in (workdir, *workdir.parents) if not path.exists()]
-    made = bool(missing)
+    made = not workdir.exists()
     if made:  # A new run is checked before its workdir is made: a refusal leaves none.
       checked = config_checks.validated(config, resuming=False)
-    workdir.mkdir(parents=True, exist_ok=True)  # A file standing there: FileExistsError.
+    folders_made = workdir_lock.make_workdir(workdir)  # A file standing there: FileExistsError.
     with workdir_lock.locked_for_all_processes(workdir):
       try:
         if not made:  # Under the lock: a busy workdir is said to be before a dataset scan.
@@ -228,7 +227,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         return _train_and_evaluate(*checked, workdir)
       except (ConfigError, OSError):  # Refused before training (init_from does not fit ...).
         if made and jax.process_index() == 0:
-          workdir_lock.remove_if_unused(workdir, made_from=missing[-1])
+          workdir_lock.remove_if_unused(workdir, folders_made)
         raise
   except (checkpointing.CheckpointWriteError, data.DatasetNotFoundError):
     raise  # Their messages name the fix already.

@@ -11,6 +11,7 @@ first step removes the workdir it made.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import pathlib
@@ -51,11 +52,33 @@ def workdir_lock(workdir: pathlib.Path):
     os.close(fd)  # Releases the lock.
 
 
-def remove_if_unused(workdir: pathlib.Path, made_from: pathlib.Path | None = None) -> None:
-  """Removes a workdir this run made, under its lock, where it holds only the lock
-  file and an empty checkpoint directory, and the empty folders above it that the
-  run made, up to ``made_from``: a run refused before its first step leaves nothing
-  behind. Each removal fails, harmlessly, on anything else there."""
+def make_workdir(workdir: pathlib.Path) -> list[pathlib.Path]:
+  """Makes ``workdir`` and every folder missing above it, one by one; returns the ones
+  this call made (a refused run removes them again: `remove_if_unused`). A path with
+  ``..`` names folders that exist already: those are not counted.
+
+  Raises:
+    FileExistsError: a file stands where a folder should.
+  """
+  if workdir.exists() and not workdir.is_dir():
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(workdir))
+  made = []
+  for folder in reversed([path for path in (workdir, *workdir.parents) if not path.exists()]):
+    try:
+      folder.mkdir()
+    except FileExistsError:
+      if not folder.is_dir():
+        raise
+      continue  # Made meanwhile by another process, or reached through '..'.
+    made.append(folder)
+  return made
+
+
+def remove_if_unused(workdir: pathlib.Path, made: list[pathlib.Path]) -> None:
+  """Removes a workdir this run made, under its lock, where it holds only the lock file
+  and an empty checkpoint directory, and the empty folders above it in ``made``
+  (`make_workdir`'s list): a run refused before its first step leaves nothing behind.
+  Each removal fails, harmlessly, on anything else there."""
   checkpoints = workdir / 'checkpoints'
   try:
     if not {path.name for path in workdir.iterdir()} <= {LOCK_FILE, checkpoints.name}:
@@ -64,10 +87,9 @@ def remove_if_unused(workdir: pathlib.Path, made_from: pathlib.Path | None = Non
       checkpoints.rmdir()
     (workdir / LOCK_FILE).unlink()
     workdir.rmdir()
-    for parent in workdir.parents if made_from and made_from != workdir else ():
-      if not parent.is_relative_to(made_from):
-        break
-      parent.rmdir()
+    for folder in reversed(made):  # Outwards.
+      if folder != workdir:
+        folder.rmdir()
   except OSError:
     pass  # Something was written meanwhile: it stays.
 
