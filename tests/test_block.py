@@ -102,3 +102,21 @@ def test_one_by_one_is_padded_into_the_centre_tap():
   np.testing.assert_array_equal(padded[1, 1], kernel[0, 0])
   padded[1, 1] = 0
   assert not padded.any()
+
+
+def test_batchnorm_statistics_update_with_momentum_0_1_and_the_biased_variance():
+  """The running statistics move a tenth of the way to the batch's, as PyTorch's
+  momentum=0.1 does, with the batch's biased variance (Flax's; PyTorch keeps the
+  unbiased one: README, docs/training.md)."""
+  block, _ = make_blocks((8, 8), 1, 1, branches_lib.PAPER_BRANCHES)
+  x = jax.random.normal(jax.random.key(1), (4, 6, 6, 8)) * 3.0 + 1.0
+  variables = random_variables(block, x.shape, seed=5)
+  _, updated = block.apply(variables, x, train=True, mutable=['batch_stats'])
+  old, new = variables['batch_stats']['identity'], updated['batch_stats']['identity']
+  x64 = np.asarray(x, np.float64)  # The identity branch normalises the block's input.
+  expected_mean = 0.9 * np.asarray(old['mean'], np.float64) + 0.1 * x64.mean((0, 1, 2))
+  expected_var = 0.9 * np.asarray(old['var'], np.float64) + 0.1 * x64.var((0, 1, 2))
+  np.testing.assert_allclose(new['mean'], expected_mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new['var'], expected_var, rtol=1e-5)
+  unbiased = 0.9 * np.asarray(old['var'], np.float64) + 0.1 * x64.var((0, 1, 2), ddof=1)
+  assert not np.allclose(new['var'], unbiased, rtol=1e-5)  # 144 values: 1/143 apart.
