@@ -291,6 +291,27 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, digits_dir, uninter
   assert logged[0] == logged[1]
 
 
+def test_train_py_saves_and_exits_143_on_sigterm(tmp_path, digits_dir):
+  """README: on SIGTERM train.py saves a checkpoint and exits with 143 (128 + 15)."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  command = [sys.executable, 'train.py', '--config', 'configs/digits.py', f'--workdir={tmp_path}']
+  command += [f'--config.dataset.data_dir={digits_dir}', '--config.log_every_steps=1']
+  command += ['--config.steps_per_call=1', '--config.num_train_steps=100000']
+  command += ['--config.model.num_blocks=(1,1,1,1)', '--config.model.width_multipliers=(0.25,0.25)']
+  command += ['--config.model.conv_impl=xla', '--config.batch_size=16']  # tiny_config's model.
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(root)}
+  proc = subprocess.Popen(command, cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (tmp_path / 'metrics.jsonl').exists():  # Training: the handler is in place.
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-3000:]
+  step = checkpoint_params(tmp_path)[1]['step']
+  assert f'SIGTERM: saved the checkpoint of step {step} in' in err and 0 < step < 100000
+
+
 def _tensorboard_scalars(workdir: pathlib.Path) -> list[tuple[int, float]]:
   """(step, value) of every scalar in the workdir's TensorBoard event files."""
   found = []
