@@ -827,11 +827,23 @@ def test_a_config_file_that_does_not_load_is_one_line(tmp_path, source, line):
   assert '\n' not in message and 'Traceback' not in message
 
 
-@pytest.mark.parametrize('command', [['train.py'], ['-m', 'repvgg_jax.ablate']])
-def test_help_exits_zero(command):
-  proc = run_in_repo(*command, '--help', timeout=120)
+@pytest.mark.parametrize(
+  'command, listed',
+  [
+    (['train.py'], '--config'),
+    (['-m', 'repvgg_jax.ablate'], '--config'),
+    (['-m', 'repvgg_jax.bench'], 'roofline'),
+    (['-m', 'repvgg_jax.convert'], 'quantize'),
+  ],
+)
+def test_help_exits_zero_without_loading_tensorflow(command, listed):
+  """The commands parse their flags before TensorFlow loads (seconds): --help, and a
+  mistyped flag, answer at once."""
+  proc = run_in_repo('-X', 'importtime', *command, '--help', timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert '--config' in proc.stdout
+  assert listed in proc.stdout
+  imported = [line.rsplit('|', 1)[-1].strip() for line in proc.stderr.splitlines()]
+  assert 'jax' in imported and 'tensorflow' not in imported
 
 
 def test_misspelled_config_field_fails(tmp_path):

@@ -30,8 +30,6 @@ import sys
 import jax
 
 from repvgg_jax import jsonfiles
-from repvgg_jax.bench import deploy as bench_deploy
-from repvgg_jax.bench import input as bench_input
 from repvgg_jax.bench import report as bench_report
 from repvgg_jax.bench import timing
 from repvgg_jax.bench.models import (
@@ -281,8 +279,8 @@ def _add_deploy_commands(sub) -> None:
   feed.add_argument(
     '--gpu-rate',
     type=float,
-    default=bench_input.B0_GPU_RATE,
-    help="images/s one GPU trains at (default: B0's on one H200, bfloat16)",
+    help="images/s one GPU trains at (default: B0's on one H200 in bfloat16, "
+    'repvgg_jax.bench.input.B0_GPU_RATE)',
   )
   feed.add_argument('--json', help='append the rows as JSON lines to this file')
   _add_host_memory(feed)
@@ -469,6 +467,10 @@ def _check_json(parser, path) -> None:
 
 def _run_deployment_bench(parser, args) -> int:
   """``deploy`` or ``input``: its table printed, its rows appended to ``--json``."""
+  # Imported by their commands alone: with TensorFlow and the exporters they take seconds.
+  from repvgg_jax.bench import deploy as bench_deploy
+  from repvgg_jax.bench import input as bench_input
+
   if args.command == 'deploy':
     if args.size < 1 or args.runs < 1:
       parser.error('--size and --runs must be positive.')
@@ -478,9 +480,10 @@ def _run_deployment_bench(parser, args) -> int:
     )
     print(bench_deploy.format_deploy(rows))
   else:
-    if min(args.images, args.size, args.runs) < 1 or args.gpu_rate <= 0:
+    gpu_rate = bench_input.B0_GPU_RATE if args.gpu_rate is None else args.gpu_rate
+    if min(args.images, args.size, args.runs) < 1 or gpu_rate <= 0:
       parser.error('--images, --size, --runs and --gpu-rate must be positive.')
-    rows = bench_input.benchmark_input(args.images, args.size, args.runs, args.gpu_rate)
+    rows = bench_input.benchmark_input(args.images, args.size, args.runs, gpu_rate)
     print(bench_input.format_input(rows))
   for row in rows if args.json else ():
     jsonfiles.append_jsonl(args.json, row)

@@ -31,7 +31,6 @@ import ml_collections
 import numpy as np
 
 from repvgg_jax import perf
-from repvgg_jax.data import input_pipeline
 from repvgg_jax.interop import (
   checkpoint_io,
   export,
@@ -324,6 +323,8 @@ def _preprocess(in_channels: int) -> dict:
   """export.json's ``preprocess``: what training fed an RGB model, (pixels / 255 - mean) / std."""
   if in_channels != 3:
     return {}
+  from repvgg_jax.data import input_pipeline  # TensorFlow: only an export loads it.
+
   return {
     'preprocess': {
       'scale': '1/255',

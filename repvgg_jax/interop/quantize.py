@@ -37,7 +37,6 @@ import ml_collections
 import numpy as np
 import qwix
 
-from repvgg_jax.data import datasets
 from repvgg_jax.interop import checkpoint_io, export
 from repvgg_jax.model import create_model, model_from_config, trees, variants
 from repvgg_jax.train import run_files
@@ -277,6 +276,8 @@ def _load_config(path: pathlib.Path):
 def evaluate(config, forward: Mapping[str, Any]) -> dict[str, Any]:
   """Top-1 of each of ``forward``'s functions over the eval split, and the relative
   logit error of ``'int8'`` to ``'fp32'``: ``||int8 - fp32|| / ||fp32||`` over all logits."""
+  from repvgg_jax.data import datasets  # TensorFlow: loaded where data is read.
+
   correct = dict.fromkeys(forward, 0)
   squared = {'difference': 0.0, 'fp32': 0.0}
   count = 0
@@ -316,6 +317,8 @@ def quantize_and_evaluate(
   deploy_model = model_from_config(config, deploy=True, dtype='float32')
   calibration = ()
   if ranges is None and mode == 'static':
+    from repvgg_jax.data import datasets  # TensorFlow: loaded where data is read.
+
     batches = datasets.train_batches(
       config.dataset, global_batch_size=config.batch_size, seed=config.seed
     )
