@@ -4,7 +4,7 @@ import sys
 
 from repvgg_jax.startup import quiet_startup
 
-quiet_startup()  # Before TensorFlow loads (with `cli`), as train.py does.
+quiet_startup()  # Before JAX picks its backend and TensorFlow loads (deploy, input).
 
 from repvgg_jax.bench import cli  # noqa: E402
 

@@ -279,8 +279,8 @@ def _add_deploy_commands(sub) -> None:
   feed.add_argument(
     '--gpu-rate',
     type=float,
-    help="images/s one GPU trains at (default: B0's on one H200 in bfloat16, "
-    'repvgg_jax.bench.input.B0_GPU_RATE)',
+    default=timing.B0_GPU_RATE,
+    help="images/s one GPU trains at (default: %(default)s, B0's on one H200 in bfloat16)",
   )
   feed.add_argument('--json', help='append the rows as JSON lines to this file')
   _add_host_memory(feed)
@@ -467,11 +467,10 @@ def _check_json(parser, path) -> None:
 
 def _run_deployment_bench(parser, args) -> int:
   """``deploy`` or ``input``: its table printed, its rows appended to ``--json``."""
-  # Imported by their commands alone: with TensorFlow and the exporters they take seconds.
-  from repvgg_jax.bench import deploy as bench_deploy
-  from repvgg_jax.bench import input as bench_input
-
+  # Imported by their own command alone: TensorFlow and the exporters take seconds.
   if args.command == 'deploy':
+    from repvgg_jax.bench import deploy as bench_deploy
+
     if args.size < 1 or args.runs < 1:
       parser.error('--size and --runs must be positive.')
     torch = _with_torch(parser, args.torch)
@@ -480,10 +479,11 @@ def _run_deployment_bench(parser, args) -> int:
     )
     print(bench_deploy.format_deploy(rows))
   else:
-    gpu_rate = bench_input.B0_GPU_RATE if args.gpu_rate is None else args.gpu_rate
-    if min(args.images, args.size, args.runs) < 1 or gpu_rate <= 0:
+    from repvgg_jax.bench import input as bench_input
+
+    if min(args.images, args.size, args.runs) < 1 or args.gpu_rate <= 0:
       parser.error('--images, --size, --runs and --gpu-rate must be positive.')
-    rows = bench_input.benchmark_input(args.images, args.size, args.runs, gpu_rate)
+    rows = bench_input.benchmark_input(args.images, args.size, args.runs, args.gpu_rate)
     print(bench_input.format_input(rows))
   for row in rows if args.json else ():
     jsonfiles.append_jsonl(args.json, row)

@@ -26,8 +26,6 @@ import tensorflow as tf
 from repvgg_jax.bench import timing
 from repvgg_jax.data import input_pipeline
 
-# B0's training step on one H200, bfloat16 (docs/performance.md, "Measured on a GPU").
-B0_GPU_RATE = 9_259
 # Form -> (decode only the crop window, antialiased resize, RandAugment 2 x 15). The
 # pipeline's is the first; the last is the pipeline with the long recipe's RandAugment.
 FORMS = {
@@ -101,7 +99,7 @@ def one_pass(jpegs: list[bytes], form: str, threads: int, image_size: int):
 
 
 def benchmark_input(
-  count: int = 512, image_size: int = 224, repeats: int = 3, gpu_rate: float = B0_GPU_RATE
+  count: int = 512, image_size: int = 224, repeats: int = 3, gpu_rate: float = timing.B0_GPU_RATE
 ) -> list[dict]:
   """Per form and thread count: median images/s of ``repeats`` passes, interleaved."""
   jpegs = make_jpegs(count)

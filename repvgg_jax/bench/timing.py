@@ -29,6 +29,10 @@ from repvgg_jax.perf.conv_kernels import (
   winograd_applies,
 )
 
+# B0's training step on one H200, bfloat16 (docs/performance.md, "Measured on a GPU"):
+# the rate `bench input` tells the cores needed to feed.
+B0_GPU_RATE = 9_259
+
 
 def count_macs(fn: Callable, *args) -> int:
   """Multiply-adds of the convolutions and matmuls ``fn(*args)`` traces to.
