@@ -64,6 +64,7 @@ def main(argv):
     # Slurm, Open MPI, Kubernetes and Cloud TPU are detected; elsewhere pass the flags.
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from repvgg_jax.train import trainer
+  from repvgg_jax.train.reporting import closing_line
 
   workdir = FLAGS.workdir or os.path.join(
     'workdirs',
@@ -94,13 +95,7 @@ def main(argv):
     return 128 + signal.SIGINT
   if summary.get('preempted'):  # Stopped after saving; the same command resumes.
     return 128 + signal.Signals[summary['preempted']]  # 143 (SIGTERM) or 130 (Ctrl-C).
-  rate = summary['train_images_per_sec']  # None when no step was timed (a short run).
-  print(
-    f'Done after {summary["steps"]} steps: eval top-1 {summary["eval_top1"]:.2%}, '
-    f'fused {summary["eval_top1_fused"]:.2%}, top-5 {summary["eval_top5"]:.2%}'
-    + (f'; {rate:,.0f} images/s' if rate else '')
-    + f'. Summary: {workdir}/summary.json'
-  )
+  print(closing_line(summary, workdir))
   return 0
 
 

@@ -4,6 +4,7 @@ learning rate, resume, bad sources; class names in the workdir; and predict."""
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -67,7 +68,9 @@ def test_init_from_loads_every_weight_of_the_same_model(source, digits_dir, tmp_
     digits_dir, init_from=str(source), **STEPS, **{'optimizer.learning_rate': 0.0}
   )
   trainer.train_and_evaluate(config, tmp_path)
-  assert 'its classifier included' in capfd.readouterr().err
+  err = capfd.readouterr().err
+  assert 'its classifier included' in err
+  assert re.search(r'step 4: eval top-1 .*%\), top-5 [0-9.]+%, loss [0-9.]+\n', err), err
   assert_trees_equal(checkpoint_params(tmp_path, 2)[0], checkpoint_params(source)[0])
 
 
@@ -76,6 +79,7 @@ def test_another_number_of_classes_gets_a_new_classifier(source, images, tmp_pat
   summary = trainer.train_and_evaluate(config, tmp_path)
   err = capfd.readouterr().err
   assert 'the classifier starts from random weights: the source has 10 classes, the config 3' in err
+  assert re.search(r'step 6: eval top-1 .*%\), loss [0-9.]+\n', err) and 'top-5' not in err, err
   params, meta = checkpoint_params(tmp_path)
   assert_trees_equal(blocks(params), blocks(checkpoint_params(source)[0]))
   assert params['linear']['kernel'].shape[-1] == 3 and summary['steps'] == 6

@@ -128,6 +128,24 @@ class Throughput:
     return rate
 
 
+def top5_informative(num_classes: int) -> bool:
+  """Whether top-5 is worth printing: with 5 classes or fewer every label is in the top 5
+  (it is still logged)."""
+  return num_classes > 5
+
+
+def closing_line(summary: dict, workdir) -> str:
+  """train.py's last line: the final evaluation and the training rate of a finished run."""
+  rate = summary['train_images_per_sec']  # None when no step was timed (a short run).
+  return (
+    f'Done after {summary["steps"]} steps: eval top-1 {summary["eval_top1"]:.2%}, '
+    f'fused {summary["eval_top1_fused"]:.2%}'
+    + (f', top-5 {summary["eval_top5"]:.2%}' if top5_informative(summary['num_classes']) else '')
+    + (f'; {rate:,.0f} images/s' if rate else '')
+    + f'. Summary: {workdir}/summary.json'
+  )
+
+
 class TrainingDivergedError(FloatingPointError):
   """The loss became NaN or infinite."""
 
@@ -187,7 +205,10 @@ class RunLog:
     self.writer.write(step, m)
     self.bar.write(
       f'step {step}: eval top-1 {m["eval/top1"]:.2%} (fused {m["eval/top1_fused"]:.2%}), '
-      f'top-5 {m["eval/top5"]:.2%}, loss {m["eval/loss"]:.4f}'
+      + (
+        f'top-5 {m["eval/top5"]:.2%}, ' if top5_informative(self.config.dataset.num_classes) else ''
+      )
+      + f'loss {m["eval/loss"]:.4f}'
       + (
         f'; EMA top-1 {m["eval/ema_top1"]:.2%} (fused {m["eval/ema_top1_fused"]:.2%})'
         if 'eval/ema_top1' in m
@@ -208,6 +229,7 @@ class RunLog:
       'dataset': self.config.dataset.name,
       'steps': step,
       'epochs': step / self.schedule.steps_per_epoch,
+      'num_classes': self.config.dataset.num_classes,
       'eval_top1': m.get('eval/top1'),
       'eval_top5': m.get('eval/top5'),
       'eval_loss': m.get('eval/loss'),
