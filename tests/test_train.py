@@ -1000,6 +1000,48 @@ def test_a_failed_evaluation_keeps_its_checkpoint_and_is_redone_on_resume(
   assert summary['train_images_per_sec'] == pytest.approx(rates[6], rel=1e-12)
 
 
+def test_a_signal_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it(
+  tmp_path, digits_dir, monkeypatch, capfd
+):
+  """Evaluations at steps 2 and 4. A SIGTERM arrives during the evaluations marked
+  below, after their first batch: the run saves and stops within a batch, logging no
+  evaluation, and the next run redoes it. Each of the three places a run evaluates
+  is cut short once: in the loop (step 2), redoing a missed one (step 2 again), at the
+  last step (4) and redoing the last one after it (4 again)."""
+  eval_batches, evaluations = data.eval_batches, []
+
+  def signalled_after_one_batch(signalled):
+    def batches(*args, **kwargs):
+      evaluations.append(0)
+      for batch in eval_batches(*args, **kwargs):
+        if evaluations[-1] == 1 and len(evaluations) in signalled:
+          os.kill(os.getpid(), signal.SIGTERM)
+        evaluations[-1] += 1
+        yield batch
+
+    return batches
+
+  per_epoch = data.steps_per_epoch(tiny_config(digits_dir).dataset, 16)
+  config = tiny_config(digits_dir, num_train_steps=4, eval_every_epochs=2 / per_epoch)
+  # (evaluations of a run that get a SIGTERM, the step it stops at)
+  for signalled, stopped_at in (({1}, 2), ({1}, 2), ({2}, 4), ({1}, 4)):
+    evaluations.clear()
+    monkeypatch.setattr(data, 'eval_batches', signalled_after_one_batch(signalled))
+    summary = trainer.train_and_evaluate(config, tmp_path)
+    assert summary['preempted'] == 'SIGTERM' and summary['steps'] == stopped_at
+    assert evaluations[-1] == 2  # The batch after the signal is not evaluated.
+    assert (
+      f'SIGTERM: saved the checkpoint of step {stopped_at} in {tmp_path / "checkpoints"}; '
+      f'the resumed run evaluates step {stopped_at}; stopping.'
+    ) in capfd.readouterr().err
+    assert restore_checkpoint(tmp_path / 'checkpoints')[1]['step'] == stopped_at
+  monkeypatch.setattr(data, 'eval_batches', eval_batches)
+  summary = trainer.train_and_evaluate(config, tmp_path)
+  assert 'preempted' not in summary and summary['steps'] == 4
+  records = jsonfiles.read_jsonl(tmp_path / 'metrics.jsonl')
+  assert [r['step'] for r in records if 'eval/top1' in r] == [2, 4]
+
+
 def test_statistics_that_are_not_finite_are_not_checkpointed():
   state = types.SimpleNamespace(
     params={'kernel': jnp.ones(2)}, batch_stats={'var': jnp.array([1.0, jnp.inf])}

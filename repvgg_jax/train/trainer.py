@@ -112,16 +112,25 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def evaluate(config, eval_fn, fuse_fn, state, sharding) -> dict[str, float]:
+def evaluate(
+  config, eval_fn, fuse_fn, state, sharding, stop_request=None
+) -> dict[str, float] | None:
   """Top-1 and top-5 of the training-time and fused models over the eval split; with
   a moving average of the weights, of its two models too (``eval/ema_...``), in the
-  same pass over the images."""
+  same pass over the images.
+
+  With a ``stop_request`` (a `preemption.Preemption`; one process only, as the others
+  would wait for it) a SIGTERM or Ctrl-C abandons the evaluation between batches and
+  None is returned: a long evaluation must not outlast a scheduler's grace period.
+  """
   weights = {'eval/': {'params': state.params, 'batch_stats': state.batch_stats}}
   if state.ema is not None:
     weights['eval/ema_'] = state.ema
   fused = {prefix: fuse_fn(variables) for prefix, variables in weights.items()}
   totals = dict.fromkeys(weights)
   for batch in data.eval_batches(config.dataset, global_batch_size=config.eval_batch_size):
+    if stop_request is not None and stop_request.requested:
+      return None
     batch = _global_batch(batch, sharding)
     for prefix, variables in weights.items():
       counts = eval_fn(variables, fused[prefix], batch)
@@ -337,8 +346,18 @@ def _loop(config, schedule, run, ckpt, state, step, stop_request, compiled, meta
     config.dataset, global_batch_size=config.batch_size, seed=config.seed, start_step=step
   )
   mixup_rng = jax.random.key(config.seed + 1)
-  if _evaluation_missed(run, schedule, step):
-    run.log_eval(step, evaluate(config, eval_fn, fuse_fn, state, sharded))
+  # With one process a SIGTERM or Ctrl-C cuts an evaluation short; the resumed run redoes it.
+  interruptible = stop_request if jax.process_count() == 1 else None
+
+  def evaluated() -> bool:
+    """Evaluates and logs the state at ``step``; False where a signal cut it short."""
+    metrics = evaluate(config, eval_fn, fuse_fn, state, sharded, interruptible)
+    if metrics is not None:
+      run.log_eval(step, metrics)
+    return metrics is not None
+
+  if _evaluation_missed(run, schedule, step) and not evaluated():
+    return _stopped(run, stop_request, ckpt, state, step, evaluation_left=True)
   while step < schedule.total_steps:
     count = schedule.steps_in_call(step)
     train_fn, batch_sharding = train_fns[count]
@@ -355,23 +374,30 @@ def _loop(config, schedule, run, ckpt, state, step, stop_request, compiled, meta
       _save(ckpt, state, step, meta, run)
       if evaluate_now:  # Written before the evaluation: one that fails costs no training.
         ckpt.wait()
-    if evaluate_now:
-      run.log_eval(step, evaluate(config, eval_fn, fuse_fn, state, sharded))
+    evaluation_left = evaluate_now and not evaluated()
     # All processes must stop together: they agree at log steps when there are several.
     check_stop = jax.process_count() == 1 or schedule.due(step, schedule.log_every)
-    stop = check_stop and stop_request.agreed()
+    stop = evaluation_left or (check_stop and stop_request.agreed())
     if stop and run.pending:  # The steps since the last log are logged, not lost.
       run.log_train(step, ckpt.latest_step())
     if stop and not save:
       _save(ckpt, state, step, meta, run)
     if stop:
-      stopped_by = stop_request.received
-      saved = f'saved the checkpoint of step {step} in {ckpt.directory}'
-      run.bar.write(f'{stopped_by}: {saved}; stopping.')
-      return state, step, True
-  if not run.eval_metrics:  # Restarted after the last step: evaluate for the summary.
-    run.log_eval(step, evaluate(config, eval_fn, fuse_fn, state, sharded))
+      return _stopped(run, stop_request, ckpt, state, step, evaluation_left)
+  # Restarted after the last step: evaluate for the summary.
+  if not run.eval_metrics and not evaluated():
+    return _stopped(run, stop_request, ckpt, state, step, evaluation_left=True)
   return state, step, False
+
+
+def _stopped(run, stop_request, ckpt, state, step: int, evaluation_left: bool):
+  """Says why the run stops at ``step``, whose checkpoint is saved; ``_loop``'s return."""
+  left = f'; the resumed run evaluates step {step}' if evaluation_left else ''
+  run.bar.write(
+    f'{stop_request.received}: saved the checkpoint of step {step} in {ckpt.directory}'
+    f'{left}; stopping.'
+  )
+  return state, step, True
 
 
 def _evaluation_missed(run, schedule, step: int) -> bool:
