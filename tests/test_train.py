@@ -1023,15 +1023,17 @@ def test_a_signal_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it(
 
   per_epoch = data.steps_per_epoch(tiny_config(digits_dir).dataset, 16)
   config = tiny_config(digits_dir, num_train_steps=4, eval_every_epochs=2 / per_epoch)
-  # (evaluations of a run that get a SIGTERM, the step it stops at)
-  for signalled, stopped_at in (({1}, 2), ({1}, 2), ({2}, 4), ({1}, 4)):
+  # (evaluations of a run that get a SIGTERM, the step it stops at, whether it saved it)
+  for signalled, stopped_at, saved in (({1}, 2, 1), ({1}, 2, 0), ({2}, 4, 1), ({1}, 4, 0)):
     evaluations.clear()
     monkeypatch.setattr(data, 'eval_batches', signalled_after_one_batch(signalled))
     summary = trainer.train_and_evaluate(config, tmp_path)
     assert summary['preempted'] == 'SIGTERM' and summary['steps'] == stopped_at
-    assert evaluations[-1] == 2  # The batch after the signal is not evaluated.
+    assert evaluations[-1] == 2  # Of 9 batches: the one after the signal is not evaluated.
+    checkpoint = f'the checkpoint of step {stopped_at}'
+    where = f'saved {checkpoint} in' if saved else f'{checkpoint} is in'
     assert (
-      f'SIGTERM: saved the checkpoint of step {stopped_at} in {tmp_path / "checkpoints"}; '
+      f'SIGTERM: {where} {tmp_path / "checkpoints"}; '
       f'the resumed run evaluates step {stopped_at}; stopping.'
     ) in capfd.readouterr().err
     assert restore_checkpoint(tmp_path / 'checkpoints')[1]['step'] == stopped_at

@@ -126,10 +126,13 @@ def evaluate(
   weights = {'eval/': {'params': state.params, 'batch_stats': state.batch_stats}}
   if state.ema is not None:
     weights['eval/ema_'] = state.ema
+  stopped = lambda: stop_request is not None and stop_request.requested
+  if stopped():
+    return None
   fused = {prefix: fuse_fn(variables) for prefix, variables in weights.items()}
   totals = dict.fromkeys(weights)
   for batch in data.eval_batches(config.dataset, global_batch_size=config.eval_batch_size):
-    if stop_request is not None and stop_request.requested:
+    if stopped():
       return None
     batch = _global_batch(batch, sharding)
     for prefix, variables in weights.items():
@@ -357,7 +360,7 @@ def _loop(config, schedule, run, ckpt, state, step, stop_request, compiled, meta
     return metrics is not None
 
   if _evaluation_missed(run, schedule, step) and not evaluated():
-    return _stopped(run, stop_request, ckpt, state, step, evaluation_left=True)
+    return _stopped(run, stop_request, ckpt, state, step, evaluation_left=True, saved=False)
   while step < schedule.total_steps:
     count = schedule.steps_in_call(step)
     train_fn, batch_sharding = train_fns[count]
@@ -386,23 +389,24 @@ def _loop(config, schedule, run, ckpt, state, step, stop_request, compiled, meta
       return _stopped(run, stop_request, ckpt, state, step, evaluation_left)
   # Restarted after the last step: evaluate for the summary.
   if not run.eval_metrics and not evaluated():
-    return _stopped(run, stop_request, ckpt, state, step, evaluation_left=True)
+    return _stopped(run, stop_request, ckpt, state, step, evaluation_left=True, saved=False)
   return state, step, False
 
 
-def _stopped(run, stop_request, ckpt, state, step: int, evaluation_left: bool):
-  """Says why the run stops at ``step``, whose checkpoint is saved; ``_loop``'s return."""
+def _stopped(run, stop_request, ckpt, state, step: int, evaluation_left: bool, saved=True):
+  """Says why the run stops at ``step``, whose checkpoint this run ``saved`` or resumed
+  from; ``_loop``'s return."""
+  checkpoint = f'the checkpoint of step {step}'
+  where = f'saved {checkpoint} in' if saved else f'{checkpoint} is in'
   left = f'; the resumed run evaluates step {step}' if evaluation_left else ''
-  run.bar.write(
-    f'{stop_request.received}: saved the checkpoint of step {step} in {ckpt.directory}'
-    f'{left}; stopping.'
-  )
+  run.bar.write(f'{stop_request.received}: {where} {ckpt.directory}{left}; stopping.')
   return state, step, True
 
 
 def _evaluation_missed(run, schedule, step: int) -> bool:
   """Whether the run resumes at a step due an evaluation that its earlier run did not
-  log (it failed, or the run was killed, after the checkpoint it follows was written)."""
+  log (it failed, a signal cut it short, or the run was killed, after the checkpoint
+  it follows was written)."""
   if not 0 < step < schedule.total_steps or not schedule.due(step, schedule.eval_every):
     return False  # The last step is evaluated after the loop in any case.
   missed = not run.writer.logged(step, ['eval/top1'])
