@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import onnxruntime
 import pytest
-from helpers import random_variables, relative_error, tiny_config
+from helpers import random_variables, relative_error, run_in_repo, tiny_config
 
 import repvgg_jax
 from repvgg_jax.interop import checkpoint_io, convert, export
@@ -61,6 +61,20 @@ def test_export_reloads_in_jax_tensorflow_and_onnxruntime(tmp_path, training_che
     assert relative_error(serve_tf(images[:batch]), expected[:batch]) <= 1e-5
     (logits,) = session.run(['logits'], {'images': images[:batch]})
     assert relative_error(logits, expected[:batch]) <= 1e-5
+
+
+def test_an_export_to_jax_and_onnx_does_not_load_tensorflow(tmp_path, training_checkpoint):
+  """Only the SavedModel needs TensorFlow: an export without it skips its import (seconds,
+  and hundreds of MiB), preprocessing and verification included."""
+  out = tmp_path / 'serving'
+  command = ['export', str(training_checkpoint[0]), str(out), '--formats', 'jax,onnx']
+  proc = run_in_repo('-X', 'importtime', '-m', 'repvgg_jax.convert', *command)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  imported = [line.rsplit('|', 1)[-1].strip() for line in proc.stderr.splitlines()]
+  assert 'onnx' in imported and 'tensorflow' not in imported
+  meta = json.loads((out / 'export.json').read_text())
+  assert set(meta['verify']) == {'jax', 'onnx', 'fused_vs_training'}
+  assert meta['preprocess']['mean'] == [0.485, 0.456, 0.406]
 
 
 def test_export_refuses_bad_requests(tmp_path, training_checkpoint, capsys):

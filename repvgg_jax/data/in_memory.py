@@ -17,11 +17,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from repvgg_jax.data import batching, input_pipeline
+from repvgg_jax.data import MEAN_RGB, STDDEV_RGB, batching
 
 AUGMENTATIONS = ('pad_crop', 'none')
-_MEAN = np.array(input_pipeline.MEAN_RGB, np.float32)
-_STDDEV = np.array(input_pipeline.STDDEV_RGB, np.float32)
+_MEAN = np.array(MEAN_RGB, np.float32)
+_STDDEV = np.array(STDDEV_RGB, np.float32)
 
 
 def check_supported(builder: tfds.core.DatasetBuilder, config) -> None:

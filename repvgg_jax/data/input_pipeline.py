@@ -17,10 +17,8 @@ import math
 
 import tensorflow as tf
 
-from repvgg_jax.data import randaugment
+from repvgg_jax.data import MEAN_RGB, STDDEV_RGB, randaugment
 
-MEAN_RGB = (0.485, 0.456, 0.406)
-STDDEV_RGB = (0.229, 0.224, 0.225)
 # ImageNet evaluation crops 224 out of 256: the resize is image_size / 0.875.
 CROP_FRACTION = 224 / 256
 EVAL_PREPROCESSING = ('resize_crop', 'resize')

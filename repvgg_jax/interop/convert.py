@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from repvgg_jax import perf
+from repvgg_jax.data import MEAN_RGB, STDDEV_RGB
 from repvgg_jax.interop import (
   checkpoint_io,
   export,
@@ -323,15 +324,7 @@ def _preprocess(in_channels: int) -> dict:
   """export.json's ``preprocess``: what training fed an RGB model, (pixels / 255 - mean) / std."""
   if in_channels != 3:
     return {}
-  from repvgg_jax.data import input_pipeline  # TensorFlow: only an export loads it.
-
-  return {
-    'preprocess': {
-      'scale': '1/255',
-      'mean': list(input_pipeline.MEAN_RGB),
-      'std': list(input_pipeline.STDDEV_RGB),
-    }
-  }
+  return {'preprocess': {'scale': '1/255', 'mean': list(MEAN_RGB), 'std': list(STDDEV_RGB)}}
 
 
 def _export_int8(path: pathlib.Path, output_dir, image_size, formats, platforms, verify) -> dict:
