@@ -10,7 +10,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -245,11 +244,8 @@ def _initial_state(model, size: int, mesh: Mesh, freeze_stages: int):
   nothing for frozen stages. Initialised through `nn.Conv`, as the trainer does."""
   from repvgg_jax.train import steps
 
-  tx = optax.chain(
-    optax.add_decayed_weights(1e-4, mask=optim.weight_decay_mask),
-    optax.sgd(0.1, momentum=0.9),
-    optax.masked(optax.scale(2.0), optim.bias_mask),  # The paper recipe's rate for biases.
-    optax.masked(optax.set_to_zero(), lambda p: optim.frozen_mask(p, freeze_stages)),
+  tx = optim.sgd(
+    0.1, momentum=0.9, weight_decay=1e-4, bias_lr_multiplier=2.0, frozen_stages=freeze_stages
   )
   variables = model.clone(conv=nn.Conv).init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
   state = steps.TrainState.create(

@@ -131,31 +131,51 @@ def frozen_mask(params: Any, frozen_stages: int) -> Any:
   return _mask(params, lambda path: frozen(path[0]))
 
 
-def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
+def sgd(
+  learning_rate: float | optax.Schedule,
+  *,
+  momentum: float,
+  weight_decay: float,
+  nesterov: bool = False,
+  custom_l2: bool = False,
+  bias_lr_multiplier: float = 1.0,
+  backbone_lr_multiplier: float = 1.0,
+  frozen_stages: int = 0,
+) -> optax.GradientTransformation:
   """SGD with momentum and coupled L2 weight decay, as PyTorch's ``SGD(weight_decay=...)``.
 
-  The decay is added to the gradient before momentum, like PyTorch, not
-  decoupled as in AdamW. The biases' updates are scaled by
-  ``optimizer.bias_lr_multiplier`` (the same as a per-parameter learning rate
-  in PyTorch: momentum is linear). For fine-tuning, the backbone's updates are
-  scaled by ``optimizer.backbone_lr_multiplier`` and those of the first
-  ``freeze_stages`` stages are zero.
+  The decay (`weight_decay_mask`) is added to the gradient before momentum, like
+  PyTorch, not decoupled as in AdamW. The biases' updates are scaled by
+  ``bias_lr_multiplier`` (the same as a per-parameter learning rate in PyTorch:
+  momentum is linear). For fine-tuning, the backbone's updates are scaled by
+  ``backbone_lr_multiplier`` and those of the first ``frozen_stages`` stages are zero.
   """
-  schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
   parts = [
-    optax.add_decayed_weights(
-      config.optimizer.weight_decay,
-      mask=lambda p: weight_decay_mask(p, config.optimizer.get('custom_l2', False)),
-    ),
-    optax.sgd(schedule, momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov),
+    optax.add_decayed_weights(weight_decay, mask=lambda p: weight_decay_mask(p, custom_l2)),
+    optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   ]
   for multiplier, mask in (
-    (config.optimizer.get('bias_lr_multiplier', 1.0), bias_mask),
-    (config.optimizer.get('backbone_lr_multiplier', 1.0), backbone_mask),
+    (bias_lr_multiplier, bias_mask),
+    (backbone_lr_multiplier, backbone_mask),
   ):
     if multiplier != 1.0:
       parts.append(optax.masked(optax.scale(multiplier), mask))
-  frozen_stages = config.get('freeze_stages', 0)
   if frozen_stages:
     parts.append(optax.masked(optax.set_to_zero(), lambda p: frozen_mask(p, frozen_stages)))
   return optax.chain(*parts)
+
+
+def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
+  """The run's optimizer: `sgd` with ``config.optimizer``'s settings on the
+  `learning_rate_schedule`, the first ``config.freeze_stages`` stages frozen."""
+  optimizer = config.optimizer
+  return sgd(
+    learning_rate_schedule(config, steps_per_epoch, total_steps),
+    momentum=optimizer.momentum,
+    weight_decay=optimizer.weight_decay,
+    nesterov=optimizer.nesterov,
+    custom_l2=optimizer.get('custom_l2', False),
+    bias_lr_multiplier=optimizer.get('bias_lr_multiplier', 1.0),
+    backbone_lr_multiplier=optimizer.get('backbone_lr_multiplier', 1.0),
+    frozen_stages=config.get('freeze_stages', 0),
+  )
