@@ -1029,6 +1029,8 @@ def test_a_signal_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it(
     monkeypatch.setattr(data, 'eval_batches', signalled_after_one_batch(signalled))
     summary = trainer.train_and_evaluate(config, tmp_path)
     assert summary['preempted'] == 'SIGTERM' and summary['steps'] == stopped_at
+    # Only the third run finished an evaluation (of step 2) before its cut one of step 4.
+    assert summary['eval_step'] == (2 if signalled == {2} else None)
     assert evaluations[-1] == 2  # Of 9 batches: the one after the signal is not evaluated.
     checkpoint = f'the checkpoint of step {stopped_at}'
     where = f'saved {checkpoint} in' if saved else f'{checkpoint} is in'
@@ -1039,7 +1041,7 @@ def test_a_signal_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it(
     assert restore_checkpoint(tmp_path / 'checkpoints')[1]['step'] == stopped_at
   monkeypatch.setattr(data, 'eval_batches', eval_batches)
   summary = trainer.train_and_evaluate(config, tmp_path)
-  assert 'preempted' not in summary and summary['steps'] == 4
+  assert 'preempted' not in summary and summary['steps'] == summary['eval_step'] == 4
   records = jsonfiles.read_jsonl(tmp_path / 'metrics.jsonl')
   assert [r['step'] for r in records if 'eval/top1' in r] == [2, 4]
 

@@ -162,6 +162,7 @@ class RunLog:
     self.throughput = Throughput()
     self.train_seconds, self.train_images, self.first_interval = 0.0, 0, True
     self.eval_metrics: dict[str, float] = {}
+    self.eval_step: int | None = None  # The step of eval_metrics.
 
   def log_train(self, step: int, last_good: int | None) -> None:
     """Fetches the pending metrics, stops on a non-finite loss, writes the means."""
@@ -202,6 +203,7 @@ class RunLog:
         'are not finite. Lower optimizer.learning_rate and train again in a new --workdir.'
       )
     self.eval_metrics = m = metrics
+    self.eval_step = step
     self.writer.write(step, m)
     self.bar.write(
       f'step {step}: eval top-1 {m["eval/top1"]:.2%} (fused {m["eval/top1_fused"]:.2%}), '
@@ -230,6 +232,7 @@ class RunLog:
       'steps': step,
       'epochs': step / self.schedule.steps_per_epoch,
       'num_classes': self.config.dataset.num_classes,
+      'eval_step': self.eval_step,  # A stopped run's last evaluation can predate 'steps'.
       'eval_top1': m.get('eval/top1'),
       'eval_top5': m.get('eval/top5'),
       'eval_loss': m.get('eval/loss'),

@@ -215,7 +215,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   Returns:
     The summary written to ``workdir/summary.json``; or, where a SIGTERM or a
     Ctrl-C stopped the run after a checkpoint, the summary so far with
-    ``'preempted'``: the signal's name (``'SIGTERM'``, ``'SIGINT'``), and no file.
+    ``'preempted'``: the signal's name (``'SIGTERM'``, ``'SIGINT'``), and no file. Its
+    ``eval_*`` figures are those of this process's last finished evaluation, of step
+    ``eval_step`` (None where it finished none).
 
   Raises:
     data.DatasetNotFoundError: the dataset is not available (says where to put it).
