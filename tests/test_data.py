@@ -11,14 +11,14 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from repvgg_jax.data import MEAN_RGB, STDDEV_RGB, in_memory, input_pipeline
 from repvgg_jax.data import datasets as data
 from repvgg_jax.data import digits as digits_dataset
-from repvgg_jax.data import in_memory, input_pipeline
 
 GLOBAL_BATCH = 64  # 1,437 digits // 64 = 22 steps per epoch.
 STEPS_PER_EPOCH = 22
-MEAN = np.array(input_pipeline.MEAN_RGB, np.float32)
-STD = np.array(input_pipeline.STDDEV_RGB, np.float32)
+MEAN = np.array(MEAN_RGB, np.float32)
+STD = np.array(STDDEV_RGB, np.float32)
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:

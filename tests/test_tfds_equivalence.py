@@ -6,7 +6,7 @@ import tensorflow_datasets as tfds
 from helpers import calibrated_variables, relative_error
 
 import repvgg_jax
-from repvgg_jax.data import input_pipeline
+from repvgg_jax.data import MEAN_RGB, STDDEV_RGB, input_pipeline
 
 IMAGE_SIZE = 64
 
@@ -41,5 +41,5 @@ def test_eval_preprocessing_resizes_then_crops_the_centre():
   image[:, 50:150] = 255  # A white centre band; the crop must see only it.
   out = np.asarray(input_pipeline.preprocess_for_eval(image, image_size=56))
   assert out.shape == (56, 56, 3)
-  white = (1.0 - np.array(input_pipeline.MEAN_RGB)) / np.array(input_pipeline.STDDEV_RGB)
+  white = (1.0 - np.array(MEAN_RGB)) / np.array(STDDEV_RGB)
   np.testing.assert_allclose(out, np.broadcast_to(white, out.shape), rtol=1e-5)

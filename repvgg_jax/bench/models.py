@@ -240,7 +240,7 @@ def _train_program(model, options: dict, state, data, count: int, mesh):
 
 def _initial_state(model, size: int, mesh: Mesh, freeze_stages: int):
   """The replicated train state of ``model`` with the paper's optimizer at a constant
-  rate: SGD, momentum 0.9, weight decay 1e-4 on kernels, twice the rate for biases,
+  rate: SGD, momentum 0.9, weight decay 1e-4 where the trainer decays, twice the rate for biases,
   nothing for frozen stages. Initialised through `nn.Conv`, as the trainer does."""
   from repvgg_jax.train import steps
 
@@ -277,7 +277,7 @@ def benchmark_train_step(
 
   The step is `steps.train_step` jitted as the trainer jits it (batch sharded
   over a ``data`` mesh axis, state replicated and, off CPUs, donated), with the paper's
-  optimizer (SGD, momentum 0.9, weight decay 1e-4 on kernels) at a constant
+  optimizer (`optim.sgd`: momentum 0.9, weight decay 1e-4) at a constant
   learning rate. ``bn_group_size`` 0 computes BatchNorm statistics over the
   whole batch, as single-process PyTorch does. With ``steps_per_call`` > 1 each
   call runs that many steps on as many batches (`steps.train_steps`, as the
