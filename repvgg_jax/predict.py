@@ -146,9 +146,9 @@ def load(
   Raises:
     PredictError: nothing usable at ``source``, or a feeding that contradicts it.
   """
+  from repvgg_jax import run_files
   from repvgg_jax.data import input_pipeline
   from repvgg_jax.interop import export
-  from repvgg_jax.train import run_files
 
   if image_size is not None and image_size < 1:
     raise PredictError(f'The image size must be positive, got {image_size}.')

@@ -140,7 +140,7 @@ def apply_overrides(config, overrides: dict):
 
 def restore_checkpoint(directory, step=None):
   """``(state, metadata)`` of the checkpoint in ``directory`` (default: the latest step)."""
-  from repvgg_jax.train import checkpointing
+  from repvgg_jax import checkpointing
 
   ckpt = checkpointing.Checkpoints(directory, read_only=True)
   try:

@@ -13,13 +13,14 @@ import ml_collections
 import pytest
 from helpers import CLASSES, apply_overrides, make_folder, run_in_repo, tiny_config
 
+from repvgg_jax import checkpointing
 from repvgg_jax.ablate import report as ablation_report
 from repvgg_jax.ablate import rows as ablation_rows
 from repvgg_jax.ablate import runner as ablate
 from repvgg_jax.ablate import stats
 from repvgg_jax.interop import quantize
 from repvgg_jax.model import branches
-from repvgg_jax.train import checkpointing, trainer
+from repvgg_jax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SETS = {

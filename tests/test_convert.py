@@ -10,8 +10,9 @@ import pytest
 from helpers import random_variables, run_in_repo, tiny_config
 
 import repvgg_jax
+from repvgg_jax import checkpointing
 from repvgg_jax.interop import convert, torch_layout, weight_files
-from repvgg_jax.train import checkpointing, trainer
+from repvgg_jax.train import trainer
 
 
 @pytest.fixture(scope='module')

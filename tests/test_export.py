@@ -12,9 +12,10 @@ import pytest
 from helpers import random_variables, relative_error, run_in_repo, tiny_config
 
 import repvgg_jax
+from repvgg_jax import run_files
 from repvgg_jax.interop import checkpoint_io, convert, export
 from repvgg_jax.model import model_from_config
-from repvgg_jax.train import run_files, trainer
+from repvgg_jax.train import trainer
 
 
 @pytest.fixture(scope='module')

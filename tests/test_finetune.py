@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from helpers import CLASSES, checkpoint_params, make_folder, restore_checkpoint, tiny_config
 
-from repvgg_jax import predict
+from repvgg_jax import checkpointing, predict, run_files
 from repvgg_jax.interop import export
 from repvgg_jax.model import create_model
-from repvgg_jax.train import checkpointing, finetune, run_files, trainer
+from repvgg_jax.train import finetune, trainer
 
 STEPS = {'num_train_steps': 4, 'checkpoint_every_steps': 2}
 

@@ -12,9 +12,10 @@ import pytest
 import qwix
 from helpers import checkpoint_params, restore_checkpoint, tiny_config
 
+from repvgg_jax import run_files
 from repvgg_jax.interop import checkpoint_io, convert, quantize
 from repvgg_jax.model import create_model
-from repvgg_jax.train import run_files, trainer
+from repvgg_jax.train import trainer
 
 QAT = {'qat.enabled': True, 'num_train_steps': 4, 'checkpoint_every_steps': 2}
 

@@ -12,8 +12,8 @@ from helpers import relative_error
 torch = pytest.importorskip('torch')
 
 import repvgg_jax  # noqa: E402
+from repvgg_jax import checkpointing  # noqa: E402
 from repvgg_jax.interop import convert, torch_reference  # noqa: E402
-from repvgg_jax.train import checkpointing  # noqa: E402
 
 
 def randomized_torch_model(name, style, deploy, num_classes=10, seed=0):

@@ -36,12 +36,11 @@ from helpers import (
 )
 from tensorflow.core.util import event_pb2
 
-from repvgg_jax import jsonfiles
+from repvgg_jax import checkpointing, jsonfiles
 from repvgg_jax.data import datasets as data
 from repvgg_jax.model import fusion
 from repvgg_jax.perf import xla_cpu
 from repvgg_jax.train import (
-  checkpointing,
   config_checks,
   durations,
   preemption,

@@ -37,8 +37,9 @@ def main(argv):
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes, process_id)
   import helpers
 
+  from repvgg_jax import checkpointing
   from repvgg_jax.data import datasets as data
-  from repvgg_jax.train import checkpointing, trainer
+  from repvgg_jax.train import trainer
 
   delay = float(os.environ.get('REPVGG_TEST_SECONDS_PER_BATCH', 0))
   if delay:

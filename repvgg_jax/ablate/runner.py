@@ -45,7 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from repvgg_jax import jsonfiles  # noqa: E402
+from repvgg_jax import checkpointing, jsonfiles, run_files  # noqa: E402
 from repvgg_jax.ablate import report as ablation_report  # noqa: E402
 from repvgg_jax.ablate import stats  # noqa: E402
 from repvgg_jax.ablate.rows import (  # noqa: E402
@@ -66,7 +66,7 @@ from repvgg_jax.data import datasets as data  # noqa: E402
 from repvgg_jax.interop import checkpoint_io, quantize  # noqa: E402
 from repvgg_jax.model import variants  # noqa: E402
 from repvgg_jax.perf import compile_options  # noqa: E402
-from repvgg_jax.train import checkpointing, config_checks, run_files, trainer  # noqa: E402
+from repvgg_jax.train import config_checks, trainer  # noqa: E402
 
 ROW_FILE = 'ablation_row.json'
 # A run's int8 figures (`int8_results`).

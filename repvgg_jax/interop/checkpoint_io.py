@@ -8,9 +8,9 @@ import os
 import pathlib
 import sys
 
+from repvgg_jax import checkpointing
 from repvgg_jax.interop.torch_layout import ConversionError
 from repvgg_jax.model import fusion, trees, variants
-from repvgg_jax.train import checkpointing
 
 
 def training_checkpoint(

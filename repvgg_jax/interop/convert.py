@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from repvgg_jax import perf
+from repvgg_jax import checkpointing, perf, run_files
 from repvgg_jax.data import MEAN_RGB, STDDEV_RGB
 from repvgg_jax.interop import (
   checkpoint_io,
@@ -45,7 +45,6 @@ from repvgg_jax.model import PAPER_BRANCHES, create_model, fusion, get_variant, 
 from repvgg_jax.model.branches import POST_NORM_KEY, get_branch
 from repvgg_jax.model.network import NUM_STAGES
 from repvgg_jax.perf import compile_options
-from repvgg_jax.train import checkpointing, run_files
 
 
 def _outputs(model, variables, images) -> np.ndarray:

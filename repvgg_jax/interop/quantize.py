@@ -37,9 +37,9 @@ import ml_collections
 import numpy as np
 import qwix
 
+from repvgg_jax import run_files
 from repvgg_jax.interop import checkpoint_io, export
 from repvgg_jax.model import create_model, model_from_config, trees, variants
-from repvgg_jax.train import run_files
 
 MODES = ('static', 'dynamic')
 WEIGHTS_FILE = 'int8.msgpack'

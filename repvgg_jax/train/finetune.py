@@ -19,10 +19,10 @@ import pathlib
 import warnings
 from collections.abc import Sequence
 
+from repvgg_jax import run_files
 from repvgg_jax.interop import checkpoint_io, pretrained
 from repvgg_jax.interop.torch_layout import ConversionError
 from repvgg_jax.model import fusion, network, variants
-from repvgg_jax.train import run_files
 
 
 def check_config(config, resuming: bool = False) -> str | None:

@@ -8,8 +8,9 @@ import pathlib
 
 import jax
 
+from repvgg_jax import checkpointing, run_files
 from repvgg_jax.model import trees
-from repvgg_jax.train import checkpointing, config_checks, run_files, steps
+from repvgg_jax.train import config_checks, steps
 
 
 def state_tree(state: steps.TrainState) -> dict:

@@ -23,12 +23,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from repvgg_jax import jsonfiles, perf
+from repvgg_jax import checkpointing, jsonfiles, perf, run_files
 from repvgg_jax.data import datasets as data
 from repvgg_jax.model import fusion, model_from_config
 from repvgg_jax.perf import compile_options
 from repvgg_jax.train import (
-  checkpointing,
   config_checks,
   finetune,
   optim,
@@ -36,7 +35,6 @@ from repvgg_jax.train import (
   qat,
   reporting,
   resume,
-  run_files,
   steps,
   workdir_lock,
 )
