@@ -1,6 +1,7 @@
 """The fused deploy model computes what the training-time model computes.
 
-Every variant, with random non-trivial BatchNorm statistics, scales and offsets
+Every variant (8 of the 14 with `-m slow`), with random non-trivial BatchNorm
+statistics, scales and offsets
 (`helpers.calibrated_variables`), jitted; relative error of the logits
 ``||deploy - train|| / ||train||``. The models use XLA's convolution, which
 compiles several times faster than im2col; `test_conv.py` shows the two agree.
@@ -60,7 +61,18 @@ def assert_non_trivial(logits):
 
 
 # RepVGG's 13 and the largest QARepVGG (test_qarepvgg.py checks A0 and B1g4 at 48x48).
-@pytest.mark.parametrize('name', [*repvgg_jax.list_models('repvgg'), 'QARepVGG-B3g4'])
+# Those that differ in what fusion meets (A's stages; groups 2 and 4; B3's depth and
+# width) run by default; the other 8 repeat those blocks at other widths (`-m slow`).
+DEFAULT_VARIANTS = 'RepVGG-A0 RepVGG-B1g2 RepVGG-B1g4 RepVGG-B3 RepVGG-B3g4 QARepVGG-B3g4'.split()
+
+
+@pytest.mark.parametrize(
+  'name',
+  [
+    name if name in DEFAULT_VARIANTS else pytest.param(name, marks=pytest.mark.slow)
+    for name in [*repvgg_jax.list_models('repvgg'), 'QARepVGG-B3g4']
+  ],
+)
 def test_every_variant_small_resolution(name):
   # Two images suffice for `assert_non_trivial`; at 32x32 stages 1-3 run at 8x8 to 2x2.
   images, variables, fused = prepare(name, size=32, calibrate=False)
@@ -69,7 +81,7 @@ def test_every_variant_small_resolution(name):
   assert relative_error(logits_of(name, fused, images, deploy=True), train) <= FLOAT32_TOLERANCE
 
 
-@pytest.mark.parametrize('name', ['RepVGG-A0', 'RepVGG-B1g4'])
+@pytest.mark.parametrize('name', ['RepVGG-A0', pytest.param('RepVGG-B1g4', marks=pytest.mark.slow)])
 def test_full_resolution_and_odd_size(name):
   # Calibrated at 224; the same variables serve at 225, which stays odd through
   # four stride-2 stages (225, 113, 57, 29, 15, 8).

@@ -256,6 +256,7 @@ def test_one_and_eight_devices_agree(tmp_path, digits_dir, two_steps):
   assert_trees_close(params_eight, params_one, rtol=1e-5, leaf_rtol=1e-2)
 
 
+@pytest.mark.slow  # By default test_bn_groups_compute_statistics_per_group checks the groups.
 def test_bn_groups_agree_on_one_and_four_devices(tmp_path, digits_dir, two_steps):
   """BatchNorm in groups of 2 consecutive images of the global 16: two groups on each of
   4 devices, all 8 on one (docs/scaling.md).
