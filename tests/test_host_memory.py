@@ -14,7 +14,7 @@ from repvgg_jax.perf import host_memory
 GLIBC = sys.platform == 'linux' and platform.libc_ver()[0] == 'glibc'
 
 # A program with a 64 MiB temporary (cos(x), which the product with a 1024x64 slice
-# of x makes XLA write out), called 24 times in a fresh process; prints whether the
+# of x makes XLA write out), called 40 times in a fresh process; prints whether the
 # settings were made and each call's page faults.
 FAULTS_PER_CALL = textwrap.dedent(
   """
@@ -25,7 +25,7 @@ FAULTS_PER_CALL = textwrap.dedent(
   f = jax.jit(lambda x: jnp.sum(jnp.sin(jnp.cos(x) @ x[0, :, :64])))
   x = jnp.ones((16, 1024, 1024))
   faults = []
-  for _ in range(24):
+  for _ in range(40):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -53,14 +53,14 @@ def test_big_temporaries_are_reused_not_faulted_in_again():
   """Each call faults in its 64 MiB temporary afresh (16,384 pages), unless reused.
 
   With reuse the heap still grows for some calls, until it holds the blocks in
-  every order the two threads ask for them (up to the 14th call in five runs):
-  most of the last 16 calls must fault in nothing.
+  every order the two threads ask for them (up to the 27th call in 13 runs, at most
+  one of the last 24): most of the last 24 calls must fault in nothing.
   """
   applied, plain = _faults_per_call('plain')
-  assert not applied and min(plain[8:]) > 16_384, plain
+  assert not applied and min(plain[16:]) > 16_384, plain
   applied, reuse = _faults_per_call('reuse')
   assert applied
-  assert sum(count < 1_000 for count in reuse[8:]) >= 10, reuse
+  assert sum(count < 1_000 for count in reuse[16:]) >= 16, reuse
 
 
 @pytest.mark.parametrize(
