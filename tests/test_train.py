@@ -627,8 +627,20 @@ def test_a_checkpoint_opened_to_read_logs_no_warning(tmp_path, caplog):
   assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
 
 
+@pytest.fixture
+def ctrl_c_handled():
+  """Python's own Ctrl-C handler for the test. A shell without job control starts
+  background jobs (`pytest ... &` in a script) with SIGINT ignored, which the trainer
+  rightly leaves ignored (test_an_ignored_ctrl_c_stays_ignored)."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, digits_dir, monkeypatch, signum):
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_stops(
+  tmp_path, digits_dir, monkeypatch, ctrl_c_handled, signum
+):
   # The signal arrives while the batch of step 6 is read: that step finishes, then the run stops.
   def signal_at_step_6(step, batch):
     if step == 6:
@@ -675,7 +687,7 @@ def test_an_ignored_ctrl_c_stays_ignored():
     signal.signal(signal.SIGINT, previous)
 
 
-def test_a_second_ctrl_c_interrupts_at_once(tmp_path, digits_dir, monkeypatch):
+def test_a_second_ctrl_c_interrupts_at_once(tmp_path, digits_dir, monkeypatch, ctrl_c_handled):
   """The first Ctrl-C asks for a checkpoint after the step; a second one does not wait."""
 
   def two_ctrl_c_at_step_6(step, batch):
