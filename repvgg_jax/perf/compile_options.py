@@ -1,7 +1,7 @@
 """XLA compiler options for this codebase's jitted programs on CPUs.
 
 Single-device CPU programs get XLA's ``CPU_OPT_PRESET_FAST_COMPILE``, which
-compiles RepVGG's programs about twice as fast as the default preset, and
+compiles RepVGG's programs faster than the default preset, and
 programs whose run time is in library kernels or that run once (the
 initialisation, the training step) also get LLVM's ``-O1`` for the loops XLA
 generates (``light_codegen``). Multi-device programs, other backends and a
@@ -46,9 +46,8 @@ def state_donation(backend: str | None = None) -> tuple[int, ...]:
 
   Donated everywhere but on CPUs. Donating lets the new state overwrite the old
   one; XLA:CPU then copies each kernel that the backward pass still reads after
-  the optimizer has updated it in place, and the digits training step (A0, batch
-  64, 32x32, 2 cores, jax 0.10.2) ran 4-5% slower with donation than without
-  (162-163 against 155-157 ms, medians side by side). On a CPU the second copy of
-  the state costs host memory only.
+  the optimizer has updated it in place, and the digits training step ran slower
+  with donation than without (docs/performance.md, "Compiler options"). On a CPU
+  the second copy of the state costs host memory only.
   """
   return () if (backend or jax.default_backend()) == 'cpu' else (0,)

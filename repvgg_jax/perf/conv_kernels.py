@@ -128,7 +128,7 @@ def im2col_conv(x, kernel, strides, padding, groups: int, precision=None):
   # Tap-major columns (batch, out_h, out_w, tap, channel) match the HWIO kernel's
   # row order. Stacked, not concatenated: through the concatenation XLA:CPU fused
   # each block's output into every tap, recomputing the residual chain before it
-  # (A0 at 32x32 compiled 1.5-3x and ran 1.2-1.6x slower).
+  # (docs/performance.md, "Convolution implementations").
   columns = jnp.stack(taps, axis=3)
   if groups == 1:
     columns = columns.reshape(batch, out_h, out_w, kh * kw * in_channels)
@@ -194,8 +194,8 @@ def winograd_conv(x, kernel, padding, groups: int, precision=None):
   in the transformed tile, computed from strided slices without materializing
   the tiles. Each meets the transformed kernel in one matrix multiply, and
   A^T m A turns the 16 products back into 2x2 output tiles. The 16 arrays are
-  kept apart, not stacked for one batched matmul: with the stack, A0's 14x14
-  layer (batch 32, 192 channels) took 62 ms instead of 35 on XLA:CPU.
+  kept apart, not stacked for one batched matmul, which ran slower on XLA:CPU
+  (docs/performance.md, "Convolution implementations").
   """
   if kernel.shape[:2] != (3, 3):
     raise ValueError(f'Winograd F(2x2, 3x3) needs a 3x3 kernel, got {kernel.shape[:2]}.')
