@@ -136,6 +136,8 @@ def test_train_step_bench_over_devices_and_pytorch():
   assert row['jax']['images_per_sec'] > 0 and row['jax']['roofline_share'] > 0
   assert set(row['torch']) == {'torch_nchw', 'torch_channels_last'}
   assert all(r['logit_rel_error'] <= 1e-5 for r in row['torch'].values())
+  best = max(r['images_per_sec'] for r in row['torch'].values())
+  assert row['jax_over_torch']['train_step'] == row['jax']['images_per_sec'] / best
   assert 'training step' in bench_report.format_train(row)
 
 

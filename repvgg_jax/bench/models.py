@@ -304,15 +304,7 @@ def benchmark_train_step(
   )
   options = {'num_classes': num_classes, 'bn_group_size': bn_group_size}
   state = _initial_state(model, size, mesh, freeze_stages)
-  try:
-    xla_cpu.check_steps_per_call(
-      conv_impl,
-      fusion.block_layers(state.params, size),
-      steps_per_call,
-      'use --steps-per-call 1 or --conv-impl im2col',
-    )
-  except ValueError as error:
-    raise SettingsError(str(error)) from None
+  _check_steps_per_call(conv_impl, state.params, size, steps_per_call)
   shape = (steps_per_call, batch)
   data = {
     'image': jax.random.normal(jax.random.key(2), (*shape, size, size, 3), jnp.float32),
@@ -355,6 +347,28 @@ def benchmark_train_step(
     'steps_per_call': steps_per_call,
     'freeze_stages': freeze_stages,
   }
+  timings = _train_timings(programs, torch_info, medians, batch, steps_per_call, peak_gflops, macs)
+  return {**result, **timings}
+
+
+def _check_steps_per_call(conv_impl: str, params, size: int, steps_per_call: int) -> None:
+  """Raises `SettingsError` where the trainer would refuse ``steps_per_call`` (`xla_cpu`)."""
+  try:
+    xla_cpu.check_steps_per_call(
+      conv_impl,
+      fusion.block_layers(params, size),
+      steps_per_call,
+      'use --steps-per-call 1 or --conv-impl im2col',
+    )
+  except ValueError as error:
+    raise SettingsError(str(error)) from None
+
+
+def _train_timings(programs, torch_info, medians, batch, steps_per_call, peak_gflops, macs):
+  """`benchmark_train_step`'s rates per step from ``medians``: ``jax`` (its calls run
+  ``steps_per_call`` steps), ``jax_single``, and with torch ``torch`` and ``jax_over_torch``.
+  A training step counts as three forward passes of ``macs`` multiply-adds an image."""
+  result = {}
   for key, (_, compiled) in programs.items():
     count = steps_per_call if key == 'jax' else 1
     seconds, all_seconds = medians[key][0] / count, [t / count for t in medians[key][1]]
