@@ -13,7 +13,7 @@ from helpers import random_variables, relative_error, run_in_repo, tiny_config
 
 import repvgg_jax
 from repvgg_jax import run_files
-from repvgg_jax.interop import checkpoint_io, convert, export
+from repvgg_jax.interop import checkpoint_export, checkpoint_io, convert, export
 from repvgg_jax.model import model_from_config
 from repvgg_jax.train import trainer
 
@@ -115,7 +115,7 @@ def test_an_export_that_fails_its_check_leaves_nothing(
   def refuse(path):
     raise RuntimeError('Unsupported model IR version')
 
-  monkeypatch.setattr(convert.onnx_export, 'load_onnx', refuse)
+  monkeypatch.setattr(checkpoint_export.onnx_export, 'load_onnx', refuse)
   out = tmp_path / 'out'
   assert convert.main(['export', str(training_checkpoint[0]), str(out), '--formats', 'onnx']) == 1
   assert capsys.readouterr().err == (
@@ -133,13 +133,13 @@ def test_an_output_in_a_folder_that_cannot_be_written_is_refused(
   access = os.access  # Root writes into 0o555 folders; a read-only mount refuses even root.
   monkeypatch.setattr(os, 'access', lambda path, mode: path != locked and access(path, mode))
   with pytest.raises(convert.ConversionError, match=f'{locked} is not writable: choose'):
-    convert.export_checkpoint(training_checkpoint[0], locked / 'new' / 'out')
+    checkpoint_export.export_checkpoint(training_checkpoint[0], locked / 'new' / 'out')
   assert list(locked.iterdir()) == []
 
 
 def test_an_artifact_for_another_image_size_says_so(tmp_path, training_checkpoint):
   path, _, _ = training_checkpoint
-  meta = convert.export_checkpoint(path, tmp_path / 'out', formats=('jax',), verify=False)
+  meta = checkpoint_export.export_checkpoint(path, tmp_path / 'out', formats=('jax',), verify=False)
   assert meta['artifacts'] == {'jax': 'model.jax_export'}
   serve = export.load_jax_export(tmp_path / 'out')
   with pytest.raises(ValueError, match='32'):
@@ -155,7 +155,7 @@ def test_a_scaled_variant_exports_as_its_run_built_it(tmp_path, digits_dir):
   images = np.random.default_rng(7).standard_normal((3, 32, 32, 3), np.float32)
   deploy_model = model_from_config(config, deploy=True)
   for source, out in ((workdir, 'deploy'), (workdir / 'checkpoints', 'training')):
-    meta = convert.export_checkpoint(source, tmp_path / out, formats=('jax', 'onnx'))
+    meta = checkpoint_export.export_checkpoint(source, tmp_path / out, formats=('jax', 'onnx'))
     assert meta['model'] == 'RepVGG-A0-custom' and meta['image_size'] == 32
     assert meta['classes'] == [str(digit) for digit in range(10)]
     assert max(meta['verify'].values()) <= 1e-5, meta['verify']
@@ -180,7 +180,7 @@ def test_a_scaled_variant_exports_as_its_run_built_it(tmp_path, digits_dir):
     changed['model'][key] = value
     config_file.write_text(json.dumps(changed))
     with pytest.raises(convert.ConversionError, match=message):
-      convert.export_checkpoint(source, tmp_path / f'changed{index}')
+      checkpoint_export.export_checkpoint(source, tmp_path / f'changed{index}')
     assert not (tmp_path / f'changed{index}').exists()
 
 
@@ -198,7 +198,7 @@ def test_a_named_variant_still_takes_its_runs_image_size_and_classes(tmp_path, t
   (run / run_files.CONFIG_FILE).write_text(json.dumps(run_config))
   classes = [f'class {index}' for index in range(10)]
   (run / run_files.CLASSES_FILE).write_text(json.dumps(classes))
-  meta = convert.export_checkpoint(
+  meta = checkpoint_export.export_checkpoint(
     run / 'checkpoints', tmp_path / 'out', model='A0', formats=('jax',), verify=False
   )
   assert (meta['model'], meta['image_size']) == ('RepVGG-A0', 48)
@@ -211,7 +211,7 @@ def test_a_named_variant_still_takes_its_runs_image_size_and_classes(tmp_path, t
     other = json.loads(json.dumps(run_config))
     other['model' if key == 'name' else 'dataset'][key] = value
     (run / run_files.CONFIG_FILE).write_text(json.dumps(other))
-    meta = convert.export_checkpoint(
+    meta = checkpoint_export.export_checkpoint(
       run / 'checkpoints', tmp_path / f'other{index}', model='A0', formats=('jax',), verify=False
     )
     assert meta['image_size'] == 224 and 'classes' not in meta and 'eval_preprocess' not in meta

@@ -8,7 +8,7 @@ import pytest
 from helpers import random_variables, relative_error
 
 import repvgg_jax
-from repvgg_jax.interop import convert, onnx_export
+from repvgg_jax.interop import checkpoint_export, convert, onnx_export
 
 
 def run_onnx(path, images):
@@ -57,7 +57,9 @@ def test_a_backbone_cut_short_exports_the_stages_it_holds(tmp_path):
   backbone = repvgg_jax.create_model('A0', num_classes=0, out_indices=(0, 2))
   variables = random_variables(backbone, (1, 32, 32, 3), seed=6)
   convert._save(tmp_path / 'ckpt', variables, {'model': 'RepVGG-A0', 'image_size': 32})
-  meta = convert.export_checkpoint(tmp_path / 'ckpt', tmp_path / 'out', formats=('jax', 'onnx'))
+  meta = checkpoint_export.export_checkpoint(
+    tmp_path / 'ckpt', tmp_path / 'out', formats=('jax', 'onnx')
+  )
   assert max(meta['verify'].values()) <= 1e-5
   outputs = run_onnx(tmp_path / 'out' / 'model.onnx', np.zeros((2, 32, 32, 3), np.float32))
   assert [o.shape for o in outputs] == [(2, 16, 16, 48), (2, 8, 8, 48), (2, 4, 4, 96)]

@@ -29,7 +29,7 @@ from repvgg_jax import perf
 from repvgg_jax.bench import timing
 from repvgg_jax.bench.models import randomized_variables
 from repvgg_jax.interop import export, onnx_export
-from repvgg_jax.interop.convert import max_relative_difference
+from repvgg_jax.interop.checkpoint_models import max_relative_difference
 from repvgg_jax.model import create_model, fuse_params
 
 TOLERANCE = 1e-4  # Relative logit error a runtime may show against JAX's.
