@@ -22,6 +22,7 @@ from repvgg_jax.bench import deploy as bench_deploy
 from repvgg_jax.bench import input as bench_input
 from repvgg_jax.bench import models as bench_models
 from repvgg_jax.bench import report as bench_report
+from repvgg_jax.bench import suite as bench_suite
 from repvgg_jax.bench import timing as bench_timing
 
 # A0 with one block per stage at quarter width: compiles in seconds.
@@ -238,13 +239,13 @@ def test_markdown_and_figure1(tmp_path):
 def test_the_roofline_times_pytorch_only_where_asked(monkeypatch):
   cpu_row = {'backend': 'cpu', 'dtype': 'float32', 'matmul_by_size': {'8': 1.0}}
   monkeypatch.setattr(bench_timing, 'roofline', lambda dtype, runs: dict(cpu_row))
-  assert 'torch_matmul_gflops_per_sec' not in bench.roofline(with_torch=False)
+  assert 'torch_matmul_gflops_per_sec' not in bench_suite.roofline(with_torch=False)
   if importlib.util.find_spec('torch') is not None:
-    assert bench.roofline(with_torch=True, runs=1)['torch_matmul_gflops_per_sec'] > 0
+    assert bench_suite.roofline(with_torch=True, runs=1)['torch_matmul_gflops_per_sec'] > 0
 
 
 def test_suite_plans_and_writes_its_tables(tmp_path, monkeypatch):
-  infers, trains = bench.suite_plan(on_cpu=False)  # The GPU plan: the issue's figures.
+  infers, trains = bench_suite.suite_plan(on_cpu=False)  # The GPU plan: the issue's figures.
   assert ('A0', 256, 224, 'float32') in infers and ('B0', 256, 224, 'bfloat16') in infers
   assert ('B0', 256, 224, 1000, 'bfloat16', ()) in trains
   fake_roofline = {
@@ -259,14 +260,14 @@ def test_suite_plans_and_writes_its_tables(tmp_path, monkeypatch):
   }
   asked = []
   monkeypatch.setattr(
-    bench, 'roofline', lambda dtype, with_torch: asked.append(with_torch) or fake_roofline
+    bench_suite, 'roofline', lambda dtype, with_torch: asked.append(with_torch) or fake_roofline
   )
   plan = [(TINY, 2, 16, 'float32')], [(TINY, 4, 16, 10, 'float32', ('nchw',))]
-  monkeypatch.setattr(bench, 'suite_plan', lambda on_cpu: plan)
+  monkeypatch.setattr(bench_suite, 'suite_plan', lambda on_cpu: plan)
   with_torch = importlib.util.find_spec('torch') is not None
   # An earlier run's files stay whole and untouched while a run that fails midway
   # leaves its rows so far aside.
-  earlier = {name: f'earlier {name}\n' for name in bench.SUITE_FILES}
+  earlier = {name: f'earlier {name}\n' for name in bench_suite.SUITE_FILES}
   for name, text in earlier.items():
     (tmp_path / name).write_text(text)
 
@@ -274,14 +275,14 @@ def test_suite_plans_and_writes_its_tables(tmp_path, monkeypatch):
     raise KeyboardInterrupt
 
   with monkeypatch.context() as patch:
-    patch.setattr(bench, 'benchmark_train_step', interrupted)
+    patch.setattr(bench_suite, 'benchmark_train_step', interrupted)
     with pytest.raises(KeyboardInterrupt):
-      bench.run_suite(tmp_path, 1, 0, 2, 16, [TINY], with_torch)
+      bench_suite.run_suite(tmp_path, 1, 0, 2, 16, [TINY], with_torch)
   assert {name: (tmp_path / name).read_text() for name in earlier} == earlier
-  partial = jsonfiles.read_jsonl(tmp_path / bench.SUITE_STAGING / 'results.jsonl')
+  partial = jsonfiles.read_jsonl(tmp_path / bench_suite.SUITE_STAGING / 'results.jsonl')
   assert [r['kind'] for r in partial] == ['roofline', 'infer']
-  bench.run_suite(tmp_path, 1, 0, 2, 16, [TINY], with_torch)
-  assert not (tmp_path / bench.SUITE_STAGING).exists()
+  bench_suite.run_suite(tmp_path, 1, 0, 2, 16, [TINY], with_torch)
+  assert not (tmp_path / bench_suite.SUITE_STAGING).exists()
   assert asked == [with_torch, with_torch]
   rows = jsonfiles.read_jsonl(tmp_path / 'results.jsonl')
   assert [r['kind'] for r in rows] == ['roofline', 'infer', 'train']
