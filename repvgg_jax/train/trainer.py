@@ -201,8 +201,8 @@ def _fine_tune_from(config, state: steps.TrainState, replicated: NamedSharding, 
 def _finite(tree) -> bool:
   """Whether every element of a replicated ``tree`` is finite, checked in this process's copy.
 
-  On the host, not jitted: a program reducing each leaf took 0.65 s to compile
-  on a first run (the digits config on 2 cores), NumPy takes milliseconds.
+  On the host, not jitted: compiling a program that reduces each leaf took longer on
+  a first run than NumPy's check (docs/performance.md, "The main command, end to end").
   """
   return all(np.isfinite(np.asarray(x.addressable_data(0))).all() for x in jax.tree.leaves(tree))
 
