@@ -58,7 +58,8 @@ def main(argv):
   if FLAGS.compilation_cache and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(FLAGS.compilation_cache))
     if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:
-      # Under JAX's default (1 s), the fusion, which compiles faster, would compile on every rerun.
+      # The fusion compiles in about a second or less: under JAX's default threshold (1 s)
+      # it would compile again on every rerun (docs/performance.md, "Where the goals stand").
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.1)
   if FLAGS.distributed:
     # Slurm, Open MPI, Kubernetes and Cloud TPU are detected; elsewhere pass the flags.

@@ -162,7 +162,7 @@ def test_a_scaled_variant_exports_as_its_run_built_it(tmp_path, digits_dir):
     assert set(meta['verify']) == {'jax', 'onnx'} | (
       {'fused_vs_training'} if out == 'training' else set()
     )
-  variables = convert.checkpoint_io.fused_variables(workdir)[0]
+  variables = checkpoint_io.fused_variables(workdir)[0]
   expected = deploy_model.apply(variables, images)
   assert relative_error(export.load_jax_export(tmp_path / 'deploy')(images), expected) <= 1e-5
 

@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     return _run_deployment_bench(parser, args)
   if args.command == 'roofline':
     row = suite.roofline(args.dtype)
-    suite.emit(row, bench_report.format_roofline(row), args.json)
+    bench_report.emit(row, bench_report.format_roofline(row), args.json)
     return 0
   _check_model(parser, args.model)
   if args.command == 'deploy':
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
       )
     except SettingsError as error:
       parser.error(str(error))
-    suite.emit(row, bench_report.format_train(row), args.json)
+    bench_report.emit(row, bench_report.format_train(row), args.json)
   else:
     row = benchmark(
       args.model,
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
       with_torch=with_torch,
       **common,
     )
-    suite.emit(row, bench_report.format_infer(row), args.json)
+    bench_report.emit(row, bench_report.format_infer(row), args.json)
   return 0
 
 

@@ -364,10 +364,21 @@ def _check_steps_per_call(conv_impl: str, params, size: int, steps_per_call: int
     raise SettingsError(str(error)) from None
 
 
-def _train_timings(programs, torch_info, medians, batch, steps_per_call, peak_gflops, macs):
-  """`benchmark_train_step`'s rates per step from ``medians``: ``jax`` (its calls run
-  ``steps_per_call`` steps), ``jax_single``, and with torch ``torch`` and ``jax_over_torch``.
-  A training step counts as three forward passes of ``macs`` multiply-adds an image."""
+def _train_timings(
+  programs: dict,
+  torch_info: dict,
+  medians: dict,
+  batch: int,
+  steps_per_call: int,
+  peak_gflops: float | None,
+  macs: int,
+) -> dict:
+  """`benchmark_train_step`'s timings per training step, from the ``medians`` of its calls.
+
+  ``jax`` (whose calls run ``steps_per_call`` steps) and ``jax_single``; with torch,
+  ``torch`` and ``jax_over_torch``. A step counts as three forward passes of ``macs``
+  multiply-adds an image.
+  """
   result = {}
   for key, (_, compiled) in programs.items():
     count = steps_per_call if key == 'jax' else 1

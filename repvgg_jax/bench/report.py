@@ -1,4 +1,5 @@
-"""Benchmark results as terminal tables, markdown and the paper's Figure 1.
+"""Benchmark results as terminal tables (printed, and kept as JSON lines), markdown and the
+paper's Figure 1.
 
 Rows are the dicts `repvgg_jax.bench` returns (``kind`` 'roofline', 'infer',
 'train' or 'layer'), read back from JSON lines with `jsonfiles.read_jsonl`.
@@ -7,6 +8,16 @@ Rows are the dicts `repvgg_jax.bench` returns (``kind`` 'roofline', 'infer',
 from __future__ import annotations
 
 import pathlib
+
+from repvgg_jax import jsonfiles
+
+
+def emit(row: dict, text: str, json_path) -> dict:
+  """Prints ``text``, appends ``row`` to the JSON-lines file ``json_path`` (if any), returns it."""
+  print(text, flush=True)
+  if json_path:
+    jsonfiles.append_jsonl(json_path, row)
+  return row
 
 
 def _mib(num_bytes) -> str:

@@ -1,5 +1,6 @@
 """``python -m repvgg_jax.bench suite``: the performance tables and Figure 1 of this machine,
-and the roofline row that the suite and the ``roofline`` command print."""
+and the roofline row (PyTorch's matmul peak beside it where torch is installed) that the
+suite and the ``roofline`` command print."""
 
 from __future__ import annotations
 
@@ -44,14 +45,6 @@ def torch_available() -> bool:
   except ImportError:
     return False
   return True
-
-
-def emit(row: dict, text: str, json_path) -> dict:
-  """Prints ``text``, appends ``row`` to the JSON-lines file ``json_path`` (if any), returns it."""
-  print(text, flush=True)
-  if json_path:
-    jsonfiles.append_jsonl(json_path, row)
-  return row
 
 
 def suite_plan(on_cpu: bool):
@@ -99,7 +92,7 @@ def run_suite(out_dir, runs: int, warmup: int, figure_batch, figure_size: int, m
   peaks = {}
   for dtype in ('float32',) if on_cpu else ('float32', 'bfloat16'):
     roof = roofline(dtype, with_torch=with_torch)
-    emit(roof, bench_report.format_roofline(roof), results)
+    bench_report.emit(roof, bench_report.format_roofline(roof), results)
     peaks[dtype] = peak_of(roof)
   infers, trains = suite_plan(on_cpu)
   for name, batch, size, dtype in infers:
@@ -113,7 +106,7 @@ def run_suite(out_dir, runs: int, warmup: int, figure_batch, figure_size: int, m
       with_torch=with_torch and dtype == 'float32',  # PyTorch's side runs float32.
       peak_gflops=peaks[dtype],
     )
-    emit(row, bench_report.format_infer(row), results)
+    bench_report.emit(row, bench_report.format_infer(row), results)
   for name, batch, size, classes, dtype, layouts in trains:
     row = benchmark_train_step(
       name,
@@ -127,14 +120,16 @@ def run_suite(out_dir, runs: int, warmup: int, figure_batch, figure_size: int, m
       torch_layouts=layouts,
       peak_gflops=peaks[dtype],
     )
-    emit(row, bench_report.format_train(row), results)
+    bench_report.emit(row, bench_report.format_train(row), results)
   figure_batch = figure_batch or (8 if on_cpu else 128)
   peak = peaks['float32']
   figure_rows = []
   for name in models:
     row = benchmark(name, figure_batch, figure_size, runs=3, warmup=1, peak_gflops=peak)
     row['kind'] = 'infer'
-    figure_rows.append(emit(row, bench_report.format_infer(row), staging / 'figure1.jsonl'))
+    figure_rows.append(
+      bench_report.emit(row, bench_report.format_infer(row), staging / 'figure1.jsonl')
+    )
   bench_report.plot_figure1(figure_rows, staging / 'figure1.png')
   rows = jsonfiles.read_jsonl(results)
   (staging / 'results.md').write_text(

@@ -3,7 +3,7 @@
 For a dataset stored at the model's input size and augmented only by pad-and-crop and
 flips (the digits, CIFAR), rebuilding a tf.data pipeline every epoch and augmenting image
 by image cost more host time than the training step of a small model on a small CPU
-(docs/performance.md, "The main command, end to end"). Here the split is decoded once and
+(docs/performance.md, "Where the goals stand"). Here the split is decoded once and
 each batch is a few vectorized NumPy operations. As on the tf.data path,
 a batch is a pure function of ``(seed, step)``, so a resumed run sees the same pixels; the
 two paths draw different shuffles and crops.
@@ -59,7 +59,7 @@ def normalize(images: np.ndarray) -> np.ndarray:
   out = images.astype(np.float32)
   out /= np.float32(255.0)  # In place: the same float32 operations, without temporaries.
   # Along whole image rows, not broadcast over the last axis of 3: that took several
-  # times as long (docs/performance.md, "The main command, end to end").
+  # times as long (docs/performance.md, "Where the goals stand").
   rows = out.reshape(-1, out.shape[-2] * out.shape[-1])
   width = out.shape[-2]
   rows -= np.tile(_MEAN, width)
@@ -82,7 +82,7 @@ def pad_and_crop(images: np.ndarray, offsets: np.ndarray, pad_pixels: int) -> np
   padding = ((0, 0), (pad_pixels, pad_pixels), (pad_pixels, pad_pixels), (0, 0))
   padded = np.pad(images, padding)
   # One slice per image, not one gather with (B, H, W) index arrays, which took several
-  # times as long (docs/performance.md, "The main command, end to end").
+  # times as long (docs/performance.md, "Where the goals stand").
   return np.stack(
     [padded[i, top : top + height, left : left + width] for i, (top, left) in enumerate(offsets)]
   )

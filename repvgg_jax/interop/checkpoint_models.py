@@ -30,9 +30,9 @@ def random_images(size: int = 64, batch: int = 4, channels: int = 3) -> jax.Arra
   return jax.random.normal(jax.random.key(0), (batch, size, size, channels))
 
 
-def flat(outputs) -> np.ndarray:
+def flat(tree) -> np.ndarray:
   """Outputs (logits, or the stage outputs of a backbone) as one float64 row per example."""
-  leaves = [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(outputs)]
+  leaves = [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(tree)]
   return np.concatenate([leaf.reshape(len(leaf), -1) for leaf in leaves], axis=1)
 
 

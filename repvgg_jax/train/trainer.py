@@ -202,7 +202,7 @@ def _finite(tree) -> bool:
   """Whether every element of a replicated ``tree`` is finite, checked in this process's copy.
 
   On the host, not jitted: compiling a program that reduces each leaf took longer on
-  a first run than NumPy's check (docs/performance.md, "The main command, end to end").
+  a first run than NumPy's check (docs/performance.md, "Where the goals stand").
   """
   return all(np.isfinite(np.asarray(x.addressable_data(0))).all() for x in jax.tree.leaves(tree))
 
