@@ -1,10 +1,10 @@
 """The fused deploy model computes what the training-time model computes.
 
 Every variant (8 of the 14 with `-m slow`), with random non-trivial BatchNorm
-statistics, scales and offsets
-(`helpers.calibrated_variables`), jitted; relative error of the logits
-``||deploy - train|| / ||train||``. The models use XLA's convolution, which
-compiles several times faster than im2col; `test_conv.py` shows the two agree.
+statistics, scales and offsets (`helpers.calibrated_variables`), jitted; relative
+error of the logits ``||deploy - train|| / ||train||``. The models use XLA's
+convolution, which compiles several times faster than im2col; `test_conv.py` shows
+the two agree.
 """
 
 import jax
