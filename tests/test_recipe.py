@@ -77,7 +77,7 @@ def test_train_step_updates_the_moving_average():
   config = tiny_config()
   model = trainer.build_model(config, train=True)
   tx = steps.optax.sgd(0.1)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   state = steps.TrainState.create(
     apply_fn=model.apply,
     params=variables['params'],
@@ -87,9 +87,8 @@ def test_train_step_updates_the_moving_average():
   )
   images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   batch = {'image': images, 'label': jnp.arange(4)}
-  new, _ = steps.train_step(
-    state, batch, jax.random.key(2), model=model, num_classes=10, ema_decay=0.75
-  )
+  step = jax.jit(lambda *args: steps.train_step(*args, model=model, num_classes=10, ema_decay=0.75))
+  new, _ = step(state, batch, jax.random.key(2))
   current = {'params': new.params, 'batch_stats': new.batch_stats}
   expected = jax.tree.map(lambda e, v: 0.75 * e + 0.25 * v, state.ema, current)
   for a, b in zip(jax.tree.leaves(new.ema), jax.tree.leaves(expected), strict=True):
