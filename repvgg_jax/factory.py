@@ -37,5 +37,14 @@ def create_model(
   from repvgg_jax.interop.pretrained import load_pretrained
 
   images = jnp.zeros((1, 32, 32, model.in_channels))
-  variables = jax.jit(model.init)(jax.random.key(seed), images)
-  return model, load_pretrained(variables, pretrained)
+  init = lambda: model.init(jax.random.key(seed), images)
+  # The weights replace every leaf but a classifier of another number of classes:
+  # the model is initialised (compiled and run) only when one is left.
+  variables = load_pretrained(jax.eval_shape(init), pretrained)
+  if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(variables)):
+    variables = jax.tree.map(_unless_abstract, variables, jax.jit(init)())
+  return model, variables
+
+
+def _unless_abstract(leaf, initial):
+  return initial if isinstance(leaf, jax.ShapeDtypeStruct) else leaf

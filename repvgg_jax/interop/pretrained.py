@@ -81,7 +81,9 @@ def load_weights(
   Args:
     variables: of a RepVGG (a classifier, or a backbone: ``num_classes=0``,
       any ``out_indices``), training-time or deploy, or of a network holding
-      one at ``at``; e.g. from ``init``.
+      one at ``at``; e.g. from ``init``, or only their shapes (from
+      `jax.eval_shape`), which saves initialising the network: the leaves the
+      weights do not replace then stay abstract.
     weights: ``{'params'[, 'batch_stats']}`` of a RepVGG, e.g. from `read_weights`.
     source: where the weights come from (a weight file or checkpoint, see the
       module docstring), for the errors.
@@ -122,11 +124,15 @@ def load_weights(
     )
   result = dict(variables)
   for collection, tree in weights.items():
-    tree = jax.tree.map(jnp.asarray, tree)
+    tree = jax.tree.map(_array_unless_abstract, tree)
     result[collection] = (
       trees.replace_subtrees(variables[collection], {path: tree}) if path else tree
     )
   return result
+
+
+def _array_unless_abstract(leaf):
+  return leaf if isinstance(leaf, jax.ShapeDtypeStruct) else jnp.asarray(leaf)
 
 
 def _at(variables: Mapping[str, Any], path: tuple[str, ...]) -> dict:
