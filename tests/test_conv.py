@@ -40,20 +40,20 @@ def assert_matches_xla(kwargs, conv_impl, shape):
   """``conv.KernelConv`` with ``conv_impl`` gives `nn.Conv`'s variables, values and gradients."""
   xla, other = nn.Conv(**kwargs), conv.KernelConv(**kwargs, conv_impl=conv_impl)
   x = jax.random.normal(jax.random.key(0), shape)
-  variables = xla.init(jax.random.key(1), x)
+  variables = jax.jit(xla.init)(jax.random.key(1), x)
   variables = jax.tree.map(lambda a: a + 0.1, variables)  # A non-zero bias too.
-  assert jax.tree.map(jnp.shape, other.init(jax.random.key(1), x)) == jax.tree.map(
+  assert jax.tree.map(jnp.shape, jax.eval_shape(other.init, jax.random.key(1), x)) == jax.tree.map(
     jnp.shape, variables
   )
-  expected, actual = xla.apply(variables, x), other.apply(variables, x)
+  expected, actual = jax.jit(xla.apply)(variables, x), jax.jit(other.apply)(variables, x)
   assert actual.shape == expected.shape
   assert relative_error(actual, expected) <= 1e-6
 
   def loss(module, v, inputs):
     return jnp.sum(jnp.sin(module.apply(v, inputs)))
 
-  grads_xla = jax.grad(lambda v, i: loss(xla, v, i), argnums=(0, 1))(variables, x)
-  grads_other = jax.grad(lambda v, i: loss(other, v, i), argnums=(0, 1))(variables, x)
+  gradients = lambda module: jax.jit(jax.grad(lambda v, i: loss(module, v, i), argnums=(0, 1)))
+  grads_xla, grads_other = gradients(xla)(variables, x), gradients(other)(variables, x)
   for a, b in zip(jax.tree.leaves(grads_other), jax.tree.leaves(grads_xla), strict=True):
     assert relative_error(a, b) <= 1e-5
 
