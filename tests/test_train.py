@@ -43,9 +43,11 @@ from repvgg_jax.perf import xla_cpu
 from repvgg_jax.train import (
   config_checks,
   durations,
+  evaluation,
   preemption,
   reporting,
   resume,
+  saving,
   steps,
   trainer,
   workdir_lock,
@@ -982,7 +984,7 @@ def test_a_failed_evaluation_keeps_its_checkpoint_and_is_redone_on_resume(
   """Evaluations at steps 2, 4 and 6. The first run fails at step 2's, after its
   checkpoint; the second redoes it and fails at step 6's, the last; the third
   evaluates step 6 and reports the training rate that the second one measured."""
-  evaluate, calls = trainer.evaluate, []
+  evaluate, calls = evaluation.evaluate, []
 
   def fail_after(successes):
     def evaluate_or_fail(*args):
@@ -998,7 +1000,7 @@ def test_a_failed_evaluation_keeps_its_checkpoint_and_is_redone_on_resume(
   for successes, failed_at in ((0, 2), (2, 6)):
     calls.clear()
     with monkeypatch.context() as patched:
-      patched.setattr(trainer, 'evaluate', fail_after(successes))
+      patched.setattr(evaluation, 'evaluate', fail_after(successes))
       with pytest.raises(RuntimeError, match='damaged'):
         trainer.train_and_evaluate(config, tmp_path)
     ckpt = checkpointing.Checkpoints(tmp_path / 'checkpoints', read_only=True)
@@ -1064,7 +1066,7 @@ def test_statistics_that_are_not_finite_are_not_checkpointed():
   )
   ckpt = types.SimpleNamespace(latest_step=lambda: 4)
   with pytest.raises(trainer.TrainingDivergedError, match='batch_stats are not finite after'):
-    trainer._save(ckpt, state, 6, {}, run=None)
+    saving.save_checkpoint(ckpt, state, 6, {}, run=None)
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, digits_dir, monkeypatch):

@@ -9,7 +9,6 @@ one; at the end the fused deploy model is saved to ``workdir/deploy``.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import json
@@ -29,12 +28,14 @@ from repvgg_jax.model import fusion, model_from_config
 from repvgg_jax.perf import compile_options
 from repvgg_jax.train import (
   config_checks,
+  evaluation,
   finetune,
   optim,
   preemption,
   qat,
   reporting,
   resume,
+  saving,
   steps,
   workdir_lock,
 )
@@ -106,46 +107,6 @@ def create_state(config, model, tx, mesh, sample_shape) -> steps.TrainState:
   return init_fn(jax.random.key(config.seed))
 
 
-def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
-def evaluate(
-  config, eval_fn, fuse_fn, state, sharding, stop_request=None
-) -> dict[str, float] | None:
-  """Top-1 and top-5 of the training-time and fused models over the eval split; with
-  a moving average of the weights, of its two models too (``eval/ema_...``), in the
-  same pass over the images.
-
-  With a ``stop_request`` (a `preemption.Preemption`; one process only, as the others
-  would wait for it) a SIGTERM or Ctrl-C abandons the evaluation between batches and
-  None is returned: a long evaluation must not outlast a scheduler's grace period.
-  """
-  weights = {'eval/': {'params': state.params, 'batch_stats': state.batch_stats}}
-  if state.ema is not None:
-    weights['eval/ema_'] = state.ema
-  stopped = lambda: stop_request is not None and stop_request.requested
-  if stopped():
-    return None
-  fused = {prefix: fuse_fn(variables) for prefix, variables in weights.items()}
-  totals = dict.fromkeys(weights)
-  for batch in data.eval_batches(config.dataset, global_batch_size=config.eval_batch_size):
-    if stopped():
-      return None
-    batch = _global_batch(batch, sharding)
-    for prefix, variables in weights.items():
-      counts = eval_fn(variables, fused[prefix], batch)
-      totals[prefix] = (
-        counts if totals[prefix] is None else jax.tree.map(jnp.add, totals[prefix], counts)
-      )
-  metrics = {}
-  for prefix, total in jax.device_get(totals).items():
-    count = max(int(total['count']), 1)
-    names = ('top1', 'top5', 'loss', 'top1_fused', 'top5_fused')
-    metrics |= {f'{prefix}{name}': float(total[name]) / count for name in names}
-  return metrics
-
-
 def _compile_steps(config, model, eval_model, deploy_model, mesh):
   """The jitted training steps, eval step and fusion, with the batches' shardings.
 
@@ -196,15 +157,6 @@ def _fine_tune_from(config, state: steps.TrainState, replicated: NamedSharding, 
   # The average starts where training does, in buffers of its own (the state is donated).
   ema = None if state.ema is None else jax.tree.map(jnp.copy, variables)
   return state.replace(params=variables['params'], batch_stats=variables['batch_stats'], ema=ema)
-
-
-def _finite(tree) -> bool:
-  """Whether every element of a replicated ``tree`` is finite, checked in this process's copy.
-
-  On the host, not jitted: compiling a program that reduces each leaf took longer on
-  a first run than NumPy's check (docs/performance.md, "Where the goals stand").
-  """
-  return all(np.isfinite(np.asarray(x.addressable_data(0))).all() for x in jax.tree.leaves(tree))
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
@@ -298,7 +250,7 @@ def _train_and_evaluate(config, classes, schedule: Schedule, workdir: pathlib.Pa
       if qat_enabled(config) or config.get('init_from'):
         state = _fine_tune_from(config, state, NamedSharding(mesh, P()), classes)
     except ConfigError:
-      _close_quietly(ckpt)
+      saving.close_quietly(ckpt)
       raise
   else:
     config = resume.with_saved_sources(config, workdir)
@@ -329,13 +281,13 @@ def _train_and_evaluate(config, classes, schedule: Schedule, workdir: pathlib.Pa
   finally:
     stop_request.restore()
     run.close()
-    _close_quietly(ckpt)
+    saving.close_quietly(ckpt)
   summary = run.summary(step)
   if step == start_step:  # Nothing trained (a finished run run again): its rate stands.
     summary['train_images_per_sec'] = _logged_rate(workdir, step, restored_meta)
   if preempted:
     return {**summary, 'preempted': stop_request.received}
-  _save_deploy(config, workdir, fuse_fn, state, step, meta)
+  saving.save_deploy(config, workdir, fuse_fn, state, step, meta)
   if jax.process_index() == 0:
     jsonfiles.write_json(workdir / 'summary.json', summary)
   return summary
@@ -354,7 +306,7 @@ def _loop(config, schedule, run, ckpt, state, step, stop_request, compiled, meta
 
   def evaluated() -> bool:
     """Evaluates and logs the state at ``step``; False where a signal cut it short."""
-    metrics = evaluate(config, eval_fn, fuse_fn, state, sharded, interruptible)
+    metrics = evaluation.evaluate(config, eval_fn, fuse_fn, state, sharded, interruptible)
     if metrics is not None:
       run.log_eval(step, metrics)
     return metrics is not None
@@ -364,7 +316,7 @@ def _loop(config, schedule, run, ckpt, state, step, stop_request, compiled, meta
   while step < schedule.total_steps:
     count = schedule.steps_in_call(step)
     train_fn, batch_sharding = train_fns[count]
-    batch = _global_batch(_next_batches(batches, count), batch_sharding)
+    batch = evaluation.global_batch(_next_batches(batches, count), batch_sharding)
     state, metrics = train_fn(state, batch, mixup_rng)
     step += count
     run.pending.append(metrics)
@@ -374,7 +326,7 @@ def _loop(config, schedule, run, ckpt, state, step, stop_request, compiled, meta
       ckpt.check()  # A failed background save stops the run here, not at the next save.
       run.log_train(step, ckpt.latest_step())
     if save:
-      _save(ckpt, state, step, meta, run)
+      saving.save_checkpoint(ckpt, state, step, meta, run)
       if evaluate_now:  # Written before the evaluation: one that fails costs no training.
         ckpt.wait()
     evaluation_left = evaluate_now and not evaluated()
@@ -384,7 +336,7 @@ def _loop(config, schedule, run, ckpt, state, step, stop_request, compiled, meta
     if stop and run.pending:  # The steps since the last log are logged, not lost.
       run.log_train(step, ckpt.latest_step())
     if stop and not save:
-      _save(ckpt, state, step, meta, run)
+      saving.save_checkpoint(ckpt, state, step, meta, run)
     if stop:
       return _stopped(run, stop_request, ckpt, state, step, evaluation_left)
   # Restarted after the last step: evaluate for the summary.
@@ -417,21 +369,6 @@ def _evaluation_missed(run, schedule, step: int) -> bool:
   return missed
 
 
-def _save(ckpt: checkpointing.Checkpoints, state, step: int, meta: dict, run) -> None:
-  """Checkpoints ``state`` at ``step`` in the background; refuses non-finite parameters
-  or BatchNorm statistics (activations that overflowed leave the parameters finite)."""
-  for part in ('params', 'batch_stats'):
-    if not _finite(getattr(state, part)):
-      raise TrainingDivergedError(
-        f'The {part} are not finite after step {step}: not checkpointed; the last good '
-        f'checkpoint (step {ckpt.latest_step()}) is kept. Lower optimizer.learning_rate.'
-      )
-  # With the rate so far, which a rerun reports if the final evaluation fails.
-  rate = {'train_images_per_sec': run.images_per_sec()}
-  ckpt.save(step, resume.state_tree(state), {**meta, 'step': step, **rate})
-  run.throughput.lap(0)  # Checkpointing time is not training time.
-
-
 def _logged_rate(workdir: pathlib.Path, step: int, checkpoint_meta: dict) -> float | None:
   """The training rate of a finished run of ``step`` steps: the one its summary.json
   gives, or where it wrote none (its final evaluation failed), the one its last
@@ -445,45 +382,9 @@ def _logged_rate(workdir: pathlib.Path, step: int, checkpoint_meta: dict) -> flo
   return checkpoint_meta.get('train_images_per_sec')
 
 
-def _close_quietly(ckpt: checkpointing.Checkpoints) -> None:
-  """Finishes and closes the checkpoints; a failure was reported already, or is being."""
-  with contextlib.suppress(Exception):
-    ckpt.wait()
-  with contextlib.suppress(Exception):
-    ckpt.close()
-
-
 def _next_batches(batches, count: int) -> dict:
   """The next batch, or the next ``count`` stacked on a leading axis."""
   if count == 1:
     return next(batches)
   parts = [next(batches) for _ in range(count)]
   return {key: np.stack([part[key] for part in parts]) for key in parts[0]}
-
-
-def _save_deploy(config, workdir: pathlib.Path, fuse_fn, state, step: int, meta: dict) -> None:
-  """Saves the fused deploy variables next to the training checkpoints (once per step):
-  ``deploy/``, and ``deploy_ema/`` from the moving average when the run keeps one."""
-  models = {'deploy': {'params': state.params, 'batch_stats': state.batch_stats}}
-  if state.ema is not None:
-    models['deploy_ema'] = state.ema
-  meta = {
-    **meta,
-    'deploy': True,
-    'num_classes': config.dataset.num_classes,
-    'step': step,
-  }
-  for name, variables in models.items():
-    ckpt = checkpointing.Checkpoints(workdir / name, keep=1)
-    try:
-      if ckpt.latest_step() != step:
-        ckpt.save(step, fuse_fn(variables), {**meta, 'ema': name == 'deploy_ema'})
-        ckpt.wait()
-    except checkpointing.CheckpointWriteError as error:  # It names no training checkpoint.
-      _close_quietly(ckpt)
-      raise checkpointing.CheckpointWriteError(
-        f'Saving the fused model of step {step} to {workdir / name} failed: '
-        f'{checkpointing.root_cause(error.__cause__ or error)}. The training checkpoint of '
-        f'step {step} is kept; fix the cause and run the same command to write the fused model.'
-      ) from error
-    ckpt.close()
