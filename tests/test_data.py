@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from repvgg_jax.data import MEAN_RGB, STDDEV_RGB, in_memory, input_pipeline
+from repvgg_jax.data import MEAN_RGB, STDDEV_RGB, in_memory, input_pipeline, tfds_builder
 from repvgg_jax.data import datasets as data
 from repvgg_jax.data import digits as digits_dataset
 
@@ -59,7 +59,7 @@ def test_runs_sharing_a_data_dir_prepare_it_once(tmp_path, monkeypatch):
   what the first prepared. Threads stand for the processes: each opens the lock anew."""
   import threading
 
-  prepare, prepared, inside, most_inside = data._prepare, [], [], []
+  prepare, prepared, inside, most_inside = tfds_builder._prepare, [], [], []
 
   def slow_prepare(builder, download_config):
     inside.append(builder.name)
@@ -69,7 +69,7 @@ def test_runs_sharing_a_data_dir_prepare_it_once(tmp_path, monkeypatch):
     prepared.append(builder.name)
     inside.pop()
 
-  monkeypatch.setattr(data, '_prepare', slow_prepare)
+  monkeypatch.setattr(tfds_builder, '_prepare', slow_prepare)
   config, errors = _config(data_dir=str(tmp_path)), []
 
   def run():
@@ -93,7 +93,7 @@ def test_a_data_dir_that_cannot_be_locked_is_prepared_unguarded(tmp_path, monkey
   def no_locks(file, operation):
     raise OSError(errno.ENOLCK, 'No locks available')
 
-  monkeypatch.setattr(data.fcntl, 'flock', no_locks)
+  monkeypatch.setattr(tfds_builder.fcntl, 'flock', no_locks)
   assert data.get_builder(_config(data_dir=str(tmp_path))).is_prepared()
 
 
