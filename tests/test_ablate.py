@@ -18,7 +18,7 @@ from repvgg_jax.ablate import report as ablation_report
 from repvgg_jax.ablate import rows as ablation_rows
 from repvgg_jax.ablate import runner as ablate
 from repvgg_jax.ablate import stats
-from repvgg_jax.interop import quantize
+from repvgg_jax.interop import quantize_checkpoint
 from repvgg_jax.model import branches
 from repvgg_jax.train import trainer
 
@@ -251,7 +251,7 @@ def test_int8_top1_is_in_every_record_as_the_quantize_command_measures_it(finish
   none = runs['none'][0]
   assert {k: v for k, v in none.items() if 'int8' not in k} == finished.first_none
   for name, seed in (('none', 0), ('paper', 1)):
-    meta = quantize.quantize_checkpoint(
+    meta = quantize_checkpoint.quantize_checkpoint(
       finished.workdir / name / f'seed{seed}', tmp_path / f'{name}{seed}', calibration_batches=1
     )
     assert runs[name][seed]['top1_int8'] == meta['int8_top1']

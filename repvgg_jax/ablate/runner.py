@@ -63,7 +63,7 @@ from repvgg_jax.ablate.rows import (  # noqa: E402
 )
 from repvgg_jax.bench import timing as bench_timing  # noqa: E402
 from repvgg_jax.data import datasets as data  # noqa: E402
-from repvgg_jax.interop import checkpoint_io, quantize  # noqa: E402
+from repvgg_jax.interop import checkpoint_io, quantize_checkpoint  # noqa: E402
 from repvgg_jax.model import variants  # noqa: E402
 from repvgg_jax.perf import compile_options  # noqa: E402
 from repvgg_jax.train import config_checks, trainer  # noqa: E402
@@ -190,7 +190,7 @@ def int8_results(config, directory: pathlib.Path, calibration_batches: int) -> d
     config: the run's training config.
     directory: the run's directory; its ``deploy/`` checkpoint is quantized.
     calibration_batches: training batches that calibrate the static activation
-      ranges (`quantize.quantize_and_evaluate`; int8 weights per output channel).
+      ranges (`quantize_checkpoint.quantize_and_evaluate`; int8 weights per output channel).
 
   Returns:
     ``top1_int8`` (over the eval split), ``int8_logit_rel_error`` (to the float
@@ -201,7 +201,7 @@ def int8_results(config, directory: pathlib.Path, calibration_batches: int) -> d
   """
   try:
     fused = checkpoint_io.restore(directory / 'deploy')[0]
-    _, results = quantize.quantize_and_evaluate(
+    _, results = quantize_checkpoint.quantize_and_evaluate(
       config, {'params': fused['params']}, calibration_batches=calibration_batches
     )
   except (FileNotFoundError, ValueError) as error:  # QuantizationError is a ValueError.

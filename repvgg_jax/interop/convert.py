@@ -14,7 +14,7 @@
 ``export`` (`repvgg_jax.interop.checkpoint_export`) writes the artifacts of
 `repvgg_jax.interop.export`. These three run the source and the result on a random
 batch and report the largest relative difference of their outputs; ``quantize``
-evaluates both models (`repvgg_jax.interop.quantize`).
+evaluates both models (`repvgg_jax.interop.quantize_checkpoint`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from repvgg_jax.interop import (
   checkpoint_io,
   checkpoint_models,
   export,
-  quantize,
+  quantize_checkpoint,
   torch_layout,
   weight_files,
 )
@@ -230,7 +230,7 @@ def _run(args) -> dict:
   if args.command == 'fuse':
     return fuse_checkpoint(args.checkpoint, args.output, args.model)
   if args.command == 'quantize':
-    return quantize.quantize_checkpoint(
+    return quantize_checkpoint.quantize_checkpoint(
       args.source,
       args.output,
       calibration_batches=args.calibration_batches,
