@@ -48,11 +48,11 @@ def _deploy_model(path: pathlib.Path, params, run: tuple[pathlib.Path, dict] | N
   variant whose shapes the tree has."""
   import ml_collections
 
-  from repvgg_jax.model import create_model, fusion, model_from_config
+  from repvgg_jax.model import create_model, model_from_config, shapes
 
   if run is not None:
     return model_from_config(ml_collections.ConfigDict(run[1]), deploy=True, dtype='float32')
-  name = fusion.identify_variant(params)
+  name = shapes.identify_variant(params)
   if name is None:
     raise PredictError(f'{path} holds no known variant and has no config.json beside it.')
   num_classes = int(params['linear']['kernel'].shape[1])

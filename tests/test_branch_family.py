@@ -19,7 +19,7 @@ from helpers import random_variables, relative_error
 import repvgg_jax
 from repvgg_jax import model as model_lib
 from repvgg_jax import perf
-from repvgg_jax.model import branches, fusion, reparam_family, trees
+from repvgg_jax.model import branches, fusion, reparam_family, shapes, trees
 
 FLOAT32_TOLERANCE = 1e-5
 NEW_KINDS = ('conv1x3', 'conv3x1', 'dbb_avg', 'dbb_1x1_3x3', 'parallel3x3_k4')
@@ -287,15 +287,15 @@ def test_grouped_tree_architecture_and_fused_structure():
   branch_set = ('conv3x3', 'conv1x1', 'identity', *NEW_KINDS)
   model = repvgg_jax.create_model(variant, num_classes=10, branches=branch_set)
   deploy = repvgg_jax.create_model(variant, num_classes=10, deploy=True)
-  shapes = lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 15, 15, 3))))
-  training = shapes(model)
+  abstract = lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 15, 15, 3))))
+  training = abstract(model)
   expected = list(variant.blocks())
   assert [g for *_, g in expected] == [1, 1, 2, 1, 2, 1, 2]
-  assert fusion.architecture(training['params']) == expected
+  assert shapes.architecture(training['params']) == expected
   fused = jax.eval_shape(repvgg_jax.fuse_params, training)
-  assert fusion.architecture(fused['params']) == expected
+  assert shapes.architecture(fused['params']) == expected
   assert jax.tree.map(lambda a: (a.shape, a.dtype), fused) == jax.tree.map(
-    lambda a: (a.shape, a.dtype), shapes(deploy)
+    lambda a: (a.shape, a.dtype), abstract(deploy)
   )
 
 

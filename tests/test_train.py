@@ -38,7 +38,7 @@ from tensorflow.core.util import event_pb2
 
 from repvgg_jax import checkpointing, jsonfiles
 from repvgg_jax.data import datasets as data
-from repvgg_jax.model import fusion
+from repvgg_jax.model import shapes
 from repvgg_jax.perf import xla_cpu
 from repvgg_jax.train import (
   config_checks,
@@ -221,7 +221,7 @@ def test_xla_convolutions_in_a_multi_step_call_are_refused_on_cpus():
   # 'auto' keeps XLA's convolution off 16x16 maps.
   config_checks.check_steps_per_call(config, params)
   config.dataset.image_size = 224  # Its 28x28 and 14x14 stride-1 blocks would use it.
-  layers = fusion.block_layers(params, 224)
+  layers = shapes.block_layers(params, 224)
   assert xla_cpu.xla_convolutions_in_training('auto', layers)[0] == 'block 4 (28x28, 96->96)'
   with pytest.raises(trainer.ConfigError, match="steps_per_call=1, or model.conv_impl='im2col'"):
     config_checks.check_steps_per_call(config, params)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 import repvgg_jax
-from repvgg_jax.model import fusion, variants
+from repvgg_jax.model import shapes, variants
 
 # ../shared/SPEC.md section 5: (deploy, training-time trainable) with 1000 classes.
 PARAM_COUNTS = {
@@ -62,9 +62,9 @@ def test_any_input_channels_and_a_backbone_cut_short_name_their_variant():
   assert repvgg_jax.identify_variant(fused['params']) == 'RepVGG-B1g2'
   short = repvgg_jax.create_model('B1g2', num_classes=0, out_indices=(0, 1, 2), deploy=True)
   params = short.abstract_variables()['params']
-  assert fusion.has_shapes_of(params, 'B1g2') and fusion.has_shapes_of(params, 'QARepVGG-B1g2')
-  assert not fusion.has_shapes_of(params, 'B1') and not fusion.has_shapes_of(params, 'B1g4')
-  assert not fusion.has_shapes_of(grey['params'], 'B1g4')
+  assert shapes.has_shapes_of(params, 'B1g2') and shapes.has_shapes_of(params, 'QARepVGG-B1g2')
+  assert not shapes.has_shapes_of(params, 'B1') and not shapes.has_shapes_of(params, 'B1g4')
+  assert not shapes.has_shapes_of(grey['params'], 'B1g4')
 
 
 @pytest.mark.parametrize('alias', ['RepVGG-B1g4', 'b1g4', 'B1G4', 'repvgg_b1g4', ' RepVGG-b1g4 '])

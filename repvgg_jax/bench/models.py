@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from repvgg_jax import perf
 from repvgg_jax.bench.timing import compiled_forward, count_macs, interleaved_medians, temp_bytes
-from repvgg_jax.model import create_model, fusion, variants
+from repvgg_jax.model import create_model, fusion, shapes, variants
 from repvgg_jax.perf import compile_options, host_memory, xla_cpu
 from repvgg_jax.train import optim
 
@@ -356,7 +356,7 @@ def _check_steps_per_call(conv_impl: str, params, size: int, steps_per_call: int
   try:
     xla_cpu.check_steps_per_call(
       conv_impl,
-      fusion.block_layers(params, size),
+      shapes.block_layers(params, size),
       steps_per_call,
       'use --steps-per-call 1 or --conv-impl im2col',
     )

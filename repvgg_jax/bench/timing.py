@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
 
-from repvgg_jax.model import create_model, fusion
+from repvgg_jax.model import create_model, shapes
 from repvgg_jax.perf import compile_options, host_memory
 from repvgg_jax.perf.conv_kernels import (
   KernelConv,
@@ -172,7 +172,7 @@ def benchmark_layers(
   deploy = create_model(name, deploy=True)
   params = deploy.abstract_variables(size)['params']
   rows, seen = [], set()
-  for side, block in fusion.block_layers(params, size):
+  for side, block in shapes.block_layers(params, size):
     layer = (side, block.in_channels, block.out_channels, block.groups, block.stride)
     if layer not in seen:
       seen.add(layer)

@@ -10,7 +10,7 @@ import sys
 
 from repvgg_jax import checkpointing
 from repvgg_jax.interop.torch_layout import ConversionError
-from repvgg_jax.model import fusion, trees, variants
+from repvgg_jax.model import fusion, shapes, trees, variants
 
 
 def training_checkpoint(
@@ -94,9 +94,9 @@ def variant_held(params, saved: dict) -> str | None:
   where its shapes are that variant's (a custom width is not), else the one its shapes
   tell (a fused QARepVGG's are RepVGG's), or None."""
   name = saved.get('model')
-  if isinstance(name, str) and name in variants.VARIANTS and fusion.has_shapes_of(params, name):
+  if isinstance(name, str) and name in variants.VARIANTS and shapes.has_shapes_of(params, name):
     return name
-  return fusion.identify_variant(params)
+  return shapes.identify_variant(params)
 
 
 def _training_variables(state: dict) -> dict | None:
@@ -113,14 +113,14 @@ def deploy_variables(path: pathlib.Path, model: str | None):
   """``(variant, deploy variables, training variables or None, saved metadata)`` of
   the checkpoint at ``path``; a training checkpoint is fused here."""
   state, saved = restore(path)
-  name = model or saved.get('model') or fusion.identify_variant(state['params'])
+  name = model or saved.get('model') or shapes.identify_variant(state['params'])
   if name is None:
     raise ConversionError(f'{path} does not say which variant it holds: give it with --model.')
   training = _training_variables(state)
   if training is not None:
     return name, fusion.fuse_params(training, model=name), training, saved
-  if not fusion.has_shapes_of(state['params'], name):
-    looks_like = fusion.identify_variant(state['params'])
+  if not shapes.has_shapes_of(state['params'], name):
+    looks_like = shapes.identify_variant(state['params'])
     raise ConversionError(f'{path} holds {looks_like or "no known variant"}, not {name}.')
   return name, {'params': state['params']}, None, saved
 

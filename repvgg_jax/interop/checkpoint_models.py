@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 
 from repvgg_jax import perf
-from repvgg_jax.model import PAPER_BRANCHES, create_model, fusion, model_from_config
+from repvgg_jax.model import PAPER_BRANCHES, create_model, model_from_config, shapes, trees
 from repvgg_jax.model.branches import POST_NORM_KEY, get_branch
 from repvgg_jax.model.network import NUM_STAGES
 from repvgg_jax.perf import compile_options
@@ -66,8 +66,8 @@ def _branches_per_stage(params) -> list[tuple[str, ...]]:
   plain 1x1 for its 1x1-plus-identity) is left to the kind it stands in for.
   """
   stages: dict[int, set[str]] = {}
-  for key in fusion.block_keys(params):
-    stage, _ = fusion.block_position(key)
+  for key in trees.block_keys(params):
+    stage, _ = trees.block_position(key)
     stages.setdefault(stage, set()).update(k for k in params[key] if k != POST_NORM_KEY)
   for kinds in stages.values():
     kinds -= {get_branch(kind).fallback for kind in kinds}
@@ -78,7 +78,7 @@ def _model_options(params, conv_impl: str) -> dict:
   """`create_model` arguments that fit a (fused) parameter tree: its classes, input
   channels and, for a backbone, every stage it holds (out_indices may have cut it short)."""
   num_classes = int(params['linear']['kernel'].shape[1]) if 'linear' in params else 0
-  last_stage = fusion.architecture(params)[-1].stage if num_classes == 0 else NUM_STAGES - 1
+  last_stage = shapes.architecture(params)[-1].stage if num_classes == 0 else NUM_STAGES - 1
   return {
     'num_classes': num_classes,
     'in_channels': int(params['stage0_block0']['reparam']['kernel'].shape[2]),

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from repvgg_jax.interop import torch_layout
-from repvgg_jax.model import fusion
+from repvgg_jax.model import fusion, shapes, trees
 
 OPSET = 17
 # The oldest IR that opset 17 allows, not the installed onnx's newest: a runtime
@@ -41,10 +41,10 @@ def deploy_graph(variables: Mapping[str, Any], image_size: int, name: str = 'rep
   from onnx import TensorProto, helper
 
   params = variables['params']
-  keys = fusion.block_keys(params)
+  keys = trees.block_keys(params)
   if not keys or any(fusion.FUSED_KEY not in params[key] for key in keys):
     raise fusion.FusionError('An ONNX graph needs fused variables: fuse_params(variables) first.')
-  blocks = fusion.architecture(params)
+  blocks = shapes.architecture(params)
   nodes, weights = _block_nodes(params, keys, blocks)
   if 'linear' in params:
     head_nodes, head_weights, outputs = _classifier(params['linear'], keys[-1])
@@ -114,7 +114,7 @@ def _stage_outputs(params, keys, image_size: int):
   from onnx import TensorProto, helper
 
   last = {}
-  for key, (side, block) in zip(keys, fusion.block_layers(params, image_size), strict=True):
+  for key, (side, block) in zip(keys, shapes.block_layers(params, image_size), strict=True):
     last[block.stage] = (key, (side - 1) // block.stride + 1, block)  # Its output's side.
   nodes, outputs = [], []
   for stage, (key, side, block) in sorted(last.items()):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from repvgg_jax.interop import checkpoint_io, hub, torch_layout, weight_files
 from repvgg_jax.interop.torch_layout import ConversionError
-from repvgg_jax.model import fusion, trees
+from repvgg_jax.model import fusion, shapes, trees
 
 CLASSIFIER = 'linear'
 
@@ -106,18 +106,18 @@ def load_weights(
   path = tuple(key for key in at.split('/') if key) if isinstance(at, str) else tuple(at)
   where = '/'.join(path) or 'the top of the tree'
   target = trees.subtree(variables.get('params', {}), path)
-  if not isinstance(target, Mapping) or not fusion.block_keys(target):
+  if not isinstance(target, Mapping) or not trees.block_keys(target):
     keys = sorted(target) if isinstance(target, Mapping) else []
     raise ConversionError(
       f'No RepVGG (stage<s>_block<i> blocks) at {where} in the variables (keys there: {keys}): '
       "give at= the path of the model, e.g. at='backbone'."
     )
-  held = fusion.identify_variant(weights['params'])  # Before a backbone's stages are cut.
+  held = shapes.identify_variant(weights['params'])  # Before a backbone's stages are cut.
   weights = _fitted(weights, target, where)
   expected = torch_layout.leaf_shapes(_at(variables, path))
   problems = torch_layout.differences(expected, torch_layout.leaf_shapes(weights))
   if problems:
-    wanted = fusion.identify_variant(target)
+    wanted = shapes.identify_variant(target)
     raise ConversionError(
       f'The weights of {source}{f" ({held})" if held else ""} do not fit the '
       f'{wanted or "RepVGG"} at {where}: {problems}'
@@ -146,7 +146,7 @@ def _fitted(weights: dict, target: Mapping[str, Any], where: str) -> dict:
   fused for a deploy model, without a classifier it lacks or cannot take, and
   without the stages after a backbone's last."""
   params = weights['params']
-  deploy = fusion.has_fused_blocks
+  deploy = shapes.has_fused_blocks
   if deploy(target) and not deploy(params):
     weights = fusion.fuse_params(weights)
   elif deploy(params) and not deploy(target):
@@ -165,11 +165,11 @@ def _fitted(weights: dict, target: Mapping[str, Any], where: str) -> dict:
         f'classifier {CLASSIFIER!r} keeps its own initialisation.',
         stacklevel=_outside_stacklevel(),
       )
-  last_stage = max(fusion.block_position(key)[0] for key in fusion.block_keys(target))
+  last_stage = max(trees.block_position(key)[0] for key in trees.block_keys(target))
   kept = {
     key: value
     for key, value in params.items()
-    if fusion.block_position(key) is None or fusion.block_position(key)[0] <= last_stage
+    if trees.block_position(key) is None or trees.block_position(key)[0] <= last_stage
   }
   result = {'params': kept}
   if 'batch_stats' in weights:

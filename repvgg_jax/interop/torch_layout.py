@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from repvgg_jax.model import create_model, fusion, variants
+from repvgg_jax.model import create_model, shapes, trees, variants
 
 BRANCH_NAMES = {  # Reference branch -> this project's branch.
   'rbr_dense': 'conv3x3',
@@ -182,10 +182,10 @@ def from_torch(
       f'{sorted(state_dict)[:5]}): this is not a RepVGG checkpoint of the reference '
       'implementation or of timm.'
     )
-  looks_like = fusion.identify_variant(variables['params'])
+  looks_like = shapes.identify_variant(variables['params'])
   name = variants.get_variant(model).name if model else looks_like
   if name is None and named:
-    missing = fusion.missing_blocks(variables['params'])
+    missing = shapes.missing_blocks(variables['params'])
     raise ConversionError(
       'The checkpoint matches no known variant (blocks per stage, widths and groups)'
       + (f'; it lacks blocks {", ".join(missing[:8])}' if missing else '')
@@ -222,7 +222,7 @@ def _check_against_model(variables: dict, info: dict, unexpected: list[str]) -> 
   if problems:
     kind = 'deploy' if info['deploy'] else 'training-time'
     looks_like = info['looks_like']
-    other = looks_like and not fusion.has_shapes_of(variables['params'], info['model'])
+    other = looks_like and not shapes.has_shapes_of(variables['params'], info['model'])
     advice = (  # A fused QARepVGG has RepVGG's shapes: it is not another variant.
       f'it holds {looks_like}: give that variant, or none to have it recognised'
       if other
@@ -284,7 +284,7 @@ def to_torch(variables: Mapping[str, Any], style: str = 'reference') -> dict[str
           value.T if path[1] == 'kernel' else value
         )
         continue
-      stage, index = fusion.block_position(path[0])
+      stage, index = trees.block_position(path[0])
       block = 'stage0' if stage == 0 else f'stage{stage}.{index}'
       branch, rest = reverse[path[1]], list(path[2:])
       if rest[-1] == 'kernel':

@@ -15,7 +15,7 @@ from repvgg_jax.model.branches import (
   register_branch,
   register_branch_family,
 )
-from repvgg_jax.model.fusion import FusionError, fuse_block, fuse_params, identify_variant
+from repvgg_jax.model.fusion import FusionError, fuse_block, fuse_params
 from repvgg_jax.model.network import (
   RepVGG,
   create_model,
@@ -23,6 +23,7 @@ from repvgg_jax.model.network import (
   normalize_branches,
   variant_from_config,
 )
+from repvgg_jax.model.shapes import identify_variant
 from repvgg_jax.model.variants import Block, FeatureInfo, Variant, get_variant, list_models
 
 __all__ = [

@@ -24,7 +24,7 @@ def xla_convolutions_in_training(conv_impl: str, layers: Sequence[tuple]) -> lis
   Args:
     conv_impl: as `repvgg_jax.perf.conv_layer` takes it.
     layers: ``(side, block)`` of each block, ``side`` its input map's
-      (`repvgg_jax.model.fusion.block_layers`).
+      (`repvgg_jax.model.shapes.block_layers`).
   """
   found = []
   for index, (side, block) in enumerate(layers):

@@ -11,7 +11,7 @@ import jax
 from repvgg_jax import perf
 from repvgg_jax.data import datasets as data
 from repvgg_jax.data import in_memory, input_pipeline
-from repvgg_jax.model import fusion, variant_from_config
+from repvgg_jax.model import shapes, variant_from_config
 from repvgg_jax.perf import xla_cpu
 from repvgg_jax.train import finetune, qat
 from repvgg_jax.train.durations import Schedule
@@ -198,7 +198,7 @@ def dataset_classes(config) -> tuple[tuple[str, ...] | None, object]:
 def check_steps_per_call(config, params, backend: str | None = None) -> None:
   """Refuses several steps per call where XLA's CPU convolution would run in the loop
   (`perf.xla_cpu.check_steps_per_call`)."""
-  layers = fusion.block_layers(params, config.dataset.image_size)
+  layers = shapes.block_layers(params, config.dataset.image_size)
   if qat_enabled(config):  # Its quantized convolutions are XLA's, whatever conv_impl says.
     impl, fix = 'xla', 'set steps_per_call=1 (QAT convolves with XLA)'
   else:

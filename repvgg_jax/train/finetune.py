@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from repvgg_jax import run_files
 from repvgg_jax.interop import checkpoint_io, pretrained
 from repvgg_jax.interop.torch_layout import ConversionError
-from repvgg_jax.model import fusion, network, variants
+from repvgg_jax.model import network, shapes, variants
 
 
 def check_config(config, resuming: bool = False) -> str | None:
@@ -62,7 +62,7 @@ def initial_variables(
   source = config.init_from
   try:
     weights = pretrained.read_weights(source)
-    if fusion.has_fused_blocks(weights['params']):
+    if shapes.has_fused_blocks(weights['params']):
       raise ConversionError(
         f'{source} holds fused (deploy) weights, and fine-tuning trains the training-time '
         "branches: give a run's workdir or checkpoints/ (not deploy/), or unfused weights."
@@ -129,7 +129,7 @@ def _check_variant(config, params, source) -> None:
   """Refuses, naming both, weights of another of the 26 variants than the config's."""
   if config.model.get('num_blocks') or config.model.get('width_multipliers'):
     return  # A scaled variant has no name to compare; the shapes decide.
-  found, wanted = fusion.identify_variant(params), variants.get_variant(config.model.name).name
+  found, wanted = shapes.identify_variant(params), variants.get_variant(config.model.name).name
   if found and found != wanted:
     raise ValueError(
       f'init_from: {source} holds {found}, but the config trains {wanted}: set '
