@@ -16,7 +16,14 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from repvgg_jax.data import batching, folder, in_memory, input_pipeline, tfds_builder
+from repvgg_jax.data import (
+  batching,
+  folder,
+  folder_batches,
+  in_memory,
+  input_pipeline,
+  tfds_builder,
+)
 from repvgg_jax.data.tfds_builder import get_builder
 
 Batch = dict[str, np.ndarray]
@@ -203,7 +210,7 @@ def train_batches(
     )
   steps = steps_per_epoch(config, global_batch_size)
   if is_folder(config):
-    return folder.train_batches(
+    return folder_batches.train_batches(
       folder.scan(config),
       config,
       global_batch_size=global_batch_size,
@@ -280,7 +287,7 @@ def eval_batches(
     global_batch_size, process_index, process_count
   )
   if is_folder(config):
-    return folder.eval_batches(
+    return folder_batches.eval_batches(
       folder.scan(config),
       config,
       global_batch_size=global_batch_size,
