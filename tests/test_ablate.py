@@ -14,10 +14,10 @@ import pytest
 from helpers import CLASSES, apply_overrides, make_folder, run_in_repo, tiny_config
 
 from repvgg_jax import checkpointing
+from repvgg_jax.ablate import measure, stats
 from repvgg_jax.ablate import report as ablation_report
 from repvgg_jax.ablate import rows as ablation_rows
 from repvgg_jax.ablate import runner as ablate
-from repvgg_jax.ablate import stats
 from repvgg_jax.interop import quantize_checkpoint
 from repvgg_jax.model import branches
 from repvgg_jax.train import trainer
@@ -121,7 +121,7 @@ def no_training(monkeypatch):
     raise AssertionError('trained or measured a run that should have been reused')
 
   monkeypatch.setattr(trainer, 'train_and_evaluate', fail)
-  monkeypatch.setattr(ablate, 'logit_error', fail)
+  monkeypatch.setattr(measure, 'logit_error', fail)
 
 
 def table_rows(markdown):
@@ -398,7 +398,7 @@ def test_a_block_kind_row_trains_that_kinds_variant(tmp_path, kind):
   assert rows['paper'].model.name == 'RepVGG-A0'
   assert ablate.row_label(rows['qa']) == 'QARepVGG: conv3x3+conv1x1_identity'
   assert ablate.row_label(rows['paper']) == 'conv3x3+conv1x1+identity'
-  params = {name: ablate.count_params(trainer.build_model(row), 32) for name, row in rows.items()}
+  params = {name: measure.count_params(trainer.build_model(row), 32) for name, row in rows.items()}
   assert params['qa'] < params['paper']  # No BatchNorm on the 1x1 and the identity.
 
 

@@ -315,7 +315,7 @@ def write_reports(
   Args:
     workdir: where they go.
     records: row -> its runs' records, one per seed (`runner.run_row`).
-    speeds: row -> its speeds (`runner.time_rows`).
+    speeds: row -> its speeds (`measure.time_rows`).
     reference: the row the others are compared with, or None.
   """
   summaries = summarize(records, speeds, reference)

@@ -14,7 +14,7 @@ benchmark settings. Every (row, seed) trains with the same schedule in
 top-1 of the training-time and fused models over the eval split, trainable
 parameters of both, and the largest logit difference between the trained model
 and its saved fused model over the eval split. Then the rows' speeds are timed
-together, round robin (`time_rows`). The results go to
+together, round robin (`repvgg_jax.ablate.measure.time_rows`). The results go to
 ``<workdir>/ablation.md`` (mean and 95% interval over the seeds, the paired
 difference to the reference row), ``ablation.csv`` (every seed) and
 ``ablation.png`` (`repvgg_jax.ablate.report`, `repvgg_jax.ablate.stats`). The rows
@@ -36,18 +36,13 @@ from repvgg_jax.startup import quiet_startup
 quiet_startup()  # As in train.py.
 
 import json  # noqa: E402
-import math  # noqa: E402
 import pathlib  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
 from repvgg_jax import checkpointing, jsonfiles, run_files  # noqa: E402
+from repvgg_jax.ablate import measure  # noqa: E402
 from repvgg_jax.ablate import report as ablation_report  # noqa: E402
-from repvgg_jax.ablate import stats  # noqa: E402
 from repvgg_jax.ablate.rows import (  # noqa: E402
   AblationError,
   as_json,
@@ -61,15 +56,11 @@ from repvgg_jax.ablate.rows import (  # noqa: E402
   seeds,
   split_row,
 )
-from repvgg_jax.bench import timing as bench_timing  # noqa: E402
-from repvgg_jax.data import datasets as data  # noqa: E402
-from repvgg_jax.interop import checkpoint_io, quantize_checkpoint  # noqa: E402
 from repvgg_jax.model import variants  # noqa: E402
-from repvgg_jax.perf import compile_options  # noqa: E402
 from repvgg_jax.train import config_checks, trainer  # noqa: E402
 
 ROW_FILE = 'ablation_row.json'
-# A run's int8 figures (`int8_results`).
+# A run's int8 figures (`measure.int8_results`).
 _INT8_KEYS = ('top1_int8', 'int8_logit_rel_error', 'int8_calibration_batches')
 
 
@@ -158,61 +149,6 @@ def check_ablation(config, workdir: pathlib.Path) -> tuple[dict[str, dict[int, o
   return runs, labels
 
 
-def count_params(model, image_size: int) -> int:
-  """Trainable parameters of ``model`` (BatchNorm statistics are not parameters)."""
-  params = model.abstract_variables(image_size)['params']
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
-
-
-def logit_error(config, directory: pathlib.Path) -> float:
-  """How far the run's saved fused model is from its trained one: ``max |fused -
-  unfused| / max |unfused|`` over the logits of the whole eval split, the last
-  training checkpoint against the saved deploy checkpoint, in inference mode."""
-  state = checkpoint_io.restore(directory / 'checkpoints')[0]
-  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-  fused = checkpoint_io.restore(directory / 'deploy')[0]
-  train_forward = compile_options.jit(trainer.build_model(config).apply)
-  deploy_forward = compile_options.jit(trainer.build_model(config, deploy=True).apply)
-  error, scale = 0.0, 0.0
-  for batch in data.eval_batches(config.dataset, global_batch_size=config.eval_batch_size):
-    mask = batch['mask']
-    unfused = np.asarray(train_forward(variables, batch['image']), np.float64)[mask]
-    deploy = np.asarray(deploy_forward(fused, batch['image']), np.float64)[mask]
-    error = max(error, float(np.abs(deploy - unfused).max(initial=0.0)))
-    scale = max(scale, float(np.abs(unfused).max(initial=0.0)))
-  return error / scale
-
-
-def int8_results(config, directory: pathlib.Path, calibration_batches: int) -> dict:
-  """The run's saved fused model after int8 post-training quantization.
-
-  Args:
-    config: the run's training config.
-    directory: the run's directory; its ``deploy/`` checkpoint is quantized.
-    calibration_batches: training batches that calibrate the static activation
-      ranges (`quantize_checkpoint.quantize_and_evaluate`; int8 weights per output channel).
-
-  Returns:
-    ``top1_int8`` (over the eval split), ``int8_logit_rel_error`` (to the float
-    model) and ``int8_calibration_batches``, for the run's record.
-
-  Raises:
-    AblationError: no fused model in ``directory``, or one that cannot be quantized.
-  """
-  try:
-    fused = checkpoint_io.restore(directory / 'deploy')[0]
-    _, results = quantize_checkpoint.quantize_and_evaluate(
-      config, {'params': fused['params']}, calibration_batches=calibration_batches
-    )
-  except (FileNotFoundError, ValueError) as error:  # QuantizationError is a ValueError.
-    raise AblationError(f'{directory}: the int8 evaluation failed: {error}') from None
-  return {
-    'top1_int8': results['int8_top1'],
-    'int8_logit_rel_error': results['logit_relative_error'],
-    'int8_calibration_batches': calibration_batches,
-  }
-
-
 def run_row(
   name: str,
   config,
@@ -222,7 +158,7 @@ def run_row(
 ) -> dict:
   """Trains (or resumes) one row with one seed and measures it; returns its record.
   With ``int8_calibration_batches``, the record has the int8 model's top-1 too
-  (`int8_results`).
+  (`measure.int8_results`).
 
   Raises:
     Preempted: a SIGTERM or a Ctrl-C stopped the training after a checkpoint.
@@ -242,7 +178,7 @@ def run_row(
   size = config.dataset.image_size
   int8 = {}
   if int8_calibration_batches:
-    int8 = int8_results(config, directory, int8_calibration_batches)
+    int8 = measure.int8_results(config, directory, int8_calibration_batches)
   return {
     'row': name,
     'seed': config.seed,
@@ -251,10 +187,10 @@ def run_row(
     'summary': summary,
     'top1': summary['eval_top1'],
     'top1_fused': summary['eval_top1_fused'],
-    'train_params': count_params(trainer.build_model(config), size),
-    'deploy_params': count_params(trainer.build_model(config, deploy=True), size),
+    'train_params': measure.count_params(trainer.build_model(config), size),
+    'deploy_params': measure.count_params(trainer.build_model(config, deploy=True), size),
     'train_seconds': train_seconds,
-    'logit_rel_error': logit_error(config, directory),
+    'logit_rel_error': measure.logit_error(config, directory),
     **int8,
   }
 
@@ -276,7 +212,7 @@ def _ablate_run(
   record = load_row(directory)
   if record is not None:
     if int8 and record.get('int8_calibration_batches') != int8:
-      record.update(int8_results(config, directory, int8))
+      record.update(measure.int8_results(config, directory, int8))
       jsonfiles.write_json(directory / ROW_FILE, record)
       log(f'{tag}: done before, int8 top-1 added: {_done_line(record)}')
     else:
@@ -353,7 +289,8 @@ def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None]
     )
   log(f'Timing the rows round robin ({settings["runs"]} rounds of batch {settings["batch"]})')
   first = {name: by_seed[config.seed] for name, by_seed in runs.items()}  # The first seed's.
-  speeds = time_rows(first, workdir, settings)
+  directories = {name: run_dir(workdir, name, row.seed) for name, row in first.items()}
+  speeds = measure.time_rows(first, directories, settings)
   reference = reference_row(config, runs)
   if not int8:  # Runs quantized by an earlier invocation keep their figures, unreported.
     records = {name: [_without_int8(run) for run in runs] for name, runs in records.items()}
@@ -362,58 +299,3 @@ def run_ablation(config, workdir: str | pathlib.Path, log: Callable[[str], None]
 
 def _without_int8(record: dict) -> dict:
   return {key: value for key, value in record.items() if key not in _INT8_KEYS}
-
-
-def _deploy_network(config) -> str:
-  """What the fused model of a row's config depends on: its model settings but the
-  branches, and its classes."""
-  model = {key: value for key, value in config.model.to_dict().items() if key != 'branches'}
-  return json.dumps([model, config.dataset.num_classes], sort_keys=True, default=str)
-
-
-def time_rows(configs: dict, workdir: pathlib.Path, settings: dict) -> dict[str, dict]:
-  """Images/s of every row's unfused and fused model, timed in one round-robin loop.
-
-  Each round times every row's trained unfused model and then its fused one once,
-  row after row, on the same random images; ``settings['runs']`` rounds follow
-  ``settings['warmup']`` untimed ones. Every figure thus sees the same machine
-  load, every row's fused/unfused ratio comes from the same rounds, and the
-  fused models of rows that differ in branches only, one deploy network (and
-  one compiled program), should come out at one speed. Returns per row the
-  quartiles of both rates and the median of the per-round ratios.
-  """
-  names = list(configs)
-  first = configs[names[0]]
-  shape = (settings['batch'], settings['size'], settings['size'], 3)
-  images = jax.random.normal(jax.random.key(first.seed), shape, jnp.float32)
-  unfused, fused, deploy_forwards = {}, {}, {}
-  for name, config in configs.items():
-    directory = run_dir(workdir, name, config.seed)
-    state = checkpoint_io.restore(directory / 'checkpoints')[0]
-    variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-    forward, _ = bench_timing.compiled_forward(trainer.build_model(config), variables, images)
-    unfused[name] = (forward, variables)
-    fused[name] = checkpoint_io.restore(directory / 'deploy')[0]
-    network = _deploy_network(config)  # A row may set another model (its name, widths ...).
-    if network not in deploy_forwards:
-      deploy_model = trainer.build_model(config, deploy=True)
-      deploy_forwards[network] = bench_timing.compiled_forward(deploy_model, fused[name], images)[0]
-    fused[name] = (deploy_forwards[network], fused[name])
-  calls = {}  # In timing order: each row's unfused model, then its fused one.
-  for name in names:
-    for form, (forward, variables) in (('unfused', unfused[name]), ('fused', fused[name])):
-      calls[name, form] = lambda f=forward, v=variables: jax.block_until_ready(f(v, images))
-  timed = bench_timing.interleaved_medians(calls, settings['runs'], settings['warmup'])
-  seconds = {name: (timed[name, 'unfused'][1], timed[name, 'fused'][1]) for name in names}
-  batch = settings['batch']
-  return {
-    name: {
-      'unfused_images_per_sec': stats.quartiles([batch / t for t in slow]),
-      'fused_images_per_sec': stats.quartiles([batch / t for t in fast]),
-      'speedup': float(np.median(np.asarray(slow) / np.asarray(fast))),
-      'settings': settings,
-      'backend': jax.default_backend(),
-      'device': jax.devices()[0].device_kind,
-    }
-    for name, (slow, fast) in seconds.items()
-  }
