@@ -227,18 +227,7 @@ def main(argv=None) -> int:
   if min(getattr(args, 'warmup', 0), 0) < 0:
     parser.error('--warmup must be 0 or more.')
   if args.command == 'suite':
-    if pathlib.Path(args.out).exists() and not pathlib.Path(args.out).is_dir():
-      parser.error(f'--out {args.out} is a file: give a directory for the results.')
-    names = variants.list_models('repvgg') if args.models == 'all' else args.models.split(',')
-    for name in names:
-      _check_model(parser, name)
-    if min(args.runs, args.figure_size, 1 if args.figure_batch is None else args.figure_batch) < 1:
-      parser.error('--runs, --figure-size and --figure-batch must be positive.')
-    with_torch = _with_torch(parser, args.torch)  # Figure 1's models run in JAX only.
-    suite.run_suite(
-      args.out, args.runs, args.warmup, args.figure_batch, args.figure_size, names, with_torch
-    )
-    return 0
+    return _run_suite(parser, args)
   if args.command == 'input':
     return _run_deployment_bench(parser, args)
   if args.command == 'roofline':
@@ -263,6 +252,28 @@ def main(argv=None) -> int:
     with_torch = False  # Not compared with float32 PyTorch unasked.
   if args.command == 'train':
     with_torch = _check_train(parser, args, with_torch)
+  return _run_model_bench(parser, args, with_torch)
+
+
+def _run_suite(parser, args) -> int:
+  """``suite``: the settings checked, then every table and figure (`suite.run_suite`)."""
+  if pathlib.Path(args.out).exists() and not pathlib.Path(args.out).is_dir():
+    parser.error(f'--out {args.out} is a file: give a directory for the results.')
+  names = variants.list_models('repvgg') if args.models == 'all' else args.models.split(',')
+  for name in names:
+    _check_model(parser, name)
+  if min(args.runs, args.figure_size, 1 if args.figure_batch is None else args.figure_batch) < 1:
+    parser.error('--runs, --figure-size and --figure-batch must be positive.')
+  with_torch = _with_torch(parser, args.torch)  # Figure 1's models run in JAX only.
+  suite.run_suite(
+    args.out, args.runs, args.warmup, args.figure_batch, args.figure_size, names, with_torch
+  )
+  return 0
+
+
+def _run_model_bench(parser, args, with_torch: bool) -> int:
+  """``train`` or ``infer`` of one model: one row, printed (and appended to
+  ``--json``); settings the train bench refuses end as a usage error."""
   common = dict(runs=args.runs, warmup=args.warmup, dtype=args.dtype, conv_impl=args.conv_impl)
   if args.command == 'train':
     try:

@@ -234,16 +234,7 @@ def _train_and_evaluate(config, classes, schedule: Schedule, workdir: pathlib.Pa
   report = lambda line: print(line, file=sys.stderr)
   state, restored_meta = resume.restore(ckpt, state, config, report, classes, schedule.total_steps)
   start_step = int(jax.device_get(state.step))
-  meta = {
-    'model': config.model.name,
-    'classes': list(classes) if classes else None,
-    **resume.optimizer_meta(config),
-    **{key: config[key] for key in resume.ORDER_SETTINGS},
-    'total_steps': schedule.total_steps,
-    # What the model is fed: predict and export read it from a checkpoint moved out of its run.
-    'image_size': config.dataset.image_size,
-    'eval_preprocess': config.dataset.eval_preprocess,
-  }
+  meta = _checkpoint_meta(config, classes, schedule)
   if start_step == 0:  # Not resumed (a step folder may have held no readable step).
     try:
       check_config(config)  # With what a resume skips: a source to start from.
@@ -266,16 +257,9 @@ def _train_and_evaluate(config, classes, schedule: Schedule, workdir: pathlib.Pa
   run = reporting.RunLog(config, workdir, schedule, start_step, lr_fn)
   stop_request = preemption.Preemption()
   try:
+    compiled = (train_fns, eval_fn, fuse_fn, sharded)
     state, step, preempted = _loop(
-      config,
-      schedule,
-      run,
-      ckpt,
-      state,
-      start_step,
-      stop_request,
-      (train_fns, eval_fn, fuse_fn, sharded),
-      meta,
+      config, schedule, run, ckpt, state, start_step, stop_request, compiled, meta
     )
     ckpt.wait()  # Raises CheckpointWriteError if the last saves failed.
   finally:
@@ -291,6 +275,21 @@ def _train_and_evaluate(config, classes, schedule: Schedule, workdir: pathlib.Pa
   if jax.process_index() == 0:
     jsonfiles.write_json(workdir / 'summary.json', summary)
   return summary
+
+
+def _checkpoint_meta(config, classes, schedule: Schedule) -> dict:
+  """What every checkpoint of the run records beside its state: the model and its
+  classes, the settings a resume must find unchanged, and what the model is fed."""
+  return {
+    'model': config.model.name,
+    'classes': list(classes) if classes else None,
+    **resume.optimizer_meta(config),
+    **{key: config[key] for key in resume.ORDER_SETTINGS},
+    'total_steps': schedule.total_steps,
+    # What the model is fed: predict and export read it from a checkpoint moved out of its run.
+    'image_size': config.dataset.image_size,
+    'eval_preprocess': config.dataset.eval_preprocess,
+  }
 
 
 def _loop(config, schedule, run, ckpt, state, step, stop_request, compiled, meta):
