@@ -97,10 +97,10 @@ class BranchKind:
     channels: ``channels(params)`` reads ``(in_per_group, features)`` of the
       block off the branch's parameter shapes (``in_per_group`` None when they
       do not tell), raising ValueError when the branch's own layers disagree;
-      `repvgg_jax.model.fusion` checks a block's branches against each other with
-      it. The default, `uniform_channels`, suits branches whose kernels all
-      map the block's input to its output; a branch with a different inner
-      width (DBB's 1x1 -> 3x3) brings its own.
+      `repvgg_jax.model.shapes.block_channels` checks a block's branches against
+      each other with it. The default, `uniform_channels`, suits branches whose
+      kernels all map the block's input to its output; a branch with a different
+      inner width (DBB's 1x1 -> 3x3) brings its own.
     fallback: the kind a block has instead where this one does not apply
       (QARepVGG's 1x1-plus-identity becomes a plain 1x1 where the identity
       cannot be), or None.

@@ -131,7 +131,7 @@ def _check_stats_shapes(params: Tree, stats: Tree, norms, where: str) -> None:
   scale's shape.
 
   Whether the scale fits the conv before it is the branch kind's check
-  (`BranchKind.channels`, in `block_channels`).
+  (`BranchKind.channels`, in `shapes.block_channels`).
   """
   for path in sorted(norms):
     here = '/'.join((where, *path))
