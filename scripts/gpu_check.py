@@ -4,12 +4,13 @@
   python scripts/gpu_check.py --out DIR --smoke           # on a CPU: the same steps, tiny
 
 Writes ``DIR/summary.md`` (every table) and ``DIR/results.jsonl`` (every row),
-plus the compiled programs of B2's fused and unfused forward. The steps, in
-order of importance, each skipped with a note once the time budget is spent:
+plus the compiled programs of B2's fused and unfused forward. Each step has a
+share of the budget (`STEP_SHARES`; what one leaves goes to the next), and within
+it skips what no longer fits with a note, so every step gets its turn:
 
 1. Fused against unfused for the 13 variants, batch 128, 224x224, float32
-   (TF32 on the GPU) then bfloat16 (`bench.models.benchmark`): the ratio that
-   must not fall under 1.5x.
+   (TF32 on the GPU) and bfloat16 (`bench.models.benchmark`), the slower
+   families first: the ratio that must not fall under 1.5x.
 2. The levers, on B2 (the first variant whose fused model was slower), B3g4
    (the slowest) and B1 (under 1.5x) in float32 and B2 in bfloat16: the fused
    model compiled without XLA's cuDNN conv-bias-ReLU fusion (the
@@ -20,10 +21,13 @@ order of importance, each skipped with a note once the time budget is spent:
    read at start-up): XLA's autotuning off, and cuDNN's candidate engines and
    their times for every convolution written to ``autotune_b2.txt``.
 3. The raised bars: B0's training step at batch 256 in bfloat16 and A0's fused
-   inference at batch 256 in bfloat16, against the measured bfloat16 peak.
+   inference at batch 256 in bfloat16, against the measured bfloat16 peak, and
+   the kernels that take the most device time in a few more calls of each
+   (a profiler trace; the programs come from the compilation cache).
 4. ``train.py`` end to end on JPEGs in ImageNet's folder layout made here
-   (`bench.input.make_jpegs`), B0 in bfloat16, against the model-only rate of
-   step 3, and ``bench input``'s per-core rate on this machine's cores. Needs
+   (`bench.input.make_jpegs`, on every core; hard links make one epoch longer
+   than the run), B0 in bfloat16, against the model-only rate of step 3, and
+   ``bench input``'s per-core rate on this machine's cores. Needs
    TensorFlow and the rest of `END_TO_END_NEEDS`; skipped with a note naming
    what to install without them (not requirements.txt on an image with a newer
    JAX: it pins jax 0.10).
@@ -48,21 +52,29 @@ import traceback
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# The slower families first: the ones whose fused model lost to the unfused one.
 VARIANTS = (
-  'A0',
-  'A1',
-  'A2',
-  'B0',
+  'B2',
+  'B3',
+  'B3g4',
+  'B2g4',
+  'B2g2',
+  'B3g2',
   'B1',
   'B1g2',
   'B1g4',
-  'B2',
-  'B2g2',
-  'B2g4',
-  'B3',
-  'B3g2',
-  'B3g4',
+  'B0',
+  'A2',
+  'A1',
+  'A0',
 )
+# Where each step's time ends, as a share of the budget: {step: cumulative share}.
+STEP_SHARES = {
+  'fused_against_unfused': 0.35,
+  'all_levers': 0.55,
+  'raised_bars': 0.70,
+  'end_to_end': 1.0,
+}
 # The levers: (variant, dtype), B2 in float32 first.
 LEVER_RUNS = (('B2', 'float32'), ('B3g4', 'float32'), ('B1', 'float32'), ('B2', 'bfloat16'))
 # XLA's pass that turns convolution + bias + ReLU into one cuDNN call (a cuDNN graph);
@@ -91,12 +103,23 @@ class Run:
   """The output directory, the time budget and the rows so far."""
 
   def __init__(self, out: pathlib.Path, budget: float, smoke: bool):
-    self.out, self.deadline, self.smoke = out, time.monotonic() + budget, smoke
+    self.start, self.budget, self.smoke = time.monotonic(), budget, smoke
+    self.deadline = self.step_deadline = self.start + budget
+    self.out = out
     self.out.mkdir(parents=True, exist_ok=True)
     self.lines: list[str] = []
 
   def left(self) -> float:
+    """Seconds left of the whole budget."""
     return self.deadline - time.monotonic()
+
+  def until(self, share: float) -> None:
+    """The current step may run until ``share`` of the budget is spent."""
+    self.step_deadline = self.start + share * self.budget
+
+  def step_left(self) -> float:
+    """Seconds left of the current step's share."""
+    return min(self.deadline, self.step_deadline) - time.monotonic()
 
   def row(self, row: dict) -> None:
     from repvgg_jax import jsonfiles
@@ -136,6 +159,7 @@ def versions(run: Run) -> None:
   row = {'kind': 'machine', **timing.machine(), 'packages': packages, 'devices': str(jax.devices())}
   run.row(row)
   run.say(f'# GPU checks, {row["date"]}', '', f'devices: {row["devices"]}', f'packages: {packages}')
+  return jax.default_backend()
 
 
 def fused_against_unfused(run: Run, names=VARIANTS) -> None:
@@ -146,9 +170,9 @@ def fused_against_unfused(run: Run, names=VARIANTS) -> None:
   run.say(
     '| model | dtype | unfused img/s | fused img/s | fused/unfused |', '|---|---|---:|---:|---:|'
   )
-  for dtype in ('float32', 'bfloat16'):
-    for name in names:
-      if run.left() < 60:
+  for name in names:
+    for dtype in ('float32', 'bfloat16'):
+      if run.step_left() < 15:
         run.say(f'| {name} | {dtype} | (skipped: time budget spent) | | |')
         continue
       row = models.benchmark(
@@ -267,10 +291,12 @@ def all_levers(run: Run) -> None:
   )
   notes = []
   for index, (name, dtype) in enumerate(LEVER_RUNS):
-    if run.left() < 90:
+    if run.step_left() < 40:
       run.say(f'| {name} | {dtype} | (skipped: time budget spent) | | | | |')
       continue
     notes += levers(run, name, dtype, dump=index == 0)  # B2's compiled programs.
+  # Written before the children run: one that outlasts its time loses nothing here.
+  (run.out / 'hlo_notes.md').write_text('\n'.join(notes) + '\n')
   child_levers(run)
   run.say('', f'{LEVER_RUNS[0][0]}, {LEVER_RUNS[0][1]}, compiled (hlo_*.txt):', '', *notes)
 
@@ -278,22 +304,24 @@ def all_levers(run: Run) -> None:
 def child_levers(run: Run) -> None:
   """`levers` of B2 in a child process per entry of `CHILD_FLAGS` (flags are read at start)."""
   for label, added in CHILD_FLAGS.items():
-    if run.left() < 90:
+    if run.step_left() < 40:
       run.say(f'- {label}: skipped (time budget spent)')
       continue
     flags = f'{os.environ.get("XLA_FLAGS", "")} {added.format(out=run.out)}'.strip()
-    scratch = (
-      pathlib.Path(os.environ.get('TMPDIR', '/tmp')) / f'gpu_check_{label.replace(" ", "_")}'
-    )
-    child = [sys.executable, __file__, '--out', str(scratch), '--only', 'levers']
-    child += ['--budget', str(int(run.left() - 30))] + (['--smoke'] if run.smoke else [])
-    result = subprocess.run(
-      child,
-      env=dict(os.environ, XLA_FLAGS=flags),
-      capture_output=True,
-      text=True,
-      timeout=max(60, run.left()),
-    )
+    child_out = run.out / f'child_{label.replace(" ", "_")}'
+    child = [sys.executable, __file__, '--out', str(child_out), '--only', 'levers']
+    child += ['--budget', str(int(run.step_left()))] + (['--smoke'] if run.smoke else [])
+    try:
+      result = subprocess.run(
+        child,
+        env=dict(os.environ, XLA_FLAGS=flags),
+        capture_output=True,
+        text=True,
+        timeout=max(30, run.step_left()),
+      )
+    except subprocess.TimeoutExpired:
+      run.say(f'- {label}: stopped at the end of its time (its rows so far: {child_out.name}/)')
+      continue
     lines = [line for line in result.stdout.splitlines() if line.startswith('| B2')]
     run.say(*lines)
     if result.returncode:
@@ -301,6 +329,8 @@ def child_levers(run: Run) -> None:
 
 
 def raised_bars(run: Run) -> None:
+  import jax
+
   from repvgg_jax.bench import models, timing
 
   sizes = _sizes(run)
@@ -321,6 +351,43 @@ def raised_bars(run: Run) -> None:
     f'- A0 fused: {a0["images_per_sec"]:,.0f} img/s (goal 100,000; {share(a0)} of the peak)',
   )
   run.model_rate = train['jax']['images_per_sec']
+  profiles = {  # A0's calls are its unfused and its fused model's.
+    'B0 training': ('B0', models.benchmark_train_step),
+    'A0 inference': ('A0', models.benchmark),
+  }
+  for label, (name, bench) in profiles.items():
+    if run.step_left() < 20:
+      run.say(f'- {label}: kernels not profiled (time budget spent)')
+      continue
+    trace = pathlib.Path(os.environ.get('TMPDIR', '/tmp')) / f'gpu_check_trace_{name}'
+    shutil.rmtree(trace, ignore_errors=True)
+    with jax.profiler.trace(str(trace)):  # The same programs, from the compilation cache.
+      bench(name, sizes['big_batch'], sizes['size'], 3, 1, **options)
+    total, top = top_kernels(trace)
+    run.row({'kind': 'profile', 'model': label, 'device_ns': total, 'top': top})
+    run.say(f'- {label}, the kernels that take most device time in 4 calls:')
+    run.say(*[f'  - {share:.0%} {kernel[:120]}' for kernel, share in top] or ['  (no GPU kernels)'])
+
+
+def top_kernels(trace_dir: pathlib.Path, count: int = 8) -> tuple[float, list]:
+  """The device time of a profiler trace, in ns, and its ``count`` largest kernels
+  as ``(name, share of the device time)``: the events on the GPU planes' streams."""
+  from jax.profiler import ProfileData
+
+  files = sorted(trace_dir.rglob('*.xplane.pb'))
+  if not files:
+    return 0.0, []
+  totals = {}
+  for plane in ProfileData.from_file(str(files[-1])).planes:
+    if not plane.name.startswith('/device:GPU'):
+      continue
+    for line in plane.lines:
+      if line.name.startswith('Stream'):
+        for event in line.events:
+          totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns
+  total = sum(totals.values())
+  top = sorted(totals.items(), key=lambda item: -item[1])[:count]
+  return total, [(name, ns / total) for name, ns in top]
 
 
 def _installed(module: str) -> bool:
@@ -346,15 +413,21 @@ def end_to_end(run: Run) -> None:
   workdir = root.parent / 'gpu_check_workdir'
   for old in (root, workdir):  # A fresh run: an old workdir would resume, not train.
     shutil.rmtree(old, ignore_errors=True)
-  jpegs = iter(bench_input.make_jpegs(classes * (train_per_class + val_per_class)))
+  sizes = _sizes(run)
+  steps = 8 if run.smoke else 150
+  jpegs = iter(_jpegs_on_every_core(classes * (train_per_class + val_per_class)))
+  # Each training JPEG under several names (hard links): one epoch outlasts the run, as
+  # ImageNet's 5,000 steps would, not a new tf.data pipeline every few steps.
+  copies = -(-steps * sizes['big_batch'] // (classes * train_per_class))
   for split, count in (('train', train_per_class), ('val', val_per_class)):
     for cls in range(classes):
       folder = root / split / f'n{cls:08d}'
       folder.mkdir(parents=True, exist_ok=True)
       for index in range(count):
-        (folder / f'{index}.jpg').write_bytes(next(jpegs))
-  sizes = _sizes(run)
-  steps = 8 if run.smoke else 150
+        first = folder / f'{index}.jpg'
+        first.write_bytes(next(jpegs))
+        for copy in range(1, copies if split == 'train' else 1):
+          os.link(first, folder / f'{index}_{copy}.jpg')
   command = [
     sys.executable,
     str(ROOT / 'train.py'),
@@ -368,7 +441,7 @@ def end_to_end(run: Run) -> None:
     f'--config.batch_size={sizes["big_batch"]}',
     f'--config.eval_batch_size={sizes["big_batch"]}',
     f'--config.num_train_steps={steps}',
-    '--config.log_every_steps=25',
+    f'--config.log_every_steps={4 if run.smoke else 25}',  # Rates are logged.
     '--config.eval_every_epochs=0',
     '--config.checkpoint_every_steps=100000',
     '--config.progress_bar=False',
@@ -377,24 +450,47 @@ def end_to_end(run: Run) -> None:
   ]
   if run.smoke:
     command += ['--config.model.conv_impl=xla']
-  result = subprocess.run(command, capture_output=True, text=True, timeout=max(60, run.left()))
-  (run.out / 'train_log.txt').write_text(result.stdout + result.stderr)
-  summary = json.loads((workdir / 'summary.json').read_text()) if result.returncode == 0 else {}
+  log_path = run.out / 'train_log.txt'  # Written as it runs: kept if it is stopped.
+  with open(log_path, 'w') as log:
+    try:  # The input bench below keeps ~40 s.
+      returncode = subprocess.run(
+        command, stdout=log, stderr=subprocess.STDOUT, timeout=max(30, run.step_left() - 40)
+      ).returncode
+    except subprocess.TimeoutExpired:
+      returncode = 'timeout'
+  summary = json.loads((workdir / 'summary.json').read_text()) if returncode == 0 else {}
   rate = summary.get('train_images_per_sec')
-  run.row({'kind': 'end_to_end', 'returncode': result.returncode, **summary})
+  run.row({'kind': 'end_to_end', 'returncode': returncode, **summary})
   model_rate = getattr(run, 'model_rate', None)
-  if result.returncode:  # The input bench below still runs: it needs no train.py.
-    last = (result.stderr.strip().splitlines() or [''])[-1][:300]
-    run.say(f'train.py failed (exit {result.returncode}; train_log.txt): {last}')
+  if returncode:  # The input bench below still runs: it needs no train.py.
+    last = (log_path.read_text().strip().splitlines() or [''])[-1][:300]
+    run.say(f'train.py failed (exit {returncode}; train_log.txt): {last}')
   else:
     run.say(
       f'train.py: {rate or 0:,.0f} img/s over {steps} steps (model only: {model_rate or 0:,.0f})'
     )
-  goal = rate or model_rate or 1.0  # The rate the input pipeline must reach.
+  # The rate the input pipeline must reach: the model's; the loop's may be the pipeline's.
+  goal = model_rate or rate or 1.0
   rows = bench_input.benchmark_input(128 if run.smoke else 512, sizes['size'], 2, goal)
   for row in rows:
     run.row(row)
   run.say('', bench_input.format_input(rows))
+
+
+def _jpegs_on_every_core(count: int) -> list[bytes]:
+  """`bench.input.make_jpegs`' ``count`` JPEGs, made in one process per core (a seed
+  each; spawned, as TensorFlow is loaded here)."""
+  import concurrent.futures
+  import multiprocessing
+
+  from repvgg_jax.bench import input as bench_input
+
+  workers = max(1, min(16, os.cpu_count() or 1, count))
+  parts = [count // workers + (index < count % workers) for index in range(workers)]
+  context = multiprocessing.get_context('spawn')
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    made = pool.map(bench_input.make_jpegs, parts, range(workers))
+    return [jpeg for part in made for jpeg in part]
 
 
 def guarded(run: Run, step, *args) -> None:
@@ -418,17 +514,39 @@ def main(argv=None) -> int:
   parser.add_argument('--smoke', action='store_true', help='tiny sizes: check the script on a CPU')
   parser.add_argument('--only', choices=['levers'], help=argparse.SUPPRESS)  # Child processes.
   args = parser.parse_args(argv)
+  _start_up()
   run = Run(pathlib.Path(args.out), args.budget, args.smoke)
   if args.only == 'levers':  # A child of child_levers: its lines go to the parent.
     levers(run)
     return 0
-  versions(run)
-  guarded(run, fused_against_unfused, VARIANTS[:2] if args.smoke else VARIANTS)
-  for step in (all_levers, raised_bars, end_to_end):
-    if run.left() > 60:
-      guarded(run, step)
+  if versions(run) not in ('gpu', 'cuda') and not args.smoke:
+    run.say('', 'No GPU: JAX runs on the CPU here (check the CUDA plugin); nothing timed.')
+    return 1
+  steps = {  # {name: (step, its arguments after run)}
+    'fused_against_unfused': (fused_against_unfused, VARIANTS[-2:] if args.smoke else VARIANTS),
+    'all_levers': (all_levers,),
+    'raised_bars': (raised_bars,),
+    'end_to_end': (end_to_end,),
+  }
+  for name, share in STEP_SHARES.items():
+    run.until(share)
+    if run.left() > 30:
+      guarded(run, *steps[name])
   run.say('', f'done with {run.left():.0f} s of the budget left')
   return 0
+
+
+def _start_up() -> None:
+  """Before JAX starts: TensorFlow quiet as in train.py, GPU memory taken as needed
+  (the lever children and train.py share the GPU), and a compilation cache so the
+  profiled calls and the children reuse what was compiled."""
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  cache = pathlib.Path(os.environ.get('TMPDIR', '/tmp')) / 'gpu_check_xla_cache'
+  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(cache))  # Read as JAX is imported:
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  from repvgg_jax.startup import quiet_startup  # ...which this does.
+
+  quiet_startup()
 
 
 if __name__ == '__main__':

@@ -25,7 +25,8 @@ def test_the_gpu_check_runs_every_step_in_smoke_mode(tmp_path):
   assert {'machine', 'infer', 'lever', 'roofline', 'train', 'end_to_end'} <= kinds
   lever = next(r for r in rows if r.get('form') == 'fused, no cuDNN conv fusion')
   assert lever['images_per_sec'] > 0 and lever['over_unfused'] > 0
-  assert next(r for r in rows if r.get('kind') == 'end_to_end')['returncode'] == 0
+  end_to_end = next(r for r in rows if r.get('kind') == 'end_to_end')
+  assert end_to_end['returncode'] == 0 and end_to_end['train_images_per_sec'] > 0
   assert (tmp_path / 'hlo_b2_fused.txt').stat().st_size > 0
 
 
@@ -44,7 +45,7 @@ def test_a_failing_step_is_reported_and_the_later_steps_still_run(tmp_path, monk
   def fails(run, *args):
     raise RuntimeError('Unknown flag xla_disable_hlo_passes\nsecond line')
 
-  monkeypatch.setattr(gpu_check, 'versions', lambda run: None)
+  monkeypatch.setattr(gpu_check, 'versions', lambda run: 'gpu')
   monkeypatch.setattr(gpu_check, 'fused_against_unfused', lambda run, names: ran.append(1))
   monkeypatch.setattr(gpu_check, 'all_levers', fails)
   monkeypatch.setattr(gpu_check, 'raised_bars', lambda run: ran.append(3))
@@ -54,3 +55,24 @@ def test_a_failing_step_is_reported_and_the_later_steps_still_run(tmp_path, monk
   summary = (tmp_path / 'summary.md').read_text()
   assert 'fails failed: RuntimeError: Unknown flag xla_disable_hlo_passes (errors.txt)' in summary
   assert 'second line' in (tmp_path / 'errors.txt').read_text()
+
+
+def test_without_a_gpu_it_stops_before_timing_anything(tmp_path, monkeypatch):
+  gpu_check = _gpu_check_module()
+  monkeypatch.setattr(gpu_check, 'versions', lambda run: 'cpu')
+  monkeypatch.setattr(gpu_check, 'fused_against_unfused', lambda *args: pytest.fail('timed'))
+  assert gpu_check.main(['--out', str(tmp_path)]) == 1
+  assert 'No GPU: JAX runs on the CPU here' in (tmp_path / 'summary.md').read_text()
+
+
+def test_each_step_gets_its_share_of_the_budget(tmp_path):
+  """A step that overruns its share leaves the later ones theirs."""
+  gpu_check = _gpu_check_module()
+  run = gpu_check.Run(tmp_path, budget=100, smoke=True)
+  run.until(0.35)
+  assert 34 < run.step_left() <= 35
+  run.start, run.deadline = run.start - 50, run.deadline - 50  # The first step took 50 s.
+  run.until(0.55)
+  assert 4 < run.step_left() <= 5  # The second keeps what is left of its own share...
+  run.until(1.0)
+  assert 49 < run.step_left() <= 50 and run.left() <= 50  # ...and the last all the rest.
