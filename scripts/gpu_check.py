@@ -103,9 +103,9 @@ class Run:
   """The output directory, the time budget and the rows so far."""
 
   def __init__(self, out: pathlib.Path, budget: float, smoke: bool):
-    self.start, self.budget, self.smoke = time.monotonic(), budget, smoke
+    self.out, self.budget, self.smoke = out, budget, smoke
+    self.start = time.monotonic()
     self.deadline = self.step_deadline = self.start + budget
-    self.out = out
     self.out.mkdir(parents=True, exist_ok=True)
     self.lines: list[str] = []
 
@@ -365,7 +365,7 @@ def raised_bars(run: Run) -> None:
       bench(name, sizes['big_batch'], sizes['size'], 3, 1, **options)
     total, top = top_kernels(trace)
     run.row({'kind': 'profile', 'model': label, 'device_ns': total, 'top': top})
-    run.say(f'- {label}, the kernels that take most device time in 4 calls:')
+    run.say(f'- {label}: the kernels that take the most GPU time (a warm-up, 3 timed calls):')
     run.say(*[f'  - {share:.0%} {kernel[:120]}' for kernel, share in top] or ['  (no GPU kernels)'])
 
 
@@ -386,6 +386,8 @@ def top_kernels(trace_dir: pathlib.Path, count: int = 8) -> tuple[float, list]:
         for event in line.events:
           totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns
   total = sum(totals.values())
+  if not total:  # A CPU run: no GPU plane.
+    return 0.0, []
   top = sorted(totals.items(), key=lambda item: -item[1])[:count]
   return total, [(name, ns / total) for name, ns in top]
 
