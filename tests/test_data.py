@@ -1,6 +1,7 @@
 """Datasets: the offline digits builder, resumable training batches, padded multi-process eval."""
 
 import itertools
+import logging
 import math
 import os
 import time
@@ -95,6 +96,15 @@ def test_a_data_dir_that_cannot_be_locked_is_prepared_unguarded(tmp_path, monkey
 
   monkeypatch.setattr(tfds_builder.fcntl, 'flock', no_locks)
   assert data.get_builder(_config(data_dir=str(tmp_path))).is_prepared()
+
+
+def test_a_first_preparation_logs_no_warning_of_its_own(tmp_path, caplog):
+  """Before it is prepared, tfds warns that the version folder lacks dataset_info.json:
+  what a first run expects, not something to show a new user."""
+  with caplog.at_level(logging.WARNING):
+    builder = data.get_builder(_config(data_dir=str(tmp_path)))
+  assert builder.is_prepared()
+  assert not [r.getMessage() for r in caplog.records if 'dataset_info.json' in r.getMessage()]
 
 
 def test_a_dataset_that_cannot_be_prepared_leaves_no_data_dir(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging as std_logging
 import os
 
 import tensorflow_datasets as tfds
@@ -86,14 +87,34 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
       f'Cannot build dataset {config.name!r}: {reason}. Give a tfds name, or name/config or '
       'name:version as `tfds.builder` takes them (e.g. cifar10, or imagenet2012:5.1.0).'
     ) from None
-  if builder.is_prepared() or _tfds_is_mocked():
+  if _is_prepared(builder) or _tfds_is_mocked():
     return builder
   download_config = _download_config(builder, config)  # Fails before anything is written.
   with _preparing(builder):  # Processes sharing the data dir prepare it once, in turn.
     builder = tfds.builder(config.name, data_dir=data_dir)
-    if not builder.is_prepared():
+    if not _is_prepared(builder):
       _prepare(builder, download_config)
   return builder
+
+
+class _NoUnpreparedWarning(std_logging.Filter):
+  """Drops tfds's warning that a dataset's version folder has no dataset_info.json."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Variant folder %s has no')
+
+
+def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+  """``builder.is_prepared()``, without the warning tfds logs (twice on a first run)
+  when the version folder exists but holds no dataset_info.json yet: that is what
+  "not prepared" means, and preparing it follows."""
+  quiet = _NoUnpreparedWarning()
+  absl_logger = std_logging.getLogger('absl')
+  absl_logger.addFilter(quiet)
+  try:
+    return builder.is_prepared()
+  finally:
+    absl_logger.removeFilter(quiet)
 
 
 def _download_config(builder: tfds.core.DatasetBuilder, config):
