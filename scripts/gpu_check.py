@@ -5,7 +5,7 @@
 
 Writes ``DIR/summary.md`` (every table) and ``DIR/results.jsonl`` (every row),
 plus the compiled programs of B2's fused and unfused forward. Each step has a
-share of the budget (`STEP_SHARES`; what one leaves goes to the next), and within
+share of the budget (`main`; what one leaves goes to the next), and within
 it skips what no longer fits with a note, so every step gets its turn:
 
 1. Fused against unfused for the 13 variants, batch 128, 224x224, float32
@@ -46,6 +46,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -68,13 +69,8 @@ VARIANTS = (
   'A1',
   'A0',
 )
-# Where each step's time ends, as a share of the budget: {step: cumulative share}.
-STEP_SHARES = {
-  'fused_against_unfused': 0.35,
-  'all_levers': 0.55,
-  'raised_bars': 0.70,
-  'end_to_end': 1.0,
-}
+# Where the runs of this script keep their scratch files (TMPDIR, else /tmp).
+SCRATCH = pathlib.Path(tempfile.gettempdir())
 # The levers: (variant, dtype), B2 in float32 first.
 LEVER_RUNS = (('B2', 'float32'), ('B3g4', 'float32'), ('B1', 'float32'), ('B2', 'bfloat16'))
 # XLA's pass that turns convolution + bias + ReLU into one cuDNN call (a cuDNN graph);
@@ -359,7 +355,7 @@ def raised_bars(run: Run) -> None:
     if run.step_left() < 20:
       run.say(f'- {label}: kernels not profiled (time budget spent)')
       continue
-    trace = pathlib.Path(os.environ.get('TMPDIR', '/tmp')) / f'gpu_check_trace_{name}'
+    trace = SCRATCH / f'gpu_check_trace_{name}'
     shutil.rmtree(trace, ignore_errors=True)
     with jax.profiler.trace(str(trace)):  # The same programs, from the compilation cache.
       bench(name, sizes['big_batch'], sizes['size'], 3, 1, **options)
@@ -411,7 +407,7 @@ def end_to_end(run: Run) -> None:
   from repvgg_jax.bench import input as bench_input
 
   classes, train_per_class, val_per_class = (4, 8, 2) if run.smoke else (100, 30, 5)
-  root = pathlib.Path(os.environ.get('TMPDIR', '/tmp')) / 'gpu_check_jpegs'
+  root = SCRATCH / 'gpu_check_jpegs'
   workdir = root.parent / 'gpu_check_workdir'
   for old in (root, workdir):  # A fresh run: an old workdir would resume, not train.
     shutil.rmtree(old, ignore_errors=True)
@@ -524,16 +520,18 @@ def main(argv=None) -> int:
   if versions(run) not in ('gpu', 'cuda') and not args.smoke:
     run.say('', 'No GPU: JAX runs on the CPU here (check the CUDA plugin); nothing timed.')
     return 1
-  steps = {  # {name: (step, its arguments after run)}
-    'fused_against_unfused': (fused_against_unfused, VARIANTS[-2:] if args.smoke else VARIANTS),
-    'all_levers': (all_levers,),
-    'raised_bars': (raised_bars,),
-    'end_to_end': (end_to_end,),
-  }
-  for name, share in STEP_SHARES.items():
+  variants = VARIANTS[-2:] if args.smoke else VARIANTS
+  # Each step with the share of the budget spent when its time ends, and its arguments.
+  steps = (
+    (0.35, fused_against_unfused, variants),
+    (0.55, all_levers),
+    (0.70, raised_bars),
+    (1.0, end_to_end),
+  )
+  for share, *step in steps:
     run.until(share)
     if run.left() > 30:
-      guarded(run, *steps[name])
+      guarded(run, *step)
   run.say('', f'done with {run.left():.0f} s of the budget left')
   return 0
 
@@ -543,7 +541,7 @@ def _start_up() -> None:
   (the lever children and train.py share the GPU), and a compilation cache so the
   profiled calls and the children reuse what was compiled."""
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-  cache = pathlib.Path(os.environ.get('TMPDIR', '/tmp')) / 'gpu_check_xla_cache'
+  cache = SCRATCH / 'gpu_check_xla_cache'
   os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(cache))  # Read as JAX is imported:
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   from repvgg_jax.startup import quiet_startup  # ...which this does.
