@@ -1,4 +1,5 @@
-"""Test set-up: the CPU backend, a compilation cache per session, the helpers importable."""
+"""Test set-up: the CPU backend, a compilation cache per session, fast compilation, the
+helpers importable."""
 
 import gc
 import os
@@ -16,6 +17,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 
 def pytest_configure(config):
+  _compilation_cache(config)
+  _fast_compilation()
+
+
+def _compilation_cache(config):
   """One persistent compilation cache for the session, new each time.
 
   On the CPU compiling dominates the tests, and many compile the same programs:
@@ -30,6 +36,35 @@ def pytest_configure(config):
   os.environ['JAX_COMPILATION_CACHE_DIR'] = directory
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
   config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
+
+
+def _fast_compilation():
+  """Every program of the tests compiled as `perf.compile_options` compiles the
+  trainer's initialisation: XLA's fast-compile preset and LLVM's -O1.
+
+  Most of the suite's time is XLA compiling small programs that then run once;
+  these options cut it by about a third, and the equivalence checks keep their
+  tolerances (docs/performance.md, "Compiler options": the outputs agree to float
+  rounding). -O1 goes into XLA_FLAGS, which subprocesses inherit. The preset
+  cannot: TensorFlow's own XLA (the export tests run TF) dies on a flag it does not
+  know, and it reads XLA_FLAGS when it first compiles. JAX's XLA reads XLA_FLAGS
+  once, at its first compilation, so this process compiles one program with the
+  preset set, then takes it out again. A preset or level of the user's is kept.
+  """
+  flags = os.environ.get('XLA_FLAGS', '')
+  if 'xla_backend_optimization_level' not in flags:
+    flags = f'{flags} --xla_backend_optimization_level=1'.strip()
+    os.environ['XLA_FLAGS'] = flags
+  if 'xla_cpu_opt_preset' in flags:
+    return
+  os.environ['XLA_FLAGS'] = f'{flags} --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE'
+  try:
+    import jax
+    import jax.numpy as jnp
+
+    jax.jit(jnp.negative)(1.0).block_until_ready()
+  finally:
+    os.environ['XLA_FLAGS'] = flags
 
 
 def pytest_sessionfinish(session):

@@ -11,6 +11,11 @@ from helpers import calibrated_variables, flat_leaves, relative_error
 import repvgg_jax
 from repvgg_jax.perf import compile_options
 
+# XLA's own defaults, spelled out: the suite compiles with the fast preset and -O1
+# (conftest.py), so a plain `jax.jit` here would not be the default.
+XLA_DEFAULT = {'xla_cpu_opt_preset': 'CPU_OPT_PRESET_DEFAULT', 'xla_backend_optimization_level': 3}
+FULL_CODEGEN = {'xla_backend_optimization_level': 3}
+
 
 def test_fast_compile_preset_on_one_cpu_device_only():
   assert compile_options.compiler_options('cpu', 1) == {
@@ -52,10 +57,14 @@ def test_programs_with_the_preset_match_the_default():
     )
     return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
 
+  presets = (
+    {**compile_options.compiler_options('cpu', 1), **FULL_CODEGEN},
+    compile_options.compiler_options('cpu', 1, light_codegen=True),
+  )
   for fn, args in ((forward, variables), (jax.grad(loss), variables['params'])):
-    default = jax.jit(fn)(args)
-    for light_codegen in (False, True):
-      fast = compile_options.jit(fn, light_codegen=light_codegen)(args)
+    default = jax.jit(fn, compiler_options=XLA_DEFAULT)(args)
+    for options in presets:
+      fast = jax.jit(fn, compiler_options=options)(args)
       assert relative_error(flat_leaves(fast), flat_leaves(default)) <= 1e-5
 
 
@@ -65,7 +74,8 @@ def test_light_codegen_initialises_the_same_parameters():
   model = repvgg_jax.create_model(variant, num_classes=10)
   images = jnp.zeros((1, 32, 32, 3))
   light = compile_options.jit(model.init, light_codegen=True)(jax.random.key(3), images)
-  default = compile_options.jit(model.init)(jax.random.key(3), images)
+  options = {**compile_options.compiler_options('cpu', 1), **FULL_CODEGEN}
+  default = jax.jit(model.init, compiler_options=options)(jax.random.key(3), images)
   np.testing.assert_array_equal(flat_leaves(light), flat_leaves(default))
 
 

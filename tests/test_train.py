@@ -97,7 +97,9 @@ def start_runner(
     REPVGG_TEST_SECONDS_PER_BATCH=str(seconds_per_batch),
     **(env or {}),
   )
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  # The suite's -O1 (conftest) stays; the device count is the runner's own.
+  flags = os.environ.get('XLA_FLAGS', '')
+  env['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={devices}'.strip()
   args = [sys.executable, str(RUNNER), str(workdir), data_dir, json.dumps(overrides)]
   args += [str(a) for a in process or ()]
   return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
