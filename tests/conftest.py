@@ -42,8 +42,8 @@ def _fast_compilation():
   """Every program of the tests compiled as `perf.compile_options` compiles the
   trainer's initialisation: XLA's fast-compile preset and LLVM's -O1.
 
-  Most of the suite's time is XLA compiling small programs that then run once;
-  these options cut it by about a third, and the equivalence checks keep their
+  Much of the suite's time is XLA compiling small programs that then run once;
+  these options cut the equivalence checks' time by a third, and they keep their
   tolerances (docs/performance.md, "Compiler options": the outputs agree to float
   rounding). -O1 goes into XLA_FLAGS, which subprocesses inherit. The preset
   cannot: TensorFlow's own XLA (the export tests run TF) dies on a flag it does not

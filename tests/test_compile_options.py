@@ -58,8 +58,8 @@ def test_programs_with_the_preset_match_the_default():
     return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
 
   presets = (
-    {**compile_options.compiler_options('cpu', 1), **FULL_CODEGEN},
-    compile_options.compiler_options('cpu', 1, light_codegen=True),
+    {**compile_options.CPU_FAST_COMPILE, **FULL_CODEGEN},
+    {**compile_options.CPU_FAST_COMPILE, **compile_options.CPU_LIGHT_CODEGEN},
   )
   for fn, args in ((forward, variables), (jax.grad(loss), variables['params'])):
     default = jax.jit(fn, compiler_options=XLA_DEFAULT)(args)
@@ -74,7 +74,7 @@ def test_light_codegen_initialises_the_same_parameters():
   model = repvgg_jax.create_model(variant, num_classes=10)
   images = jnp.zeros((1, 32, 32, 3))
   light = compile_options.jit(model.init, light_codegen=True)(jax.random.key(3), images)
-  options = {**compile_options.compiler_options('cpu', 1), **FULL_CODEGEN}
+  options = {**compile_options.CPU_FAST_COMPILE, **FULL_CODEGEN}
   default = jax.jit(model.init, compiler_options=options)(jax.random.key(3), images)
   np.testing.assert_array_equal(flat_leaves(light), flat_leaves(default))
 
