@@ -51,17 +51,20 @@ def _fast_compilation():
   once, at its first compilation, so this process compiles one program with the
   preset set, then takes it out again. A preset or level of the user's is kept.
   """
+  import jax
+  import jax.numpy as jnp
+
+  from repvgg_jax.perf import compile_options
+
+  as_flags = lambda options: ' '.join(f'--{name}={value}' for name, value in options.items())
   flags = os.environ.get('XLA_FLAGS', '')
   if 'xla_backend_optimization_level' not in flags:
-    flags = f'{flags} --xla_backend_optimization_level=1'.strip()
+    flags = f'{flags} {as_flags(compile_options.CPU_LIGHT_CODEGEN)}'.strip()
     os.environ['XLA_FLAGS'] = flags
   if 'xla_cpu_opt_preset' in flags:
     return
-  os.environ['XLA_FLAGS'] = f'{flags} --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE'
+  os.environ['XLA_FLAGS'] = f'{flags} {as_flags(compile_options.CPU_FAST_COMPILE)}'
   try:
-    import jax
-    import jax.numpy as jnp
-
     jax.jit(jnp.negative)(1.0).block_until_ready()
   finally:
     os.environ['XLA_FLAGS'] = flags
