@@ -15,11 +15,14 @@ it skips what no longer fits with a note, so every step gets its turn:
    (the slowest) and B1 (under 1.5x) in float32 and B2 in bfloat16: the fused
    model compiled without XLA's cuDNN conv-bias-ReLU fusion (the
    ``cudnn-fused-convolution-rewriter`` pass disabled for that program only),
-   and with its bias and ReLU kept out of the convolution (an optimization
-   barrier), beside the fused and unfused models as they are; B2's compiled
-   programs (cuDNN's custom calls); then B2 again in child processes (flags are
-   read at start-up): XLA's autotuning off, and cuDNN's candidate engines and
-   their times for every convolution written to ``autotune_b2.txt``.
+   with its bias and ReLU kept out of the convolution (an optimization barrier)
+   and with NCHW convolutions, beside the fused and unfused models as they are;
+   B2's compiled programs (cuDNN's custom calls); B2's blocks one by one, each
+   distinct shape unfused and fused, weighted by how often the model has it:
+   the layers where the fused model loses its time; then B2 again in child
+   processes (flags are read at start-up): XLA's autotuning off, and cuDNN's
+   candidate engines and their times for every convolution written to
+   ``autotune_b2.txt``.
 3. The raised bars: B0's training step at batch 256 in bfloat16 and A0's fused
    inference at batch 256 in bfloat16, against the measured bfloat16 peak, and
    the kernels that take the most device time in a few more calls of each
@@ -76,6 +79,9 @@ LEVER_RUNS = (('B2', 'float32'), ('B3g4', 'float32'), ('B1', 'float32'), ('B2', 
 # XLA's pass that turns convolution + bias + ReLU into one cuDNN call (a cuDNN graph);
 # without it each convolution is a plain cuDNN call and the bias and ReLU an XLA fusion.
 CONV_FUSION_OFF = {'xla_disable_hlo_passes': 'cudnn-fused-convolution-rewriter'}
+# XLA gives cuDNN NHWC convolutions on Hopper in every float dtype; the other layout, for
+# that program only.
+CONV_NCHW = {'xla_gpu_force_conv_nchw': True}
 # What step 4 needs beyond steps 1-3's JAX, Flax and optax: {module: pip package}.
 END_TO_END_NEEDS = {
   'tensorflow': 'tensorflow-cpu',
@@ -218,12 +224,24 @@ def _separate_bias_conv():
   return SeparateBiasConv
 
 
-def levers(run: Run, name: str = 'B2', dtype: str = 'float32', dump: bool = False) -> list[str]:
-  """The fused model of ``name`` as it is, without XLA's cuDNN conv fusion and with
-  its bias kept apart, beside the unfused one, timed in the same rounds: a table
-  row. With ``dump``, writes the compiled programs and returns a line on the
-  convolution calls of each."""
+def _compile_forms(forms: dict, images) -> tuple[dict, dict]:
+  """``{form: (model, variables, compiler options)}`` compiled for ``images``: the
+  forward passes, each blocking until its result is ready, and the programs."""
   import jax
+
+  calls, programs = {}, {}
+  for form, (model, v, options) in forms.items():
+    forward = jax.jit(lambda v, x, m=model: m.apply(v, x), compiler_options=options)
+    programs[form] = forward.lower(v, images).compile()
+    calls[form] = lambda c=programs[form], v=v: jax.block_until_ready(c(v, images))
+  return calls, programs
+
+
+def levers(run: Run, name: str = 'B2', dtype: str = 'float32', dump: bool = False) -> list[str]:
+  """The fused model of ``name`` as it is, without XLA's cuDNN conv fusion, with its
+  bias kept apart and with NCHW convolutions, beside the unfused one, timed in the
+  same rounds: a table row. With ``dump``, writes the compiled programs and returns
+  a line on the convolution calls of each."""
   import jax.numpy as jnp
 
   from repvgg_jax.bench import timing
@@ -237,27 +255,28 @@ def levers(run: Run, name: str = 'B2', dtype: str = 'float32', dump: bool = Fals
   deploy_variables = fuse_params(variables)
   deploy = create_model(name, deploy=True, dtype=jnp.dtype(dtype))
   barrier = deploy.clone(conv=_separate_bias_conv())
-  forms = {
-    'unfused': (training, variables, None),
-    'fused': (deploy, deploy_variables, None),
-    'fused, no cuDNN conv fusion': (deploy, deploy_variables, CONV_FUSION_OFF),
-    'fused, bias apart': (barrier, deploy_variables, None),
-  }
-  timed, notes = {}, []
-  for form, (model, v, options) in forms.items():
-    forward = jax.jit(lambda v, x, m=model: m.apply(v, x), compiler_options=options)
-    compiled = forward.lower(v, images).compile()
-    timed[form] = lambda c=compiled, v=v: jax.block_until_ready(c(v, images))
-    if dump and form != 'fused, bias apart':
+  calls, programs = _compile_forms(
+    {
+      'unfused': (training, variables, None),
+      'fused': (deploy, deploy_variables, None),
+      'fused, no cuDNN conv fusion': (deploy, deploy_variables, CONV_FUSION_OFF),
+      'fused, bias apart': (barrier, deploy_variables, None),
+      'fused, NCHW': (deploy, deploy_variables, CONV_NCHW),
+    },
+    images,
+  )
+  notes = []
+  for form, compiled in programs.items():
+    if dump and form in ('unfused', 'fused', 'fused, no cuDNN conv fusion'):
       text = compiled.as_text()
       slug = form.replace(', ', '_').replace(' ', '_')
       (run.out / f'hlo_{name.lower()}_{slug}.txt').write_text(text)
-      calls = [
+      calls_in = [
         line.strip() for line in text.splitlines() if 'custom-call' in line and 'conv' in line
       ]
-      example = calls[0][:300] if calls else ''
-      notes.append(f'- {form}: {len(calls)} convolution custom calls, e.g. `{example}`')
-  medians = timing.interleaved_medians(timed, sizes['runs'], sizes['warmup'])
+      example = calls_in[0][:300] if calls_in else ''
+      notes.append(f'- {form}: {len(calls_in)} convolution custom calls, e.g. `{example}`')
+  medians = timing.interleaved_medians(calls, sizes['runs'], sizes['warmup'])
   flags = os.environ.get('XLA_FLAGS', '')
   rates = {form: sizes['batch'] / seconds for form, (seconds, _) in medians.items()}
   for form, (_, all_seconds) in medians.items():
@@ -278,23 +297,93 @@ def levers(run: Run, name: str = 'B2', dtype: str = 'float32', dump: bool = Fals
   return notes
 
 
+def per_block(run: Run, name: str = 'B2', dtype: str = 'float32') -> None:
+  """Each distinct block of ``name`` alone, in eval mode, unfused and fused (with and
+  without XLA's cuDNN conv fusion), at the check's batch and image size, weighted
+  by how many such blocks the model has: where the fused model spends its time."""
+  import collections
+
+  import jax.numpy as jnp
+
+  from repvgg_jax.bench import timing
+  from repvgg_jax.bench.models import randomized_variables
+  from repvgg_jax.model import RepVGGBlock, create_model, fuse_block, shapes
+
+  sizes = _sizes(run)
+  params = create_model(name, deploy=True).abstract_variables(sizes['size'])['params']
+  layers = collections.Counter(
+    (side, block.in_channels, block.out_channels, block.groups, block.stride)
+    for side, block in shapes.block_layers(params, sizes['size'])
+  )
+  run.say('', f'{name}, {dtype}, block by block (ms per call of one block; x: blocks alike):', '')
+  run.say(
+    '| input | channels | groups | stride | x | unfused | fused | fused, no cuDNN conv fusion '
+    '| fused/unfused |',
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|',
+  )
+  totals = collections.Counter()
+  for (side, in_channels, features, groups, stride), count in layers.items():
+    shape = f'| {side}x{side} | {in_channels}->{features} | {groups} | {stride} | {count} |'
+    if run.step_left() < 15:
+      run.say(f'{shape} (skipped: time budget spent) | | | |')
+      continue
+    images = jnp.zeros((sizes['batch'], side, side, in_channels), jnp.float32)
+    block = RepVGGBlock(features, strides=stride, groups=groups, dtype=jnp.dtype(dtype))
+    variables = randomized_variables(block, images)
+    fused = {'params': fuse_block(variables['params'], variables['batch_stats'])}
+    deploy = block.clone(deploy=True)
+    calls, _ = _compile_forms(
+      {
+        'unfused': (block, variables, None),
+        'fused': (deploy, fused, None),
+        'fused, no cuDNN conv fusion': (deploy, fused, CONV_FUSION_OFF),
+      },
+      images,
+    )
+    medians = timing.interleaved_medians(calls, sizes['runs'], sizes['warmup'])
+    ms = {form: seconds * 1e3 for form, (seconds, _) in medians.items()}
+    totals.update({form: count * value for form, value in ms.items()})
+    run.row(
+      {
+        'kind': 'block',
+        'model': name,
+        'dtype': dtype,
+        'batch': sizes['batch'],
+        'side': side,
+        'in_channels': in_channels,
+        'features': features,
+        'groups': groups,
+        'stride': stride,
+        'count': count,
+        'ms': ms,
+      }
+    )
+    cells = ' | '.join(f'{value:.3f}' for value in ms.values())
+    run.say(f'{shape} {cells} | {ms["unfused"] / ms["fused"]:.2f}x |')
+  if totals:
+    cells = ' | '.join(f'{value:.2f}' for value in totals.values())
+    ratio = totals['unfused'] / totals['fused']
+    run.say(f'| all blocks (sum of x times ms) | | | | | {cells} | {ratio:.2f}x |')
+
+
 def all_levers(run: Run) -> None:
   run.say('', '## 2. The levers: images/s (over unfused)', '')
   run.say(
     '| model | dtype | unfused | fused | fused, no cuDNN conv fusion | fused, bias apart '
-    '| XLA_FLAGS |',
-    '|---|---|---:|---:|---:|---:|---|',
+    '| fused, NCHW | XLA_FLAGS |',
+    '|---|---|---:|---:|---:|---:|---:|---|',
   )
   notes = []
   for index, (name, dtype) in enumerate(LEVER_RUNS):
     if run.step_left() < 40:
-      run.say(f'| {name} | {dtype} | (skipped: time budget spent) | | | | |')
+      run.say(f'| {name} | {dtype} | (skipped: time budget spent) | | | | | |')
       continue
     notes += levers(run, name, dtype, dump=index == 0)  # B2's compiled programs.
   # Written before the children run: one that outlasts its time loses nothing here.
   (run.out / 'hlo_notes.md').write_text('\n'.join(notes) + '\n')
   child_levers(run)
   run.say('', f'{LEVER_RUNS[0][0]}, {LEVER_RUNS[0][1]}, compiled (hlo_*.txt):', '', *notes)
+  per_block(run, *LEVER_RUNS[0])
 
 
 def child_levers(run: Run) -> None:
@@ -523,9 +612,9 @@ def main(argv=None) -> int:
   variants = VARIANTS[-2:] if args.smoke else VARIANTS
   # Each step with the share of the budget spent when its time ends, and its arguments.
   steps = (
-    (0.35, fused_against_unfused, variants),
-    (0.55, all_levers),
-    (0.70, raised_bars),
+    (0.30, fused_against_unfused, variants),
+    (0.58, all_levers),
+    (0.72, raised_bars),
     (1.0, end_to_end),
   )
   for share, *step in steps:

@@ -1,5 +1,5 @@
 """scripts/gpu_check.py, the GPU checks' one script, runs end to end on a CPU with --smoke
-(slow: about three minutes on 2 cores; run with -m slow before handing it to a GPU)."""
+(slow: about five minutes on 2 cores; run with -m slow before handing it to a GPU)."""
 
 import importlib.util
 import json
@@ -20,11 +20,18 @@ def test_the_gpu_check_runs_every_step_in_smoke_mode(tmp_path):
   # The levers: four models in the table, and B2 again under each child's XLA_FLAGS.
   assert '| B3g4 | float32 |' in summary and '| B2 | bfloat16 |' in summary
   assert '--xla_gpu_autotune_level=0 |' in summary and 'autotune_b2.txt |' in summary
+  assert '| fused, bias apart | fused, NCHW | XLA_FLAGS |' in summary
+  assert '| all blocks (sum of x times ms) |' in summary
   rows = [json.loads(line) for line in (tmp_path / 'results.jsonl').read_text().splitlines()]
   kinds = {row.get('kind') for row in rows}
-  assert {'machine', 'infer', 'lever', 'roofline', 'train', 'end_to_end'} <= kinds
-  lever = next(r for r in rows if r.get('form') == 'fused, no cuDNN conv fusion')
-  assert lever['images_per_sec'] > 0 and lever['over_unfused'] > 0
+  assert {'machine', 'infer', 'lever', 'block', 'roofline', 'train', 'end_to_end'} <= kinds
+  for form in ('fused, no cuDNN conv fusion', 'fused, NCHW'):
+    lever = next(r for r in rows if r.get('form') == form)
+    assert lever['images_per_sec'] > 0 and lever['over_unfused'] > 0
+  blocks = [r for r in rows if r.get('kind') == 'block']
+  # B2's 28 blocks, one row per distinct shape (8), each with its three forms.
+  assert sum(r['count'] for r in blocks) == 28 and len(blocks) == 8
+  assert all(min(r['ms'].values()) > 0 and len(r['ms']) == 3 for r in blocks)
   end_to_end = next(r for r in rows if r.get('kind') == 'end_to_end')
   assert end_to_end['returncode'] == 0 and end_to_end['train_images_per_sec'] > 0
   assert (tmp_path / 'hlo_b2_fused.txt').stat().st_size > 0
