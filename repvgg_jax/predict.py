@@ -63,11 +63,11 @@ def _deploy_model(path: pathlib.Path, params, run: tuple[pathlib.Path, dict] | N
 def _from_checkpoint(
   path: pathlib.Path, run: tuple[pathlib.Path, dict] | None
 ) -> tuple[Callable, str, dict, int]:
-  import jax
 
   from repvgg_jax.interop import checkpoint_io
   from repvgg_jax.interop.torch_layout import ConversionError
   from repvgg_jax.model import fusion
+  from repvgg_jax.perf import compile_options
 
   if (path / 'quantize.json').is_file():  # What `convert quantize` writes (quantize.META_FILE).
     raise PredictError(
@@ -90,7 +90,7 @@ def _from_checkpoint(
   model = _deploy_model(path, variables['params'], run)
   if not model.matches(variables['params']):
     raise PredictError(f'{path} does not hold the {model.variant.name} its config.json describes.')
-  apply = jax.jit(lambda images: model.apply(variables, images))
+  apply = compile_options.jit(lambda images: model.apply(variables, images), inference=True)
   return apply, model.variant.name, saved, model.num_classes
 
 

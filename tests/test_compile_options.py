@@ -93,3 +93,59 @@ def test_jit_hands_its_options_to_xla(monkeypatch):
   np.testing.assert_array_equal(compile_options.jit(jnp.cos)(x), jnp.cos(x))  # Not asked for.
   with pytest.raises(Exception, match='xla_no_such_option_for_this_test'):
     compile_options.jit(jnp.tan, light_codegen=True)(x)
+
+
+def test_inference_programs_get_one_call_per_convolution():
+  single = compile_options.CPU_SEPARATE_CONVOLUTIONS
+  assert compile_options.compiler_options('cpu', 1, inference=True) == {
+    **compile_options.CPU_FAST_COMPILE,
+    **single,
+  }
+  assert compile_options.compiler_options('cpu', 8, inference=True) == single
+  assert compile_options.compiler_options('gpu', 1, inference=True) is None
+
+
+def test_ynnpack_fusions_in_xla_flags_win(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=individual_dot')
+  assert compile_options.compiler_options('cpu', 1, inference=True) == {
+    **compile_options.CPU_FAST_COMPILE
+  }
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME')
+  assert compile_options.compiler_options('cpu', 1, inference=True) == (
+    compile_options.CPU_SEPARATE_CONVOLUTIONS
+  )
+
+
+def most_convolutions_in_one_computation(compiled) -> int:
+  return max(block.count(' convolution(') for block in compiled.as_text().split('\n\n'))
+
+
+def test_the_fused_models_convolutions_stay_apart_in_inference():
+  """With XLA's default preset, XLA:CPU takes the fused A0's chain of stage-3 and
+  stage-4 convolutions (batch 2, 64x64: 4x4 and 2x2 maps) into one computation,
+  where it ran slower than the unfused model (docs/performance.md, "Compiler
+  options"); inference programs keep each on its own. Compiled only: the shapes
+  decide."""
+  deploy = repvgg_jax.create_model('A0', deploy=True)
+  variables = deploy.abstract_variables(64)
+  images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+  forward = lambda v, x: deploy.apply(v, x)
+  inference = compile_options.jit(forward, inference=True).lower(variables, images).compile()
+  assert most_convolutions_in_one_computation(inference) == 1
+  plain = jax.jit(forward, compiler_options=XLA_DEFAULT).lower(variables, images).compile()
+  assert most_convolutions_in_one_computation(plain) >= 14
+  separate = {**XLA_DEFAULT, **compile_options.CPU_SEPARATE_CONVOLUTIONS}  # Without the preset.
+  alone = jax.jit(forward, compiler_options=separate).lower(variables, images).compile()
+  assert most_convolutions_in_one_computation(alone) == 1
+
+
+def test_inference_programs_compute_what_the_default_computes():
+  variant = dataclasses.replace(repvgg_jax.get_variant('A0'), num_blocks=(1, 2, 2, 1))
+  model = repvgg_jax.create_model(variant, num_classes=10)
+  images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+  fused = repvgg_jax.fuse_params(calibrated_variables(model, images))
+  deploy = repvgg_jax.create_model(variant, num_classes=10, deploy=True)
+  forward = lambda v: deploy.apply(v, images)
+  default = jax.jit(forward, compiler_options=XLA_DEFAULT)(fused)
+  inference = compile_options.jit(forward, inference=True)(fused)
+  assert relative_error(inference, default) <= 1e-5

@@ -31,6 +31,7 @@ from repvgg_jax.bench.models import randomized_variables
 from repvgg_jax.interop import export, onnx_export
 from repvgg_jax.interop.checkpoint_models import max_relative_difference
 from repvgg_jax.model import create_model, fuse_params
+from repvgg_jax.perf import compile_options
 
 TOLERANCE = 1e-4  # Relative logit error a runtime may show against JAX's.
 INT8_PREFIX = 'jax_int8_'  # Runtimes that quantize, exempt from TOLERANCE.
@@ -103,7 +104,7 @@ def _machine() -> dict:
 
 
 def _jax_runtime(model, variables) -> tuple[Callable, Callable]:
-  forward = jax.jit(model.apply)
+  forward = compile_options.jit(model.apply, inference=True)
   return jax.device_put, lambda x: jax.block_until_ready(forward(variables, x))
 
 

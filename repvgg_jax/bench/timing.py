@@ -86,7 +86,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup:
 
 def compiled_forward(model, variables, images):
   """The jitted, compiled inference function of ``model`` and its temp memory."""
-  forward = compile_options.jit(lambda v, x: model.apply(v, x, train=False))
+  forward = compile_options.jit(lambda v, x: model.apply(v, x, train=False), inference=True)
   compiled = forward.lower(variables, images).compile()
   return compiled, temp_bytes(compiled)
 

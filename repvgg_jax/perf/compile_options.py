@@ -5,8 +5,12 @@ compiles RepVGG's programs faster than the default preset, and
 programs whose run time is in library kernels or that run once (the
 initialisation, the training step) also get LLVM's ``-O1`` for the loops XLA
 generates (``light_codegen``). Multi-device programs, other backends and a
-preset the user set in ``XLA_FLAGS`` get none. The measurements behind these
-choices are in docs/performance.md, "Compiler options".
+preset the user set in ``XLA_FLAGS`` get none of these. Inference programs on
+CPUs (``inference``) also hand each convolution to YNNPACK on its own: left
+to itself, XLA:CPU takes the fused model's chain of small-map convolutions into
+one computation, where the fused model ran slower than the training-time one.
+The measurements behind these choices are in docs/performance.md, "Compiler
+options".
 """
 
 from __future__ import annotations
@@ -17,28 +21,41 @@ import jax
 
 CPU_FAST_COMPILE = {'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_COMPILE'}
 CPU_LIGHT_CODEGEN = {'xla_backend_optimization_level': 1}
+# Only single convolutions go to YNNPACK: each convolution is one call of its own.
+CPU_SEPARATE_CONVOLUTIONS = {
+  'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
+}
 
 
 def compiler_options(
-  backend: str | None = None, device_count: int | None = None, *, light_codegen: bool = False
+  backend: str | None = None,
+  device_count: int | None = None,
+  *,
+  light_codegen: bool = False,
+  inference: bool = False,
 ) -> dict[str, str | int] | None:
   """The ``compiler_options`` for `jax.jit` (defaults: JAX's backend and device count).
 
   ``light_codegen``: also LLVM's ``-O1``, for programs that run once or spend
-  their time in library kernels (see the module's docstring).
+  their time in library kernels. ``inference``: each convolution a YNNPACK call
+  of its own, unless ``XLA_FLAGS`` chooses YNNPACK's fusions (see the module's
+  docstring).
   """
-  if 'xla_cpu_opt_preset' in os.environ.get('XLA_FLAGS', ''):
-    return None
   if (backend or jax.default_backend()) != 'cpu':
     return None
-  if (device_count or jax.device_count()) > 1:
-    return None
-  return {**CPU_FAST_COMPILE, **(CPU_LIGHT_CODEGEN if light_codegen else {})}
+  flags = os.environ.get('XLA_FLAGS', '')
+  options = {}
+  if 'xla_cpu_opt_preset' not in flags and (device_count or jax.device_count()) == 1:
+    options = {**CPU_FAST_COMPILE, **(CPU_LIGHT_CODEGEN if light_codegen else {})}
+  if inference and 'xla_cpu_experimental_ynn_fusion_type' not in flags:
+    options.update(CPU_SEPARATE_CONVOLUTIONS)
+  return options or None
 
 
-def jit(fun, *, light_codegen: bool = False, **kwargs):
+def jit(fun, *, light_codegen: bool = False, inference: bool = False, **kwargs):
   """`jax.jit` with this module's `compiler_options`."""
-  return jax.jit(fun, compiler_options=compiler_options(light_codegen=light_codegen), **kwargs)
+  options = compiler_options(light_codegen=light_codegen, inference=inference)
+  return jax.jit(fun, compiler_options=options, **kwargs)
 
 
 def state_donation(backend: str | None = None) -> tuple[int, ...]:
