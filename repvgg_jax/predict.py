@@ -63,7 +63,6 @@ def _deploy_model(path: pathlib.Path, params, run: tuple[pathlib.Path, dict] | N
 def _from_checkpoint(
   path: pathlib.Path, run: tuple[pathlib.Path, dict] | None
 ) -> tuple[Callable, str, dict, int]:
-
   from repvgg_jax.interop import checkpoint_io
   from repvgg_jax.interop.torch_layout import ConversionError
   from repvgg_jax.model import fusion
